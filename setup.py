@@ -1,0 +1,28 @@
+"""sparse_lm: a JAX/Flax research framework for sparse Mixture-of-Experts LMs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sparse_lm",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts language models in JAX/Flax NNX",
+    packages=find_packages(include=["sparse_lm", "sparse_lm.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "ml-collections>=1.1.0,<2",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorflow-datasets>=4.9.8,<5",
+        "sentencepiece>=0.2.0,<0.3",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12",
+                 "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+    },
+)

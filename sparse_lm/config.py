@@ -1,0 +1,314 @@
+"""The config schema, its defaults, and validation: the one place for config errors.
+
+Every family file in configs/ starts from `base_config()` and changes what it
+needs, so every config has every key below and `--config.a.b=...` overrides
+work the same for all of them. `validate(c)` runs before anything is compiled
+or written and raises `ConfigError` with a one-line message naming the key.
+
+Dimension letters used in tensor names across the code base:
+  B batch, L length, D d_model, F ffn hidden, H heads, K (kv) heads or top-k,
+  V vocab, E experts, C capacity, G groups, T tokens (B*L flattened).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections as mlc
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the key and what is allowed."""
+
+
+ROUTERS = ("switch", "topk", "mixtral", "hierarchical", "expert_choice", "sigmoid_bias")
+DISPATCHES = ("capacity", "dropless")
+SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
+ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "learned")
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "rsqrt", "constant")
+TOKENIZERS = ("sentencepiece", "byte")
+
+
+def base_config() -> mlc.ConfigDict:
+  """All keys with defaults: a tiny dense LM on the embedded stdlib corpus."""
+  c = mlc.ConfigDict()
+
+  c.data = mlc.ConfigDict()
+  # "stdlib" (embedded corpus of this Python's standard library source),
+  # "files:<glob>" (your own text files), or any TFDS text dataset name
+  # ("lm1b", "c4/en", ...), optionally with a config: "name/config".
+  c.data.dataset = "stdlib"
+  c.data.text_key = "text"  # feature holding the text, for TFDS datasets
+  c.data.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.tokenizer = "sentencepiece"  # or "byte"
+  c.data.vocab_size = 2048  # sentencepiece vocab (the byte tokenizer fixes its own)
+  c.data.batch_size = 16  # global, over all processes
+  c.data.seq_len = 128
+  c.data.shuffle_buffer = 1024
+
+  c.model = mlc.ConfigDict()
+  c.model.d_model = 128
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 0  # 0 = num_heads (plain multi-head); fewer = GQA
+  c.model.head_dim = 0  # 0 = d_model // num_heads
+  c.model.d_ff = 512
+  c.model.activation = "gelu"
+  c.model.norm = "rms"
+  c.model.norm_eps = 1e-6
+  c.model.position = "rope"
+  c.model.rope_theta = 10_000.0
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"  # compute dtype; params stay float32
+  c.model.dropout = 0.0
+
+  c.model.moe = mlc.ConfigDict()
+  c.model.moe.num_experts = 0  # 0 or 1 = dense model
+  c.model.moe.top_k = 1
+  # Which layers get an MoE FFN: layer i is MoE when i % every == offset.
+  # every=1: all layers; 2: every 2nd (Switch, GLaM); 4: every 4th (NLLB, ST-MoE).
+  c.model.moe.every = 2
+  c.model.moe.offset = 1
+  c.model.moe.d_ff = 0  # expert hidden size; 0 = model.d_ff
+  c.model.moe.activation = ""  # "" = model.activation
+  c.model.moe.router = "switch"
+  c.model.moe.dispatch = "capacity"
+  c.model.moe.capacity_factor = 1.25  # training
+  c.model.moe.eval_capacity_factor = 2.0
+  c.model.moe.min_capacity = 4
+  c.model.moe.second_expert_policy = "all"
+  c.model.moe.normalize_gates = True  # renormalise top-k gates to sum 1 (GShard / GLaM)
+  c.model.moe.jitter = 0.0  # Switch multiplicative jitter eps (training only)
+  c.model.moe.noisy_gating = False  # Shazeer 2017 noisy top-k (training only)
+  c.model.moe.init_scale = 1.0  # Switch uses 0.1 (truncated normal, fan-in scaled)
+  c.model.moe.num_shared_experts = 0  # DeepSeekMoE shared experts
+  c.model.moe.num_groups = 0  # hierarchical MoE: groups a; experts per group = E / a
+  c.model.moe.top_k_groups = 1  # hierarchical MoE: k1 (top_k is k2, within a group)
+  c.model.moe.bias_update_rate = 1e-3  # aux-loss-free balancing (sigmoid_bias router)
+  c.model.moe.expert_dropout = 0.0
+  c.model.moe.eom_rate = 0.0  # NLLB Expert Output Masking
+  c.model.moe.load_balance_weight = 1e-2
+  c.model.moe.z_loss_weight = 1e-3
+  c.model.moe.importance_weight = 0.0  # hierarchical importance / load losses
+
+  c.train = mlc.ConfigDict()
+  c.train.seed = 0
+  c.train.num_steps = 200
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 3e-3
+  c.train.schedule = "cosine"
+  c.train.warmup_steps = 20
+  c.train.end_lr_fraction = 0.1
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0  # global norm; 0 = off
+  c.train.log_every = 10
+  c.train.eval_every = 50
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 3
+
+  # Mesh axes, -1 fills the rest. Axis names appear only here, in the rules
+  # below and in sparse_lm/sharding.py.
+  c.mesh = [("data", -1), ("fsdp", 1), ("expert", 1), ("tensor", 1)]
+  # Logical -> mesh axis rules (MaxText style). FSDP: map "embed" to "fsdp".
+  c.sharding_rules = [
+      ("batch", ("data", "fsdp", "expert")),
+      ("length", None),
+      ("embed", "fsdp"),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("mlp", "tensor"),
+      ("expert", "expert"),
+      ("expert_mlp", "tensor"),
+      ("expert_group", None),
+  ]
+  return c
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _fail(key, value, allowed):
+  raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}")
+
+
+def _choice(c, key, choices):
+  v = _get(c, key)
+  if v not in choices:
+    _fail(key, v, f"must be one of {', '.join(map(repr, choices))}")
+
+
+def _positive(c, key, allow_zero=False):
+  v = _get(c, key)
+  if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
+    _fail(key, v, "must be a number >= 0" if allow_zero else "must be a number > 0")
+
+
+def _get(c, key):
+  v = c
+  for part in key.split("."):
+    v = v[part]
+  return v
+
+
+def num_kv_heads(m) -> int:
+  return m.num_kv_heads or m.num_heads
+
+
+def head_dim(m) -> int:
+  return m.head_dim or m.d_model // m.num_heads
+
+
+def is_moe(m) -> bool:
+  return m.moe.num_experts > 1
+
+
+def moe_layer(m, i: int) -> bool:
+  """Whether layer i's FFN is an MoE layer."""
+  return is_moe(m) and i % m.moe.every == m.moe.offset % m.moe.every
+
+
+def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
+  """Checks every key; raises ConfigError naming the first bad one. Returns c."""
+  d, m, moe, t = c.data, c.model, c.model.moe, c.train
+  for key in ("data.batch_size", "data.seq_len", "model.d_model", "model.num_layers",
+              "model.num_heads", "model.d_ff", "train.num_steps", "train.learning_rate",
+              "train.log_every", "train.eval_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.eval_batches"):
+    _positive(c, key)
+  for key in ("model.num_kv_heads", "model.head_dim", "model.moe.num_experts",
+              "model.moe.d_ff", "train.warmup_steps", "train.weight_decay",
+              "train.grad_clip", "model.moe.jitter", "model.moe.load_balance_weight",
+              "model.moe.z_loss_weight", "model.moe.importance_weight",
+              "model.moe.num_shared_experts", "model.moe.num_groups", "model.dropout",
+              "model.moe.expert_dropout", "model.moe.eom_rate", "data.shuffle_buffer"):
+    _positive(c, key, allow_zero=True)
+  _choice(c, "data.tokenizer", TOKENIZERS)
+  if d.tokenizer == "sentencepiece" and not 64 <= d.vocab_size <= 1_000_000:
+    _fail("data.vocab_size", d.vocab_size, "must be in [64, 1000000] for sentencepiece")
+  ds = d.dataset
+  if not isinstance(ds, str) or not ds:
+    _fail("data.dataset", ds, "must be 'stdlib', 'files:<glob>' or a TFDS dataset name")
+  if ds.startswith("files:") and len(ds) == len("files:"):
+    _fail("data.dataset", ds, "'files:' needs a glob, e.g. 'files:~/text/*.txt'")
+  if not (ds == "stdlib" or ds.startswith("files:")):
+    _check_tfds_name(ds)
+  _choice(c, "model.activation", ACTIVATIONS)
+  _choice(c, "model.norm", NORMS)
+  _choice(c, "model.position", POSITIONS)
+  _choice(c, "model.dtype", DTYPES)
+  if m.d_model % m.num_heads and not m.head_dim:
+    _fail("model.num_heads", m.num_heads,
+          f"must divide model.d_model={m.d_model} (or set model.head_dim)")
+  if num_kv_heads(m) > m.num_heads or m.num_heads % num_kv_heads(m):
+    _fail("model.num_kv_heads", m.num_kv_heads,
+          f"must divide model.num_heads={m.num_heads} (0 = num_heads)")
+  if m.position == "rope" and head_dim(m) % 2:
+    _fail("model.head_dim", head_dim(m), "must be even for rope positions")
+  if not 0 <= m.dropout < 1:
+    _fail("model.dropout", m.dropout, "must be in [0, 1)")
+
+  _choice(c, "model.moe.router", ROUTERS)
+  _choice(c, "model.moe.dispatch", DISPATCHES)
+  _choice(c, "model.moe.second_expert_policy", SECOND_EXPERT_POLICIES)
+  if moe.activation:
+    _choice(c, "model.moe.activation", ACTIVATIONS)
+  if is_moe(m):
+    E = moe.num_experts
+    if not isinstance(moe.top_k, int) or not 1 <= moe.top_k <= E:
+      _fail("model.moe.top_k", moe.top_k, f"must be in [1, num_experts={E}]")
+    if moe.router == "switch" and moe.top_k != 1:
+      _fail("model.moe.top_k", moe.top_k, "must be 1 for router 'switch' (use 'topk')")
+    if not isinstance(moe.every, int) or moe.every < 1:
+      _fail("model.moe.every", moe.every, "must be an integer >= 1")
+    if not any(moe_layer(m, i) for i in range(m.num_layers)):
+      _fail("model.moe.every", moe.every,
+            f"with offset {moe.offset} selects no layer of model.num_layers={m.num_layers}")
+    for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
+      _positive(c, key)
+    _positive(c, "model.moe.min_capacity", allow_zero=True)
+    if moe.router == "hierarchical":
+      a = moe.num_groups
+      if a < 2 or E % a:
+        _fail("model.moe.num_groups", a,
+              f"must be >= 2 and divide model.moe.num_experts={E} for router 'hierarchical'")
+      if not 1 <= moe.top_k_groups <= a:
+        _fail("model.moe.top_k_groups", moe.top_k_groups, f"must be in [1, num_groups={a}]")
+      if moe.top_k > E // a:
+        _fail("model.moe.top_k", moe.top_k,
+              f"must be <= experts per group {E // a} for router 'hierarchical'")
+    if moe.router == "expert_choice" and moe.dispatch != "capacity":
+      _fail("model.moe.dispatch", moe.dispatch, "must be 'capacity' for router 'expert_choice'")
+    if not 0 <= moe.eom_rate < 1:
+      _fail("model.moe.eom_rate", moe.eom_rate, "must be in [0, 1)")
+    if not 0 <= moe.expert_dropout < 1:
+      _fail("model.moe.expert_dropout", moe.expert_dropout, "must be in [0, 1)")
+
+  _choice(c, "train.optimizer", OPTIMIZERS)
+  _choice(c, "train.schedule", SCHEDULES)
+  if not 0 <= t.end_lr_fraction <= 1:
+    _fail("train.end_lr_fraction", t.end_lr_fraction, "must be in [0, 1]")
+  if not isinstance(t.seed, int):
+    _fail("train.seed", t.seed, "must be an integer")
+  _validate_mesh(c)
+  return c
+
+
+def _check_tfds_name(name: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  base = name.split("/")[0].split(":")[0]
+  if base not in tfds.list_builders(with_community_datasets=False):
+    _fail("data.dataset", name,
+          "unknown dataset: use 'stdlib', 'files:<glob>', or a TFDS name such as 'lm1b' or 'c4/en'")
+
+
+def _validate_mesh(c):
+  axes = c.mesh
+  try:
+    names = [a for a, _ in axes]
+    sizes = [int(s) for _, s in axes]
+  except (TypeError, ValueError):
+    _fail("mesh", axes, "must be a list of (axis_name, size) pairs")
+  if len(set(names)) != len(names):
+    _fail("mesh", axes, "axis names must be unique")
+  if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+    _fail("mesh", axes, "sizes must be >= 1, with at most one -1 (fills the rest)")
+  for logical, mesh_axes in c.sharding_rules:
+    mesh_axes = mesh_axes if isinstance(mesh_axes, (tuple, list)) else (mesh_axes,)
+    for a in mesh_axes:
+      if a is not None and a not in names:
+        _fail("sharding_rules", (logical, a), f"names a mesh axis not in config.mesh {names}")
+
+
+def validate_mesh_for_devices(c, num_devices: int) -> dict[str, int]:
+  """Resolves -1 in config.mesh for `num_devices`; checks divisibility."""
+  sizes = dict(c.mesh)
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if any(s == -1 for s in sizes.values()):
+    if num_devices % fixed:
+      _fail("mesh", c.mesh, f"fixed axes ({fixed}) must divide the device count {num_devices}")
+    sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
+  if math.prod(sizes.values()) != num_devices:
+    _fail("mesh", c.mesh, f"axis sizes multiply to {math.prod(sizes.values())}, "
+          f"not the device count {num_devices}")
+  E = c.model.moe.num_experts
+  if is_moe(c.model) and E % sizes.get("expert", 1):
+    _fail("model.moe.num_experts", E, f"must be divisible by the expert mesh axis ({sizes['expert']})")
+  batch_axes = dict(c.sharding_rules).get("batch")
+  batch_axes = batch_axes if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
+  n_batch = math.prod(sizes.get(a, 1) for a in batch_axes if a)
+  if c.data.batch_size % n_batch:
+    _fail("data.batch_size", c.data.batch_size,
+          f"must be divisible by the batch mesh axes {tuple(batch_axes)} (size {n_batch})")
+  return sizes

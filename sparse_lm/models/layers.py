@@ -1,0 +1,143 @@
+"""Building blocks: norms, embeddings, RoPE, causal GQA attention, dense FFN.
+
+Parameters carry logical axis names (resolved by the config's rules in
+sparse_lm/sharding.py). Shapes are in tensor names; letters in sparse_lm/config.py.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from sparse_lm import config as cfglib
+from sparse_lm.sharding import constrain
+
+Array = jax.Array
+
+
+def dtype_of(m) -> jnp.dtype:
+  return jnp.dtype(m.dtype)
+
+
+def param(rngs: nnx.Rngs, init, shape, names, scale: float = 1.0) -> nnx.Param:
+  """A float32 Param from `init`, times `scale`, with logical axis names."""
+  value = init(rngs.params(), shape, jnp.float32)
+  if scale != 1.0:
+    value = value * scale
+  return nnx.Param(value, out_sharding=names)
+
+
+def fan_in_init(fan_in_axes=(0,)):
+  """Truncated normal with std 1/sqrt(fan_in) (the Switch init at scale 1)."""
+  return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                           in_axis=fan_in_axes, out_axis=-1)
+
+
+def is_gated(activation: str) -> bool:
+  return activation in ("swiglu", "geglu")
+
+
+def activate(h, activation: str, h_gate=None):
+  """Applies the FFN nonlinearity; gated ones (swiglu, geglu) use `h_gate`."""
+  if activation == "gelu":
+    return jax.nn.gelu(h)
+  if activation == "relu":
+    return jax.nn.relu(h)
+  if activation == "swiglu":
+    return jax.nn.silu(h_gate) * h
+  if activation == "geglu":
+    return jax.nn.gelu(h_gate) * h
+  raise ValueError(f"unknown activation {activation!r}")
+
+
+class Norm(nnx.Module):
+  """RMSNorm or LayerNorm (scale only for RMS), computed in float32."""
+
+  def __init__(self, d: int, kind: str, eps: float):
+    self.kind, self.eps = kind, eps
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
+    if kind == "layer":
+      self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=("embed",))
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.kind == "layer":
+      x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+    x = x * self.scale[...]
+    if self.kind == "layer":
+      x = x + self.bias[...]
+    return x.astype(dtype)
+
+
+def rope(x_BxLxHxK, positions_BxL, theta: float):
+  """Rotary position embedding (half-split form, as in GPT-NeoX / Llama)."""
+  d = x_BxLxHxK.shape[-1]
+  freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  ang_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(ang_BxLxK)[:, :, None], jnp.cos(ang_BxLxK)[:, :, None]
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention with grouped-query heads and optional RoPE."""
+
+  def __init__(self, m, *, rngs: nnx.Rngs):
+    D, H, K, Dh = m.d_model, m.num_heads, cfglib.num_kv_heads(m), cfglib.head_dim(m)
+    self.m, self.H, self.K, self.Dh = m, H, K, Dh
+    init = fan_in_init((0,))
+    self.wq = param(rngs, init, (D, H, Dh), ("embed", "heads", "head_dim"))
+    self.wk = param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
+    self.wv = param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
+    self.wo = param(rngs, fan_in_init((0, 1)), (H, Dh, D), ("heads", "head_dim", "embed"))
+
+  def __call__(self, x_BxLxD, positions_BxL):
+    dt = x_BxLxD.dtype
+    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
+    k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
+    v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
+    if self.m.position == "rope":
+      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.m.rope_theta)
+      k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.m.rope_theta)
+    q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "heads", "head_dim")
+    # jax.nn.dot_product_attention handles GQA (H a multiple of G) and uses
+    # the backend's fused kernel where there is one (cuDNN flash on GPU).
+    out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
+
+
+class Mlp(nnx.Module):
+  """Dense FFN: D -> F -> D with GELU / ReLU / SwiGLU / GeGLU."""
+
+  def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs):
+    self.activation = activation
+    self.wi = param(rngs, fan_in_init(), (d_model, d_ff), ("embed", "mlp"))
+    if is_gated(activation):
+      self.wg = param(rngs, fan_in_init(), (d_model, d_ff), ("embed", "mlp"))
+    self.wo = param(rngs, fan_in_init(), (d_ff, d_model), ("mlp", "embed"))
+
+  def __call__(self, x_BxLxD):
+    dt = x_BxLxD.dtype
+    h_BxLxF = x_BxLxD @ self.wi[...].astype(dt)
+    g_BxLxF = x_BxLxD @ self.wg[...].astype(dt) if is_gated(self.activation) else None
+    h_BxLxF = constrain(activate(h_BxLxF, self.activation, g_BxLxF), "batch", "length", "mlp")
+    return h_BxLxF @ self.wo[...].astype(dt)
+
+
+class Embed(nnx.Module):
+  """Token embedding [V, D]; `attend` gives logits for tied embeddings."""
+
+  def __init__(self, vocab: int, d_model: int, *, rngs: nnx.Rngs):
+    self.embedding = param(rngs, nnx.initializers.normal(1.0), (vocab, d_model),
+                           ("vocab", "embed"))
+
+  def __call__(self, tokens_BxL, dtype):
+    return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)
+
+  def attend(self, x_BxLxD):
+    return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding[...].astype(x_BxLxD.dtype))
