@@ -67,6 +67,7 @@ def base_config() -> mlc.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = "float32"  # compute dtype; params stay float32
   c.model.dropout = 0.0
+  c.model.max_len = c.data.get_ref("seq_len")  # learned positions table size
 
   c.model.moe = mlc.ConfigDict()
   c.model.moe.num_experts = 0  # 0 or 1 = dense model
@@ -122,7 +123,8 @@ def base_config() -> mlc.ConfigDict:
   c.sharding_rules = [
       ("batch", ("data", "fsdp", "expert")),
       ("length", None),
-      ("embed", "fsdp"),
+      ("embed", "fsdp"),  # parameters' d_model axis: FSDP shards it
+      ("act_embed", None),  # activations' d_model axis
       ("vocab", "tensor"),
       ("heads", "tensor"),
       ("kv_heads", "tensor"),
@@ -215,6 +217,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
           f"must divide model.num_heads={m.num_heads} (0 = num_heads)")
   if m.position == "rope" and head_dim(m) % 2:
     _fail("model.head_dim", head_dim(m), "must be even for rope positions")
+  if m.position == "learned" and m.max_len < d.seq_len:
+    _fail("model.max_len", m.max_len, f"must be >= data.seq_len={d.seq_len} for learned positions")
   if not 0 <= m.dropout < 1:
     _fail("model.dropout", m.dropout, "must be in [0, 1)")
 

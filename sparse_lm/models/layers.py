@@ -66,9 +66,10 @@ class Norm(nnx.Module):
     if self.kind == "layer":
       x = x - x.mean(-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
-    x = x * self.scale[...]
+    shape = (1,) * (x.ndim - 1) + (-1,)
+    x = x * self.scale[...].reshape(shape)
     if self.kind == "layer":
-      x = x + self.bias[...]
+      x = x + self.bias[...].reshape(shape)
     return x.astype(dtype)
 
 
@@ -76,7 +77,7 @@ def rope(x_BxLxHxK, positions_BxL, theta: float):
   """Rotary position embedding (half-split form, as in GPT-NeoX / Llama)."""
   d = x_BxLxHxK.shape[-1]
   freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  ang_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq
+  ang_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq[None, None]
   sin, cos = jnp.sin(ang_BxLxK)[:, :, None], jnp.cos(ang_BxLxK)[:, :, None]
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -133,8 +134,9 @@ class Embed(nnx.Module):
   """Token embedding [V, D]; `attend` gives logits for tied embeddings."""
 
   def __init__(self, vocab: int, d_model: int, *, rngs: nnx.Rngs):
-    self.embedding = param(rngs, nnx.initializers.normal(1.0), (vocab, d_model),
-                           ("vocab", "embed"))
+    # std 1/sqrt(D): unit-scale logits when tied (nanodo's choice).
+    self.embedding = param(rngs, nnx.initializers.normal(d_model ** -0.5),
+                           (vocab, d_model), ("vocab", "embed"))
 
   def __call__(self, tokens_BxL, dtype):
     return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)

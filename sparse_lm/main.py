@@ -1,0 +1,45 @@
+r"""Entry point: flags, multi-host init, train.
+
+  python -m sparse_lm.main --config=configs/switch.py:tiny --workdir=runs/switch \
+      --config.train.num_steps=200
+
+Under several processes (SLURM, TPU pods, or --coordinator/--num_processes/
+--process_id) it initialises jax.distributed before anything touches a device.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and checkpoints go.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with JAX's own cluster "
+                                 "detection (SLURM, TPU pods, ...).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value or _DISTRIBUTED.value:
+    if jax.default_backend() == "cpu" or _COORDINATOR.value:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  from sparse_lm import config as cfglib  # pylint: disable=g-import-not-at-top
+  from sparse_lm import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except cfglib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+  app.run(main)

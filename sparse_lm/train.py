@@ -1,0 +1,315 @@
+"""The trainer: one function, in sections (big_vision style).
+
+Mesh -> Input -> Model -> Shard -> Update step -> Checkpoint -> Evals -> Loop.
+A run always resumes from the workdir's latest checkpoint. The RNG of step n is
+fold_in(seed, n), so model, optimizer, step and data position are all the
+state there is, and a killed run resumes to the same losses step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from sparse_lm import config as cfglib
+from sparse_lm import data as datalib
+from sparse_lm import inspect as inspectlib
+from sparse_lm import metrics as metricslib
+from sparse_lm import sharding
+from sparse_lm.models.transformer import Transformer, moe_layer_indices
+
+# Keys that define what a checkpoint holds; a workdir refuses a run that changes them.
+ARCH_KEYS = ("model", "data.tokenizer", "data.vocab_size", "data.dataset")
+
+
+# ----------------------------------------------------------------- Optimizer
+
+
+def lr_schedule(t) -> optax.Schedule:
+  """Linear warmup, then cosine / inverse-sqrt decay, or constant."""
+  peak, warm = t.learning_rate, t.warmup_steps
+  if t.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warm, max(t.num_steps, warm + 1), end_value=peak * t.end_lr_fraction)
+  warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
+  if t.schedule == "rsqrt":
+    decay = lambda s: peak * jnp.sqrt(max(warm, 1) / jnp.maximum(s + max(warm, 1), 1))
+  else:
+    decay = optax.constant_schedule(peak)
+  return optax.join_schedules([warmup, decay], [warm])
+
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  """AdamW or Adafactor with global-norm clipping; no weight decay on vectors."""
+  schedule = lr_schedule(t)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  if t.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
+  else:
+    opt = optax.adafactor(schedule, weight_decay_rate=t.weight_decay or None,
+                          weight_decay_mask=decay_mask)
+  if t.grad_clip:
+    opt = optax.chain(optax.clip_by_global_norm(t.grad_clip), opt)
+  return opt
+
+
+# ---------------------------------------------------------------------- Loss
+
+
+def loss_fn(model, batch, *, train: bool, rng):
+  """Token-weighted cross-entropy + the MoE layers' weighted router losses."""
+  logits_BxLxV, moe_aux = model(batch["inputs"], mask_BxL=batch["weights"], train=train, rng=rng)
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+  w_BxL = batch["weights"]
+  ce = jnp.sum(ce_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
+  router_loss = sum((a["router_loss"] for a in moe_aux), jnp.float32(0.0))
+  return ce + router_loss, {"ce": ce, "router_loss": router_loss, "moe": moe_aux}
+
+
+# ------------------------------------------------------------------- Workdir
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_workdir(c, workdir: str):
+  """Refuses a workdir whose saved run has a different architecture."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = _flat(json.load(f))
+  new = _flat(json.loads(c.to_json()))
+  diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+          if any(k == a or k.startswith(a + ".") for a in ARCH_KEYS) and old.get(k) != new.get(k)]
+  if diff:
+    raise cfglib.ConfigError(
+        f"workdir {workdir} holds a run with a different architecture ({'; '.join(diff)}); "
+        "use a new --workdir, or restore those values")
+
+
+def save_config(c, workdir: str):
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+      f.write(c.to_json(indent=2))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+# ---------------------------------------------------------------------- Main
+
+
+class _Stop:
+  """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d: saving a checkpoint and stopping", signum)
+    print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping", flush=True)
+    self.requested = True
+
+  def restore(self):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def train_and_evaluate(c, workdir: str) -> dict:
+  """Trains config `c` in `workdir` (resuming if it holds a checkpoint)."""
+  c = cfglib.validate(c)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  check_workdir(c, workdir)
+  t, m = c.train, c.model
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+
+  # ---- Mesh ----
+  mesh = sharding.make_mesh(c)
+  say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+      f"device(s), {jax.process_count()} process(es)")
+
+  # ---- Input ----
+  train_input = datalib.make_input(c.data, seed=t.seed)
+  eval_data = datalib.eval_batches(c.data, t.eval_batches)
+  V = train_input.vocab_size
+
+  # ---- Model ----
+  def create():
+    model = Transformer(m, V, rngs=nnx.Rngs(params=t.seed))
+    return model, nnx.Optimizer(model, make_optimizer(t), wrt=nnx.Param)
+
+  with sharding.use(mesh, c):
+    # ---- Shard ----
+    abs_model, abs_opt = nnx.eval_shape(create)
+    graphdef, abs_state = nnx.split((abs_model, abs_opt))
+    state_shd = nnx.get_named_sharding(abs_state, mesh)
+    batch_shd = sharding.named(mesh, "batch", "length")
+    repl = sharding.named(mesh)
+
+  stats = inspectlib.summarize(c, V, model=abs_model)
+  say(f"params: total {stats['total_params']:,}  active {stats['active_params']:,}  "
+      f"train FLOPs/token {stats['train_flops_per_token']:.3g}  "
+      f"MoE layers {moe_layer_indices(m) or 'none'}")
+
+  # ---- Update step ----
+  def train_step(state, batch, step):
+    model, opt = nnx.merge(graphdef, state)
+    rng = jax.random.fold_in(jax.random.key(t.seed), step)
+    grad_fn = nnx.value_and_grad(lambda mdl: loss_fn(mdl, batch, train=True, rng=rng),
+                                 has_aux=True)
+    (loss, aux), grads = grad_fn(model)
+    opt.update(model, grads)
+    measurements = {"loss": loss, "ce": aux["ce"], "router_loss": aux["router_loss"],
+                    "grad_norm": optax.global_norm(grads), "moe": aux["moe"]}
+    return nnx.state((model, opt)), measurements
+
+  def eval_step(state, batch):
+    model, _ = nnx.merge(graphdef, state)
+    _, aux = loss_fn(model, batch, train=False, rng=None)
+    return aux["ce"], aux["moe"]
+
+  with sharding.use(mesh, c):
+    train_step = jax.jit(train_step, in_shardings=(state_shd, batch_shd, repl),
+                         out_shardings=(state_shd, repl), donate_argnums=0)
+    eval_step = jax.jit(eval_step, in_shardings=(state_shd, batch_shd), out_shardings=repl)
+    init = jax.jit(lambda: nnx.state(create()), out_shardings=state_shd)
+
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(batch_shd, v) for k, v in batch.items()}
+
+  # ---- Checkpoint ----
+  mngr = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True))
+  start = mngr.latest_step()
+  if start is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abs_state, state_shd)
+    restored = mngr.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    train_input.set_state(restored["data"])
+    say(f"resumed from {workdir}/checkpoints step {start}")
+  else:
+    start = 0
+    with sharding.use(mesh, c):
+      state = init()
+    save_config(c, workdir)
+
+  def save(step):
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_input.get_state())))
+
+  # ---- Evals ----
+  moe_ids = moe_layer_indices(m)
+
+  def evaluate():
+    ces, moes = [], []
+    with sharding.use(mesh, c):
+      for batch in eval_data:
+        ce, moe = eval_step(state, to_global(batch))
+        ces.append(ce)
+        moes.append(moe)
+    ce = float(np.mean(jax.device_get(ces)))
+    out = {"eval_loss": ce, "eval_ppl": math.exp(min(ce, 50.0))}
+    if moe_ids:
+      last = jax.device_get(moes[-1])
+      out.update({f"eval_{k}": v for k, v in metricslib.flatten_moe(last, moe_ids).items()
+                  if "dropped_fraction" in k})
+    return out
+
+  # ---- Loop ----
+  writer = metricslib.Writer(workdir, resume_step=start)
+  if start == 0:
+    fp = getattr(train_input, "fingerprint", {})
+    writer.write(0, {"total_params": stats["total_params"],
+                     "active_params": stats["active_params"],
+                     "train_flops_per_token": stats["train_flops_per_token"],
+                     **{f"data/{k}": v for k, v in fp.items() if isinstance(v, (int, float))}})
+    say(f"data: {json.dumps(fp)}")
+  progress = metricslib.Progress(t.num_steps, start)
+  stop = _Stop()
+  schedule = lr_schedule(t)
+  tokens_per_step = c.data.batch_size * c.data.seq_len
+  pending, last_eval = None, {}
+  t_log, step_log = time.time(), start
+  say(f"training steps {start}..{t.num_steps}; logs: {workdir}/metrics.jsonl, "
+      f"tensorboard: {workdir}/tensorboard")
+
+  def flush(pending):
+    """Fetches step n's metrics after step n+1 is dispatched (no host stall)."""
+    nonlocal t_log, step_log
+    step, meas = pending
+    meas = jax.device_get(meas)
+    if not np.isfinite(meas["loss"]):
+      raise FloatingPointError(f"loss is {meas['loss']} at step {step}; last checkpoint "
+                               f"{mngr.latest_step()} in {workdir}/checkpoints is intact")
+    dt = time.time() - t_log
+    row = {"train_loss": float(meas["ce"]), "router_loss": float(meas["router_loss"]),
+           "grad_norm": float(meas["grad_norm"]), "lr": float(schedule(step - 1)),
+           "tokens_per_s": tokens_per_step * (step - step_log) / max(dt, 1e-9),
+           "tokens": tokens_per_step * step}
+    if moe_ids:
+      row.update(metricslib.flatten_moe(meas["moe"], moe_ids))
+    if step in eval_at:
+      row.update(eval_at.pop(step))
+    writer.write(step, row)
+    progress.print(step, row)
+    t_log, step_log = time.time(), step
+
+  eval_at = {}
+  step = start
+  try:
+    while step < t.num_steps and not stop.requested:
+      batch = to_global(next(train_input))
+      with sharding.use(mesh, c):
+        state, meas = train_step(state, batch, jnp.int32(step))
+      step += 1
+      log_now = step % t.log_every == 0 or step == t.num_steps or step % t.eval_every == 0
+      if pending is not None:
+        flush(pending)
+        pending = None
+      if step % t.eval_every == 0 or step == t.num_steps:
+        last_eval = evaluate()
+        eval_at[step] = last_eval
+      if log_now:
+        pending = (step, meas)
+      if step % t.checkpoint_every == 0 or step == t.num_steps or stop.requested:
+        save(step)
+    if pending is not None:
+      flush(pending)
+    if stop.requested and mngr.latest_step() != step:
+      save(step)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    stop.restore()
+
+  if not last_eval:
+    last_eval = evaluate()
+  say(f"done at step {step}: eval_loss {last_eval['eval_loss']:.4f} "
+      f"(ppl {last_eval['eval_ppl']:.2f}); metrics {workdir}/metrics.jsonl, "
+      f"tensorboard {workdir}/tensorboard, checkpoints {workdir}/checkpoints")
+  return {"step": step, **last_eval}
