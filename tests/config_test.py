@@ -1,0 +1,121 @@
+"""Config validation: each bad value is a one-line ConfigError naming its key."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from sparse_lm import config as cfglib
+
+CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob("configs/*.py"))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_base_config_is_valid():
+  cfglib.validate(cfglib.base_config())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_file_and_variant_is_valid(path):
+  mod = load(path)
+  assert mod.__doc__.lstrip().splitlines()[0].strip(), "docstring must start with the command"
+  assert "python -m sparse_lm." in mod.__doc__, "docstring must give the command that runs it"
+  for variant in getattr(mod, "VARIANTS", {"tiny": None}):
+    cfglib.validate(mod.get_config(variant))
+
+
+BAD = [
+    ("data.batch_size", -4, "must be a number > 0"),
+    ("data.seq_len", 0, "must be a number > 0"),
+    ("data.dataset", "no_such_dataset_xyz", "unknown dataset"),
+    ("data.dataset", "files:", "needs a glob"),
+    ("data.tokenizer", "bpe", "must be one of"),
+    ("data.vocab_size", 10, "must be in [64"),
+    ("model.d_model", -1, "must be a number > 0"),
+    ("model.num_heads", 3, "must divide model.d_model=128"),
+    ("model.num_kv_heads", 3, "must divide model.num_heads=4"),
+    ("model.activation", "tanh", "must be one of"),
+    ("model.norm", "batch", "must be one of"),
+    ("model.position", "alibi", "must be one of"),
+    ("model.dtype", "float16", "must be one of"),
+    ("model.dropout", 1.5, "must be in [0, 1)"),
+    ("model.moe.router", "hash", "must be one of"),
+    ("model.moe.dispatch", "einsum", "must be one of"),
+    ("model.moe.second_expert_policy", "best", "must be one of"),
+    ("train.optimizer", "sgd", "must be one of"),
+    ("train.schedule", "step", "must be one of"),
+    ("train.num_steps", 0, "must be a number > 0"),
+    ("train.learning_rate", -1e-3, "must be a number > 0"),
+    ("train.end_lr_fraction", 2.0, "must be in [0, 1]"),
+    ("mesh", [("data", -1), ("expert", -1)], "at most one -1"),
+    ("mesh", [("data", 0)], "sizes must be >= 1"),
+]
+
+
+def _set(c, key, value):
+  *path, last = key.split(".")
+  node = c
+  for p in path:
+    node = node[p]
+  with c.unlocked():
+    node[last] = value
+
+
+@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_bad_value_names_key(key, value, message):
+  c = cfglib.base_config()
+  _set(c, key, value)
+  with pytest.raises(cfglib.ConfigError) as e:
+    cfglib.validate(c)
+  text = str(e.value)
+  assert f"config.{key}=" in text and message in text, text
+  assert "\n" not in text
+
+
+MOE_BAD = [
+    ("model.moe.top_k", 5, "must be in [1, num_experts=4]", {}),
+    ("model.moe.top_k", 2, "must be 1 for router 'switch'", {}),
+    ("model.moe.every", 8, "selects no layer", {"model.moe.offset": 7}),
+    ("model.moe.capacity_factor", 0.0, "must be a number > 0", {}),
+    ("model.moe.num_groups", 3, "must be >= 2 and divide", {"model.moe.router": "hierarchical"}),
+    ("model.moe.top_k_groups", 3, "must be in [1, num_groups=2]",
+     {"model.moe.router": "hierarchical", "model.moe.num_groups": 2}),
+    ("model.moe.dispatch", "dropless", "must be 'capacity' for router 'expert_choice'",
+     {"model.moe.router": "expert_choice"}),
+    ("model.moe.eom_rate", 1.0, "must be in [0, 1)", {}),
+]
+
+
+@pytest.mark.parametrize("key,value,message,extra", MOE_BAD,
+                         ids=[f"{k}={v}" for k, v, _, _ in MOE_BAD])
+def test_bad_moe_value_names_key(key, value, message, extra):
+  c = cfglib.base_config()
+  c.model.moe.num_experts = 4
+  for k, v in extra.items():
+    _set(c, k, v)
+  _set(c, key, value)
+  with pytest.raises(cfglib.ConfigError, match="config." + key.replace(".", r"\.")) as e:
+    cfglib.validate(c)
+  assert message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("mesh,devices,message,key", [
+    ([("data", 3)], 8, "multiply to 3, not the device count 8", "mesh"),
+    ([("data", -1), ("expert", 3)], 8, "must divide the device count", "mesh"),
+    ([("data", 2), ("expert", 4)], 8, "divisible by the expert mesh axis (4)", "model.moe.num_experts"),
+    ([("data", 8), ("expert", 1)], 8, "must be divisible by the batch mesh axes", "data.batch_size"),
+])
+def test_mesh_errors(mesh, devices, message, key):
+  c = cfglib.base_config()
+  c.model.moe.num_experts = 6
+  c.data.batch_size = 12
+  c.mesh = mesh + [(a, 1) for a in ("data", "fsdp", "expert", "tensor") if a not in dict(mesh)]
+  with pytest.raises(cfglib.ConfigError, match=f"config.{key}=") as e:
+    cfglib.validate_mesh_for_devices(cfglib.validate(c), devices)
+  assert message in str(e.value), str(e.value)
