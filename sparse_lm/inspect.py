@@ -21,11 +21,18 @@ from ml_collections import config_flags
 
 from sparse_lm import config as cfglib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_COMPARE = config_flags.DEFINE_config_file("compare", None, "A second config, side by side.",
-                                           lock_config=True)
-_DEVICES = flags.DEFINE_integer("devices", 0, "Devices for the per-device memory column "
-                                "(0 = the product of the config's fixed mesh sizes).")
+# Flags are defined only when run as a program: the trainer imports this module.
+_CONFIG = _COMPARE = _DEVICES = None
+
+
+def _define_flags():
+  global _CONFIG, _COMPARE, _DEVICES
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  _COMPARE = config_flags.DEFINE_config_file("compare", None, "A second config, side by side.",
+                                             lock_config=True)
+  _DEVICES = flags.DEFINE_integer("devices", 0, "Devices for the per-device memory column "
+                                  "(0 = the product of the config's fixed mesh sizes).")
+
 
 BYTES_F32 = 4
 
@@ -155,4 +162,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
