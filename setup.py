@@ -20,6 +20,7 @@ setup(
         "tensorflow-datasets>=4.9.8,<5",
         "sentencepiece>=0.2.0,<0.3",
         "matplotlib>=3.8,<4",
+        "tensorboard>=2.18,<3",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12",

@@ -52,7 +52,8 @@ class Writer:
       return
     os.makedirs(workdir, exist_ok=True)
     # A resumed run rewrites history after its checkpoint: rows logged after the
-    # restored step (by the run that was killed) would be duplicates.
+    # restored step (by the run that was killed) would be duplicates. A fresh
+    # start (resume_step -1) drops rows of a run that died before its first save.
     rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
     with open(self.path + ".tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)

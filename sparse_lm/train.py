@@ -240,7 +240,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
     return out
 
   # ---- Loop ----
-  writer = metricslib.Writer(workdir, resume_step=start)
+  writer = metricslib.Writer(workdir, resume_step=start if start else -1)
   if start == 0:
     fp = getattr(train_input, "fingerprint", {})
     writer.write(0, {"total_params": stats["total_params"],
@@ -266,11 +266,11 @@ def train_and_evaluate(c, workdir: str) -> dict:
       raise FloatingPointError(f"loss is {meas['loss']} at step {step}; last checkpoint "
                                f"{mngr.latest_step()} in {workdir}/checkpoints is intact")
     dt = time.time() - t_log
-    row = {"train_loss": float(meas["ce"]), "router_loss": float(meas["router_loss"]),
-           "grad_norm": float(meas["grad_norm"]), "lr": float(schedule(step - 1)),
+    row = {"train_loss": float(meas["ce"]), "grad_norm": float(meas["grad_norm"]), "lr": float(schedule(step - 1)),
            "tokens_per_s": tokens_per_step * (step - step_log) / max(dt, 1e-9),
            "tokens": tokens_per_step * step}
     if moe_ids:
+      row["router_loss"] = float(meas["router_loss"])
       row.update(metricslib.flatten_moe(meas["moe"], moe_ids))
     if step in eval_at:
       row.update(eval_at.pop(step))
