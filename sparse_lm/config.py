@@ -12,7 +12,9 @@ Dimension letters used in tensor names across the code base:
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import ml_collections as mlc
 
@@ -135,6 +137,26 @@ def base_config() -> mlc.ConfigDict:
       ("expert_group", None),
   ]
   return c
+
+
+def load_module(path: str):
+  """Imports a config or sweep file by path (relative to cwd, else to the repo root)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.exists(path) and os.path.exists(os.path.join(root, path)):
+    path = os.path.join(root, path)
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def load_config(spec: str) -> mlc.ConfigDict:
+  """'configs/switch.py:tiny' -> that file's get_config('tiny') (sweep files use it)."""
+  path, _, arg = spec.partition(":")
+  mod = load_module(path)
+  return mod.get_config(arg) if arg else mod.get_config()
 
 
 # ---------------------------------------------------------------- validation

@@ -1,0 +1,232 @@
+r"""Sweeps: a grid of runs from one config file, run, resumed and collected.
+
+  python -m sparse_lm.sweep --config=configs/sweeps/experts_topk.py --workdir=runs/experts_topk
+  python -m sparse_lm.sweep ... --parallel=2         # two points at a time
+  python -m sparse_lm.sweep ... --print_commands     # one command per point, for a scheduler
+  python -m sparse_lm.sweep ... --collect_only       # just rebuild results.csv / results.json
+
+A sweep file is a config file (big_vision style): `get_config(arg)` gives the
+base config and `sweep(add)` calls `add(**{"model.moe.num_experts": 8, ...})`
+once per point. Each point runs `python -m sparse_lm.main` in its own
+subfolder named from its overrides; a finished point (DONE file) is skipped, an
+interrupted one resumes from its checkpoints. Results go to results.csv/json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from sparse_lm import config as cfglib
+from sparse_lm import metrics as metricslib
+
+_CONFIG = flags.DEFINE_string("config", None, "Sweep file (path[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the sweep; one subfolder per point.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Points run at the same time.")
+_PRINT = flags.DEFINE_bool("print_commands", False, "Print one command per point and exit.")
+_COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect results of finished points.")
+_TARGET = flags.DEFINE_float("target_loss", None, "Eval loss for 'steps/tokens to target' "
+                             "(default: the sweep file's TARGET_LOSS, else none).")
+
+
+# ------------------------------------------------------------------ loading
+
+
+def points(sweep_file: str) -> list[dict]:
+  """The grid: a list of {dotted.key: value} overrides, validated against the base."""
+  path, _, arg = sweep_file.partition(":")
+  mod = cfglib.load_module(path)
+  if not hasattr(mod, "sweep"):
+    raise cfglib.ConfigError(f"--config={sweep_file}: a sweep file needs a sweep(add) function")
+  out = []
+  mod.sweep(lambda **kv: out.append({k.removeprefix("config."): v for k, v in kv.items()}))
+  for p in out:  # a fresh base per point keeps its field references live
+    cfglib.validate(apply_overrides(mod.get_config(arg) if arg else mod.get_config(), p))
+  names = [point_name(p) for p in out]
+  if len(set(names)) != len(names):
+    raise cfglib.ConfigError(f"--config={sweep_file}: sweep(add) gives the same point twice")
+  return out
+
+
+def apply_overrides(c, overrides: dict):
+  """Sets dotted keys in config `c` (in place); unknown keys are a ConfigError."""
+  for key, value in overrides.items():
+    node, *path = [c] + key.split(".")
+    for part in path[:-1]:
+      if part not in node:
+        raise cfglib.ConfigError(f"sweep override {key}={value!r}: config has no key {key!r}")
+      node = node[part]
+    if path[-1] not in node:
+      raise cfglib.ConfigError(f"sweep override {key}={value!r}: config has no key {key!r}")
+    node[path[-1]] = value
+  return c
+
+
+def point_name(overrides: dict) -> str:
+  """{"model.moe.num_experts": 8, "train.learning_rate": 0.001} -> "num_experts=8,learning_rate=0.001"."""
+  if not overrides:
+    return "base"
+  parts = []
+  for k, v in overrides.items():
+    v = str(v).replace("/", "_").replace(" ", "")
+    parts.append(f"{k.split('.')[-1]}={v}")
+  return ",".join(parts)
+
+
+def command(sweep_file: str, workdir: str, overrides: dict) -> list[str]:
+  args = [sys.executable, "-m", "sparse_lm.main", f"--config={sweep_file}",
+          f"--workdir={os.path.join(workdir, point_name(overrides))}"]
+  return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+# ------------------------------------------------------------------ running
+
+
+def _progress(point_dir: str) -> str:
+  rows = metricslib.read_jsonl(os.path.join(point_dir, "metrics.jsonl"))
+  steps = [r for r in rows if "train_loss" in r]
+  if not steps:
+    return "starting"
+  last = steps[-1]
+  evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+  return f"step {last['step']}, loss {last['train_loss']:.3f}" + (
+      f", eval {evals[-1]:.3f}" if evals else "")
+
+
+def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list[dict]:
+  """Runs every unfinished point (`parallel` at a time); returns the points."""
+  grid = points(sweep_file)
+  os.makedirs(workdir, exist_ok=True)
+  todo = [p for p in grid if not os.path.exists(os.path.join(workdir, point_name(p), "DONE"))]
+  log(f"sweep {sweep_file}: {len(grid)} points, {len(grid) - len(todo)} done, "
+      f"{len(todo)} to run ({parallel} at a time) in {workdir}")
+  running: dict = {}
+  failed = []
+  t_print = 0.0
+  while todo or running:
+    while todo and len(running) < parallel:
+      p = todo.pop(0)
+      d = os.path.join(workdir, point_name(p))
+      os.makedirs(d, exist_ok=True)
+      logf = open(os.path.join(d, "log.txt"), "a")
+      idx = grid.index(p) + 1
+      log(f"[{idx}/{len(grid)}] {point_name(p)}: start" +
+          (" (resuming)" if os.path.exists(os.path.join(d, "checkpoints")) else ""))
+      running[idx] = (p, d, subprocess.Popen(command(sweep_file, workdir, p), stdout=logf,
+                                              stderr=subprocess.STDOUT), logf, time.time())
+    for idx, (p, d, proc, logf, t0) in list(running.items()):
+      rc = proc.poll()
+      if rc is None:
+        continue
+      logf.close()
+      del running[idx]
+      wall = time.time() - t0
+      _add_wall(d, wall)
+      if rc == 0:
+        with open(os.path.join(d, "DONE"), "w") as f:
+          f.write(json.dumps({"overrides": p}))
+        log(f"[{idx}/{len(grid)}] {point_name(p)}: done in {wall:.0f}s ({_progress(d)})")
+      else:
+        failed.append(point_name(p))
+        log(f"[{idx}/{len(grid)}] {point_name(p)}: FAILED (exit {rc}); see {d}/log.txt")
+    if running and time.time() - t_print > 30:
+      t_print = time.time()
+      for idx, (p, d, *_) in running.items():
+        log(f"[{idx}/{len(grid)}] {point_name(p)}: {_progress(d)}")
+    time.sleep(0.5)
+  if failed:
+    log(f"{len(failed)} point(s) failed: {', '.join(failed)}")
+  return grid
+
+
+def _add_wall(d: str, seconds: float):
+  path = os.path.join(d, "wall_time.json")
+  total = json.load(open(path))["seconds"] if os.path.exists(path) else 0.0
+  with open(path, "w") as f:
+    json.dump({"seconds": total + seconds}, f)
+
+
+# ----------------------------------------------------------------- results
+
+
+def summarize_point(d: str, target_loss: float | None = None) -> dict:
+  """Final/best eval loss, steps and tokens to a target, speed, size, wall time."""
+  rows = metricslib.read_jsonl(os.path.join(d, "metrics.jsonl"))
+  evals = [r for r in rows if "eval_loss" in r]
+  train = [r for r in rows if "tokens_per_s" in r]
+  head = next((r for r in rows if "total_params" in r), {})
+  out = {
+      "final_step": max((r["step"] for r in rows), default=0),
+      "final_eval_loss": evals[-1]["eval_loss"] if evals else math.nan,
+      "best_eval_loss": min((r["eval_loss"] for r in evals), default=math.nan),
+      "tokens_per_s": _median([r["tokens_per_s"] for r in train[1:]] or
+                              [r["tokens_per_s"] for r in train]),
+      "total_params": head.get("total_params"),
+      "active_params": head.get("active_params"),
+      "train_flops_per_token": head.get("train_flops_per_token"),
+      "steps_to_target": None, "tokens_to_target": None,
+  }
+  if target_loss is not None:
+    hit = next((r for r in evals if r["eval_loss"] <= target_loss), None)
+    if hit:
+      out["steps_to_target"] = hit["step"]
+      out["tokens_to_target"] = hit.get("tokens")
+  wall = os.path.join(d, "wall_time.json")
+  out["wall_time_s"] = json.load(open(wall))["seconds"] if os.path.exists(wall) else None
+  out["done"] = os.path.exists(os.path.join(d, "DONE"))
+  return out
+
+
+def _median(xs):
+  xs = sorted(xs)
+  return xs[len(xs) // 2] if xs else math.nan
+
+
+def collect(sweep_file: str, workdir: str, target_loss: float | None = None) -> list[dict]:
+  """Writes results.csv and results.json (one row per point) and returns the rows."""
+  path, _, _ = sweep_file.partition(":")
+  if target_loss is None:
+    target_loss = getattr(cfglib.load_module(path), "TARGET_LOSS", None)
+  results = []
+  for p in points(sweep_file):
+    d = os.path.join(workdir, point_name(p))
+    results.append({"point": point_name(p), **p, **summarize_point(d, target_loss)})
+  keys = list(dict.fromkeys(k for r in results for k in r))
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(results)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"sweep": sweep_file, "target_loss": target_loss, "points": results}, f, indent=1)
+  return results
+
+
+def main(argv):
+  del argv
+  if not _CONFIG.value or not _WORKDIR.value and not _PRINT.value:
+    raise app.UsageError("--config and --workdir are required")
+  try:
+    if _PRINT.value:
+      for p in points(_CONFIG.value):
+        print(" ".join(["python"] + command(_CONFIG.value, _WORKDIR.value or "runs/sweep", p)[1:]))
+      return
+    if not _COLLECT.value:
+      run_all(_CONFIG.value, _WORKDIR.value, _PARALLEL.value)
+    results = collect(_CONFIG.value, _WORKDIR.value, _TARGET.value)
+  except cfglib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/results.json")
+  for r in results:
+    print(f"  {r['point']:<40} final eval {r['final_eval_loss']:.4f}  best {r['best_eval_loss']:.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,108 @@
+"""Sweeps: grid expansion and names, resume after the sweep is killed, results."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sparse_lm import config as cfglib
+from sparse_lm import sweep as sweeplib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_sweep(tmp_path, tfds_dir, lrs=(1e-3, 3e-3, 1e-2), steps=12):
+  path = tmp_path / "tiny_sweep.py"
+  path.write_text(textwrap.dedent(f'''
+      """Test sweep.
+
+        python -m sparse_lm.sweep --config={path} --workdir=x
+      """
+      from sparse_lm import config as cfglib
+
+      TARGET_LOSS = 7.0
+
+      def get_config(arg=None):
+        c = cfglib.load_config("configs/dense.py:tiny")
+        c.data.data_dir = {tfds_dir!r}
+        c.data.batch_size, c.data.seq_len, c.data.vocab_size = 8, 32, 512
+        c.model.d_model, c.model.d_ff = 32, 64
+        c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = {steps}, 6, 3
+        c.train.log_every, c.train.eval_batches = 1, 1
+        return c
+
+      def sweep(add):
+        for lr in {tuple(lrs)!r}:
+          add(**{{"train.learning_rate": lr}})
+  '''))
+  return str(path)
+
+
+def test_points_names_and_validation(tmp_path):
+  path = write_sweep(tmp_path, str(tmp_path))
+  grid = sweeplib.points(path)
+  assert grid == [{"train.learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)]
+  assert [sweeplib.point_name(p) for p in grid] == [
+      "learning_rate=0.001", "learning_rate=0.003", "learning_rate=0.01"]
+  bad = tmp_path / "bad.py"
+  bad.write_text(open(path).read().replace('"train.learning_rate"', '"train.learning_rat"'))
+  with pytest.raises(cfglib.ConfigError, match="no key 'train.learning_rat'"):
+    sweeplib.points(str(bad))
+  neg = tmp_path / "neg.py"
+  neg.write_text(open(path).read().replace("(0.001, 0.003, 0.01)", "(0.001, -1.0)"))
+  with pytest.raises(cfglib.ConfigError, match="config.train.learning_rate=-1.0"):
+    sweeplib.points(str(neg))
+
+
+def test_sweep_resumes_after_kill_and_collects(tmp_path):
+  tfds_dir = str(tmp_path / "tfds")
+  path = write_sweep(tmp_path, tfds_dir)
+  wd = str(tmp_path / "sweep")
+  args = [sys.executable, "-m", "sparse_lm.sweep", f"--config={path}", f"--workdir={wd}"]
+  env = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  second = os.path.join(wd, "learning_rate=0.003")
+  deadline = time.time() + 400
+  while time.time() < deadline and proc.poll() is None:
+    ckpts = os.path.join(second, "checkpoints")
+    if os.path.isdir(ckpts) and any(s.isdigit() for s in os.listdir(ckpts)):
+      break
+    time.sleep(0.1)
+  os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its running point
+  proc.wait()
+  first_done = os.path.join(wd, "learning_rate=0.001", "DONE")
+  assert os.path.exists(first_done) and not os.path.exists(os.path.join(second, "DONE"))
+  mtime = os.path.getmtime(first_done)
+
+  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert "3 points, 1 done, 2 to run" in p.stdout
+  assert os.path.getmtime(first_done) == mtime  # skipped, not rerun
+  assert "resumed from" in open(os.path.join(second, "log.txt")).read()
+  with open(os.path.join(wd, "results.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["point"] for r in rows] == ["learning_rate=0.001", "learning_rate=0.003",
+                                        "learning_rate=0.01"]
+  for r in rows:
+    assert int(r["final_step"]) == 12 and float(r["final_eval_loss"]) > 0
+    assert int(r["total_params"]) > 0 and float(r["wall_time_s"]) > 0
+    assert int(r["steps_to_target"]) in (6, 12)
+  res = json.load(open(os.path.join(wd, "results.json")))
+  assert res["target_loss"] == 7.0 and len(res["points"]) == 3
+
+
+def test_print_commands(tmp_path):
+  path = write_sweep(tmp_path, str(tmp_path))
+  p = subprocess.run([sys.executable, "-m", "sparse_lm.sweep", f"--config={path}",
+                      "--workdir=runs/x", "--print_commands"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  lines = p.stdout.strip().splitlines()
+  assert len(lines) == 3 and all(l.startswith("python -m sparse_lm.main") for l in lines)
+  assert "--workdir=runs/x/learning_rate=0.01 --config.train.learning_rate=0.01" in lines[2]
