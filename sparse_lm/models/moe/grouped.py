@@ -1,0 +1,175 @@
+"""Grouped expert FFN over rows sorted by expert (the dropless compute).
+
+rows x_NxD are sorted by expert: expert e owns rows [start_e, start_e + n_e),
+start = exclusive cumsum of group_sizes_E; rows past sum(n) are ignored.
+  ffn_ragged  jax.lax.ragged_dot, for backends with a grouped matmul (GPU, TPU).
+  ffn_blocks  for CPU, where ragged_dot costs about E times the work: for each
+              expert, a loop over fixed-size row blocks of its group (big
+              blocks first, small ones for the remainder), so the wasted rows
+              are under E x the small block; custom VJP with the same loops.
+Both compute y = act(x @ wi[e], x @ wg[e]) * hidden_mask @ wo[e] per row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sparse_lm.models.layers import activate, is_gated
+
+Array = jax.Array
+
+# Row-block sizes of ffn_blocks, largest first (see benchmarks/README.md).
+BLOCK_SIZES = (128, 32)
+
+
+def grouped_ffn(x_NxD: Array, group_sizes_E: Array, wi: Array, wg: Array | None, wo: Array,
+                activation: str, hidden_mask_NxF: Array | None = None,
+                impl: str | None = None) -> Array:
+  """Per-row expert FFN; impl "ragged" / "blocks", None = by backend."""
+  if impl is None:
+    impl = "blocks" if jax.default_backend() == "cpu" else "ragged"
+  if impl == "ragged":
+    return ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF)
+  if impl == "blocks":
+    return ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF)
+  raise ValueError(f"unknown grouped ffn impl {impl!r}")
+
+
+def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None):
+  """Grouped FFN with jax.lax.ragged_dot (fast on GPU / TPU)."""
+  h_NxF = jax.lax.ragged_dot(x_NxD, wi, group_sizes_E)
+  g_NxF = jax.lax.ragged_dot(x_NxD, wg, group_sizes_E) if is_gated(activation) else None
+  a_NxF = activate(h_NxF, activation, g_NxF)
+  if hidden_mask_NxF is not None:
+    a_NxF = a_NxF * hidden_mask_NxF
+  return jax.lax.ragged_dot(a_NxF, wo, group_sizes_E)
+
+
+def ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None,
+               block_sizes=BLOCK_SIZES):
+  """Grouped FFN as per-expert loops over row blocks (the CPU path)."""
+  if not is_gated(activation):
+    wg = None
+  return _ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, hidden_mask_NxF,
+                     activation, tuple(block_sizes))
+
+
+def _for_each_block(group_sizes_E, block_sizes, enter, body, leave, carry):
+  """for e: carry = enter(e); for each block (row, size) of e: body; leave(e)."""
+  starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+
+  def per_expert(e, carry):
+    carry = enter(e, carry)
+    start, n = starts_E[e], group_sizes_E[e]
+    done = jnp.zeros((), group_sizes_E.dtype)
+    for i, bs in enumerate(block_sizes):
+      last = i == len(block_sizes) - 1
+      nb = (n - done + bs - 1) // bs if last else (n - done) // bs
+      first = start + done
+      carry = jax.lax.fori_loop(
+          0, nb, lambda j, c, bs=bs, first=first: body(e, first + j * bs, bs, start + n, c),
+          carry)
+      done = done + nb * bs
+    return leave(e, carry)
+
+  return jax.lax.fori_loop(0, group_sizes_E.shape[0], per_expert, carry)
+
+
+def _act(h, g, m, activation):
+  a = activate(h, activation, g)
+  return a if m is None else a * m
+
+
+def _slice(a, row, size):
+  return None if a is None else jax.lax.dynamic_slice_in_dim(a, row, size)
+
+
+def _pad(a, n):
+  return None if a is None else jnp.pad(a, ((0, n), (0, 0)))
+
+
+def _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
+  N, D = x_NxD.shape
+  F = wi.shape[-1]
+  pad = max(block_sizes)
+  xp, mp = _pad(x_NxD, pad), _pad(mask_NxF, pad)
+  zero = lambda *s: jnp.zeros(s, x_NxD.dtype)
+  gated = wg is not None
+
+  def enter(e, c):
+    return c[:3] + (wi[e], wg[e] if gated else None, wo[e])
+
+  def body(e, row, bs, end, c):
+    y, h, g, w1, w3, w2 = c
+    xb = _slice(xp, row, bs)
+    hb = xb @ w1
+    gb = xb @ w3 if gated else None
+    yb = _act(hb, gb, _slice(mp, row, bs), activation) @ w2
+    upd = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, row, 0)
+    # A block may run past the group's end into the next expert's rows; those
+    # are overwritten when the next expert (processed later) writes them.
+    return upd(y, yb), upd(h, hb), upd(g, gb) if gated else None, w1, w3, w2
+
+  init = (zero(N + pad, D), zero(N + pad, F), zero(N + pad, F) if gated else None,
+          wi[0], wg[0] if gated else None, wo[0])
+  y, h, g = _for_each_block(group_sizes_E, block_sizes, enter, body, lambda e, c: c, init)[:3]
+  return y[:N], (h, g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
+  return _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes)[0]
+
+
+def _ffn_blocks_fwd(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
+  y, (h, g) = _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes)
+  return y, (x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, h, g)
+
+
+def _ffn_blocks_bwd(activation, block_sizes, res, dy_NxD):
+  x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, h, g = res
+  N = x_NxD.shape[0]
+  pad = max(block_sizes)
+  xp, mp, dyp = _pad(x_NxD, pad), _pad(mask_NxF, pad), _pad(dy_NxD, pad)
+  gated = wg is not None
+  f32 = jnp.float32
+
+  def enter(e, c):
+    zeros = lambda w: None if w is None else jnp.zeros(w.shape[1:], f32)
+    return c[:4] + (wi[e], wg[e] if gated else None, wo[e], zeros(wi), zeros(wg), zeros(wo))
+
+  def leave(e, c):
+    dx, dwi, dwg, dwo, w1, w3, w2, g1, g3, g2 = c
+    return (dx, dwi.at[e].set(g1), dwg.at[e].set(g3) if gated else None, dwo.at[e].set(g2),
+            w1, w3, w2, g1, g3, g2)
+
+  def body(e, row, bs, end, c):
+    dx, dwi, dwg, dwo, w1, w3, w2, g1, g3, g2 = c
+    in_group = (row + jnp.arange(bs)) < end
+    xb, mb = _slice(xp, row, bs), _slice(mp, row, bs)
+    dyb = jnp.where(in_group[:, None], _slice(dyp, row, bs), 0)
+    hb, gb = _slice(h, row, bs), _slice(g, row, bs)
+    ab, act_vjp = jax.vjp(lambda hh, gg: _act(hh, gg, mb, activation), hb, gb)
+    g2 = g2 + jnp.dot(ab.T, dyb, preferred_element_type=f32)
+    dh, dg = act_vjp(dyb @ w2.T)
+    g1 = g1 + jnp.dot(xb.T, dh, preferred_element_type=f32)
+    dxb = dh @ w1.T
+    if gated:
+      g3 = g3 + jnp.dot(xb.T, dg, preferred_element_type=f32)
+      dxb = dxb + dg @ w3.T
+    dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), row, 0)
+    return dx, dwi, dwg, dwo, w1, w3, w2, g1, g3, g2
+
+  zeros = lambda w: None if w is None else jnp.zeros(w.shape, f32)
+  zeros1 = lambda w: None if w is None else jnp.zeros(w.shape[1:], f32)
+  init = (jnp.zeros_like(xp), zeros(wi), zeros(wg), zeros(wo), wi[0], wg[0] if gated else None,
+          wo[0], zeros1(wi), zeros1(wg), zeros1(wo))
+  dx, dwi, dwg, dwo = _for_each_block(group_sizes_E, block_sizes, enter, body, leave, init)[:4]
+  cast = lambda d, w: None if w is None else d.astype(w.dtype)
+  return (dx[:N], None, cast(dwi, wi), cast(dwg, wg), cast(dwo, wo), None)
+
+
+_ffn_blocks.defvjp(_ffn_blocks_fwd, _ffn_blocks_bwd)
