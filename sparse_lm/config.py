@@ -218,8 +218,9 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
               "model.moe.expert_dropout", "model.moe.eom_rate", "data.shuffle_buffer"):
     _positive(c, key, allow_zero=True)
   _choice(c, "data.tokenizer", TOKENIZERS)
-  if d.tokenizer == "sentencepiece" and not 64 <= d.vocab_size <= 1_000_000:
-    _fail("data.vocab_size", d.vocab_size, "must be in [64, 1000000] for sentencepiece")
+  # Byte fallback needs 256 byte pieces + specials + the corpus's characters.
+  if d.tokenizer == "sentencepiece" and not 384 <= d.vocab_size <= 1_000_000:
+    _fail("data.vocab_size", d.vocab_size, "must be in [384, 1000000] for sentencepiece")
   ds = d.dataset
   if not isinstance(ds, str) or not ds:
     _fail("data.dataset", ds, "must be 'stdlib', 'files:<glob>' or a TFDS dataset name")

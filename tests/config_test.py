@@ -36,7 +36,7 @@ BAD = [
     ("data.dataset", "no_such_dataset_xyz", "unknown dataset"),
     ("data.dataset", "files:", "needs a glob"),
     ("data.tokenizer", "bpe", "must be one of"),
-    ("data.vocab_size", 10, "must be in [64"),
+    ("data.vocab_size", 100, "must be in [384"),
     ("model.d_model", -1, "must be a number > 0"),
     ("model.num_heads", 3, "must divide model.d_model=128"),
     ("model.num_kv_heads", 3, "must divide model.num_heads=4"),
