@@ -313,3 +313,32 @@ def train_and_evaluate(c, workdir: str) -> dict:
       f"(ppl {last_eval['eval_ppl']:.2f}); metrics {workdir}/metrics.jsonl, "
       f"tensorboard {workdir}/tensorboard, checkpoints {workdir}/checkpoints")
   return {"step": step, **last_eval}
+
+
+def load_model(workdir: str, step: int | None = None):
+  """The model of a run's checkpoint (latest, or `step`) on the default device.
+
+  Returns (model, config, tokenizer) for evaluation, notebooks and inference.
+  """
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  with open(os.path.join(workdir, "config.json")) as f:
+    c = mlc.ConfigDict(json.load(f))
+  tok = datalib.make_tokenizer(c.data)
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+
+  def create():
+    model = Transformer(c.model, tok.vocab_size, rngs=nnx.Rngs(params=c.train.seed))
+    return model, nnx.Optimizer(model, make_optimizer(c.train), wrt=nnx.Param)
+
+  with nnx.use_eager_sharding(False):
+    graphdef, abs_state = nnx.split(nnx.eval_shape(create))
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abs_state)
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  mngr.close()
+  model, _ = nnx.merge(graphdef, restored["state"])
+  return model, c, tok

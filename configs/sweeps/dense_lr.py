@@ -1,14 +1,18 @@
-r"""Learning-rate sweep of the tiny dense model (tunes the baseline of every curve).
+r"""Learning-rate sweep of the dense baseline of configs/sweeps/switch_vs_dense.py.
 
   python -m sparse_lm.sweep --config=configs/sweeps/dense_lr.py --workdir=runs/dense_lr
+
+The same model, data and horizon as that study's dense point; the best rate
+becomes its LEARNING_RATE, shared by every Switch point.
 """
 
 from sparse_lm import config as cfglib
 
 
-def get_config(arg=None):
-  del arg
-  return cfglib.load_config("configs/dense.py:tiny")
+def get_config(arg: str = "cpu"):
+  c = cfglib.load_config(f"configs/sweeps/switch_vs_dense.py:{arg or 'cpu'}")
+  c.model.moe.num_experts = 1  # dense
+  return c
 
 
 def sweep(add):
