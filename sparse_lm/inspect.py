@@ -2,11 +2,25 @@ r"""Parameters, FLOPs and memory of any config, without allocating the model.
 
   python -m sparse_lm.inspect --config=configs/mixtral.py:8x7b
   python -m sparse_lm.inspect --config=configs/switch.py:base --compare=configs/dense.py:base
+  python -m sparse_lm.inspect --config=configs/glam.py:64b_64e --devices=1024
 
-Counts come from `nnx.eval_shape` of the real model, so they follow the code.
-Active parameters count a routed expert's weights times (experts used per token
-/ E). FLOPs per token (Kaplan et al. 2020): forward = 2 * active matmul params
-+ 2 * layers * seq_len * attention width; training = 3 x forward.
+Counts come from `nnx.eval_shape` of the real model, so they follow the code
+and nothing is allocated: a 1T-parameter config takes seconds on a laptop.
+
+- Routed expert weights are the Params whose first logical axis is "expert"
+  (shared experts are not routed: always active). A token uses
+  `experts_per_token` of the E routed experts, so active = total - routed
+  + routed * experts_per_token / E.
+- FLOPs per token: forward = 2 x (active matmul parameters, with the D x V
+  logits matmul whether or not embeddings are tied, and no embedding lookups)
+  + 4 x layers x seq_len x attention width (QK^T and AV over the full context,
+  as in Chinchilla's and PaLM's counts); training = 3 x forward. Expert slots
+  left empty by a capacity factor > 1 are not counted (model FLOPs).
+- Memory: parameters are float32 whatever model.dtype is; the optimizer state
+  is optax's own, shaped by `jax.eval_shape` (AdamW: 2 x params; Adafactor:
+  factored). Per device: each array divided over the mesh axes its logical
+  names map to under config.sharding_rules, for `--devices` devices.
+  Activations are not included.
 """
 
 from __future__ import annotations
@@ -17,24 +31,22 @@ from absl import app
 from absl import flags
 from flax import nnx
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 
 from sparse_lm import config as cfglib
 
-# Flags are defined only when run as a program: the trainer imports this module.
-_CONFIG = _COMPARE = _DEVICES = None
+LOOKUP_TABLES = ("embedding", "pos_embed")  # gathered, not multiplied
 
 
 def _define_flags():
-  global _CONFIG, _COMPARE, _DEVICES
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-  _COMPARE = config_flags.DEFINE_config_file("compare", None, "A second config, side by side.",
-                                             lock_config=True)
-  _DEVICES = flags.DEFINE_integer("devices", 0, "Devices for the per-device memory column "
-                                  "(0 = the product of the config's fixed mesh sizes).")
-
-
-BYTES_F32 = 4
+  """Only when run as a program: the trainer imports this module and owns --config."""
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  config_flags.DEFINE_config_file("compare", None, "A second config, shown side by side.",
+                                  lock_config=True)
+  flags.DEFINE_integer(
+      "devices", 0, "Device count for the per-device rows; config.mesh's -1 axis takes "
+      "what is left. 0 = the fewest the mesh allows (-1 resolved to 1).")
 
 
 def experts_per_token(m) -> float:
@@ -47,118 +59,200 @@ def experts_per_token(m) -> float:
   return moe.top_k
 
 
-def abstract_model(c, vocab_size: int):
-  from sparse_lm.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
-  with nnx.use_eager_sharding(False):  # shapes only: no mesh needed
-    return nnx.eval_shape(lambda: Transformer(c.model, vocab_size, rngs=nnx.Rngs(0)))
-
-
 def vocab_size_of(c) -> int:
   return 259 if c.data.tokenizer == "byte" else c.data.vocab_size
 
 
+def abstract_model(c, vocab_size: int | None = None):
+  """The Transformer of config `c` with ShapeDtypeStructs for values."""
+  from sparse_lm.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  V = vocab_size or vocab_size_of(c)
+  with nnx.use_eager_sharding(False):  # shapes only: no mesh needed
+    return nnx.eval_shape(lambda: Transformer(c.model, V, rngs=nnx.Rngs(0)))
+
+
+def _params(model) -> list[tuple[str, tuple, tuple]]:
+  """(path, shape, logical names) of every nnx.Param."""
+  out = []
+  for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = tuple(getattr(p, "out_sharding", None) or ())
+    out.append(("/".join(map(str, path)), tuple(p.get_value().shape), names))
+  return out
+
+
+def is_routed(path: str, names: tuple) -> bool:
+  """Whether a Param holds routed experts' weights (active for k of E per token).
+
+  Shared experts (MoeFfn's shared_* Params, on "mlp" axes) are always active;
+  the name check keeps them so should they ever get an expert axis.
+  """
+  return bool(names) and names[0] == "expert" and "shared" not in path
+
+
+def optimizer_bytes(t, params) -> dict[str, int]:
+  """Bytes of optimizer state per parameter path, from optax's own init.
+
+  The same optax transformation as train.make_optimizer builds (clipping and
+  weight decay keep no per-parameter state).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  opt = optax.adamw(1e-3) if t.optimizer == "adamw" else optax.adafactor(1e-3)
+  shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape, _ in params}
+  state = jax.eval_shape(opt.init, shapes)
+  per_param = dict.fromkeys(shapes, 0)
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    keys = [k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)]
+    if keys and keys[0] in per_param:
+      per_param[keys[0]] += math.prod(leaf.shape) * leaf.dtype.itemsize
+  return per_param
+
+
 def summarize(c, vocab_size: int | None = None, model=None) -> dict:
-  """Total / active params, FLOPs per token and memory of config `c`."""
+  """Total / active params, FLOPs per token and memory (bytes) of config `c`.
+
+  Keys: total_params, active_params, routed_expert_params, embedding_params,
+  train_flops_per_token, inference_flops_per_token, param_bytes, optimizer_bytes.
+  `model`: an abstract (or real) Transformer of `c`, to skip building one.
+  """
   m = c.model
   V = vocab_size or vocab_size_of(c)
-  model = model if model is not None else abstract_model(c, V)
-  total = routed = embed = 0
-  routed_by_layer = []
-  for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    n = math.prod(p.get_value().shape)
+  params = _params(model if model is not None else abstract_model(c, V))
+  total = routed = lookup = unembed = vectors = 0
+  for path, shape, names in params:
+    n = math.prod(shape)
     total += n
-    names = getattr(p, "out_sharding", None) or ()
-    if names and names[0] == "expert":
-      routed += n
-    if path[-1] in ("embedding", "pos_embed"):
-      embed += n
+    routed += n if is_routed(path, names) else 0
+    lookup += n if path.split("/")[-1] in LOOKUP_TABLES else 0
+    unembed += n if path.split("/")[-1] == "unembed" else 0
+    vectors += n if len(shape) < 2 else 0  # norm scales and biases: no matmul
   k_frac = experts_per_token(m) / m.moe.num_experts if cfglib.is_moe(m) else 1.0
   active = total - routed + routed * k_frac
-  # Logits are a D x V matmul whether or not the table is tied.
-  compute_params = active - embed + V * m.d_model
+  matmul = active - lookup - unembed - vectors + V * m.d_model
   attn_width = m.num_heads * cfglib.head_dim(m)
-  fwd = 2 * compute_params + 2 * m.num_layers * c.data.seq_len * attn_width
-  opt_slots = 2 if c.train.optimizer == "adamw" else 1  # adafactor's factored slots are ~0
-  del routed_by_layer
+  fwd = 2 * matmul + 4 * m.num_layers * c.data.seq_len * attn_width
+  param_bytes = total * 4  # float32 master weights
   return {
       "total_params": int(total),
       "active_params": int(round(active)),
       "routed_expert_params": int(routed),
-      "embedding_params": int(embed),
+      "embedding_params": int(lookup + unembed),
       "train_flops_per_token": float(3 * fwd),
       "inference_flops_per_token": float(fwd),
-      "param_bytes": total * BYTES_F32,
-      "optimizer_bytes": total * BYTES_F32 * opt_slots,
+      "param_bytes": int(param_bytes),
+      "optimizer_bytes": int(sum(optimizer_bytes(c.train, params).values())),
   }
 
 
-def per_device_bytes(c, model, num_devices: int) -> float:
-  """Parameter + optimizer bytes per device under the config's mesh and rules."""
-  from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
-  sizes = dict(c.mesh)
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
-  rules = dict(sharding.rules(c))
-  opt_slots = 2 if c.train.optimizer == "adamw" else 1
-  total = 0.0
-  for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    n = math.prod(p.get_value().shape)
-    split = 1
-    for name in getattr(p, "out_sharding", None) or ():
-      axes = rules.get(name)
-      axes = axes if isinstance(axes, tuple) else (axes,)
-      split *= math.prod(sizes.get(a, 1) for a in axes if a)
-    total += n * BYTES_F32 * (1 + opt_slots) / split
-  return total
+def _split(names: tuple, shape: tuple, rules: dict, sizes: dict) -> int:
+  """Elements per device of an array with logical `names` on a mesh of `sizes`."""
+  used, n = set(), 1
+  for dim, name in zip(shape, names):
+    axes = rules.get(name, name if name in sizes else None)
+    axes = [a for a in (axes if isinstance(axes, (tuple, list)) else (axes,))
+            if a is not None and a not in used]  # a mesh axis shards one dim at most
+    used.update(axes)
+    n *= -(-dim // math.prod(sizes[a] for a in axes))
+  return n * math.prod(shape[len(names):])
 
 
-def _fmt(n: float) -> str:
+def per_device(c, model, num_devices: int) -> dict:
+  """Mesh sizes, and parameter / optimizer bytes per device, on `num_devices`."""
+  sizes = cfglib.validate_mesh_for_devices(c, num_devices)
+  rules = dict(c.sharding_rules)
+  params = _params(model)
+  opt = optimizer_bytes(c.train, params)
+  param_b = opt_b = 0.0
+  for path, shape, names in params:
+    frac = _split(names, shape, rules, sizes) / math.prod(shape)
+    param_b += 4 * math.prod(shape) * frac
+    opt_b += opt[path] * frac  # approximate for factored (Adafactor) slots
+  return {"mesh": sizes, "param_bytes": param_b, "optimizer_bytes": opt_b}
+
+
+# ------------------------------------------------------------------- the table
+
+
+def _num(n: float) -> str:
   for unit, d in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
     if abs(n) >= d:
       return f"{n / d:.2f}{unit}"
   return f"{n:.0f}"
 
 
-def _gib(b: float) -> str:
-  return f"{b / 2**30:,.2f} GiB"
+def _bytes(b: float) -> str:
+  for unit, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+    if b >= d:
+      return f"{b / d:,.2f} {unit}"
+  return f"{b / 2**10:,.2f} KiB"
 
 
-def table(configs: dict) -> str:
-  rows = {}
-  for name, c in configs.items():
-    model = abstract_model(c, vocab_size_of(c))
-    s = summarize(c, model=model)
-    sizes = dict(c.mesh)
-    n_dev = _DEVICES.value or math.prod(v for v in sizes.values() if v != -1)
-    rows[name] = {
-        "total params": _fmt(s["total_params"]),
-        "active params": _fmt(s["active_params"]),
-        "experts x top-k": (f"{c.model.moe.num_experts} x {experts_per_token(c.model):g}"
-                            if cfglib.is_moe(c.model) else "dense"),
-        "train FLOPs/token": _fmt(s["train_flops_per_token"]),
-        "inference FLOPs/token": _fmt(s["inference_flops_per_token"]),
-        "params (f32)": _gib(s["param_bytes"]),
-        "optimizer state": _gib(s["optimizer_bytes"]),
-        f"params+opt per device ({n_dev} dev)": _gib(per_device_bytes(c, model, n_dev)),
-    }
-  keys = list(next(iter(rows.values())))
+def column(c, num_devices: int = 0) -> dict[str, str]:
+  """One config's rows of the table, as strings."""
+  m = c.model
+  num_devices = num_devices or math.prod(v for _, v in c.mesh if v != -1)
+  cfglib.validate_mesh_for_devices(c, num_devices)  # a bad count fails before any tracing
+  model = abstract_model(c)
+  s = summarize(c, model=model)
+  d = per_device(c, model, num_devices)
+  n_moe = sum(cfglib.moe_layer(m, i) for i in range(m.num_layers))
+  if cfglib.is_moe(m):
+    routing = f"{m.moe.router}: {experts_per_token(m):g} of {m.moe.num_experts}"
+    if m.moe.num_shared_experts:
+      routing += f" + {m.moe.num_shared_experts} shared"
+  else:
+    routing = "dense"
+  mesh = " ".join(f"{a}={n}" for a, n in d["mesh"].items() if n > 1) or "1 device"
+  grads = d["param_bytes"]  # float32, sharded like the parameters
+  return {
+      "layers (MoE)": f"{m.num_layers} ({n_moe})",
+      "experts per token": routing,
+      "total params": _num(s["total_params"]),
+      "active params": _num(s["active_params"]),
+      "train FLOPs / token": _num(s["train_flops_per_token"]),
+      "inference FLOPs / token": _num(s["inference_flops_per_token"]),
+      "params (float32)": _bytes(s["param_bytes"]),
+      "optimizer state": f"{_bytes(s['optimizer_bytes'])} ({c.train.optimizer})",
+      "mesh": mesh,
+      "params / device": _bytes(d["param_bytes"]),
+      "params+grads+opt / device": _bytes(d["param_bytes"] + grads + d["optimizer_bytes"]),
+  }
+
+
+def table(columns: dict[str, dict[str, str]]) -> str:
+  """Rows of the first column's keys, one column per config name."""
+  keys = list(next(iter(columns.values())))
   w = max(map(len, keys)) + 2
-  cw = max(max(len(n) for n in rows) + 2, 14)
-  out = ["".ljust(w) + "".join(n.rjust(cw) for n in rows)]
+  widths = [max(len(name), *(len(col[k]) for k in keys)) + 3 for name, col in columns.items()]
+  lines = ["".ljust(w) + "".join(n.rjust(cw) for n, cw in zip(columns, widths))]
   for k in keys:
-    out.append(k.ljust(w) + "".join(r[k].rjust(cw) for r in rows.values()))
-  return "\n".join(out)
+    lines.append(k.ljust(w) + "".join(col[k].rjust(cw)
+                                      for col, cw in zip(columns.values(), widths)))
+  return "\n".join(lines)
 
 
 def main(argv):
-  del argv
-  configs = {flags.FLAGS["config"].value_str if hasattr(flags.FLAGS["config"], "value_str")
-             else "config": cfglib.validate(_CONFIG.value)}
-  configs = {"config": configs.popitem()[1]}
-  if _COMPARE.value is not None:
-    configs["compare"] = cfglib.validate(_COMPARE.value)
-  with jax.default_device(jax.devices("cpu")[0]):
-    print(table(configs))
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  columns, notes = {}, []
+  for name in ("config", "compare"):
+    flag = flags.FLAGS[name]
+    if flag.value is None:
+      continue
+    title = config_flags.get_config_filename(flag)
+    overrides = config_flags.get_override_values(flag)
+    if overrides:
+      mark = "*" * (1 + len(columns))  # so the same file twice still gets two columns
+      title += mark
+      notes.append(f"{mark} " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
+    try:
+      columns[title] = column(cfglib.validate(flag.value), flags.FLAGS.devices)
+    except cfglib.ConfigError as e:
+      raise app.UsageError(f"{title}: {e}") from None
+  if not columns:
+    raise app.UsageError("--config is required, e.g. --config=configs/mixtral.py:8x7b")
+  print(table(columns))
+  for note in notes:
+    print(note)
 
 
 if __name__ == "__main__":
