@@ -53,6 +53,11 @@ def base_config() -> mlc.ConfigDict:
   c.data.batch_size = 16  # global, over all processes
   c.data.seq_len = 128
   c.data.shuffle_buffer = 1024
+  # The documents are split into this many fixed streams, each packed and
+  # shuffled on its own; stream s fills rows [s, s + 1) * batch_size / num_streams
+  # of every batch, and each process reads only its streams. So the batches do
+  # not depend on the process count (any count dividing num_streams).
+  c.data.num_streams = 8
 
   c.model = mlc.ConfigDict()
   c.model.d_model = 128
@@ -78,6 +83,7 @@ def base_config() -> mlc.ConfigDict:
   # every=1: all layers; 2: every 2nd (Switch, GLaM); 4: every 4th (NLLB, ST-MoE).
   c.model.moe.every = 2
   c.model.moe.offset = 1
+  c.model.moe.first_dense_layers = 0  # layers below this index stay dense (DeepSeekMoE: 1)
   c.model.moe.d_ff = 0  # expert hidden size; 0 = model.d_ff
   c.model.moe.activation = ""  # "" = model.activation
   c.model.moe.router = "switch"
@@ -102,7 +108,7 @@ def base_config() -> mlc.ConfigDict:
 
   c.train = mlc.ConfigDict()
   c.train.seed = 0
-  c.train.num_steps = 200
+  c.train.num_steps = 300
   c.train.optimizer = "adamw"
   c.train.learning_rate = 3e-3
   c.train.schedule = "cosine"
@@ -199,7 +205,8 @@ def is_moe(m) -> bool:
 
 def moe_layer(m, i: int) -> bool:
   """Whether layer i's FFN is an MoE layer."""
-  return is_moe(m) and i % m.moe.every == m.moe.offset % m.moe.every
+  return (is_moe(m) and i >= m.moe.first_dense_layers
+          and i % m.moe.every == m.moe.offset % m.moe.every)
 
 
 def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
@@ -215,8 +222,13 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
               "train.grad_clip", "model.moe.jitter", "model.moe.load_balance_weight",
               "model.moe.z_loss_weight", "model.moe.importance_weight",
               "model.moe.num_shared_experts", "model.moe.num_groups", "model.dropout",
+              "model.moe.first_dense_layers",
               "model.moe.expert_dropout", "model.moe.eom_rate", "data.shuffle_buffer"):
     _positive(c, key, allow_zero=True)
+  if not isinstance(d.num_streams, int) or isinstance(d.num_streams, bool) or d.num_streams < 1:
+    _fail("data.num_streams", d.num_streams, "must be an integer >= 1")
+  if isinstance(d.batch_size, int) and d.batch_size % d.num_streams:
+    _fail("data.num_streams", d.num_streams, f"must divide data.batch_size={d.batch_size}")
   _choice(c, "data.tokenizer", TOKENIZERS)
   # Byte fallback needs 256 byte pieces + specials + the corpus's characters.
   if d.tokenizer == "sentencepiece" and not 384 <= d.vocab_size <= 1_000_000:

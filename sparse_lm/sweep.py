@@ -102,7 +102,7 @@ def _progress(point_dir: str) -> str:
 
 
 def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list[dict]:
-  """Runs every unfinished point (`parallel` at a time); returns the points."""
+  """Runs every unfinished point (`parallel` at a time); returns the failed points' names."""
   grid = points(sweep_file)
   os.makedirs(workdir, exist_ok=True)
   todo = [p for p in grid if not os.path.exists(os.path.join(workdir, point_name(p), "DONE"))]
@@ -144,7 +144,7 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
     time.sleep(0.5)
   if failed:
     log(f"{len(failed)} point(s) failed: {', '.join(failed)}")
-  return grid
+  return failed
 
 
 def _add_wall(d: str, seconds: float):
@@ -218,14 +218,15 @@ def main(argv):
       for p in points(_CONFIG.value):
         print(" ".join(["python"] + command(_CONFIG.value, _WORKDIR.value or "runs/sweep", p)[1:]))
       return
-    if not _COLLECT.value:
-      run_all(_CONFIG.value, _WORKDIR.value, _PARALLEL.value)
+    failed = [] if _COLLECT.value else run_all(_CONFIG.value, _WORKDIR.value, _PARALLEL.value)
     results = collect(_CONFIG.value, _WORKDIR.value, _TARGET.value)
   except cfglib.ConfigError as e:
     raise app.UsageError(str(e)) from None
   print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/results.json")
   for r in results:
     print(f"  {r['point']:<40} final eval {r['final_eval_loss']:.4f}  best {r['best_eval_loss']:.4f}")
+  if failed:
+    sys.exit(f"{len(failed)} point(s) failed: {', '.join(failed)}; rerun the same command to retry")
 
 
 if __name__ == "__main__":

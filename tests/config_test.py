@@ -114,7 +114,7 @@ def test_bad_moe_value_names_key(key, value, message, extra):
 def test_mesh_errors(mesh, devices, message, key):
   c = cfglib.base_config()
   c.model.moe.num_experts = 6
-  c.data.batch_size = 12
+  c.data.batch_size, c.data.num_streams = 12, 4
   c.mesh = mesh + [(a, 1) for a in ("data", "fsdp", "expert", "tensor") if a not in dict(mesh)]
   with pytest.raises(cfglib.ConfigError, match=f"config.{key}=") as e:
     cfglib.validate_mesh_for_devices(cfglib.validate(c), devices)
