@@ -19,9 +19,8 @@ Variants (the string after ':'):
         (SwiGLU 512), layer 1 with 1 shared + top-3 of 16 routed experts of 128.
   16b   DeepSeekMoE 16B's dims: d_model 2048, 28 layers, 16 heads, 2 shared + top-6
         of 64 routed experts of 1408, vocabulary 102400, separate output embedding.
-        The paper's first layer is a dense FFN of 10944; the layer pattern here
-        (every/offset) cannot keep only layer 0 dense, so all 28 layers are MoE:
-        16.9B total (paper 16.4B), 2.8B active.
+        The first layer is a dense FFN of 10944, as in the paper
+        (model.moe.first_dense_layers=1).
 """
 
 from sparse_lm import config as cfglib
@@ -54,8 +53,8 @@ def get_config(arg: str = "tiny"):
   moe.load_balance_weight = 0.0
   moe.dispatch = "dropless"
   moe.z_loss_weight = 0.0
-  # Layer 0 dense. In "16b" every layer is MoE (see the docstring).
-  moe.every, moe.offset = (2, 1) if arg == "tiny" else (1, 0)
+  # Layer 0 dense, every later layer MoE (as in the paper).
+  moe.every, moe.offset, moe.first_dense_layers = 1, 0, 1
 
   if arg == "tiny":
     c.train.num_steps = 300

@@ -39,6 +39,7 @@ def real_param_count(c) -> int:
 PUBLISHED = [
     ("configs/mixtral.py:8x7b", 46.7e9, 12.9e9),  # Mixtral paper / model card
     ("configs/dbrx.py:132b", 132e9, 36e9),  # DBRX announcement
+    ("configs/deepseek_moe.py:16b", 16.4e9, 2.8e9),  # DeepSeekMoE paper, table 2
     ("configs/glam.py:64b_64e", 1.2e12, 96.6e9),  # GLaM, Table 4
 ]
 
