@@ -24,9 +24,7 @@ VARIANTS = {  # name: (d_model, layers, heads, kv_heads, expert d_ff, vocab, bat
 
 def get_config(arg: str = "tiny"):
   c = cfglib.base_config()
-  arg = arg or "tiny"
-  if arg not in VARIANTS:
-    raise cfglib.ConfigError(f"configs/dbrx.py variant {arg!r} is unknown: one of {list(VARIANTS)}")
+  arg = cfglib.check_variant("configs/dbrx.py", VARIANTS, arg)
   d, n, h, kv, f, v, b, l = VARIANTS[arg]
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.d_ff = d, n, h, kv, f
@@ -42,13 +40,6 @@ def get_config(arg: str = "tiny"):
   moe.load_balance_weight = 5e-2  # DBRX's moe_loss_weight
   moe.z_loss_weight = 0.0
 
-  if arg == "tiny":
-    c.train.num_steps = 300
-  else:
-    m.dtype = "bfloat16"
-    c.train.learning_rate = 3e-4
-    c.train.num_steps = 100_000
-    c.train.warmup_steps = 2_000
-    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1_000, 1_000
-    c.mesh = [("data", 1), ("fsdp", -1), ("expert", 1), ("tensor", 1)]
+  if arg != "tiny":
+    cfglib.accelerator_training(c, learning_rate=3e-4, fsdp=True)
   return c

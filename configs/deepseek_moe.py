@@ -34,10 +34,7 @@ VARIANTS = {  # name: (d_model, layers, heads, d_ff, shared, routed, top_k, expe
 
 def get_config(arg: str = "tiny"):
   c = cfglib.base_config()
-  arg = arg or "tiny"
-  if arg not in VARIANTS:
-    raise cfglib.ConfigError(
-        f"configs/deepseek_moe.py variant {arg!r} is unknown: one of {list(VARIANTS)}")
+  arg = cfglib.check_variant("configs/deepseek_moe.py", VARIANTS, arg)
   d, n, h, f, shared, e, k, ef, v, b, l = VARIANTS[arg]
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.d_ff = d, n, h, f
@@ -56,13 +53,6 @@ def get_config(arg: str = "tiny"):
   # Layer 0 dense, every later layer MoE (as in the paper).
   moe.every, moe.offset, moe.first_dense_layers = 1, 0, 1
 
-  if arg == "tiny":
-    c.train.num_steps = 300
-  else:
-    m.dtype = "bfloat16"
-    c.train.learning_rate = 4.2e-4  # the paper's 16B run
-    c.train.num_steps = 100_000
-    c.train.warmup_steps = 2_000
-    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1_000, 1_000
-    c.mesh = [("data", 1), ("fsdp", -1), ("expert", 1), ("tensor", 1)]
+  if arg != "tiny":
+    cfglib.accelerator_training(c, learning_rate=4.2e-4, fsdp=True)  # the paper's 16B run
   return c

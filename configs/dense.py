@@ -17,17 +17,11 @@ VARIANTS = {  # name: (d_model, layers, heads, d_ff, batch, seq_len)
 
 def get_config(arg: str = "tiny"):
   c = cfglib.base_config()
-  arg = arg or "tiny"
-  if arg not in VARIANTS:
-    raise cfglib.ConfigError(f"configs/dense.py variant {arg!r} is unknown: one of {list(VARIANTS)}")
+  arg = cfglib.check_variant("configs/dense.py", VARIANTS, arg)
   d, n, h, f, b, l = VARIANTS[arg]
   c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.d_ff = d, n, h, f
   c.data.batch_size, c.data.seq_len = b, l
   if arg != "tiny":
     c.data.vocab_size = 32_000
-    c.model.dtype = "bfloat16"
-    c.train.learning_rate = 1e-3
-    c.train.num_steps = 100_000
-    c.train.warmup_steps = 2_000
-    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1_000, 1_000
+    cfglib.accelerator_training(c, learning_rate=1e-3)
   return c

@@ -31,9 +31,7 @@ VARIANTS = {  # name: (d_model, layers, heads, head_dim, d_ff, experts, vocab, b
 
 def get_config(arg: str = "tiny"):
   c = cfglib.base_config()
-  arg = arg or "tiny"
-  if arg not in VARIANTS:
-    raise cfglib.ConfigError(f"configs/glam.py variant {arg!r} is unknown: one of {list(VARIANTS)}")
+  arg = cfglib.check_variant("configs/glam.py", VARIANTS, arg)
   d, n, h, hd, f, e, v, b, l = VARIANTS[arg]
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.head_dim, m.d_ff = d, n, h, hd, f
@@ -52,16 +50,10 @@ def get_config(arg: str = "tiny"):
   moe.load_balance_weight = 1e-2
   moe.z_loss_weight = 0.0  # GLaM's z-loss is on the output logits, not the router
 
-  if arg == "tiny":
-    c.train.num_steps = 300
-  else:
-    m.dtype = "bfloat16"
-    c.train.num_steps = 100_000
-    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1_000, 1_000
-    c.train.learning_rate, c.train.warmup_steps = 1e-3, 2_000
+  if arg == "base":
+    cfglib.accelerator_training(c, learning_rate=1e-3)
   if arg == "64b_64e":
     # The paper: Adafactor, inverse-square-root decay after 10K warmup steps, peak 0.01.
+    cfglib.accelerator_training(c, learning_rate=1e-2, warmup_steps=10_000, fsdp=True)
     c.train.optimizer, c.train.schedule = "adafactor", "rsqrt"
-    c.train.learning_rate, c.train.warmup_steps = 1e-2, 10_000
-    c.mesh = [("data", 1), ("fsdp", -1), ("expert", 1), ("tensor", 1)]
   return c

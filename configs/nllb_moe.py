@@ -31,10 +31,7 @@ VARIANTS = {  # name: (d_model, layers, heads, d_ff, experts, vocab, batch, seq_
 
 def get_config(arg: str = "tiny"):
   c = cfglib.base_config()
-  arg = arg or "tiny"
-  if arg not in VARIANTS:
-    raise cfglib.ConfigError(
-        f"configs/nllb_moe.py variant {arg!r} is unknown: one of {list(VARIANTS)}")
+  arg = cfglib.check_variant("configs/nllb_moe.py", VARIANTS, arg)
   d, n, h, f, e, v, b, l = VARIANTS[arg]
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.d_ff = d, n, h, f
@@ -53,14 +50,7 @@ def get_config(arg: str = "tiny"):
   moe.load_balance_weight = 1e-2
   moe.z_loss_weight = 0.0
 
-  if arg == "tiny":
-    c.train.num_steps = 300
-  else:
-    m.dtype = "bfloat16"
+  if arg != "tiny":
     m.dropout = 0.1
-    c.train.learning_rate = 1e-3
-    c.train.num_steps = 100_000
-    c.train.warmup_steps = 2_000
-    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1_000, 1_000
-    c.mesh = [("data", 1), ("fsdp", -1), ("expert", 1), ("tensor", 1)]
+    cfglib.accelerator_training(c, learning_rate=1e-3, fsdp=True)
   return c

@@ -29,10 +29,7 @@ VARIANTS = {  # name: (d_model, layers, heads, d_ff, experts, batch, seq_len)
 
 def get_config(arg: str = "tiny"):
   c = cfglib.base_config()
-  arg = arg or "tiny"
-  if arg not in VARIANTS:
-    raise cfglib.ConfigError(
-        f"configs/switch.py variant {arg!r} is unknown: one of {list(VARIANTS)}")
+  arg = cfglib.check_variant("configs/switch.py", VARIANTS, arg)
   d, n, h, f, e, b, l = VARIANTS[arg]
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.d_ff = d, n, h, f
@@ -48,13 +45,7 @@ def get_config(arg: str = "tiny"):
   moe.load_balance_weight = 1e-2
   moe.z_loss_weight = 0.0
 
-  if arg == "tiny":
-    c.train.num_steps = 300
-  else:
+  if arg != "tiny":
     c.data.vocab_size = 32_000
-    m.dtype = "bfloat16"
-    c.train.learning_rate = 1e-3
-    c.train.num_steps = 100_000
-    c.train.warmup_steps = 2_000
-    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1_000, 1_000
+    cfglib.accelerator_training(c, learning_rate=1e-3)
   return c

@@ -165,6 +165,26 @@ def load_config(spec: str) -> mlc.ConfigDict:
   return mod.get_config(arg) if arg else mod.get_config()
 
 
+def check_variant(path: str, variants: dict, arg: str | None, default: str = "tiny") -> str:
+  """The variant a family file's get_config(arg) asked for, or a one-line error."""
+  arg = arg or default
+  if arg not in variants:
+    raise ConfigError(f"{path} variant {arg!r} is unknown: one of {list(variants)}")
+  return arg
+
+
+def accelerator_training(c, *, learning_rate: float, fsdp: bool = False,
+                         warmup_steps: int = 2_000, num_steps: int = 100_000):
+  """Settings the accelerator-scale variants share: bf16 compute, a long
+  schedule, sparser logging; `fsdp` shards parameters over all devices."""
+  c.model.dtype = "bfloat16"
+  c.train.learning_rate, c.train.warmup_steps = learning_rate, warmup_steps
+  c.train.num_steps = num_steps
+  c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1_000, 1_000
+  if fsdp:
+    c.mesh = [("data", 1), ("fsdp", -1), ("expert", 1), ("tensor", 1)]
+
+
 # ---------------------------------------------------------------- validation
 
 

@@ -119,3 +119,12 @@ def test_mesh_errors(mesh, devices, message, key):
   with pytest.raises(cfglib.ConfigError, match=f"config.{key}=") as e:
     cfglib.validate_mesh_for_devices(cfglib.validate(c), devices)
   assert message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_unknown_variant_is_one_line_error(path):
+  mod = load(path)
+  if not hasattr(mod, "VARIANTS"):
+    pytest.skip("no variants")
+  with pytest.raises(cfglib.ConfigError, match=f"{path.stem}.py variant 'nope' is unknown"):
+    mod.get_config("nope")
