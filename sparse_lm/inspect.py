@@ -247,7 +247,7 @@ def main(argv):
     try:
       columns[title] = column(cfglib.validate(flag.value), flags.FLAGS.devices)
     except cfglib.ConfigError as e:
-      raise app.UsageError(f"{title}: {e}") from None
+      raise SystemExit(f"sparse_lm.inspect: {title}: {e}") from None
   if not columns:
     raise app.UsageError("--config is required, e.g. --config=configs/mixtral.py:8x7b")
   print(table(columns))

@@ -221,7 +221,7 @@ def main(argv):
     failed = [] if _COLLECT.value else run_all(_CONFIG.value, _WORKDIR.value, _PARALLEL.value)
     results = collect(_CONFIG.value, _WORKDIR.value, _TARGET.value)
   except cfglib.ConfigError as e:
-    raise app.UsageError(str(e)) from None
+    raise SystemExit(f"sparse_lm.sweep: {e}") from None
   print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/results.json")
   for r in results:
     print(f"  {r['point']:<40} final eval {r['final_eval_loss']:.4f}  best {r['best_eval_loss']:.4f}")
