@@ -27,8 +27,10 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value or _DISTRIBUTED.value:
-    if jax.default_backend() == "cpu" or _COORDINATOR.value:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU devices need gloo for cross-process collectives; the setting only
+    # touches the CPU client. (Asking jax.default_backend() first would start
+    # the backend, and initialize() must come before that.)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)

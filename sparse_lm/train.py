@@ -115,6 +115,25 @@ def save_config(c, workdir: str):
     os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
+# --------------------------------------------------------------------- Input
+
+
+def batch_share(c, batch_shd) -> tuple[int, int]:
+  """(i, n): this process's devices hold rows [i B/n, (i+1) B/n) of each global batch."""
+  B = c.data.batch_size
+  idx = batch_shd.addressable_devices_indices_map((B, c.data.seq_len)).values()
+  rows = sorted({(r.start or 0, B if r.stop is None else r.stop) for r, *_ in idx})
+  lo, hi = rows[0][0], rows[0][0]
+  for a, b in rows:
+    hi = max(hi, b) if a <= hi else -1  # -1: a gap between the blocks
+  if hi <= lo or B % (hi - lo) or lo % (hi - lo):
+    raise cfglib.ConfigError(
+        f"config.mesh={c.mesh!r} is invalid: process {jax.process_index()}'s devices hold "
+        f"batch rows {rows}, not one aligned block; order the mesh axes so that each "
+        "process's devices are contiguous along the batch axes")
+  return lo // (hi - lo), B // (hi - lo)
+
+
 # ---------------------------------------------------------------------- Main
 
 
@@ -150,8 +169,13 @@ def train_and_evaluate(c, workdir: str) -> dict:
       f"device(s), {jax.process_count()} process(es)")
 
   # ---- Input ----
-  train_input = datalib.make_input(c.data, seed=t.seed)
-  eval_data = datalib.eval_batches(c.data, t.eval_batches)
+  # Each process reads the block of global batch rows its devices hold; the
+  # batches themselves do not depend on the process count (data.num_streams).
+  with sharding.use(mesh, c):
+    share, shares = batch_share(c, sharding.named(mesh, "batch", "length"))
+  train_input = datalib.make_input(c.data, seed=t.seed, process_index=share, process_count=shares)
+  eval_data = datalib.eval_batches(c.data, t.eval_batches, process_index=share,
+                                   process_count=shares)
   V = train_input.vocab_size
 
   # ---- Model ----
@@ -196,7 +220,9 @@ def train_and_evaluate(c, workdir: str) -> dict:
     init = jax.jit(lambda: nnx.state(create()), out_shardings=state_shd)
 
   def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(batch_shd, v) for k, v in batch.items()}
+    B = c.data.batch_size
+    return {k: jax.make_array_from_process_local_data(batch_shd, v, (B, *v.shape[1:]))
+            for k, v in batch.items()}
 
   # ---- Checkpoint ----
   mngr = ocp.CheckpointManager(

@@ -26,6 +26,7 @@ def data_cfg(data_dir, **kw):
   d = cfglib.base_config().data
   d.data_dir = str(data_dir)
   d.batch_size, d.seq_len, d.shuffle_buffer, d.vocab_size = B, L, 64, 512
+  d.num_streams = 2  # each stream is its own tf.data pipeline: fewer build faster
   for k, v in kw.items():
     d[k] = v
   return d
@@ -168,8 +169,8 @@ def test_batches_are_packed_and_shifted(cfg):
     assert b["inputs"].min() >= 1 and b["inputs"].max() < inp.vocab_size  # packed: no pad
   # By default the process share comes from JAX (one process here).
   default = make_input(cfg, seed=0)
-  assert default.get_state()["process_count"] == jax.process_count() == 1
-  assert next(default)["inputs"].shape == (B, L)
+  assert jax.process_count() == 1
+  assert next(default)["inputs"].shape == (B, L)  # B // process_count rows
   # Documents are concatenated with EOS between them.
   rows = np.concatenate([b["inputs"] for b in take(inp, 300)])  # ~10 documents
   assert (rows == inp.tokenizer.eos_id).any()
@@ -205,7 +206,7 @@ def test_resume_from_state_continues_exactly(cfg):
 def test_epochs_repeat_forever_and_reshuffle(tmp_path):
   write_files(tmp_path, {f"d{i}.txt": f"doc{i:02d}-" * 5 + "x" for i in range(12)})
   cfg = data_cfg(tmp_path, dataset=f"files:{tmp_path}/*.txt", tokenizer="byte", batch_size=2,
-                 seq_len=15, shuffle_buffer=1)
+                 seq_len=15, shuffle_buffer=1, num_streams=1)
   inp = make_input(cfg, seed=0, process_index=0, process_count=1)
   n_train = inp.fingerprint["splits"]["train"]["files"]
   # Each document is 31 bytes + EOS = 32 tokens = 2 rows of 16: an epoch is n_train batches.
@@ -218,6 +219,54 @@ def test_epochs_repeat_forever_and_reshuffle(tmp_path):
 # ------------------------------------------------------------------ processes
 
 
+def letter_files(root, n_train=16, n_val=16, length=100):
+  """Files that are each one repeated letter (a row's bytes say which file it came
+  from), named so that n_train fall in "train" and n_val in "validation"."""
+  letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+  want, files, i = {"train": n_train, "validation": n_val}, {}, 0
+  while any(want.values()):
+    split = stdlib_corpus.split_of(f"f{i}.txt")
+    if want[split]:
+      want[split] -= 1
+      files[f"f{i}.txt"] = next(letters) * length
+    i += 1
+  write_files(root, files)
+
+
+def letters_of(batches):
+  ids = np.unique(np.concatenate([b["inputs"].ravel() for b in batches]))
+  return {chr(i - 3) for i in ids if i >= 3}
+
+
+def test_process_shares_concatenate_to_the_one_process_batch(tmp_path):
+  letter_files(tmp_path)
+  cfg = data_cfg(tmp_path, dataset=f"files:{tmp_path}/*.txt", tokenizer="byte", num_streams=8)
+  n = 6
+  one = {"train": take(make_input(cfg, seed=0, process_index=0, process_count=1), n),
+         "eval": eval_batches(cfg, n, process_index=0, process_count=1)}
+  for P in (2, 4):
+    inputs = [make_input(cfg, seed=0, process_index=p, process_count=P) for p in range(P)]
+    shares = {"train": [take(inp, n) for inp in inputs],
+              "eval": [eval_batches(cfg, n, process_index=p, process_count=P) for p in range(P)]}
+    for kind, per_process in shares.items():
+      assert all(b["inputs"].shape == (B // P, L) for bs in per_process for b in bs)
+      glued = [{k: np.concatenate([bs[i][k] for bs in per_process]) for k in one[kind][i]}
+               for i in range(n)]
+      assert_batches_equal(glued, one[kind])
+      seen = [letters_of(bs) for bs in per_process]  # each process reads its own documents
+      assert all(seen) and sum(map(len, seen)) == len(set().union(*seen)), (kind, P, seen)
+    # A position saved under P processes resumes under one (and the reverse).
+    state = json.loads(json.dumps(inputs[1].get_state()))
+    assert state == inputs[0].get_state() and state["batches"] == n
+    resumed = make_input(cfg, seed=0, process_index=0, process_count=1)
+    resumed.set_state(state)
+    glued = [np.concatenate(rows) for rows in zip(*[[b["inputs"] for b in take(i, 2)]
+                                                    for i in inputs])]
+    np.testing.assert_array_equal(np.stack(glued), np.stack([b["inputs"] for b in take(resumed, 2)]))
+  # The streams cycle through the documents of a split: all 16 appear.
+  assert len(letters_of(one["train"])) == 16
+
+
 def test_process_shares_are_disjoint_and_sized(tmp_path):
   # Each file is one repeated letter, so a row's bytes say which file it came from.
   letters = "abcdefghijklmnopqrstuvwxyz"
@@ -227,27 +276,38 @@ def test_process_shares_are_disjoint_and_sized(tmp_path):
   for pi in range(2):
     batches = take(make_input(cfg, seed=0, process_index=pi, process_count=2), 10)
     assert all(b["inputs"].shape == (B // 2, L) for b in batches)
-    ids = np.unique(np.concatenate([b["inputs"].ravel() for b in batches]))
-    seen.append({chr(i - 3) for i in ids if i >= 3})
+    seen.append(letters_of(batches))
   assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
-def test_tfds_process_shares_partition_the_split(cfg):
+def test_tfds_streams_partition_the_split(cfg):
+  cfg.num_streams = 4
   source = pipeline._open_source(cfg)  # pylint: disable=protected-access
-  shares = [[t for t in source.docs("validation", pi, 3, shuffle=False, seed=0).as_numpy_iterator()]
-            for pi in range(3)]
+  S = cfg.num_streams
+  streams = [list(source.docs("validation", s, S, shuffle=False, seed=0).as_numpy_iterator())
+             for s in range(S)]
   alltexts = list(source.docs("validation", 0, 1, shuffle=False, seed=0).as_numpy_iterator())
-  assert all(shares) and sum(map(len, shares)) == len(alltexts)
-  assert sorted(sum(shares, [])) == sorted(alltexts)
+  assert all(streams) and sum(map(len, streams)) == len(alltexts)
+  assert sum(streams, []) == alltexts  # contiguous ranges, in order
+  one = next(make_input(cfg, seed=0, process_index=0, process_count=1))
   b0 = next(make_input(cfg, seed=0, process_index=0, process_count=2))
   b1 = next(make_input(cfg, seed=0, process_index=1, process_count=2))
   assert b0["inputs"].shape == b1["inputs"].shape == (B // 2, L)
-  assert not np.array_equal(b0["inputs"], b1["inputs"])
+  np.testing.assert_array_equal(np.concatenate([b0["inputs"], b1["inputs"]]), one["inputs"])
 
 
-def test_batch_size_must_divide_among_processes(cfg):
-  with pytest.raises(ConfigError, match=r"^config\.data\.batch_size=8 is invalid"):
-    make_input(cfg, seed=0, process_index=0, process_count=3)
+def test_streams_must_divide_batch_and_among_processes(cfg):
+  with pytest.raises(ConfigError, match=r"^config\.data\.num_streams=2 is invalid: must be "
+                     r"divisible by the process count 4$"):
+    make_input(cfg, seed=0, process_index=0, process_count=4)
+  cfg.num_streams = 3
+  with pytest.raises(ConfigError, match=r"^config\.data\.num_streams=3 is invalid: must divide "
+                     r"data\.batch_size=8$"):
+    make_input(cfg, seed=0, process_index=0, process_count=1)
+  c = cfglib.base_config()
+  c.data.num_streams = 3
+  with pytest.raises(ConfigError, match=r"^config\.data\.num_streams=3 is invalid"):
+    cfglib.validate(c)
 
 
 # ------------------------------------------------------------------ eval
@@ -257,17 +317,22 @@ def test_eval_batches_are_the_split_in_order_and_fixed(cfg):
   ev = eval_batches(cfg, 3, process_index=0, process_count=1)
   assert len(ev) == 3 and all(b["inputs"].shape == (B, L) for b in ev)
   assert_batches_equal(ev, eval_batches(cfg, 3, process_index=0, process_count=1))
-  # Unshuffled: the rows are the validation documents, in order, EOS-joined and cut.
+  # Unshuffled: block s of rows (R = B / S rows) of each batch is stream s's
+  # validation documents, in order, EOS-joined and cut.
   tok = make_tokenizer(cfg)
   source = pipeline._open_source(cfg)  # pylint: disable=protected-access
-  stream = []
-  for text in source.texts("validation"):
-    stream += tok.encode(text) + [tok.eos_id]
-    if len(stream) > 3 * B * (L + 1):
-      break
-  rows = np.array(stream[:3 * B * (L + 1)]).reshape(3 * B, L + 1)
-  np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in ev]), rows[:, :-1])
-  np.testing.assert_array_equal(np.concatenate([b["targets"] for b in ev]), rows[:, 1:])
+  S = cfg.num_streams
+  R = B // S
+  for s in range(S):
+    stream = []
+    for text in source.docs("validation", s, S, shuffle=False, seed=0).as_numpy_iterator():
+      stream += tok.encode(text.decode("utf-8")) + [tok.eos_id]
+      if len(stream) > 3 * R * (L + 1):
+        break
+    rows = np.array(stream[:3 * R * (L + 1)]).reshape(3 * R, L + 1)
+    block = slice(s * R, (s + 1) * R)
+    np.testing.assert_array_equal(np.concatenate([b["inputs"][block] for b in ev]), rows[:, :-1])
+    np.testing.assert_array_equal(np.concatenate([b["targets"][block] for b in ev]), rows[:, 1:])
   # Training batches are shuffled, so they differ from these.
   train = next(make_input(cfg, seed=0, process_index=0, process_count=1))
   assert not np.array_equal(train["inputs"], ev[0]["inputs"])

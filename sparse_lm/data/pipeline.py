@@ -10,13 +10,26 @@
                     text is feature `c.data.text_key`; it must be prepared
                     already or preparable offline
 
-tf.data does the work, deterministically: read this process's share of the
+tf.data does the work, deterministically, once per stream: read the stream's
 documents -> (train: seeded document shuffle) -> repeat -> tokenize -> append
 EOS -> pack into rows of seq_len + 1 tokens (documents concatenated, then
 chunked; no padding) -> (train: seeded row shuffle) -> batch -> numpy.
 
-Each process reads a disjoint share of the documents (TFDS `even_splits` /
-every process_count-th file) and yields batch_size // process_count rows.
+Streams make the global batch independent of the process count. The documents
+of a split are divided into S = `c.data.num_streams` fixed streams (TFDS:
+`even_splits(split, S)[s]`, contiguous ranges; files: every S-th file,
+`files[s::S]`; a split with n < S documents gives stream s its document s % n).
+Each stream is packed and shuffled on its own, with seeds derived from
+(seed, s), and contributes a contiguous block of batch_size / S rows to every
+global batch: row r comes from stream r // (batch_size / S). Process p of P
+(S % P == 0) owns rows [p B/P, (p+1) B/P), i.e. streams [p S/P, (p+1) S/P),
+and reads only those streams' documents. So for any P dividing S, the
+processes' batches concatenated are exactly the one-process batch, and a
+checkpoint's data position is valid for any process count. The row shuffle
+buffer is divided among the streams (ceil(shuffle_buffer / S) rows each), so
+it spans the same number of batches as one buffer of shuffle_buffer rows.
+Eval batches are built the same way, unshuffled: each stream's documents in
+order.
 
 Resuming: `Input.get_state()` is {"batches": n, ...}; `set_state` rebuilds the
 same deterministic dataset and skips n batches (`ds.skip`). That replays the
@@ -86,9 +99,12 @@ class _TfdsSource:
     except Exception:  # pylint: disable=broad-except  (unknown under tfds mocking)
       return None
 
-  def docs(self, split, process_index, process_count, *, shuffle, seed) -> tf.data.Dataset:
-    if process_count > 1:
-      split = tfds.even_splits(split, process_count)[process_index]
+  def docs(self, split, stream, num_streams, *, shuffle, seed) -> tf.data.Dataset:
+    """Stream `stream` of `num_streams`: a contiguous range of the split's documents."""
+    n = self.num_docs(split)
+    k = num_streams if n is None else min(n, num_streams)
+    if k > 1:
+      split = tfds.even_splits(split, k)[stream % k]
     read_config = tfds.ReadConfig(shuffle_seed=seed)
     ds = self.builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config)
     return ds.map(lambda ex: ex[self.text_key])
@@ -133,9 +149,12 @@ class _FilesSource:
   def num_docs(self, split: str) -> int:
     return len(self.files[split])
 
-  def docs(self, split, process_index, process_count, *, shuffle, seed) -> tf.data.Dataset:
+  def docs(self, split, stream, num_streams, *, shuffle, seed) -> tf.data.Dataset:
+    """Stream `stream` of `num_streams`: every num_streams-th file."""
     del shuffle, seed  # the document shuffle after this covers file order
-    paths = [p for _, p in self.files[split]][process_index::process_count]
+    paths = [p for _, p in self.files[split]]
+    n = len(paths)
+    paths = paths[stream::num_streams] if n >= num_streams else [paths[stream % n]]
     return tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string)).map(tf.io.read_file)
 
   def texts(self, split):
@@ -220,26 +239,52 @@ def _pack(ds: tf.data.Dataset, n: int) -> tf.data.Dataset:
   return ds.scan(tf.zeros([0], tf.int32), step).unbatch()
 
 
-def _dataset(source, tok, data_cfg, split, *, train, seed, process_index, process_count,
-             key) -> tf.data.Dataset:
-  B, L = data_cfg.batch_size, data_cfg.seq_len
-  if B % process_count:
-    _fail("data.batch_size", B, f"must be divisible by the process count {process_count}")
-  source.check_split(split, key)
-  n = source.num_docs(split)
-  if n is not None and n < process_count:
-    _fail(key, split, f"{source.name} has {n} documents in it, fewer than the "
-          f"{process_count} processes")
-  ds = source.docs(split, process_index, process_count, shuffle=train, seed=seed)
+def stream_seed(seed: int, stream: int) -> int:
+  """The seed of one stream: a hash of (seed, stream), so streams shuffle independently."""
+  digest = hashlib.sha256(f"sparse_lm/{seed}/{stream}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") >> 1  # 31 bits: seed and seed + 1 fit int32
+
+
+def streams_of(data_cfg, process_index: int, process_count: int) -> range:
+  """The streams whose rows process `process_index` of `process_count` owns."""
+  S = data_cfg.num_streams
+  if not isinstance(S, int) or S < 1:
+    _fail("data.num_streams", S, "must be an integer >= 1")
+  if data_cfg.batch_size % S:
+    _fail("data.num_streams", S, f"must divide data.batch_size={data_cfg.batch_size}")
+  if S % process_count:
+    _fail("data.num_streams", S, f"must be divisible by the process count {process_count}")
+  per = S // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+def _stream(source, tok, data_cfg, split, stream, *, train, seed) -> tf.data.Dataset:
+  """One stream's rows, batched batch_size / num_streams at a time: [R, L + 1]."""
+  S, L = data_cfg.num_streams, data_cfg.seq_len
+  seed = stream_seed(seed, stream)
+  ds = source.docs(split, stream, S, shuffle=train, seed=seed)
   if train:
     ds = ds.shuffle(_DOC_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat()
   eos = tf.constant([tok.eos_id], tf.int32)
   ds = ds.map(lambda text: tf.concat([tok.tf_encode(text), eos], 0))
   ds = _pack(ds, L + 1)
-  if train and data_cfg.shuffle_buffer > 1:
-    ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-  ds = ds.batch(B // process_count, drop_remainder=True)
+  buffer = -(-data_cfg.shuffle_buffer // S)
+  if train and buffer > 1:
+    ds = ds.shuffle(buffer, seed=seed + 1, reshuffle_each_iteration=True)
+  return ds.batch(data_cfg.batch_size // S, drop_remainder=True)
+
+
+def _dataset(source, tok, data_cfg, split, *, train, seed, process_index, process_count,
+             key) -> tf.data.Dataset:
+  """This process's rows of each global batch: its streams' blocks, in stream order."""
+  streams = streams_of(data_cfg, process_index, process_count)
+  source.check_split(split, key)
+  if source.num_docs(split) == 0:
+    _fail(key, split, f"{source.name} has no documents in it")
+  parts = tuple(_stream(source, tok, data_cfg, split, s, train=train, seed=seed)
+                for s in streams)
+  ds = tf.data.Dataset.zip(parts).map(lambda *rows: tf.concat(rows, 0))
 
   def to_example(row_BxL1):
     inputs, targets = row_BxL1[:, :-1], row_BxL1[:, 1:]
@@ -280,7 +325,9 @@ class Input:
 
   next() -> {"inputs": int32 [B_local, L], "targets": int32 [B_local, L]
   (inputs shifted by one), "weights": float32 [B_local, L] (0 on padding)},
-  B_local = batch_size // process_count.
+  B_local = batch_size // process_count: rows [process_index * B_local,
+  (process_index + 1) * B_local) of the global batch, which does not depend on
+  process_count (see the module docstring).
   """
 
   def __init__(self, source, tok: Tokenizer, data_cfg, split: str, *, seed: int,
@@ -315,14 +362,18 @@ class Input:
     self._it = None
 
   def get_state(self) -> dict:
-    """JSON-serialisable position: the number of batches consumed."""
+    """JSON-serialisable position: the number of (global) batches consumed.
+
+    It holds nothing of the process layout: a state saved by P processes
+    resumes under any other process count that divides data.num_streams.
+    """
     return {"batches": self._batches, "seed": self._seed, "split": self._split,
-            "process_index": self._pi, "process_count": self._pc}
+            "num_streams": self._cfg.num_streams}
 
   def set_state(self, state: dict) -> None:
     """Continues exactly after `state`'s position (replays the stream to it)."""
     mine = self.get_state()
-    for k in ("seed", "split", "process_index", "process_count"):
+    for k in ("seed", "split", "num_streams"):
       if k in state and state[k] != mine[k]:
         raise ValueError(f"input state is for {k}={state[k]!r}, this input has {mine[k]!r}")
     self._batches = int(state["batches"])
