@@ -40,7 +40,7 @@ def main(argv):
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except cfglib.ConfigError as e:
-    raise app.UsageError(str(e)) from None
+    raise SystemExit(f"sparse_lm.main: {e}") from None  # one line, no flag dump
 
 
 if __name__ == "__main__":

@@ -98,8 +98,10 @@ def check_workdir(c, workdir: str):
   with open(path) as f:
     old = _flat(json.load(f))
   new = _flat(json.loads(c.to_json()))
-  diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-          if any(k == a or k.startswith(a + ".") for a in ARCH_KEYS) and old.get(k) != new.get(k)]
+  # Keys only one side has are not compared: a key added to the code later
+  # defaults to the old behaviour, so older workdirs stay usable.
+  diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new))
+          if any(k == a or k.startswith(a + ".") for a in ARCH_KEYS) and old[k] != new[k]]
   if diff:
     raise cfglib.ConfigError(
         f"workdir {workdir} holds a run with a different architecture ({'; '.join(diff)}); "
