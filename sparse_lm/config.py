@@ -125,10 +125,11 @@ def base_config() -> mlc.ConfigDict:
   c.train.keep_checkpoints = 3
 
   # Mesh axes, -1 fills the rest. Axis names appear only here, in the rules
-  # below and in sparse_lm/sharding.py.
-  c.mesh = [("data", -1), ("fsdp", 1), ("expert", 1), ("tensor", 1)]
+  # below and in sparse_lm/sharding.py. Tuples, so that the command line can
+  # override them: --config.mesh="(('data', 2), ('fsdp', 1), ('expert', 4), ('tensor', 1))".
+  c.mesh = (("data", -1), ("fsdp", 1), ("expert", 1), ("tensor", 1))
   # Logical -> mesh axis rules (MaxText style). FSDP: map "embed" to "fsdp".
-  c.sharding_rules = [
+  c.sharding_rules = (
       ("batch", ("data", "fsdp", "expert")),
       ("length", None),
       ("embed", "fsdp"),  # parameters' d_model axis: FSDP shards it
@@ -141,7 +142,7 @@ def base_config() -> mlc.ConfigDict:
       ("expert", "expert"),
       ("expert_mlp", "tensor"),
       ("expert_group", None),
-  ]
+  )
   return c
 
 
@@ -182,7 +183,7 @@ def accelerator_training(c, *, learning_rate: float, fsdp: bool = False,
   c.train.num_steps = num_steps
   c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1_000, 1_000
   if fsdp:
-    c.mesh = [("data", 1), ("fsdp", -1), ("expert", 1), ("tensor", 1)]
+    c.mesh = (("data", 1), ("fsdp", -1), ("expert", 1), ("tensor", 1))
 
 
 # ---------------------------------------------------------------- validation
