@@ -261,16 +261,18 @@ def test_matches_reference_without_drops(router, dispatch):
     assert not np.any(y[np.asarray(mask) == 0])
 
 
-@pytest.mark.parametrize("router", ["switch", "topk", "hierarchical", "sigmoid_bias",
-                                    "expert_choice"])
-def test_tight_capacity_drops_like_reference(router):
-  """Training capacity factor 0.5: the same assignments drop as in the naive loop."""
+@pytest.mark.parametrize("router,impl", [
+    ("switch", "grouped"), ("topk", "grouped"), ("topk", "batched"), ("hierarchical", "grouped"),
+    ("hierarchical", "batched"), ("sigmoid_bias", "grouped"), ("expert_choice", None)])
+def test_tight_capacity_drops_like_reference(router, impl):
+  """Training capacity factor 0.5: the same assignments drop as in the naive loop,
+  computing on the padded [E, C, D] buffer ("batched") or the kept rows ("grouped")."""
   m = model_cfg(router, "capacity", capacity_factor=0.5)
   layer = build(m, seed=3)
   x, ct, mask = inputs(seed=4, pad=True)
   C = dispatch_lib.capacity(m.moe, T, train=True)
   with jax.default_matmul_precision("highest"):
-    y, aux, g = fast(layer, x, ct, mask, train=True, rng=jax.random.key(0))
+    y, aux, g = fast(layer, x, ct, mask, train=True, rng=jax.random.key(0), capacity_impl=impl)
     y_ref, g_ref, (tok, exp, kept, _, _) = reference(layer, x, ct, mask, C)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   assert_grads_close(g, g_ref)
@@ -301,6 +303,21 @@ def test_capacity_and_dropless_agree(router):
     assert_grads_close(outs[0][2], other[2])
   for key in ("load_balance_loss", "z_loss", "expert_fraction", "router_entropy"):
     np.testing.assert_allclose(outs[0][1][key], outs[1][1][key], rtol=1e-6)
+
+
+def test_capacity_impls_agree_with_expert_dropout():
+  """Expert dropout draws one [E, C, F] mask by capacity slot, whatever computes."""
+  m = model_cfg("topk", "capacity", capacity_factor=0.75, expert_dropout=0.5)
+  layer = build(m)
+  x, ct, mask = inputs(pad=True)
+  run = lambda impl: fast(layer, x, ct, mask, train=True, rng=jax.random.key(4),
+                          capacity_impl=impl)
+  (y_b, aux_b, g_b), (y_g, aux_g, g_g) = run("batched"), run("grouped")
+  np.testing.assert_allclose(y_b, y_g, rtol=1e-5, atol=1e-5)
+  assert_grads_close(g_b, g_g)
+  assert aux_b["dropped_fraction"] > 0
+  y_eval, _, _ = fast(layer, x, ct, mask, capacity_impl="grouped")
+  assert np.abs(y_g - y_eval).max() > 1e-3  # dropout did something
 
 
 @pytest.mark.parametrize("method", ["cumsum", "sort"])

@@ -94,11 +94,16 @@ def _combine(y_RxD: Array, row_TxK: Array, gate_TxK: Array) -> Array:
 
 
 def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing,
-                      expert_fn: Callable[[Array], Array], *, num_experts: int,
-                      capacity: int, position_method: str | None = None
+                      expert_fn: Callable[[Array], Array] | None = None, *, num_experts: int,
+                      capacity: int, position_method: str | None = None,
+                      grouped_fn: Callable[[Array, Array, Array], Array] | None = None
                       ) -> tuple[Array, dict[str, Array]]:
-  """GShard capacity dispatch; expert_fn maps [E, C, D] -> [E, C, D].
-
+  """GShard capacity dispatch, computing with one of:
+    expert_fn  [E, C, D] -> [E, C, D]: experts on the padded capacity buffer
+               (static shapes: the TPU / GPU and expert-parallel layout);
+    grouped_fn (rows [T*K, D], group sizes [E], slot of each row [T*K]) -> rows:
+               experts on the kept assignments only, sorted by expert (the
+               CPU path: no work on empty capacity slots); used if given.
   Returns (y [T, D] float32, {"dropped_fraction", "kept_TxK"}).
   """
   T, K = r.expert_TxK.shape
@@ -106,16 +111,24 @@ def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing,
   # Priority order: all first choices (token order), then all second choices...
   expert_A = r.expert_TxK.T.reshape(-1)
   valid_A = r.valid_TxK.T.reshape(-1)
-  pos_A, _ = positions_in_expert(expert_A, valid_A, E, position_method)
+  pos_A, counts_E = positions_in_expert(expert_A, valid_A, E, position_method)
   kept_A = valid_A & (pos_A < C)
-  row_A = jnp.where(kept_A, expert_A * C + pos_A, E * C).astype(jnp.int32)
   token_A = jnp.tile(jnp.arange(T, dtype=jnp.int32), K)
-  token_of_row = _rows_inverse(row_A, E * C, token_A, T)
-  x_ExCxD = _take_rows(x_TxD, token_of_row).reshape(E, C, -1)
-  y_ExCxD = expert_fn(x_ExCxD)
+  if grouped_fn is not None:
+    sizes_E = jnp.minimum(counts_E, C).astype(jnp.int32)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    N = T * K
+    row_A = jnp.where(kept_A, starts_E[expert_A] + pos_A, N).astype(jnp.int32)
+    slot_A = jnp.where(kept_A, expert_A * C + pos_A, E * C).astype(jnp.int32)
+    y_RxD = grouped_fn(_take_rows(x_TxD, _rows_inverse(row_A, N, token_A, T)), sizes_E,
+                       _rows_inverse(row_A, N, slot_A, E * C))
+  else:
+    row_A = jnp.where(kept_A, expert_A * C + pos_A, E * C).astype(jnp.int32)
+    x_ExCxD = _take_rows(x_TxD, _rows_inverse(row_A, E * C, token_A, T)).reshape(E, C, -1)
+    y_RxD = expert_fn(x_ExCxD).reshape(E * C, -1)
   row_TxK = row_A.reshape(K, T).T
   kept_TxK = kept_A.reshape(K, T).T
-  y_TxD = _combine(y_ExCxD.reshape(E * C, -1), row_TxK, jnp.where(kept_TxK, r.gate_TxK, 0.0))
+  y_TxD = _combine(y_RxD, row_TxK, jnp.where(kept_TxK, r.gate_TxK, 0.0))
   n_valid = jnp.sum(r.valid_TxK)
   dropped = (n_valid - jnp.sum(kept_TxK)) / jnp.maximum(n_valid, 1)
   return y_TxD, {"dropped_fraction": dropped.astype(jnp.float32), "kept_TxK": kept_TxK}

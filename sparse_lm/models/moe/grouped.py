@@ -57,25 +57,32 @@ def ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=Non
                      activation, tuple(block_sizes))
 
 
-def _for_each_block(group_sizes_E, block_sizes, enter, body, leave, carry):
-  """for e: carry = enter(e); for each block (row, size) of e: body; leave(e)."""
+def _for_each_block(group_sizes_E, block_sizes, body, carry, expert_in, expert_out):
+  """A scan over experts e (xs: expert_in(e) values) with, inside, loops over
+  e's row blocks (big blocks first, then small ones for the remainder):
+  carry, local = body(e, row, block_size, group_end, carry, local).
+  local starts as expert_out's zeros and is stacked into the scan's ys."""
   starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
 
-  def per_expert(e, carry):
-    carry = enter(e, carry)
-    start, n = starts_E[e], group_sizes_E[e]
+  def per_expert(carry, xs):
+    e, start, n, weights = xs
+    local = expert_out
     done = jnp.zeros((), group_sizes_E.dtype)
     for i, bs in enumerate(block_sizes):
       last = i == len(block_sizes) - 1
       nb = (n - done + bs - 1) // bs if last else (n - done) // bs
       first = start + done
-      carry = jax.lax.fori_loop(
-          0, nb, lambda j, c, bs=bs, first=first: body(e, first + j * bs, bs, start + n, c),
-          carry)
-      done = done + nb * bs
-    return leave(e, carry)
 
-  return jax.lax.fori_loop(0, group_sizes_E.shape[0], per_expert, carry)
+      def step(j, c, bs=bs, first=first):
+        return body(weights, first + j * bs, bs, start + n, *c)
+
+      carry, local = jax.lax.fori_loop(0, nb, step, (carry, local))
+      done = done + nb * bs
+    return carry, local
+
+  E = group_sizes_E.shape[0]
+  xs = (jnp.arange(E), starts_E, group_sizes_E, expert_in)
+  return jax.lax.scan(per_expert, carry, xs)
 
 
 def _act(h, g, m, activation):
@@ -93,81 +100,65 @@ def _pad(a, n):
 
 def _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
   N, D = x_NxD.shape
-  F = wi.shape[-1]
   pad = max(block_sizes)
   xp, mp = _pad(x_NxD, pad), _pad(mask_NxF, pad)
-  zero = lambda *s: jnp.zeros(s, x_NxD.dtype)
-  gated = wg is not None
 
-  def enter(e, c):
-    return c[:3] + (wi[e], wg[e] if gated else None, wo[e])
-
-  def body(e, row, bs, end, c):
-    y, h, g, w1, w3, w2 = c
+  def body(w, row, bs, end, y, local):
+    w1, w3, w2 = w
     xb = _slice(xp, row, bs)
-    hb = xb @ w1
-    gb = xb @ w3 if gated else None
-    yb = _act(hb, gb, _slice(mp, row, bs), activation) @ w2
-    upd = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, row, 0)
+    gb = xb @ w3 if w3 is not None else None
+    yb = _act(xb @ w1, gb, _slice(mp, row, bs), activation) @ w2
     # A block may run past the group's end into the next expert's rows; those
     # are overwritten when the next expert (processed later) writes them.
-    return upd(y, yb), upd(h, hb), upd(g, gb) if gated else None, w1, w3, w2
+    return jax.lax.dynamic_update_slice_in_dim(y, yb, row, 0), local
 
-  init = (zero(N + pad, D), zero(N + pad, F), zero(N + pad, F) if gated else None,
-          wi[0], wg[0] if gated else None, wo[0])
-  y, h, g = _for_each_block(group_sizes_E, block_sizes, enter, body, lambda e, c: c, init)[:3]
-  return y[:N], (h, g)
+  y, _ = _for_each_block(group_sizes_E, block_sizes, body,
+                         jnp.zeros((N + pad, D), x_NxD.dtype), (wi, wg, wo), ())
+  return y[:N]
 
 
+# The hidden activations are recomputed block by block in the backward pass
+# instead of stored: on CPU a [N, F] buffer costs more (memory traffic, page
+# faults) than the extra x @ wi of a cache-resident block.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
-  return _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes)[0]
+  return _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes)
 
 
 def _ffn_blocks_fwd(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
-  y, (h, g) = _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes)
-  return y, (x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, h, g)
+  y = _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes)
+  return y, (x_NxD, group_sizes_E, wi, wg, wo, mask_NxF)
 
 
 def _ffn_blocks_bwd(activation, block_sizes, res, dy_NxD):
-  x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, h, g = res
+  x_NxD, group_sizes_E, wi, wg, wo, mask_NxF = res
   N = x_NxD.shape[0]
   pad = max(block_sizes)
   xp, mp, dyp = _pad(x_NxD, pad), _pad(mask_NxF, pad), _pad(dy_NxD, pad)
-  gated = wg is not None
   f32 = jnp.float32
 
-  def enter(e, c):
-    zeros = lambda w: None if w is None else jnp.zeros(w.shape[1:], f32)
-    return c[:4] + (wi[e], wg[e] if gated else None, wo[e], zeros(wi), zeros(wg), zeros(wo))
-
-  def leave(e, c):
-    dx, dwi, dwg, dwo, w1, w3, w2, g1, g3, g2 = c
-    return (dx, dwi.at[e].set(g1), dwg.at[e].set(g3) if gated else None, dwo.at[e].set(g2),
-            w1, w3, w2, g1, g3, g2)
-
-  def body(e, row, bs, end, c):
-    dx, dwi, dwg, dwo, w1, w3, w2, g1, g3, g2 = c
+  def body(w, row, bs, end, dx, local):
+    w1, w3, w2 = w
+    g1, g3, g2 = local
     in_group = (row + jnp.arange(bs)) < end
     xb, mb = _slice(xp, row, bs), _slice(mp, row, bs)
     dyb = jnp.where(in_group[:, None], _slice(dyp, row, bs), 0)
-    hb, gb = _slice(h, row, bs), _slice(g, row, bs)
+    hb = xb @ w1
+    gb = xb @ w3 if w3 is not None else None
     ab, act_vjp = jax.vjp(lambda hh, gg: _act(hh, gg, mb, activation), hb, gb)
     g2 = g2 + jnp.dot(ab.T, dyb, preferred_element_type=f32)
     dh, dg = act_vjp(dyb @ w2.T)
     g1 = g1 + jnp.dot(xb.T, dh, preferred_element_type=f32)
     dxb = dh @ w1.T
-    if gated:
+    if w3 is not None:
       g3 = g3 + jnp.dot(xb.T, dg, preferred_element_type=f32)
       dxb = dxb + dg @ w3.T
     dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), row, 0)
-    return dx, dwi, dwg, dwo, w1, w3, w2, g1, g3, g2
+    return dx, (g1, g3, g2)
 
-  zeros = lambda w: None if w is None else jnp.zeros(w.shape, f32)
   zeros1 = lambda w: None if w is None else jnp.zeros(w.shape[1:], f32)
-  init = (jnp.zeros_like(xp), zeros(wi), zeros(wg), zeros(wo), wi[0], wg[0] if gated else None,
-          wo[0], zeros1(wi), zeros1(wg), zeros1(wo))
-  dx, dwi, dwg, dwo = _for_each_block(group_sizes_E, block_sizes, enter, body, leave, init)[:4]
+  dx, (dwi, dwg, dwo) = _for_each_block(group_sizes_E, block_sizes, body, jnp.zeros_like(xp),
+                                        (wi, wg, wo), (zeros1(wi), zeros1(wg), zeros1(wo)))
   cast = lambda d, w: None if w is None else d.astype(w.dtype)
   return (dx[:N], None, cast(dwi, wi), cast(dwg, wg), cast(dwo, wo), None)
 

@@ -48,6 +48,13 @@ def expert_activation(m) -> str:
   return m.moe.activation or m.activation
 
 
+def default_capacity_impl() -> str:
+  """On CPU capacity dispatch computes only the kept rows (grouped.py's block
+  loops: no work on empty slots, cache-resident blocks; see
+  benchmarks/README.md); on GPU / TPU the padded [E, C, D] einsum."""
+  return "grouped" if jax.default_backend() == "cpu" else "batched"
+
+
 # Named PRNG streams of one MoE forward (folded into the layer's rng).
 _JITTER, _NOISE, _DROPOUT, _EOM = range(4)
 
@@ -120,10 +127,20 @@ class MoeFfn(nnx.Module):
     a_ExCxF = constrain(a_ExCxF, "expert", None, "expert_mlp")
     return jnp.einsum("ecf,efd->ecd", a_ExCxF, wo)
 
-  def _grouped_experts(self, x_NxD, group_sizes_E, key, impl=None):
+  def _grouped_experts(self, x_NxD, group_sizes_E, key, impl=None, *, slot_of_row=None,
+                       capacity=None):
+    """Experts on rows sorted by expert. For capacity dispatch, slot_of_row [N]
+    (e * C + position, E * C for an empty row) makes expert dropout draw the
+    same [E, C, F] mask as _batched_experts, whatever the implementation."""
     dt = x_NxD.dtype
     wi, wg, wo = self._weights(dt)
-    mask = self._dropout_mask((x_NxD.shape[0], wi.shape[-1]), dt, key)
+    F = wi.shape[-1]
+    if slot_of_row is None:
+      mask = self._dropout_mask((x_NxD.shape[0], F), dt, key)
+    else:
+      mask = self._dropout_mask((wi.shape[0], capacity, F), dt, key)
+      if mask is not None:
+        mask = jnp.take(mask.reshape(-1, F), slot_of_row, axis=0, mode="fill", fill_value=0)
     return grouped.grouped_ffn(x_NxD, group_sizes_E, wi, wg, wo, self.activation, mask, impl)
 
   def _shared(self, x_TxD):
@@ -136,12 +153,17 @@ class MoeFfn(nnx.Module):
 
   def __call__(self, x_BxLxD: Array, *, mask_BxL: Array | None = None, train: bool = False,
                rng: Array | None = None, grouped_impl: str | None = None,
-               position_method: str | None = None) -> tuple[Array, dict[str, Array]]:
+               capacity_impl: str | None = None, position_method: str | None = None
+               ) -> tuple[Array, dict[str, Array]]:
     """y [B, L, D] in model.dtype and the aux dict (router_loss + terms + diagnostics).
 
     rng is used only when train=True (jitter, noisy gating, second-expert
-    policy, expert dropout, expert output masking). grouped_impl /
-    position_method override the backend's choice (for tests and benchmarks).
+    policy, expert dropout, expert output masking). These override choices
+    made by backend / expert count (for tests and benchmarks):
+      grouped_impl     "ragged" | "blocks": the grouped kernel (grouped.py);
+      capacity_impl    "batched" (padded [E, C, D] einsum) | "grouped" (kept
+                       rows only, with the grouped kernel);
+      position_method  "cumsum" | "sort" (dispatch.positions_in_expert).
     """
     m, moe = self.m, self.m.moe
     B, L, D = x_BxLxD.shape
@@ -175,9 +197,14 @@ class MoeFfn(nnx.Module):
           group_noise_TxG=dot(self.group_router_noise) if noisy and hier else None,
           bias_E=self.router_bias[...] if moe.router == "sigmoid_bias" else None)
       if moe.dispatch == "capacity":
+        C = dispatch_lib.capacity(moe, T, train)
+        kw = {}
+        if (capacity_impl or default_capacity_impl()) == "grouped":
+          kw["grouped_fn"] = lambda x, n, slot: self._grouped_experts(
+              x, n, stream(_DROPOUT), grouped_impl, slot_of_row=slot, capacity=C)
         y_TxD, info = dispatch_lib.capacity_dispatch(
             x_TxD, r, lambda x: self._batched_experts(x, stream(_DROPOUT)), num_experts=E,
-            capacity=dispatch_lib.capacity(moe, T, train), position_method=position_method)
+            capacity=C, position_method=position_method, **kw)
       else:
         y_TxD, info = dispatch_lib.dropless_dispatch(
             x_TxD, r, lambda x, n: self._grouped_experts(x, n, stream(_DROPOUT), grouped_impl),
