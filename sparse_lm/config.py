@@ -362,13 +362,41 @@ def validate_mesh_for_devices(c, num_devices: int) -> dict[str, int]:
   if math.prod(sizes.values()) != num_devices:
     _fail("mesh", c.mesh, f"axis sizes multiply to {math.prod(sizes.values())}, "
           f"not the device count {num_devices}")
-  E = c.model.moe.num_experts
-  if is_moe(c.model) and E % sizes.get("expert", 1):
-    _fail("model.moe.num_experts", E, f"must be divisible by the expert mesh axis ({sizes['expert']})")
+  rules = dict(c.sharding_rules)
+
+  def rule_axes(name):
+    axes = rules.get(name)
+    return tuple(a for a in (axes if isinstance(axes, (tuple, list)) else (axes,)) if a)
+
+  E, moe = c.model.moe.num_experts, c.model.moe
+  expert_axes = rule_axes("expert")
+  n_ep = math.prod(sizes.get(a, 1) for a in expert_axes)
+  if is_moe(c.model) and E % n_ep:
+    _fail("model.moe.num_experts", E, f"must be divisible by the expert mesh axis ({n_ep})")
   batch_axes = dict(c.sharding_rules).get("batch")
   batch_axes = batch_axes if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
   n_batch = math.prod(sizes.get(a, 1) for a in batch_axes if a)
   if c.data.batch_size % n_batch:
     _fail("data.batch_size", c.data.batch_size,
           f"must be divisible by the batch mesh axes {tuple(batch_axes)} (size {n_batch})")
+  if is_moe(c.model):
+    # Expert parallelism (sparse_lm/models/moe/parallel.py).
+    group_axes = rule_axes("expert_group")
+    if group_axes and group_axes != expert_axes:
+      _fail("sharding_rules", ("expert_group", rules.get("expert_group")),
+            f"must map to None or to the 'expert' rule's mesh axes {expert_axes}: "
+            "hierarchical MoE groups are placed by the expert axes")
+    if n_ep > 1:
+      tok_axes = rule_axes("batch") + tuple(a for a in expert_axes if a not in rule_axes("batch"))
+      n_tok = math.prod(sizes.get(a, 1) for a in tok_axes)
+      tokens = c.data.batch_size * c.data.seq_len
+      if tokens % n_tok:
+        _fail("data.batch_size", c.data.batch_size,
+              f"times data.seq_len={c.data.seq_len} ({tokens} tokens) must be divisible by "
+              f"the token mesh axes {tok_axes} (size {n_tok}) for expert parallelism")
+      G = moe.num_groups
+      if moe.router == "hierarchical" and n_ep % G and G % n_ep:
+        _fail("model.moe.num_groups", G,
+              f"must divide or be a multiple of the expert mesh axes' size {n_ep}, so that "
+              "the expert split follows group boundaries")
   return sizes

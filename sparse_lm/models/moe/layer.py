@@ -15,6 +15,7 @@ import ml_collections as mlc
 from sparse_lm.models import layers
 from sparse_lm.models.moe import dispatch as dispatch_lib
 from sparse_lm.models.moe import grouped
+from sparse_lm.models.moe import parallel
 from sparse_lm.models.moe import routing as routing_lib
 from flax.core import spmd as flax_spmd
 from sparse_lm import sharding
@@ -174,6 +175,8 @@ class MoeFfn(nnx.Module):
               else mask_BxL.reshape(T).astype(jnp.float32))
     key = self._check_rng(train, rng)
     stream = lambda i: None if key is None else jax.random.fold_in(key, i)
+    # dispatch.py, or its expert-parallel twin when the mesh's "expert" axis is > 1.
+    dispatch = parallel.dispatcher(self, stream(_DROPOUT), grouped_impl)
 
     # Router (float32).
     xr_TxD = x_TxD.astype(jnp.float32)
@@ -185,7 +188,7 @@ class MoeFfn(nnx.Module):
     if moe.router == "expert_choice":
       C = dispatch_lib.capacity(moe, T, train)
       r = routing_lib.expert_choice(logits_TxE, C, mask_T)
-      y_TxD, info = dispatch_lib.expert_choice_dispatch(
+      y_TxD, info = dispatch.expert_choice_dispatch(
           x_TxD, r, lambda x: self._batched_experts(x, stream(_DROPOUT)), mask_T=mask_T)
     else:
       noisy = moe.noisy_gating and train
@@ -202,11 +205,11 @@ class MoeFfn(nnx.Module):
         if (capacity_impl or default_capacity_impl()) == "grouped":
           kw["grouped_fn"] = lambda x, n, slot: self._grouped_experts(
               x, n, stream(_DROPOUT), grouped_impl, slot_of_row=slot, capacity=C)
-        y_TxD, info = dispatch_lib.capacity_dispatch(
+        y_TxD, info = dispatch.capacity_dispatch(
             x_TxD, r, lambda x: self._batched_experts(x, stream(_DROPOUT)), num_experts=E,
             capacity=C, position_method=position_method, **kw)
       else:
-        y_TxD, info = dispatch_lib.dropless_dispatch(
+        y_TxD, info = dispatch.dropless_dispatch(
             x_TxD, r, lambda x, n: self._grouped_experts(x, n, stream(_DROPOUT), grouped_impl),
             num_experts=E, position_method=position_method)
       if moe.router == "sigmoid_bias" and train:
