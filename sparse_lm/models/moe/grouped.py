@@ -1,12 +1,15 @@
-"""Grouped expert FFN over rows sorted by expert (the dropless compute).
+"""Grouped expert FFN over rows sorted by expert (dropless, and capacity on CPU).
 
-rows x_NxD are sorted by expert: expert e owns rows [start_e, start_e + n_e),
+Rows x_NxD are sorted by expert: expert e owns rows [start_e, start_e + n_e),
 start = exclusive cumsum of group_sizes_E; rows past sum(n) are ignored.
   ffn_ragged  jax.lax.ragged_dot, for backends with a grouped matmul (GPU, TPU).
-  ffn_blocks  for CPU, where ragged_dot costs about E times the work: for each
-              expert, a loop over fixed-size row blocks of its group (big
-              blocks first, small ones for the remainder), so the wasted rows
-              are under E x the small block; custom VJP with the same loops.
+  ffn_blocks  for CPU, where ragged_dot costs about E times the work: a scan
+              over experts, each a loop over fixed-size row blocks of its
+              group (big blocks first, small ones for the remainder), so the
+              wasted rows are under E x the small block. Custom VJP with the
+              same loops; the backward recomputes each block's hidden
+              activations instead of storing [N, F] (cheaper on CPU, where a
+              large fresh buffer costs page faults and cache misses).
 Both compute y = act(x @ wi[e], x @ wg[e]) * hidden_mask @ wo[e] per row.
 """
 
@@ -49,23 +52,25 @@ def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=Non
 
 
 def ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None,
-               block_sizes=BLOCK_SIZES):
+               block_sizes=None):
   """Grouped FFN as per-expert loops over row blocks (the CPU path)."""
   if not is_gated(activation):
     wg = None
   return _ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, hidden_mask_NxF,
-                     activation, tuple(block_sizes))
+                     activation, tuple(block_sizes or BLOCK_SIZES))
 
 
 def _for_each_block(group_sizes_E, block_sizes, body, carry, expert_in, expert_out):
-  """A scan over experts e (xs: expert_in(e) values) with, inside, loops over
-  e's row blocks (big blocks first, then small ones for the remainder):
-  carry, local = body(e, row, block_size, group_end, carry, local).
-  local starts as expert_out's zeros and is stacked into the scan's ys."""
+  """A scan over the experts (xs: expert_in, e.g. the weights, sliced per
+  expert) with, inside, loops over the expert's row blocks (big blocks first,
+  then small ones for the remainder):
+    carry, local = body(expert_in[e], first_row, block_size, group_end, carry, local)
+  `local` starts from expert_out for every expert and the final ones are
+  stacked as the scan's ys. Returns (carry, stacked locals)."""
   starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
 
   def per_expert(carry, xs):
-    e, start, n, weights = xs
+    start, n, weights = xs
     local = expert_out
     done = jnp.zeros((), group_sizes_E.dtype)
     for i, bs in enumerate(block_sizes):
@@ -80,9 +85,7 @@ def _for_each_block(group_sizes_E, block_sizes, body, carry, expert_in, expert_o
       done = done + nb * bs
     return carry, local
 
-  E = group_sizes_E.shape[0]
-  xs = (jnp.arange(E), starts_E, group_sizes_E, expert_in)
-  return jax.lax.scan(per_expert, carry, xs)
+  return jax.lax.scan(per_expert, carry, (starts_E, group_sizes_E, expert_in))
 
 
 def _act(h, g, m, activation):
