@@ -219,7 +219,8 @@ class MoeFfn(nnx.Module):
 
     if train and moe.eom_rate > 0:
       # NLLB-200 Expert Output Masking: drop the whole routed output of a
-      # fraction of tokens (no rescaling, as in fairseq).
+      # fraction of tokens. Kept tokens are not rescaled by 1 / (1 - rate), so
+      # evaluation needs no correction (the residual carries the masked ones).
       keep_T = jax.random.bernoulli(stream(_EOM), 1.0 - moe.eom_rate, (T,))
       y_TxD = y_TxD * keep_T[:, None]
     y_TxD = y_TxD.astype(dt)
