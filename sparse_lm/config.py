@@ -88,11 +88,17 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.activation = ""  # "" = model.activation
   c.model.moe.router = "switch"
   c.model.moe.dispatch = "capacity"
+  # Capacity per expert over the whole batch: C = max(min_capacity,
+  # ceil(cf * tokens * k / E)), at most tokens; for expert_choice, each expert's
+  # number of tokens.
   c.model.moe.capacity_factor = 1.25  # training
   c.model.moe.eval_capacity_factor = 2.0
   c.model.moe.min_capacity = 4
   c.model.moe.second_expert_policy = "all"
-  c.model.moe.normalize_gates = True  # renormalise top-k gates to sum 1 (GShard / GLaM)
+  # Renormalise the chosen gates to sum 1 (GShard / GLaM). Only "topk" and
+  # "sigmoid_bias" read it: switch uses the raw probability, mixtral and
+  # hierarchical are already a softmax over the chosen.
+  c.model.moe.normalize_gates = True
   c.model.moe.jitter = 0.0  # Switch multiplicative jitter eps (training only)
   c.model.moe.noisy_gating = False  # Shazeer 2017 noisy top-k (training only)
   c.model.moe.init_scale = 1.0  # Switch uses 0.1 (truncated normal, fan-in scaled)
@@ -104,7 +110,10 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.eom_rate = 0.0  # NLLB Expert Output Masking
   c.model.moe.load_balance_weight = 1e-2
   c.model.moe.z_loss_weight = 1e-3
-  c.model.moe.importance_weight = 0.0  # hierarchical importance / load losses
+  # Shazeer 2017 importance (CV^2 of summed gates) + load losses, for every
+  # router (load: the smooth noisy-top-k estimator when noisy gating is on in
+  # training, else CV^2 of counts). The hierarchical configs use 0.1.
+  c.model.moe.importance_weight = 0.0
 
   c.train = mlc.ConfigDict()
   c.train.seed = 0
@@ -243,7 +252,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
               "train.grad_clip", "model.moe.jitter", "model.moe.load_balance_weight",
               "model.moe.z_loss_weight", "model.moe.importance_weight",
               "model.moe.num_shared_experts", "model.moe.num_groups", "model.dropout",
-              "model.moe.first_dense_layers",
+              "model.moe.first_dense_layers", "model.moe.bias_update_rate",
               "model.moe.expert_dropout", "model.moe.eom_rate", "data.shuffle_buffer"):
     _positive(c, key, allow_zero=True)
   if not isinstance(d.num_streams, int) or isinstance(d.num_streams, bool) or d.num_streams < 1:
@@ -309,6 +318,14 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
               f"must be <= experts per group {E // a} for router 'hierarchical'")
     if moe.router == "expert_choice" and moe.dispatch != "capacity":
       _fail("model.moe.dispatch", moe.dispatch, "must be 'capacity' for router 'expert_choice'")
+    if moe.router == "expert_choice" and moe.noisy_gating:
+      _fail("model.moe.noisy_gating", moe.noisy_gating,
+            "must be False for router 'expert_choice' (it has no effect there)")
+    if moe.second_expert_policy != "all" and (moe.router != "topk" or moe.top_k < 2):
+      _fail("model.moe.second_expert_policy", moe.second_expert_policy,
+            "'random' and 'sampling' need router 'topk' with top_k >= 2; use 'all'")
+    if not 0 <= moe.jitter < 1:
+      _fail("model.moe.jitter", moe.jitter, "must be in [0, 1)")
     if not 0 <= moe.eom_rate < 1:
       _fail("model.moe.eom_rate", moe.eom_rate, "must be in [0, 1)")
     if not 0 <= moe.expert_dropout < 1:

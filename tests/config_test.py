@@ -89,6 +89,11 @@ MOE_BAD = [
     ("model.moe.dispatch", "dropless", "must be 'capacity' for router 'expert_choice'",
      {"model.moe.router": "expert_choice"}),
     ("model.moe.eom_rate", 1.0, "must be in [0, 1)", {}),
+    ("model.moe.jitter", 1.5, "must be in [0, 1)", {}),
+    ("model.moe.noisy_gating", True, "must be False for router 'expert_choice'",
+     {"model.moe.router": "expert_choice"}),
+    ("model.moe.second_expert_policy", "random", "need router 'topk' with top_k >= 2", {}),
+    ("model.moe.bias_update_rate", -1.0, "must be a number >= 0", {}),
 ]
 
 
