@@ -50,4 +50,5 @@ def sweep(add):
     add(**{"model.moe.num_experts": 8, "model.moe.capacity_factor": cf})
   add(**{"model.moe.num_experts": 8, "model.moe.router": "topk", "model.moe.top_k": 2})
   # Ablation: the paper's reduced init (0.1) and jitter against the dense model's own init.
-  add(**{"model.moe.num_experts": 8, "model.moe.init_scale": 1.0, "model.moe.jitter": 0.0})
+  for e in (8, 32, 4):
+    add(**{"model.moe.num_experts": e, "model.moe.init_scale": 1.0, "model.moe.jitter": 0.0})
