@@ -11,6 +11,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def cli(workdir, tfds_dir, *overrides, config="configs/dense.py:tiny"):
@@ -21,8 +22,7 @@ def cli(workdir, tfds_dir, *overrides, config="configs/dense.py:tiny"):
 
 
 def run(args, **kw):
-  env = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+  return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kw)
 
 
 def rows(workdir):
@@ -32,6 +32,19 @@ def rows(workdir):
 
 def losses(workdir):
   return {r["step"]: r["train_loss"] for r in rows(workdir) if "train_loss" in r}
+
+
+
+
+def start_until_step(args, wd, step, **popen):
+  """Starts a training process and returns it once it has logged `step`."""
+  proc = subprocess.Popen(args, cwd=ROOT, env=ENV, **popen)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(os.path.join(wd, "metrics.jsonl")) and max(losses(wd), default=0) >= step:
+      break
+    time.sleep(0.05)
+  return proc
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +72,8 @@ def test_exact_resume_after_sigkill(tmp_path, tfds_dir):
   ref = str(tmp_path / "ref")
   assert run(cli(ref, tfds_dir, *args)).returncode == 0
   wd = str(tmp_path / "killed")
-  env = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-  proc = subprocess.Popen(cli(wd, tfds_dir, *args), cwd=ROOT, env=env,
+  proc = start_until_step(cli(wd, tfds_dir, *args), wd, 12,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(os.path.join(wd, "metrics.jsonl")) and max(losses(wd), default=0) >= 12:
-      break
-    time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(losses(wd))
@@ -80,15 +87,9 @@ def test_exact_resume_after_sigkill(tmp_path, tfds_dir):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tfds_dir):
   wd = str(tmp_path / "term")
-  env = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-  proc = subprocess.Popen(cli(wd, tfds_dir, "--config.train.num_steps=100000",
+  proc = start_until_step(cli(wd, tfds_dir, "--config.train.num_steps=100000",
                               "--config.train.checkpoint_every=100000", "--config.train.log_every=1"),
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(os.path.join(wd, "metrics.jsonl")) and max(losses(wd), default=0) >= 3:
-      break
-    time.sleep(0.05)
+                          wd, 3, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
