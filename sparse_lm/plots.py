@@ -24,11 +24,17 @@ def eval_curve(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   return np.array([r["step"] for r in rows]), np.array([r["eval_loss"] for r in rows])
 
 
-def loss_curves(runs: dict[str, str], out: str, title: str = "", x: str = "step") -> str:
-  """Eval loss against step (or "wall", wall seconds) for several runs."""
+def loss_curves(runs: dict[str, str], out: str, title: str = "", x: str = "step",
+                relative_to: str | None = None) -> str:
+  """Eval loss against step (or "wall", wall seconds) for several runs;
+  with `relative_to` (a run folder), minus that run's loss at the same step."""
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  base = dict(zip(*eval_curve(relative_to))) if relative_to else None
   for name, wd in runs.items():
     steps, losses = eval_curve(wd)
+    if base is not None:
+      keep = np.array([s in base for s in steps])
+      steps, losses = steps[keep], losses[keep] - np.array([base[s] for s in steps[keep]])
     if x == "wall":
       rows = metricslib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
       tps = {r["step"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
@@ -39,7 +45,13 @@ def loss_curves(runs: dict[str, str], out: str, title: str = "", x: str = "step"
       steps = np.interp(steps, logged, secs)
     ax.plot(steps, losses, marker=".", label=name)
   ax.set_xlabel("training step" if x == "step" else "wall time (s)")
-  ax.set_ylabel("validation loss")
+  ax.set_ylabel("validation loss" + (" minus the reference's" if base is not None else ""))
+  if base is not None:
+    ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
+  return _finish(fig, ax, out, title)
+
+
+def _finish(fig, ax, out: str, title: str) -> str:
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
@@ -60,13 +72,7 @@ def loss_vs_experts(experts: list[int], losses: list[float], out: str, dense_los
   ax.set_xticks(experts, [str(e) for e in experts])
   ax.set_xlabel("number of experts")
   ax.set_ylabel("validation loss")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
-  return out
+  return _finish(fig, ax, out, title)
 
 
 def expert_load(workdir: str, out: str) -> str:

@@ -76,6 +76,14 @@ def main():
                     "Switch vs dense: equal FLOPs per token")
   plots.loss_curves(scaling, os.path.join(a.out, "loss_vs_wall.png"),
                     "Switch vs dense, against training time", x="wall")
+  plots.loss_curves({k: v for k, v in scaling.items() if k != "dense"},
+                    os.path.join(a.out, "loss_minus_dense.png"),
+                    "Switch (init 0.1, jitter): eval loss minus dense", relative_to=dense)
+  fair = {f"E={e}, init 1.0": runs[f"num_experts={e},init_scale=1.0,jitter=0.0"]
+          for e in (4, 8, 32) if f"num_experts={e},init_scale=1.0,jitter=0.0" in runs}
+  fair["top-2, E=8"] = runs["num_experts=8,router=topk,top_k=2"]
+  plots.loss_curves(fair, os.path.join(a.out, "ablations_minus_dense.png"),
+                    "dense init / top-2: eval loss minus dense", relative_to=dense)
   experts = [2, 4, 8, 16, 32]
   at_end = [plots.eval_curve(runs[f"num_experts={e}"])[1][-1] for e in experts]
   plots.loss_vs_experts(experts, at_end, os.path.join(a.out, "loss_vs_experts.png"),
@@ -104,6 +112,12 @@ def main():
         f"{'-' if wall is None else f'{wall:.0f}'} | "
         f"{'-' if wall is None else f'{d_wall / wall:.2f}x'} | {r['tokens_per_s']:,.0f} | "
         f"{'-' if not dropped else f'{np.mean(dropped[len(dropped) // 2:]):.3f}'} |")
+  lr_dir = os.path.join(os.path.dirname(os.path.abspath(a.workdir)), "dense_lr")
+  if os.path.isdir(lr_dir):  # the baseline's learning-rate sweep, if it was run
+    lines += ["", "Dense learning-rate sweep (configs/sweeps/dense_lr.py, same model and horizon):",
+              "", "| learning rate | final eval loss |", "|---|---|"]
+    for r in sweeplib.collect("configs/sweeps/dense_lr.py", lr_dir):
+      lines.append(f"| {r['train.learning_rate']:g} | {r['final_eval_loss']:.4f} |")
   with open(os.path.join(a.out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
