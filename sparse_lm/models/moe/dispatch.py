@@ -93,6 +93,27 @@ def _combine(y_RxD: Array, row_TxK: Array, gate_TxK: Array) -> Array:
   return jnp.einsum("tk,tkd->td", gate_TxK, y_TxKxD)
 
 
+def capacity_slots(r: routing_lib.Routing, num_experts: int, capacity: int,
+                   position_method: str | None = None):
+  """The GShard priority rule, in one place (the expert-parallel path uses it too).
+
+  Assignments in priority order A = K*T (all first choices in token order, then
+  all second choices, ...). Returns (expert_A, pos_A, counts_E, kept_A): each
+  assignment's expert, its slot among that expert's valid assignments, the
+  per-expert counts before capacity, and whether it fits (pos < capacity).
+  """
+  expert_A = r.expert_TxK.T.reshape(-1)
+  valid_A = r.valid_TxK.T.reshape(-1)
+  pos_A, counts_E = positions_in_expert(expert_A, valid_A, num_experts, position_method)
+  return expert_A, pos_A, counts_E, valid_A & (pos_A < capacity)
+
+
+def dropped_fraction(valid_TxK: Array, kept_TxK: Array) -> Array:
+  """Fraction of valid assignments that capacity dropped."""
+  n_valid = jnp.sum(valid_TxK)
+  return ((n_valid - jnp.sum(kept_TxK)) / jnp.maximum(n_valid, 1)).astype(jnp.float32)
+
+
 def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing,
                       expert_fn: Callable[[Array], Array] | None = None, *, num_experts: int,
                       capacity: int, position_method: str | None = None,
@@ -108,11 +129,7 @@ def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing,
   """
   T, K = r.expert_TxK.shape
   E, C = num_experts, capacity
-  # Priority order: all first choices (token order), then all second choices...
-  expert_A = r.expert_TxK.T.reshape(-1)
-  valid_A = r.valid_TxK.T.reshape(-1)
-  pos_A, counts_E = positions_in_expert(expert_A, valid_A, E, position_method)
-  kept_A = valid_A & (pos_A < C)
+  expert_A, pos_A, counts_E, kept_A = capacity_slots(r, E, C, position_method)
   token_A = jnp.tile(jnp.arange(T, dtype=jnp.int32), K)
   if grouped_fn is not None:
     sizes_E = jnp.minimum(counts_E, C).astype(jnp.int32)
@@ -129,9 +146,8 @@ def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing,
   row_TxK = row_A.reshape(K, T).T
   kept_TxK = kept_A.reshape(K, T).T
   y_TxD = _combine(y_RxD, row_TxK, jnp.where(kept_TxK, r.gate_TxK, 0.0))
-  n_valid = jnp.sum(r.valid_TxK)
-  dropped = (n_valid - jnp.sum(kept_TxK)) / jnp.maximum(n_valid, 1)
-  return y_TxD, {"dropped_fraction": dropped.astype(jnp.float32), "kept_TxK": kept_TxK}
+  return y_TxD, {"dropped_fraction": dropped_fraction(r.valid_TxK, kept_TxK),
+                 "kept_TxK": kept_TxK}
 
 
 def dropless_dispatch(x_TxD: Array, r: routing_lib.Routing,

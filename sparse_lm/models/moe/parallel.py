@@ -294,11 +294,8 @@ class ExpertParallel:
     T, K = r.expert_TxK.shape
     E, C = self.E, capacity
     self._check_tokens(T)
-    # Global priority positions, exactly as dispatch.capacity_dispatch.
-    expert_A = r.expert_TxK.T.reshape(-1)
-    valid_A = r.valid_TxK.T.reshape(-1)
-    pos_A, _ = dispatch_lib.positions_in_expert(expert_A, valid_A, E, position_method)
-    kept_A = valid_A & (pos_A < C)
+    # Global priority positions: the single-device rule itself.
+    _, pos_A, _, kept_A = dispatch_lib.capacity_slots(r, E, C, position_method)
     pos_TxK = jnp.where(kept_A, pos_A, C).reshape(K, T).T
     kept_TxK = kept_A.reshape(K, T).T
     T_loc = T // self.n_tok
@@ -306,9 +303,7 @@ class ExpertParallel:
     # to an expert, and <= C as they hold distinct global slots.
     S = min(C, T_loc)
     w, w_spec = self._weights()
-    mask = self.layer._dropout_mask((E, C, self.F), x_TxD.dtype, self.key)
-    extra, extra_spec = ({}, {}) if mask is None else (
-        {"mask": mask}, {"mask": P(self.ex, None, self.mlp or None)})
+    extra, extra_spec = self._slot_dropout(C, x_TxD.dtype)
 
     def body(x, expert, pos, kept, w, extra):
       Tl = x.shape[0]
@@ -326,9 +321,15 @@ class ExpertParallel:
                               P(self.tok, None, None), check_vma=not grouped)
     gate_TxK = jnp.where(kept_TxK, r.gate_TxK, 0.0)
     y_TxD = jnp.einsum("tk,tkd->td", gate_TxK, y_TxKxD.astype(jnp.float32))
-    n_valid = jnp.sum(r.valid_TxK)
-    dropped = (n_valid - jnp.sum(kept_TxK)) / jnp.maximum(n_valid, 1)
-    return y_TxD, {"dropped_fraction": dropped.astype(jnp.float32), "kept_TxK": kept_TxK}
+    return y_TxD, {"dropped_fraction": dispatch_lib.dropped_fraction(r.valid_TxK, kept_TxK),
+                   "kept_TxK": kept_TxK}
+
+  def _slot_dropout(self, C: int, dtype):
+    """The single-device expert-dropout mask over [E, C, F] slots, split by expert."""
+    mask = self.layer._dropout_mask((self.E, C, self.F), dtype, self.key)
+    if mask is None:
+      return {}, {}
+    return {"mask": mask}, {"mask": P(self.ex, None, self.mlp or None)}
 
   # ---------------------------------------------------------------- expert choice
 
@@ -342,9 +343,7 @@ class ExpertParallel:
     T_loc = T // self.n_tok
     S = min(C, T_loc)
     w, w_spec = self._weights()
-    mask = self.layer._dropout_mask((E, C, self.F), x_TxD.dtype, self.key)
-    extra, extra_spec = ({}, {}) if mask is None else (
-        {"mask": mask}, {"mask": P(self.ex, None, self.mlp or None)})
+    extra, extra_spec = self._slot_dropout(C, x_TxD.dtype)
     tok_axes = self.tok
 
     def body(x, token_ExC, valid_ExC, gate_ExC, w, extra):
