@@ -1,19 +1,23 @@
 """Forward+backward time of MoeFfn vs a dense FFN with the same active FLOPs.
 
 The dense FFN (sparse_lm.models.layers.Mlp) has hidden k * expert hidden and
-sees the same tokens. "ratio" divides by the dense FFN on a [T, D] matrix,
-the fastest form (MoeFfn flattens [B, L, D] to [T, D] itself); the last column
-divides by the same Mlp called on [B, L, D] as the Transformer calls it, which
-XLA on CPU runs several times slower (its weight gradient contracts two axes).
-"floor" is the time to merely write two fresh [E, D, F] float32 arrays, the
-size of the expert-weight gradients every MoE backward must produce (the
-dense one writes E times less); on a VM where fresh pages fault slowly this
-bounds the ratio from below at large E. Both are jit-compiled in this process; timings are the median of
---repeats runs after warmup (block_until_ready), MoE and dense interleaved so
-a noisy machine slows both alike.
+sees the same tokens as a [T, D] matrix; "ratio" is MoE time / dense time.
+Two diagnostic columns bound what dispatch could gain:
+  experts  the layer's own padded expert einsum (`MoeFfn._batched_experts`) on
+           a random [E, C, D] buffer with the capacity C of this point (cf x
+           the average load), fwd+bwd: the expert matmuls alone, no routing,
+           dispatch or combine. What XLA's batched matmul costs at this E.
+  floor    the time to merely write two fresh [E, D, F] float32 arrays, the
+           size of the expert-weight gradients every MoE backward produces
+           (the dense FFN's are E times smaller).
+All are jit-compiled in this process and run round-robin (a noisy machine
+slows all alike); timings are the median of --repeats runs after warmup,
+with block_until_ready.
 
   python benchmarks/moe_layer.py                      # the full table
   python benchmarks/moe_layer.py --experts 64 --top_k 1 --dispatch dropless
+  python benchmarks/moe_layer.py --experts 16 32 --top_k 1 --dispatch capacity \\
+      --capacity_impl grouped batched      # the CPU crossover of capacity_impl
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import jax.numpy as jnp
 
 from sparse_lm import config as cfglib
 from sparse_lm.models import layers
-from sparse_lm.models.moe.layer import MoeFfn
+from sparse_lm.models.moe import dispatch as dispatch_lib
+from sparse_lm.models.moe import layer as layer_lib
 
 
 def moe_model(E: int, k: int, dispatch: str, d_model: int, d_ff: int, cf: float):
@@ -42,14 +47,15 @@ def moe_model(E: int, k: int, dispatch: str, d_model: int, d_ff: int, cf: float)
   return cfglib.validate(c).model
 
 
-def grad_fn(module, **call_kw):
-  """jit(grad of sum(y * ct) + router loss) w.r.t. params and x."""
+def grad_fn(module, method=None, **call_kw):
+  """jit(grad of sum(y * ct) + router loss) w.r.t. params and x, as f(x, ct)."""
   graphdef, state = nnx.split(module)
 
   @jax.jit
   def step(state, x, ct):
     def loss(state, x):
-      out = nnx.merge(graphdef, state)(x, **call_kw)
+      mod = nnx.merge(graphdef, state)
+      out = (getattr(mod, method) if method else mod)(x, **call_kw)
       y, aux = out if isinstance(out, tuple) else (out, {"router_loss": 0.0})
       return jnp.sum(y * ct) + aux["router_loss"]
     return jax.grad(loss, (0, 1))(state, x)
@@ -63,18 +69,15 @@ def timed(fn, *args) -> float:
   return time.perf_counter() - t0
 
 
-def bench(fns: dict, x, ct, repeats: int, warmup: int = 2) -> dict:
-  """Median seconds per fn; fns called round-robin so machine noise hits all alike."""
-  args = {name: (x, ct) if name != "dense" else (x.reshape(-1, x.shape[-1]),
-                                                  ct.reshape(-1, ct.shape[-1]))
-          for name in fns}
+def bench(calls: dict, repeats: int, warmup: int = 2) -> dict:
+  """calls: name -> (fn, args). Median seconds per name, called round-robin."""
   for _ in range(warmup):
-    for name, fn in fns.items():
-      timed(fn, *args[name])
-  times = {name: [] for name in fns}
+    for fn, args in calls.values():
+      timed(fn, *args)
+  times = {name: [] for name in calls}
   for _ in range(repeats):
-    for name, fn in fns.items():
-      times[name].append(timed(fn, *args[name]))
+    for name, (fn, args) in calls.items():
+      times[name].append(timed(fn, *args))
   return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -87,33 +90,50 @@ def main():
   ap.add_argument("--top_k", type=int, nargs="*", default=[1, 2])
   ap.add_argument("--dispatch", nargs="*", default=["capacity", "dropless"])
   ap.add_argument("--capacity_factor", type=float, default=1.25)
+  ap.add_argument("--capacity_impl", nargs="*", default=["auto"],
+                  choices=["auto", "grouped", "batched"],
+                  help="capacity dispatch layout; auto = MoeFfn's choice for this backend and E")
   ap.add_argument("--repeats", type=int, default=7)
   args = ap.parse_args()
 
-  T, D = args.tokens, args.d_model
-  x = jax.random.normal(jax.random.key(0), (T // 512, 512, D), jnp.float32)
+  T, D, F = args.tokens, args.d_model, args.d_ff
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (T // 512, 512, D), jnp.float32)
   ct = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+  x2, ct2 = x.reshape(T, D), ct.reshape(T, D)
   print(f"backend={jax.default_backend()} devices={jax.device_count()} tokens={T} "
-        f"d_model={D} expert_hidden={args.d_ff} cf={args.capacity_factor} "
+        f"d_model={D} expert_hidden={F} cf={args.capacity_factor} "
         f"fwd+bwd, median of {args.repeats}")
-  print(f"{'E':>4} {'k':>2} {'dispatch':>9} {'moe ms':>8} {'dense ms':>9} {'ratio':>6} "
-        f"{'dense[B,L,D] ms':>16} {'ratio':>6} {'floor ms':>9}")
+  print(f"{'E':>4} {'k':>2} {'dispatch':>17} {'moe ms':>8} {'dense ms':>9} {'ratio':>6} "
+        f"{'experts ms':>11} {'ratio':>6} {'floor ms':>9} {'ratio':>6}")
   dense = {}
-  for E, k, disp in itertools.product(args.experts, args.top_k, args.dispatch):
+  points = [(E, k, disp, impl) for E, k, disp in
+            itertools.product(args.experts, args.top_k, args.dispatch)
+            for impl in (args.capacity_impl if disp == "capacity" else ["-"])]
+  for E, k, disp, impl in points:
     if k not in dense:
       with nnx.use_eager_sharding(False):
-        mlp = layers.Mlp(D, k * args.d_ff, "gelu", rngs=nnx.Rngs(0))
-      dense[k] = grad_fn(mlp)
-    m = moe_model(E, k, disp, D, args.d_ff, args.capacity_factor)
+        dense[k] = grad_fn(layers.Mlp(D, k * F, "gelu", rngs=nnx.Rngs(0)))
+    m = moe_model(E, k, disp, D, F, args.capacity_factor)
     with nnx.use_eager_sharding(False):
-      layer = MoeFfn(m, rngs=nnx.Rngs(0))
+      layer = layer_lib.MoeFfn(m, rngs=nnx.Rngs(0))
+    call_kw = {}
+    if disp == "capacity":
+      impl = layer_lib.default_capacity_impl(E) if impl == "auto" else impl
+      call_kw["capacity_impl"] = impl
+      disp = f"capacity/{impl}"
+    C = dispatch_lib.capacity(m.moe, T, train=True)
+    xe = jax.random.normal(key, (E, C, D), jnp.float32)
     shapes = [v[...].shape for v in (layer.wi, layer.wo)]
-    floor = jax.jit(lambda x, ct: [jnp.full(s, 1.0, jnp.float32) for s in shapes])
-    t = bench({"moe": grad_fn(layer, train=True), "dense": dense[k], "dense3d": dense[k],
-               "floor": floor}, x, ct, args.repeats)
-    print(f"{E:>4} {k:>2} {disp:>9} {t['moe'] * 1e3:>8.1f} {t['dense'] * 1e3:>9.1f} "
-          f"{t['moe'] / t['dense']:>6.2f} {t['dense3d'] * 1e3:>16.1f} "
-          f"{t['moe'] / t['dense3d']:>6.2f} {t['floor'] * 1e3:>9.1f}", flush=True)
+    floor = jax.jit(lambda: [jnp.full(s, 1.0, jnp.float32) for s in shapes])
+    t = bench({"moe": (grad_fn(layer, train=True, **call_kw), (x, ct)),
+               "dense": (dense[k], (x2, ct2)),
+               "experts": (grad_fn(layer, "_batched_experts", key=None), (xe, xe)),
+               "floor": (floor, ())}, args.repeats)
+    r = lambda name: t[name] / t["dense"]
+    print(f"{E:>4} {k:>2} {disp:>17} {t['moe'] * 1e3:>8.1f} {t['dense'] * 1e3:>9.1f} "
+          f"{r('moe'):>6.2f} {t['experts'] * 1e3:>11.1f} {r('experts'):>6.2f} "
+          f"{t['floor'] * 1e3:>9.1f} {r('floor'):>6.2f}", flush=True)
 
 
 if __name__ == "__main__":
