@@ -21,6 +21,7 @@ setup(
         "sentencepiece>=0.2.0,<0.3",
         "matplotlib>=3.8,<4",
         "tensorboard>=2.18,<3",
+        "filelock>=3.13,<5",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12",

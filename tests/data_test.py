@@ -6,6 +6,8 @@ data dir (a few seconds); every test shares it and its cached tokenizer.
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -406,3 +408,31 @@ def test_unknown_split_names_the_key(cfg):
   with pytest.raises(ConfigError,
                      match=r"^config\.data\.eval_split='test' is invalid: .*'validation'"):
     eval_batches(cfg, 1, process_index=0, process_count=1)
+
+
+_PREPARE_TOGETHER = r"""
+import json, os, sys, time
+from sparse_lm import config as cfglib
+from sparse_lm.data import make_tokenizer, pipeline
+d = cfglib.base_config().data
+d.data_dir, d.vocab_size = sys.argv[1], 512
+open(os.path.join(sys.argv[2], sys.argv[3]), "w").close()
+while len(os.listdir(sys.argv[2])) < 2:  # start preparing together
+  time.sleep(0.01)
+src = pipeline._open_source(d)
+print(json.dumps([src.fingerprint, make_tokenizer(d).fingerprint], sort_keys=True))
+"""
+
+
+def test_processes_preparing_one_data_dir_together_agree(tmp_path):
+  """Two processes (as a multi-host job's) prepare the corpus and train the
+  tokenizer in one fresh data dir at once: both succeed with the same data."""
+  ready = tmp_path / "ready"
+  ready.mkdir()
+  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_TOGETHER, str(tmp_path / "tfds"),
+                             str(ready), str(i)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1]

@@ -49,6 +49,7 @@ import re
 import weakref
 
 from absl import logging
+import filelock
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -76,6 +77,15 @@ def data_dir(data_cfg) -> str:
   """The TFDS data dir in use ("" -> $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
   d = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
   return os.path.expanduser(d)
+
+
+def _prepare_lock(data_cfg) -> filelock.FileLock:
+  """Serialises dataset preparation in one data dir: processes starting together
+  (the processes of a multi-host job sharing a filesystem, a sweep's points)
+  would otherwise all prepare it, and TFDS's final rename fails for all but one."""
+  d = data_dir(data_cfg)
+  os.makedirs(d, exist_ok=True)
+  return filelock.FileLock(os.path.join(d, ".sparse_lm_prepare.lock"))
 
 
 # ------------------------------------------------------------------ sources
@@ -171,12 +181,13 @@ def _open_source(data_cfg):
       _fail("data.dataset", name, "'files:' needs a glob, e.g. 'files:~/text/*.txt'")
     return _FilesSource(name)
   if name == "stdlib":
-    builder = stdlib_corpus.PythonStdlib(data_dir=ddir)
-    if not builder.is_prepared():
-      logging.info("Preparing the %s corpus (Python %s standard library) into %s; once per "
-                   "Python version.", stdlib_corpus.NAME, stdlib_corpus.config_name()[2:],
-                   builder.data_dir)
-      builder.download_and_prepare()
+    with _prepare_lock(data_cfg):
+      builder = stdlib_corpus.PythonStdlib(data_dir=ddir)
+      if not builder.is_prepared():
+        logging.info("Preparing the %s corpus (Python %s standard library) into %s; once per "
+                     "Python version.", stdlib_corpus.NAME, stdlib_corpus.config_name()[2:],
+                     builder.data_dir)
+        builder.download_and_prepare()
     return _TfdsSource(builder, "text", stdlib_corpus.fingerprint(builder))
   try:
     builder = tfds.builder(name, data_dir=ddir)
@@ -189,9 +200,12 @@ def _open_source(data_cfg):
     _fail("data.text_key", key, f"{name} has features {sorted(features.keys())}")
   if features[key].tf_dtype != tf.string:
     _fail("data.text_key", key, f"feature of {name} is {features[key].tf_dtype.name}, not text")
-  if not builder.is_prepared():
-    logging.info("Preparing TFDS dataset %s into %s.", name, builder.data_dir)
-  builder.download_and_prepare()
+  with _prepare_lock(data_cfg):
+    if not builder.is_prepared():
+      builder = tfds.builder(name, data_dir=ddir)  # another process may have prepared it
+    if not builder.is_prepared():
+      logging.info("Preparing TFDS dataset %s into %s.", name, builder.data_dir)
+    builder.download_and_prepare()
   fp = {"dataset": builder.info.full_name, "splits": {
       s: {"examples": i.num_examples, "bytes": i.num_bytes}
       for s, i in builder.info.splits.items()}}
