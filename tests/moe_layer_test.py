@@ -316,6 +316,8 @@ def test_capacity_impls_agree_with_expert_dropout():
   np.testing.assert_allclose(y_b, y_g, rtol=1e-5, atol=1e-5)
   assert_grads_close(g_b, g_g)
   assert aux_b["dropped_fraction"] > 0
+  for k in aux_b:
+    np.testing.assert_allclose(aux_b[k], aux_g[k], rtol=1e-5, atol=1e-7, err_msg=k)
   y_eval, _, _ = fast(layer, x, ct, mask, capacity_impl="grouped")
   assert np.abs(y_g - y_eval).max() > 1e-3  # dropout did something
 

@@ -13,7 +13,6 @@ import functools
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
@@ -21,16 +20,14 @@ import pytest
 from sparse_lm import config as cfglib
 from sparse_lm import sharding
 from sparse_lm import train as trainlib
-from sparse_lm.models.moe import dispatch as dispatch_lib
 from sparse_lm.models.moe import parallel
-from sparse_lm.models.moe.layer import MoeFfn
 from sparse_lm.models.transformer import Transformer
 
-B, L, D, F, E = 8, 4, 16, 24, 8  # T = 32 tokens: 4 per device on 8 devices
-T = B * L
+from moe_layer_test import D, E, F, build  # pylint: disable=g-bad-import-order
+import moe_layer_test as layer_test  # the same layer sizes, routers and activations
 
-ACTIVATION = {"switch": "gelu", "topk": "swiglu", "mixtral": "swiglu", "sigmoid_bias": "relu",
-              "hierarchical": "geglu", "expert_choice": "gelu"}
+B, L = 8, 4  # T = 32 tokens: 4 per device on 8 devices
+T = B * L
 
 # (data, fsdp, expert): "fsdp" maps "embed" (parameters' d_model) to the fsdp axis.
 MESHES = {"2x4": (2, 1, 4), "1x8": (1, 1, 8), "8x1": (8, 1, 1), "fsdp2x2x2": (2, 2, 2)}
@@ -44,31 +41,8 @@ def mesh_config(data, fsdp, expert, tensor=1):
 
 
 def model_cfg(router, dispatch, **moe):
-  c = cfglib.base_config()
-  m = c.model
-  m.d_model, m.d_ff = D, 2 * F
-  m.moe.num_experts, m.moe.d_ff = E, F
-  m.moe.router, m.moe.dispatch = router, dispatch
-  m.moe.activation = ACTIVATION[router]
-  m.moe.top_k = {"switch": 1, "expert_choice": 1}.get(router, 2)
-  if router == "hierarchical":
-    m.moe.num_groups, m.moe.top_k_groups = 2, 2
-  if router == "sigmoid_bias":
-    m.moe.num_shared_experts = 1
-  m.moe.capacity_factor = 0.5  # tight: tokens drop (training capacity)
-  m.moe.min_capacity = 1
-  m.moe.importance_weight = 0.1
-  for k, v in moe.items():
-    m.moe[k] = v
-  return cfglib.validate(c).model
-
-
-def build(m, seed=0):
-  with nnx.use_eager_sharding(False):
-    layer = MoeFfn(m, rngs=nnx.Rngs(seed))
-  if hasattr(layer, "router_bias"):
-    layer.router_bias[...] = 0.2 * jax.random.normal(jax.random.key(seed + 7), (E,))
-  return layer
+  """moe_layer_test's layer config with a tight training capacity: tokens drop."""
+  return layer_test.model_cfg(router, dispatch, **{"capacity_factor": 0.5, **moe})
 
 
 def inputs(seed=1):

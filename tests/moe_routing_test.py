@@ -204,7 +204,7 @@ def test_padding_excluded_from_losses_and_diagnostics(router):
 
 
 def test_random_policy_keeps_second_by_gate_share():
-  T, E = 4000, 4
+  T = 4000
   logits = jnp.tile(jnp.array([[1.0, 0.2, -1.0, -2.0]]), (T, 1))
   moe = moe_cfg(router="topk", top_k=2, second_expert_policy="random")
   r = route(logits, moe, mask_T=jnp.ones(T), train=True, rng=jax.random.key(0))
