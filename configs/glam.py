@@ -13,7 +13,10 @@ Variants (the string after ':'):
 GLaM's FFN types: the dense FFN is gated GELU (GeGLU, two input projections);
 the experts are plain GELU FFNs (Pax's GLaM layers set the gated activation on
 the dense FFN only). With that, the counts are 1.16T total / 96.6B active; the
-paper rounds the total to 1.2T. GLaM's relative position bias is RoPE here.
+paper rounds the total to 1.2T. No expert FFN type matches both published
+numbers within 2%: total - active is 32 MoE layers x 62 unchosen experts, 1.065T
+with GELU experts (a 1.2T total would need 135B active) and 1.598T with GeGLU
+experts (a 1.69T total). GLaM's relative position bias is RoPE here.
 
 Second-expert policy: "all" (every token goes to both of its experts, as in
 GLaM's Pax configs). GShard's "random" sends the second expert with probability
