@@ -48,7 +48,12 @@ def moe_model(E: int, k: int, dispatch: str, d_model: int, d_ff: int, cf: float)
 
 
 def grad_fn(module, method=None, **call_kw):
-  """jit(grad of sum(y * ct) + router loss) w.r.t. params and x, as f(x, ct)."""
+  """jit(value and grad of sum(y * ct) + router loss) w.r.t. params and x, as f(x, ct).
+
+  The value makes the forward compute y, as in training (y feeds the residual
+  stream): with the gradient alone XLA would drop the dense FFN's second
+  matmul (no gradient needs y), while the MoE needs y for its gates' gradient.
+  """
   graphdef, state = nnx.split(module)
 
   @jax.jit
@@ -58,7 +63,7 @@ def grad_fn(module, method=None, **call_kw):
       out = (getattr(mod, method) if method else mod)(x, **call_kw)
       y, aux = out if isinstance(out, tuple) else (out, {"router_loss": 0.0})
       return jnp.sum(y * ct) + aux["router_loss"]
-    return jax.grad(loss, (0, 1))(state, x)
+    return jax.value_and_grad(loss, (0, 1))(state, x)
 
   return lambda x, ct: step(state, x, ct)
 
