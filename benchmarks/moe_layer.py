@@ -18,6 +18,10 @@ with block_until_ready.
   python benchmarks/moe_layer.py --experts 64 --top_k 1 --dispatch dropless
   python benchmarks/moe_layer.py --experts 16 32 --top_k 1 --dispatch capacity \\
       --capacity_impl grouped batched      # the CPU crossover of capacity_impl
+  # On a GPU: bf16, larger shapes, dropless by ragged_dot (its default there)
+  # against the block loops
+  python benchmarks/moe_layer.py --dtype bfloat16 --tokens 65536 --d_model 1024 \\
+      --d_ff 4096 --grouped_impl ragged blocks
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ import jax.numpy as jnp
 from sparse_lm import config as cfglib
 from sparse_lm.models import layers
 from sparse_lm.models.moe import dispatch as dispatch_lib
+from sparse_lm.models.moe import grouped
 from sparse_lm.models.moe import layer as layer_lib
 
 
-def moe_model(E: int, k: int, dispatch: str, d_model: int, d_ff: int, cf: float):
+def moe_model(E: int, k: int, dispatch: str, d_model: int, d_ff: int, cf: float,
+              dtype: str = "float32"):
   c = cfglib.base_config()
   m = c.model
-  m.d_model, m.d_ff, m.activation = d_model, d_ff, "gelu"
+  m.d_model, m.d_ff, m.activation, m.dtype = d_model, d_ff, "gelu", dtype
   m.moe.num_experts, m.moe.top_k = E, k
   m.moe.router = "switch" if k == 1 else "topk"
   m.moe.dispatch, m.moe.capacity_factor = dispatch, cf
@@ -98,28 +104,36 @@ def main():
   ap.add_argument("--capacity_impl", nargs="*", default=["auto"],
                   choices=["auto", "grouped", "batched"],
                   help="capacity dispatch layout; auto = MoeFfn's choice for this backend and E")
+  ap.add_argument("--grouped_impl", nargs="*", default=["auto"],
+                  choices=["auto", "ragged", "blocks"],
+                  help="dropless grouped matmul; auto = ragged_dot off CPU, block loops on CPU")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                  help="compute dtype of both layers (parameters stay float32)")
   ap.add_argument("--repeats", type=int, default=7)
   args = ap.parse_args()
 
   T, D, F = args.tokens, args.d_model, args.d_ff
   key = jax.random.key(0)
-  x = jax.random.normal(key, (T // 512, 512, D), jnp.float32)
-  ct = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+  if T % 512:
+    ap.error(f"--tokens={T} must be a multiple of 512 (the sequence length used)")
+  dt = jnp.dtype(args.dtype)
+  x = jax.random.normal(key, (T // 512, 512, D), dt)
+  ct = jax.random.normal(jax.random.key(1), x.shape, dt)
   x2, ct2 = x.reshape(T, D), ct.reshape(T, D)
   print(f"backend={jax.default_backend()} devices={jax.device_count()} tokens={T} "
-        f"d_model={D} expert_hidden={F} cf={args.capacity_factor} "
+        f"d_model={D} expert_hidden={F} cf={args.capacity_factor} dtype={args.dtype} "
         f"fwd+bwd, median of {args.repeats}")
   print(f"{'E':>4} {'k':>2} {'dispatch':>17} {'moe ms':>8} {'dense ms':>9} {'ratio':>6} "
         f"{'experts ms':>11} {'ratio':>6} {'floor ms':>9} {'ratio':>6}")
   dense = {}
   points = [(E, k, disp, impl) for E, k, disp in
             itertools.product(args.experts, args.top_k, args.dispatch)
-            for impl in (args.capacity_impl if disp == "capacity" else ["-"])]
+            for impl in (args.capacity_impl if disp == "capacity" else args.grouped_impl)]
   for E, k, disp, impl in points:
     if k not in dense:
       with nnx.use_eager_sharding(False):
         dense[k] = grad_fn(layers.Mlp(D, k * F, "gelu", rngs=nnx.Rngs(0)))
-    m = moe_model(E, k, disp, D, F, args.capacity_factor)
+    m = moe_model(E, k, disp, D, F, args.capacity_factor, args.dtype)
     with nnx.use_eager_sharding(False):
       layer = layer_lib.MoeFfn(m, rngs=nnx.Rngs(0))
     call_kw = {}
@@ -127,8 +141,12 @@ def main():
       impl = layer_lib.default_capacity_impl(E) if impl == "auto" else impl
       call_kw["capacity_impl"] = impl
       disp = f"capacity/{impl}"
+    else:
+      impl = grouped.default_impl() if impl == "auto" else impl
+      call_kw["grouped_impl"] = impl
+      disp = f"{disp}/{impl}"
     C = dispatch_lib.capacity(m.moe, T, train=True)
-    xe = jax.random.normal(key, (E, C, D), jnp.float32)
+    xe = jax.random.normal(key, (E, C, D), dt)
     shapes = [v[...].shape for v in (layer.wi, layer.wo)]
     floor = jax.jit(lambda: [jnp.full(s, 1.0, jnp.float32) for s in shapes])
     t = bench({"moe": (grad_fn(layer, train=True, **call_kw), (x, ct)),
