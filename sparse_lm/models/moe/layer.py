@@ -51,8 +51,9 @@ def expert_activation(m) -> str:
 
 # On CPU, capacity dispatch runs grouped.py's block loops on the kept rows only
 # up to this many experts, and the padded [E, C, D] einsum above it. Measured
-# crossover (benchmarks/README.md, 8192 tokens, k=1, fwd+bwd / dense FFN):
-# E=16 grouped 1.52 vs batched 1.62; E=32 1.75 vs 1.68; E=64 2.38 vs 2.07.
+# crossover (benchmarks/README.md, 8192 tokens, fwd+bwd / dense FFN, grouped vs
+# batched): E=16 about even (k=1 1.46 vs 1.43, k=2 1.46 vs 1.51); E=32 k=1
+# 1.74 vs 1.61; E=64 k=1 2.37 vs 1.89; E=256 k=1 4.82 vs 3.49.
 GROUPED_CAPACITY_MAX_EXPERTS = 16
 
 

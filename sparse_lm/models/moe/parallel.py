@@ -25,18 +25,18 @@ assignments into a send buffer [n_ep, E_loc, S, D], S = min(C, T_loc), row =
 each row's global slot (its global priority position p < C, or the expert-
 choice slot c). all_to_all over the expert axes; the destination computes the
 rows it received in one of MoeFfn's two capacity layouts (its capacity_impl):
-  "batched" (GPU / TPU, CPU above 16 experts, and expert choice): a compact [E_loc, C, D]
-      buffer, rows placed at their global slots (unique within an expert-axis
-      group), the layer's `_batched_experts` on the weight shard; each device
-      computes E_loc x C rows. With a "data" (or "fsdp") axis > 1 the C slots
-      of an expert are spread over the data rows: each data row fills only its
-      own tokens' slots and still computes all C rows, so the expert FLOPs are
-      n_data x those of one device holding the same experts (the price of
-      global capacity with static shapes).
-  "grouped" (CPU up to 16 experts): the received rows regrouped by local expert, the
-      layer's `_grouped_experts` (grouped.py's block loops) with the slots for
-      the dropout mask: the work follows the rows actually received, so no
-      empty-slot work and no n_data x factor.
+  "batched" (GPU / TPU, CPU above 16 experts, and expert choice): a compact
+      [E_loc, C, D] buffer, rows placed at their global slots (unique within
+      an expert-axis group), the layer's `_batched_experts` on the weight
+      shard; each device computes E_loc x C rows. With a "data" (or "fsdp")
+      axis > 1 the C slots of an expert are spread over the data rows: each
+      data row fills only its own tokens' slots and still computes all C rows,
+      so the expert FLOPs are n_data x those of one device holding the same
+      experts (the price of global capacity with static shapes).
+  "grouped" (CPU up to 16 experts): the received rows regrouped by local
+      expert, the layer's `_grouped_experts` (grouped.py's block loops) with
+      the slots for the dropout mask: the work follows the rows actually
+      received, so no empty-slot work and no n_data x factor.
 The outputs go back by the same indices and all_to_all; the source combines
 with the gates. No one-hot [T, E, C] tensors: index gathers only (dispatch.py's
 way). Costs: the send buffer is E * S * D per device (S = min(C, T_loc), since
@@ -286,8 +286,9 @@ class ExpertParallel:
   def capacity_dispatch(self, x_TxD: Array, r: routing_lib.Routing, expert_fn=None, *,
                         num_experts: int, capacity: int, position_method: str | None = None,
                         grouped_fn=None):
-    """grouped_fn given (MoeFfn's CPU choice for few experts): the destination computes only the
-    rows it receives, with the layer's grouped experts; else the padded buffer."""
+    """grouped_fn given (MoeFfn's CPU choice for few experts): the destination
+    computes only the rows it receives, with the layer's grouped experts; else
+    the padded buffer."""
     del expert_fn
     grouped = grouped_fn is not None
     assert num_experts == self.E
