@@ -7,7 +7,8 @@ r"""Sweeps: a grid of runs from one config file, run, resumed and collected.
 
 A sweep file is a config file (big_vision style): `get_config(arg)` gives the
 base config and `sweep(add)` calls `add(**{"model.moe.num_experts": 8, ...})`
-once per point. Each point runs `python -m sparse_lm.main` in its own
+once per point (`sweep(add, arg)` gets the variant too, for a file with
+several grids). Each point runs `python -m sparse_lm.main` in its own
 subfolder named from its overrides; a finished point (DONE file) is skipped, an
 interrupted one resumes from its checkpoints. Results go to results.csv/json.
 """
@@ -15,6 +16,7 @@ interrupted one resumes from its checkpoints. Results go to results.csv/json.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -47,7 +49,12 @@ def points(sweep_file: str) -> list[dict]:
   if not hasattr(mod, "sweep"):
     raise cfglib.ConfigError(f"--config={sweep_file}: a sweep file needs a sweep(add) function")
   out = []
-  mod.sweep(lambda **kv: out.append({k.removeprefix("config."): v for k, v in kv.items()}))
+  add = lambda **kv: out.append({k.removeprefix("config."): v for k, v in kv.items()})
+  # sweep(add, arg) when the grid depends on the variant, else sweep(add).
+  if len(inspect.signature(mod.sweep).parameters) > 1:
+    mod.sweep(add, arg)
+  else:
+    mod.sweep(add)
   for p in out:  # a fresh base per point keeps its field references live
     cfglib.validate(apply_overrides(mod.get_config(arg) if arg else mod.get_config(), p))
   names = [point_name(p) for p in out]
