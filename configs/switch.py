@@ -41,7 +41,7 @@ def get_config(arg: str = "tiny"):
   moe.dispatch = "capacity"
   moe.capacity_factor, moe.eval_capacity_factor = 1.25, 2.0
   moe.jitter = 1e-2  # multiplicative router-input noise, training only
-  moe.init_scale = 0.1  # the paper's reduced init (s=0.1), here for the MoE layer's weights
+  m.init_scale = 0.1  # the paper's reduced init (section 2.4): s=0.1 for every weight matrix
   moe.load_balance_weight = 1e-2
   moe.z_loss_weight = 0.0
 

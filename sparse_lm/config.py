@@ -73,6 +73,10 @@ def base_config() -> mlc.ConfigDict:
   c.model.rope_theta = 10_000.0
   c.model.tie_embeddings = True
   c.model.dtype = "float32"  # compute dtype; params stay float32
+  # Weight-matrix init: truncated normal, std sqrt(init_scale / fan_in) (Fedus
+  # et al. 2021 section 2.4, s; the Switch paper's s = 0.1). Embeddings keep
+  # std 1/sqrt(d_model).
+  c.model.init_scale = 1.0
   c.model.dropout = 0.0
   c.model.max_len = c.data.get_ref("seq_len")  # learned positions table size
 
@@ -101,7 +105,8 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.normalize_gates = True
   c.model.moe.jitter = 0.0  # Switch multiplicative jitter eps (training only)
   c.model.moe.noisy_gating = False  # Shazeer 2017 noisy top-k (training only)
-  c.model.moe.init_scale = 1.0  # Switch uses 0.1 (truncated normal, fan-in scaled)
+  # s for the MoE layer's router, experts and shared experts; 0 = model.init_scale.
+  c.model.moe.init_scale = 0.0
   c.model.moe.num_shared_experts = 0  # DeepSeekMoE shared experts
   c.model.moe.num_groups = 0  # hierarchical MoE: groups a; experts per group = E / a
   c.model.moe.top_k_groups = 1  # hierarchical MoE: k1 (top_k is k2, within a group)
@@ -243,6 +248,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   """Checks every key; raises ConfigError naming the first bad one. Returns c."""
   d, m, moe, t = c.data, c.model, c.model.moe, c.train
   for key in ("data.batch_size", "data.seq_len", "model.d_model", "model.num_layers",
+              "model.init_scale",
               "model.num_heads", "model.d_ff", "train.num_steps", "train.learning_rate",
               "train.log_every", "train.eval_every", "train.checkpoint_every",
               "train.keep_checkpoints", "train.eval_batches"):
@@ -252,7 +258,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
               "train.grad_clip", "model.moe.jitter", "model.moe.load_balance_weight",
               "model.moe.z_loss_weight", "model.moe.importance_weight",
               "model.moe.num_shared_experts", "model.moe.num_groups", "model.dropout",
-              "model.moe.first_dense_layers", "model.moe.bias_update_rate",
+              "model.moe.first_dense_layers", "model.moe.bias_update_rate", "model.moe.init_scale",
               "model.moe.expert_dropout", "model.moe.eom_rate", "data.shuffle_buffer"):
     _positive(c, key, allow_zero=True)
   if not isinstance(d.num_streams, int) or isinstance(d.num_streams, bool) or d.num_streams < 1:

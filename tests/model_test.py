@@ -117,3 +117,24 @@ def test_layer_pattern(every, offset, expected):
   assert moe_layer_indices(c.model) == expected
   c.model.moe.num_experts = 1  # one expert = dense
   assert moe_layer_indices(c.model) == []
+
+
+@pytest.mark.parametrize("model_scale,moe_scale", [(1.0, 0.0), (0.1, 0.0), (1.0, 0.1)])
+def test_init_scale_is_the_switch_variance_scale(model_scale, moe_scale):
+  # Fedus et al. 2021 section 2.4: truncated normal with std sqrt(s / fan_in).
+  # model.init_scale is s for every weight matrix; model.moe.init_scale (if
+  # not 0) overrides it for the MoE layer; embeddings keep std 1/sqrt(D).
+  c = tiny(init_scale=model_scale, num_layers=2, d_model=128, d_ff=512, num_heads=4)
+  c.model.moe.num_experts, c.model.moe.every, c.model.moe.offset = 8, 2, 1
+  c.model.moe.init_scale = moe_scale
+  m = build(cfglib.validate(c), vocab=512)
+  moe_s = moe_scale or model_scale
+  dense_block, moe_block = m.blocks[0], m.blocks[1]
+  cases = [(dense_block.attn.wq, 128, model_scale), (dense_block.attn.wo, 128, model_scale),
+           (dense_block.ffn.wi, 128, model_scale), (dense_block.ffn.wo, 512, model_scale),
+           (moe_block.ffn.router, 128, moe_s), (moe_block.ffn.wi, 128, moe_s),
+           (moe_block.ffn.wo, 512, moe_s), (dense_block.attn.wk, 128, model_scale)]
+  for p, fan_in, s in cases:
+    std = float(np.std(np.asarray(p[...])))
+    np.testing.assert_allclose(std, np.sqrt(s / fan_in), rtol=0.06)
+  np.testing.assert_allclose(np.std(np.asarray(m.embed.embedding[...])), 128 ** -0.5, rtol=0.06)

@@ -20,18 +20,19 @@ def dtype_of(m) -> jnp.dtype:
   return jnp.dtype(m.dtype)
 
 
-def param(rngs: nnx.Rngs, init, shape, names, scale: float = 1.0) -> nnx.Param:
-  """A float32 Param from `init`, times `scale`, with logical axis names."""
-  value = init(rngs.params(), shape, jnp.float32)
-  if scale != 1.0:
-    value = value * scale
-  return nnx.Param(value, out_sharding=names)
+def param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
+  """A float32 Param from `init`, with logical axis names."""
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 
-def fan_in_init(fan_in_axes=(0,)):
-  """Truncated normal with std 1/sqrt(fan_in) (the Switch init at scale 1)."""
-  return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                           in_axis=fan_in_axes, out_axis=-1)
+def fan_in_init(fan_in_axes=(0,), scale: float = 1.0, batch_axes=(), out_axes=-1):
+  """Truncated normal with std sqrt(scale / fan_in): Fedus et al. 2021, section
+  2.4 (sigma = sqrt(s / n), n the fan-in; the paper's reduced init is s = 0.1,
+  so the std shrinks by sqrt(10), not 10). `model.init_scale` is s. Axes in
+  neither list would count into the fan-in (a receptive field): list them."""
+  return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                           in_axis=fan_in_axes, out_axis=out_axes,
+                                           batch_axis=batch_axes)
 
 
 def is_gated(activation: str) -> bool:
@@ -90,11 +91,11 @@ class Attention(nnx.Module):
   def __init__(self, m, *, rngs: nnx.Rngs):
     D, H, K, Dh = m.d_model, m.num_heads, cfglib.num_kv_heads(m), cfglib.head_dim(m)
     self.m, self.H, self.K, self.Dh = m, H, K, Dh
-    init = fan_in_init((0,))
+    init = fan_in_init((0,), m.init_scale, out_axes=(1, 2))  # fan-in D, not D * heads
     self.wq = param(rngs, init, (D, H, Dh), ("embed", "heads", "head_dim"))
     self.wk = param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
     self.wv = param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
-    self.wo = param(rngs, fan_in_init((0, 1)), (H, Dh, D), ("heads", "head_dim", "embed"))
+    self.wo = param(rngs, fan_in_init((0, 1), m.init_scale), (H, Dh, D), ("heads", "head_dim", "embed"))
 
   def __call__(self, x_BxLxD, positions_BxL):
     dt = x_BxLxD.dtype
@@ -115,12 +116,14 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
   """Dense FFN: D -> F -> D with GELU / ReLU / SwiGLU / GeGLU."""
 
-  def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs,
+               init_scale: float = 1.0):
     self.activation = activation
-    self.wi = param(rngs, fan_in_init(), (d_model, d_ff), ("embed", "mlp"))
+    init = fan_in_init(scale=init_scale)
+    self.wi = param(rngs, init, (d_model, d_ff), ("embed", "mlp"))
     if is_gated(activation):
-      self.wg = param(rngs, fan_in_init(), (d_model, d_ff), ("embed", "mlp"))
-    self.wo = param(rngs, fan_in_init(), (d_ff, d_model), ("mlp", "embed"))
+      self.wg = param(rngs, init, (d_model, d_ff), ("embed", "mlp"))
+    self.wo = param(rngs, init, (d_ff, d_model), ("mlp", "embed"))
 
   def __call__(self, x_BxLxD):
     # Flattened to [T, D]: XLA's CPU backend runs the [B, L, D] form 2.5-3x

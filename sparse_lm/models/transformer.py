@@ -28,7 +28,8 @@ class Block(nnx.Module):
       from sparse_lm.models.moe.layer import MoeFfn  # pylint: disable=g-import-not-at-top
       self.ffn = MoeFfn(m, rngs=rngs)
     else:
-      self.ffn = layers.Mlp(m.d_model, m.d_ff, m.activation, rngs=rngs)
+      self.ffn = layers.Mlp(m.d_model, m.d_ff, m.activation, rngs=rngs,
+                            init_scale=m.init_scale)
 
   def __call__(self, x_BxLxD, positions_BxL, mask_BxL, *, train: bool, rng):
     aux = {}
@@ -63,7 +64,8 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List([Block(m, i, rngs=rngs) for i in range(m.num_layers)])
     self.final_norm = layers.Norm(m.d_model, m.norm, m.norm_eps)
     if not m.tie_embeddings:
-      self.unembed = layers.param(rngs, layers.fan_in_init(), (m.d_model, vocab_size),
+      self.unembed = layers.param(rngs, layers.fan_in_init(scale=m.init_scale),
+                                  (m.d_model, vocab_size),
                                   ("embed", "vocab"))
 
   def __call__(self, tokens_BxL, *, mask_BxL=None, train: bool = False, rng=None):

@@ -34,11 +34,9 @@ def constrain(x, *names):
   return sharding.constrain(x, *(n if n in known else None for n in names))
 
 
-def expert_init(scale: float):
-  """Truncated normal, std scale / sqrt(fan_in), for [E, fan_in, fan_out] (E is a batch axis)."""
-  init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                              in_axis=-2, out_axis=-1, batch_axis=(0,))
-  return lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) * scale
+def init_scale(m) -> float:
+  """The MoE layer's init scale s: model.moe.init_scale, or model.init_scale if 0."""
+  return m.moe.init_scale or m.init_scale
 
 
 def expert_d_ff(m) -> int:
@@ -85,20 +83,20 @@ class MoeFfn(nnx.Module):
     self.m = m
     E, D, F = moe.num_experts, m.d_model, expert_d_ff(m)
     self.activation = expert_activation(m)
-    scale = moe.init_scale
-    router_init = layers.fan_in_init()
-    self.router = layers.param(rngs, router_init, (D, E), ("embed", None), scale)
+    s = init_scale(m)
+    router_init = layers.fan_in_init(scale=s)
+    self.router = layers.param(rngs, router_init, (D, E), ("embed", None))
     if moe.noisy_gating:  # Shazeer 2017 initialises both gating matrices to zero
       self.router_noise = layers.param(rngs, nnx.initializers.zeros, (D, E), ("embed", None))
     if moe.router == "hierarchical":
       G = moe.num_groups
-      self.group_router = layers.param(rngs, router_init, (D, G), ("embed", None), scale)
+      self.group_router = layers.param(rngs, router_init, (D, G), ("embed", None))
       if moe.noisy_gating:
         self.group_router_noise = layers.param(rngs, nnx.initializers.zeros, (D, G),
                                                ("embed", None))
     if moe.router == "sigmoid_bias":
       self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32))
-    init = expert_init(scale)
+    init = layers.fan_in_init((1,), s, batch_axes=(0,))  # [E, fan_in, fan_out]
     self.wi = layers.param(rngs, init, (E, D, F), ("expert", "embed", "expert_mlp"))
     if layers.is_gated(self.activation):
       self.wg = layers.param(rngs, init, (E, D, F), ("expert", "embed", "expert_mlp"))
@@ -106,11 +104,11 @@ class MoeFfn(nnx.Module):
     if moe.num_shared_experts:
       # S shared experts of hidden F == one dense FFN of hidden S * F.
       SF = moe.num_shared_experts * F
-      dense_init = layers.fan_in_init()
-      self.shared_wi = layers.param(rngs, dense_init, (D, SF), ("embed", "mlp"), scale)
+      dense_init = layers.fan_in_init(scale=s)
+      self.shared_wi = layers.param(rngs, dense_init, (D, SF), ("embed", "mlp"))
       if layers.is_gated(self.activation):
-        self.shared_wg = layers.param(rngs, dense_init, (D, SF), ("embed", "mlp"), scale)
-      self.shared_wo = layers.param(rngs, dense_init, (SF, D), ("mlp", "embed"), scale)
+        self.shared_wg = layers.param(rngs, dense_init, (D, SF), ("embed", "mlp"))
+      self.shared_wo = layers.param(rngs, dense_init, (SF, D), ("mlp", "embed"))
 
   # ---------------------------------------------------------------- experts
 
