@@ -51,6 +51,7 @@ def get_config(arg: str = "tiny"):
   moe.dispatch = "capacity"
   moe.capacity_factor, moe.eval_capacity_factor = 1.25, 2.0
   moe.load_balance_weight = 1e-2
+  moe.load_balance_choices = "first"  # GShard Algorithm 1: f_e counts first choices
   moe.z_loss_weight = 0.0  # GLaM's z-loss is on the output logits, not the router
 
   if arg == "base":

@@ -48,6 +48,7 @@ def get_config(arg: str = "tiny"):
   moe.dispatch = "capacity"
   moe.capacity_factor, moe.eval_capacity_factor = 1.25, 2.0
   moe.load_balance_weight = 1e-2
+  moe.load_balance_choices = "first"  # fairseq's top-2 gate: ce counts first choices
   moe.z_loss_weight = 0.0
 
   if arg != "tiny":

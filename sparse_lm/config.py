@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 ROUTERS = ("switch", "topk", "mixtral", "hierarchical", "expert_choice", "sigmoid_bias")
 DISPATCHES = ("capacity", "dropless")
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
+LOAD_BALANCE_CHOICES = ("all", "first")
 ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
@@ -114,6 +115,10 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.expert_dropout = 0.0
   c.model.moe.eom_rate = 0.0  # NLLB Expert Output Masking
   c.model.moe.load_balance_weight = 1e-2
+  # What f_e of the load-balance loss counts (routing.py): "all" = all k choices
+  # of each token (Megatron-Core; Mixtral, DBRX, DeepSeek), "first" = each
+  # token's first choice (GShard Algorithm 1, GLaM, NLLB). Same for top-1.
+  c.model.moe.load_balance_choices = "all"
   c.model.moe.z_loss_weight = 1e-3
   # Shazeer 2017 importance (CV^2 of summed gates) + load losses, for every
   # router (load: the smooth noisy-top-k estimator when noisy gating is on in
@@ -296,6 +301,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "model.moe.router", ROUTERS)
   _choice(c, "model.moe.dispatch", DISPATCHES)
   _choice(c, "model.moe.second_expert_policy", SECOND_EXPERT_POLICIES)
+  _choice(c, "model.moe.load_balance_choices", LOAD_BALANCE_CHOICES)
   if moe.activation:
     _choice(c, "model.moe.activation", ACTIVATIONS)
   if is_moe(m):
@@ -324,6 +330,9 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
               f"must be <= experts per group {E // a} for router 'hierarchical'")
     if moe.router == "expert_choice" and moe.dispatch != "capacity":
       _fail("model.moe.dispatch", moe.dispatch, "must be 'capacity' for router 'expert_choice'")
+    if moe.router == "expert_choice" and moe.load_balance_choices != "all":
+      _fail("model.moe.load_balance_choices", moe.load_balance_choices,
+            "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)")
     if moe.router == "expert_choice" and moe.noisy_gating:
       _fail("model.moe.noisy_gating", moe.noisy_gating,
             "must be False for router 'expert_choice' (it has no effect there)")

@@ -173,6 +173,50 @@ def test_load_balance_and_z_loss_by_hand():
   np.testing.assert_allclose(r.aux["load_loss"], cnt.var() / cnt.mean() ** 2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("router,k", [("topk", 2), ("mixtral", 2), ("sigmoid_bias", 3),
+                                      ("switch", 1)])
+@pytest.mark.parametrize("choices", ["all", "first"])
+def test_load_balance_conventions_per_token_reference(router, k, choices):
+  # A per-token loop: f_e counts either every (token, choice) or each real
+  # token's first choice; P_e is the mean router probability over real tokens.
+  T, E = 40, 6
+  logits = jax.random.normal(jax.random.key(3), (T, E)) * 2
+  mask = (jnp.arange(T) < 33).astype(jnp.float32)  # 7 padding tokens
+  moe = moe_cfg(router=router, top_k=k, num_experts=E, load_balance_choices=choices)
+  kw = {"bias_E": jnp.linspace(-0.2, 0.2, E)} if router == "sigmoid_bias" else {}
+  r = route(logits, moe, mask_T=mask, train=False, **kw)
+  lg, m = np.asarray(logits, np.float64), np.asarray(mask)
+  if router == "sigmoid_bias":
+    score = 1 / (1 + np.exp(-lg))
+    p = score / score.sum(-1, keepdims=True)
+  else:
+    p = softmax(lg)
+  counts, P = np.zeros(E), np.zeros(E)
+  for t in range(T):
+    if not m[t]:
+      continue
+    P += p[t] / m.sum()
+    chosen = np.asarray(r.expert_TxK[t])  # the router's own choices, in priority order
+    for e in (chosen if choices == "all" else chosen[:1]):
+      counts[e] += 1
+  want = E * np.sum(counts / counts.sum() * P)
+  np.testing.assert_allclose(r.aux["load_balance_loss"], want, rtol=1e-5)
+  if choices == "first" and k > 1:  # the two conventions differ on these logits
+    other = route(logits, moe_cfg(router=router, top_k=k, num_experts=E), mask_T=mask,
+                  train=False, **kw)
+    assert abs(float(other.aux["load_balance_loss"]) - want) > 1e-4
+
+
+def test_load_balance_first_choice_is_gshard_algorithm_1():
+  # GShard Algorithm 1 by hand on LOGITS (top-2 of 4): first choices are
+  # experts 0, 1, 2, so c = (1, 1, 1, 0) / 3 and l_aux = E * sum_e c_e * m_e.
+  moe = moe_cfg(router="topk", top_k=2, load_balance_choices="first")
+  r = route(jnp.asarray(LOGITS), moe, mask_T=jnp.ones(3), train=False)
+  c = np.array([1, 1, 1, 0]) / 3
+  np.testing.assert_allclose(r.aux["load_balance_loss"], 4 * np.sum(c * softmax(LOGITS).mean(0)),
+                             rtol=1e-5)
+
+
 def test_uniform_router_balance_loss_is_one():
   # Balanced choices and uniform probabilities: E * sum_e (1/E) * (1/E) = 1.
   logits = jnp.zeros((8, 4)) + jnp.eye(4)[jnp.arange(8) % 4] * 1e-3

@@ -12,13 +12,16 @@ all first choices before any second choice (GShard). `expert_choice` returns an
 `ExpertChoiceRouting`: C (token, gate) slots per expert.
 
 Auxiliary terms, all over real tokens only (mask 1; padding is excluded):
-  load_balance_loss  Switch: E * sum_e f_e * P_e. f_e is the fraction of all
-                     routed assignments (all K choices of every token, before
-                     capacity drops) that go to expert e, so a perfectly
-                     balanced router scores 1 for every k; P_e is the mean
-                     router probability of e (softmax; normalised sigmoid
-                     scores for `sigmoid_bias`; group prob x in-group prob
-                     for `hierarchical`). Gradients flow through P only.
+  load_balance_loss  Switch (Fedus et al. eq. 4-6): E * sum_e f_e * P_e, P_e
+                     the mean router probability of e (softmax; normalised
+                     sigmoid scores for `sigmoid_bias`; group prob x in-group
+                     prob for `hierarchical`); gradients flow through P only.
+                     f_e (before capacity drops) by `moe.load_balance_choices`:
+                     "all": the fraction of all T*K assignments that go to e
+                     (Megatron-Core's convention, for Mixtral / DBRX / DeepSeek
+                     routers); "first": the fraction of tokens whose first
+                     choice is e (GShard Algorithm 1's c_e / S, GLaM, fairseq's
+                     top-2 gate). Both score 1 for a perfectly balanced router.
   z_loss             ST-MoE: mean over tokens of logsumexp(logits)^2 (the
                      clean logits; `hierarchical` adds both levels).
   importance_loss    Shazeer 2017: CV^2 over experts of the summed gates.
@@ -118,14 +121,22 @@ def _entropy(p_TxE: Array) -> Array:
   return -jnp.sum(jnp.where(p_TxE > 0, p_TxE * jnp.log(jnp.maximum(p_TxE, 1e-30)), 0.0), -1)
 
 
-def _aux(*, probs_TxE, counts_E, importance_E, load_E, z_T, mask_T) -> dict[str, Array]:
-  """Losses and diagnostics shared by all routers (see the module docstring)."""
+def _aux(*, probs_TxE, counts_E, importance_E, load_E, z_T, mask_T,
+         balance_counts_E=None) -> dict[str, Array]:
+  """Losses and diagnostics shared by all routers (see the module docstring).
+
+  balance_counts_E: the counts f_e of the load-balance loss is made of, if not
+  counts_E (the "first" convention)."""
   E = counts_E.shape[0]
   total = jnp.sum(counts_E)
   f_E = counts_E / jnp.maximum(total, 1.0)
+  if balance_counts_E is None:
+    balance_f_E = f_E
+  else:
+    balance_f_E = balance_counts_E / jnp.maximum(jnp.sum(balance_counts_E), 1.0)
   P_E = jnp.sum(probs_TxE * mask_T[:, None], 0) / jnp.maximum(jnp.sum(mask_T), 1.0)
   return {
-      "load_balance_loss": E * jnp.sum(jax.lax.stop_gradient(f_E) * P_E),
+      "load_balance_loss": E * jnp.sum(jax.lax.stop_gradient(balance_f_E) * P_E),
       "z_loss": _masked_mean(z_T, mask_T),
       "importance_loss": cv_squared(importance_E),
       "load_loss": cv_squared(load_E),
@@ -136,15 +147,22 @@ def _aux(*, probs_TxE, counts_E, importance_E, load_E, z_T, mask_T) -> dict[str,
   }
 
 
-def _token_choice(expert_TxK, gate_TxK, valid_TxK, *, probs_TxE, z_T, mask_T, load_E=None):
+def _token_choice(expert_TxK, gate_TxK, valid_TxK, *, probs_TxE, z_T, mask_T, load_E=None,
+                  balance: str = "all"):
   expert_TxK = expert_TxK.astype(jnp.int32)
   valid_TxK = valid_TxK & (mask_T[:, None] > 0)
   gate_TxK = jnp.where(valid_TxK, gate_TxK, 0.0)
   E = probs_TxE.shape[-1]
   counts_E = expert_counts(expert_TxK, valid_TxK, E)
   importance_E = jnp.zeros((E,), jnp.float32).at[expert_TxK.reshape(-1)].add(gate_TxK.reshape(-1))
+  balance_counts_E = None
+  if balance == "first":  # choice 0 is always kept for real tokens
+    balance_counts_E = expert_counts(expert_TxK[:, :1], valid_TxK[:, :1], E)
+  elif balance != "all":
+    raise ValueError(f"unknown load-balance convention {balance!r}")
   aux = _aux(probs_TxE=probs_TxE, counts_E=counts_E, importance_E=importance_E,
-             load_E=counts_E if load_E is None else load_E, z_T=z_T, mask_T=mask_T)
+             load_E=counts_E if load_E is None else load_E, z_T=z_T, mask_T=mask_T,
+             balance_counts_E=balance_counts_E)
   return Routing(expert_TxK, gate_TxK, valid_TxK, aux)
 
 
@@ -320,7 +338,7 @@ def route(logits_TxE: Array, moe: Any, *, mask_T: Array, train: bool,
   if keep_TxK is None:
     keep_TxK = jnp.ones(expert_TxK.shape, bool)
   return _token_choice(expert_TxK, gate_TxK, keep_TxK, probs_TxE=probs_TxE, z_T=z_T,
-                       mask_T=mask_T, load_E=load_E)
+                       mask_T=mask_T, load_E=load_E, balance=moe.load_balance_choices)
 
 
 def _hierarchical_smooth_load(clean_TxE, noisy_TxE, std_TxE, clean_TxG, noisy_TxG, std_TxG,
