@@ -24,27 +24,59 @@ def eval_curve(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   return np.array([r["step"] for r in rows]), np.array([r["eval_loss"] for r in rows])
 
 
-def loss_curves(runs: dict[str, str], out: str, title: str = "", x: str = "step",
-                relative_to: str | None = None) -> str:
-  """Eval loss against step (or "wall", wall seconds) for several runs;
-  with `relative_to` (a run folder), minus that run's loss at the same step."""
+def _dirs(runs: str | list[str]) -> list[str]:
+  return [runs] if isinstance(runs, str) else list(runs)
+
+
+def mean_curve(runs: str | list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(steps, mean, sample std) of the eval curves of one run or several seeds,
+  over the eval steps they all have (std 0 for one run)."""
+  curves = [dict(zip(*eval_curve(d))) for d in _dirs(runs)]
+  steps = np.array(sorted(set.intersection(*(set(c) for c in curves))))
+  losses_NxS = np.array([[c[s] for s in steps] for c in curves])
+  std = losses_NxS.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+  return steps, losses_NxS.mean(0), std
+
+
+def train_seconds(workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  """(logged steps, training seconds to reach each) from the logged tokens/s
+  (evaluation and checkpoint time inside a log interval count; compilation is
+  in the first interval, which is replaced by the run's median speed)."""
+  rows = [r for r in metricslib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "tokens_per_s" in r]
+  steps = np.array([r["step"] for r in rows])
+  tps = np.array([r["tokens_per_s"] for r in rows], float)
+  if len(tps) > 1:
+    tps[0] = np.median(tps[1:])
+  tok_per_step = rows[0]["tokens"] / rows[0]["step"]
+  return steps, np.cumsum(np.diff(np.concatenate([[0], steps])) * tok_per_step / tps)
+
+
+def loss_curves(runs: dict[str, str | list[str]], out: str, title: str = "", x: str = "step",
+                relative_to: str | list[str] | None = None) -> str:
+  """Eval loss against step (or "wall", training seconds) for several runs.
+
+  A value of `runs` is one run folder or a list of seeds of one point: their
+  mean is drawn, with a band of +- one standard deviation. With `relative_to`
+  (a run folder or seeds), minus its mean loss at the same step."""
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  base = dict(zip(*eval_curve(relative_to))) if relative_to else None
-  for name, wd in runs.items():
-    steps, losses = eval_curve(wd)
+  base = None
+  if relative_to:
+    b_steps, b_mean, _ = mean_curve(relative_to)
+    base = dict(zip(b_steps, b_mean))
+  for name, dirs in runs.items():
+    steps, losses, std = mean_curve(dirs)
     if base is not None:
       keep = np.array([s in base for s in steps])
-      steps, losses = steps[keep], losses[keep] - np.array([base[s] for s in steps[keep]])
+      steps, losses, std = steps[keep], losses[keep] - np.array([base[s] for s in steps[keep]]), std[keep]
+    xs = steps
     if x == "wall":
-      rows = metricslib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
-      tps = {r["step"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
-      tok_per_step = next((r["tokens"] / r["step"] for r in rows if r.get("tokens")), 1.0)
-      secs = np.cumsum([tok_per_step / tps.get(s, np.nan) for s in range(1, int(steps.max()) + 1)
-                        if s in tps])
-      logged = sorted(tps)
-      steps = np.interp(steps, logged, secs)
-    ax.plot(steps, losses, marker=".", label=name)
-  ax.set_xlabel("training step" if x == "step" else "wall time (s)")
+      xs = np.mean([np.interp(steps, *train_seconds(d)) for d in _dirs(dirs)], axis=0)
+    n = len(_dirs(dirs))
+    line, = ax.plot(xs, losses, marker=".", label=name + (f" ({n} seeds)" if n > 1 else ""))
+    if n > 1:
+      ax.fill_between(xs, losses - std, losses + std, color=line.get_color(), alpha=0.2)
+  ax.set_xlabel("training step" if x == "step" else "training time (s)")
   ax.set_ylabel("validation loss" + (" minus the reference's" if base is not None else ""))
   if base is not None:
     ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
@@ -62,10 +94,18 @@ def _finish(fig, ax, out: str, title: str) -> str:
 
 
 def loss_vs_experts(experts: list[int], losses: list[float], out: str, dense_loss=None,
-                    title: str = "") -> str:
-  """Eval loss at a fixed step against the number of experts (log2 x axis)."""
+                    title: str = "", stds: list[float] | None = None,
+                    fits: dict | None = None) -> str:
+  """Eval loss at a fixed step against the number of experts (log2 x axis).
+
+  stds: error bars (+- one standard deviation over seeds; 0 = one seed).
+  fits: {label: callable E -> loss}, drawn as lines over the experts' range."""
   fig, ax = plt.subplots(figsize=(5.6, 4.0))
-  ax.plot(experts, losses, marker="o", label="Switch (top-1)")
+  ax.errorbar(experts, losses, yerr=stds, marker="o", capsize=3, linestyle="none" if fits else "-",
+              label="Switch (top-1)")
+  for label, fn in (fits or {}).items():
+    grid = np.geomspace(min(experts), max(experts), 100)
+    ax.plot(grid, [fn(e) for e in grid], linewidth=1, label=label)
   if dense_loss is not None:
     ax.axhline(dense_loss, color="gray", linestyle="--", label="dense")
   ax.set_xscale("log", base=2)
@@ -73,6 +113,21 @@ def loss_vs_experts(experts: list[int], losses: list[float], out: str, dense_los
   ax.set_xlabel("number of experts")
   ax.set_ylabel("validation loss")
   return _finish(fig, ax, out, title)
+
+
+def speedup_vs_experts(experts: list[int], step_speedup: list[float],
+                       time_speedup: list[float], out: str, title: str = "") -> str:
+  """Fedus et al. figure 4 (right) / figure 1 form: how many times fewer steps
+  (and training seconds) each E needs to reach the dense model's final loss."""
+  fig, ax = plt.subplots(figsize=(5.6, 4.0))
+  ax.plot(experts, step_speedup, marker="o", label="steps")
+  ax.plot(experts, time_speedup, marker="s", label="training time (this CPU)")
+  ax.axhline(1.0, color="gray", linestyle="--", label="dense")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(experts, [str(e) for e in experts])
+  ax.set_xlabel("number of experts")
+  ax.set_ylabel("speed-up to the dense model's final loss")
+  return _finish(fig, ax, out, title or "sample efficiency against dense")
 
 
 def expert_load(workdir: str, out: str) -> str:

@@ -10,7 +10,9 @@ base config and `sweep(add)` calls `add(**{"model.moe.num_experts": 8, ...})`
 once per point (`sweep(add, arg)` gets the variant too, for a file with
 several grids). Each point runs `python -m sparse_lm.main` in its own
 subfolder named from its overrides; a finished point (DONE file) is skipped, an
-interrupted one resumes from its checkpoints. Results go to results.csv/json.
+interrupted one resumes from its checkpoints. Results go to runs.csv (one row
+per run), results.csv (one row per point: runs that differ only in
+`train.seed` are averaged, with a standard deviation and n) and results.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ import time
 from absl import app
 from absl import flags
 
+from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import metrics as metricslib
 
@@ -108,10 +112,30 @@ def _progress(point_dir: str) -> str:
       f", eval {evals[-1]:.3f}" if evals else "")
 
 
+def _die_with_parent():
+  """In the child, before exec: SIGTERM it when the sweep dies (even by
+  SIGKILL), so a killed sweep leaves no point training on; SIGTERM makes the
+  trainer save a checkpoint and exit (Linux prctl PR_SET_PDEATHSIG)."""
+  if sys.platform.startswith("linux"):
+    import ctypes  # pylint: disable=g-import-not-at-top
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _last_line(path: str) -> str:
+  with open(path, errors="replace") as f:
+    lines = [l.strip() for l in f if l.strip()]
+  return lines[-1][:300] if lines else ""
+
+
 def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list[dict]:
   """Runs every unfinished point (`parallel` at a time); returns the failed points' names."""
   grid = points(sweep_file)
-  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise cli.UserError(f"--workdir {workdir} is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise cli.UserError(f"--workdir {workdir} cannot be created: {e.strerror or e}") from None
   todo = [p for p in grid if not os.path.exists(os.path.join(workdir, point_name(p), "DONE"))]
   log(f"sweep {sweep_file}: {len(grid)} points, {len(grid) - len(todo)} done, "
       f"{len(todo)} to run ({parallel} at a time) in {workdir}")
@@ -128,7 +152,8 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
       log(f"[{idx}/{len(grid)}] {point_name(p)}: start" +
           (" (resuming)" if os.path.exists(os.path.join(d, "checkpoints")) else ""))
       running[idx] = (p, d, subprocess.Popen(command(sweep_file, workdir, p), stdout=logf,
-                                              stderr=subprocess.STDOUT), logf, time.time())
+                                              stderr=subprocess.STDOUT,
+                                              preexec_fn=_die_with_parent), logf, time.time())
     for idx, (p, d, proc, logf, t0) in list(running.items()):
       rc = proc.poll()
       if rc is None:
@@ -136,14 +161,14 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
       logf.close()
       del running[idx]
       wall = time.time() - t0
-      _add_wall(d, wall)
       if rc == 0:
         with open(os.path.join(d, "DONE"), "w") as f:
           f.write(json.dumps({"overrides": p}))
         log(f"[{idx}/{len(grid)}] {point_name(p)}: done in {wall:.0f}s ({_progress(d)})")
       else:
         failed.append(point_name(p))
-        log(f"[{idx}/{len(grid)}] {point_name(p)}: FAILED (exit {rc}); see {d}/log.txt")
+        log(f"[{idx}/{len(grid)}] {point_name(p)}: FAILED (exit {rc}): "
+            f"{_last_line(os.path.join(d, 'log.txt'))}; log: {d}/log.txt")
     if running and time.time() - t_print > 30:
       t_print = time.time()
       for idx, (p, d, *_) in running.items():
@@ -152,13 +177,6 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
   if failed:
     log(f"{len(failed)} point(s) failed: {', '.join(failed)}")
   return failed
-
-
-def _add_wall(d: str, seconds: float):
-  path = os.path.join(d, "wall_time.json")
-  total = json.load(open(path))["seconds"] if os.path.exists(path) else 0.0
-  with open(path, "w") as f:
-    json.dump({"seconds": total + seconds}, f)
 
 
 # ----------------------------------------------------------------- results
@@ -197,22 +215,62 @@ def _median(xs):
   return xs[len(xs) // 2] if xs else math.nan
 
 
+SEED_KEY = "train.seed"
+# Per-run numbers that results.csv averages over seeds (mean, and {key}_std).
+SEED_AVERAGED = ("final_eval_loss", "best_eval_loss", "steps_to_target", "tokens_to_target",
+                 "tokens_per_s", "wall_time_s")
+
+
+def aggregate_seeds(runs: list[dict]) -> list[dict]:
+  """One row per point with `train.seed` left out of its overrides: the mean of
+  each SEED_AVERAGED number over that point's seeds, its sample standard
+  deviation ({key}_std, ddof 1; 0 for one seed), `n` and `seeds`. A seed
+  changes model init and data order together (both derive from train.seed)."""
+  groups: dict[str, list[dict]] = {}
+  for r in runs:
+    overrides = {k: v for k, v in r["overrides"].items() if k != SEED_KEY}
+    groups.setdefault(point_name(overrides), []).append({**r, "overrides": overrides})
+  out = []
+  for name, rs in groups.items():
+    row = {"point": name, **rs[0]["overrides"]}
+    row.update({k: v for k, v in rs[0].items()
+                if k not in ("point", "overrides", SEED_KEY) and k not in rs[0]["overrides"]})
+    for key in SEED_AVERAGED:
+      xs = [r[key] for r in rs if r.get(key) is not None and not math.isnan(float(r[key]))]
+      row[key] = xs[0] if len(xs) == 1 else (sum(xs) / len(xs) if xs else None)
+      row[f"{key}_std"] = (math.sqrt(sum((x - row[key]) ** 2 for x in xs) / (len(xs) - 1))
+                           if len(xs) > 1 else (0.0 if xs else None))
+    row["n"] = len(rs)
+    row["seeds"] = [r["overrides_seed"] for r in rs]
+    row["done"] = all(r["done"] for r in rs)
+    out.append(row)
+  return out
+
+
 def collect(sweep_file: str, workdir: str, target_loss: float | None = None) -> list[dict]:
-  """Writes results.csv and results.json (one row per point) and returns the rows."""
+  """Writes runs.csv (one row per run), results.csv (one row per point, seeds
+  aggregated: aggregate_seeds) and results.json (both); returns the points."""
   path, _, _ = sweep_file.partition(":")
   if target_loss is None:
     target_loss = getattr(cfglib.load_module(path), "TARGET_LOSS", None)
-  results = []
+  runs = []
   for p in points(sweep_file):
     d = os.path.join(workdir, point_name(p))
-    results.append({"point": point_name(p), **p, **summarize_point(d, target_loss)})
-  keys = list(dict.fromkeys(k for r in results for k in r))
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=keys)
-    w.writeheader()
-    w.writerows(results)
+    runs.append({"point": point_name(p), **p, **summarize_point(d, target_loss),
+                 "overrides": p, "overrides_seed": p.get(SEED_KEY, 0)})
+  results = aggregate_seeds(runs)
+  for name, rows in (("runs.csv", [{k: v for k, v in r.items()
+                                    if k not in ("overrides", "overrides_seed")} for r in runs]),
+                     ("results.csv", results)):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(os.path.join(workdir, name), "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=keys)
+      w.writeheader()
+      w.writerows(rows)
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"sweep": sweep_file, "target_loss": target_loss, "points": results}, f, indent=1)
+    json.dump({"sweep": sweep_file, "target_loss": target_loss, "points": results,
+               "runs": [{k: v for k, v in r.items() if k != "overrides_seed"} for r in runs]},
+              f, indent=1)
   return results
 
 
@@ -220,21 +278,24 @@ def main(argv):
   del argv
   if not _CONFIG.value or not _WORKDIR.value and not _PRINT.value:
     raise app.UsageError("--config and --workdir are required")
-  try:
-    if _PRINT.value:
-      for p in points(_CONFIG.value):
-        print(" ".join(["python"] + command(_CONFIG.value, _WORKDIR.value or "runs/sweep", p)[1:]))
-      return
-    failed = [] if _COLLECT.value else run_all(_CONFIG.value, _WORKDIR.value, _PARALLEL.value)
-    results = collect(_CONFIG.value, _WORKDIR.value, _TARGET.value)
-  except cfglib.ConfigError as e:
-    raise SystemExit(f"sparse_lm.sweep: {e}") from None
+  if _PRINT.value:
+    for p in points(_CONFIG.value):
+      print(" ".join(["python"] + command(_CONFIG.value, _WORKDIR.value or "runs/sweep", p)[1:]))
+    return
+  failed = [] if _COLLECT.value else run_all(_CONFIG.value, _WORKDIR.value, _PARALLEL.value)
+  results = collect(_CONFIG.value, _WORKDIR.value, _TARGET.value)
   print(f"results: {_WORKDIR.value}/results.csv, {_WORKDIR.value}/results.json")
   for r in results:
-    print(f"  {r['point']:<40} final eval {r['final_eval_loss']:.4f}  best {r['best_eval_loss']:.4f}")
+    if r["final_eval_loss"] is None:
+      print(f"  {r['point']:<40} no eval yet")
+      continue
+    seeds = (f" +- {r['final_eval_loss_std']:.4f} (std over {r['n']} seeds)"
+             if r["n"] > 1 else "")
+    print(f"  {r['point']:<40} final eval {r['final_eval_loss']:.4f}{seeds}  "
+          f"best {r['best_eval_loss']:.4f}")
   if failed:
     sys.exit(f"{len(failed)} point(s) failed: {', '.join(failed)}; rerun the same command to retry")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "sparse_lm.sweep")  # user errors end as one line (cli.py)

@@ -106,3 +106,46 @@ def test_print_commands(tmp_path):
   lines = p.stdout.strip().splitlines()
   assert len(lines) == 3 and all(l.startswith("python -m sparse_lm.main") for l in lines)
   assert "--workdir=runs/x/learning_rate=0.01 --config.train.learning_rate=0.01" in lines[2]
+
+
+def test_seeds_are_aggregated_per_point(tmp_path):
+  # Three seeds of one point and one of another, with metrics.jsonl written as
+  # the trainer writes them; results.csv averages over seeds, runs.csv does not.
+  path = tmp_path / "seeds.py"
+  path.write_text(textwrap.dedent('''
+      from sparse_lm import config as cfglib
+
+      def get_config(arg=None):
+        return cfglib.load_config("configs/dense.py:tiny")
+
+      def sweep(add, arg):
+        assert arg == "two"
+        for seed in (0, 1, 2):
+          add(**{"model.d_ff": 256, "train.seed": seed})
+        add(**{"model.d_ff": 512})
+  '''))
+  wd = tmp_path / "sweep"
+  finals = {"d_ff=256,seed=0": 3.0, "d_ff=256,seed=1": 3.2, "d_ff=256,seed=2": 3.4,
+            "d_ff=512": 2.9}
+  for name, loss in finals.items():
+    d = wd / name
+    d.mkdir(parents=True)
+    rows = [{"step": 0, "total_params": 10}, {"step": 5, "train_loss": 4.0, "tokens_per_s": 100.0,
+                                              "eval_loss": loss + 0.5, "tokens": 50},
+            {"step": 10, "train_loss": 3.0, "tokens_per_s": 100.0, "eval_loss": loss, "tokens": 100}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "DONE").write_text("{}")
+  results = sweeplib.collect(f"{path}:two", str(wd))
+  assert [r["point"] for r in results] == ["d_ff=256", "d_ff=512"]
+  three, one = results
+  assert three["n"] == 3 and three["seeds"] == [0, 1, 2] and one["n"] == 1
+  assert three["final_eval_loss"] == pytest.approx(3.2)
+  assert three["final_eval_loss_std"] == pytest.approx(0.2)  # sample std (ddof 1)
+  assert one["final_eval_loss"] == 2.9 and one["final_eval_loss_std"] == 0.0
+  with open(wd / "runs.csv") as f:
+    assert [r["point"] for r in csv.DictReader(f)] == list(finals)
+  with open(wd / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [float(r["final_eval_loss_std"]) for r in rows] == pytest.approx([0.2, 0.0])
+  res = json.load(open(wd / "results.json"))
+  assert len(res["runs"]) == 4 and len(res["points"]) == 2

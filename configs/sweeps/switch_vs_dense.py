@@ -1,54 +1,81 @@
-r"""Switch vs dense (Fedus et al. 2021, figure 4 and table 1) at CPU scale.
+r"""Switch vs dense (Fedus et al. 2021, figures 1 and 4, table 1) at CPU scale.
 
+  python experiments/switch_vs_dense/report.py --run     # both sweeps + the report
+
+which runs, then reports on:
   python -m sparse_lm.sweep --config=configs/sweeps/switch_vs_dense.py --workdir=runs/switch_vs_dense
-  python experiments/switch_vs_dense/report.py --workdir=runs/switch_vs_dense
+  python -m sparse_lm.sweep --config=configs/sweeps/switch_vs_dense.py:ablations \
+      --workdir=runs/switch_vs_dense_ablations
 
-Arg (after ':'): "cpu" (default; about an hour on 2 CPU cores) or "accel"
-(the same study at d_model 512 / 8 layers for one GPU or TPU host).
+Arg (after ':'):
+  cpu        the core grid (default; about 2 hours on 2 CPU cores): dense and
+             Switch E = 2, 4, 8, 16, 32, with 3 seeds at dense, E=8 and E=32.
+  ablations  one seed each (about 1 hour): table 1's capacity factors 1.0 and
+             2.0 and top-2 at E=8, jitter on, the paper's init s=0.1 for dense
+             and E=8, a dense model matched on total parameters, and E=32 at
+             a second learning rate.
+  accel      the core grid at d_model 512 / 8 layers for one GPU or TPU host.
 
 Every point has the same active FLOPs per token: top-1 Switch layers in every
-other layer whose experts are the dense FFN's size, so adding experts adds
+layer whose experts are the dense FFN's size, so adding experts adds
 parameters, not compute. The dense model is the same config with one expert
-(num_experts=1 means a dense FFN). Learning rate and schedule are shared by all
-points and were tuned for the dense baseline (experiments/switch_vs_dense/README.md).
+(num_experts=1 means a dense FFN). One initialisation for all (the default,
+s=1, for every weight of dense and MoE alike; the paper's s=0.1 is an
+ablation), one learning rate tuned for the dense baseline at this horizon
+(configs/sweeps/dense_lr.py; experiments/switch_vs_dense/README.md), and the
+same data order for every point of one seed: train.seed sets the model init
+and the data order together. Sizing: experiments/switch_vs_dense/README.md.
 """
 
 from sparse_lm import config as cfglib
 
-# The dense baseline's tuned learning rate (configs/sweeps/dense_lr.py at this scale).
+# The dense baseline's tuned learning rate at this horizon (configs/sweeps/dense_lr.py).
 LEARNING_RATE = 3e-3
+EXPERTS = (2, 4, 8, 16, 32)
+SEEDS = (0, 1, 2)
+SEEDED = (1, 8, 32)  # expert counts run with every seed (1 = dense)
+NUM_STEPS = 1500
 
 
 def get_config(arg: str = "cpu"):
   arg = arg or "cpu"
-  if arg not in ("cpu", "accel"):
-    raise cfglib.ConfigError(f"switch_vs_dense arg {arg!r} is unknown: 'cpu' or 'accel'")
+  if arg not in ("cpu", "ablations", "accel"):
+    raise cfglib.ConfigError(f"switch_vs_dense arg {arg!r} is unknown: 'cpu', 'ablations' "
+                             "or 'accel'")
   c = cfglib.load_config("configs/switch.py:tiny")
-  c.train.learning_rate = LEARNING_RATE
-  c.train.warmup_steps = 50
-  c.train.eval_every = 50
-  c.train.eval_batches = 16
-  c.train.log_every = 25
-  c.train.checkpoint_every = 250
-  if arg == "cpu":
-    c.train.num_steps = 1000
-  else:
-    c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.d_ff = 512, 8, 8, 2048
+  m = c.model
+  m.init_scale = 1.0  # the default init for every weight (s=0.1 is an ablation)
+  m.moe.jitter = 0.0  # jitter on is an ablation
+  m.moe.every, m.moe.offset = 1, 0  # MoE in every layer: the FFN is most of the step
+  c.data.batch_size = 32  # 4096 tokens a step
+  t = c.train
+  t.learning_rate, t.schedule, t.warmup_steps = LEARNING_RATE, "rsqrt", 100
+  t.num_steps = NUM_STEPS
+  t.eval_every, t.eval_batches = 100, 16
+  t.log_every, t.checkpoint_every = 25, 500
+  if arg == "accel":
+    m.d_model, m.num_layers, m.num_heads, m.d_ff = 512, 8, 8, 2048
     c.data.batch_size, c.data.seq_len, c.data.vocab_size = 64, 512, 8192
-    c.model.dtype = "bfloat16"
-    c.train.learning_rate, c.train.num_steps = 1e-3, 20_000
-    c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 500, 2_000, 100
+    m.dtype = "bfloat16"
+    t.learning_rate, t.warmup_steps, t.num_steps = 1e-3, 500, 5_000
+    t.eval_every, t.checkpoint_every, t.log_every = 250, 1_000, 50
   return c
 
 
-def sweep(add):
-  add(**{"model.moe.num_experts": 1})  # dense
-  for e in (2, 4, 8, 16, 32):
-    add(**{"model.moe.num_experts": e})
-  # Table 1: capacity factor and top-2 at 8 experts (top-1 cf 1.25 is above).
+def sweep(add, arg: str = "cpu"):
+  arg = arg or "cpu"
+  if arg in ("cpu", "accel"):
+    for e in (1,) + EXPERTS:
+      for seed in SEEDS if e in SEEDED else (None,):
+        add(**{"model.moe.num_experts": e, **({} if seed is None else {"train.seed": seed})})
+    return
+  # Ablations, seed 0: table 1 at E=8 (top-1 with cf 1.25 is the core point).
   for cf in (1.0, 2.0):
     add(**{"model.moe.num_experts": 8, "model.moe.capacity_factor": cf})
   add(**{"model.moe.num_experts": 8, "model.moe.router": "topk", "model.moe.top_k": 2})
-  # Ablation: the paper's reduced init (0.1) and jitter against the dense model's own init.
-  for e in (8, 32, 4):
-    add(**{"model.moe.num_experts": e, "model.moe.init_scale": 1.0, "model.moe.jitter": 0.0})
+  add(**{"model.moe.num_experts": 8, "model.moe.jitter": 1e-2})
+  for e in (1, 8):  # the paper's reduced init (section 2.4) for every weight
+    add(**{"model.moe.num_experts": e, "model.init_scale": 0.1})
+  # Dense matched on total parameters with E=4 (d_ff x 4; 2.1x the FLOPs per token).
+  add(**{"model.moe.num_experts": 1, "model.d_ff": 4 * 512})
+  add(**{"model.moe.num_experts": 32, "train.learning_rate": LEARNING_RATE / 2})
