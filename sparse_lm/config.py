@@ -18,8 +18,10 @@ import os
 
 import ml_collections as mlc
 
+from sparse_lm.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A config value is wrong; the message names the key and what is allowed."""
 
 
@@ -141,7 +143,11 @@ def base_config() -> mlc.ConfigDict:
   c.train.eval_every = 50
   c.train.eval_batches = 8
   c.train.checkpoint_every = 100
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3  # only finite states are ever saved (train.py)
+  # 0: a step with a non-finite loss or gradient norm stops the run (its state
+  # is not saved). N > 0: such a step's update is skipped and counted
+  # (metrics: skipped_steps); more than N in a row stops the run.
+  c.train.skip_nonfinite_steps = 0
 
   # Mesh axes, -1 fills the rest. Axis names appear only here, in the rules
   # below and in sparse_lm/sharding.py. Tuples, so that the command line can
@@ -350,6 +356,9 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "train.schedule", SCHEDULES)
   if not 0 <= t.end_lr_fraction <= 1:
     _fail("train.end_lr_fraction", t.end_lr_fraction, "must be in [0, 1]")
+  if (not isinstance(t.skip_nonfinite_steps, int) or isinstance(t.skip_nonfinite_steps, bool)
+      or t.skip_nonfinite_steps < 0):
+    _fail("train.skip_nonfinite_steps", t.skip_nonfinite_steps, "must be an integer >= 0")
   if not isinstance(t.seed, int):
     _fail("train.seed", t.seed, "must be an integer")
   _validate_mesh(c)

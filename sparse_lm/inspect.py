@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from sparse_lm import cli
 from sparse_lm import config as cfglib
 
 LOOKUP_TABLES = ("embedding", "pos_embed")  # gathered, not multiplied
@@ -247,7 +248,7 @@ def main(argv):
     try:
       columns[title] = column(cfglib.validate(flag.value), flags.FLAGS.devices)
     except cfglib.ConfigError as e:
-      raise SystemExit(f"sparse_lm.inspect: {title}: {e}") from None
+      raise cfglib.ConfigError(f"{title}: {e}") from None
   if not columns:
     raise app.UsageError("--config is required, e.g. --config=configs/mixtral.py:8x7b")
   print(table(columns))
@@ -257,4 +258,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main, "sparse_lm.inspect", config_flags=("config", "compare"))

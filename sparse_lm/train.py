@@ -4,6 +4,21 @@ Mesh -> Input -> Model -> Shard -> Update step -> Checkpoint -> Evals -> Loop.
 A run always resumes from the workdir's latest checkpoint. The RNG of step n is
 fold_in(seed, n), so model, optimizer, step and data position are all the
 state there is, and a killed run resumes to the same losses step for step.
+
+What a run guarantees (README, "Checkpoints"):
+  * one process per workdir: a second launch is refused (a lock file that the
+    OS releases when the holder dies, also after kill -9);
+  * only finite states are saved: every step's loss and gradient norm are
+    checked on the host (one step late, so the device never waits) and a
+    checkpoint step waits for its own check plus a finite-check of the
+    parameters; a non-finite step stops the run with one line naming the last
+    finite checkpoint, so rotation (train.keep_checkpoints) only ever drops
+    finite ones; train.skip_nonfinite_steps=N skips such updates instead;
+  * a checkpoint that cannot be written ends the run with one line and a
+    non-zero exit within seconds; earlier checkpoints are untouched;
+  * a latest checkpoint that cannot be read is moved to
+    workdir/broken_checkpoints/ (named in one line) and the run resumes from
+    the step before it.
 """
 
 from __future__ import annotations
@@ -11,17 +26,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import time
 
 from absl import logging
+import filelock
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
 from sparse_lm import inspect as inspectlib
@@ -117,6 +137,88 @@ def save_config(c, workdir: str):
     os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
+class RunError(cli.UserError, RuntimeError):
+  """A run cannot go on; the message is one line that says what to do."""
+
+
+class CheckpointWriteError(RunError):
+  """A checkpoint could not be written. Orbax's save threads never finish
+  after that, so the program exits with os._exit once the message is out."""
+
+  hard_exit = True
+
+
+def open_workdir(workdir: str) -> filelock.FileLock | None:
+  """Checks that `workdir` is a writable directory (creating it) and takes its
+  lock, so that a second run on it is refused. Process 0 only; None elsewhere."""
+  if jax.process_index() != 0:
+    return None
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise RunError(f"--workdir {workdir} is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise RunError(f"--workdir {workdir} is not writable: {e.strerror or e}") from None
+  lock = filelock.FileLock(os.path.join(workdir, ".lock"))
+  owner = os.path.join(workdir, ".lock.owner")
+  try:
+    lock.acquire(timeout=0)
+  except filelock.Timeout:
+    who = open(owner).read().strip() if os.path.exists(owner) else "another process"
+    raise RunError(f"workdir {workdir} is in use by another run ({who}); wait for it or "
+                   "stop it, or use another --workdir") from None
+  with open(owner, "w") as f:
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+  return lock
+
+
+class WallClock:
+  """workdir/wall_time.json: this run's seconds over all its processes' lives
+  (a resumed run adds to it), rewritten at every log step. Process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "wall_time.json")
+    self.enabled = jax.process_index() == 0
+    self.before, self.t0 = 0.0, time.time()
+    if self.enabled and os.path.exists(self.path):
+      with open(self.path) as f:
+        self.before = float(json.load(f)["seconds"])
+
+  def update(self):
+    if self.enabled:
+      with open(self.path + ".tmp", "w") as f:
+        json.dump({"seconds": self.before + time.time() - self.t0}, f)
+      os.replace(self.path + ".tmp", self.path)
+
+
+def restore_latest(mngr, args_fn, workdir: str, say) -> tuple[int | None, dict | None]:
+  """(step, restored) of the newest checkpoint that restores, or (None, None).
+
+  A checkpoint that fails to restore (truncated array, corrupt metadata) is
+  moved to workdir/broken_checkpoints/ and named in one line; the next older
+  one is tried. Moving it keeps it for inspection and frees its step number."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return step, mngr.restore(step, args=args_fn())
+    except Exception as e:  # pylint: disable=broad-except  # any failure: try the older one
+      why = " ".join(str(e).split())[:300]
+      dest = os.path.join(workdir, "broken_checkpoints", f"{step}.{int(time.time())}")
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(os.path.join(workdir, "checkpoints", str(step)), dest)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"moved broken checkpoint {step}")
+      mngr.reload()
+      say(f"checkpoint of step {step} cannot be read ({type(e).__name__}: {why}); "
+          f"moved to {dest}, trying the one before it")
+  return None, None
+
+
 # --------------------------------------------------------------------- Input
 
 
@@ -140,7 +242,11 @@ def batch_share(c, batch_shd) -> tuple[int, int]:
 
 
 class _Stop:
-  """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly."""
+  """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly (exit 0).
+
+  Installed for the whole run, final save included: a second signal while the
+  run is already stopping is acknowledged, not obeyed, so a scheduler that
+  sends two does not turn a safe stop into a failure."""
 
   def __init__(self):
     self.requested = False
@@ -148,6 +254,9 @@ class _Stop:
 
   def _handle(self, signum, frame):
     del frame
+    if self.requested:
+      print(f"\nsignal {signum}: already stopping; the checkpoint is being saved", flush=True)
+      return
     logging.warning("signal %d: saving a checkpoint and stopping", signum)
     print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping", flush=True)
     self.requested = True
@@ -161,7 +270,16 @@ def train_and_evaluate(c, workdir: str) -> dict:
   """Trains config `c` in `workdir` (resuming if it holds a checkpoint)."""
   c = cfglib.validate(c)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  check_workdir(c, workdir)
+  lock = open_workdir(workdir)
+  try:
+    check_workdir(c, workdir)
+    return _train(c, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(c, workdir: str) -> dict:
   t, m = c.train, c.model
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
@@ -200,15 +318,25 @@ def train_and_evaluate(c, workdir: str) -> dict:
 
   # ---- Update step ----
   def train_step(state, batch, step):
+    old_state = jax.tree.map(lambda x: x, state)  # merge shares state's Variables
     model, opt = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(jax.random.key(t.seed), step)
     grad_fn = nnx.value_and_grad(lambda mdl: loss_fn(mdl, batch, train=True, rng=rng),
                                  has_aux=True)
     (loss, aux), grads = grad_fn(model)
     opt.update(model, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = nnx.state((model, opt))
+    if t.skip_nonfinite_steps:
+      # Keep the old state (optimizer moments, router bias and all) on a
+      # non-finite step. optax.apply_if_finite would check the gradients only
+      # and add fields to the optimizer state, so checkpoints would depend on
+      # this flag.
+      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
     measurements = {"loss": loss, "ce": aux["ce"], "router_loss": aux["router_loss"],
-                    "grad_norm": optax.global_norm(grads), "moe": aux["moe"]}
-    return nnx.state((model, opt)), measurements
+                    "grad_norm": grad_norm, "finite": finite, "moe": aux["moe"]}
+    return new_state, measurements
 
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
@@ -220,6 +348,10 @@ def train_and_evaluate(c, workdir: str) -> dict:
                          out_shardings=(state_shd, repl), donate_argnums=0)
     eval_step = jax.jit(eval_step, in_shardings=(state_shd, batch_shd), out_shardings=repl)
     init = jax.jit(lambda: nnx.state(create()), out_shardings=state_shd)
+    all_finite = jax.jit(lambda s: jnp.all(jnp.array(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)
+         if jnp.issubdtype(x.dtype, jnp.inexact)])), in_shardings=(state_shd,),
+                         out_shardings=repl)
 
   def to_global(batch):
     B = c.data.batch_size
@@ -227,18 +359,17 @@ def train_and_evaluate(c, workdir: str) -> dict:
             for k, v in batch.items()}
 
   # ---- Checkpoint ----
-  mngr = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True))
-  start = mngr.latest_step()
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=t.keep_checkpoints, create=True, cleanup_tmp_directories=True))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abs_state, state_shd)
+  start, restored = restore_latest(mngr, lambda: ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()), workdir, say)
   if start is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abs_state, state_shd)
-    restored = mngr.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     state = restored["state"]
     train_input.set_state(restored["data"])
-    say(f"resumed from {workdir}/checkpoints step {start}")
+    say(f"resumed from {ckpt_dir} step {start}")
   else:
     start = 0
     with sharding.use(mesh, c):
@@ -246,8 +377,28 @@ def train_and_evaluate(c, workdir: str) -> dict:
     save_config(c, workdir)
 
   def save(step):
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_input.get_state())))
+    """Saves step's state; it must already be known finite (see the loop)."""
+    if not bool(all_finite(state)):
+      raise RunError(nonfinite_message(step, "the parameters or optimizer state"))
+    try:
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_input.get_state())))
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises what the file system raised
+      raise CheckpointWriteError(
+          f"could not write the checkpoint of step {step} to {ckpt_dir} "
+          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+          + (f"; checkpoints up to step {last_saved[0]} are intact" if last_saved[0] else "")
+          ) from None
+    last_saved[0] = step
+
+  last_saved = [start if start else None]
+
+  def nonfinite_message(step, what):
+    where = (f"the last checkpoint, step {last_saved[0]} in {ckpt_dir}, is finite"
+             if last_saved[0] is not None else "no checkpoint was saved yet")
+    return (f"step {step}: {what} is not finite and was not saved; {where}. Run the same "
+            "command with a lower --config.train.learning_rate (or with "
+            "--config.train.skip_nonfinite_steps=N to skip such steps) to go on from it")
 
   # ---- Evals ----
   moe_ids = moe_layer_indices(m)
@@ -269,6 +420,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
 
   # ---- Loop ----
   writer = metricslib.Writer(workdir, resume_step=start if start else -1)
+  clock = WallClock(workdir)
   if start == 0:
     fp = getattr(train_input, "fingerprint", {})
     writer.write(0, {"total_params": stats["total_params"],
@@ -280,66 +432,104 @@ def train_and_evaluate(c, workdir: str) -> dict:
   stop = _Stop()
   schedule = lr_schedule(t)
   tokens_per_step = c.data.batch_size * c.data.seq_len
-  pending, last_eval = None, {}
+  last_eval = {}
   t_log, step_log = time.time(), start
+  skipped = {"in_a_row": 0, "total": 0}
   say(f"training steps {start}..{t.num_steps}; logs: {workdir}/metrics.jsonl, "
       f"tensorboard: {workdir}/tensorboard")
 
-  def flush(pending):
-    """Fetches step n's metrics after step n+1 is dispatched (no host stall)."""
+  def check(step, meas):
+    """Step's loss and gradient norm on the host; a non-finite step stops the
+    run (or, with skip_nonfinite_steps, was skipped on the device: counted)."""
+    vals = jax.device_get({k: meas[k] for k in ("loss", "grad_norm", "finite")})
+    if bool(vals["finite"]):
+      skipped["in_a_row"] = 0
+      return
+    what = f"loss {float(vals['loss']):.4g} / gradient norm {float(vals['grad_norm']):.4g}"
+    if not t.skip_nonfinite_steps:
+      raise RunError(nonfinite_message(step, what))
+    skipped["in_a_row"] += 1
+    skipped["total"] += 1
+    say(f"step {step}: {what}; update skipped ({skipped['in_a_row']} in a row)")
+    if skipped["in_a_row"] > t.skip_nonfinite_steps:
+      raise RunError(nonfinite_message(
+          step, f"{what}, for {skipped['in_a_row']} steps in a row (more than "
+          f"train.skip_nonfinite_steps={t.skip_nonfinite_steps}),"))
+
+  def log(step, meas, evals):
     nonlocal t_log, step_log
-    step, meas = pending
     meas = jax.device_get(meas)
-    if not np.isfinite(meas["loss"]):
-      raise FloatingPointError(f"loss is {meas['loss']} at step {step}; last checkpoint "
-                               f"{mngr.latest_step()} in {workdir}/checkpoints is intact")
     dt = time.time() - t_log
-    row = {"train_loss": float(meas["ce"]), "grad_norm": float(meas["grad_norm"]), "lr": float(schedule(step - 1)),
+    row = {"train_loss": float(meas["ce"]), "grad_norm": float(meas["grad_norm"]),
+           "lr": float(schedule(step - 1)),
            "tokens_per_s": tokens_per_step * (step - step_log) / max(dt, 1e-9),
-           "tokens": tokens_per_step * step}
+           "tokens": tokens_per_step * step, **evals}
+    if t.skip_nonfinite_steps:
+      row["skipped_steps"] = skipped["total"]
     if moe_ids:
       row["router_loss"] = float(meas["router_loss"])
       row.update(metricslib.flatten_moe(meas["moe"], moe_ids))
-    if step in eval_at:
-      row.update(eval_at.pop(step))
     writer.write(step, row)
     progress.print(step, row)
+    clock.update()
     t_log, step_log = time.time(), step
 
-  eval_at = {}
+  # Step n's scalars are fetched after step n+1 is dispatched (the device
+  # never waits for the host), except at eval / checkpoint / log-with-eval
+  # steps, which first wait for step n's own check: a step is evaluated and
+  # saved only once it is known finite.
+  pending = None  # (step, measurements) not yet checked
   step = start
+  write_failed = False
   try:
     while step < t.num_steps and not stop.requested:
       batch = to_global(next(train_input))
       with sharding.use(mesh, c):
         state, meas = train_step(state, batch, jnp.int32(step))
       step += 1
-      log_now = step % t.log_every == 0 or step == t.num_steps or step % t.eval_every == 0
       if pending is not None:
-        flush(pending)
+        check(*pending)
+        if pending[0] % t.log_every == 0:
+          log(*pending, {})
+      pending = (step, meas)
+      eval_now = step % t.eval_every == 0 or step == t.num_steps
+      save_now = step % t.checkpoint_every == 0 or step == t.num_steps or stop.requested
+      if eval_now or save_now:
+        check(step, meas)
         pending = None
-      if step % t.eval_every == 0 or step == t.num_steps:
-        last_eval = evaluate()
-        eval_at[step] = last_eval
-      if log_now:
-        pending = (step, meas)
-      if step % t.checkpoint_every == 0 or step == t.num_steps or stop.requested:
-        save(step)
+        if eval_now:
+          last_eval = evaluate()
+        if eval_now or step % t.log_every == 0:
+          log(step, meas, last_eval if eval_now else {})
+        if save_now:
+          save(step)
     if pending is not None:
-      flush(pending)
-    if stop.requested and mngr.latest_step() != step:
+      check(*pending)
+      log(*pending, {})
+      pending = None
       save(step)
+  except CheckpointWriteError:
+    write_failed = True
+    raise
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
+    if not write_failed:  # a failed save leaves threads that never finish
+      try:
+        mngr.wait_until_finished()
+        mngr.close()
+      except Exception as e:  # pylint: disable=broad-except  # an async write failed
+        write_failed = True
+        raise CheckpointWriteError(
+            f"could not write the checkpoint of step {mngr.latest_step()} to {ckpt_dir} "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     writer.close()
-    stop.restore()
+    clock.update()
 
   if not last_eval:
     last_eval = evaluate()
+  stop.restore()
   say(f"done at step {step}: eval_loss {last_eval['eval_loss']:.4f} "
       f"(ppl {last_eval['eval_ppl']:.2f}); metrics {workdir}/metrics.jsonl, "
-      f"tensorboard {workdir}/tensorboard, checkpoints {workdir}/checkpoints")
+      f"tensorboard {workdir}/tensorboard, checkpoints {ckpt_dir}")
   return {"step": step, **last_eval}
 
 
