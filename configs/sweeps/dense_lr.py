@@ -2,8 +2,9 @@ r"""Learning-rate sweep of the dense baseline of configs/sweeps/switch_vs_dense.
 
   python -m sparse_lm.sweep --config=configs/sweeps/dense_lr.py --workdir=runs/dense_lr
 
-The same model, data and horizon as that study's dense point; the best rate
-becomes its LEARNING_RATE, shared by every Switch point.
+The same model, data, schedule and horizon as that study's dense point (seed
+0); the best rate becomes its LEARNING_RATE, shared by every Switch point.
+experiments/switch_vs_dense/report.py puts the results in its tables.
 """
 
 from sparse_lm import config as cfglib
@@ -16,5 +17,5 @@ def get_config(arg: str = "cpu"):
 
 
 def sweep(add):
-  for lr in (1e-3, 3e-3, 1e-2):
+  for lr in (3e-3, 6e-3, 1.2e-2):
     add(**{"train.learning_rate": lr})

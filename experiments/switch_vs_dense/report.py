@@ -35,6 +35,7 @@ from sparse_lm import sweep as sweeplib  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = "configs/sweeps/switch_vs_dense.py"
 CORE, ABLATIONS = SWEEP, SWEEP + ":ablations"
+LR_SWEEP = "configs/sweeps/dense_lr.py"
 
 
 # ------------------------------------------------------------------ reading
@@ -145,6 +146,8 @@ def main():
   ap.add_argument("--run", action="store_true", help="run (or resume) both sweeps first")
   ap.add_argument("--workdir", default="runs/switch_vs_dense", help="the core grid's sweep folder")
   ap.add_argument("--ablations_workdir", default="runs/switch_vs_dense_ablations")
+  ap.add_argument("--lr_workdir", default="runs/dense_lr",
+                  help="configs/sweeps/dense_lr.py's folder, for the learning-rate table")
   ap.add_argument("--parallel", type=int, default=1, help="points at a time (--run)")
   ap.add_argument("--out", default=HERE)
   a = ap.parse_args()
@@ -341,6 +344,19 @@ def report(a):
              f"token): {r['final_eval_loss']:.4f}. Switch E={twin} ({by_e[twin]['total_params']:,} "
              f"params, the active-matched FLOPs) closes {closed:.0%} of the gap between the "
              f"active-matched dense model ({d_final:.4f}) and it.")
+  lr_rows = []
+  if os.path.isdir(a.lr_workdir):
+    lr_rows = [r for r in sweeplib.collect(LR_SWEEP, a.lr_workdir) if r["done"]]
+  if lr_rows:
+    L.append("")
+    L.append(f"Dense learning rate at this horizon (`{LR_SWEEP}`, seed 0; the study uses "
+             f"{sweep_mod.LEARNING_RATE:g}):")
+    L.append("")
+    L.append("| learning rate | final eval loss | best eval loss |")
+    L.append("|---|---|---|")
+    for r in lr_rows:
+      L.append(f"| {r['train.learning_rate']:g} | {r['final_eval_loss']:.4f} | "
+               f"{r['best_eval_loss']:.4f} |")
   with open(os.path.join(a.out, "results.md"), "w") as f:
     f.write("\n".join(L) + "\n")
   strip = lambda d: {k: v for k, v in d.items() if k not in ("predict", "dirs")}
@@ -350,7 +366,8 @@ def report(a):
                "dense_final_eval_loss": d_final, "dense_steps": d_last,
                "strictly_decreasing": decreasing, "gain_over_std": gain / noise,
                "core": rows, "fits": {k: strip(v) for k, v in fits.items()},
-               "chosen_fit": chosen, "ablations": [strip(r) for r in abl_rows]}, f, indent=1)
+               "chosen_fit": chosen, "ablations": [strip(r) for r in abl_rows],
+               "dense_learning_rates": lr_rows}, f, indent=1)
   print("\n".join(L))
   print(f"wrote plots, results.md, results.csv and results.json to {a.out}")
 
