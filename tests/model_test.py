@@ -130,10 +130,10 @@ def test_init_scale_is_the_switch_variance_scale(model_scale, moe_scale):
   m = build(cfglib.validate(c), vocab=512)
   moe_s = moe_scale or model_scale
   dense_block, moe_block = m.blocks[0], m.blocks[1]
-  cases = [(dense_block.attn.wq, 128, model_scale), (dense_block.attn.wo, 128, model_scale),
+  cases = [(dense_block.attn.wq, 128 * 4, model_scale), (dense_block.attn.wo, 128, model_scale),
            (dense_block.ffn.wi, 128, model_scale), (dense_block.ffn.wo, 512, model_scale),
            (moe_block.ffn.router, 128, moe_s), (moe_block.ffn.wi, 128, moe_s),
-           (moe_block.ffn.wo, 512, moe_s), (dense_block.attn.wk, 128, model_scale)]
+           (moe_block.ffn.wo, 512, moe_s), (dense_block.attn.wk, 128 * 4, model_scale)]
   for p, fan_in, s in cases:
     std = float(np.std(np.asarray(p[...])))
     np.testing.assert_allclose(std, np.sqrt(s / fan_in), rtol=0.06)
