@@ -3,8 +3,9 @@ r"""Learning-rate sweep of the dense baseline of configs/sweeps/switch_vs_dense.
   python -m sparse_lm.sweep --config=configs/sweeps/dense_lr.py --workdir=runs/dense_lr
 
 The same model, data, schedule and horizon as that study's dense point (seed
-0); the best rate becomes its LEARNING_RATE, shared by every Switch point.
-experiments/switch_vs_dense/report.py puts the results in its tables.
+0), at half and twice its LEARNING_RATE (the core grid's dense seed-0 run is
+the point at LEARNING_RATE itself); the best rate is the study's, shared by
+every Switch point. experiments/switch_vs_dense/report.py tables all three.
 """
 
 from sparse_lm import config as cfglib
@@ -17,5 +18,6 @@ def get_config(arg: str = "cpu"):
 
 
 def sweep(add):
-  for lr in (3e-3, 6e-3, 1.2e-2):
+  lr = cfglib.load_module("configs/sweeps/switch_vs_dense.py").LEARNING_RATE
+  for lr in (lr * 2, lr / 2):
     add(**{"train.learning_rate": lr})

@@ -347,6 +347,11 @@ def report(a):
   lr_rows = []
   if os.path.isdir(a.lr_workdir):
     lr_rows = [r for r in sweeplib.collect(LR_SWEEP, a.lr_workdir) if r["done"]]
+    seed0 = groups["num_experts=1"][0]
+    lr_rows.append({"train.learning_rate": sweep_mod.LEARNING_RATE,
+                    "final_eval_loss": float(plots.eval_curve(seed0)[1][-1]),
+                    "best_eval_loss": float(plots.eval_curve(seed0)[1].min())})
+    lr_rows.sort(key=lambda r: r["train.learning_rate"])
   if lr_rows:
     L.append("")
     L.append(f"Dense learning rate at this horizon (`{LR_SWEEP}`, seed 0; the study uses "
