@@ -30,7 +30,7 @@ and the data order together. Sizing: experiments/switch_vs_dense/README.md.
 from sparse_lm import config as cfglib
 
 # The dense baseline's tuned learning rate at this horizon (configs/sweeps/dense_lr.py).
-LEARNING_RATE = 3e-3
+LEARNING_RATE = 6e-3
 EXPERTS = (2, 4, 8, 16, 32)
 SEEDS = (0, 1, 2)
 SEEDED = (1, 8, 32)  # expert counts run with every seed (1 = dense)
