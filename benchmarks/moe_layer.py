@@ -3,7 +3,7 @@
 The dense FFN (sparse_lm.models.layers.Mlp) has hidden k * expert hidden and
 sees the same tokens as a [T, D] matrix; "ratio" is MoE time / dense time.
 Two diagnostic columns bound what dispatch could gain:
-  experts  the layer's own padded expert einsum (`MoeFfn._batched_experts`) on
+  experts  the layer's own padded expert einsum (`experts.batched`) on
            a random [E, C, D] buffer with the capacity C of this point (cf x
            the average load), fwd+bwd: the expert matmuls alone, no routing,
            dispatch or combine. What XLA's batched matmul costs at this E.
@@ -17,11 +17,11 @@ with block_until_ready.
   python benchmarks/moe_layer.py                      # the full table
   python benchmarks/moe_layer.py --experts 64 --top_k 1 --dispatch dropless
   python benchmarks/moe_layer.py --experts 16 32 --top_k 1 --dispatch capacity \\
-      --capacity_impl grouped batched      # the CPU crossover of capacity_impl
+      --capacity_layout grouped batched    # the CPU crossover (policy.py)
   # On a GPU: bf16, larger shapes, dropless by ragged_dot (its default there)
   # against the block loops
   python benchmarks/moe_layer.py --dtype bfloat16 --tokens 65536 --d_model 1024 \\
-      --d_ff 4096 --grouped_impl ragged blocks
+      --d_ff 4096 --grouped_kernel ragged blocks
 """
 
 from __future__ import annotations
@@ -37,23 +37,25 @@ import jax.numpy as jnp
 
 from sparse_lm import config as cfglib
 from sparse_lm.models import layers
-from sparse_lm.models.moe import dispatch as dispatch_lib
-from sparse_lm.models.moe import grouped
+from sparse_lm.models.moe import experts as experts_lib
 from sparse_lm.models.moe import layer as layer_lib
+from sparse_lm.models.moe import policy, routing
 
 
 def moe_model(E: int, k: int, dispatch: str, d_model: int, d_ff: int, cf: float,
-              dtype: str = "float32"):
+              dtype: str = "float32", **impl):
   c = cfglib.base_config()
   m = c.model
   m.d_model, m.d_ff, m.activation, m.dtype = d_model, d_ff, "gelu", dtype
   m.moe.num_experts, m.moe.top_k = E, k
   m.moe.router = "switch" if k == 1 else "topk"
   m.moe.dispatch, m.moe.capacity_factor = dispatch, cf
+  for part, value in impl.items():
+    m.moe.impl[part] = value
   return cfglib.validate(c).model
 
 
-def grad_fn(module, method=None, **call_kw):
+def grad_fn(module, **call_kw):
   """jit(value and grad of sum(y * ct) + router loss) w.r.t. params and x, as f(x, ct).
 
   The value makes the forward compute y, as in training (y feeds the residual
@@ -65,13 +67,21 @@ def grad_fn(module, method=None, **call_kw):
   @jax.jit
   def step(state, x, ct):
     def loss(state, x):
-      mod = nnx.merge(graphdef, state)
-      out = (getattr(mod, method) if method else mod)(x, **call_kw)
+      out = nnx.merge(graphdef, state)(x, **call_kw)
       y, aux = out if isinstance(out, tuple) else (out, {"router_loss": 0.0})
       return jnp.sum(y * ct) + aux["router_loss"]
     return jax.value_and_grad(loss, (0, 1))(state, x)
 
   return lambda x, ct: step(state, x, ct)
+
+
+def experts_grad_fn(w: experts_lib.Weights, activation: str):
+  """The same for the padded expert einsum alone, w.r.t. the weights and x."""
+  @jax.jit
+  def step(w, x, ct):
+    return jax.value_and_grad(lambda w, x: jnp.sum(experts_lib.batched(w, x, activation) * ct),
+                              (0, 1))(w, x)
+  return lambda x, ct: step(w, x, ct)
 
 
 def timed(fn, *args) -> float:
@@ -101,12 +111,12 @@ def main():
   ap.add_argument("--top_k", type=int, nargs="*", default=[1, 2])
   ap.add_argument("--dispatch", nargs="*", default=["capacity", "dropless"])
   ap.add_argument("--capacity_factor", type=float, default=1.25)
-  ap.add_argument("--capacity_impl", nargs="*", default=["auto"],
-                  choices=["auto", "grouped", "batched"],
-                  help="capacity dispatch layout; auto = MoeFfn's choice for this backend and E")
-  ap.add_argument("--grouped_impl", nargs="*", default=["auto"],
-                  choices=["auto", "ragged", "blocks"],
-                  help="dropless grouped matmul; auto = ragged_dot off CPU, block loops on CPU")
+  ap.add_argument("--capacity_layout", nargs="*", default=["auto"],
+                  choices=["auto"] + list(policy.PARTS["capacity_layout"]),
+                  help="model.moe.impl.capacity_layout; auto = policy.py's for this backend, E")
+  ap.add_argument("--grouped_kernel", nargs="*", default=["auto"],
+                  choices=["auto"] + list(policy.PARTS["grouped_kernel"]),
+                  help="model.moe.impl.grouped_kernel (dropless); auto = policy.py's")
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                   help="compute dtype of both layers (parameters stay float32)")
   ap.add_argument("--repeats", type=int, default=7)
@@ -128,30 +138,24 @@ def main():
   dense = {}
   points = [(E, k, disp, impl) for E, k, disp in
             itertools.product(args.experts, args.top_k, args.dispatch)
-            for impl in (args.capacity_impl if disp == "capacity" else args.grouped_impl)]
+            for impl in (args.capacity_layout if disp == "capacity" else args.grouped_kernel)]
   for E, k, disp, impl in points:
     if k not in dense:
       with nnx.use_eager_sharding(False):
         dense[k] = grad_fn(layers.Mlp(D, k * F, "gelu", rngs=nnx.Rngs(0)))
-    m = moe_model(E, k, disp, D, F, args.capacity_factor, args.dtype)
+    part = "capacity_layout" if disp == "capacity" else "grouped_kernel"
+    m = moe_model(E, k, disp, D, F, args.capacity_factor, args.dtype,
+                  **({} if impl == "auto" else {part: impl}))
+    disp = f"{disp}/{getattr(policy.resolve(m.moe), part)}"
     with nnx.use_eager_sharding(False):
       layer = layer_lib.MoeFfn(m, rngs=nnx.Rngs(0))
-    call_kw = {}
-    if disp == "capacity":
-      impl = layer_lib.default_capacity_impl(E) if impl == "auto" else impl
-      call_kw["capacity_impl"] = impl
-      disp = f"capacity/{impl}"
-    else:
-      impl = grouped.default_impl() if impl == "auto" else impl
-      call_kw["grouped_impl"] = impl
-      disp = f"{disp}/{impl}"
-    C = dispatch_lib.capacity(m.moe, T, train=True)
+    C = routing.capacity(m.moe, T, train=True)
     xe = jax.random.normal(key, (E, C, D), dt)
     shapes = [v[...].shape for v in (layer.wi, layer.wo)]
     floor = jax.jit(lambda: [jnp.full(s, 1.0, jnp.float32) for s in shapes])
-    t = bench({"moe": (grad_fn(layer, train=True, **call_kw), (x, ct)),
+    t = bench({"moe": (grad_fn(layer, train=True), (x, ct)),
                "dense": (dense[k], (x2, ct2)),
-               "experts": (grad_fn(layer, "_batched_experts", key=None), (xe, xe)),
+               "experts": (experts_grad_fn(layer.expert_weights(dt), "gelu"), (xe, xe)),
                "floor": (floor, ())}, args.repeats)
     r = lambda name: t[name] / t["dense"]
     print(f"{E:>4} {k:>2} {disp:>17} {t['moe'] * 1e3:>8.1f} {t['dense'] * 1e3:>9.1f} "

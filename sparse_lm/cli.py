@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 
 class UserError(Exception):

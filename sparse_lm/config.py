@@ -5,9 +5,12 @@ needs, so every config has every key below and `--config.a.b=...` overrides
 work the same for all of them. `validate(c)` runs before anything is compiled
 or written and raises `ConfigError` with a one-line message naming the key.
 
-Dimension letters used in tensor names across the code base:
-  B batch, L length, D d_model, F ffn hidden, H heads, K (kv) heads or top-k,
-  V vocab, E experts, C capacity, G groups, T tokens (B*L flattened).
+Dimension letters used in tensor names across the code base (one meaning each):
+  B batch, L length, S cached length (decoding), T tokens (B*L flattened),
+  D d_model, F ffn hidden, V vocab, H heads, J kv heads, Z head dim,
+  E experts, U experts on one shard, K choices per token (top-k), C capacity,
+  G expert groups, P shards along the expert axes, A assignments (T*K),
+  W rows a shard sends each expert, R buffer rows, N rows sorted by expert.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import os
 import ml_collections as mlc
 
 from sparse_lm.cli import UserError
+from sparse_lm.models.moe import policy, routing
 
 
 class ConfigError(UserError, ValueError):
   """A config value is wrong; the message names the key and what is allowed."""
 
 
-ROUTERS = ("switch", "topk", "mixtral", "hierarchical", "expert_choice", "sigmoid_bias")
 DISPATCHES = ("capacity", "dropless")
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
 LOAD_BALANCE_CHOICES = ("all", "first")
@@ -95,6 +98,11 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.activation = ""  # "" = model.activation
   c.model.moe.router = "switch"
   c.model.moe.dispatch = "capacity"
+  # How to compute (never what): "auto" = per backend (sparse_lm/models/moe/policy.py).
+  c.model.moe.impl = mlc.ConfigDict()
+  c.model.moe.impl.capacity_layout = "auto"  # "batched" (padded [E, C, D]) | "grouped"
+  c.model.moe.impl.grouped_kernel = "auto"  # "ragged" (ragged_dot) | "blocks" (CPU loops)
+  c.model.moe.impl.positions = "auto"  # "cumsum" | "sort"
   # Capacity per expert over the whole batch: C = max(min_capacity,
   # ceil(cf * tokens * k / E)), at most tokens; for expert_choice, each expert's
   # number of tokens.
@@ -102,8 +110,8 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.eval_capacity_factor = 2.0
   c.model.moe.min_capacity = 4
   c.model.moe.second_expert_policy = "all"
-  # Renormalise the chosen gates to sum 1 (GShard / GLaM). Only "topk" and
-  # "sigmoid_bias" read it: switch uses the raw probability, mixtral and
+  # Renormalise the chosen gates to sum 1 (GShard / GLaM). Only "topk",
+  # "sigmoid_bias" and "group_limited" read it: switch uses the raw probability, mixtral and
   # hierarchical are already a softmax over the chosen.
   c.model.moe.normalize_gates = True
   c.model.moe.jitter = 0.0  # Switch multiplicative jitter eps (training only)
@@ -111,9 +119,13 @@ def base_config() -> mlc.ConfigDict:
   # s for the MoE layer's router, experts and shared experts; 0 = model.init_scale.
   c.model.moe.init_scale = 0.0
   c.model.moe.num_shared_experts = 0  # DeepSeekMoE shared experts
-  c.model.moe.num_groups = 0  # hierarchical MoE: groups a; experts per group = E / a
-  c.model.moe.top_k_groups = 1  # hierarchical MoE: k1 (top_k is k2, within a group)
-  c.model.moe.bias_update_rate = 1e-3  # aux-loss-free balancing (sigmoid_bias router)
+  # Expert groups (contiguous blocks of E / num_groups experts). hierarchical:
+  # a group gate picks top_k_groups groups, top_k experts in each (Shazeer 2017
+  # app. B); group_limited: top_k experts among the top_k_groups groups
+  # (DeepSeek-V3's node-limited routing, M = top_k_groups).
+  c.model.moe.num_groups = 0
+  c.model.moe.top_k_groups = 1
+  c.model.moe.bias_update_rate = 1e-3  # aux-loss-free balancing (sigmoid_bias, group_limited)
   c.model.moe.expert_dropout = 0.0
   c.model.moe.eom_rate = 0.0  # NLLB Expert Output Masking
   c.model.moe.load_balance_weight = 1e-2
@@ -304,18 +316,21 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   if not 0 <= m.dropout < 1:
     _fail("model.dropout", m.dropout, "must be in [0, 1)")
 
-  _choice(c, "model.moe.router", ROUTERS)
+  _choice(c, "model.moe.router", tuple(routing.ROUTERS))
   _choice(c, "model.moe.dispatch", DISPATCHES)
   _choice(c, "model.moe.second_expert_policy", SECOND_EXPERT_POLICIES)
   _choice(c, "model.moe.load_balance_choices", LOAD_BALANCE_CHOICES)
+  for part, values in policy.PARTS.items():
+    _choice(c, f"model.moe.impl.{part}", ("auto",) + values)
   if moe.activation:
     _choice(c, "model.moe.activation", ACTIVATIONS)
   if is_moe(m):
     E = moe.num_experts
     if not isinstance(moe.top_k, int) or not 1 <= moe.top_k <= E:
       _fail("model.moe.top_k", moe.top_k, f"must be in [1, num_experts={E}]")
-    if moe.router == "switch" and moe.top_k != 1:
-      _fail("model.moe.top_k", moe.top_k, "must be 1 for router 'switch' (use 'topk')")
+    bad = routing.ROUTERS[moe.router].check(moe)
+    if bad:
+      _fail(bad[0], _get(c, bad[0]), bad[1])
     if not isinstance(moe.every, int) or moe.every < 1:
       _fail("model.moe.every", moe.every, "must be an integer >= 1")
     if not any(moe_layer(m, i) for i in range(m.num_layers)):
@@ -324,25 +339,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
       _positive(c, key)
     _positive(c, "model.moe.min_capacity", allow_zero=True)
-    if moe.router == "hierarchical":
-      a = moe.num_groups
-      if a < 2 or E % a:
-        _fail("model.moe.num_groups", a,
-              f"must be >= 2 and divide model.moe.num_experts={E} for router 'hierarchical'")
-      if not 1 <= moe.top_k_groups <= a:
-        _fail("model.moe.top_k_groups", moe.top_k_groups, f"must be in [1, num_groups={a}]")
-      if moe.top_k > E // a:
-        _fail("model.moe.top_k", moe.top_k,
-              f"must be <= experts per group {E // a} for router 'hierarchical'")
-    if moe.router == "expert_choice" and moe.dispatch != "capacity":
-      _fail("model.moe.dispatch", moe.dispatch, "must be 'capacity' for router 'expert_choice'")
-    if moe.router == "expert_choice" and moe.load_balance_choices != "all":
-      _fail("model.moe.load_balance_choices", moe.load_balance_choices,
-            "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)")
-    if moe.router == "expert_choice" and moe.noisy_gating:
-      _fail("model.moe.noisy_gating", moe.noisy_gating,
-            "must be False for router 'expert_choice' (it has no effect there)")
-    if moe.second_expert_policy != "all" and (moe.router != "topk" or moe.top_k < 2):
+    if moe.second_expert_policy != "all" and not routing.ROUTERS[moe.router].randomness(moe):
       _fail("model.moe.second_expert_policy", moe.second_expert_policy,
             "'random' and 'sampling' need router 'topk' with top_k >= 2; use 'all'")
     if not 0 <= moe.jitter < 1:
@@ -403,20 +400,16 @@ def validate_mesh_for_devices(c, num_devices: int) -> dict[str, int]:
   if math.prod(sizes.values()) != num_devices:
     _fail("mesh", c.mesh, f"axis sizes multiply to {math.prod(sizes.values())}, "
           f"not the device count {num_devices}")
-  rules = dict(c.sharding_rules)
-
-  def rule_axes(name):
-    axes = rules.get(name)
-    return tuple(a for a in (axes if isinstance(axes, (tuple, list)) else (axes,)) if a)
+  from sparse_lm.sharding import axes_of  # pylint: disable=g-import-not-at-top  # (it imports us)
+  rule_axes = lambda name: axes_of(c.sharding_rules, name)
 
   E, moe = c.model.moe.num_experts, c.model.moe
   expert_axes = rule_axes("expert")
   n_ep = math.prod(sizes.get(a, 1) for a in expert_axes)
   if is_moe(c.model) and E % n_ep:
     _fail("model.moe.num_experts", E, f"must be divisible by the expert mesh axis ({n_ep})")
-  batch_axes = dict(c.sharding_rules).get("batch")
-  batch_axes = batch_axes if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
-  n_batch = math.prod(sizes.get(a, 1) for a in batch_axes if a)
+  batch_axes = rule_axes("batch")
+  n_batch = math.prod(sizes.get(a, 1) for a in batch_axes)
   if c.data.batch_size % n_batch:
     _fail("data.batch_size", c.data.batch_size,
           f"must be divisible by the batch mesh axes {tuple(batch_axes)} (size {n_batch})")
@@ -424,7 +417,7 @@ def validate_mesh_for_devices(c, num_devices: int) -> dict[str, int]:
     # Expert parallelism (sparse_lm/models/moe/parallel.py).
     group_axes = rule_axes("expert_group")
     if group_axes and group_axes != expert_axes:
-      _fail("sharding_rules", ("expert_group", rules.get("expert_group")),
+      _fail("sharding_rules", ("expert_group", group_axes),
             f"must map to None or to the 'expert' rule's mesh axes {expert_axes}: "
             "hierarchical MoE groups are placed by the expert axes")
     if n_ep > 1:
@@ -436,7 +429,7 @@ def validate_mesh_for_devices(c, num_devices: int) -> dict[str, int]:
               f"times data.seq_len={c.data.seq_len} ({tokens} tokens) must be divisible by "
               f"the token mesh axes {tok_axes} (size {n_tok}) for expert parallelism")
       G = moe.num_groups
-      if moe.router == "hierarchical" and n_ep % G and G % n_ep:
+      if routing.ROUTERS[moe.router].group_placement and n_ep % G and G % n_ep:
         _fail("model.moe.num_groups", G,
               f"must divide or be a multiple of the expert mesh axes' size {n_ep}, so that "
               "the expert split follows group boundaries")

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import math
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from sparse_lm import cli
+from sparse_lm import cli, sharding
 from sparse_lm import config as cfglib
+from sparse_lm.models.moe import routing
 
 LOOKUP_TABLES = ("embedding", "pos_embed")  # gathered, not multiplied
 
@@ -52,12 +52,10 @@ def _define_flags():
 
 def experts_per_token(m) -> float:
   """How many routed experts a token uses, on average."""
-  moe = m.moe
-  if moe.router == "hierarchical":
-    return moe.top_k_groups * moe.top_k
-  if moe.router == "expert_choice":
-    return moe.capacity_factor * moe.top_k  # each expert takes cf*T*k/E tokens
-  return moe.top_k
+  router = routing.ROUTERS[m.moe.router]
+  if router.expert_choice:  # each expert takes cf * T * k / E tokens
+    return m.moe.capacity_factor * router.choices(m.moe)
+  return router.choices(m.moe)
 
 
 def vocab_size_of(c) -> int:
@@ -144,13 +142,12 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   }
 
 
-def _split(names: tuple, shape: tuple, rules: dict, sizes: dict) -> int:
+def _split(names: tuple, shape: tuple, rules, sizes: dict) -> int:
   """Elements per device of an array with logical `names` on a mesh of `sizes`."""
   used, n = set(), 1
   for dim, name in zip(shape, names):
-    axes = rules.get(name, name if name in sizes else None)
-    axes = [a for a in (axes if isinstance(axes, (tuple, list)) else (axes,))
-            if a is not None and a not in used]  # a mesh axis shards one dim at most
+    axes = sharding.axes_of(rules, name) or ((name,) if name in sizes else ())
+    axes = [a for a in axes if a not in used]  # a mesh axis shards one dim at most
     used.update(axes)
     n *= -(-dim // math.prod(sizes[a] for a in axes))
   return n * math.prod(shape[len(names):])
@@ -159,7 +156,7 @@ def _split(names: tuple, shape: tuple, rules: dict, sizes: dict) -> int:
 def per_device(c, model, num_devices: int) -> dict:
   """Mesh sizes, and parameter / optimizer bytes per device, on `num_devices`."""
   sizes = cfglib.validate_mesh_for_devices(c, num_devices)
-  rules = dict(c.sharding_rules)
+  rules = c.sharding_rules
   params = _params(model)
   opt = optimizer_bytes(c.train, params)
   param_b = opt_b = 0.0

@@ -7,8 +7,7 @@ Under several processes (SLURM, TPU pods, or --coordinator/--num_processes/
 --process_id) it initialises jax.distributed before anything touches a device.
 """
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from sparse_lm import cli

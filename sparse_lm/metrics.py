@@ -26,10 +26,11 @@ def flatten_moe(moe_aux: list[dict], layer_ids: list[int]) -> dict:
   out = {}
   for i, aux in zip(layer_ids, moe_aux):
     for k, v in aux.items():
-      out[f"moe/layer{i}/{k}"] = v
+      if not isinstance(v, dict):  # (state_updates: written to the model, not logged)
+        out[f"moe/layer{i}/{k}"] = v
   if moe_aux:
     for k, v in moe_aux[0].items():
-      if np.ndim(v) == 0:
+      if not isinstance(v, dict) and np.ndim(v) == 0:
         out[f"moe/mean/{k}"] = np.mean([np.asarray(a[k]) for a in moe_aux])
   return out
 

@@ -11,7 +11,8 @@ import contextlib
 from flax import nnx
 from flax.core import spmd as flax_spmd
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sparse_lm import config as cfglib
 
@@ -38,34 +39,33 @@ def use(mesh, c):
     yield
 
 
+def axes_of(rules, name: str) -> tuple[str, ...]:
+  """The mesh axes logical `name` maps to under `rules` ((name, axes) pairs,
+  first match; () when unmapped or mapped to None). The one lookup."""
+  for logical, axes in rules:
+    if logical == name:
+      axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+      return tuple(a for a in axes if a)
+  return ()
+
+
 def logical_spec(*names) -> P:
   """Resolves logical axis names with the active rules into a PartitionSpec."""
   return P(*flax_spmd.from_sharding_rules(names, flax_spmd.get_logical_axis_rules()))
 
 
 def constrain(x, *names):
-  """with_logical_constraint for NNX activations; a no-op with no mesh set."""
+  """with_logical_constraint for NNX activations; a no-op with no mesh set.
+  Names the active rules lack stay unsharded."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+  rules = flax_spmd.get_logical_axis_rules()
+  if mesh.empty or not rules:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_spec(*names))
+  known = {name for name, _ in rules}
+  return jax.lax.with_sharding_constraint(
+      x, logical_spec(*(n if n in known else None for n in names)))
 
 
 def named(mesh, *names) -> NamedSharding:
   """NamedSharding on `mesh` for logical names (under the active rules)."""
   return NamedSharding(mesh, logical_spec(*names))
-
-
-def mesh_axis_size(logical_name: str) -> int:
-  """Product of mesh axis sizes a logical name maps to (1 with no mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  spec = logical_spec(logical_name)[0]
-  if spec is None:
-    return 1
-  axes = spec if isinstance(spec, tuple) else (spec,)
-  n = 1
-  for a in axes:
-    n *= mesh.shape[a]
-  return n

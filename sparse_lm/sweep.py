@@ -27,8 +27,7 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from sparse_lm import cli
 from sparse_lm import config as cfglib

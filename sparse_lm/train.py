@@ -35,22 +35,22 @@ from absl import logging
 import filelock
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from sparse_lm import cli
+from sparse_lm import cli, sharding
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
 from sparse_lm import inspect as inspectlib
 from sparse_lm import metrics as metricslib
-from sparse_lm import sharding
-from sparse_lm.models.transformer import Transformer, moe_layer_indices
+from sparse_lm.models.transformer import Transformer, apply_state_updates, moe_layer_indices
 
 # Keys that define what a checkpoint holds; a workdir refuses a run that changes them.
 ARCH_KEYS = ("model", "data.tokenizer", "data.vocab_size", "data.dataset")
+NOT_ARCH_KEYS = ("model.moe.impl",)  # how to compute, not what
 
 
 # ----------------------------------------------------------------- Optimizer
@@ -120,8 +120,9 @@ def check_workdir(c, workdir: str):
   new = _flat(json.loads(c.to_json()))
   # Keys only one side has are not compared: a key added to the code later
   # defaults to the old behaviour, so older workdirs stay usable.
+  under = lambda k, keys: any(k == a or k.startswith(a + ".") for a in keys)
   diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new))
-          if any(k == a or k.startswith(a + ".") for a in ARCH_KEYS) and old[k] != new[k]]
+          if under(k, ARCH_KEYS) and not under(k, NOT_ARCH_KEYS) and old[k] != new[k]]
   if diff:
     raise cfglib.ConfigError(
         f"workdir {workdir} holds a run with a different architecture ({'; '.join(diff)}); "
@@ -325,6 +326,7 @@ def _train(c, workdir: str) -> dict:
                                  has_aux=True)
     (loss, aux), grads = grad_fn(model)
     opt.update(model, grads)
+    apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = nnx.state((model, opt))

@@ -17,8 +17,7 @@ import tensorflow_datasets as tfds
 
 from sparse_lm import config as cfglib
 from sparse_lm.config import ConfigError
-from sparse_lm.data import eval_batches, make_input, make_tokenizer
-from sparse_lm.data import pipeline, stdlib_corpus
+from sparse_lm.data import eval_batches, make_input, make_tokenizer, pipeline, stdlib_corpus
 from sparse_lm.data import tokenizer as toklib
 
 B, L = 8, 32
@@ -433,6 +432,6 @@ def test_processes_preparing_one_data_dir_together_agree(tmp_path):
                              str(ready), str(i)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1]

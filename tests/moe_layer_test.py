@@ -19,9 +19,8 @@ import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import sharding
-from sparse_lm.models.moe import dispatch as dispatch_lib
-from sparse_lm.models.moe import grouped
-from sparse_lm.models.moe.layer import MoeFfn, RouterBias
+from sparse_lm.models.moe import grouped, routing
+from sparse_lm.models.moe.layer import MoeFfn, RouterState
 
 B, L, D, F, E = 2, 12, 16, 24, 8
 T = B * L
@@ -31,7 +30,8 @@ ACTIVATION = {"switch": "gelu", "topk": "swiglu", "mixtral": "swiglu", "sigmoid_
               "hierarchical": "geglu", "expert_choice": "gelu"}
 
 
-def model_cfg(router="topk", dispatch="capacity", **moe) -> mlc.ConfigDict:
+def model_cfg(router="topk", dispatch="capacity", impl=None, **moe) -> mlc.ConfigDict:
+  """The layer config; impl: {part: value} for model.moe.impl (policy.py)."""
   c = cfglib.base_config()
   m = c.model
   m.d_model, m.d_ff = D, 2 * F
@@ -48,6 +48,8 @@ def model_cfg(router="topk", dispatch="capacity", **moe) -> mlc.ConfigDict:
   m.moe.importance_weight = 0.1
   for k, v in moe.items():
     m.moe[k] = v
+  for k, v in (impl or {}).items():
+    m.moe.impl[k] = v
   return cfglib.validate(c).model
 
 
@@ -77,23 +79,50 @@ def params_of(layer) -> dict:
 # ---------------------------------------------------------------- fast path
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "train", "kw"))
-def _fast(graphdef, state, x, ct, mask, rng, train, kw):
+IMPL = {"capacity_impl": "capacity_layout", "grouped_impl": "grouped_kernel",
+        "position_method": "positions"}
+
+
+def with_impl(layer, **kw):
+  """The same layer (same variables) computing with other model.moe.impl parts."""
+  if not any(v is not None for v in kw.values()):
+    return layer
+  m = mlc.ConfigDict(layer.m.to_dict())
+  for k, v in kw.items():
+    if v is not None:
+      m.moe.impl[IMPL[k]] = v
+  with nnx.use_eager_sharding(False):
+    other = MoeFfn(m, rngs=nnx.Rngs(0))
+  nnx.update(other, nnx.state(layer))
+  return other
+
+
+def flat_aux(aux) -> dict:
+  """aux with its state_updates dict flattened to "state_updates/<name>" keys."""
+  aux = dict(aux)
+  for k, v in aux.pop("state_updates", {}).items():
+    aux[f"state_updates/{k}"] = v
+  return jax.tree.map(np.asarray, aux)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "train"))
+def _fast(graphdef, state, x, ct, mask, rng, train):
   def loss(state, x):
-    y, aux = nnx.merge(graphdef, state)(x, mask_BxL=mask, train=train, rng=rng, **dict(kw))
+    y, aux = nnx.merge(graphdef, state)(x, mask_BxL=mask, train=train, rng=rng)
     return jnp.sum(y.astype(jnp.float32) * ct), (y, aux)
   (_, (y, aux)), (g_state, g_x) = jax.value_and_grad(loss, (0, 1), has_aux=True)(state, x)
   return y, aux, g_state, g_x
 
 
-def fast(layer, x, ct, mask=None, train=False, rng=None, **kw):
-  """Forward + gradients (w.r.t. params and x) of sum(y * ct), one jit per config."""
-  graphdef, state = nnx.split(layer)
-  y, aux, g_state, g_x = _fast(graphdef, state, x, ct, mask, rng, train, tuple(sorted(kw.items())))
+def fast(layer, x, ct, mask=None, train=False, rng=None, **impl):
+  """Forward + gradients (w.r.t. params and x) of sum(y * ct), one jit per config.
+  impl: capacity_impl / grouped_impl / position_method, as model.moe.impl parts."""
+  graphdef, state = nnx.split(with_impl(layer, **impl))
+  y, aux, g_state, g_x = _fast(graphdef, state, x, ct, mask, rng, train)
   grads = {k: np.asarray(v[...]) for k, v in vars(nnx.merge(graphdef, g_state)).items()
            if isinstance(v, nnx.Variable)}
   grads["x"] = np.asarray(g_x)
-  return np.asarray(y), jax.tree.map(np.asarray, aux), grads
+  return np.asarray(y), flat_aux(aux), grads
 
 
 # ---------------------------------------------------------------- reference
@@ -270,7 +299,7 @@ def test_tight_capacity_drops_like_reference(router, impl):
   m = model_cfg(router, "capacity", capacity_factor=0.5)
   layer = build(m, seed=3)
   x, ct, mask = inputs(seed=4, pad=True)
-  C = dispatch_lib.capacity(m.moe, T, train=True)
+  C = routing.capacity(m.moe, T, train=True)
   with jax.default_matmul_precision("highest"):
     y, aux, g = fast(layer, x, ct, mask, train=True, rng=jax.random.key(0), capacity_impl=impl)
     y_ref, g_ref, (tok, exp, kept, _, _) = reference(layer, x, ct, mask, C)
@@ -431,17 +460,18 @@ def test_sigmoid_bias_update_survives_train_step():
       return jnp.mean(y ** 2) + aux["router_loss"], aux
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(layer)
     opt.update(layer, grads)
+    layer.apply_state_updates(aux)  # the caller writes the routing state (train.py does)
     return loss, aux
 
   router0 = np.asarray(layer.router[...])
   _, aux = step(layer, opt, x, jax.random.key(0))
   bias = np.asarray(layer.router_bias[...])
   frac = np.asarray(aux["expert_fraction"])
-  assert isinstance(layer.router_bias, RouterBias)
+  assert isinstance(layer.router_bias, RouterState)
   np.testing.assert_allclose(bias, 0.01 * np.sign(frac.mean() - frac), atol=1e-7)
   assert bias[3] < 0 and frac[3] == frac.max()
   assert not np.allclose(np.asarray(layer.router[...]), router0)  # params trained too
-  assert not any(isinstance(v, RouterBias) for v in jax.tree.leaves(
+  assert not any(isinstance(v, RouterState) for v in jax.tree.leaves(
       nnx.state(opt, nnx.OptState), is_leaf=lambda v: isinstance(v, nnx.Variable)))
   step(layer, opt, x, jax.random.key(1))
   bias2 = np.asarray(layer.router_bias[...])
@@ -463,7 +493,7 @@ def test_params_names_init_and_dtypes():
   with nnx.use_eager_sharding(False):
     wide = MoeFfn(big, rngs=nnx.Rngs(0))
   std = float(jnp.std(wide.wi[...]))  # truncated normal: per-expert fan-in, not E * D
-  np.testing.assert_allclose(std, 0.1 / np.sqrt(256), rtol=0.1)
+  np.testing.assert_allclose(std, np.sqrt(0.1 / 256), rtol=0.1)  # Fedus et al. 2.4: sqrt(s/n)
   x, ct, _ = inputs()
   y, aux, _ = fast(layer, x.astype(jnp.bfloat16), ct)
   assert y.dtype == jnp.bfloat16

@@ -13,6 +13,8 @@ import functools
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import moe_layer_test as layer_test  # the same layer sizes, routers and activations
+from moe_layer_test import D, E, F, build  # pylint: disable=g-bad-import-order
 import numpy as np
 import optax
 import pytest
@@ -22,9 +24,6 @@ from sparse_lm import sharding
 from sparse_lm import train as trainlib
 from sparse_lm.models.moe import parallel
 from sparse_lm.models.transformer import Transformer
-
-from moe_layer_test import D, E, F, build  # pylint: disable=g-bad-import-order
-import moe_layer_test as layer_test  # the same layer sizes, routers and activations
 
 B, L = 8, 4  # T = 32 tokens: 4 per device on 8 devices
 T = B * L
@@ -58,22 +57,22 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
                 "xla_cpu_use_fusion_emitters": False}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kw"), compiler_options=FAST_COMPILE)
-def _fast(graphdef, state, x, ct, mask, rng, kw):
+@functools.partial(jax.jit, static_argnames=("graphdef",), compiler_options=FAST_COMPILE)
+def _fast(graphdef, state, x, ct, mask, rng):
   def loss(state, x):
-    y, aux = nnx.merge(graphdef, state)(x, mask_BxL=mask, train=True, rng=rng, **dict(kw))
+    y, aux = nnx.merge(graphdef, state)(x, mask_BxL=mask, train=True, rng=rng)
     return jnp.sum(y.astype(jnp.float32) * ct), (y, aux)
   (_, (y, aux)), (g_state, g_x) = jax.value_and_grad(loss, (0, 1), has_aux=True)(state, x)
   return y, aux, g_state, g_x
 
 
-def run(graphdef, state, x, ct, mask, rng, **kw):
+def run(graphdef, state, x, ct, mask, rng):
   """Training forward + gradients (w.r.t. every variable and x) of sum(y * ct)."""
-  y, aux, g_state, g_x = _fast(graphdef, state, x, ct, mask, rng, tuple(sorted(kw.items())))
+  y, aux, g_state, g_x = _fast(graphdef, state, x, ct, mask, rng)
   grads = {k: np.asarray(v[...]) for k, v in vars(nnx.merge(graphdef, g_state)).items()
            if isinstance(v, nnx.Variable)}
   grads["x"] = np.asarray(g_x)
-  return np.asarray(y), jax.tree.map(np.asarray, aux), grads
+  return np.asarray(y), layer_test.flat_aux(aux), grads
 
 
 def on_mesh(c, state):
@@ -87,13 +86,13 @@ def on_mesh(c, state):
 def ep_calls(monkeypatch):
   """Counts layer traces that took the expert-parallel path."""
   calls = []
-  real = parallel.dispatcher
+  real = parallel.placement
 
   def spy(*a, **k):
     d = real(*a, **k)
     calls.append(isinstance(d, parallel.ExpertParallel))
     return d
-  monkeypatch.setattr(parallel, "dispatcher", spy)
+  monkeypatch.setattr(parallel, "placement", spy)
   return calls
 
 
@@ -112,20 +111,21 @@ IDS = [f"{r}-{kw.get('second_expert_policy', '')}-{d}".replace("--", "-") for r,
 
 @pytest.mark.parametrize("router,dispatch,kw", COMBOS, ids=IDS)
 def test_meshes_match_single_device(router, dispatch, kw, ep_calls):
-  m = model_cfg(router, dispatch, **kw)
-  layer = build(m)
-  graphdef, state = nnx.split(layer)
-  x, ct, mask = inputs()
-  rng = jax.random.key(42)
   # Both layouts of each path: the routing variants of topk and hierarchical run the
   # capacity experts on the padded [E, C, D] buffer ("batched", the GPU / TPU default)
   # and the dropless ones with ragged_dot (the GPU / TPU grouped matmul); the others
   # take the CPU defaults (kept rows only, grouped.ffn_blocks).
-  call = {}
+  impl = {}
   if kw.get("second_expert_policy", "all") != "all" or router == "hierarchical":
-    call = {"capacity_impl": "batched"} if dispatch == "capacity" else {"grouped_impl": "ragged"}
+    impl = ({"capacity_layout": "batched"} if dispatch == "capacity"
+            else {"grouped_kernel": "ragged"})
+  m = model_cfg(router, dispatch, impl=impl, **kw)
+  layer = build(m)
+  graphdef, state = nnx.split(layer)
+  x, ct, mask = inputs()
+  rng = jax.random.key(42)
   with jax.default_matmul_precision("highest"):
-    y0, aux0, g0 = run(graphdef, state, x, ct, mask, rng, **call)
+    y0, aux0, g0 = run(graphdef, state, x, ct, mask, rng)
     if dispatch == "capacity":
       assert aux0["dropped_fraction"] > 0.05  # the test exercises drops
     for name, (data, fsdp, expert) in MESHES.items():
@@ -135,7 +135,7 @@ def test_meshes_match_single_device(router, dispatch, kw, ep_calls):
         wi_spec = nnx.merge(graphdef, st).wi[...].sharding.spec
         assert wi_spec[0] == "expert" and wi_spec[1] == "fsdp", wi_spec
         del ep_calls[:]
-        y, aux, g = run(graphdef, st, x, ct, mask, rng, **call)
+        y, aux, g = run(graphdef, st, x, ct, mask, rng)
       assert ep_calls == [expert > 1], (name, ep_calls)
       err = f"{router}/{dispatch} on {name}"
       np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5, err_msg=err)

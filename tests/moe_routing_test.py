@@ -20,8 +20,14 @@ def moe_cfg(**kw) -> mlc.ConfigDict:
   return moe
 
 
+# The router inputs by the names of the router's parameters (routing.ROUTERS).
+INPUTS = {"noise_TxE": "router_noise", "group_logits_TxG": "group_router",
+          "group_noise_TxG": "group_router_noise", "bias_E": "router_bias"}
+
+
 def route(logits, moe, *, train, rng=None, **arrays):
   """routing.route under one jit (eager op-by-op dispatch is far slower)."""
+  arrays = {INPUTS.get(k, k): v for k, v in arrays.items()}
   fn = lambda logits, rng, arrays: routing.route(logits, moe, train=train, rng=rng, **arrays)
   return jax.jit(fn)(logits, rng, arrays)
 
@@ -356,8 +362,57 @@ def test_positions_in_expert(method):
 def test_capacity_formula():
   moe = moe_cfg(num_experts=8, top_k=2, capacity_factor=1.25, eval_capacity_factor=2.0,
                 min_capacity=4)
-  assert dispatch.capacity(moe, 100, train=True) == math.ceil(1.25 * 100 * 2 / 8)
-  assert dispatch.capacity(moe, 100, train=False) == 50
-  assert dispatch.capacity(moe, 8, train=True) == 4  # min_capacity
+  assert routing.capacity(moe, 100, train=True) == math.ceil(1.25 * 100 * 2 / 8)
+  assert routing.capacity(moe, 100, train=False) == 50
+  assert routing.capacity(moe, 8, train=True) == 4  # min_capacity
   moe.min_capacity = 1000
-  assert dispatch.capacity(moe, 8, train=True) == 8  # never more than T
+  assert routing.capacity(moe, 8, train=True) == 8  # never more than T
+
+
+@pytest.mark.parametrize("E,G,M,k", [(16, 4, 2, 4), (8, 4, 1, 2), (12, 3, 2, 3)])
+def test_group_limited_matches_per_token_reference(E, G, M, k):
+  # DeepSeek-V3 node-limited routing by a loop over tokens: score each group by
+  # the sum of its k // M best biased scores, keep the top M groups, take the
+  # top-k biased scores among their experts, gate = sigmoid scores renormalised.
+  T = 24
+  k1, k2 = jax.random.split(jax.random.key(11))
+  logits = jax.random.normal(k1, (T, E)) * 2
+  bias = jax.random.normal(k2, (E,)) * 0.3
+  moe = moe_cfg(router="group_limited", num_experts=E, num_groups=G, top_k_groups=M, top_k=k)
+  cfglib.validate(_with_moe(moe))
+  r = route(logits, moe, mask_T=jnp.ones(T), train=False, bias_E=bias)
+  s = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+  b = s + np.asarray(bias, np.float64)
+  per = max(k // M, 1)
+  for t in range(T):
+    group_score = [np.sort(b[t, g * (E // G):(g + 1) * (E // G)])[::-1][:per].sum()
+                   for g in range(G)]
+    groups = set(np.argsort(group_score)[::-1][:M])
+    allowed = [e for e in range(E) if e // (E // G) in groups]
+    want = sorted(allowed, key=lambda e: -b[t, e])[:k]
+    got = [int(e) for e in np.asarray(r.expert_TxK[t])]
+    assert got == want, (t, got, want)
+    assert len({e // (E // G) for e in got}) <= M  # the point: at most M groups per token
+    gate = s[t, want] / s[t, want].sum()
+    np.testing.assert_allclose(np.asarray(r.gate_TxK[t]), gate, rtol=1e-5)
+  p = s / s.sum(-1, keepdims=True)
+  counts = np.bincount(np.asarray(r.expert_TxK).reshape(-1), minlength=E)
+  np.testing.assert_allclose(r.aux["load_balance_loss"],
+                             E * np.sum(counts / counts.sum() * p.mean(0)), rtol=1e-5)
+
+
+def _with_moe(moe):
+  c = cfglib.base_config()
+  c.model.moe = moe
+  return c
+
+
+@pytest.mark.parametrize("kw,key", [({"num_groups": 3}, "model.moe.num_groups"),
+                                    ({"top_k_groups": 5}, "model.moe.top_k_groups"),
+                                    ({"top_k": 5, "top_k_groups": 1}, "model.moe.top_k")])
+def test_group_limited_config_errors_name_the_key(kw, key):
+  moe = moe_cfg(router="group_limited", num_experts=8, num_groups=4, top_k_groups=2, top_k=2)
+  for k, v in kw.items():
+    moe[k] = v
+  with pytest.raises(cfglib.ConfigError, match=f"config.{key}="):
+    cfglib.validate(_with_moe(moe))

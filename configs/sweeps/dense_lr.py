@@ -18,6 +18,6 @@ def get_config(arg: str = "cpu"):
 
 
 def sweep(add):
-  lr = cfglib.load_module("configs/sweeps/switch_vs_dense.py").LEARNING_RATE
-  for lr in (lr * 2, lr / 2):
+  base = cfglib.load_module("configs/sweeps/switch_vs_dense.py").LEARNING_RATE
+  for lr in (base * 2, base / 2):
     add(**{"train.learning_rate": lr})

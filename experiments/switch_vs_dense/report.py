@@ -180,7 +180,7 @@ def report(a):
   experts = [experts_of(p) for p in moe_points]
 
   # ---- core table
-  rows, lines = [], []
+  rows = []
   for p in ["num_experts=1"] + moe_points:
     r, dirs = core[p], groups[p]
     steps, mean, _ = plots.mean_curve(dirs)
@@ -273,7 +273,7 @@ def report(a):
            f"{d_final:.4f} +- {by_e[1]['final_eval_loss_std']:.4f} (mean +- sample std over "
            f"{by_e[1]['n']} seeds) at step {int(d_last)}, {d_wall:.0f} s of training.")
   L.append("")
-  L.append(f"- Final eval loss strictly decreasing dense -> " + " -> ".join(map(str, experts))
+  L.append("- Final eval loss strictly decreasing dense -> " + " -> ".join(map(str, experts))
            + f": **{'yes' if decreasing else 'no'}** (" + ", ".join(f"{m:.4f}" for m in means)
            + ").")
   L.append(f"- E={e_max} gain over dense: {gain:.4f} nats = {gain / noise:.1f}x the larger "

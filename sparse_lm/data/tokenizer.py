@@ -17,8 +17,8 @@ import hashlib
 import io
 import os
 import re
-import uuid
 from typing import Iterable, Protocol
+import uuid
 
 from absl import logging
 import numpy as np

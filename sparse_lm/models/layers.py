@@ -74,46 +74,47 @@ class Norm(nnx.Module):
     return x.astype(dtype)
 
 
-def rope(x_BxLxHxK, positions_BxL, theta: float):
+def rope(x_BxLxHxZ, positions_BxL, theta: float):
   """Rotary position embedding (half-split form, as in GPT-NeoX / Llama)."""
-  d = x_BxLxHxK.shape[-1]
+  d = x_BxLxHxZ.shape[-1]
   freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   ang_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq[None, None]
   sin, cos = jnp.sin(ang_BxLxK)[:, :, None], jnp.cos(ang_BxLxK)[:, :, None]
-  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BxLxHxZ.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxHxK.dtype)
+  return out.astype(x_BxLxHxZ.dtype)
 
 
 class Attention(nnx.Module):
   """Causal multi-head attention with grouped-query heads and optional RoPE."""
 
   def __init__(self, m, *, rngs: nnx.Rngs):
-    D, H, K, Dh = m.d_model, m.num_heads, cfglib.num_kv_heads(m), cfglib.head_dim(m)
-    self.m, self.H, self.K, self.Dh = m, H, K, Dh
+    D, H, J, Z = m.d_model, m.num_heads, cfglib.num_kv_heads(m), cfglib.head_dim(m)
+    self.m = m
     # Heads count into the fan-in of q, k, v (std sqrt(s / (D * H))): the smaller
     # init trained faster than fan-in D here (dense tiny, 1500 steps: 0.08 nats
     # lower eval loss; experiments/switch_vs_dense/README.md, "Sizing").
     init = fan_in_init((0,), m.init_scale)
-    self.wq = param(rngs, init, (D, H, Dh), ("embed", "heads", "head_dim"))
-    self.wk = param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
-    self.wv = param(rngs, init, (D, K, Dh), ("embed", "kv_heads", "head_dim"))
-    self.wo = param(rngs, fan_in_init((0, 1), m.init_scale), (H, Dh, D), ("heads", "head_dim", "embed"))
+    self.wq = param(rngs, init, (D, H, Z), ("embed", "heads", "head_dim"))
+    self.wk = param(rngs, init, (D, J, Z), ("embed", "kv_heads", "head_dim"))
+    self.wv = param(rngs, init, (D, J, Z), ("embed", "kv_heads", "head_dim"))
+    self.wo = param(rngs, fan_in_init((0, 1), m.init_scale), (H, Z, D),
+                    ("heads", "head_dim", "embed"))
 
   def __call__(self, x_BxLxD, positions_BxL):
     dt = x_BxLxD.dtype
-    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
-    k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
-    v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
+    q_BxLxHxZ = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
+    k_BxLxJxZ = jnp.einsum("bld,djz->bljz", x_BxLxD, self.wk[...].astype(dt))
+    v_BxLxJxZ = jnp.einsum("bld,djz->bljz", x_BxLxD, self.wv[...].astype(dt))
     if self.m.position == "rope":
-      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.m.rope_theta)
-      k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.m.rope_theta)
-    q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "heads", "head_dim")
+      q_BxLxHxZ = rope(q_BxLxHxZ, positions_BxL, self.m.rope_theta)
+      k_BxLxJxZ = rope(k_BxLxJxZ, positions_BxL, self.m.rope_theta)
+    q_BxLxHxZ = constrain(q_BxLxHxZ, "batch", "length", "heads", "head_dim")
     # jax.nn.dot_product_attention handles GQA (H a multiple of G) and uses
     # the backend's fused kernel where there is one (cuDNN flash on GPU).
-    out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
-    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
+    out_BxLxHxZ = jax.nn.dot_product_attention(
+        q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, is_causal=True)
+    return jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, self.wo[...].astype(dt))
 
 
 class Mlp(nnx.Module):

@@ -93,5 +93,11 @@ class Transformer(nnx.Module):
     return logits_BxLxV.astype(jnp.float32), moe_aux
 
 
+def apply_state_updates(model: Transformer, moe_aux: list[dict]):
+  """Writes the routing state the MoE layers of a training forward returned."""
+  for block, aux in zip([b for b in model.blocks if b.is_moe], moe_aux):
+    block.ffn.apply_state_updates(aux)
+
+
 def moe_layer_indices(m) -> list[int]:
   return [i for i in range(m.num_layers) if cfglib.moe_layer(m, i)]

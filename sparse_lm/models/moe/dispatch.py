@@ -1,65 +1,88 @@
-"""Dispatch and combine: move tokens to their experts and the results back.
+"""Dispatch and combine: one program, on one device and across an expert mesh.
 
-The cost grows with tokens x k x d_model, not with E: no [T, E, C] one-hot
-tensors. Each (token, choice) assignment gets a row in an expert buffer from
-its position among the assignments of the same expert (a stable sort, or a
-cumsum over [T*K, E] int32 for few experts); tokens move by index gathers.
+Tokens move by index gathers, so the cost grows with tokens x k x d_model,
+not with E: no [T, E, C] one-hot tensors. Each dispatch is written once as
+  global decisions -> per-shard body (pack, exchange, experts, exchange back)
+  -> combine with the gates,
+and run by a placement: `Local()` calls the body on the whole batch with
+`SHARD1` (n = 1: the exchange is the identity and the body takes the direct
+route), parallel.ExpertParallel runs the same body inside jax.shard_map with
+the all-to-all over the mesh's expert axes (parallel.py has the layouts and
+their costs). So the expert-parallel path is this path with shard-local steps.
 
-  capacity_dispatch      GShard / Switch: a buffer [E, C, D]; all first choices
-                         are served before any second choice, in token order;
-                         assignments past C are dropped (the token keeps only
-                         the residual) and counted.
+  capacity_dispatch      GShard / Switch: expert e serves at most C assignments
+                         of the whole batch, all first choices before any
+                         second choice, in token order (capacity_slots); the
+                         rest are dropped (the token keeps only the residual)
+                         and counted. Computed on the padded [E, C, D] buffer
+                         ("batched") or on the kept rows only ("grouped").
   dropless_dispatch      Mixtral / DBRX / MegaBlocks: assignments sorted by
-                         expert into [T*K, D] rows, a grouped matmul (grouped.py)
-                         runs every assignment; nothing is dropped.
+                         expert, a grouped matmul runs every one.
   expert_choice_dispatch Zhou et al.: the router already chose [E, C] slots.
 
 Padding tokens (mask 0) have invalid assignments: they take no capacity, are
-not computed, and get a zero MoE output.
+not computed, and get a zero MoE output. Assignment arrays are [A] over a
+shard's T x K (token-major) assignments; rows are positions in a buffer.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from sparse_lm.models.moe import experts as experts_lib
 from sparse_lm.models.moe import routing as routing_lib
 
 Array = jax.Array
 
-# Below this many experts the [T*K, E] int32 cumsum is cheaper than a sort
-# (measured on CPU, 16k assignments: E=8 cumsum 0.6 ms vs sort 2.3 ms; E=64
-# 3.5 vs 2.7; E=256 27 vs 3.0).
-CUMSUM_MAX_EXPERTS = 32
+
+# ------------------------------------------------------------------ placement
 
 
-def num_choices(moe: Any) -> int:
-  """Assignments per token: top_k, times top_k_groups for hierarchical."""
-  return moe.top_k * (moe.top_k_groups if moe.router == "hierarchical" else 1)
+class Shard(NamedTuple):
+  """What a per-shard body knows about the shards along the expert axes."""
+
+  n: int  # shards along the expert axes
+  a2a: Callable[[Array], Array]  # all_to_all over them, dim 0 = destination
+  hidden_sum: Callable[[Array], Array]  # psum over axes that split the expert hidden dim
+  first_token: Callable[[int], Array | int]  # global index of this shard's first token
 
 
-def capacity(moe: Any, num_tokens: int, train: bool) -> int:
-  """Per-expert capacity over the whole batch: max(min_capacity, ceil(cf*T*k/E)), <= T."""
-  cf = moe.capacity_factor if train else moe.eval_capacity_factor
-  c = max(moe.min_capacity, math.ceil(cf * num_tokens * num_choices(moe) / moe.num_experts))
-  return max(1, min(c, num_tokens))
+SHARD1 = Shard(1, lambda x: x, lambda y: y, lambda t_loc: 0)
+
+
+class Local:
+  """One device (or a mesh whose expert axes have size 1): the body as is."""
+
+  n = 1
+  tokens = tokens_rows = replicated = slot_mask = row_mask = None
+
+  def weight_specs(self, w):
+    del w
+
+  def run(self, body, args, in_specs, out_specs, check_vma=True):
+    del in_specs, out_specs, check_vma
+    return body(SHARD1, *args)
+
+
+LOCAL = Local()
+
+
+# ------------------------------------------------------------------ positions
 
 
 def positions_in_expert(expert_A: Array, valid_A: Array, num_experts: int,
-                        method: str | None = None) -> tuple[Array, Array]:
+                        method: str = "sort") -> tuple[Array, Array]:
   """Rank of each valid assignment among the valid ones of its expert, in array order.
 
   Returns (position [A] int32, garbage where not valid; counts [E] int32).
-  method: "cumsum" ([A, E] int32 work), "sort" (a stable sort, A log A), or
-  None to pick by the number of experts.
+  method: "cumsum" ([A, E] int32 work) or "sort" (a stable sort, A log A);
+  policy.py picks one per backend.
   """
   E = num_experts
   A = expert_A.shape[0]
-  if method is None:
-    method = "cumsum" if E <= CUMSUM_MAX_EXPERTS else "sort"
   expert_A = expert_A.astype(jnp.int32)
   if method == "cumsum":
     onehot_AxE = ((expert_A[:, None] == jnp.arange(E, dtype=jnp.int32)[None, :]) & valid_A[:, None])
@@ -77,35 +100,19 @@ def positions_in_expert(expert_A: Array, valid_A: Array, num_experts: int,
   return pos_A, counts_E1[:E]
 
 
-def _rows_inverse(row_A: Array, num_rows: int, token_A: Array, num_tokens: int) -> Array:
-  """token_of_row [R]: the token each row holds, num_tokens (a zero row) if empty."""
-  return jnp.full((num_rows,), num_tokens, jnp.int32).at[row_A].set(token_A, mode="drop")
+def capacity_slots(r: routing_lib.Routing, num_experts: int, capacity: int, method: str):
+  """The GShard priority rule, over the whole batch (global, outside any shard).
 
-
-def _take_rows(x_NxD: Array, idx: Array) -> Array:
-  """x[idx] along rows; idx == N (or beyond) gives zeros."""
-  return jnp.take(x_NxD, idx, axis=0, mode="fill", fill_value=0)
-
-
-def _combine(y_RxD: Array, row_TxK: Array, gate_TxK: Array) -> Array:
-  """sum_k gate[t, k] * y[row[t, k]], float32 [T, D]."""
-  y_TxKxD = _take_rows(y_RxD, row_TxK).astype(jnp.float32)
-  return jnp.einsum("tk,tkd->td", gate_TxK, y_TxKxD)
-
-
-def capacity_slots(r: routing_lib.Routing, num_experts: int, capacity: int,
-                   position_method: str | None = None):
-  """The GShard priority rule, in one place (the expert-parallel path uses it too).
-
-  Assignments in priority order A = K*T (all first choices in token order, then
-  all second choices, ...). Returns (expert_A, pos_A, counts_E, kept_A): each
-  assignment's expert, its slot among that expert's valid assignments, the
-  per-expert counts before capacity, and whether it fits (pos < capacity).
+  Assignments in priority order K*T (all first choices in token order, then
+  all second choices, ...). Returns (pos_TxK, kept_TxK): each assignment's
+  slot among its expert's valid assignments, and whether it fits (< C).
   """
+  T, K = r.expert_TxK.shape
   expert_A = r.expert_TxK.T.reshape(-1)
   valid_A = r.valid_TxK.T.reshape(-1)
-  pos_A, counts_E = positions_in_expert(expert_A, valid_A, num_experts, position_method)
-  return expert_A, pos_A, counts_E, valid_A & (pos_A < capacity)
+  pos_A, _ = positions_in_expert(expert_A, valid_A, num_experts, method)
+  kept_A = valid_A & (pos_A < capacity)
+  return pos_A.reshape(K, T).T, kept_A.reshape(K, T).T
 
 
 def dropped_fraction(valid_TxK: Array, kept_TxK: Array) -> Array:
@@ -114,78 +121,241 @@ def dropped_fraction(valid_TxK: Array, kept_TxK: Array) -> Array:
   return ((n_valid - jnp.sum(kept_TxK)) / jnp.maximum(n_valid, 1)).astype(jnp.float32)
 
 
-def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing,
-                      expert_fn: Callable[[Array], Array] | None = None, *, num_experts: int,
-                      capacity: int, position_method: str | None = None,
-                      grouped_fn: Callable[[Array, Array, Array], Array] | None = None
-                      ) -> tuple[Array, dict[str, Array]]:
-  """GShard capacity dispatch, computing with one of:
-    expert_fn  [E, C, D] -> [E, C, D]: experts on the padded capacity buffer
-               (static shapes: the TPU / GPU and expert-parallel layout);
-    grouped_fn (rows [T*K, D], group sizes [E], slot of each row [T*K]) -> rows:
-               experts on the kept assignments only, sorted by expert (the
-               CPU path: no work on empty capacity slots); used if given.
-  Returns (y [T, D] float32, {"dropped_fraction", "kept_TxK"}).
+# ------------------------------------------------------------------ row helpers
+
+
+def rows_inverse(row_A: Array, num_rows: int, src_A: Array, fill: int) -> Array:
+  """src_of_row [R]: src_A[a] at row row_A[a]; `fill` where none lands (rows >= R drop)."""
+  return jnp.full((num_rows,), fill, jnp.int32).at[row_A].set(src_A.astype(jnp.int32),
+                                                             mode="drop")
+
+
+def take_rows(x_NxD: Array, idx: Array) -> Array:
+  """x[idx] along rows; idx >= N gives zeros."""
+  return jnp.take(x_NxD, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _combine(y_TxKxD: Array, gate_TxK: Array) -> Array:
+  """sum_k gate[t, k] * y[t, k], float32 [T, D]."""
+  return jnp.einsum("tk,tkd->td", gate_TxK, y_TxKxD.astype(jnp.float32))
+
+
+class Experts(NamedTuple):
+  """How the experts compute on a shard: weights (this shard's), activation,
+  capacity layout and grouped kernel (policy.Impl), dropout mask (this
+  shard's part of the globally drawn one, or None)."""
+
+  w: experts_lib.Weights
+  activation: str
+  layout: str
+  kernel: str
+  mask: Array | None
+
+  def batched(self, sh: Shard, x_ExCxD, mask=None):
+    return sh.hidden_sum(experts_lib.batched(self.w, x_ExCxD, self.activation, mask))
+
+  def grouped(self, sh: Shard, x_NxD, sizes_E, mask=None):
+    return sh.hidden_sum(experts_lib.grouped(self.w, x_NxD, sizes_E, self.activation, mask,
+                                             self.kernel))
+
+
+def _slot_mask(ex: Experts, slot_of_row: Array) -> Array | None:
+  """The rows' part of an [E, C, F] slot mask (slot E*C or beyond: a zero row)."""
+  if ex.mask is None:
+    return None
+  return take_rows(ex.mask.reshape(-1, ex.mask.shape[-1]), slot_of_row)
+
+
+# ------------------------------------------------------------------ capacity core
+
+
+def _exchange_capacity(sh: Shard, ex: Experts, x_TxD, token_A, expert_A, slot_A, rank_A,
+                       send_A, C: int, W: int) -> Array:
+  """Per shard: its assignments -> their expert outputs y_A [A, D].
+
+  token_A: local token; expert_A: global expert; slot_A: its slot among the
+  expert's C (global); rank_A: its rank among this shard's sent rows of that
+  expert (< W); send_A: whether it is served. With n == 1, slot == rank and
+  W == C, so the send buffer is the capacity buffer itself.
+  """
+  n = sh.n
+  E = ex.w.wi.shape[0] * n  # w is this shard's
+  U = E // n
+  T_loc, D = x_TxD.shape
+  if n == 1 and ex.layout == "grouped":
+    # Kept rows only, sorted by expert: row = start of the expert + slot.
+    sizes_E = jnp.zeros((E,), jnp.int32).at[expert_A].add(send_A.astype(jnp.int32))
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    N = expert_A.shape[0]
+    row_A = jnp.where(send_A, starts_E[expert_A] + slot_A, N).astype(jnp.int32)
+    slot_of_row = rows_inverse(row_A, N, expert_A * C + slot_A, E * C)
+    x_rows = take_rows(x_TxD, rows_inverse(row_A, N, token_A, T_loc))
+    return take_rows(ex.grouped(sh, x_rows, sizes_E, _slot_mask(ex, slot_of_row)), row_A)
+  row_A = jnp.where(send_A, expert_A * W + rank_A, E * W).astype(jnp.int32)
+  x_send = take_rows(x_TxD, rows_inverse(row_A, E * W, token_A, T_loc))
+  if n == 1:  # batched: the send buffer is the [E, C, D] capacity buffer
+    y_ExCxD = ex.batched(sh, x_send.reshape(E, C, D), ex.mask)
+    return take_rows(y_ExCxD.reshape(E * C, D), row_A)
+  slot_send = rows_inverse(row_A, E * W, slot_A, C)  # C = an empty row
+  x_recv = sh.a2a(x_send.reshape(n, U * W, D))
+  slot_R = sh.a2a(slot_send.reshape(n, U * W)).reshape(-1)  # [n_src * U * W]
+  R = n * U * W
+  local_R = jnp.broadcast_to(jnp.arange(U, dtype=jnp.int32)[None, :, None],
+                             (n, U, W)).reshape(-1)
+  iota_R = jnp.arange(R, dtype=jnp.int32)
+  if ex.layout == "grouped":
+    # The rows of (source s, local expert l) are a prefix of their W rows:
+    # group them expert-major, then by source.
+    cnt_PxU = jnp.sum((slot_R < C).reshape(n, U, W), -1, dtype=jnp.int32)
+    sizes_U = jnp.sum(cnt_PxU, 0)
+    base_PxU = (jnp.cumsum(sizes_U) - sizes_U)[None, :] + jnp.cumsum(cnt_PxU, 0) - cnt_PxU
+    dst_R = jnp.where(slot_R < C, (base_PxU[:, :, None]
+                                   + jnp.arange(W)[None, None, :]).reshape(-1), R)
+    slot_of_row = rows_inverse(dst_R, R, local_R * C + slot_R, U * C)
+    x_rows = take_rows(x_recv.reshape(R, D), rows_inverse(dst_R, R, iota_R, R))
+    y_recv = take_rows(ex.grouped(sh, x_rows, sizes_U, _slot_mask(ex, slot_of_row)), dst_R)
+  else:
+    dst_R = jnp.where(slot_R < C, local_R * C + slot_R, U * C)
+    x_ExCxD = take_rows(x_recv.reshape(R, D), rows_inverse(dst_R, U * C, iota_R, R))
+    y_ExCxD = ex.batched(sh, x_ExCxD.reshape(U, C, D), ex.mask)
+    y_recv = take_rows(y_ExCxD.reshape(U * C, D), dst_R)
+  y_back = sh.a2a(y_recv.reshape(n, U * W, D)).reshape(E * W, D)
+  return take_rows(y_back, row_A)
+
+
+# ------------------------------------------------------------------ the dispatches
+
+
+def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, capacity: int,
+                      positions: str, place=LOCAL) -> tuple[Array, dict[str, Array]]:
+  """GShard capacity dispatch. Returns (y [T, D] float32, {"dropped_fraction", "kept_TxK"}).
+
+  ex.mask, if any, is the global [E, C, F] dropout mask by capacity slot.
   """
   T, K = r.expert_TxK.shape
-  E, C = num_experts, capacity
-  expert_A, pos_A, counts_E, kept_A = capacity_slots(r, E, C, position_method)
-  token_A = jnp.tile(jnp.arange(T, dtype=jnp.int32), K)
-  if grouped_fn is not None:
-    sizes_E = jnp.minimum(counts_E, C).astype(jnp.int32)
-    starts_E = jnp.cumsum(sizes_E) - sizes_E
-    N = T * K
-    row_A = jnp.where(kept_A, starts_E[expert_A] + pos_A, N).astype(jnp.int32)
-    slot_A = jnp.where(kept_A, expert_A * C + pos_A, E * C).astype(jnp.int32)
-    y_RxD = grouped_fn(_take_rows(x_TxD, _rows_inverse(row_A, N, token_A, T)), sizes_E,
-                       _rows_inverse(row_A, N, slot_A, E * C))
-  else:
-    row_A = jnp.where(kept_A, expert_A * C + pos_A, E * C).astype(jnp.int32)
-    x_ExCxD = _take_rows(x_TxD, _rows_inverse(row_A, E * C, token_A, T)).reshape(E, C, -1)
-    y_RxD = expert_fn(x_ExCxD).reshape(E * C, -1)
-  row_TxK = row_A.reshape(K, T).T
-  kept_TxK = kept_A.reshape(K, T).T
-  y_TxD = _combine(y_RxD, row_TxK, jnp.where(kept_TxK, r.gate_TxK, 0.0))
+  E, C = ex.w.wi.shape[0], capacity
+  pos_TxK, kept_TxK = capacity_slots(r, E, C, positions)
+  T_loc = T // place.n_tokens if place.n > 1 else T
+  # A token picks an expert at most once: a shard sends <= T_loc rows to an
+  # expert, and <= C as they hold distinct slots.
+  W = min(C, T_loc)
+
+  def body(sh, x, expert, pos, kept, w, mask):
+    Tl = x.shape[0]
+    e_A, kept_A, pos_A = expert.reshape(-1), kept.reshape(-1), pos.reshape(-1)
+    rank_A = pos_A if sh.n == 1 else positions_in_expert(e_A, kept_A, E, positions)[0]
+    token_A = jnp.repeat(jnp.arange(Tl, dtype=jnp.int32), K)
+    y_A = _exchange_capacity(sh, ex._replace(w=w, mask=mask), x, token_A, e_A, pos_A, rank_A,
+                             kept_A, C, W)
+    return y_A.reshape(Tl, K, -1)
+
+  y_TxKxD = place.run(body, (x_TxD, r.expert_TxK, pos_TxK, kept_TxK, ex.w, ex.mask),
+                      (place.tokens_rows, place.tokens, place.tokens, place.tokens,
+                       place.weight_specs(ex.w), place.slot_mask),
+                      place.tokens_rows, check_vma=ex.layout != "grouped")
+  y_TxD = _combine(y_TxKxD, jnp.where(kept_TxK, r.gate_TxK, 0.0))
   return y_TxD, {"dropped_fraction": dropped_fraction(r.valid_TxK, kept_TxK),
                  "kept_TxK": kept_TxK}
 
 
-def dropless_dispatch(x_TxD: Array, r: routing_lib.Routing,
-                      grouped_fn: Callable[[Array, Array], Array], *, num_experts: int,
-                      position_method: str | None = None) -> tuple[Array, dict[str, Array]]:
-  """Sorts assignments by expert; grouped_fn maps (rows [T*K, D], group sizes [E]) -> rows.
-
-  Rows past sum(group sizes) are zero inputs (padding / policy-dropped
-  assignments) and their outputs are never read.
-  """
-  T, K = r.expert_TxK.shape
-  E, N = num_experts, T * K
-  expert_A = r.expert_TxK.reshape(-1)
-  valid_A = r.valid_TxK.reshape(-1)
-  pos_A, counts_E = positions_in_expert(expert_A, valid_A, E, position_method)
-  starts_E = jnp.cumsum(counts_E) - counts_E
-  row_A = jnp.where(valid_A, starts_E[expert_A] + pos_A, N).astype(jnp.int32)
-  token_A = jnp.repeat(jnp.arange(T, dtype=jnp.int32), K)
-  x_NxD = _take_rows(x_TxD, _rows_inverse(row_A, N, token_A, T))
-  y_NxD = grouped_fn(x_NxD, counts_E.astype(jnp.int32))
-  y_TxD = _combine(y_NxD, row_A.reshape(T, K), r.gate_TxK)
-  return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32), "kept_TxK": r.valid_TxK}
-
-
-def expert_choice_dispatch(x_TxD: Array, r: routing_lib.ExpertChoiceRouting,
-                           expert_fn: Callable[[Array], Array], *, mask_T: Array
-                           ) -> tuple[Array, dict[str, Array]]:
+def expert_choice_dispatch(x_TxD: Array, r: routing_lib.ExpertChoiceRouting, ex: Experts, *,
+                           mask_T: Array, place=LOCAL) -> tuple[Array, dict[str, Array]]:
   """Gathers each expert's chosen tokens [E, C, D], runs experts, scatter-adds back.
 
   dropped_fraction: the fraction of real tokens no expert chose.
   """
   T = x_TxD.shape[0]
   E, C = r.token_ExC.shape
+  T_loc = T // place.n_tokens if place.n > 1 else T
+  W = min(C, T_loc)
+  ex = ex._replace(layout="batched")
+
+  def body(sh, x, token_ExC, valid_ExC, gate_ExC, w, mask):
+    Tl, D = x.shape
+    local_ExC = token_ExC - sh.first_token(Tl)
+    mine_ExC = valid_ExC & (local_ExC >= 0) & (local_ExC < Tl)
+    rank_ExC = (jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (E, C)) if sh.n == 1
+                else jnp.cumsum(mine_ExC.astype(jnp.int32), axis=1) - 1)
+    expert_A = jnp.repeat(jnp.arange(E, dtype=jnp.int32), C)
+    slot_A = jnp.tile(jnp.arange(C, dtype=jnp.int32), E)
+    mine_A = mine_ExC.reshape(-1)
+    token_A = jnp.where(mine_A, local_ExC.reshape(-1), Tl)
+    y_A = _exchange_capacity(sh, ex._replace(w=w, mask=mask), x, token_A, expert_A, slot_A,
+                             rank_ExC.reshape(-1), mine_A, C, W)
+    contrib = gate_ExC.reshape(-1, 1) * y_A.astype(jnp.float32)
+    return jnp.zeros((Tl, D), jnp.float32).at[token_A].add(contrib, mode="drop")
+
+  y_TxD = place.run(body, (x_TxD, r.token_ExC, r.valid_ExC, r.gate_ExC, ex.w, ex.mask),
+                    (place.tokens_rows, place.replicated, place.replicated, place.replicated,
+                     place.weight_specs(ex.w), place.slot_mask), place.tokens_rows)
   token_EC = jnp.where(r.valid_ExC, r.token_ExC, T).reshape(-1)
-  y_ExCxD = expert_fn(_take_rows(x_TxD, token_EC).reshape(E, C, -1))
-  contrib_ECxD = r.gate_ExC.reshape(-1, 1) * y_ExCxD.reshape(E * C, -1).astype(jnp.float32)
-  y_TxD = jnp.zeros((T, x_TxD.shape[-1]), jnp.float32).at[token_EC].add(contrib_ECxD, mode="drop")
   chosen_T = jnp.zeros((T,), jnp.float32).at[token_EC].set(1.0, mode="drop")
   real = jnp.sum(mask_T)
   dropped = jnp.sum(mask_T * (1.0 - chosen_T)) / jnp.maximum(real, 1.0)
-  return y_TxD, {"dropped_fraction": dropped.astype(jnp.float32), "chosen_T": chosen_T > 0}
+  return y_TxD, {"dropped_fraction": dropped.astype(jnp.float32)}
+
+
+def dropless_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, positions: str,
+                      place=LOCAL) -> tuple[Array, dict[str, Array]]:
+  """Sorts assignments by expert; the grouped kernel runs every one.
+
+  ex.mask, if any, is the [T*K, F] dropout mask of the one-device sorted rows
+  (row r = the r-th assignment in expert order); every mesh uses the same.
+  """
+  T, K = r.expert_TxK.shape
+  E = ex.w.wi.shape[0]
+  n = place.n
+  U = E // n
+  T_loc = T // place.n_tokens if n > 1 else T
+  A = T_loc * K  # a shard's assignments: its send block to each shard (worst case)
+  grow_TxK = None
+  if ex.mask is not None and n > 1:
+    # Each assignment's row in the one-device sorted order picks its mask row.
+    g_A, counts_E = positions_in_expert(r.expert_TxK.reshape(-1), r.valid_TxK.reshape(-1), E,
+                                        positions)
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    grow_TxK = (starts_E[r.expert_TxK.reshape(-1)] + g_A).reshape(T, K)
+
+  def body(sh, x, expert, valid, w, mask, grow):
+    Tl, D = x.shape
+    e_A, v_A = expert.reshape(-1), valid.reshape(-1)
+    pos_A, counts_E = positions_in_expert(e_A, v_A, E, positions)
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    token_A = jnp.repeat(jnp.arange(Tl, dtype=jnp.int32), K)
+    ex_sh = ex._replace(w=w, mask=mask)
+    if sh.n == 1:  # rows sorted by expert are the grouped kernel's input as they are
+      row_A = jnp.where(v_A, starts_E[e_A] + pos_A, A).astype(jnp.int32)
+      x_rows = take_rows(x, rows_inverse(row_A, A, token_A, Tl))
+      y_rows = ex_sh.grouped(sh, x_rows, counts_E.astype(jnp.int32), mask)
+      return take_rows(y_rows, row_A).reshape(Tl, K, D)
+    block_E = starts_E[(jnp.arange(E) // U) * U]  # start of each destination's block
+    row_A = jnp.where(v_A, (e_A // U) * A + starts_E[e_A] - block_E[e_A] + pos_A,
+                      n * A).astype(jnp.int32)
+    R = n * A  # rows received
+    x_send = take_rows(x, rows_inverse(row_A, R, token_A, Tl))
+    id_send = rows_inverse(row_A, R, e_A % U, U)  # U = an empty row
+    x_recv = sh.a2a(x_send.reshape(n, A, D)).reshape(R, D)
+    id_recv = sh.a2a(id_send.reshape(n, A))  # [n_src, A]
+    counts_PxU = sh.a2a(counts_E.reshape(n, U))  # [n_src, U]
+    sizes_U = jnp.sum(counts_PxU, 0)
+    offset_PxU = ((jnp.cumsum(sizes_U) - sizes_U)[None, :] + jnp.cumsum(counts_PxU, 0)
+                  - counts_PxU - (jnp.cumsum(counts_PxU, 1) - counts_PxU))
+    ok = id_recv < U
+    dst_PxA = (jnp.take_along_axis(offset_PxU, jnp.minimum(id_recv, U - 1), axis=1)
+               + jnp.arange(A)[None, :])
+    dst_R = jnp.where(ok, dst_PxA, R).reshape(-1).astype(jnp.int32)
+    x_dst = take_rows(x_recv, rows_inverse(dst_R, R, jnp.arange(R, dtype=jnp.int32), R))
+    mask_dst = None
+    if mask is not None:
+      g_send = rows_inverse(row_A, R, grow.reshape(-1), 0)
+      g_recv = sh.a2a(g_send.reshape(n, A)).reshape(-1)
+      mask_dst = jnp.take(mask, rows_inverse(dst_R, R, g_recv, 0), axis=0)
+    y_dst = ex_sh.grouped(sh, x_dst, sizes_U.astype(jnp.int32), mask_dst)
+    y_back = sh.a2a(take_rows(y_dst, dst_R).reshape(n, A, D)).reshape(R, D)
+    return take_rows(y_back, row_A).reshape(Tl, K, D)
+
+  y_TxKxD = place.run(body, (x_TxD, r.expert_TxK, r.valid_TxK, ex.w, ex.mask, grow_TxK),
+                      (place.tokens_rows, place.tokens, place.tokens, place.weight_specs(ex.w),
+                       place.row_mask, place.tokens), place.tokens_rows, check_vma=False)
+  y_TxD = _combine(y_TxKxD, r.gate_TxK)
+  return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32), "kept_TxK": r.valid_TxK}

@@ -1,8 +1,12 @@
-"""MoeFfn: the MoE FFN layer (router -> dispatch -> experts -> combine).
+"""MoeFfn: the MoE FFN layer's parameters, and the glue router -> dispatch -> combine.
 
-Uses config.model: d_model, d_ff, activation, dtype and the model.moe block
-(see sparse_lm/config.py). Router math in float32; expert matmuls in
-model.dtype; parameters float32 with logical axis names.
+Every step is a pure function elsewhere: routing.py (ROUTERS: the parameters
+a router owns and how it decides), dispatch.py (one program that moves tokens
+to their experts and back, run as is on one device or by parallel.py across
+an expert mesh), experts.py (the expert FFNs), policy.py (how to compute, per
+backend). Uses config.model: d_model, d_ff, activation, dtype, init_scale and
+the model.moe block (sparse_lm/config.py). Router math in float32; expert
+matmuls in model.dtype; parameters float32 with logical axis names.
 """
 
 from __future__ import annotations
@@ -14,24 +18,17 @@ import ml_collections as mlc
 
 from sparse_lm.models import layers
 from sparse_lm.models.moe import dispatch as dispatch_lib
-from sparse_lm.models.moe import grouped
-from sparse_lm.models.moe import parallel
+from sparse_lm.models.moe import experts as experts_lib
+from sparse_lm.models.moe import parallel, policy
 from sparse_lm.models.moe import routing as routing_lib
-from flax.core import spmd as flax_spmd
-from sparse_lm import sharding
 
 Array = jax.Array
 
 
-class RouterBias(nnx.Variable):
-  """DeepSeek-V3 per-expert routing bias: not a Param (no gradient, no optimizer);
-  MoeFfn updates it from the observed load in every training forward."""
-
-
-def constrain(x, *names):
-  """sharding.constrain, with logical names the active rules lack left unsharded."""
-  known = {name for name, _ in flax_spmd.get_logical_axis_rules()}
-  return sharding.constrain(x, *(n if n in known else None for n in names))
+class RouterState(nnx.Variable):
+  """Routing state that is not trained (DeepSeek-V3's per-expert bias): no
+  gradient, no optimizer slot. A training forward returns its new value in
+  aux["state_updates"]; the caller writes it (apply_state_updates)."""
 
 
 def init_scale(m) -> float:
@@ -45,24 +42,6 @@ def expert_d_ff(m) -> int:
 
 def expert_activation(m) -> str:
   return m.moe.activation or m.activation
-
-
-# On CPU, capacity dispatch runs grouped.py's block loops on the kept rows only
-# up to this many experts, and the padded [E, C, D] einsum above it. Measured
-# crossover (benchmarks/README.md, 8192 tokens, fwd+bwd / dense FFN, grouped vs
-# batched): E=16 about even (k=1 1.46 vs 1.43, k=2 1.46 vs 1.51); E=32 k=1
-# 1.74 vs 1.61; E=64 k=1 2.37 vs 1.89; E=256 k=1 4.82 vs 3.49.
-GROUPED_CAPACITY_MAX_EXPERTS = 16
-
-
-def default_capacity_impl(num_experts: int) -> str:
-  """CPU with few experts: "grouped" (no work on empty slots, cache-resident
-  blocks). Otherwise "batched": the padded [E, C, D] einsum, which XLA runs
-  faster than E per-expert loops once each expert has few rows, and which
-  GPU / TPU always use."""
-  if jax.default_backend() == "cpu" and num_experts <= GROUPED_CAPACITY_MAX_EXPERTS:
-    return "grouped"
-  return "batched"
 
 
 # Named PRNG streams of one MoE forward (folded into the layer's rng).
@@ -84,18 +63,14 @@ class MoeFfn(nnx.Module):
     E, D, F = moe.num_experts, m.d_model, expert_d_ff(m)
     self.activation = expert_activation(m)
     s = init_scale(m)
-    router_init = layers.fan_in_init(scale=s)
-    self.router = layers.param(rngs, router_init, (D, E), ("embed", None))
-    if moe.noisy_gating:  # Shazeer 2017 initialises both gating matrices to zero
-      self.router_noise = layers.param(rngs, nnx.initializers.zeros, (D, E), ("embed", None))
-    if moe.router == "hierarchical":
-      G = moe.num_groups
-      self.group_router = layers.param(rngs, router_init, (D, G), ("embed", None))
-      if moe.noisy_gating:
-        self.group_router_noise = layers.param(rngs, nnx.initializers.zeros, (D, G),
-                                               ("embed", None))
-    if moe.router == "sigmoid_bias":
-      self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32))
+    self.router_params = tuple(routing_lib.ROUTERS[moe.router].params(moe))
+    for name, spec in routing_lib.ROUTERS[moe.router].params(moe).items():
+      shape = spec.shape(moe, D)
+      if spec.state:
+        setattr(self, name, RouterState(jnp.zeros(shape, jnp.float32)))
+        continue
+      init = layers.fan_in_init(scale=s) if spec.init == "fan_in" else nnx.initializers.zeros
+      setattr(self, name, layers.param(rngs, init, shape, spec.axes))
     init = layers.fan_in_init((1,), s, batch_axes=(0,))  # [E, fan_in, fan_out]
     self.wi = layers.param(rngs, init, (E, D, F), ("expert", "embed", "expert_mlp"))
     if layers.is_gated(self.activation):
@@ -110,121 +85,64 @@ class MoeFfn(nnx.Module):
         self.shared_wg = layers.param(rngs, dense_init, (D, SF), ("embed", "mlp"))
       self.shared_wo = layers.param(rngs, dense_init, (SF, D), ("mlp", "embed"))
 
-  # ---------------------------------------------------------------- experts
+  def expert_weights(self, dt) -> experts_lib.Weights:
+    wg = self.wg[...] if layers.is_gated(self.activation) else None
+    return experts_lib.Weights(self.wi[...], wg, self.wo[...]).astype(dt)
 
-  def _weights(self, dt):
-    wg = self.wg[...].astype(dt) if layers.is_gated(self.activation) else None
-    return self.wi[...].astype(dt), wg, self.wo[...].astype(dt)
-
-  def _dropout_mask(self, shape, dt, key):
-    p = self.m.moe.expert_dropout
-    if key is None or p == 0.0:
-      return None
-    keep = jax.random.bernoulli(key, 1.0 - p, shape)
-    return (keep / (1.0 - p)).astype(dt)
-
-  def _batched_experts(self, x_ExCxD, key):
-    """All experts on their capacity buffers: [E, C, D] -> [E, C, D]."""
-    dt = x_ExCxD.dtype
-    wi, wg, wo = self._weights(dt)
-    x_ExCxD = constrain(x_ExCxD, "expert", None, "act_embed")
-    h_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, wi)
-    g_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, wg) if wg is not None else None
-    a_ExCxF = layers.activate(h_ExCxF, self.activation, g_ExCxF)
-    mask = self._dropout_mask(a_ExCxF.shape, dt, key)
-    if mask is not None:
-      a_ExCxF = a_ExCxF * mask
-    a_ExCxF = constrain(a_ExCxF, "expert", None, "expert_mlp")
-    return jnp.einsum("ecf,efd->ecd", a_ExCxF, wo)
-
-  def _grouped_experts(self, x_NxD, group_sizes_E, key, impl=None, *, slot_of_row=None,
-                       capacity=None):
-    """Experts on rows sorted by expert. For capacity dispatch, slot_of_row [N]
-    (e * C + position, E * C for an empty row) makes expert dropout draw the
-    same [E, C, F] mask as _batched_experts, whatever the implementation."""
-    dt = x_NxD.dtype
-    wi, wg, wo = self._weights(dt)
-    F = wi.shape[-1]
-    if slot_of_row is None:
-      mask = self._dropout_mask((x_NxD.shape[0], F), dt, key)
-    else:
-      mask = self._dropout_mask((wi.shape[0], capacity, F), dt, key)
-      if mask is not None:
-        mask = jnp.take(mask.reshape(-1, F), slot_of_row, axis=0, mode="fill", fill_value=0)
-    return grouped.grouped_ffn(x_NxD, group_sizes_E, wi, wg, wo, self.activation, mask, impl)
-
-  def _shared(self, x_TxD):
-    dt = x_TxD.dtype
-    h = x_TxD @ self.shared_wi[...].astype(dt)
-    g = x_TxD @ self.shared_wg[...].astype(dt) if layers.is_gated(self.activation) else None
-    return layers.activate(h, self.activation, g) @ self.shared_wo[...].astype(dt)
-
-  # ---------------------------------------------------------------- forward
+  def apply_state_updates(self, aux: dict):
+    """Writes the routing state a training forward returned (aux["state_updates"])."""
+    for name, value in aux.get("state_updates", {}).items():
+      getattr(self, name)[...] = value
 
   def __call__(self, x_BxLxD: Array, *, mask_BxL: Array | None = None, train: bool = False,
-               rng: Array | None = None, grouped_impl: str | None = None,
-               capacity_impl: str | None = None, position_method: str | None = None
-               ) -> tuple[Array, dict[str, Array]]:
-    """y [B, L, D] in model.dtype and the aux dict (router_loss + terms + diagnostics).
-
-    rng is used only when train=True (jitter, noisy gating, second-expert
-    policy, expert dropout, expert output masking). These override choices
-    made by backend / expert count (for tests and benchmarks):
-      grouped_impl     "ragged" | "blocks": the grouped kernel (grouped.py);
-      capacity_impl    "batched" (padded [E, C, D] einsum) | "grouped" (kept
-                       rows only, with the grouped kernel);
-      position_method  "cumsum" | "sort" (dispatch.positions_in_expert).
-    """
+               rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """y [B, L, D] in model.dtype and the aux dict (router_loss, its terms,
+    diagnostics, and "state_updates" for the caller). rng is used only when
+    train=True (jitter, noisy gating, second-expert policy, expert dropout,
+    expert output masking)."""
     m, moe = self.m, self.m.moe
     B, L, D = x_BxLxD.shape
     T, E = B * L, moe.num_experts
     dt = layers.dtype_of(m)
+    router = routing_lib.ROUTERS[moe.router]
+    impl = policy.resolve(moe)
     x_TxD = x_BxLxD.reshape(T, D).astype(dt)
     mask_T = (jnp.ones((T,), jnp.float32) if mask_BxL is None
               else mask_BxL.reshape(T).astype(jnp.float32))
     key = self._check_rng(train, rng)
     stream = lambda i: None if key is None else jax.random.fold_in(key, i)
-    # dispatch.py, or its expert-parallel twin when the mesh's "expert" axis is > 1.
-    dispatch = parallel.dispatcher(self, stream(_DROPOUT), grouped_impl)
 
-    # Router (float32).
+    # Router (float32): x @ W for each gating matrix, and the routing state.
     xr_TxD = x_TxD.astype(jnp.float32)
     if train and moe.jitter > 0:
       xr_TxD = routing_lib.jitter(xr_TxD, moe.jitter, stream(_JITTER))
-    dot = lambda w: jnp.dot(xr_TxD, w[...], precision=jax.lax.Precision.HIGHEST)
-    logits_TxE = dot(self.router)
+    inputs = {}
+    for name in self.router_params:
+      v = getattr(self, name)
+      inputs[name] = (v[...] if isinstance(v, RouterState) else
+                      jnp.dot(xr_TxD, v[...], precision=jax.lax.Precision.HIGHEST))
+    r = router.route(inputs, moe, mask_T=mask_T, train=train, rng=stream(_NOISE))
 
-    if moe.router == "expert_choice":
-      C = dispatch_lib.capacity(moe, T, train)
-      r = routing_lib.expert_choice(logits_TxE, C, mask_T)
-      y_TxD, info = dispatch.expert_choice_dispatch(
-          x_TxD, r, lambda x: self._batched_experts(x, stream(_DROPOUT)), mask_T=mask_T)
+    # Dispatch -> experts -> combine (one program; parallel.py places it).
+    w = self.expert_weights(dt)
+    place = parallel.placement(E, w.hidden)
+    drop = lambda shape: experts_lib.dropout_mask(stream(_DROPOUT), moe.expert_dropout, shape, dt)
+    if router.expert_choice:
+      C = r.token_ExC.shape[1]
+      ex = dispatch_lib.Experts(w, self.activation, "batched", impl.grouped_kernel,
+                                drop((E, C, w.hidden)))
+      y_TxD, info = dispatch_lib.expert_choice_dispatch(x_TxD, r, ex, mask_T=mask_T, place=place)
+    elif moe.dispatch == "capacity":
+      C = routing_lib.capacity(moe, T, train)
+      ex = dispatch_lib.Experts(w, self.activation, impl.capacity_layout, impl.grouped_kernel,
+                                drop((E, C, w.hidden)))
+      y_TxD, info = dispatch_lib.capacity_dispatch(x_TxD, r, ex, capacity=C,
+                                                   positions=impl.positions, place=place)
     else:
-      noisy = moe.noisy_gating and train
-      hier = moe.router == "hierarchical"
-      r = routing_lib.route(
-          logits_TxE, moe, mask_T=mask_T, train=train, rng=stream(_NOISE),
-          noise_TxE=dot(self.router_noise) if noisy else None,
-          group_logits_TxG=dot(self.group_router) if hier else None,
-          group_noise_TxG=dot(self.group_router_noise) if noisy and hier else None,
-          bias_E=self.router_bias[...] if moe.router == "sigmoid_bias" else None)
-      if moe.dispatch == "capacity":
-        C = dispatch_lib.capacity(moe, T, train)
-        kw = {}
-        if (capacity_impl or default_capacity_impl(E)) == "grouped":
-          kw["grouped_fn"] = lambda x, n, slot: self._grouped_experts(
-              x, n, stream(_DROPOUT), grouped_impl, slot_of_row=slot, capacity=C)
-        y_TxD, info = dispatch.capacity_dispatch(
-            x_TxD, r, lambda x: self._batched_experts(x, stream(_DROPOUT)), num_experts=E,
-            capacity=C, position_method=position_method, **kw)
-      else:
-        y_TxD, info = dispatch.dropless_dispatch(
-            x_TxD, r, lambda x, n: self._grouped_experts(x, n, stream(_DROPOUT), grouped_impl),
-            num_experts=E, position_method=position_method)
-      if moe.router == "sigmoid_bias" and train:
-        counts_E = routing_lib.expert_counts(r.expert_TxK, r.valid_TxK, E)
-        self.router_bias[...] = routing_lib.update_bias(
-            self.router_bias[...], counts_E, moe.bias_update_rate)
+      ex = dispatch_lib.Experts(w, self.activation, "grouped", impl.grouped_kernel,
+                                drop((r.expert_TxK.size, w.hidden)))
+      y_TxD, info = dispatch_lib.dropless_dispatch(x_TxD, r, ex, positions=impl.positions,
+                                                   place=place)
 
     if train and moe.eom_rate > 0:
       # NLLB-200 Expert Output Masking: drop the whole routed output of a
@@ -241,14 +159,20 @@ class MoeFfn(nnx.Module):
                           + moe.z_loss_weight * aux["z_loss"]
                           + moe.importance_weight * (aux["importance_loss"] + aux["load_loss"]))
     aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
+    aux["state_updates"] = router.update(inputs, r, moe) if train and router.update else {}
     return y_TxD.reshape(B, L, D), aux
+
+  def _shared(self, x_TxD):
+    dt = x_TxD.dtype
+    h = x_TxD @ self.shared_wi[...].astype(dt)
+    g = x_TxD @ self.shared_wg[...].astype(dt) if layers.is_gated(self.activation) else None
+    return layers.activate(h, self.activation, g) @ self.shared_wo[...].astype(dt)
 
   def _check_rng(self, train, rng):
     moe = self.m.moe
     needs = [name for name, on in (
         ("jitter", moe.jitter > 0), ("noisy_gating", moe.noisy_gating),
-        ("second_expert_policy", moe.router == "topk" and moe.top_k > 1
-         and moe.second_expert_policy != "all"),
+        ("second_expert_policy", routing_lib.ROUTERS[moe.router].randomness(moe)),
         ("expert_dropout", moe.expert_dropout > 0), ("eom_rate", moe.eom_rate > 0)) if on]
     if not train:
       return None

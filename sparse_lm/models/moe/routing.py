@@ -5,7 +5,10 @@ Every function here is a function of its arguments only (logits, the config's
 `model.moe` block, a PRNG key, a padding mask), so each is testable alone.
 All router math is float32 whatever the compute dtype.
 
-Token-choice routers (`switch`, `topk`, `mixtral`, `sigmoid_bias`,
+Each router is one entry of `ROUTERS` (the table below: its parameters, its
+choices per token, its config checks, its function and any routing-state
+update); adding one touches this file and config.py only. Token-choice
+routers (`switch`, `topk`, `mixtral`, `sigmoid_bias`, `group_limited`,
 `hierarchical`) return a `Routing`: K (expert, gate) choices per token, in
 priority order (choice 0 is the token's first choice). Capacity dispatch serves
 all first choices before any second choice (GShard). `expert_choice` returns an
@@ -34,7 +37,8 @@ router_entropy (mean over tokens), empty_experts (experts with no assignment).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +237,33 @@ def sigmoid_bias(logits_TxE: Array, k: int, bias_E: Array, *,
   return expert_TxK, gate_TxK, scores_TxE / jnp.sum(scores_TxE, -1, keepdims=True)
 
 
+def group_limited(logits_TxE: Array, k: int, bias_E: Array, num_groups: int, top_groups: int, *,
+                  normalize: bool) -> tuple[Array, Array, Array]:
+  """DeepSeek-V3 node-limited routing (Liu et al. 2024, section 2.1.2): the
+  sigmoid_bias router, restricted to the experts of each token's top
+  `top_groups` of `num_groups` contiguous expert groups, a group scored by the
+  sum of its highest k / top_groups biased scores (the released code's fixed 2
+  is this for V3's k=8, M=4). Bounds how many devices a token's all-to-all
+  reaches when groups are placed on devices.
+
+  Returns (expert, gate, normalised scores s / sum(s) used as P for the aux terms).
+  """
+  T, E = logits_TxE.shape
+  G = num_groups
+  scores_TxE = jax.nn.sigmoid(logits_TxE)
+  biased_TxE = scores_TxE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))[None, :]
+  per = max(k // top_groups, 1)
+  group_TxG = jnp.sum(jax.lax.top_k(biased_TxE.reshape(T, G, E // G), per)[0], -1)
+  chosen_TxA = jax.lax.top_k(group_TxG, top_groups)[1]
+  allowed_TxG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], chosen_TxA].set(True)
+  allowed_TxE = jnp.repeat(allowed_TxG, E // G, axis=1)
+  expert_TxK = jax.lax.top_k(jnp.where(allowed_TxE, biased_TxE, -jnp.inf), k)[1]
+  gate_TxK = _take(scores_TxE, expert_TxK)
+  if normalize:
+    gate_TxK = gate_TxK / (jnp.sum(gate_TxK, -1, keepdims=True) + _EPS)
+  return expert_TxK, gate_TxK, scores_TxE / jnp.sum(scores_TxE, -1, keepdims=True)
+
+
 def hierarchical(logits_TxE: Array, group_logits_TxG: Array, k_groups: int,
                  k: int) -> tuple[Array, Array, Array, Array]:
   """Shazeer 2017 appendix B: a primary gate picks k_groups of G groups, each
@@ -278,67 +309,239 @@ def expert_choice(logits_TxE: Array, capacity: int, mask_T: Array) -> ExpertChoi
   return ExpertChoiceRouting(token_ExC.astype(jnp.int32), gate_ExC, valid_ExC, aux)
 
 
-def route(logits_TxE: Array, moe: Any, *, mask_T: Array, train: bool,
-          rng: Array | None = None, noise_TxE: Array | None = None,
-          group_logits_TxG: Array | None = None, group_noise_TxG: Array | None = None,
-          bias_E: Array | None = None) -> Routing:
-  """Dispatches on `moe.router` for the token-choice routers.
+# ------------------------------------------------------------------ the table
+#
+# A router is one entry of ROUTERS: the parameters it owns, how many
+# assignments it makes per token, its config checks, and its function
+#   route(inputs, moe, *, mask_T, train, rng) -> Routing | ExpertChoiceRouting
+# where `inputs` holds x @ W for each of its matrix parameters (router logits:
+# "router" [T, E], "router_noise", "group_router" [T, G], ...) and the value
+# of each of its state parameters ("router_bias" [E]). A state parameter is
+# not trained; its new value comes back from `update(inputs, routing, moe)`
+# and the caller writes it (MoeFfn returns it, the train step applies it).
 
-  logits_TxE: float32 router logits (for `hierarchical`, the secondary gates of
-  all groups side by side, group g owning columns [g*E/G, (g+1)*E/G)).
-  noise_TxE / group_noise_TxG: raw noise-scale logits (x @ W_noise) for noisy
-  gating, used only when `train and moe.noisy_gating`. mask_T: 1 real, 0 pad.
-  rng: needed in training for noisy gating and the random / sampling policies.
-  """
-  logits_TxE = logits_TxE.astype(jnp.float32)
-  mask_T = mask_T.astype(jnp.float32)
-  noisy = bool(train and moe.noisy_gating)
-  if noisy or (train and moe.router == "topk" and moe.second_expert_policy != "all"
-               and moe.top_k > 1):
-    if rng is None:
-      raise ValueError("routing in training with noisy gating or a random second-expert "
-                       "policy needs an rng")
-    rng_noise, rng_group_noise, rng_policy = jax.random.split(rng, 3)
-  z_T = jax.nn.logsumexp(logits_TxE, -1) ** 2
-  chosen_TxE, load_E = logits_TxE, None
-  if noisy:
-    chosen_TxE, std_TxE = add_gating_noise(logits_TxE, noise_TxE, rng_noise)
-  k, name = moe.top_k, moe.router
-  keep_TxK = None
-  if name == "switch":
-    expert_TxK, gate_TxK, probs_TxE = switch(chosen_TxE)
-  elif name == "topk":
-    expert_TxK, gate_TxK, keep_TxK, probs_TxE = topk(
-        chosen_TxE, k, normalize=moe.normalize_gates, policy=moe.second_expert_policy,
-        train=train, rng=rng_policy if train and moe.second_expert_policy != "all" else None)
-  elif name == "mixtral":
-    expert_TxK, gate_TxK, probs_TxE = mixtral(chosen_TxE, k)
-  elif name == "sigmoid_bias":
-    expert_TxK, gate_TxK, probs_TxE = sigmoid_bias(chosen_TxE, k, bias_E,
-                                                   normalize=moe.normalize_gates)
-  elif name == "hierarchical":
-    group_logits_TxG = group_logits_TxG.astype(jnp.float32)
-    T, E = logits_TxE.shape
-    G = group_logits_TxG.shape[-1]
-    z_T = jax.nn.logsumexp(group_logits_TxG, -1) ** 2 + jnp.mean(
-        jax.nn.logsumexp(logits_TxE.reshape(T, G, E // G), -1) ** 2, -1)
-    chosen_TxG = group_logits_TxG
-    if noisy:
-      chosen_TxG, std_TxG = add_gating_noise(group_logits_TxG, group_noise_TxG, rng_group_noise)
-    expert_TxK, gate_TxK, group_TxA, probs_TxE = hierarchical(
-        chosen_TxE, chosen_TxG, moe.top_k_groups, k)
-    if noisy:
-      load_E = _hierarchical_smooth_load(
-          logits_TxE, chosen_TxE, std_TxE, group_logits_TxG, chosen_TxG, std_TxG,
-          group_TxA, moe.top_k_groups, k, mask_T)
-  else:
-    raise ValueError(f"route() handles token-choice routers, not {name!r}")
-  if noisy and name != "hierarchical":
-    load_E = smooth_load(logits_TxE, chosen_TxE, std_TxE, k, mask_T)
+
+class ParamSpec(NamedTuple):
+  """A router parameter: `shape(moe, d_model)`, logical axes, init, and
+  whether it is routing state (updated by `Router.update`, not by gradients)."""
+
+  shape: Callable[[Any, int], tuple[int, ...]]
+  axes: tuple
+  init: str = "fan_in"  # "fan_in" (layers.fan_in_init, model init scale) or "zeros"
+  state: bool = False
+
+
+class Router(NamedTuple):
+  """One routing method. `check(moe)` returns (config key, why) for a bad config."""
+
+  params: Callable[[Any], dict[str, ParamSpec]]
+  route: Callable[..., Any]
+  choices: Callable[[Any], int] = lambda moe: moe.top_k  # assignments per token
+  check: Callable[[Any], tuple[str, str] | None] = lambda moe: None
+  update: Callable[..., dict[str, Array]] | None = None
+  expert_choice: bool = False  # routes by expert: ExpertChoiceRouting, capacity only
+  # Draws from the rng in training besides noisy gating (a second-expert policy).
+  randomness: Callable[[Any], bool] = lambda moe: False
+  # The expert split over devices must follow group boundaries (hierarchical).
+  group_placement: bool = False
+
+
+def _matrix(n: Callable[[Any], int]) -> ParamSpec:
+  return ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None))
+
+
+def _gating(name: str, n: Callable[[Any], int]) -> dict[str, ParamSpec]:
+  """A gating matrix, and its noise-scale twin under noisy gating (Shazeer
+  2017 initialises both to zero; here the noise one only, the gate at the
+  model's init)."""
+  specs = {name: _matrix(n)}
+  return specs | {f"{name}_noise": ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None),
+                                             "zeros")}
+
+
+_E = lambda moe: moe.num_experts
+_G = lambda moe: moe.num_groups
+
+
+def _params(*extra):
+  def params(moe):
+    out = _gating("router", _E)
+    if not moe.noisy_gating:
+      out.pop("router_noise")
+    for name, spec in extra:
+      if name.endswith("_noise") and not moe.noisy_gating:
+        continue
+      out[name] = spec
+    return out
+  return params
+
+
+def _rngs(rng, moe, train, policy=False):
+  """(noise, group noise, policy) keys, only where training needs them."""
+  if not (train and (moe.noisy_gating or policy)):
+    return None, None, None
+  if rng is None:
+    raise ValueError("routing in training with noisy gating or a random second-expert "
+                     "policy needs an rng")
+  return tuple(jax.random.split(rng, 3))
+
+
+def _chosen(inputs, name, moe, train, rng):
+  """(clean logits, the logits the choice is made on, noise std or None)."""
+  clean = inputs[name].astype(jnp.float32)
+  if train and moe.noisy_gating:
+    noisy, std = add_gating_noise(clean, inputs[f"{name}_noise"], rng)
+    return clean, noisy, std
+  return clean, clean, None
+
+
+def _finish(choice, clean, chosen, std, moe, mask_T, k, keep_TxK=None, probs_TxE=None):
+  expert_TxK, gate_TxK, probs = choice[0], choice[1], choice[-1]
+  load_E = None if std is None else smooth_load(clean, chosen, std, k, mask_T)
   if keep_TxK is None:
     keep_TxK = jnp.ones(expert_TxK.shape, bool)
-  return _token_choice(expert_TxK, gate_TxK, keep_TxK, probs_TxE=probs_TxE, z_T=z_T,
+  return _token_choice(expert_TxK, gate_TxK, keep_TxK, probs_TxE=probs if probs_TxE is None
+                       else probs_TxE, z_T=jax.nn.logsumexp(clean, -1) ** 2,
+                       mask_T=mask_T.astype(jnp.float32), load_E=load_E,
+                       balance=moe.load_balance_choices)
+
+
+def _route_switch(inputs, moe, *, mask_T, train, rng=None):
+  """Fedus et al. 2021 eq. 1-2: top-1 of the softmax; gate = its probability."""
+  noise_key, _, _ = _rngs(rng, moe, train)
+  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
+  return _finish(switch(chosen), clean, chosen, std, moe, mask_T, 1)
+
+
+def _route_topk(inputs, moe, *, mask_T, train, rng=None):
+  """GShard (Lepikhin et al. 2020, Algorithm 1) / GLaM top-k with a second-expert policy."""
+  noise_key, _, policy_key = _rngs(rng, moe, train, policy=_random_policy(moe))
+  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
+  expert, gate, keep, probs = topk(chosen, moe.top_k, normalize=moe.normalize_gates,
+                                   policy=moe.second_expert_policy, train=train, rng=policy_key)
+  return _finish((expert, gate, probs), clean, chosen, std, moe, mask_T, moe.top_k, keep)
+
+
+def _random_policy(moe) -> bool:
+  return moe.top_k > 1 and moe.second_expert_policy != "all"
+
+
+def _route_mixtral(inputs, moe, *, mask_T, train, rng=None):
+  """Jiang et al. 2024 (Mixtral) eq. 2: softmax over the top-k logits."""
+  noise_key, _, _ = _rngs(rng, moe, train)
+  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
+  return _finish(mixtral(chosen, moe.top_k), clean, chosen, std, moe, mask_T, moe.top_k)
+
+
+def _route_sigmoid_bias(inputs, moe, *, mask_T, train, rng=None):
+  """DeepSeek-V3 (Liu et al. 2024) eq. 15-16 with the aux-loss-free bias b_i."""
+  noise_key, _, _ = _rngs(rng, moe, train)
+  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
+  choice = sigmoid_bias(chosen, moe.top_k, inputs["router_bias"], normalize=moe.normalize_gates)
+  return _finish(choice, clean, chosen, std, moe, mask_T, moe.top_k)
+
+
+def _route_group_limited(inputs, moe, *, mask_T, train, rng=None):
+  """DeepSeek-V3 node-limited routing (section 2.1.2) with the aux-loss-free bias."""
+  noise_key, _, _ = _rngs(rng, moe, train)
+  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
+  choice = group_limited(chosen, moe.top_k, inputs["router_bias"], moe.num_groups,
+                         moe.top_k_groups, normalize=moe.normalize_gates)
+  return _finish(choice, clean, chosen, std, moe, mask_T, moe.top_k)
+
+
+def _bias_update(inputs, r, moe):
+  """DeepSeek-V3 section 2.1.2: b_i += rate * sign(mean load - load_i), per batch."""
+  counts_E = expert_counts(r.expert_TxK, r.valid_TxK, moe.num_experts)
+  return {"router_bias": update_bias(inputs["router_bias"], counts_E, moe.bias_update_rate)}
+
+
+def _route_hierarchical(inputs, moe, *, mask_T, train, rng=None):
+  """Shazeer et al. 2017 appendix B: group gate x in-group gate."""
+  noise_key, group_key, _ = _rngs(rng, moe, train)
+  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
+  g_clean, g_chosen, g_std = _chosen(inputs, "group_router", moe, train, group_key)
+  T, E = clean.shape
+  G = g_clean.shape[-1]
+  expert, gate, group_TxA, probs = hierarchical(chosen, g_chosen, moe.top_k_groups, moe.top_k)
+  z_T = jax.nn.logsumexp(g_clean, -1) ** 2 + jnp.mean(
+      jax.nn.logsumexp(clean.reshape(T, G, E // G), -1) ** 2, -1)
+  mask_T = mask_T.astype(jnp.float32)
+  load_E = None
+  if std is not None:
+    load_E = _hierarchical_smooth_load(clean, chosen, std, g_clean, g_chosen, g_std, group_TxA,
+                                       moe.top_k_groups, moe.top_k, mask_T)
+  return _token_choice(expert, gate, jnp.ones(expert.shape, bool), probs_TxE=probs, z_T=z_T,
                        mask_T=mask_T, load_E=load_E, balance=moe.load_balance_choices)
+
+
+def _route_expert_choice(inputs, moe, *, mask_T, train, rng=None):
+  """Zhou et al. 2022 eq. 1: each expert takes its top-C tokens."""
+  del rng
+  logits = inputs["router"].astype(jnp.float32)
+  return expert_choice(logits, capacity(moe, logits.shape[0], train), mask_T.astype(jnp.float32))
+
+
+def _check_groups(moe, name, per_group_k):
+  a = moe.num_groups
+  if a < 2 or moe.num_experts % a:
+    return ("model.moe.num_groups",
+            f"must be >= 2 and divide model.moe.num_experts={moe.num_experts} for router {name!r}")
+  if not 1 <= moe.top_k_groups <= a:
+    return "model.moe.top_k_groups", f"must be in [1, num_groups={a}]"
+  limit = moe.num_experts // a * (1 if per_group_k else moe.top_k_groups)
+  if moe.top_k > limit:
+    return ("model.moe.top_k", f"must be <= {limit} (the experts a token can reach) for router "
+            f"{name!r}")
+  return None
+
+
+ROUTERS: dict[str, Router] = {
+    "switch": Router(
+        _params(), _route_switch,
+        check=lambda moe: ("model.moe.top_k", "must be 1 for router 'switch' (use 'topk')")
+        if moe.top_k != 1 else None),
+    "topk": Router(_params(), _route_topk, randomness=_random_policy),
+    "mixtral": Router(_params(), _route_mixtral),
+    "sigmoid_bias": Router(
+        _params(("router_bias", ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros",
+                                          state=True))),
+        _route_sigmoid_bias, update=_bias_update),
+    "group_limited": Router(
+        _params(("router_bias", ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros",
+                                          state=True))),
+        _route_group_limited, update=_bias_update,
+        check=lambda moe: _check_groups(moe, "group_limited", per_group_k=False)),
+    "hierarchical": Router(
+        _params(*_gating("group_router", _G).items()), _route_hierarchical,
+        choices=lambda moe: moe.top_k * moe.top_k_groups, group_placement=True,
+        check=lambda moe: _check_groups(moe, "hierarchical", per_group_k=True)),
+    "expert_choice": Router(
+        _params(), _route_expert_choice, expert_choice=True,
+        check=lambda moe: (
+            ("model.moe.dispatch", "must be 'capacity' for router 'expert_choice'")
+            if moe.dispatch != "capacity" else
+            ("model.moe.load_balance_choices",
+             "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)")
+            if moe.load_balance_choices != "all" else
+            ("model.moe.noisy_gating", "must be False for router 'expert_choice' (it has no "
+             "effect there)") if moe.noisy_gating else None)),
+}
+
+
+def capacity(moe: Any, num_tokens: int, train: bool) -> int:
+  """Per-expert capacity over the whole batch: max(min_capacity, ceil(cf*T*k/E)), <= T."""
+  cf = moe.capacity_factor if train else moe.eval_capacity_factor
+  k = ROUTERS[moe.router].choices(moe)
+  c = max(moe.min_capacity, math.ceil(cf * num_tokens * k / moe.num_experts))
+  return max(1, min(c, num_tokens))
+
+
+def route(logits_TxE: Array, moe: Any, *, mask_T: Array, train: bool, rng: Array | None = None,
+          **inputs) -> Routing | ExpertChoiceRouting:
+  """ROUTERS[moe.router].route on router logits [T, E] and the other inputs."""
+  return ROUTERS[moe.router].route({"router": logits_TxE, **inputs}, moe, mask_T=mask_T,
+                                   train=train, rng=rng)
 
 
 def _hierarchical_smooth_load(clean_TxE, noisy_TxE, std_TxE, clean_TxG, noisy_TxG, std_TxG,
