@@ -42,8 +42,9 @@ from sparse_lm.models.moe import layer as layer_lib
 from sparse_lm.models.moe import policy, routing
 
 
-def moe_model(E: int, k: int, dispatch: str, d_model: int, d_ff: int, cf: float,
-              dtype: str = "float32", **impl):
+def moe_model(
+  E: int, k: int, dispatch: str, d_model: int, d_ff: int, cf: float, dtype: str = "float32", **impl
+):
   c = cfglib.base_config()
   m = c.model
   m.d_model, m.d_ff, m.activation, m.dtype = d_model, d_ff, "gelu", dtype
@@ -70,6 +71,7 @@ def grad_fn(module, **call_kw):
       out = nnx.merge(graphdef, state)(x, **call_kw)
       y, aux = out if isinstance(out, tuple) else (out, {"router_loss": 0.0})
       return jnp.sum(y * ct) + aux["router_loss"]
+
     return jax.value_and_grad(loss, (0, 1))(state, x)
 
   return lambda x, ct: step(state, x, ct)
@@ -77,10 +79,13 @@ def grad_fn(module, **call_kw):
 
 def experts_grad_fn(w: experts_lib.Weights, activation: str):
   """The same for the padded expert einsum alone, w.r.t. the weights and x."""
+
   @jax.jit
   def step(w, x, ct):
-    return jax.value_and_grad(lambda w, x: jnp.sum(experts_lib.batched(w, x, activation) * ct),
-                              (0, 1))(w, x)
+    return jax.value_and_grad(
+      lambda w, x: jnp.sum(experts_lib.batched(w, x, activation) * ct), (0, 1)
+    )(w, x)
+
   return lambda x, ct: step(w, x, ct)
 
 
@@ -111,14 +116,26 @@ def main():
   ap.add_argument("--top_k", type=int, nargs="*", default=[1, 2])
   ap.add_argument("--dispatch", nargs="*", default=["capacity", "dropless"])
   ap.add_argument("--capacity_factor", type=float, default=1.25)
-  ap.add_argument("--capacity_layout", nargs="*", default=["auto"],
-                  choices=["auto"] + list(policy.PARTS["capacity_layout"]),
-                  help="model.moe.impl.capacity_layout; auto = policy.py's for this backend, E")
-  ap.add_argument("--grouped_kernel", nargs="*", default=["auto"],
-                  choices=["auto"] + list(policy.PARTS["grouped_kernel"]),
-                  help="model.moe.impl.grouped_kernel (dropless); auto = policy.py's")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                  help="compute dtype of both layers (parameters stay float32)")
+  ap.add_argument(
+    "--capacity_layout",
+    nargs="*",
+    default=["auto"],
+    choices=["auto"] + list(policy.PARTS["capacity_layout"]),
+    help="model.moe.impl.capacity_layout; auto = policy.py's for this backend, E",
+  )
+  ap.add_argument(
+    "--grouped_kernel",
+    nargs="*",
+    default=["auto"],
+    choices=["auto"] + list(policy.PARTS["grouped_kernel"]),
+    help="model.moe.impl.grouped_kernel (dropless); auto = policy.py's",
+  )
+  ap.add_argument(
+    "--dtype",
+    default="float32",
+    choices=["float32", "bfloat16"],
+    help="compute dtype of both layers (parameters stay float32)",
+  )
   ap.add_argument("--repeats", type=int, default=7)
   args = ap.parse_args()
 
@@ -130,22 +147,29 @@ def main():
   x = jax.random.normal(key, (T // 512, 512, D), dt)
   ct = jax.random.normal(jax.random.key(1), x.shape, dt)
   x2, ct2 = x.reshape(T, D), ct.reshape(T, D)
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} tokens={T} "
-        f"d_model={D} expert_hidden={F} cf={args.capacity_factor} dtype={args.dtype} "
-        f"fwd+bwd, median of {args.repeats}")
-  print(f"{'E':>4} {'k':>2} {'dispatch':>17} {'moe ms':>8} {'dense ms':>9} {'ratio':>6} "
-        f"{'experts ms':>11} {'ratio':>6} {'floor ms':>9} {'ratio':>6}")
+  print(
+    f"backend={jax.default_backend()} devices={jax.device_count()} tokens={T} "
+    f"d_model={D} expert_hidden={F} cf={args.capacity_factor} dtype={args.dtype} "
+    f"fwd+bwd, median of {args.repeats}"
+  )
+  print(
+    f"{'E':>4} {'k':>2} {'dispatch':>17} {'moe ms':>8} {'dense ms':>9} {'ratio':>6} "
+    f"{'experts ms':>11} {'ratio':>6} {'floor ms':>9} {'ratio':>6}"
+  )
   dense = {}
-  points = [(E, k, disp, impl) for E, k, disp in
-            itertools.product(args.experts, args.top_k, args.dispatch)
-            for impl in (args.capacity_layout if disp == "capacity" else args.grouped_kernel)]
+  points = [
+    (E, k, disp, impl)
+    for E, k, disp in itertools.product(args.experts, args.top_k, args.dispatch)
+    for impl in (args.capacity_layout if disp == "capacity" else args.grouped_kernel)
+  ]
   for E, k, disp, impl in points:
     if k not in dense:
       with nnx.use_eager_sharding(False):
         dense[k] = grad_fn(layers.Mlp(D, k * F, "gelu", rngs=nnx.Rngs(0)))
     part = "capacity_layout" if disp == "capacity" else "grouped_kernel"
-    m = moe_model(E, k, disp, D, F, args.capacity_factor, args.dtype,
-                  **({} if impl == "auto" else {part: impl}))
+    m = moe_model(
+      E, k, disp, D, F, args.capacity_factor, args.dtype, **({} if impl == "auto" else {part: impl})
+    )
     disp = f"{disp}/{getattr(policy.resolve(m.moe), part)}"
     with nnx.use_eager_sharding(False):
       layer = layer_lib.MoeFfn(m, rngs=nnx.Rngs(0))
@@ -153,14 +177,22 @@ def main():
     xe = jax.random.normal(key, (E, C, D), dt)
     shapes = [v[...].shape for v in (layer.wi, layer.wo)]
     floor = jax.jit(lambda: [jnp.full(s, 1.0, jnp.float32) for s in shapes])
-    t = bench({"moe": (grad_fn(layer, train=True), (x, ct)),
-               "dense": (dense[k], (x2, ct2)),
-               "experts": (experts_grad_fn(layer.expert_weights(dt), "gelu"), (xe, xe)),
-               "floor": (floor, ())}, args.repeats)
+    t = bench(
+      {
+        "moe": (grad_fn(layer, train=True), (x, ct)),
+        "dense": (dense[k], (x2, ct2)),
+        "experts": (experts_grad_fn(layer.expert_weights(dt), "gelu"), (xe, xe)),
+        "floor": (floor, ()),
+      },
+      args.repeats,
+    )
     r = lambda name: t[name] / t["dense"]
-    print(f"{E:>4} {k:>2} {disp:>17} {t['moe'] * 1e3:>8.1f} {t['dense'] * 1e3:>9.1f} "
-          f"{r('moe'):>6.2f} {t['experts'] * 1e3:>11.1f} {r('experts'):>6.2f} "
-          f"{t['floor'] * 1e3:>9.1f} {r('floor'):>6.2f}", flush=True)
+    print(
+      f"{E:>4} {k:>2} {disp:>17} {t['moe'] * 1e3:>8.1f} {t['dense'] * 1e3:>9.1f} "
+      f"{r('moe'):>6.2f} {t['experts'] * 1e3:>11.1f} {r('experts'):>6.2f} "
+      f"{t['floor'] * 1e3:>9.1f} {r('floor'):>6.2f}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

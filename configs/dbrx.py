@@ -17,8 +17,8 @@ Variants (the string after ':'):
 from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, kv_heads, expert d_ff, vocab, batch, seq_len)
-    "tiny": (128, 2, 4, 2, 128, 2048, 16, 128),
-    "132b": (6144, 40, 48, 8, 10752, 100_352, 512, 4096),
+  "tiny": (128, 2, 4, 2, 128, 2048, 16, 128),
+  "132b": (6144, 40, 48, 8, 10752, 100_352, 512, 4096),
 }
 
 

@@ -26,9 +26,9 @@ Variants (the string after ':'):
 from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, d_ff, shared, routed, top_k, expert d_ff,
-             #        vocab, batch, seq_len)
-    "tiny": (128, 2, 4, 512, 1, 16, 3, 128, 2048, 16, 128),
-    "16b": (2048, 28, 16, 10944, 2, 64, 6, 1408, 102_400, 1024, 4096),
+  #        vocab, batch, seq_len)
+  "tiny": (128, 2, 4, 512, 1, 16, 3, 128, 2048, 16, 128),
+  "16b": (2048, 28, 16, 10944, 2, 64, 6, 1408, 102_400, 1024, 4096),
 }
 
 

@@ -9,9 +9,9 @@ small, base (accelerators). Any key can be overridden: --config.model.d_model=25
 from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, d_ff, batch, seq_len)
-    "tiny": (128, 2, 4, 512, 16, 128),
-    "small": (512, 8, 8, 2048, 128, 512),
-    "base": (768, 12, 12, 3072, 256, 1024),
+  "tiny": (128, 2, 4, 512, 16, 128),
+  "small": (512, 8, 8, 2048, 128, 512),
+  "base": (768, 12, 12, 3072, 256, 1024),
 }
 
 

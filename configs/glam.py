@@ -26,9 +26,9 @@ proportional to its gate: --config.model.moe.second_expert_policy=random.
 from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, head_dim, d_ff, experts, vocab, batch, seq_len)
-    "tiny": (128, 2, 4, 0, 512, 8, 2048, 16, 128),
-    "base": (768, 12, 12, 0, 3072, 64, 32_000, 256, 1024),
-    "64b_64e": (8192, 64, 128, 128, 32768, 64, 256_000, 1024, 1024),
+  "tiny": (128, 2, 4, 0, 512, 8, 2048, 16, 128),
+  "base": (768, 12, 12, 0, 3072, 64, 32_000, 256, 1024),
+  "64b_64e": (8192, 64, 128, 128, 32768, 64, 256_000, 1024, 1024),
 }
 
 

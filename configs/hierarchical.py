@@ -22,9 +22,9 @@ Variants (the string after ':'):
 from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, d_ff, experts, groups, k1, k2, expert d_ff,
-             #        batch, seq_len)
-    "tiny": (128, 2, 4, 512, 16, 4, 2, 1, 512, 16, 128),
-    "4096h": (512, 8, 8, 2048, 4096, 64, 2, 2, 1024, 256, 256),
+  #        batch, seq_len)
+  "tiny": (128, 2, 4, 512, 16, 4, 2, 1, 512, 16, 128),
+  "4096h": (512, 8, 8, 2048, 4096, 64, 2, 2, 1024, 256, 256),
 }
 
 

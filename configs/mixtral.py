@@ -17,8 +17,8 @@ Variants (the string after ':'):
 from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, kv_heads, d_ff, vocab, batch, seq_len)
-    "tiny": (128, 2, 4, 2, 448, 2048, 16, 128),
-    "8x7b": (4096, 32, 32, 8, 14336, 32_000, 512, 4096),
+  "tiny": (128, 2, 4, 2, 448, 2048, 16, 128),
+  "8x7b": (4096, 32, 32, 8, 14336, 32_000, 512, 4096),
 }
 
 

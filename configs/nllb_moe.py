@@ -24,8 +24,8 @@ Variants (the string after ':'):
 from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, d_ff, experts, vocab, batch, seq_len)
-    "tiny": (128, 4, 4, 512, 8, 2048, 16, 128),
-    "54b": (2048, 48, 16, 8192, 128, 256_206, 512, 1024),
+  "tiny": (128, 4, 4, 512, 8, 2048, 16, 128),
+  "54b": (2048, 48, 16, 8192, 128, 256_206, 512, 1024),
 }
 
 

@@ -21,9 +21,9 @@ later, with ST-MoE (Zoph et al. 2022); turn it on with
 from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, d_ff, experts, batch, seq_len)
-    "tiny": (128, 2, 4, 512, 8, 16, 128),
-    "base": (768, 12, 12, 3072, 128, 256, 1024),
-    "large": (1024, 24, 16, 4096, 128, 256, 1024),
+  "tiny": (128, 2, 4, 512, 8, 16, 128),
+  "base": (768, 12, 12, 3072, 128, 256, 1024),
+  "large": (1024, 24, 16, 4096, 128, 256, 1024),
 }
 
 

@@ -63,11 +63,16 @@ def flags_parser(name: str, config_flags=("config",)):
       fail(name, _parse_error(e))
     except (AttributeError, KeyError) as e:  # --config.a.b=... where the config has no a.b
       key = str(e).strip("'\"")
-      bad = [a.split("=")[0] for a in argv
-             if a.startswith("--") and "." in a.split("=")[0]
-             and a.split("=")[0].split(".")[-1] == key]
-      fail(name, f"{bad[0] if bad else key}: the config has no such key "
-           "(all keys and defaults: sparse_lm/config.py, base_config())")
+      bad = [
+        a.split("=")[0]
+        for a in argv
+        if a.startswith("--") and "." in a.split("=")[0] and a.split("=")[0].split(".")[-1] == key
+      ]
+      fail(
+        name,
+        f"{bad[0] if bad else key}: the config has no such key "
+        "(all keys and defaults: sparse_lm/config.py, base_config())",
+      )
 
   return parse
 

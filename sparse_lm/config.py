@@ -167,18 +167,18 @@ def base_config() -> mlc.ConfigDict:
   c.mesh = (("data", -1), ("fsdp", 1), ("expert", 1), ("tensor", 1))
   # Logical -> mesh axis rules (MaxText style). FSDP: map "embed" to "fsdp".
   c.sharding_rules = (
-      ("batch", ("data", "fsdp", "expert")),
-      ("length", None),
-      ("embed", "fsdp"),  # parameters' d_model axis: FSDP shards it
-      ("act_embed", None),  # activations' d_model axis
-      ("vocab", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("head_dim", None),
-      ("mlp", "tensor"),
-      ("expert", "expert"),
-      ("expert_mlp", "tensor"),
-      ("expert_group", None),
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", None),
+    ("embed", "fsdp"),  # parameters' d_model axis: FSDP shards it
+    ("act_embed", None),  # activations' d_model axis
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("expert_group", None),
   )
   return c
 
@@ -211,8 +211,14 @@ def check_variant(path: str, variants: dict, arg: str | None, default: str = "ti
   return arg
 
 
-def accelerator_training(c, *, learning_rate: float, fsdp: bool = False,
-                         warmup_steps: int = 2_000, num_steps: int = 100_000):
+def accelerator_training(
+  c,
+  *,
+  learning_rate: float,
+  fsdp: bool = False,
+  warmup_steps: int = 2_000,
+  num_steps: int = 100_000,
+):
   """Settings the accelerator-scale variants share: bf16 compute, a long
   schedule, sparser logging; `fsdp` shards parameters over all devices."""
   c.model.dtype = "bfloat16"
@@ -263,26 +269,53 @@ def is_moe(m) -> bool:
 
 def moe_layer(m, i: int) -> bool:
   """Whether layer i's FFN is an MoE layer."""
-  return (is_moe(m) and i >= m.moe.first_dense_layers
-          and i % m.moe.every == m.moe.offset % m.moe.every)
+  return (
+    is_moe(m) and i >= m.moe.first_dense_layers and i % m.moe.every == m.moe.offset % m.moe.every
+  )
 
 
 def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   """Checks every key; raises ConfigError naming the first bad one. Returns c."""
   d, m, moe, t = c.data, c.model, c.model.moe, c.train
-  for key in ("data.batch_size", "data.seq_len", "model.d_model", "model.num_layers",
-              "model.init_scale",
-              "model.num_heads", "model.d_ff", "train.num_steps", "train.learning_rate",
-              "train.log_every", "train.eval_every", "train.checkpoint_every",
-              "train.keep_checkpoints", "train.eval_batches"):
+  for key in (
+    "data.batch_size",
+    "data.seq_len",
+    "model.d_model",
+    "model.num_layers",
+    "model.init_scale",
+    "model.num_heads",
+    "model.d_ff",
+    "train.num_steps",
+    "train.learning_rate",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.eval_batches",
+  ):
     _positive(c, key)
-  for key in ("model.num_kv_heads", "model.head_dim", "model.moe.num_experts",
-              "model.moe.d_ff", "train.warmup_steps", "train.weight_decay",
-              "train.grad_clip", "model.moe.jitter", "model.moe.load_balance_weight",
-              "model.moe.z_loss_weight", "model.moe.importance_weight",
-              "model.moe.num_shared_experts", "model.moe.num_groups", "model.dropout",
-              "model.moe.first_dense_layers", "model.moe.bias_update_rate", "model.moe.init_scale",
-              "model.moe.expert_dropout", "model.moe.eom_rate", "data.shuffle_buffer"):
+  for key in (
+    "model.num_kv_heads",
+    "model.head_dim",
+    "model.moe.num_experts",
+    "model.moe.d_ff",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip",
+    "model.moe.jitter",
+    "model.moe.load_balance_weight",
+    "model.moe.z_loss_weight",
+    "model.moe.importance_weight",
+    "model.moe.num_shared_experts",
+    "model.moe.num_groups",
+    "model.dropout",
+    "model.moe.first_dense_layers",
+    "model.moe.bias_update_rate",
+    "model.moe.init_scale",
+    "model.moe.expert_dropout",
+    "model.moe.eom_rate",
+    "data.shuffle_buffer",
+  ):
     _positive(c, key, allow_zero=True)
   if not isinstance(d.num_streams, int) or isinstance(d.num_streams, bool) or d.num_streams < 1:
     _fail("data.num_streams", d.num_streams, "must be an integer >= 1")
@@ -304,11 +337,17 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "model.position", POSITIONS)
   _choice(c, "model.dtype", DTYPES)
   if m.d_model % m.num_heads and not m.head_dim:
-    _fail("model.num_heads", m.num_heads,
-          f"must divide model.d_model={m.d_model} (or set model.head_dim)")
+    _fail(
+      "model.num_heads",
+      m.num_heads,
+      f"must divide model.d_model={m.d_model} (or set model.head_dim)",
+    )
   if num_kv_heads(m) > m.num_heads or m.num_heads % num_kv_heads(m):
-    _fail("model.num_kv_heads", m.num_kv_heads,
-          f"must divide model.num_heads={m.num_heads} (0 = num_heads)")
+    _fail(
+      "model.num_kv_heads",
+      m.num_kv_heads,
+      f"must divide model.num_heads={m.num_heads} (0 = num_heads)",
+    )
   if m.position == "rope" and head_dim(m) % 2:
     _fail("model.head_dim", head_dim(m), "must be even for rope positions")
   if m.position == "learned" and m.max_len < d.seq_len:
@@ -334,14 +373,20 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     if not isinstance(moe.every, int) or moe.every < 1:
       _fail("model.moe.every", moe.every, "must be an integer >= 1")
     if not any(moe_layer(m, i) for i in range(m.num_layers)):
-      _fail("model.moe.every", moe.every,
-            f"with offset {moe.offset} selects no layer of model.num_layers={m.num_layers}")
+      _fail(
+        "model.moe.every",
+        moe.every,
+        f"with offset {moe.offset} selects no layer of model.num_layers={m.num_layers}",
+      )
     for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
       _positive(c, key)
     _positive(c, "model.moe.min_capacity", allow_zero=True)
     if moe.second_expert_policy != "all" and not routing.ROUTERS[moe.router].randomness(moe):
-      _fail("model.moe.second_expert_policy", moe.second_expert_policy,
-            "'random' and 'sampling' need router 'topk' with top_k >= 2; use 'all'")
+      _fail(
+        "model.moe.second_expert_policy",
+        moe.second_expert_policy,
+        "'random' and 'sampling' need router 'topk' with top_k >= 2; use 'all'",
+      )
     if not 0 <= moe.jitter < 1:
       _fail("model.moe.jitter", moe.jitter, "must be in [0, 1)")
     if not 0 <= moe.eom_rate < 1:
@@ -353,8 +398,11 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "train.schedule", SCHEDULES)
   if not 0 <= t.end_lr_fraction <= 1:
     _fail("train.end_lr_fraction", t.end_lr_fraction, "must be in [0, 1]")
-  if (not isinstance(t.skip_nonfinite_steps, int) or isinstance(t.skip_nonfinite_steps, bool)
-      or t.skip_nonfinite_steps < 0):
+  if (
+    not isinstance(t.skip_nonfinite_steps, int)
+    or isinstance(t.skip_nonfinite_steps, bool)
+    or t.skip_nonfinite_steps < 0
+  ):
     _fail("train.skip_nonfinite_steps", t.skip_nonfinite_steps, "must be an integer >= 0")
   if not isinstance(t.seed, int):
     _fail("train.seed", t.seed, "must be an integer")
@@ -367,8 +415,11 @@ def _check_tfds_name(name: str):
 
   base = name.split("/")[0].split(":")[0]
   if base not in tfds.list_builders(with_community_datasets=False):
-    _fail("data.dataset", name,
-          "unknown dataset: use 'stdlib', 'files:<glob>', or a TFDS name such as 'lm1b' or 'c4/en'")
+    _fail(
+      "data.dataset",
+      name,
+      "unknown dataset: use 'stdlib', 'files:<glob>', or a TFDS name such as 'lm1b' or 'c4/en'",
+    )
 
 
 def _validate_mesh(c):
@@ -398,9 +449,13 @@ def validate_mesh_for_devices(c, num_devices: int) -> dict[str, int]:
       _fail("mesh", c.mesh, f"fixed axes ({fixed}) must divide the device count {num_devices}")
     sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
   if math.prod(sizes.values()) != num_devices:
-    _fail("mesh", c.mesh, f"axis sizes multiply to {math.prod(sizes.values())}, "
-          f"not the device count {num_devices}")
+    _fail(
+      "mesh",
+      c.mesh,
+      f"axis sizes multiply to {math.prod(sizes.values())}, not the device count {num_devices}",
+    )
   from sparse_lm.sharding import axes_of  # pylint: disable=g-import-not-at-top  # (it imports us)
+
   rule_axes = lambda name: axes_of(c.sharding_rules, name)
 
   E, moe = c.model.moe.num_experts, c.model.moe
@@ -411,26 +466,38 @@ def validate_mesh_for_devices(c, num_devices: int) -> dict[str, int]:
   batch_axes = rule_axes("batch")
   n_batch = math.prod(sizes.get(a, 1) for a in batch_axes)
   if c.data.batch_size % n_batch:
-    _fail("data.batch_size", c.data.batch_size,
-          f"must be divisible by the batch mesh axes {tuple(batch_axes)} (size {n_batch})")
+    _fail(
+      "data.batch_size",
+      c.data.batch_size,
+      f"must be divisible by the batch mesh axes {tuple(batch_axes)} (size {n_batch})",
+    )
   if is_moe(c.model):
     # Expert parallelism (sparse_lm/models/moe/parallel.py).
     group_axes = rule_axes("expert_group")
     if group_axes and group_axes != expert_axes:
-      _fail("sharding_rules", ("expert_group", group_axes),
-            f"must map to None or to the 'expert' rule's mesh axes {expert_axes}: "
-            "hierarchical MoE groups are placed by the expert axes")
+      _fail(
+        "sharding_rules",
+        ("expert_group", group_axes),
+        f"must map to None or to the 'expert' rule's mesh axes {expert_axes}: "
+        "hierarchical MoE groups are placed by the expert axes",
+      )
     if n_ep > 1:
       tok_axes = rule_axes("batch") + tuple(a for a in expert_axes if a not in rule_axes("batch"))
       n_tok = math.prod(sizes.get(a, 1) for a in tok_axes)
       tokens = c.data.batch_size * c.data.seq_len
       if tokens % n_tok:
-        _fail("data.batch_size", c.data.batch_size,
-              f"times data.seq_len={c.data.seq_len} ({tokens} tokens) must be divisible by "
-              f"the token mesh axes {tok_axes} (size {n_tok}) for expert parallelism")
+        _fail(
+          "data.batch_size",
+          c.data.batch_size,
+          f"times data.seq_len={c.data.seq_len} ({tokens} tokens) must be divisible by "
+          f"the token mesh axes {tok_axes} (size {n_tok}) for expert parallelism",
+        )
       G = moe.num_groups
       if routing.ROUTERS[moe.router].group_placement and n_ep % G and G % n_ep:
-        _fail("model.moe.num_groups", G,
-              f"must divide or be a multiple of the expert mesh axes' size {n_ep}, so that "
-              "the expert split follows group boundaries")
+        _fail(
+          "model.moe.num_groups",
+          G,
+          f"must divide or be a multiple of the expert mesh axes' size {n_ep}, so that "
+          "the expert split follows group boundaries",
+        )
   return sizes

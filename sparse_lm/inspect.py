@@ -43,11 +43,15 @@ LOOKUP_TABLES = ("embedding", "pos_embed")  # gathered, not multiplied
 def _define_flags():
   """Only when run as a program: the trainer imports this module and owns --config."""
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-  config_flags.DEFINE_config_file("compare", None, "A second config, shown side by side.",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "compare", None, "A second config, shown side by side.", lock_config=True
+  )
   flags.DEFINE_integer(
-      "devices", 0, "Device count for the per-device rows; config.mesh's -1 axis takes "
-      "what is left. 0 = the fewest the mesh allows (-1 resolved to 1).")
+    "devices",
+    0,
+    "Device count for the per-device rows; config.mesh's -1 axis takes "
+    "what is left. 0 = the fewest the mesh allows (-1 resolved to 1).",
+  )
 
 
 def experts_per_token(m) -> float:
@@ -65,6 +69,7 @@ def vocab_size_of(c) -> int:
 def abstract_model(c, vocab_size: int | None = None):
   """The Transformer of config `c` with ShapeDtypeStructs for values."""
   from sparse_lm.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+
   V = vocab_size or vocab_size_of(c)
   with nnx.use_eager_sharding(False):  # shapes only: no mesh needed
     return nnx.eval_shape(lambda: Transformer(c.model, V, rngs=nnx.Rngs(0)))
@@ -95,6 +100,7 @@ def optimizer_bytes(t, params) -> dict[str, int]:
   weight decay keep no per-parameter state).
   """
   import optax  # pylint: disable=g-import-not-at-top
+
   opt = optax.adamw(1e-3) if t.optimizer == "adamw" else optax.adafactor(1e-3)
   shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape, _ in params}
   state = jax.eval_shape(opt.init, shapes)
@@ -131,14 +137,14 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   fwd = 2 * matmul + 4 * m.num_layers * c.data.seq_len * attn_width
   param_bytes = total * 4  # float32 master weights
   return {
-      "total_params": int(total),
-      "active_params": int(round(active)),
-      "routed_expert_params": int(routed),
-      "embedding_params": int(lookup + unembed),
-      "train_flops_per_token": float(3 * fwd),
-      "inference_flops_per_token": float(fwd),
-      "param_bytes": int(param_bytes),
-      "optimizer_bytes": int(sum(optimizer_bytes(c.train, params).values())),
+    "total_params": int(total),
+    "active_params": int(round(active)),
+    "routed_expert_params": int(routed),
+    "embedding_params": int(lookup + unembed),
+    "train_flops_per_token": float(3 * fwd),
+    "inference_flops_per_token": float(fwd),
+    "param_bytes": int(param_bytes),
+    "optimizer_bytes": int(sum(optimizer_bytes(c.train, params).values())),
   }
 
 
@@ -150,7 +156,7 @@ def _split(names: tuple, shape: tuple, rules, sizes: dict) -> int:
     axes = [a for a in axes if a not in used]  # a mesh axis shards one dim at most
     used.update(axes)
     n *= -(-dim // math.prod(sizes[a] for a in axes))
-  return n * math.prod(shape[len(names):])
+  return n * math.prod(shape[len(names) :])
 
 
 def per_device(c, model, num_devices: int) -> dict:
@@ -202,17 +208,17 @@ def column(c, num_devices: int = 0) -> dict[str, str]:
   mesh = " ".join(f"{a}={n}" for a, n in d["mesh"].items() if n > 1) or "1 device"
   grads = d["param_bytes"]  # float32, sharded like the parameters
   return {
-      "layers (MoE)": f"{m.num_layers} ({n_moe})",
-      "experts per token": routing,
-      "total params": _num(s["total_params"]),
-      "active params": _num(s["active_params"]),
-      "train FLOPs / token": _num(s["train_flops_per_token"]),
-      "inference FLOPs / token": _num(s["inference_flops_per_token"]),
-      "params (float32)": _bytes(s["param_bytes"]),
-      "optimizer state": f"{_bytes(s['optimizer_bytes'])} ({c.train.optimizer})",
-      "mesh": mesh,
-      "params / device": _bytes(d["param_bytes"]),
-      "params+grads+opt / device": _bytes(d["param_bytes"] + grads + d["optimizer_bytes"]),
+    "layers (MoE)": f"{m.num_layers} ({n_moe})",
+    "experts per token": routing,
+    "total params": _num(s["total_params"]),
+    "active params": _num(s["active_params"]),
+    "train FLOPs / token": _num(s["train_flops_per_token"]),
+    "inference FLOPs / token": _num(s["inference_flops_per_token"]),
+    "params (float32)": _bytes(s["param_bytes"]),
+    "optimizer state": f"{_bytes(s['optimizer_bytes'])} ({c.train.optimizer})",
+    "mesh": mesh,
+    "params / device": _bytes(d["param_bytes"]),
+    "params+grads+opt / device": _bytes(d["param_bytes"] + grads + d["optimizer_bytes"]),
   }
 
 
@@ -223,8 +229,9 @@ def table(columns: dict[str, dict[str, str]]) -> str:
   widths = [max(len(name), *(len(col[k]) for k in keys)) + 3 for name, col in columns.items()]
   lines = ["".ljust(w) + "".join(n.rjust(cw) for n, cw in zip(columns, widths))]
   for k in keys:
-    lines.append(k.ljust(w) + "".join(col[k].rjust(cw)
-                                      for col, cw in zip(columns.values(), widths)))
+    lines.append(
+      k.ljust(w) + "".join(col[k].rjust(cw) for col, cw in zip(columns.values(), widths))
+    )
   return "\n".join(lines)
 
 

@@ -17,29 +17,36 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and checkpoints go."
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() with JAX's own cluster "
-                                 "detection (SLURM, TPU pods, ...).")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Call jax.distributed.initialize() with JAX's own cluster detection (SLURM, TPU pods, ...).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+
   if _COORDINATOR.value or _DISTRIBUTED.value:
     # CPU devices need gloo for cross-process collectives; the setting only
     # touches the CPU client. (Asking jax.default_backend() first would start
     # the backend, and initialize() must come before that.)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
   from sparse_lm import train  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.WARNING)
   # A failed checkpoint write makes Orbax's threads log their tracebacks as
   # errors; the run's own one-line message already names the cause.
   logging.get_absl_handler().addFilter(
-      lambda r: not (r.levelno == logging.converter.STANDARD_ERROR and "/orbax/" in r.pathname))
+    lambda r: not (r.levelno == logging.converter.STANDARD_ERROR and "/orbax/" in r.pathname)
+  )
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

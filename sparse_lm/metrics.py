@@ -61,6 +61,7 @@ class Writer:
     os.replace(self.path + ".tmp", self.path)
     self._file = open(self.path, "a")
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     self._tf = tf
     self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
@@ -76,8 +77,9 @@ class Writer:
           self._tf.summary.histogram(k, np.asarray(v, np.float32))
           if k.endswith("expert_fraction"):  # load per expert id, as a bar shape
             self._tf.summary.histogram(
-                k + "_by_expert",
-                np.repeat(np.arange(len(v)), np.round(np.asarray(v) * 1000).astype(int)))
+              k + "_by_expert",
+              np.repeat(np.arange(len(v)), np.round(np.asarray(v) * 1000).astype(int)),
+            )
         elif isinstance(v, (int, float)):
           self._tf.summary.scalar(k, v)
     self._tb.flush()

@@ -19,8 +19,9 @@ from sparse_lm import metrics as metricslib  # pylint: disable=g-import-not-at-t
 
 def eval_curve(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps, eval losses) of one run."""
-  rows = [r for r in metricslib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if "eval_loss" in r]
+  rows = [
+    r for r in metricslib.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval_loss" in r
+  ]
   return np.array([r["step"] for r in rows]), np.array([r["eval_loss"] for r in rows])
 
 
@@ -42,8 +43,9 @@ def train_seconds(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """(logged steps, training seconds to reach each) from the logged tokens/s
   (evaluation and checkpoint time inside a log interval count; compilation is
   in the first interval, which is replaced by the run's median speed)."""
-  rows = [r for r in metricslib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if "tokens_per_s" in r]
+  rows = [
+    r for r in metricslib.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "tokens_per_s" in r
+  ]
   steps = np.array([r["step"] for r in rows])
   tps = np.array([r["tokens_per_s"] for r in rows], float)
   if len(tps) > 1:
@@ -52,8 +54,13 @@ def train_seconds(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   return steps, np.cumsum(np.diff(np.concatenate([[0], steps])) * tok_per_step / tps)
 
 
-def loss_curves(runs: dict[str, str | list[str]], out: str, title: str = "", x: str = "step",
-                relative_to: str | list[str] | None = None) -> str:
+def loss_curves(
+  runs: dict[str, str | list[str]],
+  out: str,
+  title: str = "",
+  x: str = "step",
+  relative_to: str | list[str] | None = None,
+) -> str:
   """Eval loss against step (or "wall", training seconds) for several runs.
 
   A value of `runs` is one run folder or a list of seeds of one point: their
@@ -68,12 +75,16 @@ def loss_curves(runs: dict[str, str | list[str]], out: str, title: str = "", x: 
     steps, losses, std = mean_curve(dirs)
     if base is not None:
       keep = np.array([s in base for s in steps])
-      steps, losses, std = steps[keep], losses[keep] - np.array([base[s] for s in steps[keep]]), std[keep]
+      steps, losses, std = (
+        steps[keep],
+        losses[keep] - np.array([base[s] for s in steps[keep]]),
+        std[keep],
+      )
     xs = steps
     if x == "wall":
       xs = np.mean([np.interp(steps, *train_seconds(d)) for d in _dirs(dirs)], axis=0)
     n = len(_dirs(dirs))
-    line, = ax.plot(xs, losses, marker=".", label=name + (f" ({n} seeds)" if n > 1 else ""))
+    (line,) = ax.plot(xs, losses, marker=".", label=name + (f" ({n} seeds)" if n > 1 else ""))
     if n > 1:
       ax.fill_between(xs, losses - std, losses + std, color=line.get_color(), alpha=0.2)
   ax.set_xlabel("training step" if x == "step" else "training time (s)")
@@ -93,16 +104,29 @@ def _finish(fig, ax, out: str, title: str) -> str:
   return out
 
 
-def loss_vs_experts(experts: list[int], losses: list[float], out: str, dense_loss=None,
-                    title: str = "", stds: list[float] | None = None,
-                    fits: dict | None = None) -> str:
+def loss_vs_experts(
+  experts: list[int],
+  losses: list[float],
+  out: str,
+  dense_loss=None,
+  title: str = "",
+  stds: list[float] | None = None,
+  fits: dict | None = None,
+) -> str:
   """Eval loss at a fixed step against the number of experts (log2 x axis).
 
   stds: error bars (+- one standard deviation over seeds; 0 = one seed).
   fits: {label: callable E -> loss}, drawn as lines over the experts' range."""
   fig, ax = plt.subplots(figsize=(5.6, 4.0))
-  ax.errorbar(experts, losses, yerr=stds, marker="o", capsize=3, linestyle="none" if fits else "-",
-              label="Switch (top-1)")
+  ax.errorbar(
+    experts,
+    losses,
+    yerr=stds,
+    marker="o",
+    capsize=3,
+    linestyle="none" if fits else "-",
+    label="Switch (top-1)",
+  )
   for label, fn in (fits or {}).items():
     grid = np.geomspace(min(experts), max(experts), 100)
     ax.plot(grid, [fn(e) for e in grid], linewidth=1, label=label)
@@ -115,8 +139,13 @@ def loss_vs_experts(experts: list[int], losses: list[float], out: str, dense_los
   return _finish(fig, ax, out, title)
 
 
-def speedup_vs_experts(experts: list[int], step_speedup: list[float],
-                       time_speedup: list[float], out: str, title: str = "") -> str:
+def speedup_vs_experts(
+  experts: list[int],
+  step_speedup: list[float],
+  time_speedup: list[float],
+  out: str,
+  title: str = "",
+) -> str:
   """Fedus et al. figure 4 (right) / figure 1 form: how many times fewer steps
   (and training seconds) each E needs to reach the dense model's final loss."""
   fig, ax = plt.subplots(figsize=(5.6, 4.0))
@@ -133,8 +162,10 @@ def speedup_vs_experts(experts: list[int], step_speedup: list[float],
 def expert_load(workdir: str, out: str) -> str:
   """Per MoE layer: fraction of tokens per expert over training (a heatmap)."""
   rows = metricslib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  keys = sorted({k for r in rows for k in r if k.endswith("/expert_fraction")
-                 and k.startswith("moe/layer")}, key=lambda k: int(k.split("/")[1][5:]))
+  keys = sorted(
+    {k for r in rows for k in r if k.endswith("/expert_fraction") and k.startswith("moe/layer")},
+    key=lambda k: int(k.split("/")[1][5:]),
+  )
   if not keys:
     raise ValueError(f"{workdir}/metrics.jsonl has no MoE expert_fraction rows (a dense run?)")
   fig, axes = plt.subplots(len(keys), 1, figsize=(6.4, 1.0 + 2.0 * len(keys)), squeeze=False)
@@ -142,8 +173,15 @@ def expert_load(workdir: str, out: str) -> str:
     steps = [r["step"] for r in rows if k in r]
     load_SxE = np.array([r[k] for r in rows if k in r])
     E = load_SxE.shape[1]
-    im = ax.imshow((load_SxE * E).T, aspect="auto", cmap="viridis", origin="lower",
-                   extent=(steps[0], steps[-1], -0.5, E - 0.5), vmin=0, vmax=2)
+    im = ax.imshow(
+      (load_SxE * E).T,
+      aspect="auto",
+      cmap="viridis",
+      origin="lower",
+      extent=(steps[0], steps[-1], -0.5, E - 0.5),
+      vmin=0,
+      vmax=2,
+    )
     ax.set_ylabel(f"{k.split('/')[1]}\nexpert")
     fig.colorbar(im, ax=ax, label="load / uniform")
   axes[-1, 0].set_xlabel("training step")

@@ -19,8 +19,9 @@ from sparse_lm import config as cfglib
 
 def rules(c) -> tuple:
   """The config's logical axis rules as the tuple Flax expects."""
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in c.sharding_rules)
+  return tuple(
+    (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in c.sharding_rules
+  )
 
 
 def make_mesh(c, devices=None) -> jax.sharding.Mesh:
@@ -28,8 +29,9 @@ def make_mesh(c, devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = cfglib.validate_mesh_for_devices(c, len(devices))
   names = tuple(sizes)
-  return jax.make_mesh(tuple(sizes.values()), names, devices=devices,
-                       axis_types=(AxisType.Auto,) * len(names))
+  return jax.make_mesh(
+    tuple(sizes.values()), names, devices=devices, axis_types=(AxisType.Auto,) * len(names)
+  )
 
 
 @contextlib.contextmanager
@@ -63,7 +65,8 @@ def constrain(x, *names):
     return x
   known = {name for name, _ in rules}
   return jax.lax.with_sharding_constraint(
-      x, logical_spec(*(n if n in known else None for n in names)))
+    x, logical_spec(*(n if n in known else None for n in names))
+  )
 
 
 def named(mesh, *names) -> NamedSharding:

@@ -38,8 +38,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the sweep; one subfol
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Points run at the same time.")
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print one command per point and exit.")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect results of finished points.")
-_TARGET = flags.DEFINE_float("target_loss", None, "Eval loss for 'steps/tokens to target' "
-                             "(default: the sweep file's TARGET_LOSS, else none).")
+_TARGET = flags.DEFINE_float(
+  "target_loss",
+  None,
+  "Eval loss for 'steps/tokens to target' (default: the sweep file's TARGET_LOSS, else none).",
+)
 
 
 # ------------------------------------------------------------------ loading
@@ -81,7 +84,8 @@ def apply_overrides(c, overrides: dict):
 
 
 def point_name(overrides: dict) -> str:
-  """{"model.moe.num_experts": 8, "train.learning_rate": 0.001} -> "num_experts=8,learning_rate=0.001"."""
+  """{"model.moe.num_experts": 8, "train.learning_rate": 0.001}
+  -> "num_experts=8,learning_rate=0.001"."""
   if not overrides:
     return "base"
   parts = []
@@ -92,8 +96,13 @@ def point_name(overrides: dict) -> str:
 
 
 def command(sweep_file: str, workdir: str, overrides: dict) -> list[str]:
-  args = [sys.executable, "-m", "sparse_lm.main", f"--config={sweep_file}",
-          f"--workdir={os.path.join(workdir, point_name(overrides))}"]
+  args = [
+    sys.executable,
+    "-m",
+    "sparse_lm.main",
+    f"--config={sweep_file}",
+    f"--workdir={os.path.join(workdir, point_name(overrides))}",
+  ]
   return args + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
@@ -108,7 +117,8 @@ def _progress(point_dir: str) -> str:
   last = steps[-1]
   evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
   return f"step {last['step']}, loss {last['train_loss']:.3f}" + (
-      f", eval {evals[-1]:.3f}" if evals else "")
+    f", eval {evals[-1]:.3f}" if evals else ""
+  )
 
 
 def _die_with_parent():
@@ -117,6 +127,7 @@ def _die_with_parent():
   trainer save a checkpoint and exit (Linux prctl PR_SET_PDEATHSIG)."""
   if sys.platform.startswith("linux"):
     import ctypes  # pylint: disable=g-import-not-at-top
+
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
@@ -136,8 +147,10 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
   except OSError as e:
     raise cli.UserError(f"--workdir {workdir} cannot be created: {e.strerror or e}") from None
   todo = [p for p in grid if not os.path.exists(os.path.join(workdir, point_name(p), "DONE"))]
-  log(f"sweep {sweep_file}: {len(grid)} points, {len(grid) - len(todo)} done, "
-      f"{len(todo)} to run ({parallel} at a time) in {workdir}")
+  log(
+    f"sweep {sweep_file}: {len(grid)} points, {len(grid) - len(todo)} done, "
+    f"{len(todo)} to run ({parallel} at a time) in {workdir}"
+  )
   running: dict = {}
   failed = []
   t_print = 0.0
@@ -148,11 +161,22 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
       os.makedirs(d, exist_ok=True)
       logf = open(os.path.join(d, "log.txt"), "a")
       idx = grid.index(p) + 1
-      log(f"[{idx}/{len(grid)}] {point_name(p)}: start" +
-          (" (resuming)" if os.path.exists(os.path.join(d, "checkpoints")) else ""))
-      running[idx] = (p, d, subprocess.Popen(command(sweep_file, workdir, p), stdout=logf,
-                                              stderr=subprocess.STDOUT,
-                                              preexec_fn=_die_with_parent), logf, time.time())
+      log(
+        f"[{idx}/{len(grid)}] {point_name(p)}: start"
+        + (" (resuming)" if os.path.exists(os.path.join(d, "checkpoints")) else "")
+      )
+      running[idx] = (
+        p,
+        d,
+        subprocess.Popen(
+          command(sweep_file, workdir, p),
+          stdout=logf,
+          stderr=subprocess.STDOUT,
+          preexec_fn=_die_with_parent,
+        ),
+        logf,
+        time.time(),
+      )
     for idx, (p, d, proc, logf, t0) in list(running.items()):
       rc = proc.poll()
       if rc is None:
@@ -166,8 +190,10 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
         log(f"[{idx}/{len(grid)}] {point_name(p)}: done in {wall:.0f}s ({_progress(d)})")
       else:
         failed.append(point_name(p))
-        log(f"[{idx}/{len(grid)}] {point_name(p)}: FAILED (exit {rc}): "
-            f"{_last_line(os.path.join(d, 'log.txt'))}; log: {d}/log.txt")
+        log(
+          f"[{idx}/{len(grid)}] {point_name(p)}: FAILED (exit {rc}): "
+          f"{_last_line(os.path.join(d, 'log.txt'))}; log: {d}/log.txt"
+        )
     if running and time.time() - t_print > 30:
       t_print = time.time()
       for idx, (p, d, *_) in running.items():
@@ -188,15 +214,17 @@ def summarize_point(d: str, target_loss: float | None = None) -> dict:
   train = [r for r in rows if "tokens_per_s" in r]
   head = next((r for r in rows if "total_params" in r), {})
   out = {
-      "final_step": max((r["step"] for r in rows), default=0),
-      "final_eval_loss": evals[-1]["eval_loss"] if evals else math.nan,
-      "best_eval_loss": min((r["eval_loss"] for r in evals), default=math.nan),
-      "tokens_per_s": _median([r["tokens_per_s"] for r in train[1:]] or
-                              [r["tokens_per_s"] for r in train]),
-      "total_params": head.get("total_params"),
-      "active_params": head.get("active_params"),
-      "train_flops_per_token": head.get("train_flops_per_token"),
-      "steps_to_target": None, "tokens_to_target": None,
+    "final_step": max((r["step"] for r in rows), default=0),
+    "final_eval_loss": evals[-1]["eval_loss"] if evals else math.nan,
+    "best_eval_loss": min((r["eval_loss"] for r in evals), default=math.nan),
+    "tokens_per_s": _median(
+      [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
+    ),
+    "total_params": head.get("total_params"),
+    "active_params": head.get("active_params"),
+    "train_flops_per_token": head.get("train_flops_per_token"),
+    "steps_to_target": None,
+    "tokens_to_target": None,
   }
   if target_loss is not None:
     hit = next((r for r in evals if r["eval_loss"] <= target_loss), None)
@@ -216,8 +244,14 @@ def _median(xs):
 
 SEED_KEY = "train.seed"
 # Per-run numbers that results.csv averages over seeds (mean, and {key}_std).
-SEED_AVERAGED = ("final_eval_loss", "best_eval_loss", "steps_to_target", "tokens_to_target",
-                 "tokens_per_s", "wall_time_s")
+SEED_AVERAGED = (
+  "final_eval_loss",
+  "best_eval_loss",
+  "steps_to_target",
+  "tokens_to_target",
+  "tokens_per_s",
+  "wall_time_s",
+)
 
 
 def aggregate_seeds(runs: list[dict]) -> list[dict]:
@@ -232,13 +266,21 @@ def aggregate_seeds(runs: list[dict]) -> list[dict]:
   out = []
   for name, rs in groups.items():
     row = {"point": name, **rs[0]["overrides"]}
-    row.update({k: v for k, v in rs[0].items()
-                if k not in ("point", "overrides", SEED_KEY) and k not in rs[0]["overrides"]})
+    row.update(
+      {
+        k: v
+        for k, v in rs[0].items()
+        if k not in ("point", "overrides", SEED_KEY) and k not in rs[0]["overrides"]
+      }
+    )
     for key in SEED_AVERAGED:
       xs = [r[key] for r in rs if r.get(key) is not None and not math.isnan(float(r[key]))]
       row[key] = xs[0] if len(xs) == 1 else (sum(xs) / len(xs) if xs else None)
-      row[f"{key}_std"] = (math.sqrt(sum((x - row[key]) ** 2 for x in xs) / (len(xs) - 1))
-                           if len(xs) > 1 else (0.0 if xs else None))
+      row[f"{key}_std"] = (
+        math.sqrt(sum((x - row[key]) ** 2 for x in xs) / (len(xs) - 1))
+        if len(xs) > 1
+        else (0.0 if xs else None)
+      )
     row["n"] = len(rs)
     row["seeds"] = [r["overrides_seed"] for r in rs]
     row["done"] = all(r["done"] for r in rs)
@@ -255,21 +297,39 @@ def collect(sweep_file: str, workdir: str, target_loss: float | None = None) -> 
   runs = []
   for p in points(sweep_file):
     d = os.path.join(workdir, point_name(p))
-    runs.append({"point": point_name(p), **p, **summarize_point(d, target_loss),
-                 "overrides": p, "overrides_seed": p.get(SEED_KEY, 0)})
+    runs.append(
+      {
+        "point": point_name(p),
+        **p,
+        **summarize_point(d, target_loss),
+        "overrides": p,
+        "overrides_seed": p.get(SEED_KEY, 0),
+      }
+    )
   results = aggregate_seeds(runs)
-  for name, rows in (("runs.csv", [{k: v for k, v in r.items()
-                                    if k not in ("overrides", "overrides_seed")} for r in runs]),
-                     ("results.csv", results)):
+  for name, rows in (
+    (
+      "runs.csv",
+      [{k: v for k, v in r.items() if k not in ("overrides", "overrides_seed")} for r in runs],
+    ),
+    ("results.csv", results),
+  ):
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(workdir, name), "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=keys)
       w.writeheader()
       w.writerows(rows)
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"sweep": sweep_file, "target_loss": target_loss, "points": results,
-               "runs": [{k: v for k, v in r.items() if k != "overrides_seed"} for r in runs]},
-              f, indent=1)
+    json.dump(
+      {
+        "sweep": sweep_file,
+        "target_loss": target_loss,
+        "points": results,
+        "runs": [{k: v for k, v in r.items() if k != "overrides_seed"} for r in runs],
+      },
+      f,
+      indent=1,
+    )
   return results
 
 
@@ -288,10 +348,11 @@ def main(argv):
     if r["final_eval_loss"] is None:
       print(f"  {r['point']:<40} no eval yet")
       continue
-    seeds = (f" +- {r['final_eval_loss_std']:.4f} (std over {r['n']} seeds)"
-             if r["n"] > 1 else "")
-    print(f"  {r['point']:<40} final eval {r['final_eval_loss']:.4f}{seeds}  "
-          f"best {r['best_eval_loss']:.4f}")
+    seeds = f" +- {r['final_eval_loss_std']:.4f} (std over {r['n']} seeds)" if r["n"] > 1 else ""
+    print(
+      f"  {r['point']:<40} final eval {r['final_eval_loss']:.4f}{seeds}  "
+      f"best {r['best_eval_loss']:.4f}"
+    )
   if failed:
     sys.exit(f"{len(failed)} point(s) failed: {', '.join(failed)}; rerun the same command to retry")
 

@@ -61,7 +61,8 @@ def lr_schedule(t) -> optax.Schedule:
   peak, warm = t.learning_rate, t.warmup_steps
   if t.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, peak, warm, max(t.num_steps, warm + 1), end_value=peak * t.end_lr_fraction)
+      0.0, peak, warm, max(t.num_steps, warm + 1), end_value=peak * t.end_lr_fraction
+    )
   warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
   if t.schedule == "rsqrt":
     decay = lambda s: peak * jnp.sqrt(max(warm, 1) / jnp.maximum(s + max(warm, 1), 1))
@@ -77,8 +78,9 @@ def make_optimizer(t) -> optax.GradientTransformation:
   if t.optimizer == "adamw":
     opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
   else:
-    opt = optax.adafactor(schedule, weight_decay_rate=t.weight_decay or None,
-                          weight_decay_mask=decay_mask)
+    opt = optax.adafactor(
+      schedule, weight_decay_rate=t.weight_decay or None, weight_decay_mask=decay_mask
+    )
   if t.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(t.grad_clip), opt)
   return opt
@@ -121,12 +123,16 @@ def check_workdir(c, workdir: str):
   # Keys only one side has are not compared: a key added to the code later
   # defaults to the old behaviour, so older workdirs stay usable.
   under = lambda k, keys: any(k == a or k.startswith(a + ".") for a in keys)
-  diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new))
-          if under(k, ARCH_KEYS) and not under(k, NOT_ARCH_KEYS) and old[k] != new[k]]
+  diff = [
+    f"{k}: {old[k]!r} -> {new[k]!r}"
+    for k in sorted(set(old) & set(new))
+    if under(k, ARCH_KEYS) and not under(k, NOT_ARCH_KEYS) and old[k] != new[k]
+  ]
   if diff:
     raise cfglib.ConfigError(
-        f"workdir {workdir} holds a run with a different architecture ({'; '.join(diff)}); "
-        "use a new --workdir, or restore those values")
+      f"workdir {workdir} holds a run with a different architecture ({'; '.join(diff)}); "
+      "use a new --workdir, or restore those values"
+    )
 
 
 def save_config(c, workdir: str):
@@ -170,11 +176,14 @@ def open_workdir(workdir: str) -> filelock.FileLock | None:
     lock.acquire(timeout=0)
   except filelock.Timeout:
     who = open(owner).read().strip() if os.path.exists(owner) else "another process"
-    raise RunError(f"workdir {workdir} is in use by another run ({who}); wait for it or "
-                   "stop it, or use another --workdir") from None
+    raise RunError(
+      f"workdir {workdir} is in use by another run ({who}); wait for it or "
+      "stop it, or use another --workdir"
+    ) from None
   with open(owner, "w") as f:
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.write(
+      f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
   return lock
 
 
@@ -215,8 +224,10 @@ def restore_latest(mngr, args_fn, workdir: str, say) -> tuple[int | None, dict |
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"moved broken checkpoint {step}")
       mngr.reload()
-      say(f"checkpoint of step {step} cannot be read ({type(e).__name__}: {why}); "
-          f"moved to {dest}, trying the one before it")
+      say(
+        f"checkpoint of step {step} cannot be read ({type(e).__name__}: {why}); "
+        f"moved to {dest}, trying the one before it"
+      )
   return None, None
 
 
@@ -233,9 +244,10 @@ def batch_share(c, batch_shd) -> tuple[int, int]:
     hi = max(hi, b) if a <= hi else -1  # -1: a gap between the blocks
   if hi <= lo or B % (hi - lo) or lo % (hi - lo):
     raise cfglib.ConfigError(
-        f"config.mesh={c.mesh!r} is invalid: process {jax.process_index()}'s devices hold "
-        f"batch rows {rows}, not one aligned block; order the mesh axes so that each "
-        "process's devices are contiguous along the batch axes")
+      f"config.mesh={c.mesh!r} is invalid: process {jax.process_index()}'s devices hold "
+      f"batch rows {rows}, not one aligned block; order the mesh axes so that each "
+      "process's devices are contiguous along the batch axes"
+    )
   return lo // (hi - lo), B // (hi - lo)
 
 
@@ -286,8 +298,10 @@ def _train(c, workdir: str) -> dict:
 
   # ---- Mesh ----
   mesh = sharding.make_mesh(c)
-  say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-      f"device(s), {jax.process_count()} process(es)")
+  say(
+    f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+    f"device(s), {jax.process_count()} process(es)"
+  )
 
   # ---- Input ----
   # Each process reads the block of global batch rows its devices hold; the
@@ -295,8 +309,9 @@ def _train(c, workdir: str) -> dict:
   with sharding.use(mesh, c):
     share, shares = batch_share(c, sharding.named(mesh, "batch", "length"))
   train_input = datalib.make_input(c.data, seed=t.seed, process_index=share, process_count=shares)
-  eval_data = datalib.eval_batches(c.data, t.eval_batches, process_index=share,
-                                   process_count=shares)
+  eval_data = datalib.eval_batches(
+    c.data, t.eval_batches, process_index=share, process_count=shares
+  )
   V = train_input.vocab_size
 
   # ---- Model ----
@@ -313,17 +328,18 @@ def _train(c, workdir: str) -> dict:
     repl = sharding.named(mesh)
 
   stats = inspectlib.summarize(c, V, model=abs_model)
-  say(f"params: total {stats['total_params']:,}  active {stats['active_params']:,}  "
-      f"train FLOPs/token {stats['train_flops_per_token']:.3g}  "
-      f"MoE layers {moe_layer_indices(m) or 'none'}")
+  say(
+    f"params: total {stats['total_params']:,}  active {stats['active_params']:,}  "
+    f"train FLOPs/token {stats['train_flops_per_token']:.3g}  "
+    f"MoE layers {moe_layer_indices(m) or 'none'}"
+  )
 
   # ---- Update step ----
   def train_step(state, batch, step):
     old_state = jax.tree.map(lambda x: x, state)  # merge shares state's Variables
     model, opt = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(jax.random.key(t.seed), step)
-    grad_fn = nnx.value_and_grad(lambda mdl: loss_fn(mdl, batch, train=True, rng=rng),
-                                 has_aux=True)
+    grad_fn = nnx.value_and_grad(lambda mdl: loss_fn(mdl, batch, train=True, rng=rng), has_aux=True)
     (loss, aux), grads = grad_fn(model)
     opt.update(model, grads)
     apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
@@ -336,8 +352,14 @@ def _train(c, workdir: str) -> dict:
       # and add fields to the optimizer state, so checkpoints would depend on
       # this flag.
       new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
-    measurements = {"loss": loss, "ce": aux["ce"], "router_loss": aux["router_loss"],
-                    "grad_norm": grad_norm, "finite": finite, "moe": aux["moe"]}
+    measurements = {
+      "loss": loss,
+      "ce": aux["ce"],
+      "router_loss": aux["router_loss"],
+      "grad_norm": grad_norm,
+      "finite": finite,
+      "moe": aux["moe"],
+    }
     return new_state, measurements
 
   def eval_step(state, batch):
@@ -346,28 +368,52 @@ def _train(c, workdir: str) -> dict:
     return aux["ce"], aux["moe"]
 
   with sharding.use(mesh, c):
-    train_step = jax.jit(train_step, in_shardings=(state_shd, batch_shd, repl),
-                         out_shardings=(state_shd, repl), donate_argnums=0)
+    train_step = jax.jit(
+      train_step,
+      in_shardings=(state_shd, batch_shd, repl),
+      out_shardings=(state_shd, repl),
+      donate_argnums=0,
+    )
     eval_step = jax.jit(eval_step, in_shardings=(state_shd, batch_shd), out_shardings=repl)
     init = jax.jit(lambda: nnx.state(create()), out_shardings=state_shd)
-    all_finite = jax.jit(lambda s: jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)
-         if jnp.issubdtype(x.dtype, jnp.inexact)])), in_shardings=(state_shd,),
-                         out_shardings=repl)
+    all_finite = jax.jit(
+      lambda s: jnp.all(
+        jnp.array(
+          [
+            jnp.all(jnp.isfinite(x))
+            for x in jax.tree.leaves(s)
+            if jnp.issubdtype(x.dtype, jnp.inexact)
+          ]
+        )
+      ),
+      in_shardings=(state_shd,),
+      out_shardings=repl,
+    )
 
   def to_global(batch):
     B = c.data.batch_size
-    return {k: jax.make_array_from_process_local_data(batch_shd, v, (B, *v.shape[1:]))
-            for k, v in batch.items()}
+    return {
+      k: jax.make_array_from_process_local_data(batch_shd, v, (B, *v.shape[1:]))
+      for k, v in batch.items()
+    }
 
   # ---- Checkpoint ----
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=t.keep_checkpoints, create=True, cleanup_tmp_directories=True))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abs_state, state_shd)
-  start, restored = restore_latest(mngr, lambda: ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()), workdir, say)
+  mngr = ocp.CheckpointManager(
+    ckpt_dir,
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=t.keep_checkpoints, create=True, cleanup_tmp_directories=True
+    ),
+  )
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_shd
+  )
+  start, restored = restore_latest(
+    mngr,
+    lambda: ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+    workdir,
+    say,
+  )
   if start is not None:
     state = restored["state"]
     train_input.set_state(restored["data"])
@@ -383,24 +429,33 @@ def _train(c, workdir: str) -> dict:
     if not bool(all_finite(state)):
       raise RunError(nonfinite_message(step, "the parameters or optimizer state"))
     try:
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_input.get_state())))
+      mngr.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_input.get_state())
+        ),
+      )
     except Exception as e:  # pylint: disable=broad-except  # Orbax raises what the file system raised
       raise CheckpointWriteError(
-          f"could not write the checkpoint of step {step} to {ckpt_dir} "
-          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-          + (f"; checkpoints up to step {last_saved[0]} are intact" if last_saved[0] else "")
-          ) from None
+        f"could not write the checkpoint of step {step} to {ckpt_dir} "
+        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        + (f"; checkpoints up to step {last_saved[0]} are intact" if last_saved[0] else "")
+      ) from None
     last_saved[0] = step
 
   last_saved = [start if start else None]
 
   def nonfinite_message(step, what):
-    where = (f"the last checkpoint, step {last_saved[0]} in {ckpt_dir}, is finite"
-             if last_saved[0] is not None else "no checkpoint was saved yet")
-    return (f"step {step}: {what} is not finite and was not saved; {where}. Run the same "
-            "command with a lower --config.train.learning_rate (or with "
-            "--config.train.skip_nonfinite_steps=N to skip such steps) to go on from it")
+    where = (
+      f"the last checkpoint, step {last_saved[0]} in {ckpt_dir}, is finite"
+      if last_saved[0] is not None
+      else "no checkpoint was saved yet"
+    )
+    return (
+      f"step {step}: {what} is not finite and was not saved; {where}. Run the same "
+      "command with a lower --config.train.learning_rate (or with "
+      "--config.train.skip_nonfinite_steps=N to skip such steps) to go on from it"
+    )
 
   # ---- Evals ----
   moe_ids = moe_layer_indices(m)
@@ -416,8 +471,13 @@ def _train(c, workdir: str) -> dict:
     out = {"eval_loss": ce, "eval_ppl": math.exp(min(ce, 50.0))}
     if moe_ids:
       last = jax.device_get(moes[-1])
-      out.update({f"eval_{k}": v for k, v in metricslib.flatten_moe(last, moe_ids).items()
-                  if "dropped_fraction" in k})
+      out.update(
+        {
+          f"eval_{k}": v
+          for k, v in metricslib.flatten_moe(last, moe_ids).items()
+          if "dropped_fraction" in k
+        }
+      )
     return out
 
   # ---- Loop ----
@@ -425,10 +485,15 @@ def _train(c, workdir: str) -> dict:
   clock = WallClock(workdir)
   if start == 0:
     fp = getattr(train_input, "fingerprint", {})
-    writer.write(0, {"total_params": stats["total_params"],
-                     "active_params": stats["active_params"],
-                     "train_flops_per_token": stats["train_flops_per_token"],
-                     **{f"data/{k}": v for k, v in fp.items() if isinstance(v, (int, float))}})
+    writer.write(
+      0,
+      {
+        "total_params": stats["total_params"],
+        "active_params": stats["active_params"],
+        "train_flops_per_token": stats["train_flops_per_token"],
+        **{f"data/{k}": v for k, v in fp.items() if isinstance(v, (int, float))},
+      },
+    )
     say(f"data: {json.dumps(fp)}")
   progress = metricslib.Progress(t.num_steps, start)
   stop = _Stop()
@@ -437,8 +502,10 @@ def _train(c, workdir: str) -> dict:
   last_eval = {}
   t_log, step_log = time.time(), start
   skipped = {"in_a_row": 0, "total": 0}
-  say(f"training steps {start}..{t.num_steps}; logs: {workdir}/metrics.jsonl, "
-      f"tensorboard: {workdir}/tensorboard")
+  say(
+    f"training steps {start}..{t.num_steps}; logs: {workdir}/metrics.jsonl, "
+    f"tensorboard: {workdir}/tensorboard"
+  )
 
   def check(step, meas):
     """Step's loss and gradient norm on the host; a non-finite step stops the
@@ -454,18 +521,26 @@ def _train(c, workdir: str) -> dict:
     skipped["total"] += 1
     say(f"step {step}: {what}; update skipped ({skipped['in_a_row']} in a row)")
     if skipped["in_a_row"] > t.skip_nonfinite_steps:
-      raise RunError(nonfinite_message(
-          step, f"{what}, for {skipped['in_a_row']} steps in a row (more than "
-          f"train.skip_nonfinite_steps={t.skip_nonfinite_steps}),"))
+      raise RunError(
+        nonfinite_message(
+          step,
+          f"{what}, for {skipped['in_a_row']} steps in a row (more than "
+          f"train.skip_nonfinite_steps={t.skip_nonfinite_steps}),",
+        )
+      )
 
   def log(step, meas, evals):
     nonlocal t_log, step_log
     meas = jax.device_get(meas)
     dt = time.time() - t_log
-    row = {"train_loss": float(meas["ce"]), "grad_norm": float(meas["grad_norm"]),
-           "lr": float(schedule(step - 1)),
-           "tokens_per_s": tokens_per_step * (step - step_log) / max(dt, 1e-9),
-           "tokens": tokens_per_step * step, **evals}
+    row = {
+      "train_loss": float(meas["ce"]),
+      "grad_norm": float(meas["grad_norm"]),
+      "lr": float(schedule(step - 1)),
+      "tokens_per_s": tokens_per_step * (step - step_log) / max(dt, 1e-9),
+      "tokens": tokens_per_step * step,
+      **evals,
+    }
     if t.skip_nonfinite_steps:
       row["skipped_steps"] = skipped["total"]
     if moe_ids:
@@ -521,17 +596,20 @@ def _train(c, workdir: str) -> dict:
       except Exception as e:  # pylint: disable=broad-except  # an async write failed
         write_failed = True
         raise CheckpointWriteError(
-            f"could not write the checkpoint of step {mngr.latest_step()} to {ckpt_dir} "
-            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+          f"could not write the checkpoint of step {mngr.latest_step()} to {ckpt_dir} "
+          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     writer.close()
     clock.update()
 
   if not last_eval:
     last_eval = evaluate()
   stop.restore()
-  say(f"done at step {step}: eval_loss {last_eval['eval_loss']:.4f} "
-      f"(ppl {last_eval['eval_ppl']:.2f}); metrics {workdir}/metrics.jsonl, "
-      f"tensorboard {workdir}/tensorboard, checkpoints {ckpt_dir}")
+  say(
+    f"done at step {step}: eval_loss {last_eval['eval_loss']:.4f} "
+    f"(ppl {last_eval['eval_ppl']:.2f}); metrics {workdir}/metrics.jsonl, "
+    f"tensorboard {workdir}/tensorboard, checkpoints {ckpt_dir}"
+  )
   return {"step": step, **last_eval}
 
 
@@ -541,6 +619,7 @@ def load_model(workdir: str, step: int | None = None):
   Returns (model, config, tokenizer) for evaluation, notebooks and inference.
   """
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+
   workdir = os.path.abspath(os.path.expanduser(workdir))
   with open(os.path.join(workdir, "config.json")) as f:
     c = mlc.ConfigDict(json.load(f))

@@ -31,30 +31,30 @@ def test_every_config_file_and_variant_is_valid(path):
 
 
 BAD = [
-    ("data.batch_size", -4, "must be a number > 0"),
-    ("data.seq_len", 0, "must be a number > 0"),
-    ("data.dataset", "no_such_dataset_xyz", "unknown dataset"),
-    ("data.dataset", "files:", "needs a glob"),
-    ("data.tokenizer", "bpe", "must be one of"),
-    ("data.vocab_size", 100, "must be in [384"),
-    ("model.d_model", -1, "must be a number > 0"),
-    ("model.num_heads", 3, "must divide model.d_model=128"),
-    ("model.num_kv_heads", 3, "must divide model.num_heads=4"),
-    ("model.activation", "tanh", "must be one of"),
-    ("model.norm", "batch", "must be one of"),
-    ("model.position", "alibi", "must be one of"),
-    ("model.dtype", "float16", "must be one of"),
-    ("model.dropout", 1.5, "must be in [0, 1)"),
-    ("model.moe.router", "hash", "must be one of"),
-    ("model.moe.dispatch", "einsum", "must be one of"),
-    ("model.moe.second_expert_policy", "best", "must be one of"),
-    ("train.optimizer", "sgd", "must be one of"),
-    ("train.schedule", "step", "must be one of"),
-    ("train.num_steps", 0, "must be a number > 0"),
-    ("train.learning_rate", -1e-3, "must be a number > 0"),
-    ("train.end_lr_fraction", 2.0, "must be in [0, 1]"),
-    ("mesh", [("data", -1), ("expert", -1)], "at most one -1"),
-    ("mesh", [("data", 0)], "sizes must be >= 1"),
+  ("data.batch_size", -4, "must be a number > 0"),
+  ("data.seq_len", 0, "must be a number > 0"),
+  ("data.dataset", "no_such_dataset_xyz", "unknown dataset"),
+  ("data.dataset", "files:", "needs a glob"),
+  ("data.tokenizer", "bpe", "must be one of"),
+  ("data.vocab_size", 100, "must be in [384"),
+  ("model.d_model", -1, "must be a number > 0"),
+  ("model.num_heads", 3, "must divide model.d_model=128"),
+  ("model.num_kv_heads", 3, "must divide model.num_heads=4"),
+  ("model.activation", "tanh", "must be one of"),
+  ("model.norm", "batch", "must be one of"),
+  ("model.position", "alibi", "must be one of"),
+  ("model.dtype", "float16", "must be one of"),
+  ("model.dropout", 1.5, "must be in [0, 1)"),
+  ("model.moe.router", "hash", "must be one of"),
+  ("model.moe.dispatch", "einsum", "must be one of"),
+  ("model.moe.second_expert_policy", "best", "must be one of"),
+  ("train.optimizer", "sgd", "must be one of"),
+  ("train.schedule", "step", "must be one of"),
+  ("train.num_steps", 0, "must be a number > 0"),
+  ("train.learning_rate", -1e-3, "must be a number > 0"),
+  ("train.end_lr_fraction", 2.0, "must be in [0, 1]"),
+  ("mesh", [("data", -1), ("expert", -1)], "at most one -1"),
+  ("mesh", [("data", 0)], "sizes must be >= 1"),
 ]
 
 
@@ -79,26 +79,39 @@ def test_bad_value_names_key(key, value, message):
 
 
 MOE_BAD = [
-    ("model.moe.top_k", 5, "must be in [1, num_experts=4]", {}),
-    ("model.moe.top_k", 2, "must be 1 for router 'switch'", {}),
-    ("model.moe.every", 8, "selects no layer", {"model.moe.offset": 7}),
-    ("model.moe.capacity_factor", 0.0, "must be a number > 0", {}),
-    ("model.moe.num_groups", 3, "must be >= 2 and divide", {"model.moe.router": "hierarchical"}),
-    ("model.moe.top_k_groups", 3, "must be in [1, num_groups=2]",
-     {"model.moe.router": "hierarchical", "model.moe.num_groups": 2}),
-    ("model.moe.dispatch", "dropless", "must be 'capacity' for router 'expert_choice'",
-     {"model.moe.router": "expert_choice"}),
-    ("model.moe.eom_rate", 1.0, "must be in [0, 1)", {}),
-    ("model.moe.jitter", 1.5, "must be in [0, 1)", {}),
-    ("model.moe.noisy_gating", True, "must be False for router 'expert_choice'",
-     {"model.moe.router": "expert_choice"}),
-    ("model.moe.second_expert_policy", "random", "need router 'topk' with top_k >= 2", {}),
-    ("model.moe.bias_update_rate", -1.0, "must be a number >= 0", {}),
+  ("model.moe.top_k", 5, "must be in [1, num_experts=4]", {}),
+  ("model.moe.top_k", 2, "must be 1 for router 'switch'", {}),
+  ("model.moe.every", 8, "selects no layer", {"model.moe.offset": 7}),
+  ("model.moe.capacity_factor", 0.0, "must be a number > 0", {}),
+  ("model.moe.num_groups", 3, "must be >= 2 and divide", {"model.moe.router": "hierarchical"}),
+  (
+    "model.moe.top_k_groups",
+    3,
+    "must be in [1, num_groups=2]",
+    {"model.moe.router": "hierarchical", "model.moe.num_groups": 2},
+  ),
+  (
+    "model.moe.dispatch",
+    "dropless",
+    "must be 'capacity' for router 'expert_choice'",
+    {"model.moe.router": "expert_choice"},
+  ),
+  ("model.moe.eom_rate", 1.0, "must be in [0, 1)", {}),
+  ("model.moe.jitter", 1.5, "must be in [0, 1)", {}),
+  (
+    "model.moe.noisy_gating",
+    True,
+    "must be False for router 'expert_choice'",
+    {"model.moe.router": "expert_choice"},
+  ),
+  ("model.moe.second_expert_policy", "random", "need router 'topk' with top_k >= 2", {}),
+  ("model.moe.bias_update_rate", -1.0, "must be a number >= 0", {}),
 ]
 
 
-@pytest.mark.parametrize("key,value,message,extra", MOE_BAD,
-                         ids=[f"{k}={v}" for k, v, _, _ in MOE_BAD])
+@pytest.mark.parametrize(
+  "key,value,message,extra", MOE_BAD, ids=[f"{k}={v}" for k, v, _, _ in MOE_BAD]
+)
 def test_bad_moe_value_names_key(key, value, message, extra):
   c = cfglib.base_config()
   c.model.moe.num_experts = 4
@@ -110,12 +123,25 @@ def test_bad_moe_value_names_key(key, value, message, extra):
   assert message in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("mesh,devices,message,key", [
+@pytest.mark.parametrize(
+  "mesh,devices,message,key",
+  [
     ([("data", 3)], 8, "multiply to 3, not the device count 8", "mesh"),
     ([("data", -1), ("expert", 3)], 8, "must divide the device count", "mesh"),
-    ([("data", 2), ("expert", 4)], 8, "divisible by the expert mesh axis (4)", "model.moe.num_experts"),
-    ([("data", 8), ("expert", 1)], 8, "must be divisible by the batch mesh axes", "data.batch_size"),
-])
+    (
+      [("data", 2), ("expert", 4)],
+      8,
+      "divisible by the expert mesh axis (4)",
+      "model.moe.num_experts",
+    ),
+    (
+      [("data", 8), ("expert", 1)],
+      8,
+      "must be divisible by the batch mesh axes",
+      "data.batch_size",
+    ),
+  ],
+)
 def test_mesh_errors(mesh, devices, message, key):
   c = cfglib.base_config()
   c.model.moe.num_experts = 6

@@ -59,8 +59,10 @@ def data_dir(tmp_path_factory):
   t1 = time.perf_counter()
   make_tokenizer(cfg)
   t2 = time.perf_counter()
-  print(f"\nstdlib corpus prepared in {t1 - t0:.1f}s, sentencepiece ({cfg.vocab_size}) "
-        f"trained in {t2 - t1:.1f}s")
+  print(
+    f"\nstdlib corpus prepared in {t1 - t0:.1f}s, sentencepiece ({cfg.vocab_size}) "
+    f"trained in {t2 - t1:.1f}s"
+  )
   return d
 
 
@@ -108,10 +110,16 @@ def test_input_fingerprint_records_data_and_tokenizer(cfg):
 
 # ------------------------------------------------------------------ tokenizers
 
-TEXTS = ["", "def f(x):\n\treturn  x  # two spaces\r\n", "   leading and trailing   ",
-         "héllo wörld, naïve café", "日本語のテキスト", "emoji 🙂🚀 and \u00a0nbsp",
-         "\n\n\n",
-         "x" * 1000]
+TEXTS = [
+  "",
+  "def f(x):\n\treturn  x  # two spaces\r\n",
+  "   leading and trailing   ",
+  "héllo wörld, naïve café",
+  "日本語のテキスト",
+  "emoji 🙂🚀 and \u00a0nbsp",
+  "\n\n\n",
+  "x" * 1000,
+]
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte"])
@@ -149,8 +157,9 @@ def test_tokenizer_cache_is_reused_not_retrained(data_dir, cfg):
 
 def test_too_small_vocab_names_the_key(cfg):
   cfg.vocab_size = 100
-  with pytest.raises(ConfigError,
-                     match=r"^config\.data\.vocab_size=100 is invalid: .*needs at least \d+"):
+  with pytest.raises(
+    ConfigError, match=r"^config\.data\.vocab_size=100 is invalid: .*needs at least \d+"
+  ):
     make_tokenizer(cfg)
 
 
@@ -206,8 +215,15 @@ def test_resume_from_state_continues_exactly(cfg):
 
 def test_epochs_repeat_forever_and_reshuffle(tmp_path):
   write_files(tmp_path, {f"d{i}.txt": f"doc{i:02d}-" * 5 + "x" for i in range(12)})
-  cfg = data_cfg(tmp_path, dataset=f"files:{tmp_path}/*.txt", tokenizer="byte", batch_size=2,
-                 seq_len=15, shuffle_buffer=1, num_streams=1)
+  cfg = data_cfg(
+    tmp_path,
+    dataset=f"files:{tmp_path}/*.txt",
+    tokenizer="byte",
+    batch_size=2,
+    seq_len=15,
+    shuffle_buffer=1,
+    num_streams=1,
+  )
   inp = make_input(cfg, seed=0, process_index=0, process_count=1)
   n_train = inp.fingerprint["splits"]["train"]["files"]
   # Each document is 31 bytes + EOS = 32 tokens = 2 rows of 16: an epoch is n_train batches.
@@ -243,16 +259,22 @@ def test_process_shares_concatenate_to_the_one_process_batch(tmp_path):
   letter_files(tmp_path)
   cfg = data_cfg(tmp_path, dataset=f"files:{tmp_path}/*.txt", tokenizer="byte", num_streams=8)
   n = 6
-  one = {"train": take(make_input(cfg, seed=0, process_index=0, process_count=1), n),
-         "eval": eval_batches(cfg, n, process_index=0, process_count=1)}
+  one = {
+    "train": take(make_input(cfg, seed=0, process_index=0, process_count=1), n),
+    "eval": eval_batches(cfg, n, process_index=0, process_count=1),
+  }
   for P in (2, 4):
     inputs = [make_input(cfg, seed=0, process_index=p, process_count=P) for p in range(P)]
-    shares = {"train": [take(inp, n) for inp in inputs],
-              "eval": [eval_batches(cfg, n, process_index=p, process_count=P) for p in range(P)]}
+    shares = {
+      "train": [take(inp, n) for inp in inputs],
+      "eval": [eval_batches(cfg, n, process_index=p, process_count=P) for p in range(P)],
+    }
     for kind, per_process in shares.items():
       assert all(b["inputs"].shape == (B // P, L) for bs in per_process for b in bs)
-      glued = [{k: np.concatenate([bs[i][k] for bs in per_process]) for k in one[kind][i]}
-               for i in range(n)]
+      glued = [
+        {k: np.concatenate([bs[i][k] for bs in per_process]) for k in one[kind][i]}
+        for i in range(n)
+      ]
       assert_batches_equal(glued, one[kind])
       seen = [letters_of(bs) for bs in per_process]  # each process reads its own documents
       assert all(seen) and sum(map(len, seen)) == len(set().union(*seen)), (kind, P, seen)
@@ -261,9 +283,12 @@ def test_process_shares_concatenate_to_the_one_process_batch(tmp_path):
     assert state == inputs[0].get_state() and state["batches"] == n
     resumed = make_input(cfg, seed=0, process_index=0, process_count=1)
     resumed.set_state(state)
-    glued = [np.concatenate(rows) for rows in zip(*[[b["inputs"] for b in take(i, 2)]
-                                                    for i in inputs])]
-    np.testing.assert_array_equal(np.stack(glued), np.stack([b["inputs"] for b in take(resumed, 2)]))
+    glued = [
+      np.concatenate(rows) for rows in zip(*[[b["inputs"] for b in take(i, 2)] for i in inputs])
+    ]
+    np.testing.assert_array_equal(
+      np.stack(glued), np.stack([b["inputs"] for b in take(resumed, 2)])
+    )
   # The streams cycle through the documents of a split: all 16 appear.
   assert len(letters_of(one["train"])) == 16
 
@@ -285,8 +310,10 @@ def test_tfds_streams_partition_the_split(cfg):
   cfg.num_streams = 4
   source = pipeline._open_source(cfg)  # pylint: disable=protected-access
   S = cfg.num_streams
-  streams = [list(source.docs("validation", s, S, shuffle=False, seed=0).as_numpy_iterator())
-             for s in range(S)]
+  streams = [
+    list(source.docs("validation", s, S, shuffle=False, seed=0).as_numpy_iterator())
+    for s in range(S)
+  ]
   alltexts = list(source.docs("validation", 0, 1, shuffle=False, seed=0).as_numpy_iterator())
   assert all(streams) and sum(map(len, streams)) == len(alltexts)
   assert sum(streams, []) == alltexts  # contiguous ranges, in order
@@ -298,12 +325,18 @@ def test_tfds_streams_partition_the_split(cfg):
 
 
 def test_streams_must_divide_batch_and_among_processes(cfg):
-  with pytest.raises(ConfigError, match=r"^config\.data\.num_streams=2 is invalid: must be "
-                     r"divisible by the process count 4$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^config\.data\.num_streams=2 is invalid: must be "
+    r"divisible by the process count 4$",
+  ):
     make_input(cfg, seed=0, process_index=0, process_count=4)
   cfg.num_streams = 3
-  with pytest.raises(ConfigError, match=r"^config\.data\.num_streams=3 is invalid: must divide "
-                     r"data\.batch_size=8$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^config\.data\.num_streams=3 is invalid: must divide "
+    r"data\.batch_size=8$",
+  ):
     make_input(cfg, seed=0, process_index=0, process_count=1)
   c = cfglib.base_config()
   c.data.num_streams = 3
@@ -330,7 +363,7 @@ def test_eval_batches_are_the_split_in_order_and_fixed(cfg):
       stream += tok.encode(text.decode("utf-8")) + [tok.eos_id]
       if len(stream) > 3 * R * (L + 1):
         break
-    rows = np.array(stream[:3 * R * (L + 1)]).reshape(3 * R, L + 1)
+    rows = np.array(stream[: 3 * R * (L + 1)]).reshape(3 * R, L + 1)
     block = slice(s * R, (s + 1) * R)
     np.testing.assert_array_equal(np.concatenate([b["inputs"][block] for b in ev]), rows[:, :-1])
     np.testing.assert_array_equal(np.concatenate([b["targets"][block] for b in ev]), rows[:, 1:])
@@ -348,28 +381,35 @@ def test_eval_batches_repeat_a_small_split(tmp_path):
   ev = eval_batches(cfg, 4, process_index=0, process_count=1)
   assert len(ev) == 4 and all(b["inputs"].shape == (B, L) for b in ev)
   text = make_tokenizer(cfg).decode(ev[3]["inputs"].ravel())
-  assert all(f"file {i}\n" in text for i in range(40)
-             if stdlib_corpus.split_of(f"f{i}.txt") == "validation")
+  assert all(
+    f"file {i}\n" in text for i in range(40) if stdlib_corpus.split_of(f"f{i}.txt") == "validation"
+  )
 
 
 # ------------------------------------------------------------------ other sources
 
 
 def test_files_glob_source_splits_by_path_and_reads_the_text(tmp_path):
-  write_files(tmp_path, {f"sub/{i:02d}.txt": f"the quick brown fox {i} jumps\n" * 20
-                         for i in range(30)})
+  write_files(
+    tmp_path, {f"sub/{i:02d}.txt": f"the quick brown fox {i} jumps\n" * 20 for i in range(30)}
+  )
   write_files(tmp_path, {"sub/skip.md": "not matched"})
   cfg = data_cfg(tmp_path, dataset=f"files:{tmp_path}/**/*.txt", vocab_size=300)
   inp = make_input(cfg, seed=0, process_index=0, process_count=1)
   fp = inp.fingerprint["splits"]
-  expected_val = [f"sub/{i:02d}.txt" for i in range(30)
-                  if stdlib_corpus.split_of(f"sub/{i:02d}.txt") == "validation"]
+  expected_val = [
+    f"sub/{i:02d}.txt"
+    for i in range(30)
+    if stdlib_corpus.split_of(f"sub/{i:02d}.txt") == "validation"
+  ]
   assert fp["validation"]["files"] == len(expected_val)
   assert fp["train"]["files"] == 30 - len(expected_val)
   text = inp.tokenizer.decode(np.concatenate([b["inputs"].ravel() for b in take(inp, 3)]))
   assert "the quick brown fox" in text and "not matched" not in text
-  assert inp.tokenizer.decode(inp.tokenizer.encode("the quick brown fox 7 jumps\n")) == \
-      "the quick brown fox 7 jumps\n"
+  assert (
+    inp.tokenizer.decode(inp.tokenizer.encode("the quick brown fox 7 jumps\n"))
+    == "the quick brown fox 7 jumps\n"
+  )
 
 
 def test_tfds_dataset_by_name_mocked(tmp_path):
@@ -383,17 +423,25 @@ def test_tfds_dataset_by_name_mocked(tmp_path):
     ev = eval_batches(cfg, 2, process_index=1, process_count=2)
     assert len(ev) == 2 and ev[0]["inputs"].shape == (B // 2, L)
     cfg.text_key = "body"
-    with pytest.raises(ConfigError,
-                       match=r"^config\.data\.text_key='body' is invalid: .*\['text'\]"):
+    with pytest.raises(
+      ConfigError, match=r"^config\.data\.text_key='body' is invalid: .*\['text'\]"
+    ):
       make_input(cfg, seed=0, process_index=0, process_count=1)
 
 
-@pytest.mark.parametrize("dataset,match", [
-    ("files:{tmp}/nothing/*.txt",
-     r"config\.data\.dataset='files:.*' is invalid: the glob matches no files"),
-    ("no_such_dataset_xyz",
-     r"config\.data\.dataset='no_such_dataset_xyz' is invalid: .*known TFDS"),
-])
+@pytest.mark.parametrize(
+  "dataset,match",
+  [
+    (
+      "files:{tmp}/nothing/*.txt",
+      r"config\.data\.dataset='files:.*' is invalid: the glob matches no files",
+    ),
+    (
+      "no_such_dataset_xyz",
+      r"config\.data\.dataset='no_such_dataset_xyz' is invalid: .*known TFDS",
+    ),
+  ],
+)
 def test_bad_dataset_is_a_one_line_error_naming_the_key(tmp_path, dataset, match):
   cfg = data_cfg(tmp_path, dataset=dataset.format(tmp=tmp_path))
   for fn in (make_tokenizer, lambda d: make_input(d, seed=0, process_index=0, process_count=1)):
@@ -404,8 +452,9 @@ def test_bad_dataset_is_a_one_line_error_naming_the_key(tmp_path, dataset, match
 
 def test_unknown_split_names_the_key(cfg):
   cfg.eval_split = "test"
-  with pytest.raises(ConfigError,
-                     match=r"^config\.data\.eval_split='test' is invalid: .*'validation'"):
+  with pytest.raises(
+    ConfigError, match=r"^config\.data\.eval_split='test' is invalid: .*'validation'"
+  ):
     eval_batches(cfg, 1, process_index=0, process_count=1)
 
 
@@ -428,9 +477,15 @@ def test_processes_preparing_one_data_dir_together_agree(tmp_path):
   tokenizer in one fresh data dir at once: both succeed with the same data."""
   ready = tmp_path / "ready"
   ready.mkdir()
-  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_TOGETHER, str(tmp_path / "tfds"),
-                             str(ready), str(i)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _PREPARE_TOGETHER, str(tmp_path / "tfds"), str(ready), str(i)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]

@@ -14,11 +14,14 @@ import time
 
 import numpy as np
 import pytest
-
 from train_test import ENV, ROOT, cli, losses, rows, run, start_until_step
 
-DIVERGE = ("--config.train.learning_rate=1e3", "--config.train.checkpoint_every=2",
-           "--config.train.log_every=5", "--config.train.num_steps=60")
+DIVERGE = (
+  "--config.train.learning_rate=1e3",
+  "--config.train.checkpoint_every=2",
+  "--config.train.log_every=5",
+  "--config.train.num_steps=60",
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +35,11 @@ def saved_steps(wd):
 
 def params_finite(wd, step):
   """Restores one checkpoint in a fresh process (train.load_model) and checks it."""
-  code = ("import sys, jax, numpy as np; from flax import nnx; from sparse_lm import train; "
-          "m, _, _ = train.load_model(sys.argv[1], int(sys.argv[2])); "
-          "print(all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(m))))")
+  code = (
+    "import sys, jax, numpy as np; from flax import nnx; from sparse_lm import train; "
+    "m, _, _ = train.load_model(sys.argv[1], int(sys.argv[2])); "
+    "print(all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(m))))"
+  )
   p = run([sys.executable, "-c", code, wd, str(step)])
   assert p.returncode == 0, p.stderr[-2000:]
   return p.stdout.strip().endswith("True")
@@ -54,8 +59,12 @@ def test_divergence_stops_before_saving_and_resumes_from_a_finite_checkpoint(tmp
   # log steps' loss, after save, and kept three NaN checkpoints.
   wd = str(tmp_path / "diverge")
   p = run(cli(wd, tfds_dir, *DIVERGE))
-  last = one_line_error(p, "is not finite and was not saved", "the last checkpoint, step",
-                        "--config.train.learning_rate")
+  last = one_line_error(
+    p,
+    "is not finite and was not saved",
+    "the last checkpoint, step",
+    "--config.train.learning_rate",
+  )
   steps = saved_steps(wd)
   assert steps and f"step {steps[-1]} in" in last
   assert all(params_finite(wd, s) for s in steps)
@@ -65,15 +74,20 @@ def test_run_that_diverges_late_resumes_from_its_last_good_checkpoint(tmp_path, 
   # Healthy to step 20, then the rate is raised: the run stops before it saves
   # a non-finite state, and a rerun at a sane rate resumes from step 20.
   wd = str(tmp_path / "late")
-  common = ("--config.train.checkpoint_every=10", "--config.train.log_every=5",
-            "--config.train.warmup_steps=0")
+  common = (
+    "--config.train.checkpoint_every=10",
+    "--config.train.log_every=5",
+    "--config.train.warmup_steps=0",
+  )
   assert run(cli(wd, tfds_dir, *common, "--config.train.num_steps=20")).returncode == 0
-  p = run(cli(wd, tfds_dir, *common, "--config.train.num_steps=60",
-              "--config.train.learning_rate=1e3"))
+  p = run(
+    cli(wd, tfds_dir, *common, "--config.train.num_steps=60", "--config.train.learning_rate=1e3")
+  )
   one_line_error(p, "is not finite and was not saved", "the last checkpoint, step 20 in")
   assert saved_steps(wd)[-1] == 20
-  p = run(cli(wd, tfds_dir, *common, "--config.train.num_steps=60",
-              "--config.train.learning_rate=1e-3"))
+  p = run(
+    cli(wd, tfds_dir, *common, "--config.train.num_steps=60", "--config.train.learning_rate=1e-3")
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert f"resumed from {wd}/checkpoints step 20" in p.stdout
   assert sorted(losses(wd))[-1] == 60 and np.isfinite(list(losses(wd).values())).all()
@@ -106,10 +120,17 @@ def _thaw(path):
 def test_checkpoint_write_error_exits_nonzero_and_keeps_earlier_checkpoints(tmp_path, tfds_dir):
   # Defect 2: a PermissionError in Orbax's save threads hung the process forever.
   wd = str(tmp_path / "ro")
-  args = cli(wd, tfds_dir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=4",
-             "--config.train.log_every=1", "--config.train.eval_every=100000")
-  proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  args = cli(
+    wd,
+    tfds_dir,
+    "--config.train.num_steps=100000",
+    "--config.train.checkpoint_every=4",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=100000",
+  )
+  proc = subprocess.Popen(
+    args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   ckpts = os.path.join(wd, "checkpoints")
   deadline = time.time() + 300
   while time.time() < deadline and not (os.path.isdir(ckpts) and saved_steps(wd)):
@@ -130,8 +151,13 @@ def test_checkpoint_write_error_exits_nonzero_and_keeps_earlier_checkpoints(tmp_
 def test_second_run_on_a_workdir_is_refused_and_metrics_stay_complete(tmp_path, tfds_dir):
   # Defect 3: two runs on one workdir both ran; one lost 46 metric rows.
   wd = str(tmp_path / "twice")
-  args = cli(wd, tfds_dir, "--config.train.num_steps=100000", "--config.train.log_every=1",
-             "--config.train.checkpoint_every=10")
+  args = cli(
+    wd,
+    tfds_dir,
+    "--config.train.num_steps=100000",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=10",
+  )
   first = start_until_step(args, wd, 2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   second = run(args)
   assert first.poll() is None, "the first run should still be training"
@@ -146,29 +172,42 @@ def test_second_run_on_a_workdir_is_refused_and_metrics_stay_complete(tmp_path, 
 def test_killed_sweep_leaves_no_point_running(tmp_path, tfds_dir):
   # Defect 4: SIGKILL of the sweep orphaned its running point, which trained on.
   from sweep_test import write_sweep  # pylint: disable=g-import-not-at-top
+
   path = write_sweep(tmp_path, tfds_dir, lrs=(1e-3,), steps=100000)
   wd = str(tmp_path / "sweep")
-  sweep = subprocess.Popen([sys.executable, "-m", "sparse_lm.sweep", f"--config={path}",
-                            f"--workdir={wd}"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+  sweep = subprocess.Popen(
+    [sys.executable, "-m", "sparse_lm.sweep", f"--config={path}", f"--workdir={wd}"],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   point = os.path.join(wd, "learning_rate=0.001")
   deadline = time.time() + 300
-  while time.time() < deadline and not (os.path.exists(os.path.join(point, "metrics.jsonl"))
-                                        and max(losses(point), default=0) >= 2):
+  while time.time() < deadline and not (
+    os.path.exists(os.path.join(point, "metrics.jsonl")) and max(losses(point), default=0) >= 2
+  ):
     time.sleep(0.1)
-  child = [int(p) for p in os.listdir("/proc") if p.isdigit()
-           and point.encode() in open(f"/proc/{p}/cmdline", "rb").read()]
+  child = [
+    int(p)
+    for p in os.listdir("/proc")
+    if p.isdigit() and point.encode() in open(f"/proc/{p}/cmdline", "rb").read()
+  ]
   assert len(child) == 1
   sweep.send_signal(signal.SIGKILL)
   sweep.wait()
   deadline = time.time() + 120  # the point saves a checkpoint on SIGTERM, then exits
   while time.time() < deadline and os.path.exists(f"/proc/{child[0]}"):
     time.sleep(0.1)
-    if os.path.exists(f"/proc/{child[0]}/stat") and open(
-        f"/proc/{child[0]}/stat").read().split()[2] == "Z":
+    if (
+      os.path.exists(f"/proc/{child[0]}/stat")
+      and open(f"/proc/{child[0]}/stat").read().split()[2] == "Z"
+    ):
       break
-  alive = os.path.exists(f"/proc/{child[0]}/stat") and open(
-      f"/proc/{child[0]}/stat").read().split()[2] != "Z"
+  alive = (
+    os.path.exists(f"/proc/{child[0]}/stat")
+    and open(f"/proc/{child[0]}/stat").read().split()[2] != "Z"
+  )
   assert not alive, "the point kept training after its sweep was killed"
   assert saved_steps(point), "it should have saved on the way out"
 
@@ -177,8 +216,13 @@ def test_killed_sweep_leaves_no_point_running(tmp_path, tfds_dir):
 def test_broken_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, tfds_dir, damage):
   # Defect 5: a broken latest checkpoint ended in a 43-198 line traceback.
   wd = str(tmp_path / damage)
-  args = cli(wd, tfds_dir, "--config.train.num_steps=8", "--config.train.checkpoint_every=4",
-             "--config.train.log_every=1")
+  args = cli(
+    wd,
+    tfds_dir,
+    "--config.train.num_steps=8",
+    "--config.train.checkpoint_every=4",
+    "--config.train.log_every=1",
+  )
   assert run(args).returncode == 0
   assert saved_steps(wd) == [4, 8]
   latest = os.path.join(wd, "checkpoints", "8")
@@ -191,8 +235,15 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, tfds
     target = os.path.join(latest, "state", "_METADATA")
     with open(target, "w") as f:
       f.write("{not json")
-  p = run(cli(wd, tfds_dir, "--config.train.num_steps=12", "--config.train.checkpoint_every=4",
-              "--config.train.log_every=1"))
+  p = run(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.num_steps=12",
+      "--config.train.checkpoint_every=4",
+      "--config.train.log_every=1",
+    )
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert "checkpoint of step 8 cannot be read" in p.stdout
   assert "resumed from" in p.stdout and "step 4" in p.stdout.split("resumed from")[1][:200]
@@ -201,12 +252,15 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, tfds
   assert saved_steps(wd)[-1] == 12 and sorted(losses(wd)) == list(range(1, 13))
 
 
-@pytest.mark.parametrize("case,needle", [
+@pytest.mark.parametrize(
+  "case,needle",
+  [
     ("workdir_is_a_file", "is not a directory"),
     ("missing_config", "config file 'configs/missing.py' does not exist"),
     ("unknown_key", "--config.train.bogus: the config has no such key"),
     ("bad_type", "--config.train.num_steps=abc"),
-])
+  ],
+)
 def test_user_errors_are_one_line(tmp_path, tfds_dir, case, needle):
   # Defect 6 (and the unwritable workdir below).
   wd = str(tmp_path / "wd")
@@ -237,10 +291,21 @@ def test_unwritable_workdir_is_one_line_before_anything_compiles(tmp_path, tfds_
 def test_second_sigterm_during_shutdown_still_exits_zero(tmp_path, tfds_dir):
   # Defect 7: a second SIGTERM during the final save/eval gave rc -15.
   wd = str(tmp_path / "term2")
-  proc = start_until_step(cli(wd, tfds_dir, "--config.train.num_steps=100000",
-                              "--config.train.checkpoint_every=100000",
-                              "--config.train.log_every=1", "--config.train.eval_batches=200"),
-                          wd, 3, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = start_until_step(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.num_steps=100000",
+      "--config.train.checkpoint_every=100000",
+      "--config.train.log_every=1",
+      "--config.train.eval_batches=200",
+    ),
+    wd,
+    3,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   proc.send_signal(signal.SIGTERM)
   time.sleep(0.3)
   proc.send_signal(signal.SIGTERM)  # during the save or the final eval (200 batches)

@@ -22,8 +22,9 @@ MOE_TINY = ["switch", "glam", "hierarchical", "nllb_moe", "mixtral", "dbrx", "de
 def load(spec: str):
   """'configs/x.py:variant' -> the validated config."""
   path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3],
-                                                    os.path.join(ROOT, path))
+  mod_spec = importlib.util.spec_from_file_location(
+    os.path.basename(path)[:-3], os.path.join(ROOT, path)
+  )
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
   return cfglib.validate(mod.get_config(arg))
@@ -37,10 +38,10 @@ def real_param_count(c) -> int:
 
 # (config, published total, published active)
 PUBLISHED = [
-    ("configs/mixtral.py:8x7b", 46.7e9, 12.9e9),  # Mixtral paper / model card
-    ("configs/dbrx.py:132b", 132e9, 36e9),  # DBRX announcement
-    ("configs/deepseek_moe.py:16b", 16.4e9, 2.8e9),  # DeepSeekMoE paper, table 2
-    ("configs/glam.py:64b_64e", 1.2e12, 96.6e9),  # GLaM, Table 4
+  ("configs/mixtral.py:8x7b", 46.7e9, 12.9e9),  # Mixtral paper / model card
+  ("configs/dbrx.py:132b", 132e9, 36e9),  # DBRX announcement
+  ("configs/deepseek_moe.py:16b", 16.4e9, 2.8e9),  # DeepSeekMoE paper, table 2
+  ("configs/glam.py:64b_64e", 1.2e12, 96.6e9),  # GLaM, Table 4
 ]
 
 
@@ -66,8 +67,9 @@ def test_published_sizes(spec, total, active):
     assert s["total_params"] == pytest.approx(total, rel=0.02)
 
 
-@pytest.mark.parametrize("spec", ["configs/dense.py:tiny", "configs/switch.py:tiny",
-                                  "configs/deepseek_moe.py:tiny"])
+@pytest.mark.parametrize(
+  "spec", ["configs/dense.py:tiny", "configs/switch.py:tiny", "configs/deepseek_moe.py:tiny"]
+)
 def test_total_equals_the_real_models_parameter_count(spec):
   c = load(spec)
   assert inspectlib.summarize(c)["total_params"] == real_param_count(c)
@@ -94,8 +96,9 @@ def test_moe_active_fraction_from_the_expert_count(family):
   m, moe = c.model, c.model.moe
   n_moe = sum(cfglib.moe_layer(m, i) for i in range(m.num_layers))
   act = moe.activation or m.activation
-  routed = n_moe * moe.num_experts * (3 if layers.is_gated(act) else 2) * m.d_model * (
-      moe.d_ff or m.d_ff)
+  routed = (
+    n_moe * moe.num_experts * (3 if layers.is_gated(act) else 2) * m.d_model * (moe.d_ff or m.d_ff)
+  )
   s = inspectlib.summarize(c)
   assert s["routed_expert_params"] == routed
   k = inspectlib.experts_per_token(m)
@@ -129,13 +132,24 @@ def test_per_device_memory_follows_the_mesh():
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "sparse_lm.inspect", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "sparse_lm.inspect", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
 
 
 def test_cli_prints_both_configs_side_by_side():
-  r = _cli("--config=configs/mixtral.py:8x7b", "--compare=configs/dense.py:base",
-           "--devices=8", "--compare.model.num_layers=6")
+  r = _cli(
+    "--config=configs/mixtral.py:8x7b",
+    "--compare=configs/dense.py:base",
+    "--devices=8",
+    "--compare.model.num_layers=6",
+  )
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
   header = re.split(r"\s{3,}", lines[0].strip())

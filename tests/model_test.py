@@ -54,7 +54,7 @@ def test_causal_by_gradients(position, num_kv_heads):
   g_LxD = nnx.grad(out_at_t)(model).embed.delta[...][0]
   norms = np.linalg.norm(np.asarray(g_LxD), axis=-1)
   assert np.all(norms[: t + 1] > 0), norms  # position t sees itself and the past
-  np.testing.assert_array_equal(norms[t + 1:], 0.0)  # and nothing of the future
+  np.testing.assert_array_equal(norms[t + 1 :], 0.0)  # and nothing of the future
 
 
 def test_gqa_shapes_and_equivalence_to_mha():
@@ -105,11 +105,14 @@ def test_bf16_compute_keeps_f32_params():
   model = build(c)
   logits, _ = model(jnp.zeros((2, 8), jnp.int32))
   assert logits.dtype == jnp.float32
-  assert all(p.get_value().dtype == jnp.float32
-             for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert all(
+    p.get_value().dtype == jnp.float32 for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  )
 
 
-@pytest.mark.parametrize("every,offset,expected", [(2, 1, [1, 3]), (4, 3, [3]), (1, 0, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+  "every,offset,expected", [(2, 1, [1, 3]), (4, 3, [3]), (1, 0, [0, 1, 2, 3])]
+)
 def test_layer_pattern(every, offset, expected):
   c = cfglib.base_config()
   c.model.num_layers, c.model.moe.num_experts = 4, 4
@@ -130,11 +133,17 @@ def test_init_scale_is_the_switch_variance_scale(model_scale, moe_scale):
   m = build(cfglib.validate(c), vocab=512)
   moe_s = moe_scale or model_scale
   dense_block, moe_block = m.blocks[0], m.blocks[1]
-  cases = [(dense_block.attn.wq, 128 * 4, model_scale), (dense_block.attn.wo, 128, model_scale),
-           (dense_block.ffn.wi, 128, model_scale), (dense_block.ffn.wo, 512, model_scale),
-           (moe_block.ffn.router, 128, moe_s), (moe_block.ffn.wi, 128, moe_s),
-           (moe_block.ffn.wo, 512, moe_s), (dense_block.attn.wk, 128 * 4, model_scale)]
+  cases = [
+    (dense_block.attn.wq, 128 * 4, model_scale),
+    (dense_block.attn.wo, 128, model_scale),
+    (dense_block.ffn.wi, 128, model_scale),
+    (dense_block.ffn.wo, 512, model_scale),
+    (moe_block.ffn.router, 128, moe_s),
+    (moe_block.ffn.wi, 128, moe_s),
+    (moe_block.ffn.wo, 512, moe_s),
+    (dense_block.attn.wk, 128 * 4, model_scale),
+  ]
   for p, fan_in, s in cases:
     std = float(np.std(np.asarray(p[...])))
     np.testing.assert_allclose(std, np.sqrt(s / fan_in), rtol=0.06)
-  np.testing.assert_allclose(np.std(np.asarray(m.embed.embedding[...])), 128 ** -0.5, rtol=0.06)
+  np.testing.assert_allclose(np.std(np.asarray(m.embed.embedding[...])), 128**-0.5, rtol=0.06)

@@ -26,8 +26,14 @@ B, L, D, F, E = 2, 12, 16, 24, 8
 T = B * L
 HI = jax.lax.Precision.HIGHEST
 
-ACTIVATION = {"switch": "gelu", "topk": "swiglu", "mixtral": "swiglu", "sigmoid_bias": "relu",
-              "hierarchical": "geglu", "expert_choice": "gelu"}
+ACTIVATION = {
+  "switch": "gelu",
+  "topk": "swiglu",
+  "mixtral": "swiglu",
+  "sigmoid_bias": "relu",
+  "hierarchical": "geglu",
+  "expert_choice": "gelu",
+}
 
 
 def model_cfg(router="topk", dispatch="capacity", impl=None, **moe) -> mlc.ConfigDict:
@@ -72,15 +78,17 @@ def inputs(seed=1, pad=False):
 
 
 def params_of(layer) -> dict:
-  return {k: np.asarray(v[...]) for k, v in vars(layer).items()
-          if isinstance(v, nnx.Variable)}
+  return {k: np.asarray(v[...]) for k, v in vars(layer).items() if isinstance(v, nnx.Variable)}
 
 
 # ---------------------------------------------------------------- fast path
 
 
-IMPL = {"capacity_impl": "capacity_layout", "grouped_impl": "grouped_kernel",
-        "position_method": "positions"}
+IMPL = {
+  "capacity_impl": "capacity_layout",
+  "grouped_impl": "grouped_kernel",
+  "position_method": "positions",
+}
 
 
 def with_impl(layer, **kw):
@@ -110,6 +118,7 @@ def _fast(graphdef, state, x, ct, mask, rng, train):
   def loss(state, x):
     y, aux = nnx.merge(graphdef, state)(x, mask_BxL=mask, train=train, rng=rng)
     return jnp.sum(y.astype(jnp.float32) * ct), (y, aux)
+
   (_, (y, aux)), (g_state, g_x) = jax.value_and_grad(loss, (0, 1), has_aux=True)(state, x)
   return y, aux, g_state, g_x
 
@@ -119,8 +128,11 @@ def fast(layer, x, ct, mask=None, train=False, rng=None, **impl):
   impl: capacity_impl / grouped_impl / position_method, as model.moe.impl parts."""
   graphdef, state = nnx.split(with_impl(layer, **impl))
   y, aux, g_state, g_x = _fast(graphdef, state, x, ct, mask, rng, train)
-  grads = {k: np.asarray(v[...]) for k, v in vars(nnx.merge(graphdef, g_state)).items()
-           if isinstance(v, nnx.Variable)}
+  grads = {
+    k: np.asarray(v[...])
+    for k, v in vars(nnx.merge(graphdef, g_state)).items()
+    if isinstance(v, nnx.Variable)
+  }
   grads["x"] = np.asarray(g_x)
   return np.asarray(y), flat_aux(aux), grads
 
@@ -158,12 +170,12 @@ def ref_decide(p, x_TxD, mask_T, moe, capacity):
       if groups is None:
         groups = np.zeros((Tn, moe.top_k_groups), int)
       M = En // moe.num_groups
-      groups[t] = np.argsort(-gl[t], kind="stable")[:moe.top_k_groups]
+      groups[t] = np.argsort(-gl[t], kind="stable")[: moe.top_k_groups]
       cand, gate = [], []
       pg = np.exp(gl[t, groups[t]] - gl[t, groups[t]].max())
       pg /= pg.sum()
       for a, g in enumerate(groups[t]):
-        local = np.argsort(-logits[t, g * M:(g + 1) * M], kind="stable")[:K]
+        local = np.argsort(-logits[t, g * M : (g + 1) * M], kind="stable")[:K]
         pl = np.exp(logits[t, g * M + local] - logits[t, g * M + local].max())
         pl /= pl.sum()
         cand += list(g * M + local)
@@ -214,8 +226,12 @@ def ref_gates(p, x_TxD, moe, tok, exp, choice, groups):
 
 
 def ref_act(h, g, activation):
-  return {"gelu": lambda: jax.nn.gelu(h), "relu": lambda: jax.nn.relu(h),
-          "swiglu": lambda: jax.nn.silu(g) * h, "geglu": lambda: jax.nn.gelu(g) * h}[activation]()
+  return {
+    "gelu": lambda: jax.nn.gelu(h),
+    "relu": lambda: jax.nn.relu(h),
+    "swiglu": lambda: jax.nn.silu(g) * h,
+    "geglu": lambda: jax.nn.gelu(g) * h,
+  }[activation]()
 
 
 def ref_forward(p, x_TxD, moe, activation, decision):
@@ -248,6 +264,7 @@ def reference(layer, x, ct, mask, capacity):
     def loss(tp, x_TxD):
       y = ref_forward({**p, **tp}, x_TxD, m.moe, act, decision)
       return jnp.sum(y * ct.reshape(T, D)), y
+
     trainable = {k: v for k, v in p.items() if k != "router_bias"}
     (_, y), g = jax.value_and_grad(loss, (0, 1), has_aux=True)(trainable, x_TxD)
     return y, g
@@ -265,9 +282,12 @@ def assert_grads_close(g, g_ref, tol=2e-4):
 
 # ---------------------------------------------------------------- tests
 
-COMBOS = [(r, d) for r in ("switch", "topk", "mixtral", "sigmoid_bias", "hierarchical",
-                           "expert_choice") for d in ("capacity", "dropless")
-          if not (r == "expert_choice" and d == "dropless")]
+COMBOS = [
+  (r, d)
+  for r in ("switch", "topk", "mixtral", "sigmoid_bias", "hierarchical", "expert_choice")
+  for d in ("capacity", "dropless")
+  if not (r == "expert_choice" and d == "dropless")
+]
 
 
 @pytest.mark.parametrize("router,dispatch", COMBOS)
@@ -283,16 +303,28 @@ def test_matches_reference_without_drops(router, dispatch):
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   assert_grads_close(g, g_ref)
   np.testing.assert_allclose(aux["dropped_fraction"], 0.0)
-  want = (m.moe.load_balance_weight * aux["load_balance_loss"] + m.moe.z_loss_weight
-          * aux["z_loss"] + m.moe.importance_weight * (aux["importance_loss"] + aux["load_loss"]))
+  want = (
+    m.moe.load_balance_weight * aux["load_balance_loss"]
+    + m.moe.z_loss_weight * aux["z_loss"]
+    + m.moe.importance_weight * (aux["importance_loss"] + aux["load_loss"])
+  )
   np.testing.assert_allclose(aux["router_loss"], want, rtol=1e-6)
   if mask is not None:  # padding: zero routed output
     assert not np.any(y[np.asarray(mask) == 0])
 
 
-@pytest.mark.parametrize("router,impl", [
-    ("switch", "grouped"), ("topk", "grouped"), ("topk", "batched"), ("hierarchical", "grouped"),
-    ("hierarchical", "batched"), ("sigmoid_bias", "grouped"), ("expert_choice", None)])
+@pytest.mark.parametrize(
+  "router,impl",
+  [
+    ("switch", "grouped"),
+    ("topk", "grouped"),
+    ("topk", "batched"),
+    ("hierarchical", "grouped"),
+    ("hierarchical", "batched"),
+    ("sigmoid_bias", "grouped"),
+    ("expert_choice", None),
+  ],
+)
 def test_tight_capacity_drops_like_reference(router, impl):
   """Training capacity factor 0.5: the same assignments drop as in the naive loop,
   computing on the padded [E, C, D] buffer ("batched") or the kept rows ("grouped")."""
@@ -339,8 +371,7 @@ def test_capacity_impls_agree_with_expert_dropout():
   m = model_cfg("topk", "capacity", capacity_factor=0.75, expert_dropout=0.5)
   layer = build(m)
   x, ct, mask = inputs(pad=True)
-  run = lambda impl: fast(layer, x, ct, mask, train=True, rng=jax.random.key(4),
-                          capacity_impl=impl)
+  run = lambda impl: fast(layer, x, ct, mask, train=True, rng=jax.random.key(4), capacity_impl=impl)
   (y_b, aux_b, g_b), (y_g, aux_g, g_g) = run("batched"), run("grouped")
   np.testing.assert_allclose(y_b, y_g, rtol=1e-5, atol=1e-5)
   assert_grads_close(g_b, g_g)
@@ -386,8 +417,9 @@ def test_ffn_blocks_two_block_sizes(activation, masked):
     return grouped.ffn_blocks(x, sizes, wi, wg, wo, activation, hm, block_sizes=(4, 2))[:n]
 
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(jax.jit(blk)(x, wi, wg, wo), ref(x, wi, wg, wo),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      jax.jit(blk)(x, wi, wg, wo), ref(x, wi, wg, wo), rtol=1e-5, atol=1e-5
+    )
     loss = lambda f: lambda *a: jnp.sum(f(*a) * ct[:n])
     g_blk = jax.jit(jax.grad(loss(blk), (0, 1, 2, 3)))(x, wi, wg, wo)
     g_ref = jax.grad(loss(ref), (0, 1, 2, 3))(x, wi, wg, wo)
@@ -412,8 +444,15 @@ def test_padding_takes_no_capacity_and_is_excluded():
 
 
 def test_randomness_only_in_training():
-  m = model_cfg("topk", "capacity", jitter=0.1, noisy_gating=True, expert_dropout=0.3,
-                eom_rate=0.5, second_expert_policy="sampling")
+  m = model_cfg(
+    "topk",
+    "capacity",
+    jitter=0.1,
+    noisy_gating=True,
+    expert_dropout=0.3,
+    eom_rate=0.5,
+    second_expert_policy="sampling",
+  )
   layer = build(m)
   x, ct, _ = inputs()
   y_eval, _, _ = fast(layer, x, ct)
@@ -457,7 +496,8 @@ def test_sigmoid_bias_update_survives_train_step():
   def step(layer, opt, x, rng):
     def loss_fn(layer):
       y, aux = layer(x, train=True, rng=rng)
-      return jnp.mean(y ** 2) + aux["router_loss"], aux
+      return jnp.mean(y**2) + aux["router_loss"], aux
+
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(layer)
     opt.update(layer, grads)
     layer.apply_state_updates(aux)  # the caller writes the routing state (train.py does)
@@ -471,8 +511,12 @@ def test_sigmoid_bias_update_survives_train_step():
   np.testing.assert_allclose(bias, 0.01 * np.sign(frac.mean() - frac), atol=1e-7)
   assert bias[3] < 0 and frac[3] == frac.max()
   assert not np.allclose(np.asarray(layer.router[...]), router0)  # params trained too
-  assert not any(isinstance(v, RouterState) for v in jax.tree.leaves(
-      nnx.state(opt, nnx.OptState), is_leaf=lambda v: isinstance(v, nnx.Variable)))
+  assert not any(
+    isinstance(v, RouterState)
+    for v in jax.tree.leaves(
+      nnx.state(opt, nnx.OptState), is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )
+  )
   step(layer, opt, x, jax.random.key(1))
   bias2 = np.asarray(layer.router_bias[...])
   assert bias2[3] < bias[3]

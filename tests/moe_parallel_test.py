@@ -53,8 +53,11 @@ def inputs(seed=1):
 
 
 # Cuts the CPU compile time of these small programs about 3x (every run here compiles).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False}
+FAST_COMPILE = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+  "xla_cpu_use_fusion_emitters": False,
+}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), compiler_options=FAST_COMPILE)
@@ -62,6 +65,7 @@ def _fast(graphdef, state, x, ct, mask, rng):
   def loss(state, x):
     y, aux = nnx.merge(graphdef, state)(x, mask_BxL=mask, train=True, rng=rng)
     return jnp.sum(y.astype(jnp.float32) * ct), (y, aux)
+
   (_, (y, aux)), (g_state, g_x) = jax.value_and_grad(loss, (0, 1), has_aux=True)(state, x)
   return y, aux, g_state, g_x
 
@@ -69,8 +73,11 @@ def _fast(graphdef, state, x, ct, mask, rng):
 def run(graphdef, state, x, ct, mask, rng):
   """Training forward + gradients (w.r.t. every variable and x) of sum(y * ct)."""
   y, aux, g_state, g_x = _fast(graphdef, state, x, ct, mask, rng)
-  grads = {k: np.asarray(v[...]) for k, v in vars(nnx.merge(graphdef, g_state)).items()
-           if isinstance(v, nnx.Variable)}
+  grads = {
+    k: np.asarray(v[...])
+    for k, v in vars(nnx.merge(graphdef, g_state)).items()
+    if isinstance(v, nnx.Variable)
+  }
   grads["x"] = np.asarray(g_x)
   return np.asarray(y), layer_test.flat_aux(aux), grads
 
@@ -92,20 +99,27 @@ def ep_calls(monkeypatch):
     d = real(*a, **k)
     calls.append(isinstance(d, parallel.ExpertParallel))
     return d
+
   monkeypatch.setattr(parallel, "placement", spy)
   return calls
 
 
-ROUTERS = [("switch", {"jitter": 0.1, "expert_dropout": 0.2}),
-           ("topk", {"second_expert_policy": "all", "eom_rate": 0.25}),
-           ("topk", {"second_expert_policy": "random"}),
-           ("topk", {"second_expert_policy": "sampling", "noisy_gating": True}),
-           ("mixtral", {"expert_dropout": 0.2}),
-           ("sigmoid_bias", {}),
-           ("hierarchical", {}),
-           ("expert_choice", {"expert_dropout": 0.2})]
-COMBOS = [(r, d, kw) for r, kw in ROUTERS for d in ("capacity", "dropless")
-          if not (r == "expert_choice" and d == "dropless")]
+ROUTERS = [
+  ("switch", {"jitter": 0.1, "expert_dropout": 0.2}),
+  ("topk", {"second_expert_policy": "all", "eom_rate": 0.25}),
+  ("topk", {"second_expert_policy": "random"}),
+  ("topk", {"second_expert_policy": "sampling", "noisy_gating": True}),
+  ("mixtral", {"expert_dropout": 0.2}),
+  ("sigmoid_bias", {}),
+  ("hierarchical", {}),
+  ("expert_choice", {"expert_dropout": 0.2}),
+]
+COMBOS = [
+  (r, d, kw)
+  for r, kw in ROUTERS
+  for d in ("capacity", "dropless")
+  if not (r == "expert_choice" and d == "dropless")
+]
 IDS = [f"{r}-{kw.get('second_expert_policy', '')}-{d}".replace("--", "-") for r, d, kw in COMBOS]
 
 
@@ -117,8 +131,9 @@ def test_meshes_match_single_device(router, dispatch, kw, ep_calls):
   # take the CPU defaults (kept rows only, grouped.ffn_blocks).
   impl = {}
   if kw.get("second_expert_policy", "all") != "all" or router == "hierarchical":
-    impl = ({"capacity_layout": "batched"} if dispatch == "capacity"
-            else {"grouped_kernel": "ragged"})
+    impl = (
+      {"capacity_layout": "batched"} if dispatch == "capacity" else {"grouped_kernel": "ragged"}
+    )
   m = model_cfg(router, dispatch, impl=impl, **kw)
   layer = build(m)
   graphdef, state = nnx.split(layer)
@@ -147,8 +162,9 @@ def test_meshes_match_single_device(router, dispatch, kw, ep_calls):
         np.testing.assert_allclose(g[k], g0[k], rtol=2e-4, atol=2e-5, err_msg=f"{err}: d{k}")
 
 
-@pytest.mark.parametrize("router,dispatch", [("topk", "dropless"), ("switch", "capacity"),
-                                             ("expert_choice", "capacity")])
+@pytest.mark.parametrize(
+  "router,dispatch", [("topk", "dropless"), ("switch", "capacity"), ("expert_choice", "capacity")]
+)
 def test_tensor_axis_splits_expert_hidden(router, dispatch, ep_calls):
   """data 2 x expert 2 x tensor 2 ("expert_mlp" -> tensor): F stays split, psum'd."""
   m = model_cfg(router, dispatch, expert_dropout=0.2)
@@ -183,8 +199,9 @@ def test_expert_weight_memory_falls_with_expert_axis():
     with sharding.use(mesh, c):
       wi = nnx.merge(graphdef, st).wi[...]
       assert {s.data.shape for s in wi.addressable_shards} == {(E // n, D, F)}
-      fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, mask_BxL=mask)[0],
-                    compiler_options=FAST_COMPILE)
+      fwd = jax.jit(
+        lambda st, x: nnx.merge(graphdef, st)(x, mask_BxL=mask)[0], compiler_options=FAST_COMPILE
+      )
       lowered = fwd.lower(st, x)
       assert ("all-to-all" in lowered.as_text(dialect="hlo")) == (n > 1)
       arg_bytes.append(lowered.compile().memory_analysis().argument_size_in_bytes)
@@ -209,9 +226,11 @@ def test_transformer_training_matches_across_meshes():
   state and step): same losses on 1 device, data x expert 2x4 and FSDP 2 x expert 4."""
   V, steps = 64, 3
   toks = jax.random.randint(jax.random.key(0), (steps, 8, 17), 0, V)
-  meshes = {"1 device": ([("data", 1), ("fsdp", 1), ("expert", 1), ("tensor", 1)], 1),
-            "2x4": ([("data", 2), ("fsdp", 1), ("expert", 4), ("tensor", 1)], 8),
-            "fsdp 2 x expert 4": ([("data", 1), ("fsdp", 2), ("expert", 4), ("tensor", 1)], 8)}
+  meshes = {
+    "1 device": ([("data", 1), ("fsdp", 1), ("expert", 1), ("tensor", 1)], 1),
+    "2x4": ([("data", 2), ("fsdp", 1), ("expert", 4), ("tensor", 1)], 8),
+    "fsdp 2 x expert 4": ([("data", 1), ("fsdp", 2), ("expert", 4), ("tensor", 1)], 8),
+  }
   losses = {}
   for name, (mesh_axes, n) in meshes.items():
     c = tiny_lm_config(mesh_axes)
@@ -225,22 +244,27 @@ def test_transformer_training_matches_across_meshes():
       model, opt = nnx.merge(graphdef, state)
       rng = jax.random.fold_in(jax.random.key(0), i)
       (loss, aux), grads = nnx.value_and_grad(
-          lambda mdl: trainlib.loss_fn(mdl, batch, train=True, rng=rng), has_aux=True)(model)
+        lambda mdl: trainlib.loss_fn(mdl, batch, train=True, rng=rng), has_aux=True
+      )(model)
       opt.update(model, grads)
       return nnx.state((model, opt)), (loss, aux["moe"][0]["dropped_fraction"])
 
     with jax.default_matmul_precision("highest"), sharding.use(mesh, c):
       graphdef, abs_state = nnx.split(nnx.eval_shape(create))
       state_shd = nnx.get_named_sharding(abs_state, mesh)
-      state = jax.jit(lambda: nnx.state(create()), out_shardings=state_shd,
-                      compiler_options=FAST_COMPILE)()
+      state = jax.jit(
+        lambda: nnx.state(create()), out_shardings=state_shd, compiler_options=FAST_COMPILE
+      )()
       step = jax.jit(train_step, compiler_options=FAST_COMPILE)
       wi = nnx.merge(graphdef, state)[0].blocks[1].ffn.wi[...]
       assert wi.addressable_shards[0].data.shape[0] == (2 if n == 8 else 8)  # 8 experts / 4
       out = []
       for i in range(steps):
-        batch = {"inputs": toks[i, :, :-1], "targets": toks[i, :, 1:],
-                 "weights": jnp.ones((8, 16), jnp.float32)}
+        batch = {
+          "inputs": toks[i, :, :-1],
+          "targets": toks[i, :, 1:],
+          "weights": jnp.ones((8, 16), jnp.float32),
+        }
         batch = jax.device_put(batch, sharding.named(mesh, "batch", "length"))
         state, metrics = step(state, batch, i)
         out.append(tuple(map(float, metrics)))
@@ -271,19 +295,45 @@ def _cfg(mesh, num_experts=8, batch_size=8, seq_len=128, **kw):
   return c
 
 
-@pytest.mark.parametrize("mesh,moe,rules,data,message,key", [
+@pytest.mark.parametrize(
+  "mesh,moe,rules,data,message,key",
+  [
     # hierarchical: 3 groups of 4 experts over 4 expert shards: a shard would straddle groups
-    ([("data", 2), ("expert", 4)], {"num_experts": 12, "router": "hierarchical",
-                                    "num_groups": 3}, {}, {}, "group boundaries",
-     "model.moe.num_groups"),
-    ([("data", 8)], {}, {"expert_group": "data"}, {}, "placed by the expert axes",
-     "sharding_rules"),
+    (
+      [("data", 2), ("expert", 4)],
+      {"num_experts": 12, "router": "hierarchical", "num_groups": 3},
+      {},
+      {},
+      "group boundaries",
+      "model.moe.num_groups",
+    ),
+    (
+      [("data", 8)],
+      {},
+      {"expert_group": "data"},
+      {},
+      "placed by the expert axes",
+      "sharding_rules",
+    ),
     # "batch" without the expert axis: tokens are also split over it; 6 tokens, 8 shards
-    ([("data", 2), ("expert", 4)], {}, {"batch": "data"}, {"batch_size": 2, "seq_len": 3},
-     "token mesh axes ('data', 'expert') (size 8)", "data.batch_size"),
-    ([("data", 2), ("expert", 4)], {"num_experts": 6}, {}, {}, "expert mesh axis (4)",
-     "model.moe.num_experts"),
-])
+    (
+      [("data", 2), ("expert", 4)],
+      {},
+      {"batch": "data"},
+      {"batch_size": 2, "seq_len": 3},
+      "token mesh axes ('data', 'expert') (size 8)",
+      "data.batch_size",
+    ),
+    (
+      [("data", 2), ("expert", 4)],
+      {"num_experts": 6},
+      {},
+      {},
+      "expert mesh axis (4)",
+      "model.moe.num_experts",
+    ),
+  ],
+)
 def test_mesh_errors(mesh, moe, rules, data, message, key):
   c = _cfg(mesh, **moe, **rules, **data)
   with pytest.raises(cfglib.ConfigError, match=f"config.{key}=") as e:
@@ -293,8 +343,7 @@ def test_mesh_errors(mesh, moe, rules, data, message, key):
 
 @pytest.mark.parametrize("groups,expert", [(2, 4), (4, 2), (4, 4), (8, 2)])
 def test_hierarchical_groups_on_expert_boundaries_are_fine(groups, expert):
-  c = _cfg([("data", 8 // expert), ("expert", expert)], router="hierarchical",
-           num_groups=groups)
+  c = _cfg([("data", 8 // expert), ("expert", expert)], router="hierarchical", num_groups=groups)
   c.sharding_rules = [(n, "expert" if n == "expert_group" else a) for n, a in c.sharding_rules]
   assert cfglib.validate_mesh_for_devices(c, 8)["expert"] == expert
 

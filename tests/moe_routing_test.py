@@ -21,8 +21,12 @@ def moe_cfg(**kw) -> mlc.ConfigDict:
 
 
 # The router inputs by the names of the router's parameters (routing.ROUTERS).
-INPUTS = {"noise_TxE": "router_noise", "group_logits_TxG": "group_router",
-          "group_noise_TxG": "group_router_noise", "bias_E": "router_bias"}
+INPUTS = {
+  "noise_TxE": "router_noise",
+  "group_logits_TxG": "group_router",
+  "group_noise_TxG": "group_router_noise",
+  "bias_E": "router_bias",
+}
 
 
 def route(logits, moe, *, train, rng=None, **arrays):
@@ -39,14 +43,11 @@ def softmax(a):
 
 
 # Three tokens, four experts; the last token is padding in the masked tests.
-LOGITS = np.array([[2.0, 1.0, 0.0, -1.0],
-                   [0.0, 3.0, 1.0, 0.5],
-                   [1.0, 0.0, 2.5, 2.0]], np.float32)
+LOGITS = np.array([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.5], [1.0, 0.0, 2.5, 2.0]], np.float32)
 
 
 def test_switch_top1_gate_is_probability():
-  r = route(jnp.asarray(LOGITS), moe_cfg(router="switch"), mask_T=jnp.ones(3),
-                    train=False)
+  r = route(jnp.asarray(LOGITS), moe_cfg(router="switch"), mask_T=jnp.ones(3), train=False)
   p = softmax(LOGITS)
   np.testing.assert_array_equal(r.expert_TxK[:, 0], [0, 1, 2])
   np.testing.assert_allclose(r.gate_TxK[:, 0], p.max(-1), rtol=1e-6)
@@ -54,9 +55,12 @@ def test_switch_top1_gate_is_probability():
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_topk_gates_renormalised_over_chosen(normalize):
-  r = route(jnp.asarray(LOGITS), moe_cfg(router="topk", top_k=2,
-                                                 normalize_gates=normalize),
-                    mask_T=jnp.ones(3), train=False)
+  r = route(
+    jnp.asarray(LOGITS),
+    moe_cfg(router="topk", top_k=2, normalize_gates=normalize),
+    mask_T=jnp.ones(3),
+    train=False,
+  )
   p = softmax(LOGITS)
   top2 = np.argsort(-p, -1)[:, :2]
   np.testing.assert_array_equal(r.expert_TxK, top2)
@@ -68,8 +72,9 @@ def test_topk_gates_renormalised_over_chosen(normalize):
 
 
 def test_mixtral_gates_are_softmax_over_topk_logits():
-  r = route(jnp.asarray(LOGITS), moe_cfg(router="mixtral", top_k=2),
-                    mask_T=jnp.ones(3), train=False)
+  r = route(
+    jnp.asarray(LOGITS), moe_cfg(router="mixtral", top_k=2), mask_T=jnp.ones(3), train=False
+  )
   for t in range(3):
     top = np.argsort(-LOGITS[t])[:2]
     np.testing.assert_array_equal(r.expert_TxK[t], top)
@@ -83,8 +88,9 @@ def test_mixtral_gates_are_softmax_over_topk_logits():
 
 def test_dbrx_16_choose_4():
   logits = jax.random.normal(jax.random.key(0), (5, 16))
-  r = route(logits, moe_cfg(router="mixtral", num_experts=16, top_k=4),
-                    mask_T=jnp.ones(5), train=False)
+  r = route(
+    logits, moe_cfg(router="mixtral", num_experts=16, top_k=4), mask_T=jnp.ones(5), train=False
+  )
   assert r.expert_TxK.shape == (5, 4)
   np.testing.assert_allclose(r.gate_TxK.sum(-1), 1.0, rtol=1e-6)
 
@@ -113,13 +119,12 @@ def test_hierarchical_gates_multiply():
   key1, key2 = jax.random.split(jax.random.key(1))
   logits = jax.random.normal(key1, (T, G * M))
   glogits = jax.random.normal(key2, (T, G))
-  moe = moe_cfg(router="hierarchical", num_experts=G * M, num_groups=G, top_k_groups=1,
-                top_k=2)
+  moe = moe_cfg(router="hierarchical", num_experts=G * M, num_groups=G, top_k_groups=1, top_k=2)
   r = route(logits, moe, mask_T=jnp.ones(T), train=False, group_logits_TxG=glogits)
   L, GL = np.asarray(logits), np.asarray(glogits)
   for t in range(T):
     g = int(np.argmax(GL[t]))
-    local = np.argsort(-L[t, g * M:(g + 1) * M])[:2]
+    local = np.argsort(-L[t, g * M : (g + 1) * M])[:2]
     np.testing.assert_array_equal(r.expert_TxK[t], g * M + local)
     # top_k_groups=1: primary gate is 1; secondary = softmax over the top-2 logits.
     np.testing.assert_allclose(r.gate_TxK[t], softmax(L[t, g * M + local]), rtol=1e-5)
@@ -131,10 +136,11 @@ def test_hierarchical_gates_multiply():
     pg = softmax(GL[t])  # both groups chosen: primary gate = softmax over both
     for e, gate in zip(np.asarray(r.expert_TxK[t]), np.asarray(r.gate_TxK[t])):
       g = e // M
-      top = np.argsort(-L[t, g * M:(g + 1) * M])[:2]
+      top = np.argsort(-L[t, g * M : (g + 1) * M])[:2]
       assert e - g * M in top
-      np.testing.assert_allclose(gate, pg[g] * softmax(L[t, g * M + top])[
-          list(top).index(e - g * M)], rtol=1e-5)
+      np.testing.assert_allclose(
+        gate, pg[g] * softmax(L[t, g * M + top])[list(top).index(e - g * M)], rtol=1e-5
+      )
 
 
 def test_expert_choice_takes_top_c_tokens_and_skips_padding():
@@ -163,7 +169,7 @@ def test_load_balance_and_z_loss_by_hand():
   np.testing.assert_allclose(r.aux["expert_fraction"], f, rtol=1e-6)
   np.testing.assert_allclose(r.aux["load_balance_loss"], 4 * np.sum(f * p.mean(0)), rtol=1e-5)
   lse = np.log(np.exp(LOGITS.astype(np.float64)).sum(-1))
-  np.testing.assert_allclose(r.aux["z_loss"], np.mean(lse ** 2), rtol=1e-5)
+  np.testing.assert_allclose(r.aux["z_loss"], np.mean(lse**2), rtol=1e-5)
   np.testing.assert_allclose(r.aux["max_vio"], 2 / 1.5 - 1, rtol=1e-6)
   np.testing.assert_allclose(r.aux["empty_experts"], 0)
   ent = -(p * np.log(p)).sum(-1).mean()
@@ -179,8 +185,9 @@ def test_load_balance_and_z_loss_by_hand():
   np.testing.assert_allclose(r.aux["load_loss"], cnt.var() / cnt.mean() ** 2, rtol=1e-5)
 
 
-@pytest.mark.parametrize("router,k", [("topk", 2), ("mixtral", 2), ("sigmoid_bias", 3),
-                                      ("switch", 1)])
+@pytest.mark.parametrize(
+  "router,k", [("topk", 2), ("mixtral", 2), ("sigmoid_bias", 3), ("switch", 1)]
+)
 @pytest.mark.parametrize("choices", ["all", "first"])
 def test_load_balance_conventions_per_token_reference(router, k, choices):
   # A per-token loop: f_e counts either every (token, choice) or each real
@@ -203,13 +210,14 @@ def test_load_balance_conventions_per_token_reference(router, k, choices):
       continue
     P += p[t] / m.sum()
     chosen = np.asarray(r.expert_TxK[t])  # the router's own choices, in priority order
-    for e in (chosen if choices == "all" else chosen[:1]):
+    for e in chosen if choices == "all" else chosen[:1]:
       counts[e] += 1
   want = E * np.sum(counts / counts.sum() * P)
   np.testing.assert_allclose(r.aux["load_balance_loss"], want, rtol=1e-5)
   if choices == "first" and k > 1:  # the two conventions differ on these logits
-    other = route(logits, moe_cfg(router=router, top_k=k, num_experts=E), mask_T=mask,
-                  train=False, **kw)
+    other = route(
+      logits, moe_cfg(router=router, top_k=k, num_experts=E), mask_T=mask, train=False, **kw
+    )
     assert abs(float(other.aux["load_balance_loss"]) - want) > 1e-4
 
 
@@ -219,8 +227,9 @@ def test_load_balance_first_choice_is_gshard_algorithm_1():
   moe = moe_cfg(router="topk", top_k=2, load_balance_choices="first")
   r = route(jnp.asarray(LOGITS), moe, mask_T=jnp.ones(3), train=False)
   c = np.array([1, 1, 1, 0]) / 3
-  np.testing.assert_allclose(r.aux["load_balance_loss"], 4 * np.sum(c * softmax(LOGITS).mean(0)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    r.aux["load_balance_loss"], 4 * np.sum(c * softmax(LOGITS).mean(0)), rtol=1e-5
+  )
 
 
 def test_uniform_router_balance_loss_is_one():
@@ -239,14 +248,12 @@ def test_padding_excluded_from_losses_and_diagnostics(router):
   glog = jax.random.normal(k2, (T, 2))
   mask = jnp.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0.0])
   real = np.flatnonzero(np.asarray(mask))
-  moe = moe_cfg(router=router, top_k=1 if router == "switch" else 2, num_groups=2,
-                top_k_groups=1)
+  moe = moe_cfg(router=router, top_k=1 if router == "switch" else 2, num_groups=2, top_k_groups=1)
   if router == "hierarchical":
     moe.top_k = 2
   kw = dict(train=False, bias_E=jnp.zeros(E))
   r = route(logits, moe, mask_T=mask, group_logits_TxG=glog, **kw)
-  r_real = route(logits[real], moe, mask_T=jnp.ones(len(real)),
-                         group_logits_TxG=glog[real], **kw)
+  r_real = route(logits[real], moe, mask_T=jnp.ones(len(real)), group_logits_TxG=glog[real], **kw)
   for key in r.aux:
     np.testing.assert_allclose(r.aux[key], r_real.aux[key], rtol=1e-5, atol=1e-7, err_msg=key)
   assert not np.any(np.asarray(r.valid_TxK)[np.asarray(mask) == 0])
@@ -261,8 +268,7 @@ def test_random_policy_keeps_second_by_gate_share():
   p = softmax(np.asarray(logits[0]))
   share2 = p[1] / (p[0] + p[1])
   assert np.all(np.asarray(r.valid_TxK[:, 0]))
-  np.testing.assert_allclose(np.mean(np.asarray(r.valid_TxK[:, 1])), min(1, 2 * share2),
-                             atol=0.03)
+  np.testing.assert_allclose(np.mean(np.asarray(r.valid_TxK[:, 1])), min(1, 2 * share2), atol=0.03)
   # Dropped second choices are not counted as routed load.
   np.testing.assert_allclose(np.asarray(r.aux["expert_fraction"]).sum(), 1.0, rtol=1e-6)
   r_eval = route(logits, moe, mask_T=jnp.ones(T), train=False)
@@ -289,13 +295,11 @@ def test_noisy_gating_only_in_training():
   logits = jax.random.normal(k1, (T, E))
   raw = jax.random.normal(k2, (T, E))
   moe = moe_cfg(router="topk", top_k=2, noisy_gating=True)
-  clean = route(logits, moe_cfg(router="topk", top_k=2), mask_T=jnp.ones(T),
-                        train=False)
+  clean = route(logits, moe_cfg(router="topk", top_k=2), mask_T=jnp.ones(T), train=False)
   ev = route(logits, moe, mask_T=jnp.ones(T), train=False, noise_TxE=raw)
   for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(ev)):
     np.testing.assert_array_equal(a, b)
-  tr = route(logits, moe, mask_T=jnp.ones(T), train=True, rng=jax.random.key(5),
-                     noise_TxE=raw)
+  tr = route(logits, moe, mask_T=jnp.ones(T), train=True, rng=jax.random.key(5), noise_TxE=raw)
   assert np.any(np.asarray(tr.expert_TxK) != np.asarray(ev.expert_TxK))
   with pytest.raises(ValueError, match="rng"):
     route(logits, moe, mask_T=jnp.ones(T), train=True, noise_TxE=raw)
@@ -308,8 +312,9 @@ def test_smooth_load_estimator_by_hand():
   phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
   # k=1: expert 0 is in the top-1, threshold = 2nd value 0.3; others: 1st value 1.2.
   want = [phi((1.0 - 0.3) / 0.5), phi((0.5 - 1.2) / 1.0), phi((-0.2 - 1.2) / 2.0)]
-  got = routing.smooth_load(jnp.asarray(clean), jnp.asarray(noisy), jnp.asarray(std), 1,
-                            jnp.ones(1))
+  got = routing.smooth_load(
+    jnp.asarray(clean), jnp.asarray(noisy), jnp.asarray(std), 1, jnp.ones(1)
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -319,8 +324,9 @@ def test_noisy_load_loss_has_gradient():
   logits = jax.random.normal(k1, (T, E))
   raw = jax.random.normal(k2, (T, E))
   moe = moe_cfg(router="topk", top_k=2, noisy_gating=True)
-  f = lambda l: route(l, moe, mask_T=jnp.ones(T), train=True, rng=jax.random.key(0),
-                              noise_TxE=raw).aux["load_loss"]
+  f = lambda l: route(
+    l, moe, mask_T=jnp.ones(T), train=True, rng=jax.random.key(0), noise_TxE=raw
+  ).aux["load_loss"]
   assert float(jnp.abs(jax.grad(f)(logits)).sum()) > 0
 
 
@@ -328,13 +334,21 @@ def test_hierarchical_noisy_load_matches_counts_without_noise():
   T, G, M = 16, 2, 2
   k1, k2 = jax.random.split(jax.random.key(7))
   logits, glog = jax.random.normal(k1, (T, G * M)), jax.random.normal(k2, (T, G))
-  moe = moe_cfg(router="hierarchical", num_experts=4, num_groups=2, top_k_groups=1, top_k=1,
-                noisy_gating=True)
+  moe = moe_cfg(
+    router="hierarchical", num_experts=4, num_groups=2, top_k_groups=1, top_k=1, noisy_gating=True
+  )
   # Tiny noise scale: the smooth estimator tends to hard counts.
   big_neg = jnp.full((T, G * M), -40.0)
-  r = route(logits, moe, mask_T=jnp.ones(T), train=True, rng=jax.random.key(0),
-                    noise_TxE=big_neg, group_noise_TxG=jnp.full((T, G), -40.0),
-                    group_logits_TxG=glog)
+  r = route(
+    logits,
+    moe,
+    mask_T=jnp.ones(T),
+    train=True,
+    rng=jax.random.key(0),
+    noise_TxE=big_neg,
+    group_noise_TxG=jnp.full((T, G), -40.0),
+    group_logits_TxG=glog,
+  )
   counts = routing.expert_counts(r.expert_TxK, r.valid_TxK, 4)
   np.testing.assert_allclose(r.aux["load_loss"], routing.cv_squared(counts), rtol=1e-4)
 
@@ -360,8 +374,9 @@ def test_positions_in_expert(method):
 
 
 def test_capacity_formula():
-  moe = moe_cfg(num_experts=8, top_k=2, capacity_factor=1.25, eval_capacity_factor=2.0,
-                min_capacity=4)
+  moe = moe_cfg(
+    num_experts=8, top_k=2, capacity_factor=1.25, eval_capacity_factor=2.0, min_capacity=4
+  )
   assert routing.capacity(moe, 100, train=True) == math.ceil(1.25 * 100 * 2 / 8)
   assert routing.capacity(moe, 100, train=False) == 50
   assert routing.capacity(moe, 8, train=True) == 4  # min_capacity
@@ -385,8 +400,9 @@ def test_group_limited_matches_per_token_reference(E, G, M, k):
   b = s + np.asarray(bias, np.float64)
   per = max(k // M, 1)
   for t in range(T):
-    group_score = [np.sort(b[t, g * (E // G):(g + 1) * (E // G)])[::-1][:per].sum()
-                   for g in range(G)]
+    group_score = [
+      np.sort(b[t, g * (E // G) : (g + 1) * (E // G)])[::-1][:per].sum() for g in range(G)
+    ]
     groups = set(np.argsort(group_score)[::-1][:M])
     allowed = [e for e in range(E) if e // (E // G) in groups]
     want = sorted(allowed, key=lambda e: -b[t, e])[:k]
@@ -397,8 +413,9 @@ def test_group_limited_matches_per_token_reference(E, G, M, k):
     np.testing.assert_allclose(np.asarray(r.gate_TxK[t]), gate, rtol=1e-5)
   p = s / s.sum(-1, keepdims=True)
   counts = np.bincount(np.asarray(r.expert_TxK).reshape(-1), minlength=E)
-  np.testing.assert_allclose(r.aux["load_balance_loss"],
-                             E * np.sum(counts / counts.sum() * p.mean(0)), rtol=1e-5)
+  np.testing.assert_allclose(
+    r.aux["load_balance_loss"], E * np.sum(counts / counts.sum() * p.mean(0)), rtol=1e-5
+  )
 
 
 def _with_moe(moe):
@@ -407,9 +424,14 @@ def _with_moe(moe):
   return c
 
 
-@pytest.mark.parametrize("kw,key", [({"num_groups": 3}, "model.moe.num_groups"),
-                                    ({"top_k_groups": 5}, "model.moe.top_k_groups"),
-                                    ({"top_k": 5, "top_k_groups": 1}, "model.moe.top_k")])
+@pytest.mark.parametrize(
+  "kw,key",
+  [
+    ({"num_groups": 3}, "model.moe.num_groups"),
+    ({"top_k_groups": 5}, "model.moe.top_k_groups"),
+    ({"top_k": 5, "top_k_groups": 1}, "model.moe.top_k"),
+  ],
+)
 def test_group_limited_config_errors_name_the_key(kw, key):
   moe = moe_cfg(router="group_limited", num_experts=8, num_groups=4, top_k_groups=2, top_k=2)
   for k, v in kw.items():

@@ -27,7 +27,7 @@ RTOL = 1e-5
 
 # config.mesh is a list, which --config.mesh=... cannot override: a tiny config
 # file takes the mesh as its argument, "data=2,fsdp=4" (missing axes are 1).
-MESH_CONFIG = '''
+MESH_CONFIG = """
 from sparse_lm import config as cfglib
 
 
@@ -37,7 +37,7 @@ def get_config(arg):
   c.mesh = [(a, sizes.pop(a, 1)) for a in ("data", "fsdp", "expert", "tensor")]
   assert not sizes, sizes
   return c
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,23 @@ def setup(tmp_path_factory):
 
 def cli(setup, workdir, mesh, *overrides):
   """tests/train_test.py's tiny shape; constant LR, so num_steps can grow on resume."""
-  return [sys.executable, "-m", "sparse_lm.main", f"--config={setup / 'mesh_config.py'}:{mesh}",
-          f"--workdir={workdir}", f"--config.data.data_dir={setup / 'tfds'}",
-          "--config.data.batch_size=8", "--config.data.seq_len=64", "--config.model.d_model=64",
-          "--config.model.d_ff=128", "--config.train.eval_batches=2",
-          "--config.data.vocab_size=512", "--config.train.schedule=constant",
-          "--config.train.log_every=1", *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "sparse_lm.main",
+    f"--config={setup / 'mesh_config.py'}:{mesh}",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={setup / 'tfds'}",
+    "--config.data.batch_size=8",
+    "--config.data.seq_len=64",
+    "--config.model.d_model=64",
+    "--config.model.d_ff=128",
+    "--config.train.eval_batches=2",
+    "--config.data.vocab_size=512",
+    "--config.train.schedule=constant",
+    "--config.train.log_every=1",
+    *overrides,
+  ]
 
 
 def free_port() -> int:
@@ -83,10 +94,14 @@ class Runs:
     self.cache = str(setup / "jax_cache")
 
   def start(self, name, args, devices, log):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "JAX_COMPILATION_CACHE_DIR": self.cache,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {
+      **os.environ,
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      "JAX_PLATFORMS": "cpu",
+      "TF_CPP_MIN_LOG_LEVEL": "3",
+      "JAX_COMPILATION_CACHE_DIR": self.cache,
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
       p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=err)
     self.procs.append((name, p, log))
@@ -94,9 +109,12 @@ class Runs:
   def start_two_processes(self, name, args, log):
     port = free_port()
     for i in range(2):
-      self.start(f"{name} process {i}", args + [f"--coordinator=127.0.0.1:{port}",
-                                                "--num_processes=2", f"--process_id={i}"],
-                 4, f"{log}.p{i}")
+      self.start(
+        f"{name} process {i}",
+        args + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        4,
+        f"{log}.p{i}",
+      )
 
   def wait(self, timeout=TIMEOUT):
     deadline = time.time() + timeout
@@ -158,11 +176,24 @@ def test_two_processes_train_like_one_and_restore_on_one_device(setup, tmp_path)
   try:
     # The reference (1 process x 8 devices) runs on to step 8; the two
     # processes (2 x 4 devices) stop and checkpoint at 6.
-    runs.start("1x8", cli(setup, one, "data=8", "--config.train.num_steps=8",
-                          "--config.train.eval_every=6", "--config.train.checkpoint_every=6"),
-               8, one)
-    runs.start_two_processes("2x4", cli(setup, two, "data=8", "--config.train.num_steps=6",
-                                        "--config.train.eval_every=6"), two)
+    runs.start(
+      "1x8",
+      cli(
+        setup,
+        one,
+        "data=8",
+        "--config.train.num_steps=8",
+        "--config.train.eval_every=6",
+        "--config.train.checkpoint_every=6",
+      ),
+      8,
+      one,
+    )
+    runs.start_two_processes(
+      "2x4",
+      cli(setup, two, "data=8", "--config.train.num_steps=6", "--config.train.eval_every=6"),
+      two,
+    )
     runs.wait()
     out0, out1 = read(f"{two}.p0"), read(f"{two}.p1")
     assert "over 8 cpu device(s), 2 process(es)" in out0, out0
@@ -180,8 +211,12 @@ def test_two_processes_train_like_one_and_restore_on_one_device(setup, tmp_path)
     assert_close(metric(two, "eval_loss"), metric(one, "eval_loss"), [6], "eval_loss")
 
     # The two processes' checkpoint restores in one process on one device.
-    runs.start("1x1 resume", cli(setup, two, "data=1", "--config.train.num_steps=8",
-                                 "--config.train.eval_every=8"), 1, f"{two}.resume")
+    runs.start(
+      "1x1 resume",
+      cli(setup, two, "data=1", "--config.train.num_steps=8", "--config.train.eval_every=8"),
+      1,
+      f"{two}.resume",
+    )
     runs.wait()
     out = read(f"{two}.resume")
     assert f"resumed from {two}/checkpoints step 6" in out, out
@@ -201,9 +236,19 @@ def test_fsdp_checkpoint_restores_on_other_meshes(setup, tmp_path):
   ref = str(tmp_path / "fsdp_2x4")
   runs = Runs(setup)
   try:
-    runs.start("2x4 fsdp", cli(setup, ref, "data=2,fsdp=4", "--config.train.num_steps=8",
-                               "--config.train.eval_every=4", "--config.train.checkpoint_every=4"),
-               8, ref)
+    runs.start(
+      "2x4 fsdp",
+      cli(
+        setup,
+        ref,
+        "data=2,fsdp=4",
+        "--config.train.num_steps=8",
+        "--config.train.eval_every=4",
+        "--config.train.checkpoint_every=4",
+      ),
+      8,
+      ref,
+    )
     runs.wait()
     assert "mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in read(ref)
     assert sorted(os.listdir(os.path.join(ref, "checkpoints")), key=int) == ["4", "8"]
@@ -213,16 +258,22 @@ def test_fsdp_checkpoint_restores_on_other_meshes(setup, tmp_path):
       wd = str(tmp_path / name)
       shutil.copytree(ref, wd)
       shutil.rmtree(os.path.join(wd, "checkpoints", "8"))
-      runs.start(name, cli(setup, wd, mesh, "--config.train.num_steps=8",
-                           "--config.train.eval_every=4"), devices, wd)
+      runs.start(
+        name,
+        cli(setup, wd, mesh, "--config.train.num_steps=8", "--config.train.eval_every=4"),
+        devices,
+        wd,
+      )
     runs.wait()
     want = metric(ref, "train_loss")
     for name in targets:
       wd = str(tmp_path / name)
       assert f"resumed from {wd}/checkpoints step 4" in read(wd), read(wd)
       got = metric(wd, "train_loss")
-      print(f"\ntrain_loss 5..8: 2x4 {[want[s] for s in range(5, 9)]}, "
-            f"{name} {[got[s] for s in range(5, 9)]}")
+      print(
+        f"\ntrain_loss 5..8: 2x4 {[want[s] for s in range(5, 9)]}, "
+        f"{name} {[got[s] for s in range(5, 9)]}"
+      )
       assert_close(got, want, range(5, 9), f"train_loss resumed on {name}")
       assert_close(metric(wd, "eval_loss"), metric(ref, "eval_loss"), [8], f"eval_loss on {name}")
       assert all(math.isfinite(v) for v in got.values())

@@ -2,8 +2,8 @@
 
 import os
 
-import nbformat
 from nbclient import NotebookClient
+import nbformat
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,8 +17,9 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
   monkeypatch.setenv("NOTEBOOK_DATA_DIR", str(tmp_path / "tfds"))
   monkeypatch.setenv("XLA_FLAGS", "")  # one device, like a laptop
   nb = nbformat.read(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), as_version=4)
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": ROOT}}).execute()
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+  ).execute()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]
   if name == "analysis":

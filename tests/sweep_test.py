@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def write_sweep(tmp_path, tfds_dir, lrs=(1e-3, 3e-3, 1e-2), steps=12):
   path = tmp_path / "tiny_sweep.py"
-  path.write_text(textwrap.dedent(f'''
+  path.write_text(
+    textwrap.dedent(f'''
       """Test sweep.
 
         python -m sparse_lm.sweep --config={path} --workdir=x
@@ -40,7 +41,8 @@ def write_sweep(tmp_path, tfds_dir, lrs=(1e-3, 3e-3, 1e-2), steps=12):
       def sweep(add):
         for lr in {tuple(lrs)!r}:
           add(**{{"train.learning_rate": lr}})
-  '''))
+  ''')
+  )
   return str(path)
 
 
@@ -49,7 +51,10 @@ def test_points_names_and_validation(tmp_path):
   grid = sweeplib.points(path)
   assert grid == [{"train.learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)]
   assert [sweeplib.point_name(p) for p in grid] == [
-      "learning_rate=0.001", "learning_rate=0.003", "learning_rate=0.01"]
+    "learning_rate=0.001",
+    "learning_rate=0.003",
+    "learning_rate=0.01",
+  ]
   bad = tmp_path / "bad.py"
   bad.write_text(open(path).read().replace('"train.learning_rate"', '"train.learning_rat"'))
   with pytest.raises(cfglib.ConfigError, match="no key 'train.learning_rat'"):
@@ -66,8 +71,15 @@ def test_sweep_resumes_after_kill_and_collects(tmp_path):
   wd = str(tmp_path / "sweep")
   args = [sys.executable, "-m", "sparse_lm.sweep", f"--config={path}", f"--workdir={wd}"]
   env = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  proc = subprocess.Popen(
+    args,
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
   second = os.path.join(wd, "learning_rate=0.003")
   deadline = time.time() + 400
   while time.time() < deadline and proc.poll() is None:
@@ -88,8 +100,11 @@ def test_sweep_resumes_after_kill_and_collects(tmp_path):
   assert "resumed from" in open(os.path.join(second, "log.txt")).read()
   with open(os.path.join(wd, "results.csv")) as f:
     rows = list(csv.DictReader(f))
-  assert [r["point"] for r in rows] == ["learning_rate=0.001", "learning_rate=0.003",
-                                        "learning_rate=0.01"]
+  assert [r["point"] for r in rows] == [
+    "learning_rate=0.001",
+    "learning_rate=0.003",
+    "learning_rate=0.01",
+  ]
   for r in rows:
     assert int(r["final_step"]) == 12 and float(r["final_eval_loss"]) > 0
     assert int(r["total_params"]) > 0 and float(r["wall_time_s"]) > 0
@@ -100,9 +115,20 @@ def test_sweep_resumes_after_kill_and_collects(tmp_path):
 
 def test_print_commands(tmp_path):
   path = write_sweep(tmp_path, str(tmp_path))
-  p = subprocess.run([sys.executable, "-m", "sparse_lm.sweep", f"--config={path}",
-                      "--workdir=runs/x", "--print_commands"], cwd=ROOT, capture_output=True,
-                     text=True, timeout=300)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sparse_lm.sweep",
+      f"--config={path}",
+      "--workdir=runs/x",
+      "--print_commands",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   lines = p.stdout.strip().splitlines()
   assert len(lines) == 3 and all(l.startswith("python -m sparse_lm.main") for l in lines)
   assert "--workdir=runs/x/learning_rate=0.01 --config.train.learning_rate=0.01" in lines[2]
@@ -112,7 +138,8 @@ def test_seeds_are_aggregated_per_point(tmp_path):
   # Three seeds of one point and one of another, with metrics.jsonl written as
   # the trainer writes them; results.csv averages over seeds, runs.csv does not.
   path = tmp_path / "seeds.py"
-  path.write_text(textwrap.dedent('''
+  path.write_text(
+    textwrap.dedent("""
       from sparse_lm import config as cfglib
 
       def get_config(arg=None):
@@ -123,16 +150,18 @@ def test_seeds_are_aggregated_per_point(tmp_path):
         for seed in (0, 1, 2):
           add(**{"model.d_ff": 256, "train.seed": seed})
         add(**{"model.d_ff": 512})
-  '''))
+  """)
+  )
   wd = tmp_path / "sweep"
-  finals = {"d_ff=256,seed=0": 3.0, "d_ff=256,seed=1": 3.2, "d_ff=256,seed=2": 3.4,
-            "d_ff=512": 2.9}
+  finals = {"d_ff=256,seed=0": 3.0, "d_ff=256,seed=1": 3.2, "d_ff=256,seed=2": 3.4, "d_ff=512": 2.9}
   for name, loss in finals.items():
     d = wd / name
     d.mkdir(parents=True)
-    rows = [{"step": 0, "total_params": 10}, {"step": 5, "train_loss": 4.0, "tokens_per_s": 100.0,
-                                              "eval_loss": loss + 0.5, "tokens": 50},
-            {"step": 10, "train_loss": 3.0, "tokens_per_s": 100.0, "eval_loss": loss, "tokens": 100}]
+    rows = [
+      {"step": 0, "total_params": 10},
+      {"step": 5, "train_loss": 4.0, "tokens_per_s": 100.0, "eval_loss": loss + 0.5, "tokens": 50},
+      {"step": 10, "train_loss": 3.0, "tokens_per_s": 100.0, "eval_loss": loss, "tokens": 100},
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "DONE").write_text("{}")
   results = sweeplib.collect(f"{path}:two", str(wd))

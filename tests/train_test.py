@@ -15,10 +15,21 @@ ENV = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def cli(workdir, tfds_dir, *overrides, config="configs/dense.py:tiny"):
-  return [sys.executable, "-m", "sparse_lm.main", f"--config={config}", f"--workdir={workdir}",
-          f"--config.data.data_dir={tfds_dir}", "--config.data.batch_size=8",
-          "--config.data.seq_len=64", "--config.model.d_model=64", "--config.model.d_ff=128",
-          "--config.train.eval_batches=2", "--config.data.vocab_size=512", *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "sparse_lm.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={tfds_dir}",
+    "--config.data.batch_size=8",
+    "--config.data.seq_len=64",
+    "--config.model.d_model=64",
+    "--config.model.d_ff=128",
+    "--config.train.eval_batches=2",
+    "--config.data.vocab_size=512",
+    *overrides,
+  ]
 
 
 def run(args, **kw):
@@ -32,8 +43,6 @@ def rows(workdir):
 
 def losses(workdir):
   return {r["step"]: r["train_loss"] for r in rows(workdir) if "train_loss" in r}
-
-
 
 
 def start_until_step(args, wd, step, **popen):
@@ -54,8 +63,15 @@ def tfds_dir(tmp_path_factory):
 
 def test_cli_trains_and_eval_loss_falls(tmp_path, tfds_dir):
   wd = str(tmp_path / "run")
-  p = run(cli(wd, tfds_dir, "--config.train.num_steps=60", "--config.train.eval_every=20",
-              "--config.train.log_every=10"))
+  p = run(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.num_steps=60",
+      "--config.train.eval_every=20",
+      "--config.train.log_every=10",
+    )
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert "step     60/60" in p.stdout and "done at step 60: eval_loss" in p.stdout
   evals = [r["eval_loss"] for r in rows(wd) if "eval_loss" in r]
@@ -67,13 +83,18 @@ def test_cli_trains_and_eval_loss_falls(tmp_path, tfds_dir):
 
 
 def test_exact_resume_after_sigkill(tmp_path, tfds_dir):
-  args = ["--config.train.num_steps=24", "--config.train.checkpoint_every=8",
-          "--config.train.log_every=1", "--config.train.eval_every=12"]
+  args = [
+    "--config.train.num_steps=24",
+    "--config.train.checkpoint_every=8",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=12",
+  ]
   ref = str(tmp_path / "ref")
   assert run(cli(ref, tfds_dir, *args)).returncode == 0
   wd = str(tmp_path / "killed")
-  proc = start_until_step(cli(wd, tfds_dir, *args), wd, 12,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = start_until_step(
+    cli(wd, tfds_dir, *args), wd, 12, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(losses(wd))
@@ -87,9 +108,20 @@ def test_exact_resume_after_sigkill(tmp_path, tfds_dir):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tfds_dir):
   wd = str(tmp_path / "term")
-  proc = start_until_step(cli(wd, tfds_dir, "--config.train.num_steps=100000",
-                              "--config.train.checkpoint_every=100000", "--config.train.log_every=1"),
-                          wd, 3, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = start_until_step(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.num_steps=100000",
+      "--config.train.checkpoint_every=100000",
+      "--config.train.log_every=1",
+    ),
+    wd,
+    3,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]

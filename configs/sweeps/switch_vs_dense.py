@@ -3,7 +3,8 @@ r"""Switch vs dense (Fedus et al. 2021, figures 1 and 4, table 1) at CPU scale.
   python experiments/switch_vs_dense/report.py --run     # both sweeps + the report
 
 which runs, then reports on:
-  python -m sparse_lm.sweep --config=configs/sweeps/switch_vs_dense.py --workdir=runs/switch_vs_dense
+  python -m sparse_lm.sweep --config=configs/sweeps/switch_vs_dense.py \
+      --workdir=runs/switch_vs_dense
   python -m sparse_lm.sweep --config=configs/sweeps/switch_vs_dense.py:ablations \
       --workdir=runs/switch_vs_dense_ablations
 
@@ -40,8 +41,9 @@ NUM_STEPS = 1200  # 4.9M tokens; why: experiments/switch_vs_dense/README.md
 def get_config(arg: str = "cpu"):
   arg = arg or "cpu"
   if arg not in ("cpu", "ablations", "accel"):
-    raise cfglib.ConfigError(f"switch_vs_dense arg {arg!r} is unknown: 'cpu', 'ablations' "
-                             "or 'accel'")
+    raise cfglib.ConfigError(
+      f"switch_vs_dense arg {arg!r} is unknown: 'cpu', 'ablations' or 'accel'"
+    )
   c = cfglib.load_config("configs/switch.py:tiny")
   m = c.model
   m.init_scale = 1.0  # the default init for every weight (s=0.1 is an ablation)

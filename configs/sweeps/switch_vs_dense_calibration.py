@@ -21,8 +21,9 @@ from sparse_lm import config as cfglib
 def get_config(arg: str = "speed"):
   arg = arg or "speed"
   if arg not in ("speed", "gain"):
-    raise cfglib.ConfigError(f"switch_vs_dense_calibration arg {arg!r} is unknown: "
-                             "'speed' or 'gain'")
+    raise cfglib.ConfigError(
+      f"switch_vs_dense_calibration arg {arg!r} is unknown: 'speed' or 'gain'"
+    )
   c = cfglib.load_config("configs/switch.py:tiny")
   c.model.moe.every, c.model.moe.offset = 1, 0
   c.model.moe.init_scale, c.model.moe.jitter = 1.0, 0.0
@@ -42,5 +43,4 @@ def sweep(add, arg: str = "speed"):
   for tokenizer in ("sentencepiece", "byte"):
     for layers in (2, 4) if (arg or "speed") == "speed" else (2,):
       for e in (1, 8, 32):
-        add(**{"data.tokenizer": tokenizer, "model.num_layers": layers,
-               "model.moe.num_experts": e})
+        add(**{"data.tokenizer": tokenizer, "model.num_layers": layers, "model.moe.num_experts": e})

@@ -132,7 +132,7 @@ class _FilesSource:
   SPLITS = ("train", "validation")
 
   def __init__(self, dataset: str):
-    pattern = os.path.expanduser(dataset[len("files:"):])
+    pattern = os.path.expanduser(dataset[len("files:") :])
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
       _fail("data.dataset", dataset, "the glob matches no files")
@@ -144,17 +144,28 @@ class _FilesSource:
     for p in paths:
       rel = os.path.relpath(p, root).replace(os.sep, "/")
       self.files[stdlib_corpus.split_of(rel)].append((rel, p))
-    self.fingerprint = {"dataset": dataset, "splits": {
-        s: {"files": len(fs), "bytes": sum(os.path.getsize(p) for _, p in fs),
-            "paths_sha256": hashlib.sha256("\n".join(r for r, _ in fs).encode()).hexdigest()[:16]}
-        for s, fs in self.files.items()}}
+    self.fingerprint = {
+      "dataset": dataset,
+      "splits": {
+        s: {
+          "files": len(fs),
+          "bytes": sum(os.path.getsize(p) for _, p in fs),
+          "paths_sha256": hashlib.sha256("\n".join(r for r, _ in fs).encode()).hexdigest()[:16],
+        }
+        for s, fs in self.files.items()
+      },
+    }
 
   def check_split(self, split: str, key: str):
     if split not in self.SPLITS:
       _fail(key, split, f"'files:' datasets have splits {list(self.SPLITS)}")
     if not self.files[split]:
-      _fail(key, split, f"no file of {self.name} falls in this split (by path hash, "
-            f"~5% go to 'validation'); add files or use 'train'")
+      _fail(
+        key,
+        split,
+        f"no file of {self.name} falls in this split (by path hash, "
+        f"~5% go to 'validation'); add files or use 'train'",
+      )
 
   def num_docs(self, split: str) -> int:
     return len(self.files[split])
@@ -184,16 +195,22 @@ def _open_source(data_cfg):
     with _prepare_lock(data_cfg):
       builder = stdlib_corpus.PythonStdlib(data_dir=ddir)
       if not builder.is_prepared():
-        logging.info("Preparing the %s corpus (Python %s standard library) into %s; once per "
-                     "Python version.", stdlib_corpus.NAME, stdlib_corpus.config_name()[2:],
-                     builder.data_dir)
+        logging.info(
+          "Preparing the %s corpus (Python %s standard library) into %s; once per Python version.",
+          stdlib_corpus.NAME,
+          stdlib_corpus.config_name()[2:],
+          builder.data_dir,
+        )
         builder.download_and_prepare()
     return _TfdsSource(builder, "text", stdlib_corpus.fingerprint(builder))
   try:
     builder = tfds.builder(name, data_dir=ddir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
-    _fail("data.dataset", name, f"not 'stdlib', 'files:<glob>' or a known TFDS dataset "
-          f"({str(e).splitlines()[0]})")
+    _fail(
+      "data.dataset",
+      name,
+      f"not 'stdlib', 'files:<glob>' or a known TFDS dataset ({str(e).splitlines()[0]})",
+    )
   features = builder.info.features
   key = data_cfg.text_key
   if key not in features:
@@ -206,9 +223,12 @@ def _open_source(data_cfg):
     if not builder.is_prepared():
       logging.info("Preparing TFDS dataset %s into %s.", name, builder.data_dir)
     builder.download_and_prepare()
-  fp = {"dataset": builder.info.full_name, "splits": {
-      s: {"examples": i.num_examples, "bytes": i.num_bytes}
-      for s, i in builder.info.splits.items()}}
+  fp = {
+    "dataset": builder.info.full_name,
+    "splits": {
+      s: {"examples": i.num_examples, "bytes": i.num_bytes} for s, i in builder.info.splits.items()
+    },
+  }
   return _TfdsSource(builder, key, fp)
 
 
@@ -219,12 +239,14 @@ def _tokenizer_for(data_cfg, source) -> Tokenizer:
     _fail("data.tokenizer", data_cfg.tokenizer, "must be 'sentencepiece' or 'byte'")
   split = data_cfg.train_split
   source.check_split(split, "data.train_split")
-  key = json.dumps([source.fingerprint, split, data_cfg.vocab_size,
-                    tokenizer_lib.RECIPE_VERSION], sort_keys=True)
+  key = json.dumps(
+    [source.fingerprint, split, data_cfg.vocab_size, tokenizer_lib.RECIPE_VERSION], sort_keys=True
+  )
   stem = re.sub(r"[^A-Za-z0-9.]+", "_", f"{source.name}_{split}").strip("_")[:80]
   digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-  path = os.path.join(data_dir(data_cfg), "sparse_lm_tokenizers",
-                      f"{stem}_spm{data_cfg.vocab_size}_{digest}.model")
+  path = os.path.join(
+    data_dir(data_cfg), "sparse_lm_tokenizers", f"{stem}_spm{data_cfg.vocab_size}_{digest}.model"
+  )
   return tokenizer_lib.cached_sentencepiece(path, lambda: source.texts(split), data_cfg.vocab_size)
 
 
@@ -248,7 +270,7 @@ def _pack(ds: tf.data.Dataset, n: int) -> tf.data.Dataset:
   def step(buf, toks):
     buf = tf.concat([buf, toks], 0)
     k = tf.shape(buf)[0] // n
-    return buf[k * n:], tf.reshape(buf[:k * n], [k, n])
+    return buf[k * n :], tf.reshape(buf[: k * n], [k, n])
 
   return ds.scan(tf.zeros([0], tf.int32), step).unbatch()
 
@@ -289,21 +311,24 @@ def _stream(source, tok, data_cfg, split, stream, *, train, seed) -> tf.data.Dat
   return ds.batch(data_cfg.batch_size // S, drop_remainder=True)
 
 
-def _dataset(source, tok, data_cfg, split, *, train, seed, process_index, process_count,
-             key) -> tf.data.Dataset:
+def _dataset(
+  source, tok, data_cfg, split, *, train, seed, process_index, process_count, key
+) -> tf.data.Dataset:
   """This process's rows of each global batch: its streams' blocks, in stream order."""
   streams = streams_of(data_cfg, process_index, process_count)
   source.check_split(split, key)
   if source.num_docs(split) == 0:
     _fail(key, split, f"{source.name} has no documents in it")
-  parts = tuple(_stream(source, tok, data_cfg, split, s, train=train, seed=seed)
-                for s in streams)
+  parts = tuple(_stream(source, tok, data_cfg, split, s, train=train, seed=seed) for s in streams)
   ds = tf.data.Dataset.zip(parts).map(lambda *rows: tf.concat(rows, 0))
 
   def to_example(row_BxL1):
     inputs, targets = row_BxL1[:, :-1], row_BxL1[:, 1:]
-    return {"inputs": inputs, "targets": targets,
-            "weights": tf.cast(tf.not_equal(targets, tok.pad_id), tf.float32)}
+    return {
+      "inputs": inputs,
+      "targets": targets,
+      "weights": tf.cast(tf.not_equal(targets, tok.pad_id), tf.float32),
+    }
 
   ds = ds.map(to_example)
   options = tf.data.Options()
@@ -344,8 +369,17 @@ class Input:
   process_count (see the module docstring).
   """
 
-  def __init__(self, source, tok: Tokenizer, data_cfg, split: str, *, seed: int,
-               process_index: int, process_count: int):
+  def __init__(
+    self,
+    source,
+    tok: Tokenizer,
+    data_cfg,
+    split: str,
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+  ):
     self.tokenizer = tok
     self.vocab_size = tok.vocab_size
     self.fingerprint = {**source.fingerprint, "split": split, "tokenizer": tok.fingerprint}
@@ -358,8 +392,17 @@ class Input:
 
   def _dataset(self) -> tf.data.Dataset:
     key = "data.train_split" if self._split == self._cfg.train_split else "data.eval_split"
-    return _dataset(self._source, self.tokenizer, self._cfg, self._split, train=True,
-                    seed=self._seed, process_index=self._pi, process_count=self._pc, key=key)
+    return _dataset(
+      self._source,
+      self.tokenizer,
+      self._cfg,
+      self._split,
+      train=True,
+      seed=self._seed,
+      process_index=self._pi,
+      process_count=self._pc,
+      key=key,
+    )
 
   def __iter__(self):
     return self
@@ -381,8 +424,12 @@ class Input:
     It holds nothing of the process layout: a state saved by P processes
     resumes under any other process count that divides data.num_streams.
     """
-    return {"batches": self._batches, "seed": self._seed, "split": self._split,
-            "num_streams": self._cfg.num_streams}
+    return {
+      "batches": self._batches,
+      "seed": self._seed,
+      "split": self._split,
+      "num_streams": self._cfg.num_streams,
+    }
 
   def set_state(self, state: dict) -> None:
     """Continues exactly after `state`'s position (replays the stream to it)."""
@@ -394,22 +441,40 @@ class Input:
     self._it = None  # rebuilt lazily, skipping to the position
 
 
-def make_input(data_cfg, *, seed: int, split: str | None = None, process_index=None,
-               process_count=None) -> Input:
+def make_input(
+  data_cfg, *, seed: int, split: str | None = None, process_index=None, process_count=None
+) -> Input:
   """The training stream of this process (split defaults to data.train_split)."""
   pi, pc = _process(process_index, process_count)
   source = _open_source(data_cfg)
   tok = _tokenizer_for(data_cfg, source)
-  return Input(source, tok, data_cfg, split or data_cfg.train_split, seed=seed,
-               process_index=pi, process_count=pc)
+  return Input(
+    source,
+    tok,
+    data_cfg,
+    split or data_cfg.train_split,
+    seed=seed,
+    process_index=pi,
+    process_count=pc,
+  )
 
 
-def eval_batches(data_cfg, num_batches: int, *, process_index=None,
-                 process_count=None) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+  data_cfg, num_batches: int, *, process_index=None, process_count=None
+) -> list[dict[str, np.ndarray]]:
   """The first num_batches batches of data.eval_split: no shuffle, repeated if short."""
   pi, pc = _process(process_index, process_count)
   source = _open_source(data_cfg)
   tok = _tokenizer_for(data_cfg, source)
-  ds = _dataset(source, tok, data_cfg, data_cfg.eval_split, train=False, seed=0,
-                process_index=pi, process_count=pc, key="data.eval_split")
+  ds = _dataset(
+    source,
+    tok,
+    data_cfg,
+    data_cfg.eval_split,
+    train=False,
+    seed=0,
+    process_index=pi,
+    process_count=pc,
+    key="data.eval_split",
+  )
   return list(ds.take(num_batches).as_numpy_iterator())

@@ -52,8 +52,7 @@ def list_files(root: str | None = None) -> dict[str, list[str]]:
   root = root or stdlib_dir()
   out = {"train": [], "validation": []}
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames
-                         if d not in _SKIP_DIRS and not d.startswith("config-"))
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
     for f in sorted(filenames):
       if f.endswith(".py") and not f.startswith("_sysconfigdata_"):
         rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
@@ -75,9 +74,13 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
   name = NAME
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {
-      "1.0.0": "Standard library .py files without test suites; 5% validation by path hash."}
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
-      name=config_name(), description=f"Python {platform.python_version()} standard library")]
+    "1.0.0": "Standard library .py files without test suites; 5% validation by path hash."
+  }
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(
+      name=config_name(), description=f"Python {platform.python_version()} standard library"
+    )
+  ]
 
   # TFDS 4.9's default code_path needs the `importlib_resources` backport,
   # which it declares only for Python < 3.9; the file path is all it wants.
@@ -88,14 +91,16 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "path": tfds.features.Text(),  # relative to the stdlib dir
-        }),
-        supervised_keys=None,
-        homepage="https://docs.python.org/3/library/",
-        metadata=tfds.core.MetadataDict(),
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "text": tfds.features.Text(),
+          "path": tfds.features.Text(),  # relative to the stdlib dir
+        }
+      ),
+      supervised_keys=None,
+      homepage="https://docs.python.org/3/library/",
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -106,7 +111,9 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
     for split, rels in files.items():
       texts = {rel: read_source(os.path.join(root, rel)) for rel in rels}
       self.info.metadata[split] = {
-          "files": len(rels), "bytes": sum(len(t.encode()) for t in texts.values())}
+        "files": len(rels),
+        "bytes": sum(len(t.encode()) for t in texts.values()),
+      }
       splits[split] = self._generate_examples(texts)
     self.info.metadata["python"] = platform.python_version()
     return splits
@@ -120,7 +127,7 @@ def fingerprint(builder: PythonStdlib) -> dict:
   """What was prepared: name, Python version, files and text bytes per split."""
   md = builder.info.metadata
   return {
-      "dataset": f"{NAME}/{builder.builder_config.name}:{builder.version}",
-      "python": md["python"],
-      "splits": {s: dict(md[s]) for s in ("train", "validation")},
+    "dataset": f"{NAME}/{builder.builder_config.name}:{builder.version}",
+    "python": md["python"],
+    "splits": {s: dict(md[s]) for s in ("train", "validation")},
   }

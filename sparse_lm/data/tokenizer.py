@@ -104,8 +104,12 @@ class SentencePieceTokenizer:
 
   @property
   def fingerprint(self) -> dict:
-    return {"kind": "sentencepiece", "vocab_size": self.vocab_size, "sha256": self._sha,
-            "path": self.path}
+    return {
+      "kind": "sentencepiece",
+      "vocab_size": self.vocab_size,
+      "sha256": self._sha,
+      "path": self.path,
+    }
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
@@ -125,19 +129,35 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-        bos_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-        character_coverage=0.9995, input_sentence_size=1_000_000, shuffle_input_sentence=True,
-        max_sentence_length=8192, hard_vocab_limit=False, num_threads=os.cpu_count() or 1,
-        minloglevel=2)
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type="bpe",
+      byte_fallback=True,
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      bos_id=-1,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      character_coverage=0.9995,
+      input_sentence_size=1_000_000,
+      shuffle_input_sentence=True,
+      max_sentence_length=8192,
+      hard_vocab_limit=False,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+    )
   except RuntimeError as e:
     m = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
     if m:
       raise ConfigError(
-          f"config.data.vocab_size={vocab_size!r} is invalid: this corpus with byte fallback "
-          f"needs at least {m.group(1)}; use a larger one or data.tokenizer='byte'") from None
+        f"config.data.vocab_size={vocab_size!r} is invalid: this corpus with byte fallback "
+        f"needs at least {m.group(1)}; use a larger one or data.tokenizer='byte'"
+      ) from None
     raise
   TRAIN_COUNT += 1
   return model.getvalue()

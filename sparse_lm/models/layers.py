@@ -30,9 +30,14 @@ def fan_in_init(fan_in_axes=(0,), scale: float = 1.0, batch_axes=(), out_axes=-1
   2.4 (sigma = sqrt(s / n), n the fan-in; the paper's reduced init is s = 0.1,
   so the std shrinks by sqrt(10), not 10). `model.init_scale` is s. Axes in
   neither list would count into the fan-in (a receptive field): list them."""
-  return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
-                                           in_axis=fan_in_axes, out_axis=out_axes,
-                                           batch_axis=batch_axes)
+  return nnx.initializers.variance_scaling(
+    scale,
+    "fan_in",
+    "truncated_normal",
+    in_axis=fan_in_axes,
+    out_axis=out_axes,
+    batch_axis=batch_axes,
+  )
 
 
 def is_gated(activation: str) -> bool:
@@ -98,8 +103,9 @@ class Attention(nnx.Module):
     self.wq = param(rngs, init, (D, H, Z), ("embed", "heads", "head_dim"))
     self.wk = param(rngs, init, (D, J, Z), ("embed", "kv_heads", "head_dim"))
     self.wv = param(rngs, init, (D, J, Z), ("embed", "kv_heads", "head_dim"))
-    self.wo = param(rngs, fan_in_init((0, 1), m.init_scale), (H, Z, D),
-                    ("heads", "head_dim", "embed"))
+    self.wo = param(
+      rngs, fan_in_init((0, 1), m.init_scale), (H, Z, D), ("heads", "head_dim", "embed")
+    )
 
   def __call__(self, x_BxLxD, positions_BxL):
     dt = x_BxLxD.dtype
@@ -112,16 +118,16 @@ class Attention(nnx.Module):
     q_BxLxHxZ = constrain(q_BxLxHxZ, "batch", "length", "heads", "head_dim")
     # jax.nn.dot_product_attention handles GQA (H a multiple of G) and uses
     # the backend's fused kernel where there is one (cuDNN flash on GPU).
-    out_BxLxHxZ = jax.nn.dot_product_attention(
-        q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, is_causal=True)
+    out_BxLxHxZ = jax.nn.dot_product_attention(q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, is_causal=True)
     return jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, self.wo[...].astype(dt))
 
 
 class Mlp(nnx.Module):
   """Dense FFN: D -> F -> D with GELU / ReLU / SwiGLU / GeGLU."""
 
-  def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs,
-               init_scale: float = 1.0):
+  def __init__(
+    self, d_model: int, d_ff: int, activation: str, *, rngs: nnx.Rngs, init_scale: float = 1.0
+  ):
     self.activation = activation
     init = fan_in_init(scale=init_scale)
     self.wi = param(rngs, init, (d_model, d_ff), ("embed", "mlp"))
@@ -145,8 +151,9 @@ class Embed(nnx.Module):
 
   def __init__(self, vocab: int, d_model: int, *, rngs: nnx.Rngs):
     # std 1/sqrt(D): unit-scale logits when tied (nanodo's choice).
-    self.embedding = param(rngs, nnx.initializers.normal(d_model ** -0.5),
-                           (vocab, d_model), ("vocab", "embed"))
+    self.embedding = param(
+      rngs, nnx.initializers.normal(d_model**-0.5), (vocab, d_model), ("vocab", "embed")
+    )
 
   def __call__(self, tokens_BxL, dtype):
     return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)

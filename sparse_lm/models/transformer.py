@@ -26,19 +26,24 @@ class Block(nnx.Module):
     self.ffn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps)
     if self.is_moe:
       from sparse_lm.models.moe.layer import MoeFfn  # pylint: disable=g-import-not-at-top
+
       self.ffn = MoeFfn(m, rngs=rngs)
     else:
-      self.ffn = layers.Mlp(m.d_model, m.d_ff, m.activation, rngs=rngs,
-                            init_scale=m.init_scale)
+      self.ffn = layers.Mlp(m.d_model, m.d_ff, m.activation, rngs=rngs, init_scale=m.init_scale)
 
   def __call__(self, x_BxLxD, positions_BxL, mask_BxL, *, train: bool, rng):
     aux = {}
-    x_BxLxD = x_BxLxD + self._dropout(self.attn(self.attn_norm(x_BxLxD), positions_BxL),
-                                      train, rng, 0)
+    x_BxLxD = x_BxLxD + self._dropout(
+      self.attn(self.attn_norm(x_BxLxD), positions_BxL), train, rng, 0
+    )
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.is_moe:
-      h_BxLxD, aux = self.ffn(h_BxLxD, mask_BxL=mask_BxL, train=train,
-                              rng=None if rng is None else jax.random.fold_in(rng, 1))
+      h_BxLxD, aux = self.ffn(
+        h_BxLxD,
+        mask_BxL=mask_BxL,
+        train=train,
+        rng=None if rng is None else jax.random.fold_in(rng, 1),
+      )
     else:
       h_BxLxD = self.ffn(h_BxLxD)
     x_BxLxD = x_BxLxD + self._dropout(h_BxLxD, train, rng, 2)
@@ -59,14 +64,15 @@ class Transformer(nnx.Module):
     self.m, self.vocab_size = m, vocab_size
     self.embed = layers.Embed(vocab_size, m.d_model, rngs=rngs)
     if m.position == "learned":
-      self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02),
-                                    (m.max_len, m.d_model), (None, "embed"))
+      self.pos_embed = layers.param(
+        rngs, nnx.initializers.normal(0.02), (m.max_len, m.d_model), (None, "embed")
+      )
     self.blocks = nnx.List([Block(m, i, rngs=rngs) for i in range(m.num_layers)])
     self.final_norm = layers.Norm(m.d_model, m.norm, m.norm_eps)
     if not m.tie_embeddings:
-      self.unembed = layers.param(rngs, layers.fan_in_init(scale=m.init_scale),
-                                  (m.d_model, vocab_size),
-                                  ("embed", "vocab"))
+      self.unembed = layers.param(
+        rngs, layers.fan_in_init(scale=m.init_scale), (m.d_model, vocab_size), ("embed", "vocab")
+      )
 
   def __call__(self, tokens_BxL, *, mask_BxL=None, train: bool = False, rng=None):
     B, L = tokens_BxL.shape

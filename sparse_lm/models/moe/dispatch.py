@@ -73,8 +73,9 @@ LOCAL = Local()
 # ------------------------------------------------------------------ positions
 
 
-def positions_in_expert(expert_A: Array, valid_A: Array, num_experts: int,
-                        method: str = "sort") -> tuple[Array, Array]:
+def positions_in_expert(
+  expert_A: Array, valid_A: Array, num_experts: int, method: str = "sort"
+) -> tuple[Array, Array]:
   """Rank of each valid assignment among the valid ones of its expert, in array order.
 
   Returns (position [A] int32, garbage where not valid; counts [E] int32).
@@ -85,7 +86,7 @@ def positions_in_expert(expert_A: Array, valid_A: Array, num_experts: int,
   A = expert_A.shape[0]
   expert_A = expert_A.astype(jnp.int32)
   if method == "cumsum":
-    onehot_AxE = ((expert_A[:, None] == jnp.arange(E, dtype=jnp.int32)[None, :]) & valid_A[:, None])
+    onehot_AxE = (expert_A[:, None] == jnp.arange(E, dtype=jnp.int32)[None, :]) & valid_A[:, None]
     csum_AxE = jnp.cumsum(onehot_AxE.astype(jnp.int32), axis=0)
     pos_A = jnp.take_along_axis(csum_AxE, expert_A[:, None], axis=1)[:, 0] - 1
     return pos_A, csum_AxE[-1]
@@ -126,8 +127,7 @@ def dropped_fraction(valid_TxK: Array, kept_TxK: Array) -> Array:
 
 def rows_inverse(row_A: Array, num_rows: int, src_A: Array, fill: int) -> Array:
   """src_of_row [R]: src_A[a] at row row_A[a]; `fill` where none lands (rows >= R drop)."""
-  return jnp.full((num_rows,), fill, jnp.int32).at[row_A].set(src_A.astype(jnp.int32),
-                                                             mode="drop")
+  return jnp.full((num_rows,), fill, jnp.int32).at[row_A].set(src_A.astype(jnp.int32), mode="drop")
 
 
 def take_rows(x_NxD: Array, idx: Array) -> Array:
@@ -155,8 +155,9 @@ class Experts(NamedTuple):
     return sh.hidden_sum(experts_lib.batched(self.w, x_ExCxD, self.activation, mask))
 
   def grouped(self, sh: Shard, x_NxD, sizes_E, mask=None):
-    return sh.hidden_sum(experts_lib.grouped(self.w, x_NxD, sizes_E, self.activation, mask,
-                                             self.kernel))
+    return sh.hidden_sum(
+      experts_lib.grouped(self.w, x_NxD, sizes_E, self.activation, mask, self.kernel)
+    )
 
 
 def _slot_mask(ex: Experts, slot_of_row: Array) -> Array | None:
@@ -169,8 +170,9 @@ def _slot_mask(ex: Experts, slot_of_row: Array) -> Array | None:
 # ------------------------------------------------------------------ capacity core
 
 
-def _exchange_capacity(sh: Shard, ex: Experts, x_TxD, token_A, expert_A, slot_A, rank_A,
-                       send_A, C: int, W: int) -> Array:
+def _exchange_capacity(
+  sh: Shard, ex: Experts, x_TxD, token_A, expert_A, slot_A, rank_A, send_A, C: int, W: int
+) -> Array:
   """Per shard: its assignments -> their expert outputs y_A [A, D].
 
   token_A: local token; expert_A: global expert; slot_A: its slot among the
@@ -200,8 +202,7 @@ def _exchange_capacity(sh: Shard, ex: Experts, x_TxD, token_A, expert_A, slot_A,
   x_recv = sh.a2a(x_send.reshape(n, U * W, D))
   slot_R = sh.a2a(slot_send.reshape(n, U * W)).reshape(-1)  # [n_src * U * W]
   R = n * U * W
-  local_R = jnp.broadcast_to(jnp.arange(U, dtype=jnp.int32)[None, :, None],
-                             (n, U, W)).reshape(-1)
+  local_R = jnp.broadcast_to(jnp.arange(U, dtype=jnp.int32)[None, :, None], (n, U, W)).reshape(-1)
   iota_R = jnp.arange(R, dtype=jnp.int32)
   if ex.layout == "grouped":
     # The rows of (source s, local expert l) are a prefix of their W rows:
@@ -209,8 +210,9 @@ def _exchange_capacity(sh: Shard, ex: Experts, x_TxD, token_A, expert_A, slot_A,
     cnt_PxU = jnp.sum((slot_R < C).reshape(n, U, W), -1, dtype=jnp.int32)
     sizes_U = jnp.sum(cnt_PxU, 0)
     base_PxU = (jnp.cumsum(sizes_U) - sizes_U)[None, :] + jnp.cumsum(cnt_PxU, 0) - cnt_PxU
-    dst_R = jnp.where(slot_R < C, (base_PxU[:, :, None]
-                                   + jnp.arange(W)[None, None, :]).reshape(-1), R)
+    dst_R = jnp.where(
+      slot_R < C, (base_PxU[:, :, None] + jnp.arange(W)[None, None, :]).reshape(-1), R
+    )
     slot_of_row = rows_inverse(dst_R, R, local_R * C + slot_R, U * C)
     x_rows = take_rows(x_recv.reshape(R, D), rows_inverse(dst_R, R, iota_R, R))
     y_recv = take_rows(ex.grouped(sh, x_rows, sizes_U, _slot_mask(ex, slot_of_row)), dst_R)
@@ -226,8 +228,9 @@ def _exchange_capacity(sh: Shard, ex: Experts, x_TxD, token_A, expert_A, slot_A,
 # ------------------------------------------------------------------ the dispatches
 
 
-def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, capacity: int,
-                      positions: str, place=LOCAL) -> tuple[Array, dict[str, Array]]:
+def capacity_dispatch(
+  x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, capacity: int, positions: str, place=LOCAL
+) -> tuple[Array, dict[str, Array]]:
   """GShard capacity dispatch. Returns (y [T, D] float32, {"dropped_fraction", "kept_TxK"}).
 
   ex.mask, if any, is the global [E, C, F] dropout mask by capacity slot.
@@ -245,21 +248,32 @@ def capacity_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, capa
     e_A, kept_A, pos_A = expert.reshape(-1), kept.reshape(-1), pos.reshape(-1)
     rank_A = pos_A if sh.n == 1 else positions_in_expert(e_A, kept_A, E, positions)[0]
     token_A = jnp.repeat(jnp.arange(Tl, dtype=jnp.int32), K)
-    y_A = _exchange_capacity(sh, ex._replace(w=w, mask=mask), x, token_A, e_A, pos_A, rank_A,
-                             kept_A, C, W)
+    y_A = _exchange_capacity(
+      sh, ex._replace(w=w, mask=mask), x, token_A, e_A, pos_A, rank_A, kept_A, C, W
+    )
     return y_A.reshape(Tl, K, -1)
 
-  y_TxKxD = place.run(body, (x_TxD, r.expert_TxK, pos_TxK, kept_TxK, ex.w, ex.mask),
-                      (place.tokens_rows, place.tokens, place.tokens, place.tokens,
-                       place.weight_specs(ex.w), place.slot_mask),
-                      place.tokens_rows, check_vma=ex.layout != "grouped")
+  y_TxKxD = place.run(
+    body,
+    (x_TxD, r.expert_TxK, pos_TxK, kept_TxK, ex.w, ex.mask),
+    (
+      place.tokens_rows,
+      place.tokens,
+      place.tokens,
+      place.tokens,
+      place.weight_specs(ex.w),
+      place.slot_mask,
+    ),
+    place.tokens_rows,
+    check_vma=ex.layout != "grouped",
+  )
   y_TxD = _combine(y_TxKxD, jnp.where(kept_TxK, r.gate_TxK, 0.0))
-  return y_TxD, {"dropped_fraction": dropped_fraction(r.valid_TxK, kept_TxK),
-                 "kept_TxK": kept_TxK}
+  return y_TxD, {"dropped_fraction": dropped_fraction(r.valid_TxK, kept_TxK), "kept_TxK": kept_TxK}
 
 
-def expert_choice_dispatch(x_TxD: Array, r: routing_lib.ExpertChoiceRouting, ex: Experts, *,
-                           mask_T: Array, place=LOCAL) -> tuple[Array, dict[str, Array]]:
+def expert_choice_dispatch(
+  x_TxD: Array, r: routing_lib.ExpertChoiceRouting, ex: Experts, *, mask_T: Array, place=LOCAL
+) -> tuple[Array, dict[str, Array]]:
   """Gathers each expert's chosen tokens [E, C, D], runs experts, scatter-adds back.
 
   dropped_fraction: the fraction of real tokens no expert chose.
@@ -274,20 +288,43 @@ def expert_choice_dispatch(x_TxD: Array, r: routing_lib.ExpertChoiceRouting, ex:
     Tl, D = x.shape
     local_ExC = token_ExC - sh.first_token(Tl)
     mine_ExC = valid_ExC & (local_ExC >= 0) & (local_ExC < Tl)
-    rank_ExC = (jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (E, C)) if sh.n == 1
-                else jnp.cumsum(mine_ExC.astype(jnp.int32), axis=1) - 1)
+    rank_ExC = (
+      jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (E, C))
+      if sh.n == 1
+      else jnp.cumsum(mine_ExC.astype(jnp.int32), axis=1) - 1
+    )
     expert_A = jnp.repeat(jnp.arange(E, dtype=jnp.int32), C)
     slot_A = jnp.tile(jnp.arange(C, dtype=jnp.int32), E)
     mine_A = mine_ExC.reshape(-1)
     token_A = jnp.where(mine_A, local_ExC.reshape(-1), Tl)
-    y_A = _exchange_capacity(sh, ex._replace(w=w, mask=mask), x, token_A, expert_A, slot_A,
-                             rank_ExC.reshape(-1), mine_A, C, W)
+    y_A = _exchange_capacity(
+      sh,
+      ex._replace(w=w, mask=mask),
+      x,
+      token_A,
+      expert_A,
+      slot_A,
+      rank_ExC.reshape(-1),
+      mine_A,
+      C,
+      W,
+    )
     contrib = gate_ExC.reshape(-1, 1) * y_A.astype(jnp.float32)
     return jnp.zeros((Tl, D), jnp.float32).at[token_A].add(contrib, mode="drop")
 
-  y_TxD = place.run(body, (x_TxD, r.token_ExC, r.valid_ExC, r.gate_ExC, ex.w, ex.mask),
-                    (place.tokens_rows, place.replicated, place.replicated, place.replicated,
-                     place.weight_specs(ex.w), place.slot_mask), place.tokens_rows)
+  y_TxD = place.run(
+    body,
+    (x_TxD, r.token_ExC, r.valid_ExC, r.gate_ExC, ex.w, ex.mask),
+    (
+      place.tokens_rows,
+      place.replicated,
+      place.replicated,
+      place.replicated,
+      place.weight_specs(ex.w),
+      place.slot_mask,
+    ),
+    place.tokens_rows,
+  )
   token_EC = jnp.where(r.valid_ExC, r.token_ExC, T).reshape(-1)
   chosen_T = jnp.zeros((T,), jnp.float32).at[token_EC].set(1.0, mode="drop")
   real = jnp.sum(mask_T)
@@ -295,8 +332,9 @@ def expert_choice_dispatch(x_TxD: Array, r: routing_lib.ExpertChoiceRouting, ex:
   return y_TxD, {"dropped_fraction": dropped.astype(jnp.float32)}
 
 
-def dropless_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, positions: str,
-                      place=LOCAL) -> tuple[Array, dict[str, Array]]:
+def dropless_dispatch(
+  x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, positions: str, place=LOCAL
+) -> tuple[Array, dict[str, Array]]:
   """Sorts assignments by expert; the grouped kernel runs every one.
 
   ex.mask, if any, is the [T*K, F] dropout mask of the one-device sorted rows
@@ -311,8 +349,9 @@ def dropless_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, posi
   grow_TxK = None
   if ex.mask is not None and n > 1:
     # Each assignment's row in the one-device sorted order picks its mask row.
-    g_A, counts_E = positions_in_expert(r.expert_TxK.reshape(-1), r.valid_TxK.reshape(-1), E,
-                                        positions)
+    g_A, counts_E = positions_in_expert(
+      r.expert_TxK.reshape(-1), r.valid_TxK.reshape(-1), E, positions
+    )
     starts_E = jnp.cumsum(counts_E) - counts_E
     grow_TxK = (starts_E[r.expert_TxK.reshape(-1)] + g_A).reshape(T, K)
 
@@ -329,8 +368,9 @@ def dropless_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, posi
       y_rows = ex_sh.grouped(sh, x_rows, counts_E.astype(jnp.int32), mask)
       return take_rows(y_rows, row_A).reshape(Tl, K, D)
     block_E = starts_E[(jnp.arange(E) // U) * U]  # start of each destination's block
-    row_A = jnp.where(v_A, (e_A // U) * A + starts_E[e_A] - block_E[e_A] + pos_A,
-                      n * A).astype(jnp.int32)
+    row_A = jnp.where(v_A, (e_A // U) * A + starts_E[e_A] - block_E[e_A] + pos_A, n * A).astype(
+      jnp.int32
+    )
     R = n * A  # rows received
     x_send = take_rows(x, rows_inverse(row_A, R, token_A, Tl))
     id_send = rows_inverse(row_A, R, e_A % U, U)  # U = an empty row
@@ -338,11 +378,16 @@ def dropless_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, posi
     id_recv = sh.a2a(id_send.reshape(n, A))  # [n_src, A]
     counts_PxU = sh.a2a(counts_E.reshape(n, U))  # [n_src, U]
     sizes_U = jnp.sum(counts_PxU, 0)
-    offset_PxU = ((jnp.cumsum(sizes_U) - sizes_U)[None, :] + jnp.cumsum(counts_PxU, 0)
-                  - counts_PxU - (jnp.cumsum(counts_PxU, 1) - counts_PxU))
+    offset_PxU = (
+      (jnp.cumsum(sizes_U) - sizes_U)[None, :]
+      + jnp.cumsum(counts_PxU, 0)
+      - counts_PxU
+      - (jnp.cumsum(counts_PxU, 1) - counts_PxU)
+    )
     ok = id_recv < U
-    dst_PxA = (jnp.take_along_axis(offset_PxU, jnp.minimum(id_recv, U - 1), axis=1)
-               + jnp.arange(A)[None, :])
+    dst_PxA = (
+      jnp.take_along_axis(offset_PxU, jnp.minimum(id_recv, U - 1), axis=1) + jnp.arange(A)[None, :]
+    )
     dst_R = jnp.where(ok, dst_PxA, R).reshape(-1).astype(jnp.int32)
     x_dst = take_rows(x_recv, rows_inverse(dst_R, R, jnp.arange(R, dtype=jnp.int32), R))
     mask_dst = None
@@ -354,8 +399,19 @@ def dropless_dispatch(x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, posi
     y_back = sh.a2a(take_rows(y_dst, dst_R).reshape(n, A, D)).reshape(R, D)
     return take_rows(y_back, row_A).reshape(Tl, K, D)
 
-  y_TxKxD = place.run(body, (x_TxD, r.expert_TxK, r.valid_TxK, ex.w, ex.mask, grow_TxK),
-                      (place.tokens_rows, place.tokens, place.tokens, place.weight_specs(ex.w),
-                       place.row_mask, place.tokens), place.tokens_rows, check_vma=False)
+  y_TxKxD = place.run(
+    body,
+    (x_TxD, r.expert_TxK, r.valid_TxK, ex.w, ex.mask, grow_TxK),
+    (
+      place.tokens_rows,
+      place.tokens,
+      place.tokens,
+      place.weight_specs(ex.w),
+      place.row_mask,
+      place.tokens,
+    ),
+    place.tokens_rows,
+    check_vma=False,
+  )
   y_TxD = _combine(y_TxKxD, r.gate_TxK)
   return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32), "kept_TxK": r.valid_TxK}

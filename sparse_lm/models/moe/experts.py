@@ -51,8 +51,13 @@ def dropout_mask(key: Array | None, rate: float, shape, dtype) -> Array | None:
   return (keep / (1.0 - rate)).astype(dtype)
 
 
-def batched(w: Weights, x_ExCxD: Array, activation: str, mask_ExCxF: Array | None = None,
-            constrain=sharding.constrain) -> Array:
+def batched(
+  w: Weights,
+  x_ExCxD: Array,
+  activation: str,
+  mask_ExCxF: Array | None = None,
+  constrain=sharding.constrain,
+) -> Array:
   """All experts on their capacity buffers: [E, C, D] -> [E, C, D]."""
   x_ExCxD = constrain(x_ExCxD, "expert", None, "act_embed")
   h_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, w.wi)
@@ -64,7 +69,13 @@ def batched(w: Weights, x_ExCxD: Array, activation: str, mask_ExCxF: Array | Non
   return jnp.einsum("ecf,efd->ecd", a_ExCxF, w.wo)
 
 
-def grouped(w: Weights, x_NxD: Array, sizes_E: Array, activation: str,
-            mask_NxF: Array | None = None, impl: str = "blocks") -> Array:
+def grouped(
+  w: Weights,
+  x_NxD: Array,
+  sizes_E: Array,
+  activation: str,
+  mask_NxF: Array | None = None,
+  impl: str = "blocks",
+) -> Array:
   """Experts on rows sorted by expert (grouped.py's kernels): [N, D] -> [N, D]."""
   return grouped_lib.grouped_ffn(x_NxD, sizes_E, w.wi, w.wg, w.wo, activation, mask_NxF, impl)

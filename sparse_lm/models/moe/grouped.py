@@ -28,9 +28,16 @@ Array = jax.Array
 BLOCK_SIZES = (128, 32)
 
 
-def grouped_ffn(x_NxD: Array, group_sizes_E: Array, wi: Array, wg: Array | None, wo: Array,
-                activation: str, hidden_mask_NxF: Array | None = None,
-                impl: str | None = None) -> Array:
+def grouped_ffn(
+  x_NxD: Array,
+  group_sizes_E: Array,
+  wi: Array,
+  wg: Array | None,
+  wo: Array,
+  activation: str,
+  hidden_mask_NxF: Array | None = None,
+  impl: str | None = None,
+) -> Array:
   """Per-row expert FFN; impl "ragged" / "blocks", None = default_impl()."""
   impl = impl or default_impl()
   if impl == "ragged":
@@ -55,13 +62,15 @@ def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=Non
   return jax.lax.ragged_dot(a_NxF, wo, group_sizes_E)
 
 
-def ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None,
-               block_sizes=None):
+def ffn_blocks(
+  x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None, block_sizes=None
+):
   """Grouped FFN as per-expert loops over row blocks (the CPU path)."""
   if not is_gated(activation):
     wg = None
-  return _ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, hidden_mask_NxF,
-                     activation, tuple(block_sizes or BLOCK_SIZES))
+  return _ffn_blocks(
+    x_NxD, group_sizes_E, wi, wg, wo, hidden_mask_NxF, activation, tuple(block_sizes or BLOCK_SIZES)
+  )
 
 
 def _for_each_block(group_sizes_E, block_sizes, body, carry, expert_in, expert_out):
@@ -119,8 +128,9 @@ def _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_siz
     # are overwritten when the next expert (processed later) writes them.
     return jax.lax.dynamic_update_slice_in_dim(y, yb, row, 0), local
 
-  y, _ = _for_each_block(group_sizes_E, block_sizes, body,
-                         jnp.zeros((N + pad, D), x_NxD.dtype), (wi, wg, wo), ())
+  y, _ = _for_each_block(
+    group_sizes_E, block_sizes, body, jnp.zeros((N + pad, D), x_NxD.dtype), (wi, wg, wo), ()
+  )
   return y[:N]
 
 
@@ -164,8 +174,14 @@ def _ffn_blocks_bwd(activation, block_sizes, res, dy_NxD):
     return dx, (g1, g3, g2)
 
   zeros1 = lambda w: None if w is None else jnp.zeros(w.shape[1:], f32)
-  dx, (dwi, dwg, dwo) = _for_each_block(group_sizes_E, block_sizes, body, jnp.zeros_like(xp),
-                                        (wi, wg, wo), (zeros1(wi), zeros1(wg), zeros1(wo)))
+  dx, (dwi, dwg, dwo) = _for_each_block(
+    group_sizes_E,
+    block_sizes,
+    body,
+    jnp.zeros_like(xp),
+    (wi, wg, wo),
+    (zeros1(wi), zeros1(wg), zeros1(wo)),
+  )
   cast = lambda d, w: None if w is None else d.astype(w.dtype)
   return (dx[:N], None, cast(dwi, wi), cast(dwg, wg), cast(dwo, wo), None)
 

@@ -94,8 +94,14 @@ class MoeFfn(nnx.Module):
     for name, value in aux.get("state_updates", {}).items():
       getattr(self, name)[...] = value
 
-  def __call__(self, x_BxLxD: Array, *, mask_BxL: Array | None = None, train: bool = False,
-               rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  def __call__(
+    self,
+    x_BxLxD: Array,
+    *,
+    mask_BxL: Array | None = None,
+    train: bool = False,
+    rng: Array | None = None,
+  ) -> tuple[Array, dict[str, Array]]:
     """y [B, L, D] in model.dtype and the aux dict (router_loss, its terms,
     diagnostics, and "state_updates" for the caller). rng is used only when
     train=True (jitter, noisy gating, second-expert policy, expert dropout,
@@ -107,8 +113,9 @@ class MoeFfn(nnx.Module):
     router = routing_lib.ROUTERS[moe.router]
     impl = policy.resolve(moe)
     x_TxD = x_BxLxD.reshape(T, D).astype(dt)
-    mask_T = (jnp.ones((T,), jnp.float32) if mask_BxL is None
-              else mask_BxL.reshape(T).astype(jnp.float32))
+    mask_T = (
+      jnp.ones((T,), jnp.float32) if mask_BxL is None else mask_BxL.reshape(T).astype(jnp.float32)
+    )
     key = self._check_rng(train, rng)
     stream = lambda i: None if key is None else jax.random.fold_in(key, i)
 
@@ -119,8 +126,11 @@ class MoeFfn(nnx.Module):
     inputs = {}
     for name in self.router_params:
       v = getattr(self, name)
-      inputs[name] = (v[...] if isinstance(v, RouterState) else
-                      jnp.dot(xr_TxD, v[...], precision=jax.lax.Precision.HIGHEST))
+      inputs[name] = (
+        v[...]
+        if isinstance(v, RouterState)
+        else jnp.dot(xr_TxD, v[...], precision=jax.lax.Precision.HIGHEST)
+      )
     r = router.route(inputs, moe, mask_T=mask_T, train=train, rng=stream(_NOISE))
 
     # Dispatch -> experts -> combine (one program; parallel.py places it).
@@ -129,20 +139,25 @@ class MoeFfn(nnx.Module):
     drop = lambda shape: experts_lib.dropout_mask(stream(_DROPOUT), moe.expert_dropout, shape, dt)
     if router.expert_choice:
       C = r.token_ExC.shape[1]
-      ex = dispatch_lib.Experts(w, self.activation, "batched", impl.grouped_kernel,
-                                drop((E, C, w.hidden)))
+      ex = dispatch_lib.Experts(
+        w, self.activation, "batched", impl.grouped_kernel, drop((E, C, w.hidden))
+      )
       y_TxD, info = dispatch_lib.expert_choice_dispatch(x_TxD, r, ex, mask_T=mask_T, place=place)
     elif moe.dispatch == "capacity":
       C = routing_lib.capacity(moe, T, train)
-      ex = dispatch_lib.Experts(w, self.activation, impl.capacity_layout, impl.grouped_kernel,
-                                drop((E, C, w.hidden)))
-      y_TxD, info = dispatch_lib.capacity_dispatch(x_TxD, r, ex, capacity=C,
-                                                   positions=impl.positions, place=place)
+      ex = dispatch_lib.Experts(
+        w, self.activation, impl.capacity_layout, impl.grouped_kernel, drop((E, C, w.hidden))
+      )
+      y_TxD, info = dispatch_lib.capacity_dispatch(
+        x_TxD, r, ex, capacity=C, positions=impl.positions, place=place
+      )
     else:
-      ex = dispatch_lib.Experts(w, self.activation, "grouped", impl.grouped_kernel,
-                                drop((r.expert_TxK.size, w.hidden)))
-      y_TxD, info = dispatch_lib.dropless_dispatch(x_TxD, r, ex, positions=impl.positions,
-                                                   place=place)
+      ex = dispatch_lib.Experts(
+        w, self.activation, "grouped", impl.grouped_kernel, drop((r.expert_TxK.size, w.hidden))
+      )
+      y_TxD, info = dispatch_lib.dropless_dispatch(
+        x_TxD, r, ex, positions=impl.positions, place=place
+      )
 
     if train and moe.eom_rate > 0:
       # NLLB-200 Expert Output Masking: drop the whole routed output of a
@@ -155,9 +170,11 @@ class MoeFfn(nnx.Module):
       y_TxD = y_TxD + self._shared(x_TxD)
     aux = dict(r.aux)
     aux["dropped_fraction"] = info["dropped_fraction"]
-    aux["router_loss"] = (moe.load_balance_weight * aux["load_balance_loss"]
-                          + moe.z_loss_weight * aux["z_loss"]
-                          + moe.importance_weight * (aux["importance_loss"] + aux["load_loss"]))
+    aux["router_loss"] = (
+      moe.load_balance_weight * aux["load_balance_loss"]
+      + moe.z_loss_weight * aux["z_loss"]
+      + moe.importance_weight * (aux["importance_loss"] + aux["load_loss"])
+    )
     aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
     aux["state_updates"] = router.update(inputs, r, moe) if train and router.update else {}
     return y_TxD.reshape(B, L, D), aux
@@ -170,10 +187,17 @@ class MoeFfn(nnx.Module):
 
   def _check_rng(self, train, rng):
     moe = self.m.moe
-    needs = [name for name, on in (
-        ("jitter", moe.jitter > 0), ("noisy_gating", moe.noisy_gating),
+    needs = [
+      name
+      for name, on in (
+        ("jitter", moe.jitter > 0),
+        ("noisy_gating", moe.noisy_gating),
         ("second_expert_policy", routing_lib.ROUTERS[moe.router].randomness(moe)),
-        ("expert_dropout", moe.expert_dropout > 0), ("eom_rate", moe.eom_rate > 0)) if on]
+        ("expert_dropout", moe.expert_dropout > 0),
+        ("eom_rate", moe.eom_rate > 0),
+      )
+      if on
+    ]
     if not train:
       return None
     if rng is None and needs:

@@ -130,8 +130,9 @@ class ExpertParallel:
     self.mlp = mlp
     if num_experts % self.n:
       raise cfglib.ConfigError(
-          f"config.model.moe.num_experts={num_experts} is invalid: must be divisible by the "
-          f"expert mesh axes {self.ex} (size {self.n})")
+        f"config.model.moe.num_experts={num_experts} is invalid: must be divisible by the "
+        f"expert mesh axes {self.ex} (size {self.n})"
+      )
     del mesh
     self.tokens, self.tokens_rows, self.replicated = P(self.tok), P(self.tok, None), P()
     self.slot_mask = P(self.ex, None, self.mlp or None)  # [E, C, F]
@@ -139,24 +140,27 @@ class ExpertParallel:
 
   def weight_specs(self, w: experts_lib.Weights) -> experts_lib.Weights:
     mlp = self.mlp or None
-    return experts_lib.Weights(P(self.ex, None, mlp), None if w.wg is None
-                               else P(self.ex, None, mlp), P(self.ex, mlp, None))
+    return experts_lib.Weights(
+      P(self.ex, None, mlp), None if w.wg is None else P(self.ex, None, mlp), P(self.ex, mlp, None)
+    )
 
   def check_tokens(self, T: int):
     if T % self.n_tokens:
       raise cfglib.ConfigError(
-          f"config.data.batch_size is invalid: the MoE layer's {T} tokens (batch x length) "
-          f"must be divisible by the token mesh axes {self.tok} (size {self.n_tokens}) for "
-          "expert parallelism")
+        f"config.data.batch_size is invalid: the MoE layer's {T} tokens (batch x length) "
+        f"must be divisible by the token mesh axes {self.tok} (size {self.n_tokens}) for "
+        "expert parallelism"
+      )
 
   def shard(self) -> dispatch_lib.Shard:
     ex, mlp, tok = self.ex, self.mlp, self.tok
     one = lambda axes: axes if len(axes) > 1 else axes[0]
     return dispatch_lib.Shard(
-        n=self.n,
-        a2a=lambda x: jax.lax.all_to_all(x, one(ex), 0, 0, tiled=True),
-        hidden_sum=(lambda y: jax.lax.psum(y, mlp)) if mlp else (lambda y: y),
-        first_token=lambda t_loc: jax.lax.axis_index(one(tok)) * t_loc)
+      n=self.n,
+      a2a=lambda x: jax.lax.all_to_all(x, one(ex), 0, 0, tiled=True),
+      hidden_sum=(lambda y: jax.lax.psum(y, mlp)) if mlp else (lambda y: y),
+      first_token=lambda t_loc: jax.lax.axis_index(one(tok)) * t_loc,
+    )
 
   def run(self, body, args, in_specs, out_specs, check_vma=True):
     """body(shard, *args) inside shard_map. check_vma=False around grouped.py's
@@ -169,5 +173,7 @@ class ExpertParallel:
     def wrapped(*a):
       with nnx.logical_axis_rules(()):  # no GSPMD constraints inside shard_map
         return body(self.shard(), *a)
-    return jax.shard_map(wrapped, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=check_vma)(*args)
+
+    return jax.shard_map(
+      wrapped, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
+    )(*args)

@@ -22,8 +22,11 @@ from typing import Any, NamedTuple
 
 import jax
 
-PARTS = {"capacity_layout": ("batched", "grouped"), "grouped_kernel": ("ragged", "blocks"),
-         "positions": ("cumsum", "sort")}
+PARTS = {
+  "capacity_layout": ("batched", "grouped"),
+  "grouped_kernel": ("ragged", "blocks"),
+  "positions": ("cumsum", "sort"),
+}
 
 # CPU, capacity dispatch: the kept rows with the block loops up to this many
 # experts, the padded einsum above (fwd+bwd / dense FFN, 8192 tokens, grouped
@@ -51,7 +54,8 @@ def resolve(moe: Any, backend: str | None = None) -> Impl:
   cpu = (backend or jax.default_backend()) == "cpu"
   E = moe.num_experts
   auto = Impl(
-      capacity_layout="grouped" if cpu and E <= CPU_GROUPED_CAPACITY_MAX_EXPERTS else "batched",
-      grouped_kernel="blocks" if cpu else "ragged",
-      positions="cumsum" if cpu and E <= CPU_CUMSUM_MAX_EXPERTS else "sort")
+    capacity_layout="grouped" if cpu and E <= CPU_GROUPED_CAPACITY_MAX_EXPERTS else "batched",
+    grouped_kernel="blocks" if cpu else "ragged",
+    positions="cumsum" if cpu and E <= CPU_CUMSUM_MAX_EXPERTS else "sort",
+  )
   return auto._replace(**{k: v for k, v in moe.impl.items() if v != "auto"})

@@ -92,7 +92,7 @@ def smooth_load(clean: Array, noisy: Array, std: Array, k: int, weight_T: Array)
     p = jnp.ones_like(clean)
   else:
     top_TxK1 = jax.lax.top_k(noisy, k + 1)[0]
-    kth, kth_plus_1 = top_TxK1[..., k - 1:k], top_TxK1[..., k:k + 1]
+    kth, kth_plus_1 = top_TxK1[..., k - 1 : k], top_TxK1[..., k : k + 1]
     # kth_excluding(H, k, i): the (k+1)-th value if i is in the top-k, else the k-th.
     threshold = jnp.where(noisy >= kth, kth_plus_1, kth)
     p = jax.scipy.stats.norm.cdf((clean - threshold) / std)
@@ -107,8 +107,11 @@ def cv_squared(x: Array) -> Array:
 
 def expert_counts(expert_TxK: Array, valid_TxK: Array, num_experts: int) -> Array:
   """Number of valid assignments per expert, float32 [E]."""
-  return jnp.zeros((num_experts,), jnp.float32).at[expert_TxK.reshape(-1)].add(
-      valid_TxK.reshape(-1).astype(jnp.float32))
+  return (
+    jnp.zeros((num_experts,), jnp.float32)
+    .at[expert_TxK.reshape(-1)]
+    .add(valid_TxK.reshape(-1).astype(jnp.float32))
+  )
 
 
 def update_bias(bias_E: Array, counts_E: Array, rate: float) -> Array:
@@ -125,8 +128,9 @@ def _entropy(p_TxE: Array) -> Array:
   return -jnp.sum(jnp.where(p_TxE > 0, p_TxE * jnp.log(jnp.maximum(p_TxE, 1e-30)), 0.0), -1)
 
 
-def _aux(*, probs_TxE, counts_E, importance_E, load_E, z_T, mask_T,
-         balance_counts_E=None) -> dict[str, Array]:
+def _aux(
+  *, probs_TxE, counts_E, importance_E, load_E, z_T, mask_T, balance_counts_E=None
+) -> dict[str, Array]:
   """Losses and diagnostics shared by all routers (see the module docstring).
 
   balance_counts_E: the counts f_e of the load-balance loss is made of, if not
@@ -140,19 +144,20 @@ def _aux(*, probs_TxE, counts_E, importance_E, load_E, z_T, mask_T,
     balance_f_E = balance_counts_E / jnp.maximum(jnp.sum(balance_counts_E), 1.0)
   P_E = jnp.sum(probs_TxE * mask_T[:, None], 0) / jnp.maximum(jnp.sum(mask_T), 1.0)
   return {
-      "load_balance_loss": E * jnp.sum(jax.lax.stop_gradient(balance_f_E) * P_E),
-      "z_loss": _masked_mean(z_T, mask_T),
-      "importance_loss": cv_squared(importance_E),
-      "load_loss": cv_squared(load_E),
-      "expert_fraction": f_E,
-      "max_vio": jnp.where(total > 0, jnp.max(counts_E) * E / jnp.maximum(total, 1.0) - 1.0, 0.0),
-      "router_entropy": _masked_mean(_entropy(probs_TxE), mask_T),
-      "empty_experts": jnp.sum(counts_E == 0).astype(jnp.float32),
+    "load_balance_loss": E * jnp.sum(jax.lax.stop_gradient(balance_f_E) * P_E),
+    "z_loss": _masked_mean(z_T, mask_T),
+    "importance_loss": cv_squared(importance_E),
+    "load_loss": cv_squared(load_E),
+    "expert_fraction": f_E,
+    "max_vio": jnp.where(total > 0, jnp.max(counts_E) * E / jnp.maximum(total, 1.0) - 1.0, 0.0),
+    "router_entropy": _masked_mean(_entropy(probs_TxE), mask_T),
+    "empty_experts": jnp.sum(counts_E == 0).astype(jnp.float32),
   }
 
 
-def _token_choice(expert_TxK, gate_TxK, valid_TxK, *, probs_TxE, z_T, mask_T, load_E=None,
-                  balance: str = "all"):
+def _token_choice(
+  expert_TxK, gate_TxK, valid_TxK, *, probs_TxE, z_T, mask_T, load_E=None, balance: str = "all"
+):
   expert_TxK = expert_TxK.astype(jnp.int32)
   valid_TxK = valid_TxK & (mask_T[:, None] > 0)
   gate_TxK = jnp.where(valid_TxK, gate_TxK, 0.0)
@@ -164,9 +169,15 @@ def _token_choice(expert_TxK, gate_TxK, valid_TxK, *, probs_TxE, z_T, mask_T, lo
     balance_counts_E = expert_counts(expert_TxK[:, :1], valid_TxK[:, :1], E)
   elif balance != "all":
     raise ValueError(f"unknown load-balance convention {balance!r}")
-  aux = _aux(probs_TxE=probs_TxE, counts_E=counts_E, importance_E=importance_E,
-             load_E=counts_E if load_E is None else load_E, z_T=z_T, mask_T=mask_T,
-             balance_counts_E=balance_counts_E)
+  aux = _aux(
+    probs_TxE=probs_TxE,
+    counts_E=counts_E,
+    importance_E=importance_E,
+    load_E=counts_E if load_E is None else load_E,
+    z_T=z_T,
+    mask_T=mask_T,
+    balance_counts_E=balance_counts_E,
+  )
   return Routing(expert_TxK, gate_TxK, valid_TxK, aux)
 
 
@@ -184,8 +195,15 @@ def switch(logits_TxE: Array) -> tuple[Array, Array, Array]:
   return expert_Tx1, _take(probs_TxE, expert_Tx1), probs_TxE
 
 
-def topk(logits_TxE: Array, k: int, *, normalize: bool, policy: str = "all",
-         train: bool = False, rng: Array | None = None) -> tuple[Array, Array, Array, Array]:
+def topk(
+  logits_TxE: Array,
+  k: int,
+  *,
+  normalize: bool,
+  policy: str = "all",
+  train: bool = False,
+  rng: Array | None = None,
+) -> tuple[Array, Array, Array, Array]:
   """GShard / GLaM / NLLB top-k on softmax probabilities.
 
   Gates are the chosen probabilities, renormalised over the k chosen when
@@ -222,8 +240,9 @@ def mixtral(logits_TxE: Array, k: int) -> tuple[Array, Array, Array]:
   return expert_TxK, jax.nn.softmax(top_TxK, axis=-1), jax.nn.softmax(logits_TxE, axis=-1)
 
 
-def sigmoid_bias(logits_TxE: Array, k: int, bias_E: Array, *,
-                 normalize: bool) -> tuple[Array, Array, Array]:
+def sigmoid_bias(
+  logits_TxE: Array, k: int, bias_E: Array, *, normalize: bool
+) -> tuple[Array, Array, Array]:
   """DeepSeek-V3: sigmoid scores; the bias changes the choice, not the gate.
 
   Returns (expert, gate, normalised scores s / sum(s) used as P for the aux terms).
@@ -237,8 +256,9 @@ def sigmoid_bias(logits_TxE: Array, k: int, bias_E: Array, *,
   return expert_TxK, gate_TxK, scores_TxE / jnp.sum(scores_TxE, -1, keepdims=True)
 
 
-def group_limited(logits_TxE: Array, k: int, bias_E: Array, num_groups: int, top_groups: int, *,
-                  normalize: bool) -> tuple[Array, Array, Array]:
+def group_limited(
+  logits_TxE: Array, k: int, bias_E: Array, num_groups: int, top_groups: int, *, normalize: bool
+) -> tuple[Array, Array, Array]:
   """DeepSeek-V3 node-limited routing (Liu et al. 2024, section 2.1.2): the
   sigmoid_bias router, restricted to the experts of each token's top
   `top_groups` of `num_groups` contiguous expert groups, a group scored by the
@@ -264,8 +284,9 @@ def group_limited(logits_TxE: Array, k: int, bias_E: Array, num_groups: int, top
   return expert_TxK, gate_TxK, scores_TxE / jnp.sum(scores_TxE, -1, keepdims=True)
 
 
-def hierarchical(logits_TxE: Array, group_logits_TxG: Array, k_groups: int,
-                 k: int) -> tuple[Array, Array, Array, Array]:
+def hierarchical(
+  logits_TxE: Array, group_logits_TxG: Array, k_groups: int, k: int
+) -> tuple[Array, Array, Array, Array]:
   """Shazeer 2017 appendix B: a primary gate picks k_groups of G groups, each
   chosen group's own gate picks k of its E/G experts; gates multiply.
 
@@ -284,8 +305,9 @@ def hierarchical(logits_TxE: Array, group_logits_TxG: Array, k_groups: int,
   expert_TxAxB = group_TxA[..., None] * M + local_TxAxB
   gate_TxK, order_TxK = jax.lax.top_k(gate_TxAxB.reshape(T, -1), k_groups * k)
   expert_TxK = _take(expert_TxAxB.reshape(T, -1), order_TxK)
-  probs_TxE = (jax.nn.softmax(group_logits_TxG, -1)[..., None]
-               * jax.nn.softmax(logits_TxGxM, -1)).reshape(T, E)
+  probs_TxE = (
+    jax.nn.softmax(group_logits_TxG, -1)[..., None] * jax.nn.softmax(logits_TxGxM, -1)
+  ).reshape(T, E)
   return expert_TxK, gate_TxK, group_TxA, probs_TxE
 
 
@@ -304,8 +326,14 @@ def expert_choice(logits_TxE: Array, capacity: int, mask_T: Array) -> ExpertChoi
   valid_ExC = mask_T[token_ExC] > 0
   gate_ExC = jnp.where(valid_ExC, gate_ExC, 0.0)
   counts_E = jnp.sum(valid_ExC, -1).astype(jnp.float32)
-  aux = _aux(probs_TxE=probs_TxE, counts_E=counts_E, importance_E=jnp.sum(gate_ExC, -1),
-             load_E=counts_E, z_T=jax.nn.logsumexp(logits_TxE, -1) ** 2, mask_T=mask_T)
+  aux = _aux(
+    probs_TxE=probs_TxE,
+    counts_E=counts_E,
+    importance_E=jnp.sum(gate_ExC, -1),
+    load_E=counts_E,
+    z_T=jax.nn.logsumexp(logits_TxE, -1) ** 2,
+    mask_T=mask_T,
+  )
   return ExpertChoiceRouting(token_ExC.astype(jnp.int32), gate_ExC, valid_ExC, aux)
 
 
@@ -355,8 +383,7 @@ def _gating(name: str, n: Callable[[Any], int]) -> dict[str, ParamSpec]:
   2017 initialises both to zero; here the noise one only, the gate at the
   model's init)."""
   specs = {name: _matrix(n)}
-  return specs | {f"{name}_noise": ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None),
-                                             "zeros")}
+  return specs | {f"{name}_noise": ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None), "zeros")}
 
 
 _E = lambda moe: moe.num_experts
@@ -373,6 +400,7 @@ def _params(*extra):
         continue
       out[name] = spec
     return out
+
   return params
 
 
@@ -381,8 +409,9 @@ def _rngs(rng, moe, train, policy=False):
   if not (train and (moe.noisy_gating or policy)):
     return None, None, None
   if rng is None:
-    raise ValueError("routing in training with noisy gating or a random second-expert "
-                     "policy needs an rng")
+    raise ValueError(
+      "routing in training with noisy gating or a random second-expert policy needs an rng"
+    )
   return tuple(jax.random.split(rng, 3))
 
 
@@ -400,10 +429,16 @@ def _finish(choice, clean, chosen, std, moe, mask_T, k, keep_TxK=None, probs_TxE
   load_E = None if std is None else smooth_load(clean, chosen, std, k, mask_T)
   if keep_TxK is None:
     keep_TxK = jnp.ones(expert_TxK.shape, bool)
-  return _token_choice(expert_TxK, gate_TxK, keep_TxK, probs_TxE=probs if probs_TxE is None
-                       else probs_TxE, z_T=jax.nn.logsumexp(clean, -1) ** 2,
-                       mask_T=mask_T.astype(jnp.float32), load_E=load_E,
-                       balance=moe.load_balance_choices)
+  return _token_choice(
+    expert_TxK,
+    gate_TxK,
+    keep_TxK,
+    probs_TxE=probs if probs_TxE is None else probs_TxE,
+    z_T=jax.nn.logsumexp(clean, -1) ** 2,
+    mask_T=mask_T.astype(jnp.float32),
+    load_E=load_E,
+    balance=moe.load_balance_choices,
+  )
 
 
 def _route_switch(inputs, moe, *, mask_T, train, rng=None):
@@ -417,8 +452,14 @@ def _route_topk(inputs, moe, *, mask_T, train, rng=None):
   """GShard (Lepikhin et al. 2020, Algorithm 1) / GLaM top-k with a second-expert policy."""
   noise_key, _, policy_key = _rngs(rng, moe, train, policy=_random_policy(moe))
   clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
-  expert, gate, keep, probs = topk(chosen, moe.top_k, normalize=moe.normalize_gates,
-                                   policy=moe.second_expert_policy, train=train, rng=policy_key)
+  expert, gate, keep, probs = topk(
+    chosen,
+    moe.top_k,
+    normalize=moe.normalize_gates,
+    policy=moe.second_expert_policy,
+    train=train,
+    rng=policy_key,
+  )
   return _finish((expert, gate, probs), clean, chosen, std, moe, mask_T, moe.top_k, keep)
 
 
@@ -445,8 +486,14 @@ def _route_group_limited(inputs, moe, *, mask_T, train, rng=None):
   """DeepSeek-V3 node-limited routing (section 2.1.2) with the aux-loss-free bias."""
   noise_key, _, _ = _rngs(rng, moe, train)
   clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
-  choice = group_limited(chosen, moe.top_k, inputs["router_bias"], moe.num_groups,
-                         moe.top_k_groups, normalize=moe.normalize_gates)
+  choice = group_limited(
+    chosen,
+    moe.top_k,
+    inputs["router_bias"],
+    moe.num_groups,
+    moe.top_k_groups,
+    normalize=moe.normalize_gates,
+  )
   return _finish(choice, clean, chosen, std, moe, mask_T, moe.top_k)
 
 
@@ -465,14 +512,24 @@ def _route_hierarchical(inputs, moe, *, mask_T, train, rng=None):
   G = g_clean.shape[-1]
   expert, gate, group_TxA, probs = hierarchical(chosen, g_chosen, moe.top_k_groups, moe.top_k)
   z_T = jax.nn.logsumexp(g_clean, -1) ** 2 + jnp.mean(
-      jax.nn.logsumexp(clean.reshape(T, G, E // G), -1) ** 2, -1)
+    jax.nn.logsumexp(clean.reshape(T, G, E // G), -1) ** 2, -1
+  )
   mask_T = mask_T.astype(jnp.float32)
   load_E = None
   if std is not None:
-    load_E = _hierarchical_smooth_load(clean, chosen, std, g_clean, g_chosen, g_std, group_TxA,
-                                       moe.top_k_groups, moe.top_k, mask_T)
-  return _token_choice(expert, gate, jnp.ones(expert.shape, bool), probs_TxE=probs, z_T=z_T,
-                       mask_T=mask_T, load_E=load_E, balance=moe.load_balance_choices)
+    load_E = _hierarchical_smooth_load(
+      clean, chosen, std, g_clean, g_chosen, g_std, group_TxA, moe.top_k_groups, moe.top_k, mask_T
+    )
+  return _token_choice(
+    expert,
+    gate,
+    jnp.ones(expert.shape, bool),
+    probs_TxE=probs,
+    z_T=z_T,
+    mask_T=mask_T,
+    load_E=load_E,
+    balance=moe.load_balance_choices,
+  )
 
 
 def _route_expert_choice(inputs, moe, *, mask_T, train, rng=None):
@@ -485,47 +542,73 @@ def _route_expert_choice(inputs, moe, *, mask_T, train, rng=None):
 def _check_groups(moe, name, per_group_k):
   a = moe.num_groups
   if a < 2 or moe.num_experts % a:
-    return ("model.moe.num_groups",
-            f"must be >= 2 and divide model.moe.num_experts={moe.num_experts} for router {name!r}")
+    return (
+      "model.moe.num_groups",
+      f"must be >= 2 and divide model.moe.num_experts={moe.num_experts} for router {name!r}",
+    )
   if not 1 <= moe.top_k_groups <= a:
     return "model.moe.top_k_groups", f"must be in [1, num_groups={a}]"
   limit = moe.num_experts // a * (1 if per_group_k else moe.top_k_groups)
   if moe.top_k > limit:
-    return ("model.moe.top_k", f"must be <= {limit} (the experts a token can reach) for router "
-            f"{name!r}")
+    return (
+      "model.moe.top_k",
+      f"must be <= {limit} (the experts a token can reach) for router {name!r}",
+    )
   return None
 
 
 ROUTERS: dict[str, Router] = {
-    "switch": Router(
-        _params(), _route_switch,
-        check=lambda moe: ("model.moe.top_k", "must be 1 for router 'switch' (use 'topk')")
-        if moe.top_k != 1 else None),
-    "topk": Router(_params(), _route_topk, randomness=_random_policy),
-    "mixtral": Router(_params(), _route_mixtral),
-    "sigmoid_bias": Router(
-        _params(("router_bias", ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros",
-                                          state=True))),
-        _route_sigmoid_bias, update=_bias_update),
-    "group_limited": Router(
-        _params(("router_bias", ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros",
-                                          state=True))),
-        _route_group_limited, update=_bias_update,
-        check=lambda moe: _check_groups(moe, "group_limited", per_group_k=False)),
-    "hierarchical": Router(
-        _params(*_gating("group_router", _G).items()), _route_hierarchical,
-        choices=lambda moe: moe.top_k * moe.top_k_groups, group_placement=True,
-        check=lambda moe: _check_groups(moe, "hierarchical", per_group_k=True)),
-    "expert_choice": Router(
-        _params(), _route_expert_choice, expert_choice=True,
-        check=lambda moe: (
-            ("model.moe.dispatch", "must be 'capacity' for router 'expert_choice'")
-            if moe.dispatch != "capacity" else
-            ("model.moe.load_balance_choices",
-             "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)")
-            if moe.load_balance_choices != "all" else
-            ("model.moe.noisy_gating", "must be False for router 'expert_choice' (it has no "
-             "effect there)") if moe.noisy_gating else None)),
+  "switch": Router(
+    _params(),
+    _route_switch,
+    check=lambda moe: (
+      ("model.moe.top_k", "must be 1 for router 'switch' (use 'topk')") if moe.top_k != 1 else None
+    ),
+  ),
+  "topk": Router(_params(), _route_topk, randomness=_random_policy),
+  "mixtral": Router(_params(), _route_mixtral),
+  "sigmoid_bias": Router(
+    _params(
+      ("router_bias", ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros", state=True))
+    ),
+    _route_sigmoid_bias,
+    update=_bias_update,
+  ),
+  "group_limited": Router(
+    _params(
+      ("router_bias", ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros", state=True))
+    ),
+    _route_group_limited,
+    update=_bias_update,
+    check=lambda moe: _check_groups(moe, "group_limited", per_group_k=False),
+  ),
+  "hierarchical": Router(
+    _params(*_gating("group_router", _G).items()),
+    _route_hierarchical,
+    choices=lambda moe: moe.top_k * moe.top_k_groups,
+    group_placement=True,
+    check=lambda moe: _check_groups(moe, "hierarchical", per_group_k=True),
+  ),
+  "expert_choice": Router(
+    _params(),
+    _route_expert_choice,
+    expert_choice=True,
+    check=lambda moe: (
+      ("model.moe.dispatch", "must be 'capacity' for router 'expert_choice'")
+      if moe.dispatch != "capacity"
+      else (
+        "model.moe.load_balance_choices",
+        "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)",
+      )
+      if moe.load_balance_choices != "all"
+      else (
+        "model.moe.noisy_gating",
+        "must be False for router 'expert_choice' (it has no effect there)",
+      )
+      if moe.noisy_gating
+      else None
+    ),
+  ),
 }
 
 
@@ -537,15 +620,18 @@ def capacity(moe: Any, num_tokens: int, train: bool) -> int:
   return max(1, min(c, num_tokens))
 
 
-def route(logits_TxE: Array, moe: Any, *, mask_T: Array, train: bool, rng: Array | None = None,
-          **inputs) -> Routing | ExpertChoiceRouting:
+def route(
+  logits_TxE: Array, moe: Any, *, mask_T: Array, train: bool, rng: Array | None = None, **inputs
+) -> Routing | ExpertChoiceRouting:
   """ROUTERS[moe.router].route on router logits [T, E] and the other inputs."""
-  return ROUTERS[moe.router].route({"router": logits_TxE, **inputs}, moe, mask_T=mask_T,
-                                   train=train, rng=rng)
+  return ROUTERS[moe.router].route(
+    {"router": logits_TxE, **inputs}, moe, mask_T=mask_T, train=train, rng=rng
+  )
 
 
-def _hierarchical_smooth_load(clean_TxE, noisy_TxE, std_TxE, clean_TxG, noisy_TxG, std_TxG,
-                              group_TxA, k_groups, k, mask_T):
+def _hierarchical_smooth_load(
+  clean_TxE, noisy_TxE, std_TxE, clean_TxG, noisy_TxG, std_TxG, group_TxA, k_groups, k, mask_T
+):
   """Load_H[g, m] = Load_primary[g] * Load_g(X^(g))[m] / |X^(g)| (Shazeer 2017 app. B)."""
   T, E = clean_TxE.shape
   G = clean_TxG.shape[-1]
