@@ -27,6 +27,7 @@ setup(
     "test": [
       "pytest>=8,<10",
       "pytest-xdist>=3.5,<4",
+      "ruff>=0.17,<0.18",
       "nbclient>=0.10,<0.12",
       "nbformat>=5.10,<6",
       "ipykernel>=6.29,<8",
