@@ -1,6 +1,7 @@
 """sparse_lm: a JAX/Flax research framework for sparse Mixture-of-Experts LMs."""
 
-from setuptools import find_packages, setup
+from setuptools import find_packages
+from setuptools import setup
 
 setup(
   name="sparse_lm",

@@ -39,7 +39,8 @@ from sparse_lm import config as cfglib
 from sparse_lm.models import layers
 from sparse_lm.models.moe import experts as experts_lib
 from sparse_lm.models.moe import layer as layer_lib
-from sparse_lm.models.moe import policy, routing
+from sparse_lm.models.moe import policy
+from sparse_lm.models.moe import routing
 
 
 def moe_model(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
+from absl import logging
 
 
 class UserError(Exception):
@@ -77,10 +79,21 @@ def flags_parser(name: str, config_flags=("config",)):
   return parse
 
 
+def quiet_logs():
+  """Warnings and errors only (TFDS and Orbax log a line per file at INFO).
+  A failed checkpoint write makes Orbax's threads log their tracebacks as
+  errors; the run's own one-line message already names the cause."""
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(
+    lambda r: not (r.levelno == logging.converter.STANDARD_ERROR and "/orbax/" in r.pathname)
+  )
+
+
 def run(main, name: str, config_flags=("config",)):
   """app.run(main) with one-line errors for bad flags and UserError."""
 
   def wrapped(argv):
+    quiet_logs()
     try:
       return main(argv)
     except UserError as e:

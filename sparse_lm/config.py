@@ -22,7 +22,8 @@ import os
 import ml_collections as mlc
 
 from sparse_lm.cli import UserError
-from sparse_lm.models.moe import policy, routing
+from sparse_lm.models.moe import policy
+from sparse_lm.models.moe import routing
 
 
 class ConfigError(UserError, ValueError):
@@ -98,6 +99,10 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.activation = ""  # "" = model.activation
   c.model.moe.router = "switch"
   c.model.moe.dispatch = "capacity"
+  # Dispatch when decoding (sparse_lm/decode.py): "dropless" (default; cached
+  # decoding then equals the full forward) or "capacity" (the training rule at
+  # eval_capacity_factor, which drops depending on the batch).
+  c.model.moe.decode_dispatch = "dropless"
   # How to compute (never what): "auto" = per backend (sparse_lm/models/moe/policy.py).
   c.model.moe.impl = mlc.ConfigDict()
   c.model.moe.impl.capacity_layout = "auto"  # "batched" (padded [E, C, D]) | "grouped"
@@ -357,6 +362,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
 
   _choice(c, "model.moe.router", tuple(routing.ROUTERS))
   _choice(c, "model.moe.dispatch", DISPATCHES)
+  _choice(c, "model.moe.decode_dispatch", DISPATCHES)
   _choice(c, "model.moe.second_expert_policy", SECOND_EXPERT_POLICIES)
   _choice(c, "model.moe.load_balance_choices", LOAD_BALANCE_CHOICES)
   for part, values in policy.PARTS.items():

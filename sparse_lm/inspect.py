@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import math
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from sparse_lm import cli, sharding
+from sparse_lm import cli
 from sparse_lm import config as cfglib
+from sparse_lm import sharding
 from sparse_lm.models.moe import routing
 
 LOOKUP_TABLES = ("embedding", "pos_embed")  # gathered, not multiplied

@@ -7,7 +7,7 @@ Under several processes (SLURM, TPU pods, or --coordinator/--num_processes/
 --process_id) it initialises jax.distributed before anything touches a device.
 """
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from sparse_lm import cli
@@ -41,12 +41,6 @@ def main(argv):
     )
   from sparse_lm import train  # pylint: disable=g-import-not-at-top
 
-  logging.set_verbosity(logging.WARNING)
-  # A failed checkpoint write makes Orbax's threads log their tracebacks as
-  # errors; the run's own one-line message already names the cause.
-  logging.get_absl_handler().addFilter(
-    lambda r: not (r.levelno == logging.converter.STANDARD_ERROR and "/orbax/" in r.pathname)
-  )
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

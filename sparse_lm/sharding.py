@@ -11,7 +11,8 @@ import contextlib
 from flax import nnx
 from flax.core import spmd as flax_spmd
 import jax
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparse_lm import config as cfglib

@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from sparse_lm import cli
 from sparse_lm import config as cfglib

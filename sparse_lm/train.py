@@ -41,16 +41,19 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from sparse_lm import cli, sharding
+from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
 from sparse_lm import inspect as inspectlib
 from sparse_lm import metrics as metricslib
-from sparse_lm.models.transformer import Transformer, apply_state_updates, moe_layer_indices
+from sparse_lm import sharding
+from sparse_lm.models.transformer import Transformer
+from sparse_lm.models.transformer import apply_state_updates
+from sparse_lm.models.transformer import moe_layer_indices
 
 # Keys that define what a checkpoint holds; a workdir refuses a run that changes them.
 ARCH_KEYS = ("model", "data.tokenizer", "data.vocab_size", "data.dataset")
-NOT_ARCH_KEYS = ("model.moe.impl",)  # how to compute, not what
+NOT_ARCH_KEYS = ("model.moe.impl", "model.moe.decode_dispatch")  # how to compute, not what
 
 
 # ----------------------------------------------------------------- Optimizer
@@ -423,6 +426,9 @@ def _train(c, workdir: str) -> dict:
     with sharding.use(mesh, c):
       state = init()
     save_config(c, workdir)
+    if jax.process_index() == 0:  # what generate / evaluate check their tokenizer against
+      with open(os.path.join(workdir, "data.json"), "w") as f:
+        json.dump(getattr(train_input, "fingerprint", {}), f, indent=1)
 
   def save(step):
     """Saves step's state; it must already be known finite (see the loop)."""
@@ -613,31 +619,84 @@ def _train(c, workdir: str) -> dict:
   return {"step": step, **last_eval}
 
 
-def load_model(workdir: str, step: int | None = None):
-  """The model of a run's checkpoint (latest, or `step`) on the default device.
+def read_config(workdir: str):
+  """A run's config.json over today's defaults (keys added to the code since
+  the run keep their defaults, which reproduce the old behaviour)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise RunError(f"{workdir} holds no run (no config.json): pass the --workdir of a training run")
+  with open(path) as f:
+    saved = json.load(f)
 
-  Returns (model, config, tokenizer) for evaluation, notebooks and inference.
-  """
+  def merge(base, new):
+    for k, v in new.items():
+      base[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
 
+  return mlc.ConfigDict(merge(json.loads(cfglib.base_config().to_json()), saved))
+
+
+def load_model(workdir: str, step: int | None = None, *, inference: bool = False, mesh=None):
+  """The model of a run's checkpoint (latest, or `step`): (model, config, tokenizer).
+
+  inference: the model computes as decoding needs (decode.inference_model_config:
+  MoE layers dispatch by model.moe.decode_dispatch). mesh: restore sharded by
+  the config's rules onto this mesh (run the model under sharding.use(mesh,
+  config)); default one device. Errors (no checkpoint, a step that is not
+  there, a tokenizer that does not fit) are one line (RunError)."""
+  from sparse_lm import decode  # pylint: disable=g-import-not-at-top
+
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  with open(os.path.join(workdir, "config.json")) as f:
-    c = mlc.ConfigDict(json.load(f))
+  c = read_config(workdir)
   tok = datalib.make_tokenizer(c.data)
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  recorded = os.path.join(workdir, "data.json")
+  if os.path.exists(recorded) and c.data.tokenizer == "sentencepiece":
+    with open(recorded) as f:
+      want = json.load(f).get("tokenizer", {}).get("sha256")
+    got = tok.fingerprint.get("sha256")
+    if want and got != want:
+      raise RunError(
+        f"the tokenizer {tok.fingerprint.get('path')} (sha256 {got}) is not the one {workdir} "
+        f"was trained with (sha256 {want}); set --config.data.data_dir to the run's data dir"
+      )
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = mngr.all_steps()
   step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+  if step is None or step not in steps:
+    mngr.close()
+    raise RunError(
+      f"{ckpt_dir} holds no checkpoint"
+      + (f" of step {step} (it has {sorted(steps)})" if step is not None else "")
+    )
+  m = decode.inference_model_config(c.model) if inference else c.model
 
   def create():
-    model = Transformer(c.model, tok.vocab_size, rngs=nnx.Rngs(params=c.train.seed))
+    model = Transformer(m, tok.vocab_size, rngs=nnx.Rngs(params=c.train.seed))
     return model, nnx.Optimizer(model, make_optimizer(c.train), wrt=nnx.Param)
 
-  with nnx.use_eager_sharding(False):
-    graphdef, abs_state = nnx.split(nnx.eval_shape(create))
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abs_state)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  mngr.close()
+  if mesh is None:
+    with nnx.use_eager_sharding(False):
+      graphdef, abs_state = nnx.split(nnx.eval_shape(create))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda a: dev, abs_state)
+  else:
+    with sharding.use(mesh, c):
+      graphdef, abs_state = nnx.split(nnx.eval_shape(create))
+      shardings = nnx.get_named_sharding(abs_state, mesh)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings
+  )
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  except Exception as e:  # pylint: disable=broad-except  # a shape that does not fit, a broken file
+    raise RunError(
+      f"the checkpoint of step {step} in {ckpt_dir} does not fit the run's config and tokenizer "
+      f"(vocabulary {tok.vocab_size}) or cannot be read: {' '.join(str(e).split())[:300]}"
+    ) from None
+  finally:
+    mngr.close()
   model, _ = nnx.merge(graphdef, restored["state"])
   return model, c, tok

@@ -17,7 +17,11 @@ import tensorflow_datasets as tfds
 
 from sparse_lm import config as cfglib
 from sparse_lm.config import ConfigError
-from sparse_lm.data import eval_batches, make_input, make_tokenizer, pipeline, stdlib_corpus
+from sparse_lm.data import eval_batches
+from sparse_lm.data import make_input
+from sparse_lm.data import make_tokenizer
+from sparse_lm.data import pipeline
+from sparse_lm.data import stdlib_corpus
 from sparse_lm.data import tokenizer as toklib
 
 B, L = 8, 32

@@ -14,7 +14,13 @@ import time
 
 import numpy as np
 import pytest
-from train_test import ENV, ROOT, cli, losses, rows, run, start_until_step
+from train_test import ENV
+from train_test import ROOT
+from train_test import cli
+from train_test import losses
+from train_test import rows
+from train_test import run
+from train_test import start_until_step
 
 DIVERGE = (
   "--config.train.learning_rate=1e3",

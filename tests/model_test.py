@@ -8,7 +8,8 @@ import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm.models import layers
-from sparse_lm.models.transformer import Transformer, moe_layer_indices
+from sparse_lm.models.transformer import Transformer
+from sparse_lm.models.transformer import moe_layer_indices
 
 
 def tiny(**model):

@@ -19,8 +19,10 @@ import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import sharding
-from sparse_lm.models.moe import grouped, routing
-from sparse_lm.models.moe.layer import MoeFfn, RouterState
+from sparse_lm.models.moe import grouped
+from sparse_lm.models.moe import routing
+from sparse_lm.models.moe.layer import MoeFfn
+from sparse_lm.models.moe.layer import RouterState
 
 B, L, D, F, E = 2, 12, 16, 24, 8
 T = B * L

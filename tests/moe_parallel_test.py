@@ -14,7 +14,10 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import moe_layer_test as layer_test  # the same layer sizes, routers and activations
-from moe_layer_test import D, E, F, build  # pylint: disable=g-bad-import-order
+from moe_layer_test import D  # pylint: disable=g-bad-import-order
+from moe_layer_test import E  # pylint: disable=g-bad-import-order
+from moe_layer_test import F  # pylint: disable=g-bad-import-order
+from moe_layer_test import build  # pylint: disable=g-bad-import-order
 import numpy as np
 import optax
 import pytest

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from sparse_lm import config as cfglib
-from sparse_lm.models.moe import dispatch, routing
+from sparse_lm.models.moe import dispatch
+from sparse_lm.models.moe import routing
 
 
 def moe_cfg(**kw) -> mlc.ConfigDict:

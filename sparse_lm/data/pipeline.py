@@ -460,12 +460,13 @@ def make_input(
 
 
 def eval_batches(
-  data_cfg, num_batches: int, *, process_index=None, process_count=None
+  data_cfg, num_batches: int, *, process_index=None, process_count=None, tokenizer=None
 ) -> list[dict[str, np.ndarray]]:
-  """The first num_batches batches of data.eval_split: no shuffle, repeated if short."""
+  """The first num_batches batches of data.eval_split: no shuffle, repeated if short.
+  tokenizer: tokenize with this one (a run's own, on other data) instead of data_cfg's."""
   pi, pc = _process(process_index, process_count)
   source = _open_source(data_cfg)
-  tok = _tokenizer_for(data_cfg, source)
+  tok = tokenizer or _tokenizer_for(data_cfg, source)
   ds = _dataset(
     source,
     tok,

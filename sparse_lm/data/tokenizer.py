@@ -17,7 +17,8 @@ import hashlib
 import io
 import os
 import re
-from typing import Iterable, Protocol
+from typing import Iterable
+from typing import Protocol
 import uuid
 
 from absl import logging

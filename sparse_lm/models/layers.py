@@ -6,6 +6,8 @@ sparse_lm/sharding.py). Shapes are in tensor names; letters in sparse_lm/config.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -90,8 +92,22 @@ def rope(x_BxLxHxZ, positions_BxL, theta: float):
   return out.astype(x_BxLxHxZ.dtype)
 
 
+class KVCache(NamedTuple):
+  """One layer's decoding cache: keys and values [B, S, J, Z] (kv heads only)."""
+
+  k: Array
+  v: Array
+
+
 class Attention(nnx.Module):
-  """Causal multi-head attention with grouped-query heads and optional RoPE."""
+  """Causal multi-head attention with grouped-query heads and optional RoPE.
+
+  With a KVCache (decoding), the block's keys and values are written at slots
+  [index, index + L) and the queries attend over the cache: a query at slot
+  index + i sees slot s if s <= index + i and s is valid (a real token of its
+  row; padding is never visible) or s is its own slot (so a padding query
+  stays finite; its output is never read).
+  """
 
   def __init__(self, m, *, rngs: nnx.Rngs):
     D, H, J, Z = m.d_model, m.num_heads, cfglib.num_kv_heads(m), cfglib.head_dim(m)
@@ -107,7 +123,10 @@ class Attention(nnx.Module):
       rngs, fan_in_init((0, 1), m.init_scale), (H, Z, D), ("heads", "head_dim", "embed")
     )
 
-  def __call__(self, x_BxLxD, positions_BxL):
+  def __call__(
+    self, x_BxLxD, positions_BxL, cache: KVCache | None = None, index=None, valid_BxS=None
+  ):
+    """-> out [B, L, D], and the updated KVCache when `cache` is given."""
     dt = x_BxLxD.dtype
     q_BxLxHxZ = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
     k_BxLxJxZ = jnp.einsum("bld,djz->bljz", x_BxLxD, self.wk[...].astype(dt))
@@ -116,10 +135,30 @@ class Attention(nnx.Module):
       q_BxLxHxZ = rope(q_BxLxHxZ, positions_BxL, self.m.rope_theta)
       k_BxLxJxZ = rope(k_BxLxJxZ, positions_BxL, self.m.rope_theta)
     q_BxLxHxZ = constrain(q_BxLxHxZ, "batch", "length", "heads", "head_dim")
-    # jax.nn.dot_product_attention handles GQA (H a multiple of G) and uses
-    # the backend's fused kernel where there is one (cuDNN flash on GPU).
-    out_BxLxHxZ = jax.nn.dot_product_attention(q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, is_causal=True)
-    return jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, self.wo[...].astype(dt))
+    wo = self.wo[...].astype(dt)
+    if cache is None:
+      # jax.nn.dot_product_attention handles GQA (H a multiple of J) and uses
+      # the backend's fused kernel where there is one (cuDNN flash on GPU).
+      out_BxLxHxZ = jax.nn.dot_product_attention(q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, is_causal=True)
+      return jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo)
+    L, S = x_BxLxD.shape[1], cache.k.shape[1]
+    put = lambda buf, new: constrain(
+      jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1),
+      "batch",
+      None,
+      "kv_heads",
+      "head_dim",
+    )
+    cache = KVCache(put(cache.k, k_BxLxJxZ), put(cache.v, v_BxLxJxZ))
+    slot_LxS = jnp.arange(S)[None, :]
+    query_L1 = (index + jnp.arange(L))[:, None]
+    see_BxLxS = (valid_BxS[:, None, :] & (slot_LxS <= query_L1)[None]) | (slot_LxS == query_L1)[
+      None
+    ]
+    out_BxLxHxZ = jax.nn.dot_product_attention(
+      q_BxLxHxZ, cache.k.astype(dt), cache.v.astype(dt), mask=see_BxLxS[:, None]
+    )
+    return jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo), cache
 
 
 class Mlp(nnx.Module):

@@ -6,9 +6,12 @@ the trainer never needs to know which.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from sparse_lm import config as cfglib
 from sparse_lm.models import layers
@@ -31,11 +34,24 @@ class Block(nnx.Module):
     else:
       self.ffn = layers.Mlp(m.d_model, m.d_ff, m.activation, rngs=rngs, init_scale=m.init_scale)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, *, train: bool, rng):
+  def __call__(
+    self,
+    x_BxLxD,
+    positions_BxL,
+    mask_BxL,
+    *,
+    train: bool,
+    rng,
+    cache=None,
+    index=None,
+    valid_BxS=None,
+    expert_choices=False,
+  ):
     aux = {}
-    x_BxLxD = x_BxLxD + self._dropout(
-      self.attn(self.attn_norm(x_BxLxD), positions_BxL), train, rng, 0
-    )
+    attn = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cache, index, valid_BxS)
+    if cache is not None:
+      attn, cache = attn
+    x_BxLxD = x_BxLxD + self._dropout(attn, train, rng, 0)
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.is_moe:
       h_BxLxD, aux = self.ffn(
@@ -43,11 +59,12 @@ class Block(nnx.Module):
         mask_BxL=mask_BxL,
         train=train,
         rng=None if rng is None else jax.random.fold_in(rng, 1),
+        choices=expert_choices,
       )
     else:
       h_BxLxD = self.ffn(h_BxLxD)
     x_BxLxD = x_BxLxD + self._dropout(h_BxLxD, train, rng, 2)
-    return constrain(x_BxLxD, "batch", "length", "act_embed"), aux
+    return constrain(x_BxLxD, "batch", "length", "act_embed"), aux, cache
 
   def _dropout(self, x, train, rng, salt):
     p = self.m.dropout
@@ -57,10 +74,27 @@ class Block(nnx.Module):
     return jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
 
 
+class Cache(NamedTuple):
+  """The decoding state (sparse_lm/decode.py): every layer's KVCache, which
+  cache slots hold real tokens, and the next slot to write (shared by all rows)."""
+
+  layers: tuple[layers.KVCache, ...]
+  valid_BxS: jax.Array  # bool
+  index: jax.Array  # int32 scalar
+
+
 class Transformer(nnx.Module):
-  """tokens [B, L] -> logits [B, L, V] (float32) and a list of per-MoE-layer aux dicts."""
+  """tokens [B, L] -> logits [B, L, V] (float32) and a list of per-MoE-layer aux dicts.
+
+  With `cache` (decoding) also the updated Cache: the tokens fill slots
+  [cache.index, cache.index + L); `positions_BxL` gives each token's position
+  in its own sequence (per-row positions: left-padded prompts start at 0).
+  expert_choices: the MoE layers' aux also hold each token's experts.
+  """
 
   def __init__(self, m, vocab_size: int, *, rngs: nnx.Rngs):
+    # Frozen (hashable) copy: the model's graphdef can then be a jit static.
+    m = m if isinstance(m, mlc.FrozenConfigDict) else mlc.FrozenConfigDict(m)
     self.m, self.vocab_size = m, vocab_size
     self.embed = layers.Embed(vocab_size, m.d_model, rngs=rngs)
     if m.position == "learned":
@@ -74,20 +108,46 @@ class Transformer(nnx.Module):
         rngs, layers.fan_in_init(scale=m.init_scale), (m.d_model, vocab_size), ("embed", "vocab")
       )
 
-  def __call__(self, tokens_BxL, *, mask_BxL=None, train: bool = False, rng=None):
+  def __call__(
+    self,
+    tokens_BxL,
+    *,
+    mask_BxL=None,
+    train: bool = False,
+    rng=None,
+    positions_BxL=None,
+    cache: Cache | None = None,
+    expert_choices: bool = False,
+  ):
     B, L = tokens_BxL.shape
     dt = layers.dtype_of(self.m)
     if mask_BxL is None:
       mask_BxL = jnp.ones((B, L), jnp.float32)
-    positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     x_BxLxD = self.embed(tokens_BxL, dt)
     if self.m.position == "learned":
-      x_BxLxD = x_BxLxD + self.pos_embed[...][None, :L].astype(dt)
+      x_BxLxD = x_BxLxD + jnp.take(self.pos_embed[...], positions_BxL, axis=0).astype(dt)
     x_BxLxD = constrain(x_BxLxD, "batch", "length", "act_embed")
-    moe_aux = []
+    valid_BxS = index = None
+    if cache is not None:
+      index = cache.index
+      valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxL > 0, index, 1)
+    moe_aux, kv = [], []
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BxLxD, aux = block(x_BxLxD, positions_BxL, mask_BxL, train=train, rng=layer_rng)
+      x_BxLxD, aux, layer_kv = block(
+        x_BxLxD,
+        positions_BxL,
+        mask_BxL,
+        train=train,
+        rng=layer_rng,
+        cache=None if cache is None else cache.layers[i],
+        index=index,
+        valid_BxS=valid_BxS,
+        expert_choices=expert_choices,
+      )
+      kv.append(layer_kv)
       if block.is_moe:
         moe_aux.append(aux)
     x_BxLxD = self.final_norm(x_BxLxD)
@@ -96,7 +156,9 @@ class Transformer(nnx.Module):
     else:
       logits_BxLxV = x_BxLxD @ self.unembed[...].astype(dt)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "vocab")
-    return logits_BxLxV.astype(jnp.float32), moe_aux
+    if cache is None:
+      return logits_BxLxV.astype(jnp.float32), moe_aux
+    return logits_BxLxV.astype(jnp.float32), moe_aux, Cache(tuple(kv), valid_BxS, index + L)
 
 
 def apply_state_updates(model: Transformer, moe_aux: list[dict]):

@@ -27,7 +27,8 @@ shard's T x K (token-major) assignments; rows are positions in a buffer.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -20,7 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparse_lm.models.layers import activate, is_gated
+from sparse_lm.models.layers import activate
+from sparse_lm.models.layers import is_gated
 
 Array = jax.Array
 

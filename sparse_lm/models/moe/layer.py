@@ -19,7 +19,8 @@ import ml_collections as mlc
 from sparse_lm.models import layers
 from sparse_lm.models.moe import dispatch as dispatch_lib
 from sparse_lm.models.moe import experts as experts_lib
-from sparse_lm.models.moe import parallel, policy
+from sparse_lm.models.moe import parallel
+from sparse_lm.models.moe import policy
 from sparse_lm.models.moe import routing as routing_lib
 
 Array = jax.Array
@@ -101,6 +102,7 @@ class MoeFfn(nnx.Module):
     mask_BxL: Array | None = None,
     train: bool = False,
     rng: Array | None = None,
+    choices: bool = False,
   ) -> tuple[Array, dict[str, Array]]:
     """y [B, L, D] in model.dtype and the aux dict (router_loss, its terms,
     diagnostics, and "state_updates" for the caller). rng is used only when
@@ -177,6 +179,8 @@ class MoeFfn(nnx.Module):
     )
     aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
     aux["state_updates"] = router.update(inputs, r, moe) if train and router.update else {}
+    if choices and not router.expert_choice:  # each token's experts (decode.py can report them)
+      aux["experts_TxK"] = jnp.where(r.valid_TxK, r.expert_TxK, -1)
     return y_TxD.reshape(B, L, D), aux
 
   def _shared(self, x_TxD):

@@ -38,7 +38,9 @@ router_entropy (mean over tokens), empty_experts (experts with no assignment).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,126 @@
+r"""Loss and perplexity of a run's checkpoint, with per-layer MoE statistics.
+
+  python -m sparse_lm.evaluate --workdir=runs/switch_tiny
+  python -m sparse_lm.evaluate --workdir=runs/switch_tiny --step=200 --split=train --batches=4
+  python -m sparse_lm.evaluate --workdir=runs/switch_tiny --dataset='files:~/corpus/*.txt' \
+      --output=eval.json
+
+Evaluates on --split (default: the run's data.eval_split) of the run's dataset,
+or of --dataset (any value data.dataset takes), tokenized with the run's own
+tokenizer, --batches batches of the run's batch size and sequence length. MoE
+layers run as in the run's evaluation (eval_capacity_factor). Prints a table
+and, with --output, writes JSON: loss, perplexity, tokens, and per MoE layer
+the expert load (fraction of assignments per expert), the dropped fraction,
+the router entropy and the load-balance loss, averaged over the batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from absl import flags
+from flax import nnx
+import jax
+import numpy as np
+
+from sparse_lm import cli
+from sparse_lm import config as cfglib
+from sparse_lm import data as datalib
+from sparse_lm import train
+from sparse_lm.models.transformer import moe_layer_indices
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the run's eval split).")
+_DATASET = flags.DEFINE_string("dataset", None, "Another dataset (data.dataset syntax).")
+_BATCHES = flags.DEFINE_integer("batches", None, "Batches (default: the run's eval_batches).")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+flags.mark_flags_as_required(["workdir"])
+
+STATS = ("expert_fraction", "dropped_fraction", "router_entropy", "load_balance_loss")
+
+
+def evaluate(workdir: str, step=None, split=None, dataset=None, batches=None) -> dict:
+  """The numbers `main` prints, as a dict."""
+  model, c, tok = train.load_model(workdir, step)
+  d = c.data
+  if dataset:
+    d.dataset = dataset
+  if split:
+    d.eval_split = split
+  n = batches or c.train.eval_batches
+  if n < 1:
+    raise cfglib.ConfigError(f"--batches={n}: must be >= 1")
+  eval_data = datalib.eval_batches(d, n, tokenizer=tok)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step_fn(state, batch):
+    _, aux = train.loss_fn(nnx.merge(graphdef, state), batch, train=False, rng=None)
+    return aux["ce"], jax.numpy.sum(batch["weights"]), aux["moe"]
+
+  ces, weights, moes = [], [], []
+  for batch in eval_data:
+    ce, w, moe = jax.device_get(step_fn(state, batch))
+    ces.append(float(ce))
+    weights.append(float(w))
+    moes.append(moe)
+  loss = float(np.average(ces, weights=weights))
+  out = {
+    "workdir": os.path.abspath(workdir),
+    "step": step if step is not None else train_step_of(workdir),
+    "dataset": d.dataset,
+    "split": d.eval_split,
+    "batches": len(ces),
+    "tokens": int(sum(weights)),
+    "loss": loss,
+    "perplexity": math.exp(min(loss, 50.0)),
+    "moe_layers": {},
+  }
+  for i, layer in enumerate(moe_layer_indices(c.model)):
+    out["moe_layers"][str(layer)] = {
+      k: np.mean([np.asarray(m[i][k]) for m in moes], axis=0).tolist() for k in STATS
+    }
+  return out
+
+
+def train_step_of(workdir: str) -> int | None:
+  ckpts = os.path.join(workdir, "checkpoints")
+  steps = [int(s) for s in os.listdir(ckpts) if s.isdigit()] if os.path.isdir(ckpts) else []
+  return max(steps, default=None)
+
+
+def table(r: dict) -> str:
+  lines = [
+    f"{r['workdir']} step {r['step']}: {r['dataset']} / {r['split']}, {r['batches']} batches, "
+    f"{r['tokens']:,} tokens",
+    f"  loss {r['loss']:.4f}   perplexity {r['perplexity']:.2f}",
+  ]
+  if r["moe_layers"]:
+    lines.append(f"  {'layer':>5} {'dropped':>8} {'entropy':>8} {'balance':>8}  expert load")
+    for layer, s in r["moe_layers"].items():
+      load = " ".join(f"{x:.2f}" for x in s["expert_fraction"])
+      lines.append(
+        f"  {layer:>5} {s['dropped_fraction']:>8.4f} {s['router_entropy']:>8.3f} "
+        f"{s['load_balance_loss']:>8.3f}  {load}"
+      )
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  r = evaluate(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATASET.value, _BATCHES.value)
+  print(table(r))
+  if _OUTPUT.value:
+    try:
+      with open(_OUTPUT.value, "w") as f:
+        json.dump(r, f, indent=1)
+    except OSError as e:
+      raise cli.UserError(f"--output={_OUTPUT.value}: {e.strerror or e}") from None
+    print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  cli.run(main, "sparse_lm.evaluate", config_flags=())

@@ -1,0 +1,150 @@
+r"""Sample text from a run's checkpoint (KV-cache decoding, sparse_lm/decode.py).
+
+  python -m sparse_lm.generate --workdir=runs/switch_tiny --prompt="def fib(n):" \
+      --max_new_tokens=64 --temperature=0.8 --top_p=0.95
+  python -m sparse_lm.generate --workdir=runs/switch_tiny --prompts=prompts.jsonl \
+      --output=completions.jsonl --expert_choices
+
+Prompts: --prompt (repeatable), and/or --prompts: a text file (one prompt per
+line) or a .jsonl file (objects with a "prompt" field). They decode as one
+batch (left-padded; each row as it would alone). Greedy by default
+(--temperature=0); --top_k / --top_p restrict the sampled set; --seed fixes
+the draw. A row stops at the end-of-text token or at any --stop string.
+Uses the run's own config and tokenizer; MoE layers decode without dropping
+(model.moe.decode_dispatch). Prints each completion and the tokens/s; with
+--output, one JSON line per prompt (prompt, completion, tokens, and with
+--expert_choices the experts each generated token was routed to, per MoE layer).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+
+from absl import flags
+
+from sparse_lm import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+_PROMPTS = flags.DEFINE_string("prompts", None, "A .txt (one per line) or .jsonl file of prompts.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop a row at this text (repeatable).")
+_OUTPUT = flags.DEFINE_string("output", None, "Write one JSON line per prompt here.")
+_EXPERTS = flags.DEFINE_bool("expert_choices", False, "Record each token's experts in --output.")
+_MESH = flags.DEFINE_string(
+  "mesh",
+  None,
+  "Decode on this mesh, e.g. \"(('data', 1), ('fsdp', 1), ('expert', 8), "
+  "('tensor', 1))\" (default: one device).",
+)
+flags.mark_flags_as_required(["workdir"])
+
+
+def read_prompts(path: str) -> list[str]:
+  if not os.path.exists(path):
+    raise cli.UserError(f"--prompts={path}: no such file")
+  with open(path, encoding="utf-8") as f:
+    if not path.endswith(".jsonl"):
+      return [line.rstrip("\n") for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line)["prompt"])
+      except (ValueError, KeyError, TypeError):
+        raise cli.UserError(
+          f"--prompts={path} line {i}: not a JSON object with a 'prompt'"
+        ) from None
+    return out
+
+
+def check_sampling():
+  if _MAX_NEW.value < 1:
+    raise cli.UserError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
+  if _TEMPERATURE.value < 0:
+    raise cli.UserError(f"--temperature={_TEMPERATURE.value}: must be >= 0 (0 = greedy)")
+  if _TOP_K.value < 0:
+    raise cli.UserError(f"--top_k={_TOP_K.value}: must be >= 0 (0 = off)")
+  if not 0 < _TOP_P.value <= 1:
+    raise cli.UserError(f"--top_p={_TOP_P.value}: must be in (0, 1]")
+
+
+def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+  cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+  return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def main(argv):
+  del argv
+  check_sampling()
+  prompts = list(_PROMPT.value) + (read_prompts(_PROMPTS.value) if _PROMPTS.value else [])
+  if not prompts:
+    raise cli.UserError("give a --prompt or a --prompts file")
+  from sparse_lm import decode  # pylint: disable=g-import-not-at-top
+  from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
+  from sparse_lm import train  # pylint: disable=g-import-not-at-top
+
+  mesh = config = None
+  if _MESH.value:
+    config = train.read_config(os.path.abspath(_WORKDIR.value))
+    try:
+      config.mesh = ast.literal_eval(_MESH.value)
+    except (ValueError, SyntaxError):
+      raise cli.UserError(f"--mesh={_MESH.value}: not a tuple of (axis, size) pairs") from None
+    import jax  # pylint: disable=g-import-not-at-top
+
+    mesh = sharding.make_mesh(config, jax.devices())
+  model, c, tok = train.load_model(_WORKDIR.value, _STEP.value, inference=True, mesh=mesh)
+  if config is not None:
+    config.model = c.model
+  ids = [tok.encode(p) for p in prompts]
+  empty = [i for i, p in enumerate(ids) if not p]
+  if empty:
+    raise cli.UserError(f"prompt {empty[0] + 1} is empty")
+  sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  g = decode.generate(
+    model,
+    ids,
+    max_new_tokens=_MAX_NEW.value,
+    sampling=sampling,
+    seed=_SEED.value,
+    stop_ids=(tok.eos_id,),
+    pad_id=tok.pad_id,
+    mesh=mesh,
+    config=config,
+    expert_choices=_EXPERTS.value,
+  )
+  rows = []
+  for i, (prompt, toks) in enumerate(zip(prompts, g.tokens)):
+    text, stopped = truncate_at_stop(tok.decode(toks), _STOP.value)
+    rows.append({"prompt": prompt, "completion": text, "tokens": toks, "stopped_at_text": stopped})
+    if g.experts is not None:
+      rows[-1]["experts"] = g.experts[i]
+    print(f"--- {i + 1}/{len(prompts)} ({len(toks)} tokens)\n{prompt}{text}")
+  n = sum(len(t) for t in g.tokens)
+  print(
+    f"\n{n} tokens for {len(prompts)} prompt(s): prefill {g.prefill_s:.2f} s and first step "
+    f"{g.first_step_s:.2f} s (both compile), then {g.tokens_per_s():,.1f} tokens/s "
+    f"({g.steps} steps of {len(prompts)} row(s) in {g.decode_s:.2f} s)"
+  )
+  if _OUTPUT.value:
+    try:
+      with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    except OSError as e:
+      raise cli.UserError(f"--output={_OUTPUT.value}: {e.strerror or e}") from None
+    print(f"wrote {_OUTPUT.value}")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  cli.run(main, "sparse_lm.generate", config_flags=())

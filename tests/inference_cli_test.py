@@ -1,0 +1,155 @@
+"""sparse_lm.generate and sparse_lm.evaluate through the CLI, on a trained tiny checkpoint."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from train_test import ENV
+from train_test import ROOT
+from train_test import cli
+from train_test import rows
+from train_test import run
+
+PROMPTS = ["def fib(n):", "import os", "class A:", "x = [", "for i in", "print(", "# ", "if x"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny Switch run (8 experts, GQA off), 40 steps; returns its workdir."""
+  base = tmp_path_factory.mktemp("inference")
+  wd, tfds = str(base / "switch"), str(base / "tfds")
+  p = run(
+    cli(
+      wd,
+      tfds,
+      "--config.train.num_steps=40",
+      "--config.train.eval_every=40",
+      config="configs/switch.py:tiny",
+    )
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  return wd
+
+
+def generate(wd, *args, env=None):
+  return subprocess.run(
+    [sys.executable, "-m", "sparse_lm.generate", f"--workdir={wd}", *args],
+    cwd=ROOT,
+    env=env or ENV,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_greedy_generation_is_deterministic_and_writes_jsonl(trained, tmp_path):
+  outs = []
+  for i in range(2):
+    out = str(tmp_path / f"g{i}.jsonl")
+    p = generate(
+      trained,
+      "--prompt=def fib(n):",
+      "--prompt=import os",
+      "--max_new_tokens=12",
+      f"--output={out}",
+      "--expert_choices",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "tokens/s" in p.stdout
+    outs.append([json.loads(l) for l in open(out)])
+  assert outs[0] == outs[1]
+  first = outs[0][0]
+  assert first["prompt"] == "def fib(n):" and isinstance(first["completion"], str)
+  assert 1 <= len(first["tokens"]) <= 12
+  assert len(first["experts"]) == len(first["tokens"])  # one MoE layer, top-1: [[e]] per token
+  assert all(len(e) == 1 and 0 <= e[0][0] < 8 for e in first["experts"])
+
+
+def test_expert_parallel_mesh_generates_the_same_tokens(trained, tmp_path):
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("\n".join(PROMPTS) + "\n")
+  args = [
+    f"--prompts={prompts}",
+    "--max_new_tokens=8",
+    "--temperature=0.9",
+    "--top_p=0.9",
+    "--seed=3",
+  ]
+  one = generate(trained, *args, f"--output={tmp_path / 'one.jsonl'}")
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  ep = generate(
+    trained,
+    *args,
+    f"--output={tmp_path / 'ep.jsonl'}",
+    "--mesh=(('data', 1), ('fsdp', 1), ('expert', 8), ('tensor', 1))",
+    env=env,
+  )
+  assert one.returncode == 0 and ep.returncode == 0, (one.stderr[-2000:], ep.stderr[-2000:])
+  toks = lambda f: [json.loads(l)["tokens"] for l in open(tmp_path / f)]
+  assert toks("one.jsonl") == toks("ep.jsonl")
+  assert len(toks("one.jsonl")) == 8
+
+
+def test_evaluate_reproduces_the_runs_eval_loss(trained, tmp_path):
+  out = str(tmp_path / "eval.json")
+  p = run(
+    [
+      sys.executable,
+      "-m",
+      "sparse_lm.evaluate",
+      f"--workdir={trained}",
+      "--batches=2",
+      f"--output={out}",
+    ]
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.load(open(out))
+  final = [x["eval_loss"] for x in rows(trained) if "eval_loss" in x][-1]
+  assert abs(r["loss"] - final) < 1e-4, (r["loss"], final)
+  assert r["step"] == 40 and r["split"] == "validation" and r["tokens"] == 2 * 8 * 64
+  layer = r["moe_layers"]["1"]
+  assert len(layer["expert_fraction"]) == 8 and abs(sum(layer["expert_fraction"]) - 1) < 1e-5
+  assert "perplexity" in p.stdout or "loss" in p.stdout
+
+
+@pytest.mark.parametrize(
+  "args,needle",
+  [
+    ([], "give a --prompt or a --prompts file"),
+    (["--prompt=x", "--step=7"], "holds no checkpoint of step 7"),
+    (["--prompt=x", "--top_p=0"], "--top_p=0.0: must be in (0, 1]"),
+    (["--prompts=/nonexistent.txt"], "--prompts=/nonexistent.txt: no such file"),
+  ],
+)
+def test_generate_errors_are_one_line(trained, args, needle):
+  p = generate(trained, *args)
+  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  assert needle in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+  "args,needle",
+  [
+    (["--split=nope"], "config.data.eval_split='nope' is invalid"),
+    (["--dataset=files:/nonexistent/*.txt"], "the glob matches no files"),
+    (["--step=3"], "holds no checkpoint of step 3"),
+  ],
+)
+def test_evaluate_errors_are_one_line(trained, args, needle):
+  p = run([sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={trained}", *args])
+  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  assert needle in p.stderr.strip().splitlines()[-1]
+
+
+def test_a_tokenizer_that_is_not_the_runs_is_refused(trained, tmp_path):
+  # The run records its tokenizer's hash (data.json); another one is a one-line error.
+  wd = str(tmp_path / "copy")
+  shutil.copytree(trained, wd, ignore=shutil.ignore_patterns(".lock*"))
+  data = json.load(open(os.path.join(wd, "data.json")))
+  data["tokenizer"]["sha256"] = "0" * 16
+  json.dump(data, open(os.path.join(wd, "data.json"), "w"))
+  p = run([sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={wd}"])
+  assert p.returncode == 1 and "is not the one" in p.stderr.strip().splitlines()[-1]
