@@ -16,10 +16,10 @@ Every number comes from the runs' metrics.jsonl.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -48,6 +48,35 @@ def seed_groups(sweep_file: str, workdir: str) -> dict[str, list[str]]:
     key = sweeplib.point_name({k: v for k, v in p.items() if k != sweeplib.SEED_KEY})
     out.setdefault(key, []).append(os.path.join(workdir, sweeplib.point_name(p)))
   return out
+
+
+# A run's end loss: the mean of its last END_EVALS evals (steps 1000, 1100 and
+# 1200 here). The rsqrt schedule ends at a rate that still moves the weights,
+# so one eval is noisy (dense, one seed: 2.833 at step 1100, 2.884 at 1200);
+# README.md, "Noise", has the numbers that chose it.
+END_EVALS = 3
+
+
+def trailing(losses, k=END_EVALS):
+  """Trailing mean over k evals (the first k - 1 points dropped)."""
+  losses = np.asarray(losses, float)
+  return np.convolve(losses, np.ones(k) / k, mode="valid")
+
+
+def end_curve(dirs: list[str]):
+  """(steps, trailing mean over END_EVALS evals of the seeds' mean curve)."""
+  steps, mean, _ = plots.mean_curve(dirs)
+  return steps[END_EVALS - 1 :], trailing(mean)
+
+
+def end_loss(d: str) -> float:
+  return float(np.mean(plots.eval_curve(d)[1][-END_EVALS:]))
+
+
+def end_stats(dirs: list[str]) -> tuple[float, float, list[float]]:
+  """(mean, sample std (0 for one seed), per seed) of the seeds' end losses."""
+  xs = [end_loss(d) for d in dirs]
+  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0, xs
 
 
 def first_step_at(steps, losses, target):
@@ -189,11 +218,10 @@ def report(a):
       f"{len(missing)} core point(s) of {a.workdir} are not finished "
       f"({', '.join(missing)}); run with --run"
     )
-  shutil.copy(os.path.join(a.workdir, "results.csv"), os.path.join(a.out, "results.csv"))
   sweep_mod = cfglib.load_module(SWEEP)
   dense = groups["num_experts=1"]
-  d_steps, d_mean, d_std = plots.mean_curve(dense)
-  d_final, d_last = float(d_mean[-1]), float(d_steps[-1])
+  d_final = end_stats(dense)[0]  # the target: the dense model's end loss (mean over seeds)
+  d_last = float(plots.mean_curve(dense)[0][-1])
   d_wall = seconds_at(dense, d_last)
   moe_points = [p for p in groups if p != "num_experts=1"]
   experts = [experts_of(p) for p in moe_points]
@@ -202,9 +230,9 @@ def report(a):
   rows = []
   for p in ["num_experts=1"] + moe_points:
     r, dirs = core[p], groups[p]
-    steps, mean, _ = plots.mean_curve(dirs)
-    s = first_step_at(steps, mean, d_final) if p != "num_experts=1" else d_last
-    per_seed = [first_step_at(*plots.eval_curve(d), d_final) for d in dirs]
+    e_mean, e_std, per_seed_end = end_stats(dirs)
+    s = first_step_at(*end_curve(dirs), d_final) if p != "num_experts=1" else d_last
+    per_seed = [first_step_at(*end_curve([d]), d_final) for d in dirs]
     wall = seconds_at(dirs, s) if s is not None else None
     rows.append(
       {
@@ -215,10 +243,12 @@ def report(a):
         "total_params": r["total_params"],
         "active_params": r["active_params"],
         "train_flops_per_token": r["train_flops_per_token"],
-        "final_eval_loss": r["final_eval_loss"],
-        "final_eval_loss_std": r["final_eval_loss_std"],
-        "per_seed_final": [float(plots.eval_curve(d)[1][-1]) for d in dirs],
-        "minus_dense": r["final_eval_loss"] - d_final,
+        "end_loss": e_mean,
+        "end_loss_std": e_std,
+        "per_seed_end": per_seed_end,
+        "last_eval_loss": r["final_eval_loss"],
+        "last_eval_loss_std": r["final_eval_loss_std"],
+        "minus_dense": e_mean - d_final,
         "steps_to_dense_final": s,
         "per_seed_steps_to_dense_final": per_seed,
         "step_ratio": None if s is None else s / d_last,
@@ -229,11 +259,11 @@ def report(a):
       }
     )
   by_e = {row["experts"]: row for row in rows}
-  means = [by_e[e]["final_eval_loss"] for e in [1] + experts]
+  means = [by_e[e]["end_loss"] for e in [1] + experts]
   decreasing = all(x > y for x, y in zip(means, means[1:]))
   e_max = max(experts)
-  gain = d_final - by_e[e_max]["final_eval_loss"]
-  noise = max(by_e[1]["final_eval_loss_std"], by_e[e_max]["final_eval_loss_std"])
+  gain = d_final - by_e[e_max]["end_loss"]
+  noise = max(by_e[1]["end_loss_std"], by_e[e_max]["end_loss_std"])
 
   # ---- fits over dense (E=1) and every E
   E_all, L_all = [1] + experts, means
@@ -255,9 +285,9 @@ def report(a):
       ref = "num_experts=1" if experts_of(p) == 1 else f"num_experts={min(experts_of(p), e_max)}"
       if ref not in groups:
         ref = "num_experts=8"
-      ref_final = float(plots.eval_curve(groups[ref][0])[1][-1])
-      steps, losses = plots.eval_curve(abl_groups[p][0])
-      s = first_step_at(steps, losses, d_final)
+      ref_final = end_loss(groups[ref][0])
+      r_end = end_loss(abl_groups[p][0])
+      s = first_step_at(*end_curve(abl_groups[p][:1]), d_final)
       abl_rows.append(
         {
           "point": p,
@@ -265,9 +295,10 @@ def report(a):
           "total_params": r["total_params"],
           "active_params": r["active_params"],
           "train_flops_per_token": r["train_flops_per_token"],
-          "final_eval_loss": r["final_eval_loss"],
-          "minus_reference": r["final_eval_loss"] - ref_final,
-          "minus_dense": r["final_eval_loss"] - d_final,
+          "end_loss": r_end,
+          "last_eval_loss": r["final_eval_loss"],
+          "minus_reference": r_end - ref_final,
+          "minus_dense": r_end - d_final,
           "steps_to_dense_final": s,
           "tokens_per_s": r["tokens_per_s"],
           "dropped_fraction": dropped(abl_groups[p]),
@@ -292,7 +323,7 @@ def report(a):
   plots.loss_curves(
     {k: v for k, v in scaling.items() if k != "dense"},
     out("loss_minus_dense.png"),
-    "Switch: eval loss minus dense (mean of seeds)",
+    "Switch: eval loss minus dense (means of seeds)",
     relative_to=dense,
   )
   fit_lines = {f"{k} fit": fits[k]["predict"] for k in fits}
@@ -301,22 +332,15 @@ def report(a):
     means,
     out("loss_vs_experts.png"),
     dense_loss=d_final,
-    title=f"final eval loss (step {int(d_last)}), +- std over seeds",
-    stds=[by_e[e]["final_eval_loss_std"] for e in [1] + experts],
+    title=f"end loss (mean of the evals at the last {END_EVALS}), +- std",
+    stds=[by_e[e]["end_loss_std"] for e in [1] + experts],
     fits=fit_lines,
   )
+  speed = lambda key, base: [base / by_e[e][key] if by_e[e][key] else float("nan") for e in experts]
   plots.speedup_vs_experts(
     experts,
-    [
-      d_last / by_e[e]["steps_to_dense_final"] if by_e[e]["steps_to_dense_final"] else float("nan")
-      for e in experts
-    ],
-    [
-      d_wall / by_e[e]["seconds_to_dense_final"]
-      if by_e[e]["seconds_to_dense_final"]
-      else float("nan")
-      for e in experts
-    ],
+    speed("steps_to_dense_final", d_last),
+    speed("seconds_to_dense_final", d_wall),
     out("speedup_vs_experts.png"),
   )
   if abl_rows:
@@ -329,19 +353,20 @@ def report(a):
   plots.expert_load(groups[f"num_experts={e_max}"][0], out(f"expert_load_e{e_max}.png"))
 
   # ---- results.md
-  L = []
+  n_runs = sum(len(v) for v in groups.values())
+  L = [
+    f"Core grid: `{CORE}`, {n_runs} runs; ablations: `{ABLATIONS}`, {len(abl_rows)} runs. "
+    f"End loss = the mean of a run's evals at its last {END_EVALS} eval steps; +- is the "
+    "sample standard deviation over seeds (a seed sets the init and the data order). Dense "
+    f"end loss {d_final:.4f} +- {by_e[1]['end_loss_std']:.4f} ({by_e[1]['n']} seeds), step "
+    f"{int(d_last)}, {d_wall:.0f} s of training.",
+    "",
+  ]
   L.append(
-    f"Core grid: `{CORE}`, {sum(len(v) for v in groups.values())} runs; ablations: "
-    f"`{ABLATIONS}`, {len(abl_rows)} runs. Dense baseline: final eval loss "
-    f"{d_final:.4f} +- {by_e[1]['final_eval_loss_std']:.4f} (mean +- sample std over "
-    f"{by_e[1]['n']} seeds) at step {int(d_last)}, {d_wall:.0f} s of training."
-  )
-  L.append("")
-  L.append(
-    "- Final eval loss strictly decreasing dense -> "
+    "- End loss strictly decreasing dense -> "
     + " -> ".join(map(str, experts))
     + f": **{'yes' if decreasing else 'no'}** ("
-    + ", ".join(f"{m:.4f}" for m in means)
+    + ", ".join(f"{x:.4f}" for x in means)
     + ")."
   )
   L.append(
@@ -350,128 +375,140 @@ def report(a):
   )
   r_max = by_e[e_max]
   L.append(
-    f"- E={e_max} reaches the dense model's final loss at step "
-    f"{fmt(r_max['steps_to_dense_final'], '.0f')} = "
-    f"{fmt(r_max['step_ratio'], '.2f')}x the dense model's steps; in training time, "
-    f"{fmt(r_max['time_ratio'], '.2f')}x."
+    f"- E={e_max} reaches the dense model's end loss at step "
+    f"{fmt(r_max['steps_to_dense_final'], '.0f')} = {fmt(r_max['step_ratio'], '.2f')}x "
+    f"the dense model's steps; in training time, {fmt(r_max['time_ratio'], '.2f')}x."
   )
-  L.append("")
-  L.append(
-    "| run | seeds | total / active params | train FLOPs/token | final eval loss | "
-    "minus dense | steps to dense final | x dense steps | time to dense final (s) | "
-    "x dense time | tokens/s | train dropped |"
-  )
-  L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  L += [
+    "",
+    "| run | seeds | total / active params | train FLOPs/token | end loss | minus dense "
+    "| last eval | steps to dense end | x dense steps | time to dense end (s) | x dense time "
+    "| tokens/s | train dropped |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for row in rows:
     L.append(
       f"| {label(row['point'])} | {row['n']} | {row['total_params']:,} / "
       f"{row['active_params']:,} | {row['train_flops_per_token']:.3g} | "
-      f"{row['final_eval_loss']:.4f} +- {row['final_eval_loss_std']:.4f} | "
-      f"{row['minus_dense']:+.4f} | {fmt(row['steps_to_dense_final'], '.0f')} | "
-      f"{fmt(row['step_ratio'], '.2f')} | {fmt(row['seconds_to_dense_final'], '.0f')} | "
-      f"{fmt(row['time_ratio'], '.2f')} | {row['tokens_per_s']:,.0f} | "
-      f"{fmt(row['dropped_fraction'], '.3f')} |"
+      f"{row['end_loss']:.4f} +- {row['end_loss_std']:.4f} | {row['minus_dense']:+.4f} | "
+      f"{row['last_eval_loss']:.4f} +- {row['last_eval_loss_std']:.4f} | "
+      f"{fmt(row['steps_to_dense_final'], '.0f')} | {fmt(row['step_ratio'], '.2f')} | "
+      f"{fmt(row['seconds_to_dense_final'], '.0f')} | {fmt(row['time_ratio'], '.2f')} | "
+      f"{row['tokens_per_s']:,.0f} | {fmt(row['dropped_fraction'], '.3f')} |"
     )
-  L.append("")
-  L.append("Per seed (final eval loss; step at which the run reaches the dense mean's final loss):")
-  L.append("")
+  L += [
+    "",
+    "Per seed (end loss / step at which the run's trailing mean reaches the dense end loss):",
+    "",
+  ]
   for row in rows:
     if row["n"] > 1:
       L.append(
         f"- {label(row['point'])}: "
         + ", ".join(
-          f"seed {s}: {l:.4f} / {fmt(st, '.0f')}"
-          for s, l, st in zip(
-            row["seeds"], row["per_seed_final"], row["per_seed_steps_to_dense_final"]
+          f"seed {s}: {x:.4f} / {fmt(st, '.0f')}"
+          for s, x, st in zip(
+            row["seeds"], row["per_seed_end"], row["per_seed_steps_to_dense_final"]
           )
         )
       )
-  L.append("")
-  L.append(
-    "Scaling law over dense (E=1) and every E, fitted to the mean final losses "
-    "(Clark et al. 2022; RMSE of the fitted loss in nats; leave-one-out RMSE refits "
-    "without each point in turn):"
-  )
-  L.append("")
-  L.append("| form | a | b | E_start | E_max | RMSE | leave-one-out RMSE |")
-  L.append("|---|---|---|---|---|---|---|")
+  L += [
+    "",
+    "Scaling law over dense (E=1) and every E, fitted to the mean end losses (Clark et al. "
+    "2022; RMSE of the fitted loss in nats; leave-one-out RMSE refits without each point in "
+    "turn):",
+    "",
+    "| form | a | b | E_start | E_max | RMSE | leave-one-out RMSE |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for name, f in fits.items():
     L.append(
       f"| {name}: {f['form']} | {f['a']:.5f} | {f['b']:.5f} | "
       f"{fmt(f.get('E_start'), '.3g')} | {fmt(f.get('E_max'), '.3g')} | "
       f"{f['rmse']:.4f} | {f['loo_rmse']:.4f} |"
     )
-  L.append("")
-  L.append(f"The points call for the **{chosen}** form (smaller leave-one-out error).")
+  L += ["", f"The points call for the **{chosen}** form (smaller leave-one-out error)."]
   if abl_rows:
-    L.append("")
-    L.append(
+    L += [
+      "",
       "Ablations (one seed, seed 0; 'minus reference' is against the core grid's seed-0 "
-      "run named there, whose seed-to-seed std is in the table above):"
-    )
-    L.append("")
-    L.append(
-      "| run | reference | total / active params | train FLOPs/token | final eval loss | "
-      "minus reference | minus dense mean | steps to dense final | tokens/s | "
-      "train dropped |"
-    )
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+      "run named there, whose seed-to-seed std is in the table above):",
+      "",
+      "| run | reference | total / active params | train FLOPs/token | end loss | last eval "
+      "| minus reference | minus dense | steps to dense end | tokens/s | train dropped |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in abl_rows:
       L.append(
         f"| {r['point']} | {r['reference']} | {r['total_params']:,} / "
         f"{r['active_params']:,} | {r['train_flops_per_token']:.3g} | "
-        f"{r['final_eval_loss']:.4f} | {r['minus_reference']:+.4f} | "
+        f"{r['end_loss']:.4f} | {r['last_eval_loss']:.4f} | {r['minus_reference']:+.4f} | "
         f"{r['minus_dense']:+.4f} | {fmt(r['steps_to_dense_final'], '.0f')} | "
         f"{r['tokens_per_s']:,.0f} | {fmt(r['dropped_fraction'], '.3f')} |"
       )
-  total_matched = [r for r in abl_rows if "d_ff=" in r["point"] and experts_of(r["point"]) == 1]
-  for r in total_matched:
+  for r in [r for r in abl_rows if "d_ff=" in r["point"] and experts_of(r["point"]) == 1]:
     twin = min(experts, key=lambda x: abs(by_e[x]["total_params"] - r["total_params"]))
-    gap = d_final - r["final_eval_loss"]
-    closed = (d_final - by_e[twin]["final_eval_loss"]) / gap if gap > 0 else float("nan")
-    L.append("")
-    L.append(
+    gap = d_final - r["end_loss"]
+    closed = (d_final - by_e[twin]["end_loss"]) / gap if gap > 0 else float("nan")
+    L += [
+      "",
       f"Total-parameter-matched dense ({r['point']}, {r['total_params']:,} params, "
       f"{r['train_flops_per_token'] / by_e[1]['train_flops_per_token']:.2f}x the FLOPs per "
-      f"token): {r['final_eval_loss']:.4f}. Switch E={twin} ({by_e[twin]['total_params']:,} "
-      f"params, the active-matched FLOPs) closes {closed:.0%} of the gap between the "
-      f"active-matched dense model ({d_final:.4f}) and it."
-    )
+      f"token): end loss {r['end_loss']:.4f}. Switch E={twin} "
+      f"({by_e[twin]['total_params']:,} params at the active-matched FLOPs, end loss "
+      f"{by_e[twin]['end_loss']:.4f}) closes {closed:.0%} of the gap between the "
+      f"active-matched dense model ({d_final:.4f}) and it.",
+    ]
   lr_rows = []
   if os.path.isdir(a.lr_workdir):
-    lr_rows = [r for r in sweeplib.collect(LR_SWEEP, a.lr_workdir) if r["done"]]
+    for r in sweeplib.collect(LR_SWEEP, a.lr_workdir):
+      if r["done"]:
+        d = os.path.join(a.lr_workdir, r["point"])
+        lr_rows.append(
+          {
+            "train.learning_rate": r["train.learning_rate"],
+            "end_loss": end_loss(d),
+            "last_eval_loss": r["final_eval_loss"],
+          }
+        )
     seed0 = groups["num_experts=1"][0]
     lr_rows.append(
       {
         "train.learning_rate": sweep_mod.LEARNING_RATE,
-        "final_eval_loss": float(plots.eval_curve(seed0)[1][-1]),
-        "best_eval_loss": float(plots.eval_curve(seed0)[1].min()),
+        "end_loss": end_loss(seed0),
+        "last_eval_loss": float(plots.eval_curve(seed0)[1][-1]),
       }
     )
     lr_rows.sort(key=lambda r: r["train.learning_rate"])
   if lr_rows:
-    L.append("")
-    L.append(
-      f"Dense learning rate at this horizon (`{LR_SWEEP}`, seed 0; the study uses "
-      f"{sweep_mod.LEARNING_RATE:g}):"
-    )
-    L.append("")
-    L.append("| learning rate | final eval loss | best eval loss |")
-    L.append("|---|---|---|")
+    L += [
+      "",
+      f"Dense learning rate at this horizon (`{LR_SWEEP}` and the core grid's dense seed "
+      f"0; the study uses {sweep_mod.LEARNING_RATE:g}):",
+      "",
+      "| learning rate | end loss | last eval |",
+      "|---|---|---|",
+    ]
     for r in lr_rows:
       L.append(
-        f"| {r['train.learning_rate']:g} | {r['final_eval_loss']:.4f} | {r['best_eval_loss']:.4f} |"
+        f"| {r['train.learning_rate']:g} | {r['end_loss']:.4f} | {r['last_eval_loss']:.4f} |"
       )
   with open(os.path.join(a.out, "results.md"), "w") as f:
     f.write("\n".join(L) + "\n")
+  keys = [k for k in rows[0] if not isinstance(rows[0][k], list)]
+  with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
   strip = lambda d: {k: v for k, v in d.items() if k not in ("predict", "dirs")}
   with open(os.path.join(a.out, "results.json"), "w") as f:
     json.dump(
       {
         "core_sweep": CORE,
         "ablations_sweep": ABLATIONS,
+        "end_evals": END_EVALS,
         "learning_rate": sweep_mod.LEARNING_RATE,
-        "dense_final_eval_loss": d_final,
+        "dense_end_loss": d_final,
         "dense_steps": d_last,
         "strictly_decreasing": decreasing,
         "gain_over_std": gain / noise,
