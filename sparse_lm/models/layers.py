@@ -27,7 +27,9 @@ def param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 
-def fan_in_init(fan_in_axes=(0,), scale: float = 1.0, batch_axes=(), out_axes=-1):
+def fan_in_init(
+  fan_in_axes=(0,), scale: float = 1.0, batch_axes=(), out_axes=-1
+) -> nnx.Initializer:
   """Truncated normal with std sqrt(scale / fan_in): Fedus et al. 2021, section
   2.4 (sigma = sqrt(s / n), n the fan-in; the paper's reduced init is s = 0.1,
   so the std shrinks by sqrt(10), not 10). `model.init_scale` is s. Axes in
@@ -46,7 +48,7 @@ def is_gated(activation: str) -> bool:
   return activation in ("swiglu", "geglu")
 
 
-def activate(h, activation: str, h_gate=None):
+def activate(h: Array, activation: str, h_gate: Array | None = None) -> Array:
   """Applies the FFN nonlinearity; gated ones (swiglu, geglu) use `h_gate`."""
   if activation == "gelu":
     return jax.nn.gelu(h)
@@ -68,7 +70,7 @@ class Norm(nnx.Module):
     if kind == "layer":
       self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=("embed",))
 
-  def __call__(self, x):
+  def __call__(self, x: Array) -> Array:
     dtype = x.dtype
     x = x.astype(jnp.float32)
     if self.kind == "layer":
@@ -81,7 +83,7 @@ class Norm(nnx.Module):
     return x.astype(dtype)
 
 
-def rope(x_BxLxHxZ, positions_BxL, theta: float):
+def rope(x_BxLxHxZ: Array, positions_BxL: Array, theta: float) -> Array:
   """Rotary position embedding (half-split form, as in GPT-NeoX / Llama)."""
   d = x_BxLxHxZ.shape[-1]
   freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
@@ -174,7 +176,7 @@ class Mlp(nnx.Module):
       self.wg = param(rngs, init, (d_model, d_ff), ("embed", "mlp"))
     self.wo = param(rngs, init, (d_ff, d_model), ("mlp", "embed"))
 
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD: Array) -> Array:
     # Flattened to [T, D]: XLA's CPU backend runs the [B, L, D] form 2.5-3x
     # slower (its weight gradient contracts two axes); see benchmarks/README.md.
     dt = x_BxLxD.dtype
@@ -194,8 +196,8 @@ class Embed(nnx.Module):
       rngs, nnx.initializers.normal(d_model**-0.5), (vocab, d_model), ("vocab", "embed")
     )
 
-  def __call__(self, tokens_BxL, dtype):
+  def __call__(self, tokens_BxL: Array, dtype) -> Array:
     return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)
 
-  def attend(self, x_BxLxD):
+  def attend(self, x_BxLxD: Array) -> Array:
     return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding[...].astype(x_BxLxD.dtype))

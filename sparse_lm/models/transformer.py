@@ -161,7 +161,7 @@ class Transformer(nnx.Module):
     return logits_BxLxV.astype(jnp.float32), moe_aux, Cache(tuple(kv), valid_BxS, index + L)
 
 
-def apply_state_updates(model: Transformer, moe_aux: list[dict]):
+def apply_state_updates(model: Transformer, moe_aux: list[dict]) -> None:
   """Writes the routing state the MoE layers of a training forward returned."""
   for block, aux in zip([b for b in model.blocks if b.is_moe], moe_aux):
     block.ffn.apply_state_updates(aux)

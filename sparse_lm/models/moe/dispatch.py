@@ -102,7 +102,9 @@ def positions_in_expert(
   return pos_A, counts_E1[:E]
 
 
-def capacity_slots(r: routing_lib.Routing, num_experts: int, capacity: int, method: str):
+def capacity_slots(
+  r: routing_lib.Routing, num_experts: int, capacity: int, method: str
+) -> tuple[Array, Array]:
   """The GShard priority rule, over the whole batch (global, outside any shard).
 
   Assignments in priority order K*T (all first choices in token order, then

@@ -53,7 +53,7 @@ def default_impl() -> str:
   return "blocks" if jax.default_backend() == "cpu" else "ragged"
 
 
-def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None):
+def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None) -> Array:
   """Grouped FFN with jax.lax.ragged_dot (fast on GPU / TPU)."""
   h_NxF = jax.lax.ragged_dot(x_NxD, wi, group_sizes_E)
   g_NxF = jax.lax.ragged_dot(x_NxD, wg, group_sizes_E) if is_gated(activation) else None

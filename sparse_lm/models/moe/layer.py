@@ -90,7 +90,7 @@ class MoeFfn(nnx.Module):
     wg = self.wg[...] if layers.is_gated(self.activation) else None
     return experts_lib.Weights(self.wi[...], wg, self.wo[...]).astype(dt)
 
-  def apply_state_updates(self, aux: dict):
+  def apply_state_updates(self, aux: dict) -> None:
     """Writes the routing state a training forward returned (aux["state_updates"])."""
     for name, value in aux.get("state_updates", {}).items():
       getattr(self, name)[...] = value

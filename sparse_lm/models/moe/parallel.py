@@ -105,7 +105,7 @@ def expert_parallel_size() -> int:
   return _size(_live_axes("expert"))
 
 
-def placement(num_experts: int, hidden: int):
+def placement(num_experts: int, hidden: int) -> dispatch_lib.Local | ExpertParallel:
   """Where dispatch.py's program runs: dispatch.Local(), or ExpertParallel."""
   if expert_parallel_size() > 1:
     return ExpertParallel(num_experts, hidden)
@@ -144,7 +144,7 @@ class ExpertParallel:
       P(self.ex, None, mlp), None if w.wg is None else P(self.ex, None, mlp), P(self.ex, mlp, None)
     )
 
-  def check_tokens(self, T: int):
+  def check_tokens(self, T: int) -> None:
     if T % self.n_tokens:
       raise cfglib.ConfigError(
         f"config.data.batch_size is invalid: the MoE layer's {T} tokens (batch x length) "
