@@ -25,7 +25,7 @@ from sparse_lm.models.layers import is_gated
 
 Array = jax.Array
 
-# Row-block sizes of ffn_blocks, largest first (see benchmarks/README.md).
+# Row-block sizes of ffn_blocks (the CPU kernel only), largest first (benchmarks/README.md).
 BLOCK_SIZES = (128, 32)
 
 
