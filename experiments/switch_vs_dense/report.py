@@ -264,6 +264,13 @@ def report(a):
   e_max = max(experts)
   gain = d_final - by_e[e_max]["end_loss"]
   noise = max(by_e[1]["end_loss_std"], by_e[e_max]["end_loss_std"])
+  # Paired by seed: a seed's dense and MoE runs share the data order, so their
+  # difference removes the part of the seed-to-seed noise they have in common.
+  d_seed = dict(zip(by_e[1]["seeds"], by_e[1]["per_seed_end"]))
+  for row in rows:
+    diffs = [x - d_seed[s] for s, x in zip(row["seeds"], row["per_seed_end"]) if s in d_seed]
+    row["paired_minus_dense"] = diffs
+    row["paired_std"] = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
 
   # ---- fits over dense (E=1) and every E
   E_all, L_all = [1] + experts, means
@@ -373,6 +380,14 @@ def report(a):
     f"- E={e_max} gain over dense: {gain:.4f} nats = {gain / noise:.1f}x the larger "
     f"seed-to-seed std ({noise:.4f})."
   )
+  pd = by_e[e_max]["paired_minus_dense"]
+  if len(pd) > 1:
+    L.append(
+      f"- Paired by seed (same data order): E={e_max} minus dense = "
+      + ", ".join(f"{x:+.4f}" for x in pd)
+      + f"; mean {np.mean(pd):+.4f}, std {by_e[e_max]['paired_std']:.4f} "
+      f"({-np.mean(pd) / by_e[e_max]['paired_std']:.1f}x)."
+    )
   r_max = by_e[e_max]
   L.append(
     f"- E={e_max} reaches the dense model's end loss at step "
