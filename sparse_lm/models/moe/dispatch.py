@@ -234,7 +234,7 @@ def _exchange_capacity(
 def capacity_dispatch(
   x_TxD: Array, r: routing_lib.Routing, ex: Experts, *, capacity: int, positions: str, place=LOCAL
 ) -> tuple[Array, dict[str, Array]]:
-  """GShard capacity dispatch. Returns (y [T, D] float32, {"dropped_fraction", "kept_TxK"}).
+  """GShard capacity dispatch. Returns (y [T, D] float32, {"dropped_fraction"}).
 
   ex.mask, if any, is the global [E, C, F] dropout mask by capacity slot.
   """
@@ -271,7 +271,7 @@ def capacity_dispatch(
     check_vma=ex.layout != "grouped",
   )
   y_TxD = _combine(y_TxKxD, jnp.where(kept_TxK, r.gate_TxK, 0.0))
-  return y_TxD, {"dropped_fraction": dropped_fraction(r.valid_TxK, kept_TxK), "kept_TxK": kept_TxK}
+  return y_TxD, {"dropped_fraction": dropped_fraction(r.valid_TxK, kept_TxK)}
 
 
 def expert_choice_dispatch(
@@ -417,4 +417,4 @@ def dropless_dispatch(
     check_vma=False,
   )
   y_TxD = _combine(y_TxKxD, r.gate_TxK)
-  return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32), "kept_TxK": r.valid_TxK}
+  return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
