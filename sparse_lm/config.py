@@ -152,6 +152,7 @@ def base_config() -> mlc.ConfigDict:
   c.train.schedule = "cosine"
   c.train.warmup_steps = 20
   c.train.end_lr_fraction = 0.1
+  c.train.cooldown_steps = 0  # > 0: the last N steps decay linearly to 0 (train.lr_schedule)
   c.train.weight_decay = 0.1
   c.train.b1 = 0.9
   c.train.b2 = 0.95
@@ -404,6 +405,9 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "train.schedule", SCHEDULES)
   if not 0 <= t.end_lr_fraction <= 1:
     _fail("train.end_lr_fraction", t.end_lr_fraction, "must be in [0, 1]")
+  if not 0 <= t.cooldown_steps <= t.num_steps:
+    allowed = f"must be in [0, train.num_steps={t.num_steps}]"
+    _fail("train.cooldown_steps", t.cooldown_steps, allowed)
   if (
     not isinstance(t.skip_nonfinite_steps, int)
     or isinstance(t.skip_nonfinite_steps, bool)

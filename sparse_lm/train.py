@@ -60,18 +60,28 @@ NOT_ARCH_KEYS = ("model.moe.impl", "model.moe.decode_dispatch")  # how to comput
 
 
 def lr_schedule(t) -> optax.Schedule:
-  """Linear warmup, then cosine / inverse-sqrt decay, or constant."""
+  """Linear warmup, then cosine / inverse-sqrt decay, or constant; then, with
+  train.cooldown_steps = N > 0, the last N steps scale it linearly down to 0
+  (warmup-stable-decay, Hägele et al. 2024, "Scaling Laws and Compute-Optimal
+  Training Beyond Fixed Training Durations"). Before the cooldown the rate is
+  exactly the base schedule's, so a run resumed from a checkpoint before it
+  with a cooldown added trains as if it had had one from the start."""
   peak, warm = t.learning_rate, t.warmup_steps
   if t.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
+    base = optax.warmup_cosine_decay_schedule(
       0.0, peak, warm, max(t.num_steps, warm + 1), end_value=peak * t.end_lr_fraction
     )
-  warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
-  if t.schedule == "rsqrt":
-    decay = lambda s: peak * jnp.sqrt(max(warm, 1) / jnp.maximum(s + max(warm, 1), 1))
   else:
-    decay = optax.constant_schedule(peak)
-  return optax.join_schedules([warmup, decay], [warm])
+    warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
+    if t.schedule == "rsqrt":
+      decay = lambda s: peak * jnp.sqrt(max(warm, 1) / jnp.maximum(s + max(warm, 1), 1))
+    else:
+      decay = optax.constant_schedule(peak)
+    base = optax.join_schedules([warmup, decay], [warm])
+  n = t.get("cooldown_steps", 0)
+  if not n:
+    return base
+  return lambda s: base(s) * jnp.clip((t.num_steps - s) / n, 0.0, 1.0)
 
 
 def make_optimizer(t) -> optax.GradientTransformation:

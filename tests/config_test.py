@@ -3,9 +3,11 @@
 import importlib.util
 import pathlib
 
+import numpy as np
 import pytest
 
 from sparse_lm import config as cfglib
+from sparse_lm import train
 
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob("configs/*.py"))
 
@@ -53,6 +55,7 @@ BAD = [
   ("train.num_steps", 0, "must be a number > 0"),
   ("train.learning_rate", -1e-3, "must be a number > 0"),
   ("train.end_lr_fraction", 2.0, "must be in [0, 1]"),
+  ("train.cooldown_steps", 301, "must be in [0, train.num_steps=300]"),
   ("mesh", [("data", -1), ("expert", -1)], "at most one -1"),
   ("mesh", [("data", 0)], "sizes must be >= 1"),
 ]
@@ -159,3 +162,16 @@ def test_unknown_variant_is_one_line_error(path):
     pytest.skip("no variants")
   with pytest.raises(cfglib.ConfigError, match=f"{path.stem}.py variant 'nope' is unknown"):
     mod.get_config("nope")
+
+
+@pytest.mark.parametrize("schedule", ["rsqrt", "cosine", "constant"])
+def test_cooldown_keeps_the_schedule_then_decays_linearly_to_zero(schedule):
+  t = cfglib.base_config().train
+  t.schedule, t.num_steps, t.warmup_steps = schedule, 100, 10
+  base = train.lr_schedule(t)
+  t.cooldown_steps = 20
+  cooled = train.lr_schedule(t)
+  for s in range(80):  # bit for bit: a run resumed before the cooldown trains as if it had one
+    assert float(cooled(s)) == float(base(s)), s
+  for s in range(80, 101):
+    np.testing.assert_allclose(float(cooled(s)), float(base(s)) * (100 - s) / 20, rtol=1e-6)

@@ -35,6 +35,7 @@ LEARNING_RATE = 6e-3
 EXPERTS = (2, 4, 8, 16, 32)
 SEEDS = (0, 1, 2)
 SEEDED = (1, 8, 32)  # expert counts run with every seed (1 = dense)
+COOLDOWN_STEPS = 200  # the last 200 steps decay linearly to 0 (README.md, "Noise")
 NUM_STEPS = 1200  # 4.9M tokens; why: experiments/switch_vs_dense/README.md
 
 
@@ -53,6 +54,7 @@ def get_config(arg: str = "cpu"):
   t = c.train
   t.learning_rate, t.schedule, t.warmup_steps = LEARNING_RATE, "rsqrt", 100
   t.num_steps = NUM_STEPS
+  t.cooldown_steps = COOLDOWN_STEPS
   t.eval_every, t.eval_batches = 100, 16
   t.log_every, t.checkpoint_every = 25, 500
   if arg == "accel":
@@ -60,6 +62,7 @@ def get_config(arg: str = "cpu"):
     c.data.batch_size, c.data.seq_len, c.data.vocab_size = 64, 512, 8192
     m.dtype = "bfloat16"
     t.learning_rate, t.warmup_steps, t.num_steps = 1e-3, 500, 5_000
+    t.cooldown_steps = 1_000
     t.eval_every, t.checkpoint_every, t.log_every = 250, 1_000, 50
   return c
 
