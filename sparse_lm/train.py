@@ -672,7 +672,12 @@ def load_model(workdir: str, step: int | None = None, *, inference: bool = False
         f"was trained with (sha256 {want}); set --config.data.data_dir to the run's data dir"
       )
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager will not save
+  try:
+    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+  finally:
+    logging.set_verbosity(verbosity)
   steps = mngr.all_steps()
   step = mngr.latest_step() if step is None else step
   if step is None or step not in steps:

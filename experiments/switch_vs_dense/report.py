@@ -50,27 +50,43 @@ def seed_groups(sweep_file: str, workdir: str) -> dict[str, list[str]]:
   return out
 
 
-# A run's end loss: the mean of its last END_EVALS evals (steps 1000, 1100 and
-# 1200 here). The rsqrt schedule ends at a rate that still moves the weights,
-# so one eval is noisy (dense, one seed: 2.833 at step 1100, 2.884 at 1200);
-# README.md, "Noise", has the numbers that chose it.
-END_EVALS = 3
+# A run's end loss is its final eval, after the cooldown (the sweep's last
+# COOLDOWN_STEPS decay the rate linearly to 0). Without the cooldown the
+# rsqrt rate still moved the weights at the end, so one eval was noisy (dense
+# seed 0: 2.954 / 2.833 / 2.884 at steps 1000 / 1100 / 1200); README.md,
+# "Noise", has the numbers. Steps (and seconds) to the dense model's loss are
+# read on the stable phase before the cooldown, where every run has the same
+# rate at the same step: the trailing mean of STABLE_EVALS evals, up to step
+# NUM_STEPS - COOLDOWN_STEPS, against the dense model's (mean of seeds) there.
+STABLE_EVALS = 3
 
 
-def trailing(losses, k=END_EVALS):
+def trailing(losses, k=STABLE_EVALS):
   """Trailing mean over k evals (the first k - 1 points dropped)."""
   losses = np.asarray(losses, float)
   return np.convolve(losses, np.ones(k) / k, mode="valid")
 
 
-def end_curve(dirs: list[str]):
-  """(steps, trailing mean over END_EVALS evals of the seeds' mean curve)."""
+def stable_curve(dirs: list[str], last_step: int):
+  """(steps, trailing mean of the seeds' mean eval curve) up to last_step."""
   steps, mean, _ = plots.mean_curve(dirs)
-  return steps[END_EVALS - 1 :], trailing(mean)
+  keep = steps <= last_step
+  return steps[keep][STABLE_EVALS - 1 :], trailing(mean[keep])
 
 
 def end_loss(d: str) -> float:
-  return float(np.mean(plots.eval_curve(d)[1][-END_EVALS:]))
+  return float(plots.eval_curve(d)[1][-1])
+
+
+def no_cooldown_end(d: str) -> float | None:
+  """The mean of the last 3 evals of the run's first pass without the cooldown
+  (metrics_no_cooldown.jsonl: kept where a run was continued from its step
+  before the cooldown; README.md, "Noise")."""
+  path = os.path.join(d, "metrics_no_cooldown.jsonl")
+  if not os.path.exists(path):
+    return None
+  ev = [r["eval_loss"] for r in metricslib.read_jsonl(path) if "eval_loss" in r]
+  return float(np.mean(ev[-3:]))
 
 
 def end_stats(dirs: list[str]) -> tuple[float, float, list[float]]:
@@ -198,6 +214,7 @@ def main():
   try:
     if a.run:
       failed = sweeplib.run_all(CORE, a.workdir, a.parallel)
+      failed += sweeplib.run_all(LR_SWEEP, a.lr_workdir, a.parallel)
       failed += sweeplib.run_all(ABLATIONS, a.ablations_workdir, a.parallel)
       if failed:
         sys.exit(
@@ -220,9 +237,11 @@ def report(a):
     )
   sweep_mod = cfglib.load_module(SWEEP)
   dense = groups["num_experts=1"]
-  d_final = end_stats(dense)[0]  # the target: the dense model's end loss (mean over seeds)
+  d_final = end_stats(dense)[0]  # the dense model's end loss (mean over seeds)
   d_last = float(plots.mean_curve(dense)[0][-1])
-  d_wall = seconds_at(dense, d_last)
+  stop = sweep_mod.NUM_STEPS - sweep_mod.COOLDOWN_STEPS  # the stable phase's last step
+  d_target = float(stable_curve(dense, stop)[1][-1])  # the dense loss steps are counted to
+  d_wall = seconds_at(dense, stop)
   moe_points = [p for p in groups if p != "num_experts=1"]
   experts = [experts_of(p) for p in moe_points]
 
@@ -231,8 +250,8 @@ def report(a):
   for p in ["num_experts=1"] + moe_points:
     r, dirs = core[p], groups[p]
     e_mean, e_std, per_seed_end = end_stats(dirs)
-    s = first_step_at(*end_curve(dirs), d_final) if p != "num_experts=1" else d_last
-    per_seed = [first_step_at(*end_curve([d]), d_final) for d in dirs]
+    s = first_step_at(*stable_curve(dirs, stop), d_target) if p != "num_experts=1" else stop
+    per_seed = [first_step_at(*stable_curve([d], stop), d_target) for d in dirs]
     wall = seconds_at(dirs, s) if s is not None else None
     rows.append(
       {
@@ -249,10 +268,11 @@ def report(a):
         "last_eval_loss": r["final_eval_loss"],
         "last_eval_loss_std": r["final_eval_loss_std"],
         "minus_dense": e_mean - d_final,
-        "steps_to_dense_final": s,
-        "per_seed_steps_to_dense_final": per_seed,
-        "step_ratio": None if s is None else s / d_last,
-        "seconds_to_dense_final": wall,
+        "no_cooldown_end": [no_cooldown_end(d) for d in dirs],
+        "steps_to_dense": s,
+        "per_seed_steps_to_dense": per_seed,
+        "step_ratio": None if s is None else s / stop,
+        "seconds_to_dense": wall,
         "time_ratio": None if wall is None else wall / d_wall,
         "tokens_per_s": r["tokens_per_s"],
         "dropped_fraction": dropped(dirs),
@@ -294,7 +314,7 @@ def report(a):
         ref = "num_experts=8"
       ref_final = end_loss(groups[ref][0])
       r_end = end_loss(abl_groups[p][0])
-      s = first_step_at(*end_curve(abl_groups[p][:1]), d_final)
+      s = first_step_at(*stable_curve(abl_groups[p][:1], stop), d_target)
       abl_rows.append(
         {
           "point": p,
@@ -306,7 +326,7 @@ def report(a):
           "last_eval_loss": r["final_eval_loss"],
           "minus_reference": r_end - ref_final,
           "minus_dense": r_end - d_final,
-          "steps_to_dense_final": s,
+          "steps_to_dense": s,
           "tokens_per_s": r["tokens_per_s"],
           "dropped_fraction": dropped(abl_groups[p]),
           "dirs": abl_groups[p],
@@ -339,15 +359,15 @@ def report(a):
     means,
     out("loss_vs_experts.png"),
     dense_loss=d_final,
-    title=f"end loss (mean of the evals at the last {END_EVALS}), +- std",
+    title="final eval loss (after the cooldown), +- std over seeds",
     stds=[by_e[e]["end_loss_std"] for e in [1] + experts],
     fits=fit_lines,
   )
   speed = lambda key, base: [base / by_e[e][key] if by_e[e][key] else float("nan") for e in experts]
   plots.speedup_vs_experts(
     experts,
-    speed("steps_to_dense_final", d_last),
-    speed("seconds_to_dense_final", d_wall),
+    speed("steps_to_dense", stop),
+    speed("seconds_to_dense", d_wall),
     out("speedup_vs_experts.png"),
   )
   if abl_rows:
@@ -363,10 +383,13 @@ def report(a):
   n_runs = sum(len(v) for v in groups.values())
   L = [
     f"Core grid: `{CORE}`, {n_runs} runs; ablations: `{ABLATIONS}`, {len(abl_rows)} runs. "
-    f"End loss = the mean of a run's evals at its last {END_EVALS} eval steps; +- is the "
-    "sample standard deviation over seeds (a seed sets the init and the data order). Dense "
-    f"end loss {d_final:.4f} +- {by_e[1]['end_loss_std']:.4f} ({by_e[1]['n']} seeds), step "
-    f"{int(d_last)}, {d_wall:.0f} s of training.",
+    f"End loss = a run's final eval (step {int(d_last)}, after the last "
+    f"{sweep_mod.COOLDOWN_STEPS} steps' cooldown to a rate of 0); +- is the sample "
+    "standard deviation over seeds (a seed sets the init and the data order). Dense end "
+    f"loss {d_final:.4f} +- {by_e[1]['end_loss_std']:.4f} ({by_e[1]['n']} seeds). Steps to "
+    f"dense: the step at which a run's trailing mean of {STABLE_EVALS} evals reaches the "
+    f"dense model's at step {stop}, the last before the cooldown ({d_target:.4f}; "
+    f"{d_wall:.0f} s of training), so both are read at the same rate.",
     "",
   ]
   L.append(
@@ -390,14 +413,14 @@ def report(a):
     )
   r_max = by_e[e_max]
   L.append(
-    f"- E={e_max} reaches the dense model's end loss at step "
-    f"{fmt(r_max['steps_to_dense_final'], '.0f')} = {fmt(r_max['step_ratio'], '.2f')}x "
+    f"- E={e_max} reaches the dense model's step-{stop} loss at step "
+    f"{fmt(r_max['steps_to_dense'], '.0f')} = {fmt(r_max['step_ratio'], '.2f')}x "
     f"the dense model's steps; in training time, {fmt(r_max['time_ratio'], '.2f')}x."
   )
   L += [
     "",
     "| run | seeds | total / active params | train FLOPs/token | end loss | minus dense "
-    "| last eval | steps to dense end | x dense steps | time to dense end (s) | x dense time "
+    "| last eval | steps to dense | x dense steps | time to dense (s) | x dense time "
     "| tokens/s | train dropped |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
@@ -407,13 +430,13 @@ def report(a):
       f"{row['active_params']:,} | {row['train_flops_per_token']:.3g} | "
       f"{row['end_loss']:.4f} +- {row['end_loss_std']:.4f} | {row['minus_dense']:+.4f} | "
       f"{row['last_eval_loss']:.4f} +- {row['last_eval_loss_std']:.4f} | "
-      f"{fmt(row['steps_to_dense_final'], '.0f')} | {fmt(row['step_ratio'], '.2f')} | "
-      f"{fmt(row['seconds_to_dense_final'], '.0f')} | {fmt(row['time_ratio'], '.2f')} | "
+      f"{fmt(row['steps_to_dense'], '.0f')} | {fmt(row['step_ratio'], '.2f')} | "
+      f"{fmt(row['seconds_to_dense'], '.0f')} | {fmt(row['time_ratio'], '.2f')} | "
       f"{row['tokens_per_s']:,.0f} | {fmt(row['dropped_fraction'], '.3f')} |"
     )
   L += [
     "",
-    "Per seed (end loss / step at which the run's trailing mean reaches the dense end loss):",
+    "Per seed (end loss / steps to dense):",
     "",
   ]
   for row in rows:
@@ -422,10 +445,27 @@ def report(a):
         f"- {label(row['point'])}: "
         + ", ".join(
           f"seed {s}: {x:.4f} / {fmt(st, '.0f')}"
-          for s, x, st in zip(
-            row["seeds"], row["per_seed_end"], row["per_seed_steps_to_dense_final"]
-          )
+          for s, x, st in zip(row["seeds"], row["per_seed_end"], row["per_seed_steps_to_dense"])
         )
+      )
+  if all(x is not None for row in rows for x in row["no_cooldown_end"]):
+    nc = {row["experts"]: row["no_cooldown_end"] for row in rows}
+    nc_dense = float(np.mean(nc[1]))
+    L += [
+      "",
+      "The same runs before the cooldown was added (their first pass: rsqrt to the last "
+      "step; end = the mean of the last 3 evals, since one eval was too noisy), continued "
+      f"from their step-{stop} checkpoint with the cooldown to give the table above:",
+      "",
+      "| run | seeds | end loss without cooldown | minus dense | with cooldown |",
+      "|---|---|---|---|---|",
+    ]
+    for row in rows:
+      xs = nc[row["experts"]]
+      sd = f" +- {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else ""
+      L.append(
+        f"| {label(row['point'])} | {row['n']} | {np.mean(xs):.4f}{sd} | "
+        f"{np.mean(xs) - nc_dense:+.4f} | {row['end_loss']:.4f} +- {row['end_loss_std']:.4f} |"
       )
   L += [
     "",
@@ -450,7 +490,7 @@ def report(a):
       "run named there, whose seed-to-seed std is in the table above):",
       "",
       "| run | reference | total / active params | train FLOPs/token | end loss | last eval "
-      "| minus reference | minus dense | steps to dense end | tokens/s | train dropped |",
+      "| minus reference | minus dense | steps to dense | tokens/s | train dropped |",
       "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in abl_rows:
@@ -458,7 +498,7 @@ def report(a):
         f"| {r['point']} | {r['reference']} | {r['total_params']:,} / "
         f"{r['active_params']:,} | {r['train_flops_per_token']:.3g} | "
         f"{r['end_loss']:.4f} | {r['last_eval_loss']:.4f} | {r['minus_reference']:+.4f} | "
-        f"{r['minus_dense']:+.4f} | {fmt(r['steps_to_dense_final'], '.0f')} | "
+        f"{r['minus_dense']:+.4f} | {fmt(r['steps_to_dense'], '.0f')} | "
         f"{r['tokens_per_s']:,.0f} | {fmt(r['dropped_fraction'], '.3f')} |"
       )
   for r in [r for r in abl_rows if "d_ff=" in r["point"] and experts_of(r["point"]) == 1]:
@@ -521,7 +561,10 @@ def report(a):
       {
         "core_sweep": CORE,
         "ablations_sweep": ABLATIONS,
-        "end_evals": END_EVALS,
+        "end": "final eval, after the cooldown",
+        "stable_evals": STABLE_EVALS,
+        "stable_last_step": stop,
+        "dense_stable_loss": d_target,
         "learning_rate": sweep_mod.LEARNING_RATE,
         "dense_end_loss": d_final,
         "dense_steps": d_last,
