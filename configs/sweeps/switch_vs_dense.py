@@ -81,6 +81,7 @@ def sweep(add, arg: str = "cpu"):
   # Dense matched on total parameters with E=4 (d_ff x 4; 2.1x the FLOPs per token).
   add(**{"model.moe.num_experts": 1, "model.d_ff": 4 * 512})
   add(**{"model.moe.num_experts": 32, "train.learning_rate": LEARNING_RATE / 2})
+  add(**{"model.moe.num_experts": 8, "train.learning_rate": LEARNING_RATE * 2})
   # Last, so that a short session drops them first (the order the results table keeps).
   add(**{"model.moe.num_experts": 8, "model.moe.jitter": 1e-2})
   for e in (1, 8):  # the paper's reduced init (section 2.4) for every weight

@@ -53,7 +53,7 @@ def seed_groups(sweep_file: str, workdir: str) -> dict[str, list[str]]:
 # A run's end loss is its final eval, after the cooldown (the sweep's last
 # COOLDOWN_STEPS decay the rate linearly to 0). Without the cooldown the
 # rsqrt rate still moved the weights at the end, so one eval was noisy (dense
-# seed 0: 2.954 / 2.833 / 2.884 at steps 1000 / 1100 / 1200); README.md,
+# seed 0: 2.875 / 2.833 / 2.884 at steps 1000 / 1100 / 1200); README.md,
 # "Noise", has the numbers. Steps (and seconds) to the dense model's loss are
 # read on the stable phase before the cooldown, where every run has the same
 # rate at the same step: the trailing mean of STABLE_EVALS evals, up to step
@@ -448,19 +448,20 @@ def report(a):
           for s, x, st in zip(row["seeds"], row["per_seed_end"], row["per_seed_steps_to_dense"])
         )
       )
-  if all(x is not None for row in rows for x in row["no_cooldown_end"]):
-    nc = {row["experts"]: row["no_cooldown_end"] for row in rows}
+  nc = {r["experts"]: r["no_cooldown_end"] for r in rows if None not in r["no_cooldown_end"]}
+  if 1 in nc:
     nc_dense = float(np.mean(nc[1]))
     L += [
       "",
       "The same runs before the cooldown was added (their first pass: rsqrt to the last "
       "step; end = the mean of the last 3 evals, since one eval was too noisy), continued "
-      f"from their step-{stop} checkpoint with the cooldown to give the table above:",
+      f"from their step-{stop} checkpoint with the cooldown to give the table above; the "
+      "points not listed ran with the cooldown from the start):",
       "",
       "| run | seeds | end loss without cooldown | minus dense | with cooldown |",
       "|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in [r for r in rows if r["experts"] in nc]:
       xs = nc[row["experts"]]
       sd = f" +- {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else ""
       L.append(
