@@ -11,7 +11,8 @@ tokenizer, --batches batches of the run's batch size and sequence length. MoE
 layers run as in the run's evaluation (eval_capacity_factor). Prints a table
 and, with --output, writes JSON: loss, perplexity, tokens, and per MoE layer
 the expert load (fraction of assignments per expert), the dropped fraction,
-the router entropy and the load-balance loss, averaged over the batches.
+the router entropy, the load-balance loss and (token-choice routers) the mean
+chosen gate, averaged over the batches.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ _BATCHES = flags.DEFINE_integer("batches", None, "Batches (default: the run's ev
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 flags.mark_flags_as_required(["workdir"])
 
-STATS = ("expert_fraction", "dropped_fraction", "router_entropy", "load_balance_loss")
+# gate_mean: token-choice routers only (the mean summed gate of the chosen experts).
+STATS = ("expert_fraction", "dropped_fraction", "router_entropy", "load_balance_loss", "gate_mean")
 
 
 def evaluate(workdir: str, step=None, split=None, dataset=None, batches=None) -> dict:
@@ -81,7 +83,9 @@ def evaluate(workdir: str, step=None, split=None, dataset=None, batches=None) ->
   }
   for i, layer in enumerate(moe_layer_indices(c.model)):
     out["moe_layers"][str(layer)] = {
-      k: np.mean([np.asarray(m[i][k]) for m in moes], axis=0).tolist() for k in STATS
+      k: np.mean([np.asarray(m[i][k]) for m in moes], axis=0).tolist()
+      for k in STATS
+      if k in moes[0][i]
     }
   return out
 
@@ -99,12 +103,15 @@ def table(r: dict) -> str:
     f"  loss {r['loss']:.4f}   perplexity {r['perplexity']:.2f}",
   ]
   if r["moe_layers"]:
-    lines.append(f"  {'layer':>5} {'dropped':>8} {'entropy':>8} {'balance':>8}  expert load")
+    lines.append(
+      f"  {'layer':>5} {'dropped':>8} {'entropy':>8} {'balance':>8} {'gate':>6}  expert load"
+    )
     for layer, s in r["moe_layers"].items():
       load = " ".join(f"{x:.2f}" for x in s["expert_fraction"])
+      gate = f"{s['gate_mean']:>6.3f}" if "gate_mean" in s else f"{'-':>6}"
       lines.append(
         f"  {layer:>5} {s['dropped_fraction']:>8.4f} {s['router_entropy']:>8.3f} "
-        f"{s['load_balance_loss']:>8.3f}  {load}"
+        f"{s['load_balance_loss']:>8.3f} {gate}  {load}"
       )
   return "\n".join(lines)
 

@@ -112,6 +112,7 @@ def test_evaluate_reproduces_the_runs_eval_loss(trained, tmp_path):
   assert r["step"] == 40 and r["split"] == "validation" and r["tokens"] == 2 * 8 * 64
   layer = r["moe_layers"]["1"]
   assert len(layer["expert_fraction"]) == 8 and abs(sum(layer["expert_fraction"]) - 1) < 1e-5
+  assert 0 < layer["gate_mean"] <= 1 + 1e-6, layer["gate_mean"]  # the chosen gates' mean sum
   assert "perplexity" in p.stdout or "loss" in p.stdout
 
 

@@ -186,6 +186,17 @@ def test_load_balance_and_z_loss_by_hand():
   np.testing.assert_allclose(r.aux["load_loss"], cnt.var() / cnt.mean() ** 2, rtol=1e-5)
 
 
+def test_gate_mean_is_the_mean_chosen_gate_of_real_tokens():
+  # Switch (eq. 2): the gate is the top-1 softmax probability; the padding
+  # token (mask 0) does not count. topk with renormalised gates sums to 1.
+  mask = jnp.array([1.0, 1.0, 0.0])
+  r = route(jnp.asarray(LOGITS), moe_cfg(router="switch", top_k=1), mask_T=mask, train=False)
+  want = softmax(LOGITS).max(-1)[:2].mean()
+  np.testing.assert_allclose(r.aux["gate_mean"], want, rtol=1e-6)
+  r = route(jnp.asarray(LOGITS), moe_cfg(router="topk", top_k=2), mask_T=mask, train=False)
+  np.testing.assert_allclose(r.aux["gate_mean"], 1.0, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
   "router,k", [("topk", 2), ("mixtral", 2), ("sigmoid_bias", 3), ("switch", 1)]
 )

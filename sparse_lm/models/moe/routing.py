@@ -32,7 +32,8 @@ Auxiliary terms, all over real tokens only (mask 1; padding is excluded):
                      estimator (probability of being in the top-k under fresh
                      noise) when noisy gating is on in training, else counts.
 Diagnostics: expert_fraction [E] (= f), max_vio (max load / mean load - 1),
-router_entropy (mean over tokens), empty_experts (experts with no assignment).
+router_entropy (mean over tokens), empty_experts (experts with no assignment),
+gate_mean (token-choice routers: mean over tokens of the summed chosen gates).
 """
 
 from __future__ import annotations
@@ -180,6 +181,10 @@ def _token_choice(
     mask_T=mask_T,
     balance_counts_E=balance_counts_E,
   )
+  # How much of each expert's output reaches the residual stream (before
+  # capacity drops): Switch's gate is p_i(x) (eq. 2), so a near-uniform
+  # router over many experts scales each expert's output down.
+  aux["gate_mean"] = _masked_mean(jnp.sum(gate_TxK, -1), mask_T)
   return Routing(expert_TxK, gate_TxK, valid_TxK, aux)
 
 
