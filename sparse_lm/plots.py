@@ -94,6 +94,21 @@ def loss_curves(
   return _finish(fig, ax, out, title)
 
 
+def gap_curves(pairs: dict[str, tuple], out: str, title: str = "") -> str:
+  """Eval loss of one run minus another's at their common steps, per pair:
+  {label: (runs, reference runs)}, each a run folder or a list of seeds."""
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for name, (runs, ref) in pairs.items():
+    steps, losses, _ = mean_curve(runs)
+    base = dict(zip(*mean_curve(ref)[:2]))
+    keep = [i for i, s in enumerate(steps) if s in base]
+    ax.plot(steps[keep], losses[keep] - [base[steps[i]] for i in keep], marker=".", label=name)
+  ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("validation loss minus the reference's")
+  return _finish(fig, ax, out, title)
+
+
 def _finish(fig, ax, out: str, title: str) -> str:
   ax.set_title(title)
   ax.grid(alpha=0.3)

@@ -19,5 +19,5 @@ def get_config(arg: str = "cpu"):
 
 def sweep(add):
   base = cfglib.load_module("configs/sweeps/switch_vs_dense.py").LEARNING_RATE
-  for lr in (base * 2, base / 2, base * 4):
+  for lr in (base / 2, base * 2):
     add(**{"train.learning_rate": lr})

@@ -9,7 +9,8 @@ from whatever the two sweep folders hold. Writes into this folder:
 results.md (every table), results.csv (the core grid, seeds aggregated),
 results.json (core, ablations and the fitted laws), and the plots
 loss_vs_step.png, loss_minus_dense.png, loss_vs_wall.png, loss_vs_experts.png,
-speedup_vs_experts.png, ablations_minus_dense.png, expert_load_e32.png.
+speedup_vs_experts.png, ablations_minus_dense.png, expert_load_e32.png,
+why_e32_minus_e8.png.
 Every number comes from the runs' metrics.jsonl.
 """
 
@@ -20,6 +21,7 @@ import csv
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -34,7 +36,7 @@ from sparse_lm import sweep as sweeplib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = "configs/sweeps/switch_vs_dense.py"
-CORE, ABLATIONS = SWEEP, SWEEP + ":ablations"
+CORE, ABLATIONS, WHY = SWEEP, SWEEP + ":ablations", SWEEP + ":why"
 LR_SWEEP = "configs/sweeps/dense_lr.py"
 
 
@@ -125,6 +127,33 @@ def dropped(dirs: list[str]) -> float | None:
   return float(np.mean(vals)) if vals else None
 
 
+def routing_at_end(dirs: list[str], batches: int = 4) -> tuple[float | None, float | None]:
+  """(chosen gate, router entropy) of the final checkpoints on `batches`
+  validation batches, means over MoE layers and seeds (None for dense). The
+  Switch gate is the chosen expert's probability (Fedus et al. eq. 2): a
+  router that stays near uniform over E experts passes about 1/E of each
+  expert's output on (README.md, "Why the gain peaks")."""
+  gates, ents = [], []
+  for d in dirs:
+    ckpts = [int(x) for x in os.listdir(os.path.join(d, "checkpoints")) if x.isdigit()]
+    # Cached in the run's folder, per checkpoint step: made once per run.
+    path = os.path.join(d, f"evaluate_step{max(ckpts)}_batches{batches}.json")
+    if not os.path.exists(path):
+      cmd = [sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={d}"]
+      p = subprocess.run(
+        cmd + [f"--batches={batches}", f"--output={path}"], capture_output=True, text=True
+      )
+      if p.returncode != 0:
+        raise cfglib.ConfigError(f"sparse_lm.evaluate failed on {d}: {p.stderr.strip()[-300:]}")
+    with open(path) as f:
+      layers = json.load(f)["moe_layers"].values()
+    if not layers or "gate_mean" not in next(iter(layers)):
+      return None, None
+    gates.append(np.mean([s["gate_mean"] for s in layers]))
+    ents.append(np.mean([s["router_entropy"] for s in layers]))
+  return float(np.mean(gates)), float(np.mean(ents))
+
+
 def experts_of(point: str) -> int:
   return int(dict(kv.split("=") for kv in point.split(","))["num_experts"])
 
@@ -198,17 +227,84 @@ def fmt(x, spec=".4f", none="-"):
   return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def side_rows(sweep_file, workdir, groups, stop, d_target, d_final, e_max) -> list[dict]:
+  """One row per finished point of a one-seed side sweep (ablations, why),
+  against the core grid's seed-0 run of its E (E=8 where the grid has none)."""
+  rows = []
+  if not os.path.isdir(workdir):
+    return rows
+  side = {r["point"]: r for r in sweeplib.collect(sweep_file, workdir)}
+  side_groups = seed_groups(sweep_file, workdir)
+  for p, r in side.items():
+    if not r["done"]:
+      continue
+    ref = "num_experts=1" if experts_of(p) == 1 else f"num_experts={min(experts_of(p), e_max)}"
+    if ref not in groups:
+      ref = "num_experts=8"
+    dirs = side_groups[p]
+    r_end = end_loss(dirs[0])
+    rows.append(
+      {
+        "point": p,
+        "reference": f"{ref} (seed 0)",
+        "total_params": r["total_params"],
+        "active_params": r["active_params"],
+        "train_flops_per_token": r["train_flops_per_token"],
+        "end_loss": r_end,
+        "last_eval_loss": r["final_eval_loss"],
+        "minus_reference": r_end - end_loss(groups[ref][0]),
+        "minus_dense": r_end - d_final,
+        "steps_to_dense": first_step_at(*stable_curve(dirs[:1], stop), d_target),
+        "tokens_per_s": r["tokens_per_s"],
+        "dropped_fraction": dropped(dirs),
+        **dict(zip(("end_gate", "end_router_entropy"), routing_at_end(dirs))),
+        "dirs": dirs,
+      }
+    )
+  return rows
+
+
+def side_table(title: str, rows: list[dict]) -> list[str]:
+  if not rows:
+    return []
+  L = [
+    "",
+    title,
+    "",
+    "| run | reference | total / active params | train FLOPs/token | end loss | last eval "
+    "| minus reference | minus dense | steps to dense | tokens/s | train dropped | end gate |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    L.append(
+      f"| {r['point']} | {r['reference']} | {r['total_params']:,} / "
+      f"{r['active_params']:,} | {r['train_flops_per_token']:.3g} | "
+      f"{r['end_loss']:.4f} | {r['last_eval_loss']:.4f} | {r['minus_reference']:+.4f} | "
+      f"{r['minus_dense']:+.4f} | {fmt(r['steps_to_dense'], '.0f')} | "
+      f"{r['tokens_per_s']:,.0f} | {fmt(r['dropped_fraction'], '.3f')} | "
+      f"{fmt(r['end_gate'], '.3f')} |"
+    )
+  return L
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--run", action="store_true", help="run (or resume) both sweeps first")
   ap.add_argument("--workdir", default="runs/switch_vs_dense", help="the core grid's sweep folder")
   ap.add_argument("--ablations_workdir", default="runs/switch_vs_dense_ablations")
+  ap.add_argument("--why_workdir", default="runs/switch_vs_dense_why")
   ap.add_argument(
     "--lr_workdir",
     default="runs/dense_lr",
     help="configs/sweeps/dense_lr.py's folder, for the learning-rate table",
   )
-  ap.add_argument("--parallel", type=int, default=1, help="points at a time (--run)")
+  ap.add_argument(
+    "--parallel",
+    type=int,
+    default=2,
+    help="points at a time (--run); on 2 CPU cores, 2 at a time train at about the "
+    "speed of one alone each (README.md, 'Wall time')",
+  )
   ap.add_argument("--out", default=HERE)
   a = ap.parse_args()
   try:
@@ -216,6 +312,7 @@ def main():
       failed = sweeplib.run_all(CORE, a.workdir, a.parallel)
       failed += sweeplib.run_all(LR_SWEEP, a.lr_workdir, a.parallel)
       failed += sweeplib.run_all(ABLATIONS, a.ablations_workdir, a.parallel)
+      failed += sweeplib.run_all(WHY, a.why_workdir, a.parallel)
       if failed:
         sys.exit(
           f"report.py: {len(failed)} point(s) failed ({', '.join(failed)}); "
@@ -276,6 +373,7 @@ def report(a):
         "time_ratio": None if wall is None else wall / d_wall,
         "tokens_per_s": r["tokens_per_s"],
         "dropped_fraction": dropped(dirs),
+        **dict(zip(("end_gate", "end_router_entropy"), routing_at_end(dirs))),
       }
     )
   by_e = {row["experts"]: row for row in rows}
@@ -284,6 +382,7 @@ def report(a):
   e_max = max(experts)
   gain = d_final - by_e[e_max]["end_loss"]
   noise = max(by_e[1]["end_loss_std"], by_e[e_max]["end_loss_std"])
+  gain_x = gain / noise if noise else math.inf
   # Paired by seed: a seed's dense and MoE runs share the data order, so their
   # difference removes the part of the seed-to-seed noise they have in common.
   d_seed = dict(zip(by_e[1]["seeds"], by_e[1]["per_seed_end"]))
@@ -301,37 +400,12 @@ def report(a):
     fits[name] = f
   chosen = min(fits, key=lambda k: fits[k]["loo_rmse"])
 
-  # ---- ablations (seed 0; compared with seed 0 of the core points)
-  abl_rows = []
-  if os.path.isdir(a.ablations_workdir):
-    abl = {r["point"]: r for r in sweeplib.collect(ABLATIONS, a.ablations_workdir)}
-    abl_groups = seed_groups(ABLATIONS, a.ablations_workdir)
-    for p, r in abl.items():
-      if not r["done"]:
-        continue
-      ref = "num_experts=1" if experts_of(p) == 1 else f"num_experts={min(experts_of(p), e_max)}"
-      if ref not in groups:
-        ref = "num_experts=8"
-      ref_final = end_loss(groups[ref][0])
-      r_end = end_loss(abl_groups[p][0])
-      s = first_step_at(*stable_curve(abl_groups[p][:1], stop), d_target)
-      abl_rows.append(
-        {
-          "point": p,
-          "reference": f"{ref} (seed 0)",
-          "total_params": r["total_params"],
-          "active_params": r["active_params"],
-          "train_flops_per_token": r["train_flops_per_token"],
-          "end_loss": r_end,
-          "last_eval_loss": r["final_eval_loss"],
-          "minus_reference": r_end - ref_final,
-          "minus_dense": r_end - d_final,
-          "steps_to_dense": s,
-          "tokens_per_s": r["tokens_per_s"],
-          "dropped_fraction": dropped(abl_groups[p]),
-          "dirs": abl_groups[p],
-        }
-      )
+  # ---- ablations and the "why" runs (seed 0; against seed 0 of the core points)
+  side = lambda sweep_file, workdir: side_rows(
+    sweep_file, workdir, groups, stop, d_target, d_final, max(experts)
+  )
+  abl_rows = side(ABLATIONS, a.ablations_workdir)
+  why_rows = side(WHY, a.why_workdir)
 
   # ---- plots
   def label(p):
@@ -378,6 +452,24 @@ def report(a):
       relative_to=dense,
     )
   plots.expert_load(groups[f"num_experts={e_max}"][0], out(f"expert_load_e{e_max}.png"))
+  why = {r["point"]: r["dirs"] for r in why_rows}
+  pairs = {
+    f"core grid, {int(d_last)} steps (seed 0)": (
+      groups["num_experts=32"][:1],
+      groups["num_experts=8"][:1],
+    )
+  }
+  for a_, b_, name in (
+    ("num_experts=32,num_steps=", "num_experts=8,num_steps=", "twice the steps"),
+    ("num_experts=32,dispatch=dropless", "num_experts=8,dispatch=dropless", "dropless"),
+    ("num_experts=32,router=sigmoid_bias", "num_experts=8,router=sigmoid_bias", "sigmoid gate"),
+  ):
+    x = [v for k, v in why.items() if k.startswith(a_)]
+    y = [v for k, v in why.items() if k.startswith(b_)]
+    if x and y:
+      pairs[name] = (x[0], y[0])
+  title = "MoE E=32 minus E=8, seed 0 (core: Switch, capacity 1.25)"
+  plots.gap_curves(pairs, out("why_e32_minus_e8.png"), title)
 
   # ---- results.md
   n_runs = sum(len(v) for v in groups.values())
@@ -400,7 +492,7 @@ def report(a):
     + ")."
   )
   L.append(
-    f"- E={e_max} gain over dense: {gain:.4f} nats = {gain / noise:.1f}x the larger "
+    f"- E={e_max} gain over dense: {gain:.4f} nats = {gain_x:.1f}x the larger "
     f"seed-to-seed std ({noise:.4f})."
   )
   pd = by_e[e_max]["paired_minus_dense"]
@@ -421,8 +513,8 @@ def report(a):
     "",
     "| run | seeds | total / active params | train FLOPs/token | end loss | minus dense "
     "| last eval | steps to dense | x dense steps | time to dense (s) | x dense time "
-    "| tokens/s | train dropped |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| tokens/s | train dropped | end gate | end router entropy |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for row in rows:
     L.append(
@@ -432,7 +524,8 @@ def report(a):
       f"{row['last_eval_loss']:.4f} +- {row['last_eval_loss_std']:.4f} | "
       f"{fmt(row['steps_to_dense'], '.0f')} | {fmt(row['step_ratio'], '.2f')} | "
       f"{fmt(row['seconds_to_dense'], '.0f')} | {fmt(row['time_ratio'], '.2f')} | "
-      f"{row['tokens_per_s']:,.0f} | {fmt(row['dropped_fraction'], '.3f')} |"
+      f"{row['tokens_per_s']:,.0f} | {fmt(row['dropped_fraction'], '.3f')} | "
+      f"{fmt(row['end_gate'], '.3f')} | {fmt(row['end_router_entropy'], '.2f')} |"
     )
   L += [
     "",
@@ -484,24 +577,16 @@ def report(a):
       f"{f['rmse']:.4f} | {f['loo_rmse']:.4f} |"
     )
   L += ["", f"The points call for the **{chosen}** form (smaller leave-one-out error)."]
-  if abl_rows:
-    L += [
-      "",
-      "Ablations (one seed, seed 0; 'minus reference' is against the core grid's seed-0 "
-      "run named there, whose seed-to-seed std is in the table above):",
-      "",
-      "| run | reference | total / active params | train FLOPs/token | end loss | last eval "
-      "| minus reference | minus dense | steps to dense | tokens/s | train dropped |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in abl_rows:
-      L.append(
-        f"| {r['point']} | {r['reference']} | {r['total_params']:,} / "
-        f"{r['active_params']:,} | {r['train_flops_per_token']:.3g} | "
-        f"{r['end_loss']:.4f} | {r['last_eval_loss']:.4f} | {r['minus_reference']:+.4f} | "
-        f"{r['minus_dense']:+.4f} | {fmt(r['steps_to_dense'], '.0f')} | "
-        f"{r['tokens_per_s']:,.0f} | {fmt(r['dropped_fraction'], '.3f')} |"
-      )
+  L += side_table(
+    "Ablations (one seed, seed 0; 'minus reference' is against the core grid's seed-0 "
+    "run named there, whose seed-to-seed std is in the table above):",
+    abl_rows,
+  )
+  L += side_table(
+    f"Why the gain peaks (`{WHY}`, seed 0; end gate: the mean chosen gate of the final "
+    "checkpoint on 4 validation batches, mean over MoE layers):",
+    why_rows,
+  )
   for r in [r for r in abl_rows if "d_ff=" in r["point"] and experts_of(r["point"]) == 1]:
     twin = min(experts, key=lambda x: abs(by_e[x]["total_params"] - r["total_params"]))
     gap = d_final - r["end_loss"]
@@ -570,11 +655,13 @@ def report(a):
         "dense_end_loss": d_final,
         "dense_steps": d_last,
         "strictly_decreasing": decreasing,
-        "gain_over_std": gain / noise,
+        "gain_over_std": gain_x,
         "core": rows,
         "fits": {k: strip(v) for k, v in fits.items()},
         "chosen_fit": chosen,
         "ablations": [strip(r) for r in abl_rows],
+        "why_sweep": WHY,
+        "why": [strip(r) for r in why_rows],
         "dense_learning_rates": lr_rows,
       },
       f,
