@@ -1,20 +1,26 @@
 r"""Switch vs dense (Fedus et al. 2021, figures 1 and 4, table 1) at CPU scale.
 
-  python experiments/switch_vs_dense/report.py --run     # both sweeps + the report
+  python experiments/switch_vs_dense/report.py --run     # every sweep + the report
 
-which runs, then reports on:
+which runs (two points at a time), then reports on:
   python -m sparse_lm.sweep --config=configs/sweeps/switch_vs_dense.py \
-      --workdir=runs/switch_vs_dense
+      --workdir=runs/switch_vs_dense --parallel=2
+  python -m sparse_lm.sweep --config=configs/sweeps/dense_lr.py --workdir=runs/dense_lr
   python -m sparse_lm.sweep --config=configs/sweeps/switch_vs_dense.py:ablations \
-      --workdir=runs/switch_vs_dense_ablations
+      --workdir=runs/switch_vs_dense_ablations --parallel=2
+  python -m sparse_lm.sweep --config=configs/sweeps/switch_vs_dense.py:why \
+      --workdir=runs/switch_vs_dense_why --parallel=2
 
 Arg (after ':'):
-  cpu        the core grid (default; about 2 hours on 2 CPU cores): dense and
-             Switch E = 2, 4, 8, 16, 32, with 3 seeds at dense, E=8 and E=32.
-  ablations  one seed each (about 1 hour): table 1's capacity factors 1.0 and
-             2.0 and top-2 at E=8, jitter on, the paper's init s=0.1 for dense
-             and E=8, a dense model matched on total parameters, and E=32 at
-             a second learning rate.
+  cpu        the core grid (default; 12 runs, about 1 hour on 2 CPU cores two
+             at a time): dense and Switch E = 2, 4, 8, 16, 32, with 3 seeds at
+             dense, E=8 and E=32.
+  ablations  one seed each (8 runs, about 45 minutes): E=32 at a second
+             learning rate, table 1's capacity factors 1.0 and 2.0 and top-2
+             at E=8, a dense model matched on total parameters, jitter on,
+             the paper's init s=0.1 for dense and E=8.
+  why        one seed each at E=8 and E=32 (about 40 minutes): twice the
+             steps, dropless dispatch, a sigmoid gate; why the gain peaks.
   accel      the core grid at d_model 512 / 8 layers for one GPU or TPU host.
 
 Every point has the same active FLOPs per token: top-1 Switch layers in every
@@ -30,7 +36,8 @@ and the data order together. Sizing: experiments/switch_vs_dense/README.md.
 
 from sparse_lm import config as cfglib
 
-# The dense baseline's tuned learning rate at this horizon (configs/sweeps/dense_lr.py).
+# The dense baseline's tuned learning rate at this horizon, with the cooldown
+# (configs/sweeps/dense_lr.py; experiments/switch_vs_dense/README.md).
 LEARNING_RATE = 1.2e-2
 EXPERTS = (2, 4, 8, 16, 32)
 SEEDS = (0, 1, 2)

@@ -2,12 +2,15 @@ r"""The Switch-vs-dense study in one command: run its sweeps, then plots, tables
 
   python experiments/switch_vs_dense/report.py --run
 
---run runs the core grid (configs/sweeps/switch_vs_dense.py, about 2 hours on
-2 CPU cores) and the ablations (:ablations, about 1 hour) first, skipping
-finished points and resuming interrupted ones; without it the report is made
-from whatever the two sweep folders hold. Writes into this folder:
-results.md (every table), results.csv (the core grid, seeds aggregated),
-results.json (core, ablations and the fitted laws), and the plots
+--run runs, two points at a time, the core grid (configs/sweeps/switch_vs_dense.py,
+about 1 hour on 2 CPU cores), the dense learning-rate check
+(configs/sweeps/dense_lr.py, 10 minutes), the ablations (:ablations, about 45
+minutes) and the why runs (:why, about 40 minutes) first, skipping finished
+points and resuming interrupted ones; without it the report is made from
+whatever the sweep folders hold (the core grid must be complete). Writes into
+this folder: results.md (every table), results.csv (the core grid, seeds
+aggregated), results.json (core, ablations, why runs and the fitted laws), and
+the plots
 loss_vs_step.png, loss_minus_dense.png, loss_vs_wall.png, loss_vs_experts.png,
 speedup_vs_experts.png, ablations_minus_dense.png, expert_load_e32.png,
 why_e32_minus_e8.png.
@@ -289,7 +292,7 @@ def side_table(title: str, rows: list[dict]) -> list[str]:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--run", action="store_true", help="run (or resume) both sweeps first")
+  ap.add_argument("--run", action="store_true", help="run (or resume) every sweep first")
   ap.add_argument("--workdir", default="runs/switch_vs_dense", help="the core grid's sweep folder")
   ap.add_argument("--ablations_workdir", default="runs/switch_vs_dense_ablations")
   ap.add_argument("--why_workdir", default="runs/switch_vs_dense_why")
