@@ -65,6 +65,24 @@ def test_points_names_and_validation(tmp_path):
     sweeplib.points(str(neg))
 
 
+def _shipped_sweeps():
+  svd = cfglib.load_module("configs/sweeps/switch_vs_dense.py")
+  return ["configs/sweeps/dense_lr.py", "configs/sweeps/switch_vs_dense_calibration.py"] + [
+    f"configs/sweeps/switch_vs_dense.py:{arg}" for arg in svd.ARGS
+  ]
+
+
+@pytest.mark.parametrize("spec", _shipped_sweeps())
+def test_shipped_sweeps_expand_to_valid_distinct_points(spec, monkeypatch):
+  """Every sweep the study runs names only real config keys with valid values
+  (points() validates each point's config), and no two points share a folder."""
+  monkeypatch.chdir(ROOT)
+  grid = sweeplib.points(spec)
+  assert grid
+  names = [sweeplib.point_name(p) for p in grid]
+  assert len(set(names)) == len(names)
+
+
 def test_sweep_resumes_after_kill_and_collects(tmp_path):
   tfds_dir = str(tmp_path / "tfds")
   path = write_sweep(tmp_path, tfds_dir)

@@ -21,6 +21,9 @@ Arg (after ':'):
              the paper's init s=0.1 for dense and E=8.
   why        one seed each at E=8 and E=32 (about 40 minutes): twice the
              steps, dropless dispatch, a sigmoid gate; why the gain peaks.
+  long       the core grid with the two levers of the why runs together:
+             twice the steps (2400, 9.8M tokens) and dropless dispatch
+             (12 runs, about 100 minutes two at a time).
   accel      the core grid at d_model 512 / 8 layers for one GPU or TPU host.
 
 Every point has the same active FLOPs per token: top-1 Switch layers in every
@@ -44,14 +47,13 @@ SEEDS = (0, 1, 2)
 SEEDED = (1, 8, 32)  # expert counts run with every seed (1 = dense)
 COOLDOWN_STEPS = 200  # the last 200 steps decay linearly to 0 (README.md, "Noise")
 NUM_STEPS = 1200  # 4.9M tokens; why: experiments/switch_vs_dense/README.md
+ARGS = ("cpu", "long", "ablations", "why", "accel")
 
 
 def get_config(arg: str = "cpu"):
   arg = arg or "cpu"
-  if arg not in ("cpu", "ablations", "why", "accel"):
-    raise cfglib.ConfigError(
-      f"switch_vs_dense arg {arg!r} is unknown: 'cpu', 'ablations', 'why' or 'accel'"
-    )
+  if arg not in ARGS:
+    raise cfglib.ConfigError(f"switch_vs_dense arg {arg!r} is unknown: one of {', '.join(ARGS)}")
   c = cfglib.load_config("configs/switch.py:tiny")
   m = c.model
   m.init_scale = 1.0  # the default init for every weight (s=0.1 is an ablation)
@@ -64,6 +66,10 @@ def get_config(arg: str = "cpu"):
   t.cooldown_steps = COOLDOWN_STEPS
   t.eval_every, t.eval_batches = 100, 16
   t.log_every, t.checkpoint_every = 25, 500
+  if arg == "long":
+    # The why runs' two levers together: twice the tokens, no dropped tokens.
+    m.moe.dispatch = "dropless"
+    t.num_steps, t.cooldown_steps = 2 * NUM_STEPS, 2 * COOLDOWN_STEPS
   if arg == "accel":
     m.d_model, m.num_layers, m.num_heads, m.d_ff = 512, 8, 8, 2048
     c.data.batch_size, c.data.seq_len, c.data.vocab_size = 64, 512, 8192
@@ -78,7 +84,7 @@ def sweep(add, arg: str = "cpu"):
   arg = arg or "cpu"
   if arg == "why":
     return _why(add)
-  if arg in ("cpu", "accel"):
+  if arg in ("cpu", "long", "accel"):
     # Seed 0 of every E first, then the other seeds: a grid cut short still has
     # the whole curve at one seed.
     for seed in SEEDS:

@@ -14,6 +14,12 @@ the plots
 loss_vs_step.png, loss_minus_dense.png, loss_vs_wall.png, loss_vs_experts.png,
 speedup_vs_experts.png, ablations_minus_dense.png, expert_load_e32.png,
 why_e32_minus_e8.png.
+
+  python experiments/switch_vs_dense/report.py --grid=long --run
+
+runs and reports on the core grid at twice the steps with dropless dispatch
+(:long, about 100 minutes) alone, into long/ here (the same tables and plots,
+without the side sweeps, which run at the core grid's horizon).
 Every number comes from the runs' metrics.jsonl.
 """
 
@@ -40,6 +46,7 @@ from sparse_lm import sweep as sweeplib  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = "configs/sweeps/switch_vs_dense.py"
 CORE, ABLATIONS, WHY = SWEEP, SWEEP + ":ablations", SWEEP + ":why"
+GRIDS = {"cpu": CORE, "long": SWEEP + ":long"}  # --grid: the grid the tables are made of
 LR_SWEEP = "configs/sweeps/dense_lr.py"
 
 
@@ -308,10 +315,27 @@ def main():
     help="points at a time (--run); on 2 CPU cores, 2 at a time train at about the "
     "speed of one alone each (README.md, 'Wall time')",
   )
-  ap.add_argument("--out", default=HERE)
+  ap.add_argument(
+    "--grid",
+    choices=sorted(GRIDS),
+    default="cpu",
+    help="cpu: the core grid with its ablations and why runs; long: the core grid at "
+    "twice the steps with dropless dispatch (:long; default --workdir "
+    "runs/switch_vs_dense_long, --out long/ here), on its own",
+  )
+  ap.add_argument("--out", default=None, help="where the report goes (default: this folder)")
   a = ap.parse_args()
+  if a.grid == "long":
+    if a.workdir == ap.get_default("workdir"):
+      a.workdir = "runs/switch_vs_dense_long"
+    a.out = a.out or os.path.join(HERE, "long")
+  a.out = a.out or HERE
+  os.makedirs(a.out, exist_ok=True)
   try:
-    if a.run:
+    if a.run and a.grid == "long":
+      if failed := sweeplib.run_all(GRIDS["long"], a.workdir, a.parallel):
+        sys.exit(f"report.py: {len(failed)} point(s) failed ({', '.join(failed)}); rerun")
+    elif a.run:
       failed = sweeplib.run_all(CORE, a.workdir, a.parallel)
       failed += sweeplib.run_all(LR_SWEEP, a.lr_workdir, a.parallel)
       failed += sweeplib.run_all(ABLATIONS, a.ablations_workdir, a.parallel)
@@ -327,6 +351,7 @@ def main():
 
 
 def report(a):
+  CORE = GRIDS[a.grid]  # noqa: N806 (the grid this report is made of)
   core = {r["point"]: r for r in sweeplib.collect(CORE, a.workdir)}
   groups = seed_groups(CORE, a.workdir)
   missing = [p for p, r in core.items() if not r["done"]]
@@ -339,7 +364,8 @@ def report(a):
   dense = groups["num_experts=1"]
   d_final = end_stats(dense)[0]  # the dense model's end loss (mean over seeds)
   d_last = float(plots.mean_curve(dense)[0][-1])
-  stop = sweep_mod.NUM_STEPS - sweep_mod.COOLDOWN_STEPS  # the stable phase's last step
+  train = cfglib.load_config(CORE).train
+  stop = train.num_steps - train.cooldown_steps  # the stable phase's last step
   d_target = float(stable_curve(dense, stop)[1][-1])  # the dense loss steps are counted to
   d_wall = seconds_at(dense, stop)
   moe_points = [p for p in groups if p != "num_experts=1"]
@@ -407,8 +433,9 @@ def report(a):
   side = lambda sweep_file, workdir: side_rows(
     sweep_file, workdir, groups, stop, d_target, d_final, max(experts)
   )
-  abl_rows = side(ABLATIONS, a.ablations_workdir)
-  why_rows = side(WHY, a.why_workdir)
+  # (against the cpu grid only: they run at its horizon)
+  abl_rows = side(ABLATIONS, a.ablations_workdir) if a.grid == "cpu" else []
+  why_rows = side(WHY, a.why_workdir) if a.grid == "cpu" else []
 
   # ---- plots
   def label(p):
@@ -472,14 +499,16 @@ def report(a):
     if x and y:
       pairs[name] = (x[0], y[0])
   title = "MoE E=32 minus E=8, seed 0 (core: Switch, capacity 1.25)"
-  plots.gap_curves(pairs, out("why_e32_minus_e8.png"), title)
+  if why_rows:
+    plots.gap_curves(pairs, out("why_e32_minus_e8.png"), title)
 
   # ---- results.md
   n_runs = sum(len(v) for v in groups.values())
   L = [
-    f"Core grid: `{CORE}`, {n_runs} runs; ablations: `{ABLATIONS}`, {len(abl_rows)} runs. "
-    f"End loss = a run's final eval (step {int(d_last)}, after the last "
-    f"{sweep_mod.COOLDOWN_STEPS} steps' cooldown to a rate of 0); +- is the sample "
+    f"Core grid: `{CORE}`, {n_runs} runs"
+    + (f"; ablations: `{ABLATIONS}`, {len(abl_rows)} runs. " if abl_rows else ". ")
+    + f"End loss = a run's final eval (step {int(d_last)}, after the last "
+    f"{train.cooldown_steps} steps' cooldown to a rate of 0); +- is the sample "
     "standard deviation over seeds (a seed sets the init and the data order). Dense end "
     f"loss {d_final:.4f} +- {by_e[1]['end_loss_std']:.4f} ({by_e[1]['n']} seeds). Steps to "
     f"dense: the step at which a run's trailing mean of {STABLE_EVALS} evals reaches the "
@@ -604,7 +633,7 @@ def report(a):
       f"active-matched dense model ({d_final:.4f}) and it.",
     ]
   lr_rows = []
-  if os.path.isdir(a.lr_workdir):
+  if a.grid == "cpu" and os.path.isdir(a.lr_workdir):
     for r in sweeplib.collect(LR_SWEEP, a.lr_workdir):
       if r["done"]:
         d = os.path.join(a.lr_workdir, r["point"])
