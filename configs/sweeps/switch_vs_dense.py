@@ -23,7 +23,7 @@ Arg (after ':'):
              steps, dropless dispatch, a sigmoid gate; why the gain peaks.
   long       the core grid with the two levers of the why runs together:
              twice the steps (2400, 9.8M tokens) and dropless dispatch
-             (12 runs, about 100 minutes two at a time).
+             (12 runs, 1 h 55 min here two at a time).
   accel      the core grid at d_model 512 / 8 layers for one GPU or TPU host.
 
 Every point has the same active FLOPs per token: top-1 Switch layers in every

@@ -18,7 +18,7 @@ why_e32_minus_e8.png.
   python experiments/switch_vs_dense/report.py --grid=long --run
 
 runs and reports on the core grid at twice the steps with dropless dispatch
-(:long, about 100 minutes) alone, into long/ here (the same tables and plots,
+(:long, 1 h 55 min here) alone, into long/ here (the same tables and plots,
 without the side sweeps, which run at the core grid's horizon).
 Every number comes from the runs' metrics.jsonl.
 """
