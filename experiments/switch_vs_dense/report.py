@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -168,6 +169,58 @@ def experts_of(point: str) -> int:
   return int(dict(kv.split("=") for kv in point.split(","))["num_experts"])
 
 
+@dataclasses.dataclass
+class Core:
+  """The core grid's runs and the dense numbers every point is read against."""
+
+  sweep: str  # the grid's sweep file (GRIDS[--grid])
+  points: dict[str, dict]  # sweeplib.collect's rows by point name
+  groups: dict[str, list[str]]  # seed_groups
+  cooldown_steps: int
+  stop: int  # the stable phase's last step
+  d_final: float  # the dense model's end loss (mean over seeds)
+  d_last: float  # the dense model's last eval step
+  d_target: float  # the dense loss steps are counted to
+  d_wall: float  # the dense model's training seconds to `stop`
+  moe_points: list[str]
+  experts: list[int]
+  learning_rate: float  # the study's (configs/sweeps/switch_vs_dense.py)
+
+  @property
+  def dense(self) -> list[str]:
+    return self.groups["num_experts=1"]
+
+
+def read_core(sweep_file: str, workdir: str) -> Core:
+  """Reads the core grid (every point must be finished) into a Core."""
+  points = {r["point"]: r for r in sweeplib.collect(sweep_file, workdir)}
+  groups = seed_groups(sweep_file, workdir)
+  missing = [p for p, r in points.items() if not r["done"]]
+  if missing:
+    raise cfglib.ConfigError(
+      f"{len(missing)} core point(s) of {workdir} are not finished "
+      f"({', '.join(missing)}); run with --run"
+    )
+  dense = groups["num_experts=1"]
+  train = cfglib.load_config(sweep_file).train
+  stop = train.num_steps - train.cooldown_steps
+  moe_points = [p for p in groups if p != "num_experts=1"]
+  return Core(
+    sweep=sweep_file,
+    points=points,
+    groups=groups,
+    cooldown_steps=train.cooldown_steps,
+    stop=stop,
+    d_final=end_stats(dense)[0],
+    d_last=float(plots.mean_curve(dense)[0][-1]),
+    d_target=float(stable_curve(dense, stop)[1][-1]),
+    d_wall=seconds_at(dense, stop),
+    moe_points=moe_points,
+    experts=[experts_of(p) for p in moe_points],
+    learning_rate=cfglib.load_module(SWEEP).LEARNING_RATE,
+  )
+
+
 # ------------------------------------------------------------- scaling laws
 
 
@@ -230,14 +283,121 @@ def fit_errors(fit_fn, E, L) -> dict:
   return {"rmse": rmse, "loo_rmse": math.sqrt(np.mean(loo))}
 
 
-# ------------------------------------------------------------------ report
+# --------------------------------------------------------------------- rows
 
 
-def fmt(x, spec=".4f", none="-"):
-  return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def core_row(c: Core, p: str) -> dict:
+  """The core table's (and results.csv's) row of point `p`, seeds aggregated."""
+  r, dirs = c.points[p], c.groups[p]
+  e_mean, e_std, per_seed_end = end_stats(dirs)
+  s = first_step_at(*stable_curve(dirs, c.stop), c.d_target) if p != "num_experts=1" else c.stop
+  per_seed = [first_step_at(*stable_curve([d], c.stop), c.d_target) for d in dirs]
+  wall = seconds_at(dirs, s) if s is not None else None
+  return {
+    "point": p,
+    "experts": experts_of(p),
+    "n": r["n"],
+    "seeds": r["seeds"],
+    "total_params": r["total_params"],
+    "active_params": r["active_params"],
+    "train_flops_per_token": r["train_flops_per_token"],
+    "end_loss": e_mean,
+    "end_loss_std": e_std,
+    "per_seed_end": per_seed_end,
+    "last_eval_loss": r["final_eval_loss"],
+    "last_eval_loss_std": r["final_eval_loss_std"],
+    "minus_dense": e_mean - c.d_final,
+    "no_cooldown_end": [no_cooldown_end(d) for d in dirs],
+    "steps_to_dense": s,
+    "per_seed_steps_to_dense": per_seed,
+    "step_ratio": None if s is None else s / c.stop,
+    "seconds_to_dense": wall,
+    "time_ratio": None if wall is None else wall / c.d_wall,
+    "tokens_per_s": r["tokens_per_s"],
+    "dropped_fraction": dropped(dirs),
+    **dict(zip(("end_gate", "end_router_entropy"), routing_at_end(dirs))),
+  }
 
 
-def side_rows(sweep_file, workdir, groups, stop, d_target, d_final, e_max) -> list[dict]:
+def core_rows(c: Core) -> list[dict]:
+  """Dense, then every E: core_row with each seed's end loss minus dense's."""
+  rows = [core_row(c, p) for p in ["num_experts=1"] + c.moe_points]
+  # Paired by seed: a seed's dense and MoE runs share the data order, so their
+  # difference removes the part of the seed-to-seed noise they have in common.
+  d_seed = dict(zip(rows[0]["seeds"], rows[0]["per_seed_end"]))
+  for row in rows:
+    diffs = [x - d_seed[s] for s, x in zip(row["seeds"], row["per_seed_end"]) if s in d_seed]
+    row["paired_minus_dense"] = diffs
+    row["paired_std"] = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
+  return rows
+
+
+@dataclasses.dataclass
+class Summary:
+  """The headline numbers of the core grid."""
+
+  by_e: dict[int, dict]  # the core rows by expert count (1 = dense)
+  means: list[float]  # end losses, dense then each E
+  decreasing: bool  # means strictly decreasing
+  e_max: int
+  gain: float  # dense minus E=e_max end loss
+  noise: float  # the larger seed-to-seed std of the two
+  gain_x: float  # gain / noise
+
+
+def summarize(c: Core, rows: list[dict]) -> Summary:
+  """The headline numbers from the core rows."""
+  by_e = {row["experts"]: row for row in rows}
+  means = [by_e[e]["end_loss"] for e in [1] + c.experts]
+  e_max = max(c.experts)
+  gain = c.d_final - by_e[e_max]["end_loss"]
+  noise = max(by_e[1]["end_loss_std"], by_e[e_max]["end_loss_std"])
+  return Summary(
+    by_e=by_e,
+    means=means,
+    decreasing=all(x > y for x, y in zip(means, means[1:])),
+    e_max=e_max,
+    gain=gain,
+    noise=noise,
+    gain_x=gain / noise if noise else math.inf,
+  )
+
+
+def fit_laws(E, L) -> tuple[dict, str]:
+  """({form name: fit with its errors}, the form with the smaller leave-one-out error)."""
+  fits = {}
+  for name, fn in (("log-linear", fit_log_linear), ("saturating", fit_saturating)):
+    f = fn(E, L)
+    f.update(fit_errors(fn, E, L))
+    fits[name] = f
+  return fits, min(fits, key=lambda k: fits[k]["loo_rmse"])
+
+
+def no_cooldown_rows(rows: list[dict]) -> list[dict]:
+  """The core points whose every seed has a first pass without the cooldown
+  (none unless dense has), with their end losses then and now."""
+  nc = {r["experts"]: r["no_cooldown_end"] for r in rows if None not in r["no_cooldown_end"]}
+  if 1 not in nc:
+    return []
+  nc_dense = float(np.mean(nc[1]))
+  out = []
+  for row in [r for r in rows if r["experts"] in nc]:
+    xs = nc[row["experts"]]
+    out.append(
+      {
+        "point": row["point"],
+        "n": row["n"],
+        "end_loss": np.mean(xs),
+        "end_loss_std": np.std(xs, ddof=1) if len(xs) > 1 else None,
+        "minus_dense": np.mean(xs) - nc_dense,
+        "cooldown_end_loss": row["end_loss"],
+        "cooldown_end_loss_std": row["end_loss_std"],
+      }
+    )
+  return out
+
+
+def side_rows(sweep_file: str, workdir: str, c: Core) -> list[dict]:
   """One row per finished point of a one-seed side sweep (ablations, why),
   against the core grid's seed-0 run of its E (E=8 where the grid has none)."""
   rows = []
@@ -248,8 +408,9 @@ def side_rows(sweep_file, workdir, groups, stop, d_target, d_final, e_max) -> li
   for p, r in side.items():
     if not r["done"]:
       continue
-    ref = "num_experts=1" if experts_of(p) == 1 else f"num_experts={min(experts_of(p), e_max)}"
-    if ref not in groups:
+    e = experts_of(p)
+    ref = "num_experts=1" if e == 1 else f"num_experts={min(e, max(c.experts))}"
+    if ref not in c.groups:
       ref = "num_experts=8"
     dirs = side_groups[p]
     r_end = end_loss(dirs[0])
@@ -262,9 +423,9 @@ def side_rows(sweep_file, workdir, groups, stop, d_target, d_final, e_max) -> li
         "train_flops_per_token": r["train_flops_per_token"],
         "end_loss": r_end,
         "last_eval_loss": r["final_eval_loss"],
-        "minus_reference": r_end - end_loss(groups[ref][0]),
-        "minus_dense": r_end - d_final,
-        "steps_to_dense": first_step_at(*stable_curve(dirs[:1], stop), d_target),
+        "minus_reference": r_end - end_loss(c.groups[ref][0]),
+        "minus_dense": r_end - c.d_final,
+        "steps_to_dense": first_step_at(*stable_curve(dirs[:1], c.stop), c.d_target),
         "tokens_per_s": r["tokens_per_s"],
         "dropped_fraction": dropped(dirs),
         **dict(zip(("end_gate", "end_router_entropy"), routing_at_end(dirs))),
@@ -274,27 +435,454 @@ def side_rows(sweep_file, workdir, groups, stop, d_target, d_final, e_max) -> li
   return rows
 
 
-def side_table(title: str, rows: list[dict]) -> list[str]:
+def twin_rows(c: Core, s: Summary, abl_rows: list[dict]) -> list[dict]:
+  """Per total-parameter-matched dense ablation: the Switch E nearest it in
+  total parameters and how much of the dense-to-it gap that E closes."""
+  out = []
+  for r in [r for r in abl_rows if "d_ff=" in r["point"] and experts_of(r["point"]) == 1]:
+    twin = min(c.experts, key=lambda x: abs(s.by_e[x]["total_params"] - r["total_params"]))
+    gap = c.d_final - r["end_loss"]
+    out.append(
+      {
+        "point": r["point"],
+        "total_params": r["total_params"],
+        "end_loss": r["end_loss"],
+        "flops_ratio": r["train_flops_per_token"] / s.by_e[1]["train_flops_per_token"],
+        "twin": twin,
+        "closed": (c.d_final - s.by_e[twin]["end_loss"]) / gap if gap > 0 else float("nan"),
+      }
+    )
+  return out
+
+
+def lr_rows(c: Core, workdir: str) -> list[dict]:
+  """The dense learning-rate check (configs/sweeps/dense_lr.py's finished
+  points and the core grid's dense seed 0), by rate; none without its folder."""
+  rows = []
+  if not os.path.isdir(workdir):
+    return rows
+  for r in sweeplib.collect(LR_SWEEP, workdir):
+    if r["done"]:
+      d = os.path.join(workdir, r["point"])
+      rows.append(
+        {
+          "train.learning_rate": r["train.learning_rate"],
+          "end_loss": end_loss(d),
+          "last_eval_loss": r["final_eval_loss"],
+        }
+      )
+  seed0 = c.dense[0]
+  rows.append(
+    {
+      "train.learning_rate": c.learning_rate,
+      "end_loss": end_loss(seed0),
+      "last_eval_loss": float(plots.eval_curve(seed0)[1][-1]),
+    }
+  )
+  rows.sort(key=lambda r: r["train.learning_rate"])
+  return rows
+
+
+@dataclasses.dataclass
+class Tables:
+  """Every table's rows."""
+
+  core: list[dict]
+  summary: Summary
+  no_cooldown: list[dict]
+  fits: dict
+  chosen: str  # the fits' form with the smaller leave-one-out error
+  ablations: list[dict]
+  why: list[dict]
+  twins: list[dict]
+  lr: list[dict]
+
+
+def make_tables(
+  c: Core, grid: str, ablations_workdir: str, why_workdir: str, lr_workdir: str
+) -> Tables:
+  """Every table's rows; the side sweeps only with the cpu grid (they run at its horizon)."""
+  rows = core_rows(c)
+  s = summarize(c, rows)
+  fits, chosen = fit_laws([1] + c.experts, s.means)
+  cpu = grid == "cpu"
+  abl = side_rows(ABLATIONS, ablations_workdir, c) if cpu else []
+  return Tables(
+    core=rows,
+    summary=s,
+    no_cooldown=no_cooldown_rows(rows),
+    fits=fits,
+    chosen=chosen,
+    ablations=abl,
+    why=side_rows(WHY, why_workdir, c) if cpu else [],
+    twins=twin_rows(c, s, abl),
+    lr=lr_rows(c, lr_workdir) if cpu else [],
+  )
+
+
+def why_pairs(c: Core, why_rows: list[dict]) -> dict[str, tuple]:
+  """{label: (E=32 runs, E=8 runs)}: the core grid's seed 0 and each why lever."""
+  why = {r["point"]: r["dirs"] for r in why_rows}
+  pairs = {
+    f"core grid, {int(c.d_last)} steps (seed 0)": (
+      c.groups["num_experts=32"][:1],
+      c.groups["num_experts=8"][:1],
+    )
+  }
+  for a_, b_, name in (
+    ("num_experts=32,num_steps=", "num_experts=8,num_steps=", "twice the steps"),
+    ("num_experts=32,dispatch=dropless", "num_experts=8,dispatch=dropless", "dropless"),
+    ("num_experts=32,router=sigmoid_bias", "num_experts=8,router=sigmoid_bias", "sigmoid gate"),
+  ):
+    x = [v for k, v in why.items() if k.startswith(a_)]
+    y = [v for k, v in why.items() if k.startswith(b_)]
+    if x and y:
+      pairs[name] = (x[0], y[0])
+  return pairs
+
+
+def speedups(s: Summary, experts: list[int], key: str, base: float) -> list[float]:
+  """base / each E's `key` (steps or seconds to dense); nan where it never got there."""
+  return [base / s.by_e[e][key] if s.by_e[e][key] else float("nan") for e in experts]
+
+
+def strip(d: dict) -> dict:
+  """d without what JSON cannot hold (a fit's function, a row's run folders)."""
+  return {k: v for k, v in d.items() if k not in ("predict", "dirs")}
+
+
+def results_json(c: Core, t: Tables) -> dict:
+  """results.json: the core grid, the fits, the side sweeps and the learning rates."""
+  return {
+    "core_sweep": c.sweep,
+    "ablations_sweep": ABLATIONS,
+    "end": "final eval, after the cooldown",
+    "stable_evals": STABLE_EVALS,
+    "stable_last_step": c.stop,
+    "dense_stable_loss": c.d_target,
+    "learning_rate": c.learning_rate,
+    "dense_end_loss": c.d_final,
+    "dense_steps": c.d_last,
+    "strictly_decreasing": t.summary.decreasing,
+    "gain_over_std": t.summary.gain_x,
+    "core": t.core,
+    "fits": {k: strip(v) for k, v in t.fits.items()},
+    "chosen_fit": t.chosen,
+    "ablations": [strip(r) for r in t.ablations],
+    "why_sweep": WHY,
+    "why": [strip(r) for r in t.why],
+    "dense_learning_rates": t.lr,
+  }
+
+
+# ------------------------------------------------------------------- render
+
+
+def fmt(x, spec=".4f", none="-"):
+  return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def label(point: str) -> str:
+  return "dense" if point == "num_experts=1" else f"Switch E={experts_of(point)}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """A markdown table's lines: the header, its rule, one line per row of cells."""
+  line = lambda cells: "| " + " | ".join(cells) + " |"
+  return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
+
+
+def titled(text: str, lines: list[str]) -> list[str]:
+  """A paragraph and the lines under it, each after a blank line."""
+  return ["", text, ""] + lines
+
+
+def intro_lines(c: Core, t: Tables) -> list[str]:
+  """What the grid is and how its numbers are read, then the headline findings."""
+  by_e = t.summary.by_e
+  n_runs = sum(len(v) for v in c.groups.values())
+  return [
+    f"Core grid: `{c.sweep}`, {n_runs} runs"
+    + (f"; ablations: `{ABLATIONS}`, {len(t.ablations)} runs. " if t.ablations else ". ")
+    + f"End loss = a run's final eval (step {int(c.d_last)}, after the last "
+    f"{c.cooldown_steps} steps' cooldown to a rate of 0); +- is the sample "
+    "standard deviation over seeds (a seed sets the init and the data order). Dense end "
+    f"loss {c.d_final:.4f} +- {by_e[1]['end_loss_std']:.4f} ({by_e[1]['n']} seeds). Steps to "
+    f"dense: the step at which a run's trailing mean of {STABLE_EVALS} evals reaches the "
+    f"dense model's at step {c.stop}, the last before the cooldown ({c.d_target:.4f}; "
+    f"{c.d_wall:.0f} s of training), so both are read at the same rate.",
+    "",
+  ] + finding_lines(c, t.summary)
+
+
+def finding_lines(c: Core, s: Summary) -> list[str]:
+  """The bullets: ordering, gain over noise, paired gain, steps and time to dense."""
+  r_max = s.by_e[s.e_max]
+  L = [
+    "- End loss strictly decreasing dense -> "
+    + " -> ".join(map(str, c.experts))
+    + f": **{'yes' if s.decreasing else 'no'}** ("
+    + ", ".join(f"{x:.4f}" for x in s.means)
+    + ").",
+    f"- E={s.e_max} gain over dense: {s.gain:.4f} nats = {s.gain_x:.1f}x the larger "
+    f"seed-to-seed std ({s.noise:.4f}).",
+  ]
+  pd = r_max["paired_minus_dense"]
+  if len(pd) > 1:
+    L.append(
+      f"- Paired by seed (same data order): E={s.e_max} minus dense = "
+      + ", ".join(f"{x:+.4f}" for x in pd)
+      + f"; mean {np.mean(pd):+.4f}, std {r_max['paired_std']:.4f} "
+      f"({-np.mean(pd) / r_max['paired_std']:.1f}x)."
+    )
+  L.append(
+    f"- E={s.e_max} reaches the dense model's step-{c.stop} loss at step "
+    f"{fmt(r_max['steps_to_dense'], '.0f')} = {fmt(r_max['step_ratio'], '.2f')}x "
+    f"the dense model's steps; in training time, {fmt(r_max['time_ratio'], '.2f')}x."
+  )
+  return L
+
+
+CORE_HEADER = (
+  "run | seeds | total / active params | train FLOPs/token | end loss | minus dense | last eval "
+  "| steps to dense | x dense steps | time to dense (s) | x dense time | tokens/s "
+  "| train dropped | end gate | end router entropy"
+).split(" | ")
+
+
+def core_table(rows: list[dict]) -> list[str]:
+  """The core grid: one line per point, seeds aggregated."""
+  cells = [
+    [
+      label(r["point"]),
+      str(r["n"]),
+      f"{r['total_params']:,} / {r['active_params']:,}",
+      f"{r['train_flops_per_token']:.3g}",
+      f"{r['end_loss']:.4f} +- {r['end_loss_std']:.4f}",
+      f"{r['minus_dense']:+.4f}",
+      f"{r['last_eval_loss']:.4f} +- {r['last_eval_loss_std']:.4f}",
+      fmt(r["steps_to_dense"], ".0f"),
+      fmt(r["step_ratio"], ".2f"),
+      fmt(r["seconds_to_dense"], ".0f"),
+      fmt(r["time_ratio"], ".2f"),
+      f"{r['tokens_per_s']:,.0f}",
+      fmt(r["dropped_fraction"], ".3f"),
+      fmt(r["end_gate"], ".3f"),
+      fmt(r["end_router_entropy"], ".2f"),
+    ]
+    for r in rows
+  ]
+  return [""] + table(CORE_HEADER, cells)
+
+
+def per_seed_lines(rows: list[dict]) -> list[str]:
+  """One bullet per point with several seeds: each seed's end loss / steps to dense."""
+  return titled(
+    "Per seed (end loss / steps to dense):",
+    [
+      f"- {label(r['point'])}: "
+      + ", ".join(
+        f"seed {s}: {x:.4f} / {fmt(st, '.0f')}"
+        for s, x, st in zip(r["seeds"], r["per_seed_end"], r["per_seed_steps_to_dense"])
+      )
+      for r in rows
+      if r["n"] > 1
+    ],
+  )
+
+
+def no_cooldown_table(c: Core, rows: list[dict]) -> list[str]:
+  """The runs' first passes without the cooldown (nothing without rows)."""
   if not rows:
     return []
-  L = [
-    "",
-    title,
-    "",
-    "| run | reference | total / active params | train FLOPs/token | end loss | last eval "
-    "| minus reference | minus dense | steps to dense | tokens/s | train dropped | end gate |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  cells = [
+    [
+      label(r["point"]),
+      str(r["n"]),
+      f"{r['end_loss']:.4f}"
+      + ("" if r["end_loss_std"] is None else f" +- {r['end_loss_std']:.4f}"),
+      f"{r['minus_dense']:+.4f}",
+      f"{r['cooldown_end_loss']:.4f} +- {r['cooldown_end_loss_std']:.4f}",
+    ]
+    for r in rows
   ]
-  for r in rows:
-    L.append(
-      f"| {r['point']} | {r['reference']} | {r['total_params']:,} / "
-      f"{r['active_params']:,} | {r['train_flops_per_token']:.3g} | "
-      f"{r['end_loss']:.4f} | {r['last_eval_loss']:.4f} | {r['minus_reference']:+.4f} | "
-      f"{r['minus_dense']:+.4f} | {fmt(r['steps_to_dense'], '.0f')} | "
-      f"{r['tokens_per_s']:,.0f} | {fmt(r['dropped_fraction'], '.3f')} | "
-      f"{fmt(r['end_gate'], '.3f')} |"
-    )
+  return titled(
+    "The same runs before the cooldown was added (their first pass: rsqrt to the last "
+    "step; end = the mean of the last 3 evals, since one eval was too noisy), continued "
+    f"from their step-{c.stop} checkpoint with the cooldown to give the table above; the "
+    "points not listed ran with the cooldown from the start):",
+    table(["run", "seeds", "end loss without cooldown", "minus dense", "with cooldown"], cells),
+  )
+
+
+def fits_table(fits: dict, chosen: str) -> list[str]:
+  """The fitted scaling laws and the form they call for."""
+  cells = [
+    [
+      f"{name}: {f['form']}",
+      f"{f['a']:.5f}",
+      f"{f['b']:.5f}",
+      fmt(f.get("E_start"), ".3g"),
+      fmt(f.get("E_max"), ".3g"),
+      f"{f['rmse']:.4f}",
+      f"{f['loo_rmse']:.4f}",
+    ]
+    for name, f in fits.items()
+  ]
+  header = ["form", "a", "b", "E_start", "E_max", "RMSE", "leave-one-out RMSE"]
+  return titled(
+    "Scaling law over dense (E=1) and every E, fitted to the mean end losses (Clark et al. "
+    "2022; RMSE of the fitted loss in nats; leave-one-out RMSE refits without each point in "
+    "turn):",
+    table(header, cells),
+  ) + ["", f"The points call for the **{chosen}** form (smaller leave-one-out error)."]
+
+
+SIDE_HEADER = (
+  "run | reference | total / active params | train FLOPs/token | end loss | last eval "
+  "| minus reference | minus dense | steps to dense | tokens/s | train dropped | end gate"
+).split(" | ")
+
+
+def side_table(title: str, rows: list[dict]) -> list[str]:
+  """A side sweep's table under `title` (nothing without rows)."""
+  if not rows:
+    return []
+  cells = [
+    [
+      r["point"],
+      r["reference"],
+      f"{r['total_params']:,} / {r['active_params']:,}",
+      f"{r['train_flops_per_token']:.3g}",
+      f"{r['end_loss']:.4f}",
+      f"{r['last_eval_loss']:.4f}",
+      f"{r['minus_reference']:+.4f}",
+      f"{r['minus_dense']:+.4f}",
+      fmt(r["steps_to_dense"], ".0f"),
+      f"{r['tokens_per_s']:,.0f}",
+      fmt(r["dropped_fraction"], ".3f"),
+      fmt(r["end_gate"], ".3f"),
+    ]
+    for r in rows
+  ]
+  return titled(title, table(SIDE_HEADER, cells))
+
+
+def twin_lines(c: Core, s: Summary, twins: list[dict]) -> list[str]:
+  """A paragraph per total-parameter-matched dense ablation and its Switch twin."""
+  L = []
+  for r in twins:
+    twin = s.by_e[r["twin"]]
+    L += [
+      "",
+      f"Total-parameter-matched dense ({r['point']}, {r['total_params']:,} params, "
+      f"{r['flops_ratio']:.2f}x the FLOPs per token): end loss {r['end_loss']:.4f}. "
+      f"Switch E={r['twin']} ({twin['total_params']:,} params at the active-matched FLOPs, "
+      f"end loss {twin['end_loss']:.4f}) closes {r['closed']:.0%} of the gap between the "
+      f"active-matched dense model ({c.d_final:.4f}) and it.",
+    ]
   return L
+
+
+def lr_table(c: Core, rows: list[dict]) -> list[str]:
+  """The dense learning-rate check (nothing without rows)."""
+  if not rows:
+    return []
+  cells = [
+    [f"{r['train.learning_rate']:g}", f"{r['end_loss']:.4f}", f"{r['last_eval_loss']:.4f}"]
+    for r in rows
+  ]
+  return titled(
+    f"Dense learning rate at this horizon (`{LR_SWEEP}` and the core grid's dense seed "
+    f"0; the study uses {c.learning_rate:g}):",
+    table(["learning rate", "end loss", "last eval"], cells),
+  )
+
+
+def results_md(c: Core, t: Tables) -> list[str]:
+  """results.md's lines: the findings, then every table."""
+  return (
+    intro_lines(c, t)
+    + core_table(t.core)
+    + per_seed_lines(t.core)
+    + no_cooldown_table(c, t.no_cooldown)
+    + fits_table(t.fits, t.chosen)
+    + side_table(
+      "Ablations (one seed, seed 0; 'minus reference' is against the core grid's seed-0 "
+      "run named there, whose seed-to-seed std is in the table above):",
+      t.ablations,
+    )
+    + side_table(
+      f"Why the gain peaks (`{WHY}`, seed 0; end gate: the mean chosen gate of the final "
+      "checkpoint on 4 validation batches, mean over MoE layers):",
+      t.why,
+    )
+    + twin_lines(c, t.summary, t.twins)
+    + lr_table(c, t.lr)
+  )
+
+
+def write_plots(c: Core, t: Tables, out_dir: str):
+  """Every plot of the module docstring (the side sweeps' where they have rows)."""
+  out = lambda name: os.path.join(out_dir, name)
+  s, experts = t.summary, [1] + c.experts
+  scaling = {label(p): c.groups[p] for p in ["num_experts=1"] + c.moe_points}
+  title = f"Switch vs dense at equal FLOPs per token ({int(c.d_last)} steps)"
+  plots.loss_curves(scaling, out("loss_vs_step.png"), title)
+  plots.loss_curves(
+    scaling,
+    out("loss_vs_wall.png"),
+    "Switch vs dense, against training time on 2 CPU cores",
+    x="wall",
+  )
+  plots.loss_curves(
+    {k: v for k, v in scaling.items() if k != "dense"},
+    out("loss_minus_dense.png"),
+    "Switch: eval loss minus dense (means of seeds)",
+    relative_to=c.dense,
+  )
+  plots.loss_vs_experts(
+    experts,
+    s.means,
+    out("loss_vs_experts.png"),
+    dense_loss=c.d_final,
+    title="final eval loss (after the cooldown), +- std over seeds",
+    stds=[s.by_e[e]["end_loss_std"] for e in experts],
+    fits={f"{k} fit": t.fits[k]["predict"] for k in t.fits},
+  )
+  plots.speedup_vs_experts(
+    c.experts,
+    speedups(s, c.experts, "steps_to_dense", c.stop),
+    speedups(s, c.experts, "seconds_to_dense", c.d_wall),
+    out("speedup_vs_experts.png"),
+  )
+  if t.ablations:
+    plots.loss_curves(
+      {r["point"]: r["dirs"] for r in t.ablations},
+      out("ablations_minus_dense.png"),
+      "ablations (seed 0): eval loss minus dense (mean of seeds)",
+      relative_to=c.dense,
+    )
+  plots.expert_load(c.groups[f"num_experts={s.e_max}"][0], out(f"expert_load_e{s.e_max}.png"))
+  if t.why:
+    title = "MoE E=32 minus E=8, seed 0 (core: Switch, capacity 1.25)"
+    plots.gap_curves(why_pairs(c, t.why), out("why_e32_minus_e8.png"), title)
+
+
+def write_results(out_dir: str, lines: list[str], c: Core, t: Tables):
+  """results.md, results.csv (the core rows' non-list columns) and results.json."""
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  keys = [k for k in t.core[0] if not isinstance(t.core[0][k], list)]
+  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(t.core)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results_json(c, t), f, indent=1)
+
+
+# --------------------------------------------------------------------- main
 
 
 def main():
@@ -351,355 +939,13 @@ def main():
 
 
 def report(a):
-  CORE = GRIDS[a.grid]  # noqa: N806 (the grid this report is made of)
-  core = {r["point"]: r for r in sweeplib.collect(CORE, a.workdir)}
-  groups = seed_groups(CORE, a.workdir)
-  missing = [p for p, r in core.items() if not r["done"]]
-  if missing:
-    raise cfglib.ConfigError(
-      f"{len(missing)} core point(s) of {a.workdir} are not finished "
-      f"({', '.join(missing)}); run with --run"
-    )
-  sweep_mod = cfglib.load_module(SWEEP)
-  dense = groups["num_experts=1"]
-  d_final = end_stats(dense)[0]  # the dense model's end loss (mean over seeds)
-  d_last = float(plots.mean_curve(dense)[0][-1])
-  train = cfglib.load_config(CORE).train
-  stop = train.num_steps - train.cooldown_steps  # the stable phase's last step
-  d_target = float(stable_curve(dense, stop)[1][-1])  # the dense loss steps are counted to
-  d_wall = seconds_at(dense, stop)
-  moe_points = [p for p in groups if p != "num_experts=1"]
-  experts = [experts_of(p) for p in moe_points]
-
-  # ---- core table
-  rows = []
-  for p in ["num_experts=1"] + moe_points:
-    r, dirs = core[p], groups[p]
-    e_mean, e_std, per_seed_end = end_stats(dirs)
-    s = first_step_at(*stable_curve(dirs, stop), d_target) if p != "num_experts=1" else stop
-    per_seed = [first_step_at(*stable_curve([d], stop), d_target) for d in dirs]
-    wall = seconds_at(dirs, s) if s is not None else None
-    rows.append(
-      {
-        "point": p,
-        "experts": experts_of(p),
-        "n": r["n"],
-        "seeds": r["seeds"],
-        "total_params": r["total_params"],
-        "active_params": r["active_params"],
-        "train_flops_per_token": r["train_flops_per_token"],
-        "end_loss": e_mean,
-        "end_loss_std": e_std,
-        "per_seed_end": per_seed_end,
-        "last_eval_loss": r["final_eval_loss"],
-        "last_eval_loss_std": r["final_eval_loss_std"],
-        "minus_dense": e_mean - d_final,
-        "no_cooldown_end": [no_cooldown_end(d) for d in dirs],
-        "steps_to_dense": s,
-        "per_seed_steps_to_dense": per_seed,
-        "step_ratio": None if s is None else s / stop,
-        "seconds_to_dense": wall,
-        "time_ratio": None if wall is None else wall / d_wall,
-        "tokens_per_s": r["tokens_per_s"],
-        "dropped_fraction": dropped(dirs),
-        **dict(zip(("end_gate", "end_router_entropy"), routing_at_end(dirs))),
-      }
-    )
-  by_e = {row["experts"]: row for row in rows}
-  means = [by_e[e]["end_loss"] for e in [1] + experts]
-  decreasing = all(x > y for x, y in zip(means, means[1:]))
-  e_max = max(experts)
-  gain = d_final - by_e[e_max]["end_loss"]
-  noise = max(by_e[1]["end_loss_std"], by_e[e_max]["end_loss_std"])
-  gain_x = gain / noise if noise else math.inf
-  # Paired by seed: a seed's dense and MoE runs share the data order, so their
-  # difference removes the part of the seed-to-seed noise they have in common.
-  d_seed = dict(zip(by_e[1]["seeds"], by_e[1]["per_seed_end"]))
-  for row in rows:
-    diffs = [x - d_seed[s] for s, x in zip(row["seeds"], row["per_seed_end"]) if s in d_seed]
-    row["paired_minus_dense"] = diffs
-    row["paired_std"] = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
-
-  # ---- fits over dense (E=1) and every E
-  E_all, L_all = [1] + experts, means
-  fits = {}
-  for name, fn in (("log-linear", fit_log_linear), ("saturating", fit_saturating)):
-    f = fn(E_all, L_all)
-    f.update(fit_errors(fn, E_all, L_all))
-    fits[name] = f
-  chosen = min(fits, key=lambda k: fits[k]["loo_rmse"])
-
-  # ---- ablations and the "why" runs (seed 0; against seed 0 of the core points)
-  side = lambda sweep_file, workdir: side_rows(
-    sweep_file, workdir, groups, stop, d_target, d_final, max(experts)
-  )
-  # (against the cpu grid only: they run at its horizon)
-  abl_rows = side(ABLATIONS, a.ablations_workdir) if a.grid == "cpu" else []
-  why_rows = side(WHY, a.why_workdir) if a.grid == "cpu" else []
-
-  # ---- plots
-  def label(p):
-    return "dense" if p == "num_experts=1" else f"Switch E={experts_of(p)}"
-
-  scaling = {label(p): groups[p] for p in ["num_experts=1"] + moe_points}
-  out = lambda name: os.path.join(a.out, name)
-  title = f"Switch vs dense at equal FLOPs per token ({int(d_last)} steps)"
-  plots.loss_curves(scaling, out("loss_vs_step.png"), title)
-  plots.loss_curves(
-    scaling,
-    out("loss_vs_wall.png"),
-    "Switch vs dense, against training time on 2 CPU cores",
-    x="wall",
-  )
-  plots.loss_curves(
-    {k: v for k, v in scaling.items() if k != "dense"},
-    out("loss_minus_dense.png"),
-    "Switch: eval loss minus dense (means of seeds)",
-    relative_to=dense,
-  )
-  fit_lines = {f"{k} fit": fits[k]["predict"] for k in fits}
-  plots.loss_vs_experts(
-    [1] + experts,
-    means,
-    out("loss_vs_experts.png"),
-    dense_loss=d_final,
-    title="final eval loss (after the cooldown), +- std over seeds",
-    stds=[by_e[e]["end_loss_std"] for e in [1] + experts],
-    fits=fit_lines,
-  )
-  speed = lambda key, base: [base / by_e[e][key] if by_e[e][key] else float("nan") for e in experts]
-  plots.speedup_vs_experts(
-    experts,
-    speed("steps_to_dense", stop),
-    speed("seconds_to_dense", d_wall),
-    out("speedup_vs_experts.png"),
-  )
-  if abl_rows:
-    plots.loss_curves(
-      {r["point"]: r["dirs"] for r in abl_rows},
-      out("ablations_minus_dense.png"),
-      "ablations (seed 0): eval loss minus dense (mean of seeds)",
-      relative_to=dense,
-    )
-  plots.expert_load(groups[f"num_experts={e_max}"][0], out(f"expert_load_e{e_max}.png"))
-  why = {r["point"]: r["dirs"] for r in why_rows}
-  pairs = {
-    f"core grid, {int(d_last)} steps (seed 0)": (
-      groups["num_experts=32"][:1],
-      groups["num_experts=8"][:1],
-    )
-  }
-  for a_, b_, name in (
-    ("num_experts=32,num_steps=", "num_experts=8,num_steps=", "twice the steps"),
-    ("num_experts=32,dispatch=dropless", "num_experts=8,dispatch=dropless", "dropless"),
-    ("num_experts=32,router=sigmoid_bias", "num_experts=8,router=sigmoid_bias", "sigmoid gate"),
-  ):
-    x = [v for k, v in why.items() if k.startswith(a_)]
-    y = [v for k, v in why.items() if k.startswith(b_)]
-    if x and y:
-      pairs[name] = (x[0], y[0])
-  title = "MoE E=32 minus E=8, seed 0 (core: Switch, capacity 1.25)"
-  if why_rows:
-    plots.gap_curves(pairs, out("why_e32_minus_e8.png"), title)
-
-  # ---- results.md
-  n_runs = sum(len(v) for v in groups.values())
-  L = [
-    f"Core grid: `{CORE}`, {n_runs} runs"
-    + (f"; ablations: `{ABLATIONS}`, {len(abl_rows)} runs. " if abl_rows else ". ")
-    + f"End loss = a run's final eval (step {int(d_last)}, after the last "
-    f"{train.cooldown_steps} steps' cooldown to a rate of 0); +- is the sample "
-    "standard deviation over seeds (a seed sets the init and the data order). Dense end "
-    f"loss {d_final:.4f} +- {by_e[1]['end_loss_std']:.4f} ({by_e[1]['n']} seeds). Steps to "
-    f"dense: the step at which a run's trailing mean of {STABLE_EVALS} evals reaches the "
-    f"dense model's at step {stop}, the last before the cooldown ({d_target:.4f}; "
-    f"{d_wall:.0f} s of training), so both are read at the same rate.",
-    "",
-  ]
-  L.append(
-    "- End loss strictly decreasing dense -> "
-    + " -> ".join(map(str, experts))
-    + f": **{'yes' if decreasing else 'no'}** ("
-    + ", ".join(f"{x:.4f}" for x in means)
-    + ")."
-  )
-  L.append(
-    f"- E={e_max} gain over dense: {gain:.4f} nats = {gain_x:.1f}x the larger "
-    f"seed-to-seed std ({noise:.4f})."
-  )
-  pd = by_e[e_max]["paired_minus_dense"]
-  if len(pd) > 1:
-    L.append(
-      f"- Paired by seed (same data order): E={e_max} minus dense = "
-      + ", ".join(f"{x:+.4f}" for x in pd)
-      + f"; mean {np.mean(pd):+.4f}, std {by_e[e_max]['paired_std']:.4f} "
-      f"({-np.mean(pd) / by_e[e_max]['paired_std']:.1f}x)."
-    )
-  r_max = by_e[e_max]
-  L.append(
-    f"- E={e_max} reaches the dense model's step-{stop} loss at step "
-    f"{fmt(r_max['steps_to_dense'], '.0f')} = {fmt(r_max['step_ratio'], '.2f')}x "
-    f"the dense model's steps; in training time, {fmt(r_max['time_ratio'], '.2f')}x."
-  )
-  L += [
-    "",
-    "| run | seeds | total / active params | train FLOPs/token | end loss | minus dense "
-    "| last eval | steps to dense | x dense steps | time to dense (s) | x dense time "
-    "| tokens/s | train dropped | end gate | end router entropy |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-  ]
-  for row in rows:
-    L.append(
-      f"| {label(row['point'])} | {row['n']} | {row['total_params']:,} / "
-      f"{row['active_params']:,} | {row['train_flops_per_token']:.3g} | "
-      f"{row['end_loss']:.4f} +- {row['end_loss_std']:.4f} | {row['minus_dense']:+.4f} | "
-      f"{row['last_eval_loss']:.4f} +- {row['last_eval_loss_std']:.4f} | "
-      f"{fmt(row['steps_to_dense'], '.0f')} | {fmt(row['step_ratio'], '.2f')} | "
-      f"{fmt(row['seconds_to_dense'], '.0f')} | {fmt(row['time_ratio'], '.2f')} | "
-      f"{row['tokens_per_s']:,.0f} | {fmt(row['dropped_fraction'], '.3f')} | "
-      f"{fmt(row['end_gate'], '.3f')} | {fmt(row['end_router_entropy'], '.2f')} |"
-    )
-  L += [
-    "",
-    "Per seed (end loss / steps to dense):",
-    "",
-  ]
-  for row in rows:
-    if row["n"] > 1:
-      L.append(
-        f"- {label(row['point'])}: "
-        + ", ".join(
-          f"seed {s}: {x:.4f} / {fmt(st, '.0f')}"
-          for s, x, st in zip(row["seeds"], row["per_seed_end"], row["per_seed_steps_to_dense"])
-        )
-      )
-  nc = {r["experts"]: r["no_cooldown_end"] for r in rows if None not in r["no_cooldown_end"]}
-  if 1 in nc:
-    nc_dense = float(np.mean(nc[1]))
-    L += [
-      "",
-      "The same runs before the cooldown was added (their first pass: rsqrt to the last "
-      "step; end = the mean of the last 3 evals, since one eval was too noisy), continued "
-      f"from their step-{stop} checkpoint with the cooldown to give the table above; the "
-      "points not listed ran with the cooldown from the start):",
-      "",
-      "| run | seeds | end loss without cooldown | minus dense | with cooldown |",
-      "|---|---|---|---|---|",
-    ]
-    for row in [r for r in rows if r["experts"] in nc]:
-      xs = nc[row["experts"]]
-      sd = f" +- {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else ""
-      L.append(
-        f"| {label(row['point'])} | {row['n']} | {np.mean(xs):.4f}{sd} | "
-        f"{np.mean(xs) - nc_dense:+.4f} | {row['end_loss']:.4f} +- {row['end_loss_std']:.4f} |"
-      )
-  L += [
-    "",
-    "Scaling law over dense (E=1) and every E, fitted to the mean end losses (Clark et al. "
-    "2022; RMSE of the fitted loss in nats; leave-one-out RMSE refits without each point in "
-    "turn):",
-    "",
-    "| form | a | b | E_start | E_max | RMSE | leave-one-out RMSE |",
-    "|---|---|---|---|---|---|---|",
-  ]
-  for name, f in fits.items():
-    L.append(
-      f"| {name}: {f['form']} | {f['a']:.5f} | {f['b']:.5f} | "
-      f"{fmt(f.get('E_start'), '.3g')} | {fmt(f.get('E_max'), '.3g')} | "
-      f"{f['rmse']:.4f} | {f['loo_rmse']:.4f} |"
-    )
-  L += ["", f"The points call for the **{chosen}** form (smaller leave-one-out error)."]
-  L += side_table(
-    "Ablations (one seed, seed 0; 'minus reference' is against the core grid's seed-0 "
-    "run named there, whose seed-to-seed std is in the table above):",
-    abl_rows,
-  )
-  L += side_table(
-    f"Why the gain peaks (`{WHY}`, seed 0; end gate: the mean chosen gate of the final "
-    "checkpoint on 4 validation batches, mean over MoE layers):",
-    why_rows,
-  )
-  for r in [r for r in abl_rows if "d_ff=" in r["point"] and experts_of(r["point"]) == 1]:
-    twin = min(experts, key=lambda x: abs(by_e[x]["total_params"] - r["total_params"]))
-    gap = d_final - r["end_loss"]
-    closed = (d_final - by_e[twin]["end_loss"]) / gap if gap > 0 else float("nan")
-    L += [
-      "",
-      f"Total-parameter-matched dense ({r['point']}, {r['total_params']:,} params, "
-      f"{r['train_flops_per_token'] / by_e[1]['train_flops_per_token']:.2f}x the FLOPs per "
-      f"token): end loss {r['end_loss']:.4f}. Switch E={twin} "
-      f"({by_e[twin]['total_params']:,} params at the active-matched FLOPs, end loss "
-      f"{by_e[twin]['end_loss']:.4f}) closes {closed:.0%} of the gap between the "
-      f"active-matched dense model ({d_final:.4f}) and it.",
-    ]
-  lr_rows = []
-  if a.grid == "cpu" and os.path.isdir(a.lr_workdir):
-    for r in sweeplib.collect(LR_SWEEP, a.lr_workdir):
-      if r["done"]:
-        d = os.path.join(a.lr_workdir, r["point"])
-        lr_rows.append(
-          {
-            "train.learning_rate": r["train.learning_rate"],
-            "end_loss": end_loss(d),
-            "last_eval_loss": r["final_eval_loss"],
-          }
-        )
-    seed0 = groups["num_experts=1"][0]
-    lr_rows.append(
-      {
-        "train.learning_rate": sweep_mod.LEARNING_RATE,
-        "end_loss": end_loss(seed0),
-        "last_eval_loss": float(plots.eval_curve(seed0)[1][-1]),
-      }
-    )
-    lr_rows.sort(key=lambda r: r["train.learning_rate"])
-  if lr_rows:
-    L += [
-      "",
-      f"Dense learning rate at this horizon (`{LR_SWEEP}` and the core grid's dense seed "
-      f"0; the study uses {sweep_mod.LEARNING_RATE:g}):",
-      "",
-      "| learning rate | end loss | last eval |",
-      "|---|---|---|",
-    ]
-    for r in lr_rows:
-      L.append(
-        f"| {r['train.learning_rate']:g} | {r['end_loss']:.4f} | {r['last_eval_loss']:.4f} |"
-      )
-  with open(os.path.join(a.out, "results.md"), "w") as f:
-    f.write("\n".join(L) + "\n")
-  keys = [k for k in rows[0] if not isinstance(rows[0][k], list)]
-  with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-  strip = lambda d: {k: v for k, v in d.items() if k not in ("predict", "dirs")}
-  with open(os.path.join(a.out, "results.json"), "w") as f:
-    json.dump(
-      {
-        "core_sweep": CORE,
-        "ablations_sweep": ABLATIONS,
-        "end": "final eval, after the cooldown",
-        "stable_evals": STABLE_EVALS,
-        "stable_last_step": stop,
-        "dense_stable_loss": d_target,
-        "learning_rate": sweep_mod.LEARNING_RATE,
-        "dense_end_loss": d_final,
-        "dense_steps": d_last,
-        "strictly_decreasing": decreasing,
-        "gain_over_std": gain_x,
-        "core": rows,
-        "fits": {k: strip(v) for k, v in fits.items()},
-        "chosen_fit": chosen,
-        "ablations": [strip(r) for r in abl_rows],
-        "why_sweep": WHY,
-        "why": [strip(r) for r in why_rows],
-        "dense_learning_rates": lr_rows,
-      },
-      f,
-      indent=1,
-    )
-  print("\n".join(L))
+  """Reads the grid, makes every table's rows, writes the plots, results.md/.csv/.json."""
+  c = read_core(GRIDS[a.grid], a.workdir)
+  t = make_tables(c, a.grid, a.ablations_workdir, a.why_workdir, a.lr_workdir)
+  write_plots(c, t, a.out)
+  lines = results_md(c, t)
+  write_results(a.out, lines, c, t)
+  print("\n".join(lines))
   print(f"wrote plots, results.md, results.csv and results.json to {a.out}")
 
 
