@@ -75,7 +75,7 @@ def main():
   rows = {}
   for kind in kinds:
     c = model_config(a, kind)
-    m = decode.inference_model_config(c.model)
+    m = decode.inference_spec(cfglib.model_spec(c))
     with nnx.use_eager_sharding(False):
       model = Transformer(m, a.vocab, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)

@@ -54,7 +54,7 @@ def moe_model(
   m.moe.dispatch, m.moe.capacity_factor = dispatch, cf
   for part, value in impl.items():
     m.moe.impl[part] = value
-  return cfglib.validate(c).model
+  return cfglib.model_spec(cfglib.validate(c))
 
 
 def grad_fn(module, **call_kw):

@@ -25,6 +25,10 @@ class UserError(Exception):
   hard_exit = False
 
 
+class ConfigError(UserError, ValueError):
+  """A config value is wrong; the message names the key and what is allowed."""
+
+
 def fail(name: str, message: str, hard: bool = False):
   print(f"{name}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
   if hard:

@@ -3,7 +3,12 @@
 Every family file in configs/ starts from `base_config()` and changes what it
 needs, so every config has every key below and `--config.a.b=...` overrides
 work the same for all of them. `validate(c)` runs before anything is compiled
-or written and raises `ConfigError` with a one-line message naming the key.
+or written and raises `ConfigError` with a one-line message naming the key
+(a key that the config's other choices never read is refused too, not
+ignored). `model_spec(c)` turns the model block into the frozen spec models/
+are built from, with the "0 = inherit" defaults resolved. Imports go one way:
+config -> models (routing's table, the spec); models never import config;
+sharding.py checks the mesh against the devices.
 
 Dimension letters used in tensor names across the code base (one meaning each):
   B batch, L length, S cached length (decoding), T tokens (B*L flattened),
@@ -15,19 +20,18 @@ Dimension letters used in tensor names across the code base (one meaning each):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import math
 import os
 
 import ml_collections as mlc
 
-from sparse_lm.cli import UserError
+from sparse_lm.cli import ConfigError
+from sparse_lm.models import spec as spec_lib
 from sparse_lm.models.moe import policy
 from sparse_lm.models.moe import routing
 
-
-class ConfigError(UserError, ValueError):
-  """A config value is wrong; the message names the key and what is allowed."""
+__all__ = ["ConfigError", "base_config", "model_spec", "validate"]
 
 
 DISPATCHES = ("capacity", "dropless")
@@ -116,8 +120,9 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.min_capacity = 4
   c.model.moe.second_expert_policy = "all"
   # Renormalise the chosen gates to sum 1 (GShard / GLaM). Only "topk",
-  # "sigmoid_bias" and "group_limited" read it: switch uses the raw probability, mixtral and
-  # hierarchical are already a softmax over the chosen.
+  # "sigmoid_bias" and "group_limited" read it (validate refuses False for the
+  # others): switch's gate is the raw probability (Fedus et al. eq. 2), mixtral
+  # and hierarchical are already a softmax over the chosen.
   c.model.moe.normalize_gates = True
   c.model.moe.jitter = 0.0  # Switch multiplicative jitter eps (training only)
   c.model.moe.noisy_gating = False  # Shazeer 2017 noisy top-k (training only)
@@ -151,10 +156,10 @@ def base_config() -> mlc.ConfigDict:
   c.train.learning_rate = 3e-3
   c.train.schedule = "cosine"
   c.train.warmup_steps = 20
-  c.train.end_lr_fraction = 0.1
+  c.train.end_lr_fraction = 0.1  # cosine only
   c.train.cooldown_steps = 0  # > 0: the last N steps decay linearly to 0 (train.lr_schedule)
   c.train.weight_decay = 0.1
-  c.train.b1 = 0.9
+  c.train.b1 = 0.9  # adamw only
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0  # global norm; 0 = off
   c.train.log_every = 10
@@ -184,7 +189,6 @@ def base_config() -> mlc.ConfigDict:
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
-    ("expert_group", None),
   )
   return c
 
@@ -254,6 +258,13 @@ def _positive(c, key, allow_zero=False):
     _fail(key, v, "must be a number >= 0" if allow_zero else "must be a number > 0")
 
 
+def _unread(c, key, unread: bool, why: str):
+  """A key changed from its default where the config's other choices never
+  read it: a one-line error instead of a silent no-op."""
+  if unread and _get(c, key) != _get(base_config(), key):
+    _fail(key, _get(c, key), f"has no effect: {why}; leave it at its default")
+
+
 def _get(c, key):
   v = c
   for part in key.split("."):
@@ -261,22 +272,29 @@ def _get(c, key):
   return v
 
 
-def num_kv_heads(m) -> int:
-  return m.num_kv_heads or m.num_heads
-
-
-def head_dim(m) -> int:
-  return m.head_dim or m.d_model // m.num_heads
-
-
-def is_moe(m) -> bool:
-  return m.moe.num_experts > 1
-
-
-def moe_layer(m, i: int) -> bool:
-  """Whether layer i's FFN is an MoE layer."""
-  return (
-    is_moe(m) and i >= m.moe.first_dense_layers and i % m.moe.every == m.moe.offset % m.moe.every
+def model_spec(c) -> spec_lib.ModelSpec:
+  """The frozen, resolved model spec of config `c` (or of its `model` block),
+  validated first: the one place where the "0 = inherit" defaults are
+  resolved. models/ are built from this, never from the config."""
+  m = c.model if "model" in c else c
+  moe = m.moe
+  fields = lambda cls, block, **resolved: cls(
+    **{f.name: block[f.name] for f in dataclasses.fields(cls) if f.name not in resolved},
+    **resolved,
+  )
+  return fields(
+    spec_lib.ModelSpec,
+    m,
+    num_kv_heads=m.num_kv_heads or m.num_heads,
+    head_dim=m.head_dim or m.d_model // m.num_heads,
+    moe=fields(
+      spec_lib.MoeSpec,
+      moe,
+      impl=spec_lib.Impl(**moe.impl),
+      d_ff=moe.d_ff or m.d_ff,
+      activation=moe.activation or m.activation,
+      init_scale=moe.init_scale or m.init_scale,
+    ),
   )
 
 
@@ -348,14 +366,15 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       m.num_heads,
       f"must divide model.d_model={m.d_model} (or set model.head_dim)",
     )
-  if num_kv_heads(m) > m.num_heads or m.num_heads % num_kv_heads(m):
+  spec = model_spec(c)
+  if spec.num_kv_heads > m.num_heads or m.num_heads % spec.num_kv_heads:
     _fail(
       "model.num_kv_heads",
       m.num_kv_heads,
       f"must divide model.num_heads={m.num_heads} (0 = num_heads)",
     )
-  if m.position == "rope" and head_dim(m) % 2:
-    _fail("model.head_dim", head_dim(m), "must be even for rope positions")
+  if m.position == "rope" and spec.head_dim % 2:
+    _fail("model.head_dim", spec.head_dim, "must be even for rope positions")
   if m.position == "learned" and m.max_len < d.seq_len:
     _fail("model.max_len", m.max_len, f"must be >= data.seq_len={d.seq_len} for learned positions")
   if not 0 <= m.dropout < 1:
@@ -370,16 +389,24 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     _choice(c, f"model.moe.impl.{part}", ("auto",) + values)
   if moe.activation:
     _choice(c, "model.moe.activation", ACTIVATIONS)
-  if is_moe(m):
+  if spec.is_moe:
     E = moe.num_experts
     if not isinstance(moe.top_k, int) or not 1 <= moe.top_k <= E:
       _fail("model.moe.top_k", moe.top_k, f"must be in [1, num_experts={E}]")
     bad = routing.ROUTERS[moe.router].check(moe)
     if bad:
       _fail(bad[0], _get(c, bad[0]), bad[1])
+    _unread(
+      c,
+      "model.moe.normalize_gates",
+      not routing.ROUTERS[moe.router].normalizes,
+      f"router {moe.router!r} does not read it (only "
+      + ", ".join(repr(n) for n, r in routing.ROUTERS.items() if r.normalizes)
+      + " renormalise their gates)",
+    )
     if not isinstance(moe.every, int) or moe.every < 1:
       _fail("model.moe.every", moe.every, "must be an integer >= 1")
-    if not any(moe_layer(m, i) for i in range(m.num_layers)):
+    if not spec.moe_layers:
       _fail(
         "model.moe.every",
         moe.every,
@@ -403,6 +430,14 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
 
   _choice(c, "train.optimizer", OPTIMIZERS)
   _choice(c, "train.schedule", SCHEDULES)
+  _unread(c, "train.b1", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b1")
+  _unread(c, "train.b2", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b2")
+  _unread(
+    c,
+    "train.end_lr_fraction",
+    t.schedule != "cosine",
+    f"only the cosine schedule decays to it (train.schedule={t.schedule!r})",
+  )
   if not 0 <= t.end_lr_fraction <= 1:
     _fail("train.end_lr_fraction", t.end_lr_fraction, "must be in [0, 1]")
   if not 0 <= t.cooldown_steps <= t.num_steps:
@@ -448,66 +483,3 @@ def _validate_mesh(c):
     for a in mesh_axes:
       if a is not None and a not in names:
         _fail("sharding_rules", (logical, a), f"names a mesh axis not in config.mesh {names}")
-
-
-def validate_mesh_for_devices(c, num_devices: int) -> dict[str, int]:
-  """Resolves -1 in config.mesh for `num_devices`; checks divisibility."""
-  sizes = dict(c.mesh)
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if any(s == -1 for s in sizes.values()):
-    if num_devices % fixed:
-      _fail("mesh", c.mesh, f"fixed axes ({fixed}) must divide the device count {num_devices}")
-    sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
-  if math.prod(sizes.values()) != num_devices:
-    _fail(
-      "mesh",
-      c.mesh,
-      f"axis sizes multiply to {math.prod(sizes.values())}, not the device count {num_devices}",
-    )
-  from sparse_lm.sharding import axes_of  # pylint: disable=g-import-not-at-top  # (it imports us)
-
-  rule_axes = lambda name: axes_of(c.sharding_rules, name)
-
-  E, moe = c.model.moe.num_experts, c.model.moe
-  expert_axes = rule_axes("expert")
-  n_ep = math.prod(sizes.get(a, 1) for a in expert_axes)
-  if is_moe(c.model) and E % n_ep:
-    _fail("model.moe.num_experts", E, f"must be divisible by the expert mesh axis ({n_ep})")
-  batch_axes = rule_axes("batch")
-  n_batch = math.prod(sizes.get(a, 1) for a in batch_axes)
-  if c.data.batch_size % n_batch:
-    _fail(
-      "data.batch_size",
-      c.data.batch_size,
-      f"must be divisible by the batch mesh axes {tuple(batch_axes)} (size {n_batch})",
-    )
-  if is_moe(c.model):
-    # Expert parallelism (sparse_lm/models/moe/parallel.py).
-    group_axes = rule_axes("expert_group")
-    if group_axes and group_axes != expert_axes:
-      _fail(
-        "sharding_rules",
-        ("expert_group", group_axes),
-        f"must map to None or to the 'expert' rule's mesh axes {expert_axes}: "
-        "hierarchical MoE groups are placed by the expert axes",
-      )
-    if n_ep > 1:
-      tok_axes = rule_axes("batch") + tuple(a for a in expert_axes if a not in rule_axes("batch"))
-      n_tok = math.prod(sizes.get(a, 1) for a in tok_axes)
-      tokens = c.data.batch_size * c.data.seq_len
-      if tokens % n_tok:
-        _fail(
-          "data.batch_size",
-          c.data.batch_size,
-          f"times data.seq_len={c.data.seq_len} ({tokens} tokens) must be divisible by "
-          f"the token mesh axes {tok_axes} (size {n_tok}) for expert parallelism",
-        )
-      G = moe.num_groups
-      if routing.ROUTERS[moe.router].group_placement and n_ep % G and G % n_ep:
-        _fail(
-          "model.moe.num_groups",
-          G,
-          f"must divide or be a multiple of the expert mesh axes' size {n_ep}, so that "
-          "the expert split follows group boundaries",
-        )
-  return sizes

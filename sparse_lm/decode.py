@@ -1,6 +1,7 @@
 """Decoding: a KV cache, prefill and one-token decode steps, sampling.
 
-  checkpoint -> inference model (train.load_model(..., inference=True))
+  checkpoint -> inference model (train.load_model(..., inference=True), or
+  for_inference(model) of a model in memory)
   -> prompts, left-padded to one length -> prefill (the whole prompts, one
   jit; fills the cache) -> decode steps (one token per row, one jit) ->
   sampling -> token ids (sparse_lm/generate.py turns them into text).
@@ -31,39 +32,48 @@ from typing import NamedTuple
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 
-from sparse_lm import config as cfglib
 from sparse_lm import sharding
+from sparse_lm.cli import ConfigError
 from sparse_lm.models import layers
 from sparse_lm.models.moe import routing
+from sparse_lm.models.spec import ModelSpec
 from sparse_lm.models.transformer import Cache
+from sparse_lm.models.transformer import Transformer
 
 Array = jax.Array
 
 
-def check_decodable(m):
+def check_decodable(m: ModelSpec):
   """A one-line ConfigError for a model that cannot decode token by token."""
-  if cfglib.is_moe(m) and routing.ROUTERS[m.moe.router].expert_choice:
-    raise cfglib.ConfigError(
+  if m.is_moe and routing.ROUTERS[m.moe.router].expert_choice:
+    raise ConfigError(
       f"config.model.moe.router={m.moe.router!r} cannot decode: an expert's choice of tokens "
       "depends on later tokens of the batch, so a token's output changes as the text grows"
     )
 
 
-def inference_model_config(m):
-  """model config for decoding: model.moe.dispatch := model.moe.decode_dispatch."""
+def inference_spec(m: ModelSpec) -> ModelSpec:
+  """The spec for decoding: model.moe.dispatch := model.moe.decode_dispatch."""
   check_decodable(m)
-  m = mlc.ConfigDict(m.to_dict() if isinstance(m, mlc.FrozenConfigDict) else m)
-  if cfglib.is_moe(m):
-    m.moe.dispatch = m.moe.decode_dispatch
-  return mlc.FrozenConfigDict(m)
+  return m.replace(moe={"dispatch": m.moe.decode_dispatch}) if m.is_moe else m
+
+
+def for_inference(model: Transformer) -> Transformer:
+  """The same weights (shared, not copied) in a model built from inference_spec."""
+  spec = inference_spec(model.m)
+  if spec == model.m:
+    return model
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(spec, model.vocab_size, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract)
+  return nnx.merge(graphdef, nnx.state(model))
 
 
 def init_cache(m, batch: int, max_len: int) -> Cache:
   """An empty cache for `batch` rows of up to `max_len` tokens (in model.dtype)."""
-  J, Z, dt = cfglib.num_kv_heads(m), cfglib.head_dim(m), layers.dtype_of(m)
+  J, Z, dt = m.num_kv_heads, m.head_dim, layers.dtype_of(m)
   kv = lambda: jnp.zeros((batch, max_len, J, Z), dt)
   return Cache(
     tuple(layers.KVCache(kv(), kv()) for _ in range(m.num_layers)),
@@ -74,7 +84,7 @@ def init_cache(m, batch: int, max_len: int) -> Cache:
 
 def cache_bytes(m, batch: int, max_len: int) -> int:
   """Bytes of the KV cache: 2 (k, v) x layers x B x S x kv heads x head dim x dtype."""
-  J, Z = cfglib.num_kv_heads(m), cfglib.head_dim(m)
+  J, Z = m.num_kv_heads, m.head_dim
   return 2 * m.num_layers * batch * max_len * J * Z * jnp.dtype(layers.dtype_of(m)).itemsize
 
 
@@ -177,14 +187,14 @@ def generate(
   `mesh` and `config`, it runs under that mesh and the config's rules (the
   state must already be placed there). Rows stop at their first stop id."""
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise cfglib.ConfigError("every prompt must have at least one token")
+    raise ConfigError("every prompt must have at least one token")
   m = model.m
   sampling = sampling or Sampling()
   tokens, mask, positions = left_pad(prompts, pad_id)
   B, Lp = tokens.shape
   S = Lp + max_new_tokens
   if m.position == "learned" and S > m.max_len:
-    raise cfglib.ConfigError(
+    raise ConfigError(
       f"config.model.max_len={m.max_len} is too small: the longest prompt ({Lp} tokens) "
       f"plus max_new_tokens={max_new_tokens} need {S} learned positions"
     )

@@ -30,7 +30,6 @@ from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
 from sparse_lm import train
-from sparse_lm.models.transformer import moe_layer_indices
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -81,7 +80,7 @@ def evaluate(workdir: str, step=None, split=None, dataset=None, batches=None) ->
     "perplexity": math.exp(min(loss, 50.0)),
     "moe_layers": {},
   }
-  for i, layer in enumerate(moe_layer_indices(c.model)):
+  for i, layer in enumerate(cfglib.model_spec(c).moe_layers):
     out["moe_layers"][str(layer)] = {
       k: np.mean([np.asarray(m[i][k]) for m in moes], axis=0).tolist()
       for k in STATS

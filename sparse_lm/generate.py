@@ -89,13 +89,14 @@ def main(argv):
   prompts = list(_PROMPT.value) + (read_prompts(_PROMPTS.value) if _PROMPTS.value else [])
   if not prompts:
     raise cli.UserError("give a --prompt or a --prompts file")
+  from sparse_lm import checkpoint  # pylint: disable=g-import-not-at-top
   from sparse_lm import decode  # pylint: disable=g-import-not-at-top
   from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
   from sparse_lm import train  # pylint: disable=g-import-not-at-top
 
   mesh = config = None
   if _MESH.value:
-    config = train.read_config(os.path.abspath(_WORKDIR.value))
+    config = checkpoint.read_config(os.path.abspath(_WORKDIR.value))
     try:
       config.mesh = ast.literal_eval(_MESH.value)
     except (ValueError, SyntaxError):

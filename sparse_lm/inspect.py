@@ -36,8 +36,11 @@ from ml_collections import config_flags
 
 from sparse_lm import cli
 from sparse_lm import config as cfglib
+from sparse_lm import optimizer as optlib
 from sparse_lm import sharding
+from sparse_lm.data.tokenizer import ByteTokenizer
 from sparse_lm.models.moe import routing
+from sparse_lm.models.transformer import Transformer
 
 LOOKUP_TABLES = ("embedding", "pos_embed")  # gathered, not multiplied
 
@@ -65,16 +68,15 @@ def experts_per_token(m) -> float:
 
 
 def vocab_size_of(c) -> int:
-  return 259 if c.data.tokenizer == "byte" else c.data.vocab_size
+  return ByteTokenizer.vocab_size if c.data.tokenizer == "byte" else c.data.vocab_size
 
 
 def abstract_model(c, vocab_size: int | None = None):
   """The Transformer of config `c` with ShapeDtypeStructs for values."""
-  from sparse_lm.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
-
   V = vocab_size or vocab_size_of(c)
+  spec = cfglib.model_spec(c)
   with nnx.use_eager_sharding(False):  # shapes only: no mesh needed
-    return nnx.eval_shape(lambda: Transformer(c.model, V, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Transformer(spec, V, rngs=nnx.Rngs(0)))
 
 
 def _params(model) -> list[tuple[str, tuple, tuple]]:
@@ -96,14 +98,9 @@ def is_routed(path: str, names: tuple) -> bool:
 
 
 def optimizer_bytes(t, params) -> dict[str, int]:
-  """Bytes of optimizer state per parameter path, from optax's own init.
-
-  The same optax transformation as train.make_optimizer builds (clipping and
-  weight decay keep no per-parameter state).
-  """
-  import optax  # pylint: disable=g-import-not-at-top
-
-  opt = optax.adamw(1e-3) if t.optimizer == "adamw" else optax.adafactor(1e-3)
+  """Bytes of optimizer state per parameter path, from the init of the
+  optimizer the trainer builds (optimizer.make_optimizer)."""
+  opt = optlib.make_optimizer(t)
   shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape, _ in params}
   state = jax.eval_shape(opt.init, shapes)
   per_param = dict.fromkeys(shapes, 0)
@@ -121,7 +118,7 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   train_flops_per_token, inference_flops_per_token, param_bytes, optimizer_bytes.
   `model`: an abstract (or real) Transformer of `c`, to skip building one.
   """
-  m = c.model
+  m = cfglib.model_spec(c)
   V = vocab_size or vocab_size_of(c)
   params = _params(model if model is not None else abstract_model(c, V))
   total = routed = lookup = unembed = vectors = 0
@@ -132,10 +129,10 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
     lookup += n if path.split("/")[-1] in LOOKUP_TABLES else 0
     unembed += n if path.split("/")[-1] == "unembed" else 0
     vectors += n if len(shape) < 2 else 0  # norm scales and biases: no matmul
-  k_frac = experts_per_token(m) / m.moe.num_experts if cfglib.is_moe(m) else 1.0
+  k_frac = experts_per_token(m) / m.moe.num_experts if m.is_moe else 1.0
   active = total - routed + routed * k_frac
   matmul = active - lookup - unembed - vectors + V * m.d_model
-  attn_width = m.num_heads * cfglib.head_dim(m)
+  attn_width = m.num_heads * m.head_dim
   fwd = 2 * matmul + 4 * m.num_layers * c.data.seq_len * attn_width
   param_bytes = total * 4  # float32 master weights
   return {
@@ -163,7 +160,7 @@ def _split(names: tuple, shape: tuple, rules, sizes: dict) -> int:
 
 def per_device(c, model, num_devices: int) -> dict:
   """Mesh sizes, and parameter / optimizer bytes per device, on `num_devices`."""
-  sizes = cfglib.validate_mesh_for_devices(c, num_devices)
+  sizes = sharding.mesh_sizes(c, num_devices)
   rules = c.sharding_rules
   params = _params(model)
   opt = optimizer_bytes(c.train, params)
@@ -194,14 +191,14 @@ def _bytes(b: float) -> str:
 
 def column(c, num_devices: int = 0) -> dict[str, str]:
   """One config's rows of the table, as strings."""
-  m = c.model
+  m = cfglib.model_spec(c)
   num_devices = num_devices or math.prod(v for _, v in c.mesh if v != -1)
-  cfglib.validate_mesh_for_devices(c, num_devices)  # a bad count fails before any tracing
+  sharding.mesh_sizes(c, num_devices)  # a bad count fails before any tracing
   model = abstract_model(c)
   s = summarize(c, model=model)
   d = per_device(c, model, num_devices)
-  n_moe = sum(cfglib.moe_layer(m, i) for i in range(m.num_layers))
-  if cfglib.is_moe(m):
+  n_moe = len(m.moe_layers)
+  if m.is_moe:
     routing = f"{m.moe.router}: {experts_per_token(m):g} of {m.moe.num_experts}"
     if m.moe.num_shared_experts:
       routing += f" + {m.moe.num_shared_experts} shared"

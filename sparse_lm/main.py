@@ -14,15 +14,16 @@ from sparse_lm import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and checkpoints go.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
+flags.mark_flags_as_required(["config", "workdir"])
+# Multi-host: JAX's own cluster detection, or the coordinator given by hand.
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed",
   False,
   "Call jax.distributed.initialize() with JAX's own cluster detection (SLURM, TPU pods, ...).",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
 
 
 def main(argv):

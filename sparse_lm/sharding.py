@@ -2,11 +2,14 @@
 
 Mesh axis names appear only in the config (`config.mesh`, `config.sharding_rules`)
 and in this module; models speak logical names ("batch", "embed", "expert", ...).
+config.py checks the mesh's form; `mesh_sizes` checks it against a device
+count (divisibility of the batch, the experts and the tokens).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 from flax import nnx
 from flax.core import spmd as flax_spmd
@@ -15,7 +18,8 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_lm import config as cfglib
+from sparse_lm.cli import ConfigError
+from sparse_lm.models.moe import routing
 
 
 def rules(c) -> tuple:
@@ -28,7 +32,7 @@ def rules(c) -> tuple:
 def make_mesh(c, devices=None) -> jax.sharding.Mesh:
   """Builds the mesh of config.mesh over all devices (of every process)."""
   devices = jax.devices() if devices is None else devices
-  sizes = cfglib.validate_mesh_for_devices(c, len(devices))
+  sizes = mesh_sizes(c, len(devices))
   names = tuple(sizes)
   return jax.make_mesh(
     tuple(sizes.values()), names, devices=devices, axis_types=(AxisType.Auto,) * len(names)
@@ -73,3 +77,58 @@ def constrain(x, *names):
 def named(mesh, *names) -> NamedSharding:
   """NamedSharding on `mesh` for logical names (under the active rules)."""
   return NamedSharding(mesh, logical_spec(*names))
+
+
+def _fail(key, value, why):
+  raise ConfigError(f"config.{key}={value!r} is invalid: {why}")
+
+
+def mesh_sizes(c, num_devices: int) -> dict[str, int]:
+  """config.mesh's axis sizes on `num_devices` (-1 resolved), checked: the
+  batch, the experts and (under expert parallelism) the tokens divide over
+  the axes their rules map to. A ConfigError names the key."""
+  sizes = dict(c.mesh)
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if any(s == -1 for s in sizes.values()):
+    if num_devices % fixed:
+      _fail("mesh", c.mesh, f"fixed axes ({fixed}) must divide the device count {num_devices}")
+    sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
+  if math.prod(sizes.values()) != num_devices:
+    _fail(
+      "mesh",
+      c.mesh,
+      f"axis sizes multiply to {math.prod(sizes.values())}, not the device count {num_devices}",
+    )
+  size_of = lambda axes: math.prod(sizes.get(a, 1) for a in axes)
+  batch_axes, expert_axes = axes_of(c.sharding_rules, "batch"), axes_of(c.sharding_rules, "expert")
+  moe, n_ep = c.model.moe, size_of(expert_axes)
+  if moe.num_experts > 1 and moe.num_experts % n_ep:
+    why = f"must be divisible by the expert mesh axis ({n_ep})"
+    _fail("model.moe.num_experts", moe.num_experts, why)
+  if c.data.batch_size % size_of(batch_axes):
+    _fail(
+      "data.batch_size",
+      c.data.batch_size,
+      f"must be divisible by the batch mesh axes {batch_axes} (size {size_of(batch_axes)})",
+    )
+  if moe.num_experts <= 1 or n_ep == 1:
+    return sizes
+  # Expert parallelism (sparse_lm/models/moe/parallel.py).
+  tok_axes = batch_axes + tuple(a for a in expert_axes if a not in batch_axes)
+  tokens = c.data.batch_size * c.data.seq_len
+  if tokens % size_of(tok_axes):
+    _fail(
+      "data.batch_size",
+      c.data.batch_size,
+      f"times data.seq_len={c.data.seq_len} ({tokens} tokens) must be divisible by "
+      f"the token mesh axes {tok_axes} (size {size_of(tok_axes)}) for expert parallelism",
+    )
+  G = moe.num_groups
+  if routing.ROUTERS[moe.router].group_placement and n_ep % G and G % n_ep:
+    _fail(
+      "model.moe.num_groups",
+      G,
+      f"must divide or be a multiple of the expert mesh axes' size {n_ep}, so that "
+      "the expert split follows group boundaries",
+    )
+  return sizes

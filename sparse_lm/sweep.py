@@ -1,6 +1,6 @@
 r"""Sweeps: a grid of runs from one config file, run, resumed and collected.
 
-  python -m sparse_lm.sweep --config=configs/sweeps/experts_topk.py --workdir=runs/experts_topk
+  python -m sparse_lm.sweep --config=configs/sweeps/dense_lr.py --workdir=runs/dense_lr
   python -m sparse_lm.sweep ... --parallel=2         # two points at a time
   python -m sparse_lm.sweep ... --print_commands     # one command per point, for a scheduler
   python -m sparse_lm.sweep ... --collect_only       # just rebuild results.csv / results.json
@@ -138,7 +138,7 @@ def _last_line(path: str) -> str:
   return lines[-1][:300] if lines else ""
 
 
-def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list[dict]:
+def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list[str]:
   """Runs every unfinished point (`parallel` at a time); returns the failed points' names."""
   grid = points(sweep_file)
   if os.path.exists(workdir) and not os.path.isdir(workdir):

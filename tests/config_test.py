@@ -1,5 +1,6 @@
 """Config validation: each bad value is a one-line ConfigError naming its key."""
 
+import ast
 import importlib.util
 import pathlib
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from sparse_lm import config as cfglib
-from sparse_lm import train
+from sparse_lm import optimizer
+from sparse_lm import sharding
 
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob("configs/*.py"))
 
@@ -109,6 +111,18 @@ MOE_BAD = [
   ),
   ("model.moe.second_expert_policy", "random", "need router 'topk' with top_k >= 2", {}),
   ("model.moe.bias_update_rate", -1.0, "must be a number >= 0", {}),
+  # A key that the router never reads is refused, not ignored (issue 17, smell 4).
+  ("model.moe.normalize_gates", False, "router 'switch' does not read it", {}),
+  (
+    "model.moe.normalize_gates",
+    False,
+    "router 'mixtral' does not read it",
+    {"model.moe.router": "mixtral", "model.moe.top_k": 2},
+  ),
+  ("train.b1", 0.8, "train.optimizer='adafactor' has no b1", {"train.optimizer": "adafactor"}),
+  ("train.b2", 0.99, "train.optimizer='adafactor' has no b2", {"train.optimizer": "adafactor"}),
+  ("train.end_lr_fraction", 0.0, "only the cosine schedule", {"train.schedule": "rsqrt"}),
+  ("train.end_lr_fraction", 0.5, "only the cosine schedule", {"train.schedule": "constant"}),
 ]
 
 
@@ -151,7 +165,7 @@ def test_mesh_errors(mesh, devices, message, key):
   c.data.batch_size, c.data.num_streams = 12, 4
   c.mesh = mesh + [(a, 1) for a in ("data", "fsdp", "expert", "tensor") if a not in dict(mesh)]
   with pytest.raises(cfglib.ConfigError, match=f"config.{key}=") as e:
-    cfglib.validate_mesh_for_devices(cfglib.validate(c), devices)
+    sharding.mesh_sizes(cfglib.validate(c), devices)
   assert message in str(e.value), str(e.value)
 
 
@@ -164,13 +178,38 @@ def test_unknown_variant_is_one_line_error(path):
     mod.get_config("nope")
 
 
+def test_keys_read_where_they_matter_are_accepted():
+  c = cfglib.base_config()
+  c.model.moe.num_experts, c.model.moe.router, c.model.moe.top_k = 4, "topk", 2
+  c.model.moe.normalize_gates = False
+  c.train.b1, c.train.end_lr_fraction = 0.8, 0.0  # adamw, cosine
+  cfglib.validate(c)
+
+
+def test_every_sharding_rule_names_an_axis_the_models_use():
+  # A logical name no tensor carries is a rule that does nothing (issue 17, smell 5:
+  # "expert_group" named no tensor). Every rule's name appears in models/ as a
+  # parameter's or an activation's logical axis.
+  used = set()
+  for path in (pathlib.Path(__file__).parent.parent / "sparse_lm" / "models").rglob("*.py"):
+    tree = ast.parse(path.read_text())
+    docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}  # docstrings
+    used |= {
+      n.value
+      for n in ast.walk(tree)
+      if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    }
+  for name, _ in cfglib.base_config().sharding_rules:
+    assert name in used, name
+
+
 @pytest.mark.parametrize("schedule", ["rsqrt", "cosine", "constant"])
 def test_cooldown_keeps_the_schedule_then_decays_linearly_to_zero(schedule):
   t = cfglib.base_config().train
   t.schedule, t.num_steps, t.warmup_steps = schedule, 100, 10
-  base = train.lr_schedule(t)
+  base = optimizer.lr_schedule(t)
   t.cooldown_steps = 20
-  cooled = train.lr_schedule(t)
+  cooled = optimizer.lr_schedule(t)
   for s in range(80):  # bit for bit: a run resumed before the cooldown trains as if it had one
     assert float(cooled(s)) == float(base(s)), s
   for s in range(80, 101):

@@ -494,3 +494,14 @@ def test_processes_preparing_one_data_dir_together_agree(tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1]
+
+
+def test_empty_tfds_data_dir_env_counts_as_unset(tmp_path, monkeypatch):
+  # Issue 17, smell 9: `export TFDS_DATA_DIR=` ended a run in FileNotFoundError: ''.
+  monkeypatch.setenv("TFDS_DATA_DIR", "")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  d = cfglib.base_config().data
+  assert pipeline.data_dir(d) == str(tmp_path / "tensorflow_datasets")
+  with pipeline._prepare_lock(d):  # pylint: disable=protected-access
+    pass
+  assert (tmp_path / "tensorflow_datasets").is_dir()

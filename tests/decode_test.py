@@ -38,7 +38,7 @@ def tiny(family, **moe):
   m.d_model, m.d_ff, m.num_heads = 32, 64, 4
   m.num_kv_heads = 2 if m.num_kv_heads else 0  # keep GQA where the family has it
   m.head_dim = 0
-  if cfglib.is_moe(m):
+  if m.moe.num_experts > 1:
     m.moe.d_ff = 32 if m.moe.d_ff else 0
   for k, v in moe.items():
     m.moe[k] = v
@@ -47,7 +47,7 @@ def tiny(family, **moe):
 
 def model_of(c, seed=0):
   with nnx.use_eager_sharding(False):
-    return Transformer(decode.inference_model_config(c.model), V, rngs=nnx.Rngs(seed))
+    return Transformer(decode.inference_spec(cfglib.model_spec(c)), V, rngs=nnx.Rngs(seed))
 
 
 def full_logits(model, tokens):
@@ -87,9 +87,9 @@ def test_cached_decoding_equals_full_forward(family):
   np.testing.assert_allclose(step, full, **TOL)
   np.testing.assert_allclose(whole, full, **TOL)
   assert int(cache.index) == 12 and bool(cache.valid_BxS.all())
-  J, Z = cfglib.num_kv_heads(c.model), cfglib.head_dim(c.model)
-  assert cache.layers[0].k.shape == (2, 12, J, Z)  # kv heads only
-  assert decode.cache_bytes(c.model, 2, 12) == sum(
+  spec = cfglib.model_spec(c)
+  assert cache.layers[0].k.shape == (2, 12, spec.num_kv_heads, spec.head_dim)  # kv heads only
+  assert decode.cache_bytes(spec, 2, 12) == sum(
     x.size * x.dtype.itemsize for kv in cache.layers for x in kv
   )
 
@@ -131,7 +131,7 @@ def test_expert_choice_is_refused_for_decoding():
   with pytest.raises(
     cfglib.ConfigError, match="config.model.moe.router='expert_choice' cannot decode"
   ):
-    decode.inference_model_config(c.model)
+    decode.inference_spec(cfglib.model_spec(c))
 
 
 def test_sampling_greedy_top_k_top_p():

@@ -6,25 +6,24 @@ import shutil
 import subprocess
 import sys
 
+from conftest import ENV
+from conftest import ROOT
+from conftest import cli
+from conftest import rows
+from conftest import run
 import pytest
-from train_test import ENV
-from train_test import ROOT
-from train_test import cli
-from train_test import rows
-from train_test import run
 
 PROMPTS = ["def fib(n):", "import os", "class A:", "x = [", "for i in", "print(", "# ", "if x"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tfds_dir):
   """A tiny Switch run (8 experts, GQA off), 40 steps; returns its workdir."""
-  base = tmp_path_factory.mktemp("inference")
-  wd, tfds = str(base / "switch"), str(base / "tfds")
+  wd = str(tmp_path_factory.mktemp("inference") / "switch")
   p = run(
     cli(
       wd,
-      tfds,
+      tfds_dir,
       "--config.train.num_steps=40",
       "--config.train.eval_every=40",
       config="configs/switch.py:tiny",
@@ -114,6 +113,26 @@ def test_evaluate_reproduces_the_runs_eval_loss(trained, tmp_path):
   assert len(layer["expert_fraction"]) == 8 and abs(sum(layer["expert_fraction"]) - 1) < 1e-5
   assert 0 < layer["gate_mean"] <= 1 + 1e-6, layer["gate_mean"]  # the chosen gates' mean sum
   assert "perplexity" in p.stdout or "loss" in p.stdout
+
+
+def evaluate(wd, out, *args):
+  cmd = [sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={wd}", f"--output={out}", *args]
+  p = run(cmd)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return json.load(open(out))
+
+
+def test_eval_dropped_fraction_is_the_mean_over_the_eval_batches(tmp_path, tfds_dir):
+  # Issue 17, smell 2: the logged eval_moe/.../dropped_fraction was the last batch's.
+  wd = str(tmp_path / "drops")
+  args = ["--config.train.num_steps=10", "--config.train.eval_every=10"]
+  args += ["--config.train.eval_batches=4", "--config.model.moe.eval_capacity_factor=0.5"]
+  assert run(cli(wd, tfds_dir, *args, config="configs/switch.py:tiny")).returncode == 0
+  logged = rows(wd)[-1]["eval_moe/layer1/dropped_fraction"]
+  mean = evaluate(wd, str(tmp_path / "4.json"))["moe_layers"]["1"]["dropped_fraction"]
+  first = evaluate(wd, str(tmp_path / "1.json"), "--batches=1")["moe_layers"]["1"]
+  assert abs(first["dropped_fraction"] - mean) > 1e-4  # the batches differ
+  assert abs(logged - mean) < 1e-6, (logged, mean)
 
 
 @pytest.mark.parametrize(

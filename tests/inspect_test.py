@@ -32,7 +32,7 @@ def load(spec: str):
 
 def real_param_count(c) -> int:
   with nnx.use_eager_sharding(False):
-    model = Transformer(c.model, inspectlib.vocab_size_of(c), rngs=nnx.Rngs(0))
+    model = Transformer(cfglib.model_spec(c), inspectlib.vocab_size_of(c), rngs=nnx.Rngs(0))
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -93,11 +93,14 @@ def test_dense_counts_by_hand():
 def test_moe_active_fraction_from_the_expert_count(family):
   """Routed expert weights count k/E; everything else, shared experts too, counts fully."""
   c = load(f"configs/{family}.py:tiny")
-  m, moe = c.model, c.model.moe
-  n_moe = sum(cfglib.moe_layer(m, i) for i in range(m.num_layers))
-  act = moe.activation or m.activation
+  m = cfglib.model_spec(c)
+  moe = m.moe
   routed = (
-    n_moe * moe.num_experts * (3 if layers.is_gated(act) else 2) * m.d_model * (moe.d_ff or m.d_ff)
+    len(m.moe_layers)
+    * moe.num_experts
+    * (3 if layers.is_gated(moe.activation) else 2)
+    * m.d_model
+    * moe.d_ff
   )
   s = inspectlib.summarize(c)
   assert s["routed_expert_params"] == routed
@@ -111,8 +114,7 @@ def test_switch_costs_dense_flops_plus_the_router():
   dense, switch = load("configs/dense.py:tiny"), load("configs/switch.py:tiny")
   d, s = inspectlib.summarize(dense), inspectlib.summarize(switch)
   m = switch.model
-  n_moe = sum(cfglib.moe_layer(m, i) for i in range(m.num_layers))
-  router = 2 * n_moe * m.d_model * m.moe.num_experts
+  router = 2 * len(cfglib.model_spec(switch).moe_layers) * m.d_model * m.moe.num_experts
   assert s["inference_flops_per_token"] - d["inference_flops_per_token"] == router
 
 

@@ -9,7 +9,6 @@ import pytest
 from sparse_lm import config as cfglib
 from sparse_lm.models import layers
 from sparse_lm.models.transformer import Transformer
-from sparse_lm.models.transformer import moe_layer_indices
 
 
 def tiny(**model):
@@ -22,7 +21,7 @@ def tiny(**model):
 
 def build(c, vocab=50):
   with nnx.use_eager_sharding(False):
-    return Transformer(c.model, vocab, rngs=nnx.Rngs(0))
+    return Transformer(cfglib.model_spec(c), vocab, rngs=nnx.Rngs(0))
 
 
 class _ShiftedEmbed(nnx.Module):
@@ -78,7 +77,7 @@ def test_gqa_shapes_and_equivalence_to_mha():
 
 def _attn(c):
   with nnx.use_eager_sharding(False):
-    return layers.Attention(c.model, rngs=nnx.Rngs(0))
+    return layers.Attention(cfglib.model_spec(c), rngs=nnx.Rngs(0))
 
 
 def test_rope_is_relative():
@@ -118,9 +117,9 @@ def test_layer_pattern(every, offset, expected):
   c = cfglib.base_config()
   c.model.num_layers, c.model.moe.num_experts = 4, 4
   c.model.moe.every, c.model.moe.offset = every, offset
-  assert moe_layer_indices(c.model) == expected
+  assert list(cfglib.model_spec(c).moe_layers) == expected
   c.model.moe.num_experts = 1  # one expert = dense
-  assert moe_layer_indices(c.model) == []
+  assert cfglib.model_spec(c).moe_layers == ()
 
 
 @pytest.mark.parametrize("model_scale,moe_scale", [(1.0, 0.0), (0.1, 0.0), (1.0, 0.1)])

@@ -7,12 +7,15 @@ gate * expert(x) over each token's kept choices. Gates are jnp functions of the
 logits so gradients flow through them; the decision is piecewise constant.
 """
 
-import functools
-
+from conftest import D
+from conftest import E
+from conftest import F
+from conftest import build
+from conftest import layer_grads
+from conftest import model_cfg
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
@@ -24,49 +27,9 @@ from sparse_lm.models.moe import routing
 from sparse_lm.models.moe.layer import MoeFfn
 from sparse_lm.models.moe.layer import RouterState
 
-B, L, D, F, E = 2, 12, 16, 24, 8
+B, L = 2, 12
 T = B * L
 HI = jax.lax.Precision.HIGHEST
-
-ACTIVATION = {
-  "switch": "gelu",
-  "topk": "swiglu",
-  "mixtral": "swiglu",
-  "sigmoid_bias": "relu",
-  "hierarchical": "geglu",
-  "expert_choice": "gelu",
-}
-
-
-def model_cfg(router="topk", dispatch="capacity", impl=None, **moe) -> mlc.ConfigDict:
-  """The layer config; impl: {part: value} for model.moe.impl (policy.py)."""
-  c = cfglib.base_config()
-  m = c.model
-  m.d_model, m.d_ff = D, 2 * F
-  m.moe.num_experts, m.moe.d_ff = E, F
-  m.moe.router, m.moe.dispatch = router, dispatch
-  m.moe.activation = ACTIVATION[router]
-  m.moe.top_k = {"switch": 1, "expert_choice": 1}.get(router, 2)
-  if router == "hierarchical":
-    m.moe.num_groups, m.moe.top_k_groups = 2, 2
-  if router == "sigmoid_bias":
-    m.moe.num_shared_experts = 1
-  m.moe.eval_capacity_factor = 1.0 * E  # no drops unless a test says otherwise
-  m.moe.min_capacity = 1
-  m.moe.importance_weight = 0.1
-  for k, v in moe.items():
-    m.moe[k] = v
-  for k, v in (impl or {}).items():
-    m.moe.impl[k] = v
-  return cfglib.validate(c).model
-
-
-def build(m, seed=0):
-  with nnx.use_eager_sharding(False):
-    layer = MoeFfn(m, rngs=nnx.Rngs(seed))
-  if hasattr(layer, "router_bias"):  # a non-trivial bias so it matters
-    layer.router_bias[...] = 0.2 * jax.random.normal(jax.random.key(seed + 7), (E,))
-  return layer
 
 
 def inputs(seed=1, pad=False):
@@ -86,57 +49,18 @@ def params_of(layer) -> dict:
 # ---------------------------------------------------------------- fast path
 
 
-IMPL = {
-  "capacity_impl": "capacity_layout",
-  "grouped_impl": "grouped_kernel",
-  "position_method": "positions",
-}
-
-
-def with_impl(layer, **kw):
-  """The same layer (same variables) computing with other model.moe.impl parts."""
-  if not any(v is not None for v in kw.values()):
-    return layer
-  m = mlc.ConfigDict(layer.m.to_dict())
-  for k, v in kw.items():
-    if v is not None:
-      m.moe.impl[IMPL[k]] = v
-  with nnx.use_eager_sharding(False):
-    other = MoeFfn(m, rngs=nnx.Rngs(0))
-  nnx.update(other, nnx.state(layer))
-  return other
-
-
-def flat_aux(aux) -> dict:
-  """aux with its state_updates dict flattened to "state_updates/<name>" keys."""
-  aux = dict(aux)
-  for k, v in aux.pop("state_updates", {}).items():
-    aux[f"state_updates/{k}"] = v
-  return jax.tree.map(np.asarray, aux)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "train"))
-def _fast(graphdef, state, x, ct, mask, rng, train):
-  def loss(state, x):
-    y, aux = nnx.merge(graphdef, state)(x, mask_BxL=mask, train=train, rng=rng)
-    return jnp.sum(y.astype(jnp.float32) * ct), (y, aux)
-
-  (_, (y, aux)), (g_state, g_x) = jax.value_and_grad(loss, (0, 1), has_aux=True)(state, x)
-  return y, aux, g_state, g_x
-
-
 def fast(layer, x, ct, mask=None, train=False, rng=None, **impl):
   """Forward + gradients (w.r.t. params and x) of sum(y * ct), one jit per config.
-  impl: capacity_impl / grouped_impl / position_method, as model.moe.impl parts."""
-  graphdef, state = nnx.split(with_impl(layer, **impl))
-  y, aux, g_state, g_x = _fast(graphdef, state, x, ct, mask, rng, train)
-  grads = {
-    k: np.asarray(v[...])
-    for k, v in vars(nnx.merge(graphdef, g_state)).items()
-    if isinstance(v, nnx.Variable)
-  }
-  grads["x"] = np.asarray(g_x)
-  return np.asarray(y), flat_aux(aux), grads
+  impl: model.moe.impl parts (capacity_layout / grouped_kernel / positions) to
+  compute with instead of the layer's."""
+  impl = {k: v for k, v in impl.items() if v is not None}
+  if impl:
+    m = layer.m.replace(moe={"impl": layer.m.moe.impl._replace(**impl)})
+    with nnx.use_eager_sharding(False):
+      other = MoeFfn(m, rngs=nnx.Rngs(0))
+    nnx.update(other, nnx.state(layer))
+    layer = other
+  return layer_grads(*nnx.split(layer), x, ct, mask, rng, train)
 
 
 # ---------------------------------------------------------------- reference
@@ -167,6 +91,15 @@ def ref_decide(p, x_TxD, mask_T, moe, capacity):
     elif moe.router == "sigmoid_bias":
       s = 1 / (1 + np.exp(-logits[t]))
       choice[t] = np.argsort(-(s + p["router_bias"]), kind="stable")[:K]
+    elif moe.router == "group_limited":
+      # Groups scored by the sum of their k // M best biased scores; the top M kept.
+      b = 1 / (1 + np.exp(-logits[t])) + p["router_bias"]
+      n = En // moe.num_groups
+      per = max(K // moe.top_k_groups, 1)
+      score = [np.sort(b[g * n : (g + 1) * n])[::-1][:per].sum() for g in range(moe.num_groups)]
+      keep = set(np.argsort(score, kind="stable")[::-1][: moe.top_k_groups])
+      allowed = [e for e in range(En) if e // n in keep]
+      choice[t] = sorted(allowed, key=lambda e: -b[e])[:K]
     elif moe.router == "hierarchical":
       gl = np.asarray(jnp.dot(x_TxD, p["group_router"], precision=HI), np.float64)
       if groups is None:
@@ -213,7 +146,7 @@ def ref_gates(p, x_TxD, moe, tok, exp, choice, groups):
     return pr[ar, pos] / (pr.sum(-1) if moe.normalize_gates else 1.0)
   if moe.router == "mixtral":
     return jax.nn.softmax(pick(logits), -1)[ar, pos]
-  if moe.router == "sigmoid_bias":
+  if moe.router in ("sigmoid_bias", "group_limited"):
     s = pick(jax.nn.sigmoid(logits))
     return s[ar, pos] / s.sum(-1)
   # hierarchical: primary gate over chosen groups x secondary over chosen in-group.
@@ -259,7 +192,7 @@ def reference(layer, x, ct, mask, capacity):
   x_TxD = x.reshape(T, D)
   mask_T = jnp.ones(T) if mask is None else mask.reshape(T)
   decision = ref_decide(p, x_TxD, mask_T, m.moe, capacity)
-  act = m.moe.activation or m.activation
+  act = m.moe.activation
 
   @jax.jit
   def run(p, x_TxD):
@@ -286,7 +219,15 @@ def assert_grads_close(g, g_ref, tol=2e-4):
 
 COMBOS = [
   (r, d)
-  for r in ("switch", "topk", "mixtral", "sigmoid_bias", "hierarchical", "expert_choice")
+  for r in (
+    "switch",
+    "topk",
+    "mixtral",
+    "sigmoid_bias",
+    "group_limited",
+    "hierarchical",
+    "expert_choice",
+  )
   for d in ("capacity", "dropless")
   if not (r == "expert_choice" and d == "dropless")
 ]
@@ -335,7 +276,7 @@ def test_tight_capacity_drops_like_reference(router, impl):
   x, ct, mask = inputs(seed=4, pad=True)
   C = routing.capacity(m.moe, T, train=True)
   with jax.default_matmul_precision("highest"):
-    y, aux, g = fast(layer, x, ct, mask, train=True, rng=jax.random.key(0), capacity_impl=impl)
+    y, aux, g = fast(layer, x, ct, mask, train=True, rng=jax.random.key(0), capacity_layout=impl)
     y_ref, g_ref, (tok, exp, kept, _, _) = reference(layer, x, ct, mask, C)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   assert_grads_close(g, g_ref)
@@ -360,7 +301,7 @@ def test_capacity_and_dropless_agree(router):
   x, ct, mask = inputs(seed=5)
   with jax.default_matmul_precision("highest"):
     outs = [fast(build(model_cfg(router, d)), x, ct, mask) for d in ("capacity", "dropless")]
-    ragged = fast(build(model_cfg(router, "dropless")), x, ct, mask, grouped_impl="ragged")
+    ragged = fast(build(model_cfg(router, "dropless")), x, ct, mask, grouped_kernel="ragged")
   for other in (outs[1], ragged):
     np.testing.assert_allclose(outs[0][0], other[0], rtol=1e-5, atol=1e-5)
     assert_grads_close(outs[0][2], other[2])
@@ -373,14 +314,16 @@ def test_capacity_impls_agree_with_expert_dropout():
   m = model_cfg("topk", "capacity", capacity_factor=0.75, expert_dropout=0.5)
   layer = build(m)
   x, ct, mask = inputs(pad=True)
-  run = lambda impl: fast(layer, x, ct, mask, train=True, rng=jax.random.key(4), capacity_impl=impl)
+  run = lambda impl: fast(
+    layer, x, ct, mask, train=True, rng=jax.random.key(4), capacity_layout=impl
+  )
   (y_b, aux_b, g_b), (y_g, aux_g, g_g) = run("batched"), run("grouped")
   np.testing.assert_allclose(y_b, y_g, rtol=1e-5, atol=1e-5)
   assert_grads_close(g_b, g_g)
   assert aux_b["dropped_fraction"] > 0
   for k in aux_b:
     np.testing.assert_allclose(aux_b[k], aux_g[k], rtol=1e-5, atol=1e-7, err_msg=k)
-  y_eval, _, _ = fast(layer, x, ct, mask, capacity_impl="grouped")
+  y_eval, _, _ = fast(layer, x, ct, mask, capacity_layout="grouped")
   assert np.abs(y_g - y_eval).max() > 1e-3  # dropout did something
 
 
@@ -390,7 +333,7 @@ def test_position_methods_agree(method):
   layer = build(m)
   x, ct, mask = inputs(pad=True)
   base = fast(layer, x, ct, mask, train=True, rng=jax.random.key(0))
-  other = fast(layer, x, ct, mask, train=True, rng=jax.random.key(0), position_method=method)
+  other = fast(layer, x, ct, mask, train=True, rng=jax.random.key(0), positions=method)
   np.testing.assert_allclose(base[0], other[0], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(base[1]["dropped_fraction"], other[1]["dropped_fraction"])
 
@@ -527,15 +470,13 @@ def test_sigmoid_bias_update_survives_train_step():
 
 
 def test_params_names_init_and_dtypes():
-  m = model_cfg("topk", "capacity", init_scale=0.1)
-  m.dtype = "bfloat16"
+  m = model_cfg("topk", "capacity", init_scale=0.1).replace(dtype="bfloat16")
   layer = build(m)
   assert layer.wi.out_sharding == ("expert", "embed", "expert_mlp")
   assert layer.wo.out_sharding == ("expert", "expert_mlp", "embed")
   assert layer.router.out_sharding == ("embed", None)
   assert layer.wi[...].dtype == jnp.float32 and layer.router[...].dtype == jnp.float32
-  big = model_cfg("topk", "capacity", init_scale=0.1)
-  big.moe.num_experts, big.d_model = 4, 256
+  big = model_cfg("topk", "capacity", init_scale=0.1).replace(d_model=256, moe={"num_experts": 4})
   with nnx.use_eager_sharding(False):
     wide = MoeFfn(big, rngs=nnx.Rngs(0))
   std = float(jnp.std(wide.wi[...]))  # truncated normal: per-expert fan-in, not E * D
@@ -553,7 +494,6 @@ def test_sharded_matches_unsharded():
   c = cfglib.base_config()
   c.mesh = [("data", 4), ("fsdp", 1), ("expert", 2), ("tensor", 1)]
   m = model_cfg("topk", "capacity")
-  c.model = m
   x, ct, mask = inputs(pad=True)
   with jax.default_matmul_precision("highest"):
     y0, aux0, _ = fast(build(m), x, ct, mask)

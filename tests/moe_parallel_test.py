@@ -8,16 +8,16 @@ per-device expert-weight memory vs the expert axis, a few training steps of a
 tiny MoE Transformer, and the mesh errors.
 """
 
-import functools
-
+import conftest
+from conftest import FAST_COMPILE
+from conftest import D
+from conftest import E
+from conftest import F
+from conftest import build
+from conftest import layer_grads
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import moe_layer_test as layer_test  # the same layer sizes, routers and activations
-from moe_layer_test import D  # pylint: disable=g-bad-import-order
-from moe_layer_test import E  # pylint: disable=g-bad-import-order
-from moe_layer_test import F  # pylint: disable=g-bad-import-order
-from moe_layer_test import build  # pylint: disable=g-bad-import-order
 import numpy as np
 import optax
 import pytest
@@ -43,8 +43,8 @@ def mesh_config(data, fsdp, expert, tensor=1):
 
 
 def model_cfg(router, dispatch, **moe):
-  """moe_layer_test's layer config with a tight training capacity: tokens drop."""
-  return layer_test.model_cfg(router, dispatch, **{"capacity_factor": 0.5, **moe})
+  """The MoE layer tests' config (conftest) with a tight training capacity: tokens drop."""
+  return conftest.model_cfg(router, dispatch, **{"capacity_factor": 0.5, **moe})
 
 
 def inputs(seed=1):
@@ -55,34 +55,9 @@ def inputs(seed=1):
   return x, ct, mask
 
 
-# Cuts the CPU compile time of these small programs about 3x (every run here compiles).
-FAST_COMPILE = {
-  "xla_backend_optimization_level": 0,
-  "xla_llvm_disable_expensive_passes": True,
-  "xla_cpu_use_fusion_emitters": False,
-}
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), compiler_options=FAST_COMPILE)
-def _fast(graphdef, state, x, ct, mask, rng):
-  def loss(state, x):
-    y, aux = nnx.merge(graphdef, state)(x, mask_BxL=mask, train=True, rng=rng)
-    return jnp.sum(y.astype(jnp.float32) * ct), (y, aux)
-
-  (_, (y, aux)), (g_state, g_x) = jax.value_and_grad(loss, (0, 1), has_aux=True)(state, x)
-  return y, aux, g_state, g_x
-
-
 def run(graphdef, state, x, ct, mask, rng):
   """Training forward + gradients (w.r.t. every variable and x) of sum(y * ct)."""
-  y, aux, g_state, g_x = _fast(graphdef, state, x, ct, mask, rng)
-  grads = {
-    k: np.asarray(v[...])
-    for k, v in vars(nnx.merge(graphdef, g_state)).items()
-    if isinstance(v, nnx.Variable)
-  }
-  grads["x"] = np.asarray(g_x)
-  return np.asarray(y), layer_test.flat_aux(aux), grads
+  return layer_grads(graphdef, state, x, ct, mask, rng, train=True)
 
 
 def on_mesh(c, state):
@@ -114,6 +89,7 @@ ROUTERS = [
   ("topk", {"second_expert_policy": "sampling", "noisy_gating": True}),
   ("mixtral", {"expert_dropout": 0.2}),
   ("sigmoid_bias", {}),
+  ("group_limited", {}),
   ("hierarchical", {}),
   ("expert_choice", {"expert_dropout": 0.2}),
 ]
@@ -240,7 +216,7 @@ def test_transformer_training_matches_across_meshes():
     mesh = sharding.make_mesh(c, jax.devices()[:n])
 
     def create():
-      model = Transformer(c.model, V, rngs=nnx.Rngs(0))
+      model = Transformer(cfglib.model_spec(c), V, rngs=nnx.Rngs(0))
       return model, nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
     def train_step(state, batch, i):
@@ -310,14 +286,6 @@ def _cfg(mesh, num_experts=8, batch_size=8, seq_len=128, **kw):
       "group boundaries",
       "model.moe.num_groups",
     ),
-    (
-      [("data", 8)],
-      {},
-      {"expert_group": "data"},
-      {},
-      "placed by the expert axes",
-      "sharding_rules",
-    ),
     # "batch" without the expert axis: tokens are also split over it; 6 tokens, 8 shards
     (
       [("data", 2), ("expert", 4)],
@@ -340,15 +308,14 @@ def _cfg(mesh, num_experts=8, batch_size=8, seq_len=128, **kw):
 def test_mesh_errors(mesh, moe, rules, data, message, key):
   c = _cfg(mesh, **moe, **rules, **data)
   with pytest.raises(cfglib.ConfigError, match=f"config.{key}=") as e:
-    cfglib.validate_mesh_for_devices(c, 8)
+    sharding.mesh_sizes(c, 8)
   assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("groups,expert", [(2, 4), (4, 2), (4, 4), (8, 2)])
 def test_hierarchical_groups_on_expert_boundaries_are_fine(groups, expert):
   c = _cfg([("data", 8 // expert), ("expert", expert)], router="hierarchical", num_groups=groups)
-  c.sharding_rules = [(n, "expert" if n == "expert_group" else a) for n, a in c.sharding_rules]
-  assert cfglib.validate_mesh_for_devices(c, 8)["expert"] == expert
+  assert sharding.mesh_sizes(c, 8)["expert"] == expert
 
 
 def test_indivisible_tokens_fail_before_compiling():

@@ -33,7 +33,7 @@ INPUTS = {
 def route(logits, moe, *, train, rng=None, **arrays):
   """routing.route under one jit (eager op-by-op dispatch is far slower)."""
   arrays = {INPUTS.get(k, k): v for k, v in arrays.items()}
-  fn = lambda logits, rng, arrays: routing.route(logits, moe, train=train, rng=rng, **arrays)
+  fn = lambda logits, rng, arrays: routing.route(moe, train=train, rng=rng, router=logits, **arrays)
   return jax.jit(fn)(logits, rng, arrays)
 
 
@@ -301,12 +301,16 @@ def test_sampling_policy_samples_second_from_softmax():
   assert np.all(np.asarray(r_eval.expert_TxK[:, 1]) == 1)
 
 
-def test_noisy_gating_only_in_training():
-  T, E = 64, 4
-  k1, k2 = jax.random.split(jax.random.key(4))
-  logits = jax.random.normal(k1, (T, E))
-  raw = jax.random.normal(k2, (T, E))
+def noisy_topk(T, seed):
+  """Random logits and noise-scale inputs [T, 4] for top-2 with noisy gating."""
+  k1, k2 = jax.random.split(jax.random.key(seed))
   moe = moe_cfg(router="topk", top_k=2, noisy_gating=True)
+  return jax.random.normal(k1, (T, 4)), jax.random.normal(k2, (T, 4)), moe
+
+
+def test_noisy_gating_only_in_training():
+  T = 64
+  logits, raw, moe = noisy_topk(T, 4)
   clean = route(logits, moe_cfg(router="topk", top_k=2), mask_T=jnp.ones(T), train=False)
   ev = route(logits, moe, mask_T=jnp.ones(T), train=False, noise_TxE=raw)
   for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(ev)):
@@ -331,11 +335,8 @@ def test_smooth_load_estimator_by_hand():
 
 
 def test_noisy_load_loss_has_gradient():
-  T, E = 32, 4
-  k1, k2 = jax.random.split(jax.random.key(6))
-  logits = jax.random.normal(k1, (T, E))
-  raw = jax.random.normal(k2, (T, E))
-  moe = moe_cfg(router="topk", top_k=2, noisy_gating=True)
+  T = 32
+  logits, raw, moe = noisy_topk(T, 6)
   f = lambda l: route(
     l, moe, mask_T=jnp.ones(T), train=True, rng=jax.random.key(0), noise_TxE=raw
   ).aux["load_loss"]

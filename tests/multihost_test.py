@@ -15,9 +15,9 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
+import conftest
 import numpy as np
 import pytest
 
@@ -56,24 +56,15 @@ def setup(tmp_path_factory):
 
 
 def cli(setup, workdir, mesh, *overrides):
-  """tests/train_test.py's tiny shape; constant LR, so num_steps can grow on resume."""
-  return [
-    sys.executable,
-    "-m",
-    "sparse_lm.main",
-    f"--config={setup / 'mesh_config.py'}:{mesh}",
-    f"--workdir={workdir}",
-    f"--config.data.data_dir={setup / 'tfds'}",
-    "--config.data.batch_size=8",
-    "--config.data.seq_len=64",
-    "--config.model.d_model=64",
-    "--config.model.d_ff=128",
-    "--config.train.eval_batches=2",
-    "--config.data.vocab_size=512",
+  """conftest's tiny run on the mesh config; constant LR, so num_steps can grow on resume."""
+  return conftest.cli(
+    workdir,
+    setup / "tfds",
     "--config.train.schedule=constant",
     "--config.train.log_every=1",
     *overrides,
-  ]
+    config=f"{setup / 'mesh_config.py'}:{mesh}",
+  )
 
 
 def free_port() -> int:

@@ -9,41 +9,12 @@ import sys
 import textwrap
 import time
 
+from conftest import ROOT
+from conftest import write_sweep
 import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import sweep as sweeplib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_sweep(tmp_path, tfds_dir, lrs=(1e-3, 3e-3, 1e-2), steps=12):
-  path = tmp_path / "tiny_sweep.py"
-  path.write_text(
-    textwrap.dedent(f'''
-      """Test sweep.
-
-        python -m sparse_lm.sweep --config={path} --workdir=x
-      """
-      from sparse_lm import config as cfglib
-
-      TARGET_LOSS = 7.0
-
-      def get_config(arg=None):
-        c = cfglib.load_config("configs/dense.py:tiny")
-        c.data.data_dir = {tfds_dir!r}
-        c.data.batch_size, c.data.seq_len, c.data.vocab_size = 8, 32, 512
-        c.model.d_model, c.model.d_ff = 32, 64
-        c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = {steps}, 6, 3
-        c.train.log_every, c.train.eval_batches = 1, 1
-        return c
-
-      def sweep(add):
-        for lr in {tuple(lrs)!r}:
-          add(**{{"train.learning_rate": lr}})
-  ''')
-  )
-  return str(path)
 
 
 def test_points_names_and_validation(tmp_path):

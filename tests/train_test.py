@@ -1,64 +1,22 @@
 """End to end through the CLI: eval loss falls, exact resume after SIGKILL,
 SIGTERM saves and exits cleanly, an incompatible workdir is refused."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
+from conftest import cli
+from conftest import endless
+from conftest import losses
+from conftest import rows
+from conftest import run
+from conftest import start_until_step
+import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-
-def cli(workdir, tfds_dir, *overrides, config="configs/dense.py:tiny"):
-  return [
-    sys.executable,
-    "-m",
-    "sparse_lm.main",
-    f"--config={config}",
-    f"--workdir={workdir}",
-    f"--config.data.data_dir={tfds_dir}",
-    "--config.data.batch_size=8",
-    "--config.data.seq_len=64",
-    "--config.model.d_model=64",
-    "--config.model.d_ff=128",
-    "--config.train.eval_batches=2",
-    "--config.data.vocab_size=512",
-    *overrides,
-  ]
-
-
-def run(args, **kw):
-  return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kw)
-
-
-def rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f]
-
-
-def losses(workdir):
-  return {r["step"]: r["train_loss"] for r in rows(workdir) if "train_loss" in r}
-
-
-def start_until_step(args, wd, step, **popen):
-  """Starts a training process and returns it once it has logged `step`."""
-  proc = subprocess.Popen(args, cwd=ROOT, env=ENV, **popen)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(os.path.join(wd, "metrics.jsonl")) and max(losses(wd), default=0) >= step:
-      break
-    time.sleep(0.05)
-  return proc
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+from sparse_lm import checkpoint
+from sparse_lm import config as cfglib
+from sparse_lm import train
 
 
 def test_cli_trains_and_eval_loss_falls(tmp_path, tfds_dir):
@@ -108,20 +66,7 @@ def test_exact_resume_after_sigkill(tmp_path, tfds_dir):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tfds_dir):
   wd = str(tmp_path / "term")
-  proc = start_until_step(
-    cli(
-      wd,
-      tfds_dir,
-      "--config.train.num_steps=100000",
-      "--config.train.checkpoint_every=100000",
-      "--config.train.log_every=1",
-    ),
-    wd,
-    3,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  proc = start_until_step(endless(wd, tfds_dir, "--config.train.checkpoint_every=100000"), wd, 3)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
@@ -151,3 +96,101 @@ def test_bad_config_value_is_one_line_error_before_anything_runs(tmp_path, tfds_
   assert p.returncode != 0
   assert "config.model.num_heads=3 is invalid" in p.stderr and "Traceback" not in p.stderr
   assert not os.path.exists(wd)
+
+
+def test_resume_allows_changes_that_keep_the_checkpoint_tree_and_names_them(tmp_path, tfds_dir):
+  # Issue 17, smell 1: only what changes the parameter / optimizer tree or the
+  # tokenizer is refused; capacity, dropout and loss weights are not architecture.
+  wd = str(tmp_path / "change")
+  args = ["--config.train.num_steps=4", "--config.train.schedule=constant"]
+  assert run(cli(wd, tfds_dir, *args, config="configs/switch.py:tiny")).returncode == 0
+  changed = [
+    "--config.model.moe.capacity_factor=2.0",
+    "--config.model.dropout=0.1",
+    "--config.model.moe.expert_dropout=0.2",
+    "--config.model.moe.load_balance_weight=0.05",
+  ]
+  p = run(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.num_steps=6",
+      *args[1:],
+      *changed,
+      config="configs/switch.py:tiny",
+    )
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  line = next(l for l in p.stdout.splitlines() if l.startswith("resuming with a changed config"))
+  for key in (
+    "capacity_factor: 1.25 -> 2.0",
+    "model.dropout: 0.0 -> 0.1",
+    "expert_dropout",
+    "load_balance_weight",
+    "num_steps: 4 -> 6",
+  ):
+    assert key in line, line
+  assert "resumed from" in p.stdout and max(losses(wd)) == 6
+  p = run(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.num_steps=8",
+      "--config.model.moe.num_experts=4",
+      config="configs/switch.py:tiny",
+    )
+  )
+  assert p.returncode == 1 and "model.moe.num_experts: 8 -> 4" in p.stderr, p.stderr[-2000:]
+  p = run(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.num_steps=8",
+      "--config.train.optimizer=adafactor",
+      config="configs/switch.py:tiny",
+    )
+  )
+  assert p.returncode == 1 and "train.optimizer: 'adamw' -> 'adafactor'" in p.stderr, p.stderr[
+    -2000:
+  ]
+
+
+def test_failed_in_process_run_gives_ctrl_c_back(tmp_path, tfds_dir):
+  # Issue 17, smell 3: a run that failed left its SIGINT handler installed.
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  c = cfglib.load_config("configs/dense.py:tiny")
+  c.data.data_dir, c.data.vocab_size, c.data.batch_size, c.data.seq_len = tfds_dir, 512, 8, 32
+  c.model.d_model, c.model.d_ff = 32, 64
+  c.train.num_steps, c.train.learning_rate, c.train.warmup_steps = 20, 1e4, 0
+  c.train.eval_batches = 1
+  with pytest.raises(checkpoint.RunError, match="is not finite"):
+    train.train_and_evaluate(c, str(tmp_path / "diverges"))
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_rates_over_intervals_too_short_to_time_are_not_logged(tmp_path):
+  # Issue 17, smell 9: the step in flight at a SIGTERM logged "tok/s 2,983,652".
+  c = cfglib.base_config()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, say=lambda *a: None)
+  monitor = train.Monitor(c, str(tmp_path), 0, ckpt, [])
+  times = iter([1.0, 1.0 + train.MIN_RATE_INTERVAL_S / 10, 2.0])
+  monitor.t_rate, monitor.now = 0.0, lambda: next(times)
+  meas = {"ce": 1.0, "grad_norm": 1.0}
+  for step in (1, 2, 3):
+    monitor.log(step, meas, {})
+  monitor.close()
+  got = {r["step"]: r.get("tokens_per_s") for r in rows(str(tmp_path))}
+  tokens = c.data.batch_size * c.data.seq_len
+  assert got == {1: tokens / 1.0, 2: None, 3: 2 * tokens / 1.0}  # step 3: over steps 2 and 3
+
+
+def test_adafactor_trains_on_a_mesh(tmp_path, tfds_dir):
+  # Adafactor's factored moments have another rank than their parameter, so the
+  # parameter's sharding names cannot apply to them (it failed under any mesh).
+  c = cfglib.load_config("configs/glam.py:tiny")
+  c.data.data_dir, c.data.vocab_size, c.data.batch_size, c.data.seq_len = tfds_dir, 512, 8, 32
+  c.model.d_model, c.model.d_ff, c.model.moe.d_ff = 32, 64, 32
+  c.train.optimizer, c.train.num_steps, c.train.eval_batches = "adafactor", 3, 1
+  c.mesh = (("data", 2), ("fsdp", 2), ("expert", 2), ("tensor", 1))
+  out = train.train_and_evaluate(c, str(tmp_path / "adafactor"))
+  assert out["step"] == 3 and np.isfinite(out["eval_loss"])

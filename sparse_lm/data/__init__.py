@@ -15,8 +15,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from sparse_lm.data.pipeline import Input
 from sparse_lm.data.pipeline import Tokenizer
+from sparse_lm.data.pipeline import check_tokenizer
 from sparse_lm.data.pipeline import eval_batches
 from sparse_lm.data.pipeline import make_input
 from sparse_lm.data.pipeline import make_tokenizer
 
-__all__ = ["Input", "Tokenizer", "eval_batches", "make_input", "make_tokenizer"]
+__all__ = ["Input", "Tokenizer", "check_tokenizer", "eval_batches", "make_input", "make_tokenizer"]

@@ -74,8 +74,10 @@ def _fail(key, value, why):
 
 
 def data_dir(data_cfg) -> str:
-  """The TFDS data dir in use ("" -> $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
-  d = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+  """The TFDS data dir in use: data.data_dir, else $TFDS_DATA_DIR, else
+  ~/tensorflow_datasets (an empty $TFDS_DATA_DIR counts as unset: TFDS's own
+  default would then be "")."""
+  d = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   return os.path.expanduser(d)
 
 
@@ -186,7 +188,7 @@ class _FilesSource:
 
 def _open_source(data_cfg):
   name = data_cfg.dataset
-  ddir = data_cfg.data_dir or None
+  ddir = data_dir(data_cfg)
   if name.startswith("files:"):
     if len(name) == len("files:"):
       _fail("data.dataset", name, "'files:' needs a glob, e.g. 'files:~/text/*.txt'")
@@ -248,6 +250,22 @@ def _tokenizer_for(data_cfg, source) -> Tokenizer:
     data_dir(data_cfg), "sparse_lm_tokenizers", f"{stem}_spm{data_cfg.vocab_size}_{digest}.model"
   )
   return tokenizer_lib.cached_sentencepiece(path, lambda: source.texts(split), data_cfg.vocab_size)
+
+
+def check_tokenizer(tok: Tokenizer, workdir: str) -> None:
+  """A one-line ConfigError when `tok` is not the tokenizer `workdir`'s run was
+  trained with (its data.json records the SentencePiece model's sha256)."""
+  recorded = os.path.join(workdir, "data.json")
+  if not os.path.exists(recorded) or tok.fingerprint.get("kind") != "sentencepiece":
+    return
+  with open(recorded) as f:
+    want = json.load(f).get("tokenizer", {}).get("sha256")
+  got = tok.fingerprint.get("sha256")
+  if want and got != want:
+    raise ConfigError(
+      f"the tokenizer {tok.fingerprint.get('path')} (sha256 {got}) is not the one {workdir} "
+      f"was trained with (sha256 {want}); set --config.data.data_dir to the run's data dir"
+    )
 
 
 def make_tokenizer(data_cfg) -> Tokenizer:

@@ -1,7 +1,8 @@
 """Building blocks: norms, embeddings, RoPE, causal GQA attention, dense FFN.
 
-Parameters carry logical axis names (resolved by the config's rules in
-sparse_lm/sharding.py). Shapes are in tensor names; letters in sparse_lm/config.py.
+Modules take the resolved model spec (models/spec.py). Parameters carry
+logical axis names (resolved by the config's rules in sparse_lm/sharding.py).
+Shapes are in tensor names; letters in sparse_lm/config.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from sparse_lm import config as cfglib
 from sparse_lm.sharding import constrain
 
 Array = jax.Array
@@ -112,7 +112,7 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, m, *, rngs: nnx.Rngs):
-    D, H, J, Z = m.d_model, m.num_heads, cfglib.num_kv_heads(m), cfglib.head_dim(m)
+    D, H, J, Z = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
     self.m = m
     # Heads count into the fan-in of q, k, v (std sqrt(s / (D * H))): the smaller
     # init trained faster than fan-in D here (dense tiny, 1500 steps: 0.08 nats

@@ -1,7 +1,7 @@
-"""Decoder-only Transformer LM; each layer's FFN slot is dense or MoE by the config.
+"""Decoder-only Transformer LM; each layer's FFN slot is dense or MoE by the spec.
 
-`config.model.moe.every` / `.offset` pick the MoE layers (sparse_lm.config.moe_layer);
-the trainer never needs to know which.
+`model.moe.every` / `.offset` / `.first_dense_layers` pick the MoE layers
+(ModelSpec.moe_layer); the trainer never needs to know which.
 """
 
 from __future__ import annotations
@@ -11,25 +11,23 @@ from typing import NamedTuple
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 
-from sparse_lm import config as cfglib
 from sparse_lm.models import layers
+from sparse_lm.models.moe.layer import MoeFfn
+from sparse_lm.models.spec import ModelSpec
 from sparse_lm.sharding import constrain
 
 
 class Block(nnx.Module):
   """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)). FFN is dense or MoE."""
 
-  def __init__(self, m, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, m: ModelSpec, layer: int, *, rngs: nnx.Rngs):
     self.m, self.layer = m, layer
-    self.is_moe = cfglib.moe_layer(m, layer)
+    self.is_moe = m.moe_layer(layer)
     self.attn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps)
     self.attn = layers.Attention(m, rngs=rngs)
     self.ffn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps)
     if self.is_moe:
-      from sparse_lm.models.moe.layer import MoeFfn  # pylint: disable=g-import-not-at-top
-
       self.ffn = MoeFfn(m, rngs=rngs)
     else:
       self.ffn = layers.Mlp(m.d_model, m.d_ff, m.activation, rngs=rngs, init_scale=m.init_scale)
@@ -92,9 +90,9 @@ class Transformer(nnx.Module):
   expert_choices: the MoE layers' aux also hold each token's experts.
   """
 
-  def __init__(self, m, vocab_size: int, *, rngs: nnx.Rngs):
-    # Frozen (hashable) copy: the model's graphdef can then be a jit static.
-    m = m if isinstance(m, mlc.FrozenConfigDict) else mlc.FrozenConfigDict(m)
+  def __init__(self, m: ModelSpec, vocab_size: int, *, rngs: nnx.Rngs):
+    if not isinstance(m, ModelSpec):
+      raise TypeError(f"Transformer takes a ModelSpec (config.model_spec(c)), not {type(m)}")
     self.m, self.vocab_size = m, vocab_size
     self.embed = layers.Embed(vocab_size, m.d_model, rngs=rngs)
     if m.position == "learned":
@@ -165,7 +163,3 @@ def apply_state_updates(model: Transformer, moe_aux: list[dict]) -> None:
   """Writes the routing state the MoE layers of a training forward returned."""
   for block, aux in zip([b for b in model.blocks if b.is_moe], moe_aux):
     block.ffn.apply_state_updates(aux)
-
-
-def moe_layer_indices(m) -> list[int]:
-  return [i for i in range(m.num_layers) if cfglib.moe_layer(m, i)]

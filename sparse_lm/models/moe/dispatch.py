@@ -57,7 +57,7 @@ SHARD1 = Shard(1, lambda x: x, lambda y: y, lambda t_loc: 0)
 class Local:
   """One device (or a mesh whose expert axes have size 1): the body as is."""
 
-  n = 1
+  n = n_tokens = 1
   tokens = tokens_rows = replicated = slot_mask = row_mask = None
 
   def weight_specs(self, w):
@@ -241,7 +241,7 @@ def capacity_dispatch(
   T, K = r.expert_TxK.shape
   E, C = ex.w.wi.shape[0], capacity
   pos_TxK, kept_TxK = capacity_slots(r, E, C, positions)
-  T_loc = T // place.n_tokens if place.n > 1 else T
+  T_loc = T // place.n_tokens
   # A token picks an expert at most once: a shard sends <= T_loc rows to an
   # expert, and <= C as they hold distinct slots.
   W = min(C, T_loc)
@@ -283,7 +283,7 @@ def expert_choice_dispatch(
   """
   T = x_TxD.shape[0]
   E, C = r.token_ExC.shape
-  T_loc = T // place.n_tokens if place.n > 1 else T
+  T_loc = T // place.n_tokens
   W = min(C, T_loc)
   ex = ex._replace(layout="batched")
 
@@ -347,7 +347,7 @@ def dropless_dispatch(
   E = ex.w.wi.shape[0]
   n = place.n
   U = E // n
-  T_loc = T // place.n_tokens if n > 1 else T
+  T_loc = T // place.n_tokens
   A = T_loc * K  # a shard's assignments: its send block to each shard (worst case)
   grow_TxK = None
   if ex.mask is not None and n > 1:

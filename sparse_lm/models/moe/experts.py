@@ -74,8 +74,9 @@ def grouped(
   x_NxD: Array,
   sizes_E: Array,
   activation: str,
-  mask_NxF: Array | None = None,
-  impl: str = "blocks",
+  mask_NxF: Array | None,
+  impl: str,
 ) -> Array:
-  """Experts on rows sorted by expert (grouped.py's kernels): [N, D] -> [N, D]."""
+  """Experts on rows sorted by expert (grouped.py's kernels; impl "ragged" or
+  "blocks", policy.py picks): [N, D] -> [N, D]."""
   return grouped_lib.grouped_ffn(x_NxD, sizes_E, w.wi, w.wg, w.wo, activation, mask_NxF, impl)

@@ -36,21 +36,15 @@ def grouped_ffn(
   wg: Array | None,
   wo: Array,
   activation: str,
-  hidden_mask_NxF: Array | None = None,
-  impl: str | None = None,
+  hidden_mask_NxF: Array | None,
+  impl: str,
 ) -> Array:
-  """Per-row expert FFN; impl "ragged" / "blocks", None = default_impl()."""
-  impl = impl or default_impl()
+  """Per-row expert FFN; impl "ragged" / "blocks" (policy.py picks per backend)."""
   if impl == "ragged":
     return ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF)
   if impl == "blocks":
     return ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF)
   raise ValueError(f"unknown grouped ffn impl {impl!r}")
-
-
-def default_impl() -> str:
-  """The block loops on CPU, where ragged_dot costs about E times the work; ragged_dot elsewhere."""
-  return "blocks" if jax.default_backend() == "cpu" else "ragged"
 
 
 def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None) -> Array:

@@ -4,9 +4,10 @@ Every step is a pure function elsewhere: routing.py (ROUTERS: the parameters
 a router owns and how it decides), dispatch.py (one program that moves tokens
 to their experts and back, run as is on one device or by parallel.py across
 an expert mesh), experts.py (the expert FFNs), policy.py (how to compute, per
-backend). Uses config.model: d_model, d_ff, activation, dtype, init_scale and
-the model.moe block (sparse_lm/config.py). Router math in float32; expert
-matmuls in model.dtype; parameters float32 with logical axis names.
+backend). Built from the resolved spec (models/spec.py: d_model, dtype and the
+model.moe block, whose d_ff, activation and init_scale are already resolved).
+Router math in float32; expert matmuls in model.dtype; parameters float32 with
+logical axis names.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 
 from sparse_lm.models import layers
 from sparse_lm.models.moe import dispatch as dispatch_lib
@@ -22,6 +22,7 @@ from sparse_lm.models.moe import experts as experts_lib
 from sparse_lm.models.moe import parallel
 from sparse_lm.models.moe import policy
 from sparse_lm.models.moe import routing as routing_lib
+from sparse_lm.models.spec import ModelSpec
 
 Array = jax.Array
 
@@ -30,19 +31,6 @@ class RouterState(nnx.Variable):
   """Routing state that is not trained (DeepSeek-V3's per-expert bias): no
   gradient, no optimizer slot. A training forward returns its new value in
   aux["state_updates"]; the caller writes it (apply_state_updates)."""
-
-
-def init_scale(m) -> float:
-  """The MoE layer's init scale s: model.moe.init_scale, or model.init_scale if 0."""
-  return m.moe.init_scale or m.init_scale
-
-
-def expert_d_ff(m) -> int:
-  return m.moe.d_ff or m.d_ff
-
-
-def expert_activation(m) -> str:
-  return m.moe.activation or m.activation
 
 
 # Named PRNG streams of one MoE forward (folded into the layer's rng).
@@ -56,14 +44,11 @@ class MoeFfn(nnx.Module):
   padding token, which is never routed) gets a zero MoE output.
   """
 
-  def __init__(self, m, *, rngs: nnx.Rngs):
-    # Frozen (hashable) copy: the module's graphdef can then be a jit static.
-    m = m if isinstance(m, mlc.FrozenConfigDict) else mlc.FrozenConfigDict(m)
+  def __init__(self, m: ModelSpec, *, rngs: nnx.Rngs):
     moe = m.moe
     self.m = m
-    E, D, F = moe.num_experts, m.d_model, expert_d_ff(m)
-    self.activation = expert_activation(m)
-    s = init_scale(m)
+    E, D, F, s = moe.num_experts, m.d_model, moe.d_ff, moe.init_scale
+    self.activation = moe.activation
     self.router_params = tuple(routing_lib.ROUTERS[moe.router].params(moe))
     for name, spec in routing_lib.ROUTERS[moe.router].params(moe).items():
       shape = spec.shape(moe, D)
@@ -113,12 +98,11 @@ class MoeFfn(nnx.Module):
     T, E = B * L, moe.num_experts
     dt = layers.dtype_of(m)
     router = routing_lib.ROUTERS[moe.router]
-    impl = policy.resolve(moe)
     x_TxD = x_BxLxD.reshape(T, D).astype(dt)
     mask_T = (
       jnp.ones((T,), jnp.float32) if mask_BxL is None else mask_BxL.reshape(T).astype(jnp.float32)
     )
-    key = self._check_rng(train, rng)
+    key = self._rng(train, rng)
     stream = lambda i: None if key is None else jax.random.fold_in(key, i)
 
     # Router (float32): x @ W for each gating matrix, and the routing state.
@@ -133,33 +117,23 @@ class MoeFfn(nnx.Module):
         if isinstance(v, RouterState)
         else jnp.dot(xr_TxD, v[...], precision=jax.lax.Precision.HIGHEST)
       )
-    r = router.route(inputs, moe, mask_T=mask_T, train=train, rng=stream(_NOISE))
+    r = routing_lib.route(moe, mask_T=mask_T, train=train, rng=stream(_NOISE), **inputs)
 
     # Dispatch -> experts -> combine (one program; parallel.py places it).
+    impl = policy.resolve(moe)
     w = self.expert_weights(dt)
-    place = parallel.placement(E, w.hidden)
-    drop = lambda shape: experts_lib.dropout_mask(stream(_DROPOUT), moe.expert_dropout, shape, dt)
     if router.expert_choice:
-      C = r.token_ExC.shape[1]
-      ex = dispatch_lib.Experts(
-        w, self.activation, "batched", impl.grouped_kernel, drop((E, C, w.hidden))
-      )
-      y_TxD, info = dispatch_lib.expert_choice_dispatch(x_TxD, r, ex, mask_T=mask_T, place=place)
+      run, rows, kw = dispatch_lib.expert_choice_dispatch, r.token_ExC.shape, {"mask_T": mask_T}
     elif moe.dispatch == "capacity":
       C = routing_lib.capacity(moe, T, train)
-      ex = dispatch_lib.Experts(
-        w, self.activation, impl.capacity_layout, impl.grouped_kernel, drop((E, C, w.hidden))
-      )
-      y_TxD, info = dispatch_lib.capacity_dispatch(
-        x_TxD, r, ex, capacity=C, positions=impl.positions, place=place
-      )
+      run, rows, kw = dispatch_lib.capacity_dispatch, (E, C), {"capacity": C}
     else:
-      ex = dispatch_lib.Experts(
-        w, self.activation, "grouped", impl.grouped_kernel, drop((r.expert_TxK.size, w.hidden))
-      )
-      y_TxD, info = dispatch_lib.dropless_dispatch(
-        x_TxD, r, ex, positions=impl.positions, place=place
-      )
+      run, rows, kw = dispatch_lib.dropless_dispatch, (r.expert_TxK.size,), {}
+    if not router.expert_choice:
+      kw["positions"] = impl.positions
+    mask = experts_lib.dropout_mask(stream(_DROPOUT), moe.expert_dropout, rows + (w.hidden,), dt)
+    ex = dispatch_lib.Experts(w, self.activation, impl.capacity_layout, impl.grouped_kernel, mask)
+    y_TxD, info = run(x_TxD, r, ex, place=parallel.placement(E, w.hidden), **kw)
 
     if train and moe.eom_rate > 0:
       # NLLB-200 Expert Output Masking: drop the whole routed output of a
@@ -189,21 +163,21 @@ class MoeFfn(nnx.Module):
     g = x_TxD @ self.shared_wg[...].astype(dt) if layers.is_gated(self.activation) else None
     return layers.activate(h, self.activation, g) @ self.shared_wo[...].astype(dt)
 
-  def _check_rng(self, train, rng):
+  def _rng(self, train, rng):
+    """The layer's key in training (None in evaluation). Routing checks its
+    own needs (noisy gating, second-expert policy); the layer checks these."""
+    if not train:
+      return None
     moe = self.m.moe
     needs = [
       name
       for name, on in (
         ("jitter", moe.jitter > 0),
-        ("noisy_gating", moe.noisy_gating),
-        ("second_expert_policy", routing_lib.ROUTERS[moe.router].randomness(moe)),
         ("expert_dropout", moe.expert_dropout > 0),
         ("eom_rate", moe.eom_rate > 0),
       )
       if on
     ]
-    if not train:
-      return None
     if rng is None and needs:
       raise ValueError(f"MoeFfn(train=True) needs an rng for model.moe.{needs[0]}")
     return rng

@@ -25,7 +25,8 @@ assignments into a send buffer [P, U, W, D], W = min(C, T_loc), row =
 each row's global slot (its global priority position p < C, or the expert-
 choice slot c). all_to_all over the expert axes; the destination computes the
 rows it received in one of the two capacity layouts (policy.py):
-  "batched" (GPU / TPU, CPU above 16 experts, and expert choice): a compact
+  "batched" (GPU / TPU, CPU above policy.CPU_GROUPED_CAPACITY_MAX_EXPERTS
+      experts, and expert choice): a compact
       [U, C, D] buffer, rows placed at their global slots (unique within
       an expert-axis group), experts.batched on the weight shard; each
       device computes U x C rows. With a "data" (or "fsdp")
@@ -33,7 +34,7 @@ rows it received in one of the two capacity layouts (policy.py):
       data row fills only its own tokens' slots and still computes all C rows,
       so the expert FLOPs are n_data x those of one device holding the same
       experts (the price of global capacity with static shapes).
-  "grouped" (CPU up to 16 experts): the received rows regrouped by local
+  "grouped" (CPU up to that many experts): the received rows regrouped by local
       expert, experts.grouped (grouped.py's block loops) with the slots for
       the dropout mask: the work follows the rows actually received, so no
       empty-slot work and no n_data x factor.
@@ -64,11 +65,9 @@ in the single-device dropless row order for dropless, replicated, which costs
 T*K*F per device while expert_dropout > 0) and each expert row takes its own.
 
 Hierarchical MoE: E is split over the expert axes in contiguous blocks, so
-when the split follows group boundaries (config.validate_mesh_for_devices
-checks that P divides num_groups or num_groups divides P) the primary
-gate picks the device(s) holding a group and the secondary gate picks experts
-on them; the logical name "expert_group" must map to nothing or to the
-expert axes (the groups are placed by the expert axes).
+when the split follows group boundaries (sharding.mesh_sizes checks that P
+divides num_groups or num_groups divides P) the primary gate picks the
+device(s) holding a group and the secondary gate picks experts on them.
 """
 
 from __future__ import annotations
@@ -80,8 +79,8 @@ from flax.core import spmd as flax_spmd
 import jax
 from jax.sharding import PartitionSpec as P
 
-from sparse_lm import config as cfglib
 from sparse_lm import sharding
+from sparse_lm.cli import ConfigError
 from sparse_lm.models.moe import dispatch as dispatch_lib
 from sparse_lm.models.moe import experts as experts_lib
 
@@ -129,7 +128,7 @@ class ExpertParallel:
       mlp = ()  # gathered at the shard_map boundary instead
     self.mlp = mlp
     if num_experts % self.n:
-      raise cfglib.ConfigError(
+      raise ConfigError(
         f"config.model.moe.num_experts={num_experts} is invalid: must be divisible by the "
         f"expert mesh axes {self.ex} (size {self.n})"
       )
@@ -146,7 +145,7 @@ class ExpertParallel:
 
   def check_tokens(self, T: int) -> None:
     if T % self.n_tokens:
-      raise cfglib.ConfigError(
+      raise ConfigError(
         f"config.data.batch_size is invalid: the MoE layer's {T} tokens (batch x length) "
         f"must be divisible by the token mesh axes {self.tok} (size {self.n_tokens}) for "
         "expert parallelism"

@@ -19,9 +19,10 @@ ragged_dot, sort. The CPU numbers below were measured on a 2-core XLA:CPU VM
 from __future__ import annotations
 
 from typing import Any
-from typing import NamedTuple
 
 import jax
+
+from sparse_lm.models.spec import Impl
 
 PARTS = {
   "capacity_layout": ("batched", "grouped"),
@@ -44,14 +45,9 @@ CPU_CUMSUM_MAX_EXPERTS = 32
 #       --grouped_kernel ragged blocks --repeats 3
 
 
-class Impl(NamedTuple):
-  capacity_layout: str
-  grouped_kernel: str
-  positions: str
-
-
 def resolve(moe: Any, backend: str | None = None) -> Impl:
-  """The implementation for this config on `backend` (default: JAX's)."""
+  """The implementation for model.moe (a MoeSpec) on `backend` (default: JAX's):
+  "auto" parts resolved, the others as set. The only place that decides."""
   cpu = (backend or jax.default_backend()) == "cpu"
   E = moe.num_experts
   auto = Impl(
@@ -59,4 +55,4 @@ def resolve(moe: Any, backend: str | None = None) -> Impl:
     grouped_kernel="blocks" if cpu else "ragged",
     positions="cumsum" if cpu and E <= CPU_CUMSUM_MAX_EXPERTS else "sort",
   )
-  return auto._replace(**{k: v for k, v in moe.impl.items() if v != "auto"})
+  return auto._replace(**{k: v for k, v in moe.impl._asdict().items() if v != "auto"})

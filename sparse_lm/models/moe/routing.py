@@ -193,36 +193,55 @@ def _take(a_TxE, idx_TxK):
 
 
 # ------------------------------------------------------------------ routers
+#
+# A token-choice router is one function of the gating logits (a `Logits` per
+# gating matrix: "router" [T, E], and "group_router" [T, G] for hierarchical)
+# and the config's model.moe block, returning a `Decision`. `route()` does the
+# steps they share once: noise keys, noisy gating, the aux terms.
 
 
-def switch(logits_TxE: Array) -> tuple[Array, Array, Array]:
-  """Switch Transformer top-1: gate = the chosen expert's softmax probability."""
-  probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
+class Logits(NamedTuple):
+  """One gating matrix's logits: `clean` (the aux terms use these), `chosen`
+  (what the choice is made on: noisy under noisy gating in training) and the
+  noise std (None without noise)."""
+
+  clean: Array
+  chosen: Array
+  std: Array | None
+
+
+class Decision(NamedTuple):
+  """A token-choice router's output before the shared aux terms."""
+
+  expert_TxK: Array
+  gate_TxK: Array
+  probs_TxE: Array  # P of the load-balance loss (the router's probabilities)
+  keep_TxK: Array | None = None  # None: every choice kept (second-expert policies drop some)
+  z_T: Array | None = None  # None: logsumexp(clean router logits)^2
+  load_E: Array | None = None  # None: counts, or the smooth estimator under noise
+
+
+def switch(lg: dict[str, Logits], moe: Any, **_) -> Decision:
+  """Switch Transformer top-1 (Fedus et al. 2021 eq. 1-2): the expert of the
+  highest softmax probability; gate = that probability (it does not sum to 1)."""
+  probs_TxE = jax.nn.softmax(lg["router"].chosen, axis=-1)
   expert_Tx1 = jnp.argmax(probs_TxE, axis=-1)[:, None]
-  return expert_Tx1, _take(probs_TxE, expert_Tx1), probs_TxE
+  return Decision(expert_Tx1, _take(probs_TxE, expert_Tx1), probs_TxE)
 
 
-def topk(
-  logits_TxE: Array,
-  k: int,
-  *,
-  normalize: bool,
-  policy: str = "all",
-  train: bool = False,
-  rng: Array | None = None,
-) -> tuple[Array, Array, Array, Array]:
-  """GShard / GLaM / NLLB top-k on softmax probabilities.
-
-  Gates are the chosen probabilities, renormalised over the k chosen when
-  `normalize`. Second-expert policies, training only (evaluation uses "all"):
+def topk(lg: dict[str, Logits], moe: Any, *, train: bool = False, rng=None, **_) -> Decision:
+  """GShard (Lepikhin et al. 2020, Algorithm 1) / GLaM / NLLB top-k on softmax
+  probabilities. Gates are the chosen probabilities, renormalised over the k
+  chosen when model.moe.normalize_gates. Second-expert policies, training only
+  (evaluation uses "all"):
     "all":      keep the top-k.
     "random":   keep choice j >= 1 when 2 * g_j > U(0, 1), g_j the gate share
                 over the chosen (GShard); a dropped choice takes no capacity.
     "sampling": choices j >= 1 are the top-(k-1) of logits + Gumbel noise over
                 the experts other than the first choice (sampling from the
                 softmax without replacement; NLLB-200).
-  Returns (expert [T, K], gate [T, K], keep [T, K] bool, probs [T, E]).
   """
+  logits_TxE, k, policy = lg["router"].chosen, moe.top_k, moe.second_expert_policy
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
   T, E = probs_TxE.shape
   if train and policy == "sampling" and k > 1:
@@ -234,92 +253,99 @@ def topk(
     expert_TxK = jax.lax.top_k(probs_TxE, k)[1]
   gate_TxK = _take(probs_TxE, expert_TxK)
   share_TxK = gate_TxK / (jnp.sum(gate_TxK, -1, keepdims=True) + _EPS)
-  keep_TxK = jnp.ones((T, k), bool)
+  keep_TxK = None
   if train and policy == "random" and k > 1:
     u_TxK = jax.random.uniform(rng, (T, k), jnp.float32)
     keep_TxK = (jnp.arange(k)[None, :] == 0) | (2.0 * share_TxK > u_TxK)
-  return expert_TxK, share_TxK if normalize else gate_TxK, keep_TxK, probs_TxE
+  gate_TxK = share_TxK if moe.normalize_gates else gate_TxK
+  return Decision(expert_TxK, gate_TxK, probs_TxE, keep_TxK)
 
 
-def mixtral(logits_TxE: Array, k: int) -> tuple[Array, Array, Array]:
-  """Mixtral / DBRX: gates = softmax over the top-k logits only."""
-  top_TxK, expert_TxK = jax.lax.top_k(logits_TxE, k)
-  return expert_TxK, jax.nn.softmax(top_TxK, axis=-1), jax.nn.softmax(logits_TxE, axis=-1)
+def mixtral(lg: dict[str, Logits], moe: Any, **_) -> Decision:
+  """Mixtral (Jiang et al. 2024 eq. 2) / DBRX: gates = softmax over the top-k
+  logits only (equal to top-k of the softmax renormalised)."""
+  logits_TxE = lg["router"].chosen
+  top_TxK, expert_TxK = jax.lax.top_k(logits_TxE, moe.top_k)
+  return Decision(expert_TxK, jax.nn.softmax(top_TxK, -1), jax.nn.softmax(logits_TxE, -1))
 
 
-def sigmoid_bias(
-  logits_TxE: Array, k: int, bias_E: Array, *, normalize: bool
-) -> tuple[Array, Array, Array]:
-  """DeepSeek-V3: sigmoid scores; the bias changes the choice, not the gate.
-
-  Returns (expert, gate, normalised scores s / sum(s) used as P for the aux terms).
-  """
+def _sigmoid_choice(logits_TxE, allowed_TxE, bias_E, moe) -> Decision:
+  """Top-k of sigmoid scores + bias (the bias changes the choice, not the
+  gate) among the allowed experts; P = scores / sum(scores)."""
   scores_TxE = jax.nn.sigmoid(logits_TxE)
   biased_TxE = scores_TxE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))[None, :]
-  expert_TxK = jax.lax.top_k(biased_TxE, k)[1]
+  if allowed_TxE is not None:
+    biased_TxE = jnp.where(allowed_TxE, biased_TxE, -jnp.inf)
+  expert_TxK = jax.lax.top_k(biased_TxE, moe.top_k)[1]
   gate_TxK = _take(scores_TxE, expert_TxK)
-  if normalize:
+  if moe.normalize_gates:
     gate_TxK = gate_TxK / (jnp.sum(gate_TxK, -1, keepdims=True) + _EPS)
-  return expert_TxK, gate_TxK, scores_TxE / jnp.sum(scores_TxE, -1, keepdims=True)
+  return Decision(expert_TxK, gate_TxK, scores_TxE / jnp.sum(scores_TxE, -1, keepdims=True))
 
 
-def group_limited(
-  logits_TxE: Array, k: int, bias_E: Array, num_groups: int, top_groups: int, *, normalize: bool
-) -> tuple[Array, Array, Array]:
+def sigmoid_bias(lg: dict[str, Logits], moe: Any, *, bias_E: Array, **_) -> Decision:
+  """DeepSeek-V3 (Liu et al. 2024) eq. 15-16 with the aux-loss-free bias b_i:
+  sigmoid scores; gates renormalised over the chosen when normalize_gates."""
+  return _sigmoid_choice(lg["router"].chosen, None, bias_E, moe)
+
+
+def group_limited(lg: dict[str, Logits], moe: Any, *, bias_E: Array, **_) -> Decision:
   """DeepSeek-V3 node-limited routing (Liu et al. 2024, section 2.1.2): the
   sigmoid_bias router, restricted to the experts of each token's top
-  `top_groups` of `num_groups` contiguous expert groups, a group scored by the
-  sum of its highest k / top_groups biased scores (the released code's fixed 2
-  is this for V3's k=8, M=4). Bounds how many devices a token's all-to-all
-  reaches when groups are placed on devices.
+  `top_k_groups` (M) of `num_groups` contiguous expert groups, a group scored by
+  the sum of its highest k / M biased scores (the released code's fixed 2 is
+  this for V3's k=8, M=4).
 
-  Returns (expert, gate, normalised scores s / sum(s) used as P for the aux terms).
+  What it does here: the routing decision of the paper (a token's experts lie
+  in at most M groups). What it does not do here: exchange fewer bytes. In the
+  paper a group is a node and the restriction bounds the nodes a token is sent
+  to; our expert-parallel all-to-all (parallel.py) has a static send buffer of
+  E x W rows per device whatever the groups, so the bytes moved are the same
+  as for sigmoid_bias (and the expert split need not follow the groups).
   """
+  logits_TxE = lg["router"].chosen
   T, E = logits_TxE.shape
-  G = num_groups
-  scores_TxE = jax.nn.sigmoid(logits_TxE)
-  biased_TxE = scores_TxE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))[None, :]
-  per = max(k // top_groups, 1)
+  G, M = moe.num_groups, moe.top_k_groups
+  biased_TxE = jax.nn.sigmoid(logits_TxE) + jax.lax.stop_gradient(bias_E)[None, :]
+  per = max(moe.top_k // M, 1)
   group_TxG = jnp.sum(jax.lax.top_k(biased_TxE.reshape(T, G, E // G), per)[0], -1)
-  chosen_TxA = jax.lax.top_k(group_TxG, top_groups)[1]
-  allowed_TxG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], chosen_TxA].set(True)
-  allowed_TxE = jnp.repeat(allowed_TxG, E // G, axis=1)
-  expert_TxK = jax.lax.top_k(jnp.where(allowed_TxE, biased_TxE, -jnp.inf), k)[1]
-  gate_TxK = _take(scores_TxE, expert_TxK)
-  if normalize:
-    gate_TxK = gate_TxK / (jnp.sum(gate_TxK, -1, keepdims=True) + _EPS)
-  return expert_TxK, gate_TxK, scores_TxE / jnp.sum(scores_TxE, -1, keepdims=True)
+  chosen_TxM = jax.lax.top_k(group_TxG, M)[1]
+  allowed_TxG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], chosen_TxM].set(True)
+  return _sigmoid_choice(logits_TxE, jnp.repeat(allowed_TxG, E // G, axis=1), bias_E, moe)
 
 
-def hierarchical(
-  logits_TxE: Array, group_logits_TxG: Array, k_groups: int, k: int
-) -> tuple[Array, Array, Array, Array]:
-  """Shazeer 2017 appendix B: a primary gate picks k_groups of G groups, each
-  chosen group's own gate picks k of its E/G experts; gates multiply.
-
-  Each level is softmax over its top-k logits (Shazeer's G = Softmax(KeepTopK)).
-  Returns (expert [T, k_groups*k], gate, group [T, k_groups], probs [T, E]);
-  choices are sorted by gate, so choice 0 has the largest gate.
-  """
-  T, E = logits_TxE.shape
-  G = group_logits_TxG.shape[-1]
+def hierarchical(lg: dict[str, Logits], moe: Any, *, mask_T: Array, **_) -> Decision:
+  """Shazeer et al. 2017 appendix B: a primary gate picks top_k_groups of G
+  groups, each chosen group's own gate picks top_k of its E/G experts; gates
+  multiply. Each level is softmax over its top-k logits (Shazeer's G =
+  Softmax(KeepTopK)), so the gates of a token sum to 1. Choices are sorted by
+  gate. z-loss: both levels; under noisy gating, the load estimator of app. B."""
+  ex, gr = lg["router"], lg["group_router"]
+  T, E = ex.chosen.shape
+  G, k_groups, k = gr.chosen.shape[-1], moe.top_k_groups, moe.top_k
   M = E // G
-  top1_TxA, group_TxA = jax.lax.top_k(group_logits_TxG, k_groups)
-  logits_TxGxM = logits_TxE.reshape(T, G, M)
+  top1_TxA, group_TxA = jax.lax.top_k(gr.chosen, k_groups)
+  logits_TxGxM = ex.chosen.reshape(T, G, M)
   chosen_TxAxM = jnp.take_along_axis(logits_TxGxM, group_TxA[..., None], axis=1)
   top2_TxAxB, local_TxAxB = jax.lax.top_k(chosen_TxAxM, k)
   gate_TxAxB = jax.nn.softmax(top1_TxA, -1)[..., None] * jax.nn.softmax(top2_TxAxB, -1)
   expert_TxAxB = group_TxA[..., None] * M + local_TxAxB
   gate_TxK, order_TxK = jax.lax.top_k(gate_TxAxB.reshape(T, -1), k_groups * k)
   expert_TxK = _take(expert_TxAxB.reshape(T, -1), order_TxK)
-  probs_TxE = (
-    jax.nn.softmax(group_logits_TxG, -1)[..., None] * jax.nn.softmax(logits_TxGxM, -1)
-  ).reshape(T, E)
-  return expert_TxK, gate_TxK, group_TxA, probs_TxE
+  probs_TxE = (jax.nn.softmax(gr.chosen, -1)[..., None] * jax.nn.softmax(logits_TxGxM, -1)).reshape(
+    T, E
+  )
+  z_T = jax.nn.logsumexp(gr.clean, -1) ** 2 + jnp.mean(
+    jax.nn.logsumexp(ex.clean.reshape(T, G, M), -1) ** 2, -1
+  )
+  load_E = None
+  if ex.std is not None:
+    load_E = _hierarchical_smooth_load(ex, gr, group_TxA, k_groups, k, mask_T)
+  return Decision(expert_TxK, gate_TxK, probs_TxE, z_T=z_T, load_E=load_E)
 
 
 def expert_choice(logits_TxE: Array, capacity: int, mask_T: Array) -> ExpertChoiceRouting:
-  """Zhou et al. 2022: each expert takes its top-C tokens by softmax probability.
+  """Zhou et al. 2022 eq. 1: each expert takes its top-C tokens by softmax probability.
 
   Caution: in a causal LM this makes a token's routing (and so its output)
   depend on the other tokens of the batch, including later ones, which leaks
@@ -344,16 +370,29 @@ def expert_choice(logits_TxE: Array, capacity: int, mask_T: Array) -> ExpertChoi
   return ExpertChoiceRouting(token_ExC.astype(jnp.int32), gate_ExC, valid_ExC, aux)
 
 
+def _hierarchical_smooth_load(ex: Logits, gr: Logits, group_TxA, k_groups, k, mask_T):
+  """Load_H[g, m] = Load_primary[g] * Load_g(X^(g))[m] / |X^(g)| (Shazeer 2017 app. B)."""
+  T, E = ex.clean.shape
+  G = gr.clean.shape[-1]
+  load_G = smooth_load(gr.clean, gr.chosen, gr.std, k_groups, mask_T)
+  member_TxG = jnp.zeros((T, G), jnp.float32).at[jnp.arange(T)[:, None], group_TxA].set(1.0)
+  member_TxG = member_TxG * mask_T[:, None]
+  r = lambda a: a.reshape(T, G, E // G)
+  load_GxM = smooth_load(r(ex.clean), r(ex.chosen), r(ex.std), k, member_TxG)
+  n_G = jnp.maximum(jnp.sum(member_TxG, 0), 1.0)
+  return (load_G[:, None] * load_GxM / n_G[:, None]).reshape(E)
+
+
 # ------------------------------------------------------------------ the table
 #
 # A router is one entry of ROUTERS: the parameters it owns, how many
-# assignments it makes per token, its config checks, and its function
-#   route(inputs, moe, *, mask_T, train, rng) -> Routing | ExpertChoiceRouting
-# where `inputs` holds x @ W for each of its matrix parameters (router logits:
-# "router" [T, E], "router_noise", "group_router" [T, G], ...) and the value
-# of each of its state parameters ("router_bias" [E]). A state parameter is
-# not trained; its new value comes back from `update(inputs, routing, moe)`
-# and the caller writes it (MoeFfn returns it, the train step applies it).
+# assignments it makes per token, its config checks, and its function (a
+# token-choice `decide`, or expert_choice). Its matrix parameters are gating
+# matrices: the layer passes x @ W under the parameter's name ("router" [T, E],
+# "group_router" [T, G]; "<name>_noise" for noisy gating); a state parameter
+# ("router_bias" [E]) is passed as its value. A state parameter is not
+# trained; its new value comes back from `update(inputs, routing, moe)` and the
+# caller writes it (MoeFfn returns it, the train step applies it).
 
 
 class ParamSpec(NamedTuple):
@@ -370,7 +409,7 @@ class Router(NamedTuple):
   """One routing method. `check(moe)` returns (config key, why) for a bad config."""
 
   params: Callable[[Any], dict[str, ParamSpec]]
-  route: Callable[..., Any]
+  decide: Callable[..., Decision] | None  # token choice; None for expert choice
   choices: Callable[[Any], int] = lambda moe: moe.top_k  # assignments per token
   check: Callable[[Any], tuple[str, str] | None] = lambda moe: None
   update: Callable[..., dict[str, Array]] | None = None
@@ -379,171 +418,50 @@ class Router(NamedTuple):
   randomness: Callable[[Any], bool] = lambda moe: False
   # The expert split over devices must follow group boundaries (hierarchical).
   group_placement: bool = False
-
-
-def _matrix(n: Callable[[Any], int]) -> ParamSpec:
-  return ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None))
+  # Reads model.moe.normalize_gates (the others' gates are what their paper says).
+  normalizes: bool = False
 
 
 def _gating(name: str, n: Callable[[Any], int]) -> dict[str, ParamSpec]:
-  """A gating matrix, and its noise-scale twin under noisy gating (Shazeer
-  2017 initialises both to zero; here the noise one only, the gate at the
-  model's init)."""
-  specs = {name: _matrix(n)}
-  return specs | {f"{name}_noise": ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None), "zeros")}
+  """A gating matrix [D, n], and its noise-scale twin under noisy gating
+  (Shazeer 2017 initialises both to zero; here the noise one only, the gate
+  at the model's init)."""
+  return {
+    name: ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None)),
+    f"{name}_noise": ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None), "zeros"),
+  }
 
 
-_E = lambda moe: moe.num_experts
-_G = lambda moe: moe.num_groups
+def _params(*gating: str, bias: bool = False):
+  sizes = {"router": lambda moe: moe.num_experts, "group_router": lambda moe: moe.num_groups}
 
-
-def _params(*extra):
   def params(moe):
-    out = _gating("router", _E)
-    if not moe.noisy_gating:
-      out.pop("router_noise")
-    for name, spec in extra:
-      if name.endswith("_noise") and not moe.noisy_gating:
-        continue
-      out[name] = spec
+    out = {}
+    for name in gating:
+      for pname, spec in _gating(name, sizes[name]).items():
+        if moe.noisy_gating or not pname.endswith("_noise"):
+          out[pname] = spec
+    if bias:
+      out["router_bias"] = ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros", True)
     return out
 
   return params
 
 
-def _rngs(rng, moe, train, policy=False):
-  """(noise, group noise, policy) keys, only where training needs them."""
-  if not (train and (moe.noisy_gating or policy)):
-    return None, None, None
-  if rng is None:
-    raise ValueError(
-      "routing in training with noisy gating or a random second-expert policy needs an rng"
-    )
-  return tuple(jax.random.split(rng, 3))
-
-
-def _chosen(inputs, name, moe, train, rng):
-  """(clean logits, the logits the choice is made on, noise std or None)."""
-  clean = inputs[name].astype(jnp.float32)
-  if train and moe.noisy_gating:
-    noisy, std = add_gating_noise(clean, inputs[f"{name}_noise"], rng)
-    return clean, noisy, std
-  return clean, clean, None
-
-
-def _finish(choice, clean, chosen, std, moe, mask_T, k, keep_TxK=None, probs_TxE=None):
-  expert_TxK, gate_TxK, probs = choice[0], choice[1], choice[-1]
-  load_E = None if std is None else smooth_load(clean, chosen, std, k, mask_T)
-  if keep_TxK is None:
-    keep_TxK = jnp.ones(expert_TxK.shape, bool)
-  return _token_choice(
-    expert_TxK,
-    gate_TxK,
-    keep_TxK,
-    probs_TxE=probs if probs_TxE is None else probs_TxE,
-    z_T=jax.nn.logsumexp(clean, -1) ** 2,
-    mask_T=mask_T.astype(jnp.float32),
-    load_E=load_E,
-    balance=moe.load_balance_choices,
-  )
-
-
-def _route_switch(inputs, moe, *, mask_T, train, rng=None):
-  """Fedus et al. 2021 eq. 1-2: top-1 of the softmax; gate = its probability."""
-  noise_key, _, _ = _rngs(rng, moe, train)
-  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
-  return _finish(switch(chosen), clean, chosen, std, moe, mask_T, 1)
-
-
-def _route_topk(inputs, moe, *, mask_T, train, rng=None):
-  """GShard (Lepikhin et al. 2020, Algorithm 1) / GLaM top-k with a second-expert policy."""
-  noise_key, _, policy_key = _rngs(rng, moe, train, policy=_random_policy(moe))
-  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
-  expert, gate, keep, probs = topk(
-    chosen,
-    moe.top_k,
-    normalize=moe.normalize_gates,
-    policy=moe.second_expert_policy,
-    train=train,
-    rng=policy_key,
-  )
-  return _finish((expert, gate, probs), clean, chosen, std, moe, mask_T, moe.top_k, keep)
+def gating_names(moe: Any) -> list[str]:
+  """The router's gating matrices ("router", "group_router")."""
+  specs = ROUTERS[moe.router].params(moe)
+  return [n for n, s in specs.items() if not s.state and not n.endswith("_noise")]
 
 
 def _random_policy(moe) -> bool:
   return moe.top_k > 1 and moe.second_expert_policy != "all"
 
 
-def _route_mixtral(inputs, moe, *, mask_T, train, rng=None):
-  """Jiang et al. 2024 (Mixtral) eq. 2: softmax over the top-k logits."""
-  noise_key, _, _ = _rngs(rng, moe, train)
-  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
-  return _finish(mixtral(chosen, moe.top_k), clean, chosen, std, moe, mask_T, moe.top_k)
-
-
-def _route_sigmoid_bias(inputs, moe, *, mask_T, train, rng=None):
-  """DeepSeek-V3 (Liu et al. 2024) eq. 15-16 with the aux-loss-free bias b_i."""
-  noise_key, _, _ = _rngs(rng, moe, train)
-  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
-  choice = sigmoid_bias(chosen, moe.top_k, inputs["router_bias"], normalize=moe.normalize_gates)
-  return _finish(choice, clean, chosen, std, moe, mask_T, moe.top_k)
-
-
-def _route_group_limited(inputs, moe, *, mask_T, train, rng=None):
-  """DeepSeek-V3 node-limited routing (section 2.1.2) with the aux-loss-free bias."""
-  noise_key, _, _ = _rngs(rng, moe, train)
-  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
-  choice = group_limited(
-    chosen,
-    moe.top_k,
-    inputs["router_bias"],
-    moe.num_groups,
-    moe.top_k_groups,
-    normalize=moe.normalize_gates,
-  )
-  return _finish(choice, clean, chosen, std, moe, mask_T, moe.top_k)
-
-
 def _bias_update(inputs, r, moe):
   """DeepSeek-V3 section 2.1.2: b_i += rate * sign(mean load - load_i), per batch."""
   counts_E = expert_counts(r.expert_TxK, r.valid_TxK, moe.num_experts)
   return {"router_bias": update_bias(inputs["router_bias"], counts_E, moe.bias_update_rate)}
-
-
-def _route_hierarchical(inputs, moe, *, mask_T, train, rng=None):
-  """Shazeer et al. 2017 appendix B: group gate x in-group gate."""
-  noise_key, group_key, _ = _rngs(rng, moe, train)
-  clean, chosen, std = _chosen(inputs, "router", moe, train, noise_key)
-  g_clean, g_chosen, g_std = _chosen(inputs, "group_router", moe, train, group_key)
-  T, E = clean.shape
-  G = g_clean.shape[-1]
-  expert, gate, group_TxA, probs = hierarchical(chosen, g_chosen, moe.top_k_groups, moe.top_k)
-  z_T = jax.nn.logsumexp(g_clean, -1) ** 2 + jnp.mean(
-    jax.nn.logsumexp(clean.reshape(T, G, E // G), -1) ** 2, -1
-  )
-  mask_T = mask_T.astype(jnp.float32)
-  load_E = None
-  if std is not None:
-    load_E = _hierarchical_smooth_load(
-      clean, chosen, std, g_clean, g_chosen, g_std, group_TxA, moe.top_k_groups, moe.top_k, mask_T
-    )
-  return _token_choice(
-    expert,
-    gate,
-    jnp.ones(expert.shape, bool),
-    probs_TxE=probs,
-    z_T=z_T,
-    mask_T=mask_T,
-    load_E=load_E,
-    balance=moe.load_balance_choices,
-  )
-
-
-def _route_expert_choice(inputs, moe, *, mask_T, train, rng=None):
-  """Zhou et al. 2022 eq. 1: each expert takes its top-C tokens."""
-  del rng
-  logits = inputs["router"].astype(jnp.float32)
-  return expert_choice(logits, capacity(moe, logits.shape[0], train), mask_T.astype(jnp.float32))
 
 
 def _check_groups(moe, name, per_group_k):
@@ -564,58 +482,47 @@ def _check_groups(moe, name, per_group_k):
   return None
 
 
+def _check_expert_choice(moe):
+  if moe.dispatch != "capacity":
+    return "model.moe.dispatch", "must be 'capacity' for router 'expert_choice'"
+  if moe.load_balance_choices != "all":
+    return (
+      "model.moe.load_balance_choices",
+      "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)",
+    )
+  if moe.noisy_gating:
+    return "model.moe.noisy_gating", "must be False for router 'expert_choice' (it has no effect)"
+  return None
+
+
 ROUTERS: dict[str, Router] = {
   "switch": Router(
-    _params(),
-    _route_switch,
+    _params("router"),
+    switch,
     check=lambda moe: (
       ("model.moe.top_k", "must be 1 for router 'switch' (use 'topk')") if moe.top_k != 1 else None
     ),
   ),
-  "topk": Router(_params(), _route_topk, randomness=_random_policy),
-  "mixtral": Router(_params(), _route_mixtral),
+  "topk": Router(_params("router"), topk, randomness=_random_policy, normalizes=True),
+  "mixtral": Router(_params("router"), mixtral),
   "sigmoid_bias": Router(
-    _params(
-      ("router_bias", ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros", state=True))
-    ),
-    _route_sigmoid_bias,
-    update=_bias_update,
+    _params("router", bias=True), sigmoid_bias, update=_bias_update, normalizes=True
   ),
   "group_limited": Router(
-    _params(
-      ("router_bias", ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros", state=True))
-    ),
-    _route_group_limited,
+    _params("router", bias=True),
+    group_limited,
     update=_bias_update,
     check=lambda moe: _check_groups(moe, "group_limited", per_group_k=False),
+    normalizes=True,
   ),
   "hierarchical": Router(
-    _params(*_gating("group_router", _G).items()),
-    _route_hierarchical,
+    _params("router", "group_router"),
+    hierarchical,
     choices=lambda moe: moe.top_k * moe.top_k_groups,
     group_placement=True,
     check=lambda moe: _check_groups(moe, "hierarchical", per_group_k=True),
   ),
-  "expert_choice": Router(
-    _params(),
-    _route_expert_choice,
-    expert_choice=True,
-    check=lambda moe: (
-      ("model.moe.dispatch", "must be 'capacity' for router 'expert_choice'")
-      if moe.dispatch != "capacity"
-      else (
-        "model.moe.load_balance_choices",
-        "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)",
-      )
-      if moe.load_balance_choices != "all"
-      else (
-        "model.moe.noisy_gating",
-        "must be False for router 'expert_choice' (it has no effect there)",
-      )
-      if moe.noisy_gating
-      else None
-    ),
-  ),
+  "expert_choice": Router(_params("router"), None, expert_choice=True, check=_check_expert_choice),
 }
 
 
@@ -628,24 +535,54 @@ def capacity(moe: Any, num_tokens: int, train: bool) -> int:
 
 
 def route(
-  logits_TxE: Array, moe: Any, *, mask_T: Array, train: bool, rng: Array | None = None, **inputs
+  moe: Any, *, mask_T: Array, train: bool, rng: Array | None = None, **inputs: Array
 ) -> Routing | ExpertChoiceRouting:
-  """ROUTERS[moe.router].route on router logits [T, E] and the other inputs."""
-  return ROUTERS[moe.router].route(
-    {"router": logits_TxE, **inputs}, moe, mask_T=mask_T, train=train, rng=rng
+  """The routing decision of router model.moe.router, with its aux terms.
+
+  inputs: x @ W per gating matrix by parameter name ("router" [T, E],
+  "router_noise", "group_router" [T, G], ...) and the value of each state
+  parameter ("router_bias" [E]). rng: needed in training for noisy gating and
+  random second-expert policies (a ValueError without it)."""
+  router = ROUTERS[moe.router]
+  mask_T = mask_T.astype(jnp.float32)
+  if router.expert_choice:
+    logits = inputs["router"].astype(jnp.float32)
+    return expert_choice(logits, capacity(moe, logits.shape[0], train), mask_T)
+  noisy = train and moe.noisy_gating
+  keys = [None] * 3  # (router noise, group noise, second-expert policy)
+  if noisy or (train and router.randomness(moe)):
+    if rng is None:
+      raise ValueError(
+        "routing in training with noisy gating or a random second-expert policy needs an rng"
+      )
+    keys = list(jax.random.split(rng, 3))
+  lg = {}
+  for name, key in zip(gating_names(moe), keys):
+    clean = inputs[name].astype(jnp.float32)
+    lg[name] = Logits(clean, clean, None)
+    if noisy:
+      lg[name] = Logits(clean, *add_gating_noise(clean, inputs[f"{name}_noise"], key))
+  bias_E = inputs.get("router_bias")
+  d = router.decide(
+    lg,
+    moe,
+    mask_T=mask_T,
+    bias_E=None if bias_E is None else bias_E.astype(jnp.float32),
+    train=train,
+    rng=keys[2],
   )
-
-
-def _hierarchical_smooth_load(
-  clean_TxE, noisy_TxE, std_TxE, clean_TxG, noisy_TxG, std_TxG, group_TxA, k_groups, k, mask_T
-):
-  """Load_H[g, m] = Load_primary[g] * Load_g(X^(g))[m] / |X^(g)| (Shazeer 2017 app. B)."""
-  T, E = clean_TxE.shape
-  G = clean_TxG.shape[-1]
-  load_G = smooth_load(clean_TxG, noisy_TxG, std_TxG, k_groups, mask_T)
-  member_TxG = jnp.zeros((T, G), jnp.float32).at[jnp.arange(T)[:, None], group_TxA].set(1.0)
-  member_TxG = member_TxG * mask_T[:, None]
-  r = lambda a: a.reshape(T, G, E // G)
-  load_GxM = smooth_load(r(clean_TxE), r(noisy_TxE), r(std_TxE), k, member_TxG)
-  n_G = jnp.maximum(jnp.sum(member_TxG, 0), 1.0)
-  return (load_G[:, None] * load_GxM / n_G[:, None]).reshape(E)
+  load_E = d.load_E
+  if load_E is None and noisy:
+    load_E = smooth_load(
+      lg["router"].clean, lg["router"].chosen, lg["router"].std, router.choices(moe), mask_T
+    )
+  return _token_choice(
+    d.expert_TxK,
+    d.gate_TxK,
+    jnp.ones(d.expert_TxK.shape, bool) if d.keep_TxK is None else d.keep_TxK,
+    probs_TxE=d.probs_TxE,
+    z_T=jax.nn.logsumexp(lg["router"].clean, -1) ** 2 if d.z_T is None else d.z_T,
+    mask_T=mask_T,
+    load_E=load_E,
+    balance=moe.load_balance_choices,
+  )

@@ -1,0 +1,102 @@
+"""The model spec: what models/ are built from, frozen and fully resolved.
+
+`sparse_lm.config.model_spec(c)` builds a `ModelSpec` from a validated config
+(the one place where "0 = inherit" defaults are resolved: head_dim,
+num_kv_heads, the MoE layer's d_ff / activation / init_scale); models/ never
+read the config itself. Field names are the config's `model.*` and
+`model.moe.*` keys (sparse_lm/config.py documents them), so `m.moe.top_k` reads
+the same in a config and in a spec. Frozen and hashable: a module's graphdef
+holds its spec and is a jit static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+
+class Impl(NamedTuple):
+  """How the MoE layer computes, never what (model.moe.impl; policy.resolve
+  turns "auto" into a choice per backend)."""
+
+  capacity_layout: str = "auto"
+  grouped_kernel: str = "auto"
+  positions: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeSpec:
+  """model.moe.*, resolved (d_ff, activation and init_scale never 0 / "")."""
+
+  num_experts: int
+  top_k: int
+  every: int
+  offset: int
+  first_dense_layers: int
+  d_ff: int
+  activation: str
+  router: str
+  dispatch: str
+  decode_dispatch: str
+  impl: Impl
+  capacity_factor: float
+  eval_capacity_factor: float
+  min_capacity: int
+  second_expert_policy: str
+  normalize_gates: bool
+  jitter: float
+  noisy_gating: bool
+  init_scale: float
+  num_shared_experts: int
+  num_groups: int
+  top_k_groups: int
+  bias_update_rate: float
+  expert_dropout: float
+  eom_rate: float
+  load_balance_weight: float
+  load_balance_choices: str
+  z_loss_weight: float
+  importance_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """model.*, resolved (num_kv_heads and head_dim never 0)."""
+
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  activation: str
+  norm: str
+  norm_eps: float
+  position: str
+  rope_theta: float
+  tie_embeddings: bool
+  dtype: str
+  init_scale: float
+  dropout: float
+  max_len: int
+  moe: MoeSpec
+
+  @property
+  def is_moe(self) -> bool:
+    return self.moe.num_experts > 1
+
+  def moe_layer(self, i: int) -> bool:
+    """Whether layer i's FFN is an MoE layer (model.moe.every / offset /
+    first_dense_layers)."""
+    moe = self.moe
+    return self.is_moe and i >= moe.first_dense_layers and i % moe.every == moe.offset % moe.every
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if self.moe_layer(i))
+
+  def replace(self, **changes) -> ModelSpec:
+    """A copy with fields changed; `moe={...}` changes fields of the MoE spec."""
+    if isinstance(changes.get("moe"), dict):
+      changes["moe"] = dataclasses.replace(self.moe, **changes["moe"])
+    return dataclasses.replace(self, **changes)

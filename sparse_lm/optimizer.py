@@ -1,0 +1,59 @@
+"""The optimizer and its learning-rate schedule (train.py and inspect.py build it here)."""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def lr_schedule(t) -> optax.Schedule:
+  """Linear warmup, then cosine / inverse-sqrt decay, or constant; then, with
+  train.cooldown_steps = N > 0, the last N steps scale it linearly down to 0
+  (warmup-stable-decay, Hägele et al. 2024, "Scaling Laws and Compute-Optimal
+  Training Beyond Fixed Training Durations"). Before the cooldown the rate is
+  exactly the base schedule's, so a run resumed from a checkpoint before it
+  with a cooldown added trains as if it had had one from the start."""
+  peak, warm = t.learning_rate, t.warmup_steps
+  if t.schedule == "cosine":
+    base = optax.warmup_cosine_decay_schedule(
+      0.0, peak, warm, max(t.num_steps, warm + 1), end_value=peak * t.end_lr_fraction
+    )
+  else:
+    warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
+    if t.schedule == "rsqrt":
+      decay = lambda s: peak * jnp.sqrt(max(warm, 1) / jnp.maximum(s + max(warm, 1), 1))
+    else:
+      decay = optax.constant_schedule(peak)
+    base = optax.join_schedules([warmup, decay], [warm])
+  n = t.get("cooldown_steps", 0)
+  if not n:
+    return base
+  return lambda s: base(s) * jnp.clip((t.num_steps - s) / n, 0.0, 1.0)
+
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  """AdamW or Adafactor with global-norm clipping; no weight decay on vectors."""
+  schedule = lr_schedule(t)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  if t.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
+  else:
+    opt = optax.adafactor(
+      schedule, weight_decay_rate=t.weight_decay or None, weight_decay_mask=decay_mask
+    )
+  if t.grad_clip:
+    opt = optax.chain(optax.clip_by_global_norm(t.grad_clip), opt)
+  if t.optimizer == "adafactor":
+    # Its factored moments have another rank than their parameter, so the
+    # parameter's sharding names (which nnx.Optimizer copies onto the state)
+    # cannot apply: it sees plain arrays, and its small state is replicated.
+    init = opt.init
+    plain = lambda p: jax.tree.map(
+      lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
+      p,
+      is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
+    opt = optax.GradientTransformation(lambda params: init(plain(params)), opt.update)
+  return opt
