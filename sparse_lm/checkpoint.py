@@ -40,6 +40,7 @@ import time
 from typing import Any
 from typing import Callable
 from typing import NamedTuple
+import zlib
 
 from absl import logging
 import filelock
@@ -216,6 +217,16 @@ def _all_finite(state) -> jax.Array:
 
 
 @contextlib.contextmanager
+def _absl_errors_only():
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
 def _quiet_failed_reads():
   """A failed Orbax read leaves asyncio futures and coroutines whose errors
   are reported later, when they are collected (one traceback per array:
@@ -278,13 +289,9 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int | None = None, read_only=False, say=print):
     self.workdir, self.dir, self.say = workdir, os.path.join(workdir, "checkpoints"), say
     if read_only:
-      verbosity = logging.get_verbosity()
-      logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager will not save
-      try:
+      with _absl_errors_only():  # Orbax warns that a read-only manager will not save
         options = ocp.CheckpointManagerOptions(read_only=True)
         self._mngr = ocp.CheckpointManager(self.dir, options=options)
-      finally:
-        logging.set_verbosity(verbosity)
     else:
       options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True
@@ -542,7 +549,8 @@ def source_params(workdir: str, step: int | None, key: str = "train.init_from"):
     raise cfglib.ConfigError(
       f"config.{key} is invalid: {workdir}/checkpoints has no step {step} (it has {steps})"
     )
-  tree = ocp.PyTreeCheckpointer().metadata(_state_dir(workdir, step)).item_metadata.tree
+  with _absl_errors_only():  # (it warns that the item has no _CHECKPOINT_METADATA file)
+    tree = ocp.PyTreeCheckpointer().metadata(_state_dir(workdir, step)).item_metadata.tree
   flat = jax.tree_util.tree_flatten_with_path(tree["0"], is_leaf=lambda x: hasattr(x, "shape"))[0]
   return step, {
     path_str(p[:-1]): (tuple(m.shape), np.dtype(m.dtype))
@@ -568,7 +576,109 @@ def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct
     restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), nested),
     partial_restore=True,
   )
-  with _quiet_failed_reads():
+  with _quiet_failed_reads(), _absl_errors_only():
     out = ocp.PyTreeCheckpointer().restore(_state_dir(workdir, step), args=args)
   get = lambda path: functools.reduce(lambda n, k: n[k], ["0", *path.split("/"), "value"], out)
   return {path: get(path) for path in targets}
+
+
+def expected_gate_mass(moe) -> float:
+  """The sum of a token's chosen gates when every router logit is equal (a
+  zero router): what an upcycled MoE scales its copies' output by. Gates that
+  sum to 1 (mixtral, normalised top-k / sigmoid, hierarchical) give 1."""
+  if moe.router == "switch":
+    return 1.0 / moe.num_experts  # the chosen softmax probability
+  if moe.router == "topk" and not moe.normalize_gates:
+    return moe.top_k / moe.num_experts
+  if moe.router in ("sigmoid_bias", "group_limited") and not moe.normalize_gates:
+    return moe.top_k * 0.5  # sigmoid(0) per chosen expert
+  return 1.0
+
+
+def _model_leaves(state) -> dict[str, tuple]:
+  """{path: (keypath, leaf)} of the model variables (part 0) of a train state."""
+  out = {}
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in kp]
+    keys = [k for k, p in zip(keys, kp) if not isinstance(p, jax.tree_util.GetAttrKey)]
+    if keys and keys[0] == 0:
+      out["/".join(map(str, keys[1:]))] = (kp, leaf)
+  return out
+
+
+def logical_names(abs_state) -> dict[str, tuple]:
+  """{path: logical axis names} of the model variables of an abstract train state."""
+  flat = nnx.to_flat_state(abs_state)
+  return {
+    path_str(p[1:]): tuple(v.get_metadata().get("out_sharding") or ()) for p, v in flat if p[0] == 0
+  }
+
+
+def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
+  """The new run's initial state with its model variables taken from
+  train.init_from's checkpoint by train.init_rules (plan_init), transformed
+  (copy / into every expert / tiled; upcycling's gate scale and Drop-Upcycling
+  re-init), placed with the new state's shardings. The optimizer and step
+  stay fresh."""
+  t, spec = c.train, cfglib.model_spec(c)
+  source, step = parse_source(t.init_from)
+  step, sources = source_params(source, step)
+  leaves, names = _model_leaves(state), logical_names(abs_state)
+  targets = {p: (leaf.shape, names.get(p, ())) for p, (_, leaf) in leaves.items()}
+  plan = plan_init(t.init_rules, targets, sources)
+  reads = {}
+  for path, a in plan.items():
+    if a.source is None:
+      continue
+    shd = leaves[path][1].sharding
+    if isinstance(shd, jax.sharding.NamedSharding) and a.how != "copy":
+      # "experts": the target's sharding without its expert axis; "tile": replicated.
+      spec = shd.spec[1:] if a.how == "experts" else ()
+      shd = jax.sharding.NamedSharding(shd.mesh, jax.sharding.PartitionSpec(*spec))
+    reads[a.source] = jax.ShapeDtypeStruct(sources[a.source][0], sources[a.source][1], sharding=shd)
+  values = read_params(source, step, reads)
+  scale = 1.0 / expected_gate_mass(spec.moe) if t.init_gate_scale == "expected" else 1.0
+  new, how = {}, {}
+  for path, a in plan.items():
+    kp, fresh = leaves[path]
+    if a.source is None:
+      how[path] = "fresh"
+      continue
+    x = values[a.source]
+    new[path] = _transform(x, fresh, a.how, path, scale, t.init_reinit_fraction, t.seed)
+    how[path] = {
+      "copy": f"copied from {a.source}",
+      "experts": f"copied into every expert from {a.source}",
+      "tile": f"tiled over the experts from {a.source}",
+    }[a.how]
+  by_kp = {leaves[p][0]: v for p, v in new.items()}
+  state = jax.tree_util.tree_map_with_path(lambda kp, x: by_kp.get(kp, x), state)
+  return state, InitReport(f"{source}", step, how)
+
+
+def _transform(x, fresh, how: str, path: str, scale: float, reinit: float, seed: int):
+  """One target variable from its source value (see init_from)."""
+  leaf = path.rsplit("/", 1)[-1]
+
+  def make(x, fresh):
+    x = x.astype(fresh.dtype)
+    if how == "copy":
+      return x
+    if how == "tile":
+      return jnp.tile(x, (fresh.shape[0] // x.shape[0],) + (1,) * (x.ndim - 1))
+    y = jnp.broadcast_to(x[None], fresh.shape)
+    if leaf == "wo":  # [E, F, D]: the copies' output projection carries the gate scale
+      y = y * scale
+    if reinit and leaf in ("wi", "wg", "wo"):
+      # Drop-Upcycling (arXiv 2502.19261): per expert, a random fraction of the
+      # hidden units keeps the fresh init (the same units for wi, wg and wo of
+      # a layer; the paper draws them from the copied weights' statistics).
+      E, F = fresh.shape[0], fresh.shape[2 if leaf != "wo" else 1]
+      key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.rsplit("/", 1)[0].encode()))
+      rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, (E, F)), -1), -1)
+      drop = rank < round(reinit * F)
+      drop = drop[:, None, :] if leaf != "wo" else drop[:, :, None]
+      y = jnp.where(drop, fresh, y)
+    return y
+
+  return jax.jit(make, out_shardings=fresh.sharding)(x, fresh)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 
 import ml_collections as mlc
 
@@ -54,12 +55,24 @@ def base_config() -> mlc.ConfigDict:
   # "stdlib" (embedded corpus of this Python's standard library source),
   # "files:<glob>" (your own text files), or any TFDS text dataset name
   # ("lm1b", "c4/en", ...), optionally with a config: "name/config".
+  # "sft:<file.jsonl>": instruction data, (prompt, response) per line
+  # (sparse_lm/data/sft.py; its tokenizer comes from data.tokenizer_dataset).
   c.data.dataset = "stdlib"
   c.data.text_key = "text"  # feature holding the text, for TFDS datasets
   c.data.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.train_split = "train"
   c.data.eval_split = "validation"
+  # Files (relative paths or fnmatch globs) left out of the training split and
+  # of the tokenizer's text: "stdlib" and "files:" datasets.
+  c.data.exclude = ()
   c.data.tokenizer = "sentencepiece"  # or "byte"
+  # The dataset whose train split the SentencePiece tokenizer is trained on;
+  # "" = data.dataset. An sft: dataset needs one: its base run's ("stdlib").
+  c.data.tokenizer_dataset = ""
+  # sft: datasets. The text of an example: the template with its prompt, then
+  # its response and end-of-text; the loss counts the response tokens only.
+  c.data.sft_template = "{prompt}{response}"
+  c.data.sft_overlong = "truncate"  # an example over seq_len + 1 tokens: "truncate" | "refuse"
   c.data.vocab_size = 2048  # sentencepiece vocab (the byte tokenizer fixes its own)
   c.data.batch_size = 16  # global, over all processes
   c.data.seq_len = 128
@@ -171,6 +184,26 @@ def base_config() -> mlc.ConfigDict:
   # is not saved). N > 0: such a step's update is skipped and counted
   # (metrics: skipped_steps); more than N in a row stops the run.
   c.train.skip_nonfinite_steps = 0
+  # Fine-tuning (README, "Fine-tuning"): start from another run's parameters.
+  # init_from: its workdir, optionally ":step" (default its latest); read only
+  # when this workdir has no checkpoint of its own. init_rules: ordered
+  # (regex over this model's parameter paths, source path or None) pairs, the
+  # first full match decides (None: fresh init; the source path may use the
+  # regex's groups, "\1"); unmatched parameters take the source's of the same
+  # name, else a fresh init. A dense MLP into an MoE layer's experts is sparse
+  # upcycling (every expert a copy), E experts into m x E a tiling.
+  c.train.init_from = ""
+  c.train.init_rules = ()
+  # Upcycling: "expected" scales each copied expert's output projection by
+  # 1 / (the chosen gates' sum at uniform routing) for routers whose gates do
+  # not sum to 1 (switch: E; unnormalised top-k: E / k); "none" leaves them.
+  c.train.init_gate_scale = "none"
+  # Drop-Upcycling: this fraction of each copied expert's hidden units keeps
+  # the fresh init instead (a different subset per expert).
+  c.train.init_reinit_fraction = 0.0
+  # Parameters not trained (no optimizer state): a regex over parameter paths,
+  # or ":router", ":experts" (routed expert weights), ":non_experts".
+  c.train.frozen = ""
 
   # Mesh axes, -1 fills the rest. Axis names appear only here, in the rules
   # below and in sparse_lm/sharding.py. Tuples, so that the command line can
@@ -354,8 +387,12 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     _fail("data.dataset", ds, "must be 'stdlib', 'files:<glob>' or a TFDS dataset name")
   if ds.startswith("files:") and len(ds) == len("files:"):
     _fail("data.dataset", ds, "'files:' needs a glob, e.g. 'files:~/text/*.txt'")
-  if not (ds == "stdlib" or ds.startswith("files:")):
+  if ds.startswith("sft:"):
+    _validate_sft(c)
+  elif not (ds == "stdlib" or ds.startswith("files:")):
     _check_tfds_name(ds)
+  if not isinstance(d.exclude, (tuple, list)) or not all(isinstance(e, str) for e in d.exclude):
+    _fail("data.exclude", d.exclude, "must be a tuple of relative paths or globs")
   _choice(c, "model.activation", ACTIVATIONS)
   _choice(c, "model.norm", NORMS)
   _choice(c, "model.position", POSITIONS)
@@ -428,6 +465,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     if not 0 <= moe.expert_dropout < 1:
       _fail("model.moe.expert_dropout", moe.expert_dropout, "must be in [0, 1)")
 
+  _validate_finetuning(c)
   _choice(c, "train.optimizer", OPTIMIZERS)
   _choice(c, "train.schedule", SCHEDULES)
   _unread(c, "train.b1", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b1")
@@ -453,6 +491,67 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     _fail("train.seed", t.seed, "must be an integer")
   _validate_mesh(c)
   return c
+
+
+def _validate_sft(c):
+  d = c.data
+  if len(d.dataset) == len("sft:"):
+    _fail("data.dataset", d.dataset, "'sft:' needs a JSONL file, e.g. 'sft:data/train.jsonl'")
+  if d.tokenizer == "sentencepiece" and (
+    not d.tokenizer_dataset or d.tokenizer_dataset.startswith("sft:")
+  ):
+    _fail(
+      "data.tokenizer_dataset",
+      d.tokenizer_dataset,
+      "an sft: dataset needs the dataset its tokenizer was trained on (the base run's, e.g. "
+      "'stdlib')",
+    )
+  if "{prompt}" not in d.sft_template or not d.sft_template.endswith("{response}"):
+    _fail("data.sft_template", d.sft_template, "must contain {prompt} and end with {response}")
+  _choice(c, "data.sft_overlong", ("truncate", "refuse"))
+
+
+FROZEN_PRESETS = (":router", ":experts", ":non_experts")
+GATE_SCALES = ("none", "expected")
+
+
+def _validate_finetuning(c):
+  t = c.train
+  if not isinstance(t.init_from, str):
+    _fail("train.init_from", t.init_from, "must be a workdir, optionally with ':step'")
+  rules = t.init_rules
+  ok = isinstance(rules, (tuple, list)) and all(
+    isinstance(r, (tuple, list))
+    and len(r) == 2
+    and isinstance(r[0], str)
+    and (r[1] is None or isinstance(r[1], str))
+    for r in rules
+  )
+  if not ok:
+    _fail("train.init_rules", rules, "must be ((regex, source path or None), ...)")
+  for rx, _ in rules:
+    try:
+      re.compile(rx)
+    except re.error as e:
+      _fail("train.init_rules", rx, f"is not a regex ({e})")
+  if (rules or t.init_gate_scale != "none" or t.init_reinit_fraction) and not t.init_from:
+    _fail(
+      "train.init_from",
+      t.init_from,
+      "is empty, but init_rules / init_gate_scale / init_reinit_fraction are set",
+    )
+  _choice(c, "train.init_gate_scale", GATE_SCALES)
+  if not 0 <= t.init_reinit_fraction < 1:
+    _fail("train.init_reinit_fraction", t.init_reinit_fraction, "must be in [0, 1)")
+  if not isinstance(t.frozen, str):
+    _fail("train.frozen", t.frozen, "must be a regex or one of " + ", ".join(FROZEN_PRESETS))
+  if t.frozen.startswith(":") and t.frozen not in FROZEN_PRESETS:
+    _fail("train.frozen", t.frozen, "a preset is one of " + ", ".join(FROZEN_PRESETS))
+  if not t.frozen.startswith(":"):
+    try:
+      re.compile(t.frozen)
+    except re.error as e:
+      _fail("train.frozen", t.frozen, f"is not a regex ({e})")
 
 
 def _check_tfds_name(name: str):

@@ -12,7 +12,11 @@ layers run as in the run's evaluation (eval_capacity_factor). Prints a table
 and, with --output, writes JSON: loss, perplexity, tokens, and per MoE layer
 the expert load (fraction of assignments per expert), the dropped fraction,
 the router entropy, the load-balance loss and (token-choice routers) the mean
-chosen gate, averaged over the batches.
+chosen gate, averaged over the batches. --compare_routing=<base workdir>
+adds the routing drift from a base run (a fine-tuning run's init_from): per
+MoE layer the KL divergence of the router distributions and the fraction of
+tokens whose top-1 expert changed, on prompt and response tokens apart for
+instruction data.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from flax import nnx
 import jax
 import numpy as np
 
+from sparse_lm import checkpoint
 from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
+from sparse_lm import metrics as metricslib
 from sparse_lm import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
@@ -37,13 +43,21 @@ _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the run
 _DATASET = flags.DEFINE_string("dataset", None, "Another dataset (data.dataset syntax).")
 _BATCHES = flags.DEFINE_integer("batches", None, "Batches (default: the run's eval_batches).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+_COMPARE = flags.DEFINE_string(
+  "compare_routing",
+  None,
+  "A base run's workdir[:step]: report how far this run's routing moved from it (per MoE "
+  "layer: KL of the router distributions, top-1 changes; prompt / response tokens apart).",
+)
 flags.mark_flags_as_required(["workdir"])
 
 # gate_mean: token-choice routers only (the mean summed gate of the chosen experts).
 STATS = ("expert_fraction", "dropped_fraction", "router_entropy", "load_balance_loss", "gate_mean")
 
 
-def evaluate(workdir: str, step=None, split=None, dataset=None, batches=None) -> dict:
+def evaluate(
+  workdir: str, step=None, split=None, dataset=None, batches=None, compare_routing=None
+) -> dict:
   """The numbers `main` prints, as a dict."""
   model, c, tok = train.load_model(workdir, step)
   d = c.data
@@ -80,6 +94,8 @@ def evaluate(workdir: str, step=None, split=None, dataset=None, batches=None) ->
     "perplexity": math.exp(min(loss, 50.0)),
     "moe_layers": {},
   }
+  if compare_routing:
+    out["routing_drift"] = drift_from(compare_routing, model, c, tok, eval_data)
   for i, layer in enumerate(cfglib.model_spec(c).moe_layers):
     out["moe_layers"][str(layer)] = {
       k: np.mean([np.asarray(m[i][k]) for m in moes], axis=0).tolist()
@@ -87,6 +103,29 @@ def evaluate(workdir: str, step=None, split=None, dataset=None, batches=None) ->
       if k in moes[0][i]
     }
   return out
+
+
+def drift_from(base: str, model, c, tok, batches) -> dict:
+  """metrics.routing_drift of `model` against the base run's model, the mean
+  over `batches` (the base must have the same MoE layers and tokenizer)."""
+  path, step = checkpoint.parse_source(base, key="compare_routing")
+  base_model, base_c, base_tok = train.load_model(path, step)
+  ids = list(cfglib.model_spec(c).moe_layers)
+  if list(cfglib.model_spec(base_c).moe_layers) != ids or not ids:
+    raise cfglib.ConfigError(f"--compare_routing={base}: its MoE layers are not this run's {ids}")
+  if base_tok.fingerprint != tok.fingerprint:
+    raise cfglib.ConfigError(f"--compare_routing={base}: it has another tokenizer")
+  probs = nnx.jit(train.router_probs)
+  rows = [
+    metricslib.routing_drift(
+      jax.device_get(probs(base_model, b)),
+      jax.device_get(probs(model, b)),
+      metricslib.drift_sets(b),
+      ids,
+    )
+    for b in batches
+  ]
+  return {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
 
 
 def train_step_of(workdir: str) -> int | None:
@@ -101,6 +140,14 @@ def table(r: dict) -> str:
     f"{r['tokens']:,} tokens",
     f"  loss {r['loss']:.4f}   perplexity {r['perplexity']:.2f}",
   ]
+  drift = r.get("routing_drift", {})
+  if drift:
+    lines.append(
+      "  routing drift from the base: "
+      + ", ".join(
+        f"{k.removeprefix('drift/mean/')} {v:.4f}" for k, v in drift.items() if "/mean/" in k
+      )
+    )
   if r["moe_layers"]:
     lines.append(
       f"  {'layer':>5} {'dropped':>8} {'entropy':>8} {'balance':>8} {'gate':>6}  expert load"
@@ -117,7 +164,9 @@ def table(r: dict) -> str:
 
 def main(argv):
   del argv
-  r = evaluate(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATASET.value, _BATCHES.value)
+  r = evaluate(
+    _WORKDIR.value, _STEP.value, _SPLIT.value, _DATASET.value, _BATCHES.value, _COMPARE.value
+  )
   print(table(r))
   if _OUTPUT.value:
     try:

@@ -79,7 +79,7 @@ def abstract_model(c, vocab_size: int | None = None):
     return nnx.eval_shape(lambda: Transformer(spec, V, rngs=nnx.Rngs(0)))
 
 
-def _params(model) -> list[tuple[str, tuple, tuple]]:
+def param_list(model) -> list[tuple[str, tuple, tuple]]:
   """(path, shape, logical names) of every nnx.Param."""
   out = []
   for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -99,11 +99,17 @@ def is_routed(path: str, names: tuple) -> bool:
 
 def optimizer_bytes(t, params) -> dict[str, int]:
   """Bytes of optimizer state per parameter path, from the init of the
-  optimizer the trainer builds (optimizer.make_optimizer)."""
+  optimizer the trainer builds (optimizer.make_optimizer); parameters that
+  train.frozen freezes have none."""
   opt = optlib.make_optimizer(t)
-  shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape, _ in params}
+  frozen = optlib.frozen_predicate(t.frozen) if t.frozen else lambda path, names: False
+  shapes = {
+    path: jax.ShapeDtypeStruct(shape, jnp.float32)
+    for path, shape, names in params
+    if not frozen(path, names)
+  }
   state = jax.eval_shape(opt.init, shapes)
-  per_param = dict.fromkeys(shapes, 0)
+  per_param = dict.fromkeys((path for path, _, _ in params), 0)
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     keys = [k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)]
     if keys and keys[0] in per_param:
@@ -120,7 +126,7 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   """
   m = cfglib.model_spec(c)
   V = vocab_size or vocab_size_of(c)
-  params = _params(model if model is not None else abstract_model(c, V))
+  params = param_list(model if model is not None else abstract_model(c, V))
   total = routed = lookup = unembed = vectors = 0
   for path, shape, names in params:
     n = math.prod(shape)
@@ -162,7 +168,7 @@ def per_device(c, model, num_devices: int) -> dict:
   """Mesh sizes, and parameter / optimizer bytes per device, on `num_devices`."""
   sizes = sharding.mesh_sizes(c, num_devices)
   rules = c.sharding_rules
-  params = _params(model)
+  params = param_list(model)
   opt = optimizer_bytes(c.train, params)
   param_b = opt_b = 0.0
   for path, shape, names in params:

@@ -204,3 +204,24 @@ def expert_load(workdir: str, out: str) -> str:
   fig.savefig(out, dpi=120)
   plt.close(fig)
   return out
+
+
+def drift_curves(runs: dict[str, str], out: str, key: str = "kl", title: str = "") -> str:
+  """Routing drift from the base model against the fine-tuning step
+  (drift/mean/<key>, and its _prompt / _response variants where logged), one
+  colour per run of `runs` ({label: workdir}). key: "kl" or "top1_changed"."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for (label, wd), color in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    rows = [r for r in metricslib.read_jsonl(os.path.join(wd, "metrics.jsonl"))]
+    for suffix, style in (("", "-"), ("_prompt", ":"), ("_response", "--")):
+      pts = [
+        (r["step"], r[f"drift/mean/{key}{suffix}"])
+        for r in rows
+        if f"drift/mean/{key}{suffix}" in r
+      ]
+      if pts:
+        ax.plot(*zip(*pts), style, color=color, label=f"{label} {suffix[1:] or 'all'}")
+  ax.set_xlabel("fine-tuning step")
+  ax.set_ylabel({"kl": "KL(base || now) of the router, nats", "top1_changed": "top-1 changed"}[key])
+  ax.legend(fontsize=7)
+  return _finish(fig, ax, out, title or "Routing drift from the base model")

@@ -43,7 +43,7 @@ from sparse_lm.models.transformer import apply_state_updates
 def create(c, vocab_size: int):
   """(model, optimizer) of config `c`, initialised from train.seed."""
   model = Transformer(cfglib.model_spec(c), vocab_size, rngs=nnx.Rngs(params=c.train.seed))
-  return model, nnx.Optimizer(model, optlib.make_optimizer(c.train), wrt=nnx.Param)
+  return model, nnx.Optimizer(model, optlib.make_optimizer(c.train), wrt=optlib.trainable(c.train))
 
 
 def abstract_state(c, vocab_size: int, mesh=None):
@@ -62,7 +62,7 @@ def state_tree(c, vocab_size: int) -> list:
   """What a checkpoint of config `c` holds: (path, shape, dtype) of every
   parameter and optimizer-state leaf (shapes only: optax's own init)."""
   model = inspectlib.abstract_model(c, vocab_size)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params = nnx.to_pure_dict(nnx.state(model, optlib.trainable(c.train)))
   opt = jax.eval_shape(optlib.make_optimizer(c.train).init, params)
   leaves = jax.tree_util.tree_flatten_with_path((nnx.to_pure_dict(nnx.state(model)), opt))[0]
   return [(jax.tree_util.keystr(p), a.shape, str(a.dtype)) for p, a in leaves]
@@ -74,16 +74,35 @@ def state_tree(c, vocab_size: int) -> list:
 def loss_fn(model, batch, *, train: bool, rng):
   """Token-weighted cross-entropy + the MoE layers' weighted router losses.
 
-  batch["weights"] weights the loss; batch["mask"] (default: the weights)
-  marks the real tokens, which routing statistics count."""
+  batch["weights"] weights the loss (the mean is over the weighted tokens of the
+  whole global batch); batch["mask"] (default: the weights) marks the real
+  tokens, which routing statistics and the balance losses count; packed
+  examples (sft: data) bring "segment_ids" and their "positions"."""
   w_BxL = batch["weights"]
   logits_BxLxV, moe_aux = model(
-    batch["inputs"], mask_BxL=batch.get("mask", w_BxL), train=train, rng=rng
+    batch["inputs"],
+    mask_BxL=batch.get("mask", w_BxL),
+    positions_BxL=batch.get("positions"),
+    segments_BxL=batch.get("segment_ids"),
+    train=train,
+    rng=rng,
   )
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
   ce = jnp.sum(ce_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
   router_loss = sum((a["router_loss"] for a in moe_aux), jnp.float32(0.0))
   return ce + router_loss, {"ce": ce, "router_loss": router_loss, "moe": moe_aux}
+
+
+def router_probs(model, batch) -> list:
+  """Each MoE layer's router distribution [T, E] on a batch (evaluation mode)."""
+  _, aux = model(
+    batch["inputs"],
+    mask_BxL=batch.get("mask", batch["weights"]),
+    positions_BxL=batch.get("positions"),
+    segments_BxL=batch.get("segment_ids"),
+    expert_choices=True,
+  )
+  return [a["probs_TxE"] for a in aux]
 
 
 # --------------------------------------------------------------------- Input
@@ -159,6 +178,13 @@ class Monitor:
     self.now = time.perf_counter
     self.t_rate, self.step_rate = self.now(), start
 
+  def header(self, stats: dict, fingerprint: dict):
+    """Step 0's row: the model's size and the data's numbers."""
+    head = {k: stats[k] for k in ("total_params", "active_params", "train_flops_per_token")}
+    nums = {f"data/{k}": v for k, v in fingerprint.items() if isinstance(v, (int, float))}
+    self.writer.write(0, {**head, **nums})
+    self.ckpt.say(f"data: {fingerprint}")
+
   def check(self, step, meas):
     vals = jax.device_get({k: meas[k] for k in ("loss", "grad_norm", "finite")})
     if bool(vals["finite"]):
@@ -205,6 +231,42 @@ class Monitor:
     self.clock.update()
 
 
+class RoutingDrift:
+  """Fine-tuning's routing drift: on a fixed probe batch (the first eval
+  batch), per MoE layer, KL(base routing || current routing) and the fraction
+  of tokens whose top-1 expert changed (metrics.routing_drift), over all real
+  tokens and, for sft: data, prompt and response tokens apart. The base is the
+  run's initial state (its routers are the init_from run's), kept in
+  workdir/routing_base.npz so that a resumed run measures against the same."""
+
+  def __init__(self, c, workdir, graphdef, batch, to_global, start, state, moe_ids, say):
+    self.path, self.moe_ids = os.path.join(workdir, "routing_base.npz"), moe_ids
+    self.sets = metricslib.drift_sets(batch)
+    self.batch = to_global(batch)
+    self.probs = jax.jit(lambda st, b: router_probs(nnx.merge(graphdef, st)[0], b))
+    self.base = None
+    if start == 0:
+      self.base = [np.asarray(p) for p in jax.device_get(self.probs(state, self.batch))]
+      if jax.process_index() == 0:
+        np.savez(self.path, *self.base)
+    elif os.path.exists(self.path):
+      with np.load(self.path) as f:
+        self.base = [f[f"arr_{i}"] for i in range(len(f.files))]
+    else:
+      say(f"no {self.path} (a run from before drift was logged): routing drift is off")
+
+  def __call__(self, state) -> dict:
+    if self.base is None:
+      return {}
+    now = jax.device_get(self.probs(state, self.batch))
+    return metricslib.routing_drift(self.base, now, self.sets, self.moe_ids)
+
+
+def _drifts(c) -> bool:
+  spec = cfglib.model_spec(c)
+  return bool(c.train.init_from) and spec.is_moe and spec.moe.router != "expert_choice"
+
+
 # ---------------------------------------------------------------------- Main
 
 
@@ -246,7 +308,9 @@ def _train(c, workdir: str, stop: Stop) -> dict:
 
     # ---- Model ----
     graphdef, abs_state, state_shd = abstract_state(c, V, mesh)
-    stats = inspectlib.summarize(c, V, model=nnx.merge(graphdef, abs_state)[0])
+    abs_model = nnx.merge(graphdef, abs_state)[0]
+    optlib.check_frozen(t, inspectlib.param_list(abs_model))
+    stats = inspectlib.summarize(c, V, model=abs_model)
     moe_ids = list(cfglib.model_spec(c).moe_layers)
     say(
       f"params: total {stats['total_params']:,}  active {stats['active_params']:,}  "
@@ -259,7 +323,8 @@ def _train(c, workdir: str, stop: Stop) -> dict:
       model, opt = nnx.merge(graphdef, state)
       rng = jax.random.fold_in(jax.random.key(t.seed), step)
       loss = lambda mdl: loss_fn(mdl, batch, train=True, rng=rng)
-      (loss, aux), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+      wrt = nnx.DiffState(0, optlib.trainable(t))  # frozen parameters get no gradient
+      (loss, aux), grads = nnx.value_and_grad(loss, argnums=wrt, has_aux=True)(model)
       opt.update(model, grads)
       apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
       grad_norm = optax.tree.norm(grads)
@@ -299,7 +364,13 @@ def _train(c, workdir: str, stop: Stop) -> dict:
     else:
       start = 0
       state = jax.jit(lambda: nnx.state(create(c, V)), out_shardings=state_shd)()
+      if t.init_from:  # fine-tuning: another run's parameters, by name rules
+        state, report = ckptlib.init_from(c, state, abs_state)
+        say(report.line())
     ckptlib.save_config(c, workdir, train_input.fingerprint)  # this run's (resume may change it)
+    drift = _drifts(c) and RoutingDrift(
+      c, workdir, graphdef, eval_data[0], to_global, start, state, moe_ids, say
+    )
 
     # ---- Evals ----
     def evaluate():
@@ -310,16 +381,12 @@ def _train(c, workdir: str, stop: Stop) -> dict:
         mean = jax.tree.map(lambda *xs: np.mean(xs, 0), *[moe for _, moe in outs])
         moe = metricslib.flatten_moe(mean, moe_ids)
         out.update({f"eval_{k}": v for k, v in moe.items() if "dropped_fraction" in k})
-      return out
+      return {**out, **(drift(state) if drift else {})}
 
     # ---- Loop ----
     monitor = Monitor(c, workdir, start, ckpt, moe_ids)
     if start == 0:
-      fp = train_input.fingerprint
-      head = {k: stats[k] for k in ("total_params", "active_params", "train_flops_per_token")}
-      data_nums = {f"data/{k}": v for k, v in fp.items() if isinstance(v, (int, float))}
-      monitor.writer.write(0, {**head, **data_nums})
-      say(f"data: {fp}")
+      monitor.header(stats, train_input.fingerprint)
     say(
       f"training steps {start}..{t.num_steps}; logs: {workdir}/metrics.jsonl, "
       f"tensorboard: {workdir}/tensorboard"

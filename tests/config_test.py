@@ -11,7 +11,9 @@ from sparse_lm import config as cfglib
 from sparse_lm import optimizer
 from sparse_lm import sharding
 
-CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob("configs/*.py"))
+CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob("configs/*.py")) + sorted(
+  pathlib.Path(__file__).parent.parent.glob("configs/finetune/*.py")
+)
 
 
 def load(path):

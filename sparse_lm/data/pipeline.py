@@ -41,6 +41,7 @@ minutes only for very long runs.
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import glob
 import hashlib
 import json
@@ -50,12 +51,15 @@ import weakref
 
 from absl import logging
 import filelock
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sparse_lm.config import ConfigError
+from sparse_lm.data import sft
 from sparse_lm.data import stdlib_corpus
+from sparse_lm.data import stdlib_tasks
 from sparse_lm.data import tokenizer as tokenizer_lib
 
 try:  # TF is only a reader here: keep it off the accelerators JAX uses.
@@ -93,12 +97,40 @@ def _prepare_lock(data_cfg) -> filelock.FileLock:
 # ------------------------------------------------------------------ sources
 
 
-class _TfdsSource:
-  """A prepared TFDS dataset (the stdlib corpus is one too)."""
+def _excluded(data_cfg, relpaths: list[str]) -> list[str]:
+  """The files data.exclude names (relative paths or fnmatch globs) among
+  `relpaths`; an entry that matches none is a one-line error."""
+  out = set()
+  for entry in data_cfg.exclude:
+    hit = [p for p in relpaths if fnmatch.fnmatchcase(p, entry)]
+    if not hit:
+      _fail("data.exclude", entry, f"matches no file of {data_cfg.dataset}'s training split")
+    out.update(hit)
+  return sorted(out)
 
-  def __init__(self, builder, text_key: str, fingerprint: dict):
-    self.builder, self.text_key, self.fingerprint = builder, text_key, fingerprint
+
+def _exclusion_fingerprint(paths: list[str]) -> dict:
+  digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+  return {"exclude": {"files": len(paths), "paths_sha256": digest}} if paths else {}
+
+
+class _TfdsSource:
+  """A prepared TFDS dataset (the stdlib corpus is one too). `exclude`: paths
+  (the "path" feature) left out of split `exclude_split`."""
+
+  def __init__(self, builder, text_key: str, fingerprint: dict, exclude=(), exclude_split=""):
+    self.exclude, self.exclude_split = tuple(exclude), exclude_split
+    self.fingerprint = {**fingerprint, **_exclusion_fingerprint(list(self.exclude))}
+    self.builder, self.text_key = builder, text_key
     self.name = fingerprint["dataset"]
+
+  def _as_dataset(self, split, **kw) -> tf.data.Dataset:
+    ds = self.builder.as_dataset(split=split, **kw)
+    name = split if isinstance(split, str) else split.split  # (even_splits gives _EvenSplit)
+    if self.exclude and name.split("[")[0] == self.exclude_split:
+      gone = tf.constant(self.exclude)
+      ds = ds.filter(lambda ex: tf.logical_not(tf.reduce_any(tf.equal(ex["path"], gone))))
+    return ds
 
   def check_split(self, split: str, key: str):
     known = list(self.builder.info.splits.keys())  # empty when TFDS is mocked
@@ -118,11 +150,11 @@ class _TfdsSource:
     if k > 1:
       split = tfds.even_splits(split, k)[stream % k]
     read_config = tfds.ReadConfig(shuffle_seed=seed)
-    ds = self.builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config)
+    ds = self._as_dataset(split, shuffle_files=shuffle, read_config=read_config)
     return ds.map(lambda ex: ex[self.text_key])
 
   def texts(self, split):
-    ds = self.builder.as_dataset(split=split, shuffle_files=False)
+    ds = self._as_dataset(split, shuffle_files=False)
     for ex in ds.as_numpy_iterator():
       t = ex[self.text_key]
       yield t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t)
@@ -133,7 +165,7 @@ class _FilesSource:
 
   SPLITS = ("train", "validation")
 
-  def __init__(self, dataset: str):
+  def __init__(self, dataset: str, data_cfg=None):
     pattern = os.path.expanduser(dataset[len("files:") :])
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
@@ -146,6 +178,11 @@ class _FilesSource:
     for p in paths:
       rel = os.path.relpath(p, root).replace(os.sep, "/")
       self.files[stdlib_corpus.split_of(rel)].append((rel, p))
+    gone = []
+    if data_cfg is not None and data_cfg.exclude:
+      split = data_cfg.train_split
+      gone = _excluded(data_cfg, [r for r, _ in self.files.get(split, [])])
+      self.files[split] = [(r, p) for r, p in self.files[split] if r not in set(gone)]
     self.fingerprint = {
       "dataset": dataset,
       "splits": {
@@ -156,6 +193,7 @@ class _FilesSource:
         }
         for s, fs in self.files.items()
       },
+      **_exclusion_fingerprint(gone),
     }
 
   def check_split(self, split: str, key: str):
@@ -192,7 +230,9 @@ def _open_source(data_cfg):
   if name.startswith("files:"):
     if len(name) == len("files:"):
       _fail("data.dataset", name, "'files:' needs a glob, e.g. 'files:~/text/*.txt'")
-    return _FilesSource(name)
+    return _FilesSource(name, data_cfg)
+  if data_cfg.exclude and name != "stdlib":
+    _fail("data.exclude", data_cfg.exclude, "works for the 'stdlib' and 'files:' datasets only")
   if name == "stdlib":
     with _prepare_lock(data_cfg):
       builder = stdlib_corpus.PythonStdlib(data_dir=ddir)
@@ -204,7 +244,10 @@ def _open_source(data_cfg):
           builder.data_dir,
         )
         builder.download_and_prepare()
-    return _TfdsSource(builder, "text", stdlib_corpus.fingerprint(builder))
+    files = stdlib_corpus.list_files().get(data_cfg.train_split, [])
+    exclude = _excluded(data_cfg, files) if data_cfg.exclude else ()
+    fp = stdlib_corpus.fingerprint(builder)
+    return _TfdsSource(builder, "text", fp, exclude, data_cfg.train_split)
   try:
     builder = tfds.builder(name, data_dir=ddir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
@@ -268,15 +311,44 @@ def check_tokenizer(tok: Tokenizer, workdir: str) -> None:
     )
 
 
+def _tokenizer_data(data_cfg):
+  """The data config the tokenizer is made from: data.tokenizer_dataset's, if set."""
+  if not data_cfg.tokenizer_dataset:
+    return data_cfg
+  d = ml_collections.ConfigDict(data_cfg.to_dict())
+  d.dataset, d.train_split = data_cfg.tokenizer_dataset, "train"
+  return d
+
+
+def sft_path(data_cfg) -> str:
+  """The file or directory of an sft: dataset; "sft:stdlib" is built into the
+  data dir on first use (stdlib_tasks.prepare_sft, examples of at most
+  2 x data.seq_len characters: about one row of tokens with the template)."""
+  name = data_cfg.dataset[len("sft:") :]
+  if name != "stdlib":
+    return os.path.expanduser(name)
+  max_chars = 2 * data_cfg.seq_len
+  out = os.path.join(
+    data_dir(data_cfg), "sparse_lm_sft", f"{stdlib_corpus.config_name()}_stdlib_tasks_{max_chars}"
+  )
+  with _prepare_lock(data_cfg):
+    if not os.path.exists(os.path.join(out, "stats.json")):
+      logging.info("Building the stdlib instruction tasks into %s.", out)
+    stdlib_tasks.prepare_sft(out, max_chars)
+  return out
+
+
 def make_tokenizer(data_cfg) -> Tokenizer:
   """The tokenizer of `data_cfg`: trains and caches it, or loads the cached one.
 
-  SentencePiece models are trained on `data_cfg.train_split` (preparing the
-  dataset if needed) and cached under <data_dir>/sparse_lm_tokenizers/.
+  SentencePiece models are trained on the train split of data.tokenizer_dataset
+  (default: data.dataset; an sft: dataset needs one, the base run's), preparing
+  it if needed, and cached under <data_dir>/sparse_lm_tokenizers/.
   """
   if data_cfg.tokenizer == "byte":
     return tokenizer_lib.ByteTokenizer()
-  return _tokenizer_for(data_cfg, _open_source(data_cfg))
+  d = _tokenizer_data(data_cfg)
+  return _tokenizer_for(d, _open_source(d))
 
 
 # ------------------------------------------------------------------ tf.data
@@ -464,6 +536,12 @@ def make_input(
 ) -> Input:
   """The training stream of this process (split defaults to data.train_split)."""
   pi, pc = _process(process_index, process_count)
+  if data_cfg.dataset.startswith("sft:"):
+    tok = make_tokenizer(data_cfg)
+    path = sft_path(data_cfg)
+    return sft.SftInput(data_cfg, tok, path, seed=seed, process_index=pi, process_count=pc)
+  if data_cfg.tokenizer_dataset:
+    _fail("data.tokenizer_dataset", data_cfg.tokenizer_dataset, "is for sft: datasets only")
   source = _open_source(data_cfg)
   tok = _tokenizer_for(data_cfg, source)
   return Input(
@@ -483,6 +561,9 @@ def eval_batches(
   """The first num_batches batches of data.eval_split: no shuffle, repeated if short.
   tokenizer: tokenize with this one (a run's own, on other data) instead of data_cfg's."""
   pi, pc = _process(process_index, process_count)
+  if data_cfg.dataset.startswith("sft:"):
+    tok, path = tokenizer or make_tokenizer(data_cfg), sft_path(data_cfg)
+    return sft.eval_batches(data_cfg, tok, path, num_batches, process_index=pi, process_count=pc)
   source = _open_source(data_cfg)
   tok = tokenizer or _tokenizer_for(data_cfg, source)
   ds = _dataset(

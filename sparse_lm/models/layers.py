@@ -126,9 +126,18 @@ class Attention(nnx.Module):
     )
 
   def __call__(
-    self, x_BxLxD, positions_BxL, cache: KVCache | None = None, index=None, valid_BxS=None
+    self,
+    x_BxLxD,
+    positions_BxL,
+    cache: KVCache | None = None,
+    index=None,
+    valid_BxS=None,
+    segments_BxL=None,
   ):
-    """-> out [B, L, D], and the updated KVCache when `cache` is given."""
+    """-> out [B, L, D], and the updated KVCache when `cache` is given.
+
+    segments_BxL (packed examples, no cache): a query sees only the keys of its
+    own segment (causally), so examples packed in one row never see each other."""
     dt = x_BxLxD.dtype
     q_BxLxHxZ = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
     k_BxLxJxZ = jnp.einsum("bld,djz->bljz", x_BxLxD, self.wk[...].astype(dt))
@@ -141,7 +150,14 @@ class Attention(nnx.Module):
     if cache is None:
       # jax.nn.dot_product_attention handles GQA (H a multiple of J) and uses
       # the backend's fused kernel where there is one (cuDNN flash on GPU).
-      out_BxLxHxZ = jax.nn.dot_product_attention(q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, is_causal=True)
+      if segments_BxL is None:
+        out_BxLxHxZ = jax.nn.dot_product_attention(q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, is_causal=True)
+      else:
+        same_BxLxL = segments_BxL[:, :, None] == segments_BxL[:, None, :]
+        mask_BxLxL = same_BxLxL & jnp.tril(jnp.ones(same_BxLxL.shape[1:], bool))[None]
+        out_BxLxHxZ = jax.nn.dot_product_attention(
+          q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, mask=mask_BxLxL[:, None]
+        )
       return jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo)
     L, S = x_BxLxD.shape[1], cache.k.shape[1]
     put = lambda buf, new: constrain(

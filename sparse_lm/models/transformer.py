@@ -44,9 +44,11 @@ class Block(nnx.Module):
     index=None,
     valid_BxS=None,
     expert_choices=False,
+    segments_BxL=None,
   ):
     aux = {}
-    attn = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cache, index, valid_BxS)
+    h_BxLxD = self.attn_norm(x_BxLxD)
+    attn = self.attn(h_BxLxD, positions_BxL, cache, index, valid_BxS, segments_BxL)
     if cache is not None:
       attn, cache = attn
     x_BxLxD = x_BxLxD + self._dropout(attn, train, rng, 0)
@@ -87,7 +89,9 @@ class Transformer(nnx.Module):
   With `cache` (decoding) also the updated Cache: the tokens fill slots
   [cache.index, cache.index + L); `positions_BxL` gives each token's position
   in its own sequence (per-row positions: left-padded prompts start at 0).
-  expert_choices: the MoE layers' aux also hold each token's experts.
+  segments_BxL: packed examples (sft: data) attend only within their segment;
+  give their restarting positions too. expert_choices: the MoE layers' aux
+  also hold each token's experts and router probabilities.
   """
 
   def __init__(self, m: ModelSpec, vocab_size: int, *, rngs: nnx.Rngs):
@@ -116,6 +120,7 @@ class Transformer(nnx.Module):
     positions_BxL=None,
     cache: Cache | None = None,
     expert_choices: bool = False,
+    segments_BxL=None,
   ):
     B, L = tokens_BxL.shape
     dt = layers.dtype_of(self.m)
@@ -144,6 +149,7 @@ class Transformer(nnx.Module):
         index=index,
         valid_BxS=valid_BxS,
         expert_choices=expert_choices,
+        segments_BxL=segments_BxL,
       )
       kv.append(layer_kv)
       if block.is_moe:

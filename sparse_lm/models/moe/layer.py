@@ -153,8 +153,9 @@ class MoeFfn(nnx.Module):
     )
     aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
     aux["state_updates"] = router.update(inputs, r, moe) if train and router.update else {}
-    if choices and not router.expert_choice:  # each token's experts (decode.py can report them)
+    if choices and not router.expert_choice:  # each token's experts and router probabilities
       aux["experts_TxK"] = jnp.where(r.valid_TxK, r.expert_TxK, -1)
+      aux["probs_TxE"] = r.probs_TxE
     return y_TxD.reshape(B, L, D), aux
 
   def _shared(self, x_TxD):

@@ -57,6 +57,7 @@ class Routing(NamedTuple):
   gate_TxK: Array  # float32 combine weights, 0 where not valid
   valid_TxK: Array  # bool: a real token's assignment the router keeps
   aux: dict[str, Array]
+  probs_TxE: Array | None = None  # the router's probabilities (P of the balance loss)
 
 
 class ExpertChoiceRouting(NamedTuple):
@@ -185,7 +186,7 @@ def _token_choice(
   # capacity drops): Switch's gate is p_i(x) (eq. 2), so a near-uniform
   # router over many experts scales each expert's output down.
   aux["gate_mean"] = _masked_mean(jnp.sum(gate_TxK, -1), mask_T)
-  return Routing(expert_TxK, gate_TxK, valid_TxK, aux)
+  return Routing(expert_TxK, gate_TxK, valid_TxK, aux, probs_TxE)
 
 
 def _take(a_TxE, idx_TxK):

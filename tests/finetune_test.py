@@ -1,0 +1,372 @@
+"""Fine-tuning: init_from by name rules, sparse upcycling against the dense model,
+frozen parameters, instruction data (packing, response-only loss), routing drift.
+
+Every equality is against a reference computed another way: the upcycled MoE
+against the dense model's own forward, packed examples against each example
+run alone, frozen parameters bit for bit against their initial values.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import cli
+from conftest import losses
+from conftest import one_line_error
+from conftest import rows
+from conftest import run
+from conftest import saved_steps
+from conftest import start_until_step
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+
+from sparse_lm import checkpoint as ckptlib
+from sparse_lm import config as cfglib
+from sparse_lm import inspect as inspectlib
+from sparse_lm import optimizer
+from sparse_lm import sharding
+from sparse_lm import train
+
+V = 64
+
+
+def fresh_state(c):
+  """The config's initial train state on one device."""
+  with nnx.use_eager_sharding(False):
+    return jax.jit(lambda: nnx.state(train.create(c, V)))()
+
+
+def dense_config(**model):
+  c = cfglib.base_config()
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.d_ff, m.activation = 32, 4, 4, 48, "swiglu"
+  for k, v in model.items():
+    m[k] = v
+  c.data.batch_size, c.data.seq_len = 8, 16
+  return c
+
+
+def moe_config(router, top_k=2, E=4, **moe):
+  """The dense config with MoE FFNs in layers 1 and 3 (a mixed dense / MoE stack),
+  experts as wide as the dense FFN, no dropped tokens."""
+  c = dense_config()
+  m = c.model.moe
+  m.num_experts, m.router, m.top_k, m.dispatch = E, router, top_k, "dropless"
+  m.every, m.offset = 2, 1
+  for k, v in moe.items():
+    m[k] = v
+  return cfglib.validate(c)
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+  """A dense 'run': its state saved by the Checkpointer (real Orbax), weights
+  trained by a few random SGD-like perturbations so that nothing is at init."""
+  wd = str(tmp_path_factory.mktemp("dense"))
+  c = cfglib.validate(dense_config())
+  _, abs_state, shd = train.abstract_state(c, V)
+  state = fresh_state(c)
+  noise = lambda x, k: x + 0.05 * jax.random.normal(k, x.shape, x.dtype) if x.ndim else x
+  keys = iter(jax.random.split(jax.random.key(9), 1000))
+  state = jax.tree.map(lambda x: noise(x, next(keys)), state)
+  ckpt = ckptlib.Checkpointer(wd, keep=2, say=lambda *a: None)
+  ckpt.save(7, state, {"batches": 0})
+  ckpt.close()
+  ckptlib.save_config(c, wd, {})
+  return wd, c
+
+
+def logits_of(c, state):
+  graphdef, _, _ = train.abstract_state(c, V)
+  model = nnx.merge(graphdef, state)[0]
+  toks = jax.random.randint(jax.random.key(3), (2, 16), 0, V)
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(model(toks)[0]), model
+
+
+def upcycled(c, source, mesh=None):
+  """(logits, model, report) of config c initialised from `source`."""
+  c.train.init_from = source
+  c = cfglib.validate(c)
+  if mesh is None:
+    _, abs_state, shd = train.abstract_state(c, V)
+    state = fresh_state(c)
+    state, report = ckptlib.init_from(c, state, abs_state)
+    return (*logits_of(c, state), report)
+  with sharding.use(mesh, c):
+    graphdef, abs_state, shd = train.abstract_state(c, V, mesh)
+    state = jax.jit(lambda: nnx.state(train.create(c, V)), out_shardings=shd)()
+    state, report = ckptlib.init_from(c, state, abs_state)
+    toks = jax.random.randint(jax.random.key(3), (8, 16), 0, V)
+    with jax.default_matmul_precision("highest"):
+      out = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)[0](t)[0])(state, toks))
+  return out[:2], None, report
+
+
+def dense_model(dense_run):
+  """(logits, model) of the dense run's checkpoint."""
+  wd, c = dense_run
+  _, abs_state, shd = train.abstract_state(c, V)
+  ckpt = ckptlib.Checkpointer(wd, read_only=True)
+  _, state = ckpt.restore_step(None, ckptlib.target(abs_state, shd))
+  ckpt.close()
+  return logits_of(c, state)
+
+
+def dense_logits(dense_run):
+  return dense_model(dense_run)[0]
+
+
+# Routers whose gates sum to 1 per token: the upcycled model equals the dense one.
+EQUAL = [
+  ("mixtral", {}),
+  ("topk", {"normalize_gates": True}),
+  ("sigmoid_bias", {"normalize_gates": True}),
+  ("group_limited", {"num_groups": 2, "top_k_groups": 1}),
+  ("hierarchical", {"num_groups": 2, "top_k_groups": 1}),
+]
+
+
+@pytest.mark.parametrize("router,kw", EQUAL, ids=[r for r, _ in EQUAL])
+def test_upcycled_moe_equals_the_dense_model_at_step_0(dense_run, router, kw):
+  want = dense_logits(dense_run)
+  got, model, report = upcycled(moe_config(router, **kw), dense_run[0])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Every expert is a copy of its layer's dense MLP; the router is new.
+  how = report.how
+  assert how["blocks/1/ffn/wi"].startswith("copied into every expert from blocks/1/ffn/wi")
+  assert how["blocks/1/ffn/router"] == "fresh" and how["blocks/0/ffn/wi"].startswith("copied from")
+  assert "fresh (1" in report.line() or "fresh (2" in report.line() or "fresh (" in report.line()
+  wi = np.asarray(model.blocks[3].ffn.wi[...])
+  np.testing.assert_array_equal(wi[0], wi[-1])
+
+
+@pytest.mark.parametrize(
+  "router,kw", [("switch", {"top_k": 1}), ("topk", {"normalize_gates": False})]
+)
+def test_gates_that_do_not_sum_to_one_need_the_gate_scale(dense_run, router, kw):
+  # Switch's gate is p (eq. 2) and unnormalised top-k's the chosen probabilities:
+  # the copies' output is scaled down. init_gate_scale="expected" multiplies each
+  # copy's output projection by 1 / (the gates' sum at uniform routing), which is
+  # exact when the router is zero (every logit equal) and holds in expectation
+  # otherwise (README, "Fine-tuning").
+  want = dense_logits(dense_run)
+  c = moe_config(router, **kw)
+  got, model, _ = upcycled(c, dense_run[0])
+  assert np.abs(got - want).max() > 1e-2  # without the scale: not the dense model
+  c = moe_config(router, **kw)
+  c.train.init_gate_scale = "expected"
+  c.train.init_rules = ((r".*/ffn/router", None),)
+  c.model.moe.init_scale = 1e-30  # a (numerically) zero router: every logit equal
+  got, _, _ = upcycled(c, dense_run[0])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_upcycling_onto_an_expert_parallel_mesh(dense_run):
+  # The source was saved on one device; the MoE is placed on data 2 x fsdp 2 x expert 2.
+  c = moe_config("mixtral")
+  c.mesh = (("data", 2), ("fsdp", 2), ("expert", 2), ("tensor", 1))
+  mesh = sharding.make_mesh(cfglib.validate(c), jax.devices()[:8])
+  got, _, _ = upcycled(c, dense_run[0], mesh)
+  np.testing.assert_allclose(got, dense_logits(dense_run), rtol=1e-5, atol=1e-5)
+
+
+def test_drop_upcycling_reinitialises_a_fraction_per_expert(dense_run):
+  c = moe_config("mixtral")
+  c.train.init_reinit_fraction = 0.25
+  _, model, _ = upcycled(c, dense_run[0])
+  wi, wo = np.asarray(model.blocks[1].ffn.wi[...]), np.asarray(model.blocks[1].ffn.wo[...])
+  dense = dense_model(dense_run)[1].blocks[1].ffn
+  F = wi.shape[-1]
+  copied = [(wi[e] == np.asarray(dense.wi[...])).all(0) for e in range(4)]  # [F] per expert
+  for e in range(4):
+    assert (~copied[e]).sum() == round(0.25 * F), (~copied[e]).sum()
+    # The same hidden units of wo (rows) are fresh as of wi (columns).
+    np.testing.assert_array_equal(~(wo[e] == np.asarray(dense.wo[...])).all(1), ~copied[e])
+  assert len({tuple(np.flatnonzero(~m)) for m in copied}) == 4  # a different subset each
+
+
+def test_growing_experts_tiles_them(dense_run, tmp_path):
+  src = str(tmp_path / "moe4")
+  c4 = moe_config("mixtral")
+  state = fresh_state(c4)
+  ckpt = ckptlib.Checkpointer(src, keep=1, say=lambda *a: None)
+  ckpt.save(1, state, {"batches": 0})
+  ckpt.close()
+  c8 = moe_config("mixtral", E=8)
+  c8.train.init_rules = ((r".*/ffn/router", None),)
+  _, model, report = upcycled(c8, src)
+  assert report.how["blocks/1/ffn/wi"].startswith("tiled over the experts")
+  wi = np.asarray(model.blocks[1].ffn.wi[...])
+  np.testing.assert_array_equal(wi[:4], wi[4:])
+
+
+@pytest.mark.parametrize(
+  "rules,source,needle",
+  [
+    (((r"nothing/.*", None),), None, "matches no parameter"),
+    (((r"blocks/(\d+)/ffn/router", r"blocks/\1/ffn/gate"),), None, "does not have"),
+    ((), "missing", "holds no run's checkpoints"),
+    ((), ":3", "has no step 3"),
+  ],
+)
+def test_bad_init_from_is_a_one_line_error(dense_run, rules, source, needle):
+  c = moe_config("mixtral")
+  c.train.init_rules = rules
+  src = dense_run[0] if source is None else dense_run[0] + source
+  with pytest.raises(cfglib.ConfigError, match=needle) as e:
+    upcycled(c, src)
+  assert "\n" not in str(e.value)
+
+
+def test_a_shape_mismatch_names_both_paths_and_shapes(dense_run):
+  c = dense_config(d_ff=96)
+  with pytest.raises(cfglib.ConfigError) as e:
+    upcycled(cfglib.validate(c), dense_run[0])
+  msg = str(e.value)
+  assert "blocks/0/ffn/wg (32, 96)" in msg and "blocks/0/ffn/wg (32, 48)" in msg
+
+
+# ------------------------------------------------------------------ frozen
+
+
+@pytest.mark.parametrize("frozen", [":experts", ":router", ":non_experts", r"blocks/0/attn/.*"])
+def test_frozen_parameters_have_no_optimizer_state(frozen):
+  c = moe_config("mixtral")
+  nbytes = lambda s: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s))
+  graphdef, base, _ = train.abstract_state(c, V)
+  before = inspectlib.summarize(c, V)["optimizer_bytes"]
+  c.train.frozen = frozen
+  _, abs_state, _ = train.abstract_state(cfglib.validate(c), V)
+  is_frozen = optimizer.frozen_predicate(frozen)
+  params = inspectlib.param_list(nnx.merge(graphdef, base)[0])
+  frozen_bytes = sum(4 * int(np.prod(s)) for p, s, n in params if is_frozen(p, n))
+  assert frozen_bytes > 0
+  assert nbytes(base[1]) - nbytes(abs_state[1]) == 2 * frozen_bytes  # AdamW's mu and nu
+  assert inspectlib.summarize(c, V)["optimizer_bytes"] == before - 2 * frozen_bytes
+
+
+def test_frozen_parameters_are_bit_identical_after_training(tmp_path, tfds_dir):
+  c = cfglib.load_config("configs/switch.py:tiny")
+  c.data.data_dir, c.data.vocab_size, c.data.batch_size, c.data.seq_len = tfds_dir, 512, 8, 32
+  c.model.d_model, c.model.d_ff = 32, 64
+  c.train.num_steps, c.train.eval_batches, c.train.frozen = 3, 1, ":experts"
+  wd = str(tmp_path / "frozen")
+  train.train_and_evaluate(c, wd)
+  model, _, tok = train.load_model(wd)
+  with nnx.use_eager_sharding(False):
+    init = train.create(cfglib.validate(c), tok.vocab_size)[0]
+  after, before = nnx.to_flat_state(nnx.state(model)), dict(nnx.to_flat_state(nnx.state(init)))
+  changed = {"/".join(map(str, p)): not np.array_equal(v[...], before[p][...]) for p, v in after}
+  assert not changed["blocks/1/ffn/wi"] and not changed["blocks/1/ffn/wo"]
+  assert changed["blocks/1/ffn/router"] and changed["blocks/0/attn/wq"]
+
+
+def test_a_frozen_regex_that_matches_nothing_is_refused(tmp_path, tfds_dir):
+  c = cfglib.load_config("configs/dense.py:tiny")
+  c.data.data_dir, c.data.vocab_size, c.data.batch_size = tfds_dir, 512, 8
+  c.train.frozen = "no/such/param"
+  wd = str(tmp_path / "nothing")
+  with pytest.raises(cfglib.ConfigError, match="freezes no parameter"):
+    train.train_and_evaluate(c, wd)
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def instruction_file(path, n=64):
+  lines = [
+    {"prompt": f"# add {i}\ndef f{i}(x):\n", "response": f"  return x + {i}\n"} for i in range(n)
+  ]
+  path.write_text("".join(json.dumps(e) + "\n" for e in lines))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tfds_dir):
+  wd = str(tmp_path_factory.mktemp("base") / "switch")
+  p = run(cli(wd, tfds_dir, "--config.train.num_steps=8", config="configs/switch.py:tiny"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  return wd
+
+
+def sft_args(data, base, *more):
+  return [
+    f"--config.data.dataset=sft:{data}",
+    f"--config.data.eval_split={data}",
+    "--config.data.tokenizer_dataset=stdlib",
+    f"--config.train.init_from={base}",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=8",
+    "--config.train.checkpoint_every=4",
+    "--config.train.num_steps=16",
+    *more,
+  ]
+
+
+def test_finetuning_resumes_exactly_after_kill_and_logs_routing_drift(tmp_path, tfds_dir, base_run):
+  data = instruction_file(tmp_path / "sft.jsonl")
+  ref = str(tmp_path / "ref")
+  p = run(cli(ref, tfds_dir, *sft_args(data, base_run), config="configs/switch.py:tiny"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert f"init from {base_run} step 8: copied (" in p.stdout and "fresh" not in p.stdout
+  evals = [r for r in rows(ref) if "eval_loss" in r]
+  assert evals and all(r["drift/mean/kl"] >= 0 and "drift/layer1/kl_response" in r for r in evals)
+  assert evals[-1]["drift/mean/kl"] > 0  # the router moved while tuning
+  # kill -9 mid-run; the base run is moved away: the run resumes itself, exactly.
+  wd = str(tmp_path / "killed")
+  args = cli(wd, tfds_dir, *sft_args(data, base_run), config="configs/switch.py:tiny")
+  proc = start_until_step(args, wd, 6, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert 4 <= max(losses(wd)) < 16 and saved_steps(wd)
+  moved = base_run + "_moved"
+  os.rename(base_run, moved)
+  try:
+    p = run(args)
+  finally:
+    os.rename(moved, base_run)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "resumed from" in p.stdout and "init from" not in p.stdout
+  assert losses(wd) == losses(ref)
+  assert [r.get("drift/mean/kl") for r in rows(wd)] == [r.get("drift/mean/kl") for r in rows(ref)]
+  # evaluate --compare_routing reports the drift from the base on the eval split.
+  out = str(tmp_path / "eval.json")
+  cmd = [sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={ref}", f"--output={out}"]
+  p = run(cmd + [f"--compare_routing={base_run}", "--batches=2"])
+  assert p.returncode == 0, p.stderr[-3000:]
+  drift = json.load(open(out))["routing_drift"]
+  assert drift["drift/mean/kl"] > 0 and 0 <= drift["drift/layer1/top1_changed_response"] <= 1
+  assert "routing drift from the base" in p.stdout
+
+
+@pytest.mark.parametrize(
+  "bad,needle",
+  [
+    ("line", "sft.jsonl:5: no string field 'response'"),
+    ("source", "holds no run's checkpoints"),
+    ("frozen", "config.train.frozen='nothing/here' is invalid: it freezes no parameter"),
+    ("rule", "matches no parameter"),
+  ],
+)
+def test_bad_finetuning_input_is_one_line_and_writes_nothing(
+  tmp_path, tfds_dir, base_run, bad, needle
+):
+  data = instruction_file(tmp_path / "sft.jsonl", n=4)
+  if bad == "line":
+    with open(data, "a") as f:
+      f.write('{"prompt": "x"}\n')
+  more = {
+    "frozen": ["--config.train.frozen=nothing/here"],
+    "rule": ["--config.train.init_rules=(('no/such/.*', None),)"],
+  }.get(bad, [])
+  wd = str(tmp_path / "wd")
+  args = sft_args(data, base_run + ("_missing" if bad == "source" else ""), *more)
+  one_line_error(run(cli(wd, tfds_dir, *args, config="configs/switch.py:tiny")), needle)
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+  assert not os.path.isdir(os.path.join(wd, "checkpoints")) or not saved_steps(wd)
