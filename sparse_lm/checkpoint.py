@@ -232,14 +232,17 @@ def _quiet_failed_reads():
   are reported later, when they are collected (one traceback per array:
   "Event loop is closed", "exception was never retrieved", "Exception ignored
   in: <coroutine ...>"); the caller reports the failure in one line instead,
-  so those reports are dropped from then on."""
+  so those reports are dropped. The filter goes in before the read: the reads
+  still in flight when the first one fails report from Orbax's thread while
+  the error travels up to the caller (CI saw two such tracebacks under load)."""
   log = py_logging.getLogger("asyncio")
   level = log.level
   log.setLevel(py_logging.CRITICAL)
+  _drop_failed_read_reports()
   try:
     yield
   except BaseException:
-    _drop_failed_read_reports()
+    level = py_logging.CRITICAL  # its futures report later too, when collected
     raise
   finally:
     gc.collect()  # most of the failed futures report when collected: while quiet
@@ -249,7 +252,8 @@ def _quiet_failed_reads():
 def _drop_failed_read_reports():
   """Filters the unraisable-exception and thread-exception hooks: reports
   that come from Orbax's read coroutines (or their closed event loop) are
-  dropped, everything else goes to the hooks as before. Installed once."""
+  dropped, everything else goes to the hooks as before. Installed once, for
+  the rest of the process (the late reports come after the read returns)."""
   if getattr(sys.unraisablehook, "_sparse_lm", False):
     return
   orbax_code = lambda obj: "orbax" in getattr(getattr(obj, "cr_code", None), "co_filename", "")
@@ -266,7 +270,6 @@ def _drop_failed_read_reports():
 
   unraisable_hook._sparse_lm = True  # pylint: disable=protected-access
   sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
-  py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
 
 
 _TS_PATH = re.compile(r"""'path': '([^']+)'""")  # in a TensorStore spec
