@@ -37,19 +37,23 @@ from sparse_lm import data as datalib
 from sparse_lm import metrics as metricslib
 from sparse_lm import train
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the run's eval split).")
-_DATASET = flags.DEFINE_string("dataset", None, "Another dataset (data.dataset syntax).")
-_BATCHES = flags.DEFINE_integer("batches", None, "Batches (default: the run's eval_batches).")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
-_COMPARE = flags.DEFINE_string(
-  "compare_routing",
-  None,
-  "A base run's workdir[:step]: report how far this run's routing moved from it (per MoE "
-  "layer: KL of the router distributions, top-1 changes; prompt / response tokens apart).",
-)
-flags.mark_flags_as_required(["workdir"])
+
+def _define_flags():
+  """Only when run as a program: the study reports import evaluate() with their own flags."""
+  flags.DEFINE_string("workdir", None, "A training run's folder.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("split", None, "Split to evaluate (default: the run's eval split).")
+  flags.DEFINE_string("dataset", None, "Another dataset (data.dataset syntax).")
+  flags.DEFINE_integer("batches", None, "Batches (default: the run's eval_batches).")
+  flags.DEFINE_string("output", None, "Write the results as JSON here.")
+  flags.DEFINE_string(
+    "compare_routing",
+    None,
+    "A base run's workdir[:step]: report how far this run's routing moved from it (per MoE "
+    "layer: KL of the router distributions, top-1 changes; prompt / response tokens apart).",
+  )
+  flags.mark_flags_as_required(["workdir"])
+
 
 # gate_mean: token-choice routers only (the mean summed gate of the chosen experts).
 STATS = ("expert_fraction", "dropped_fraction", "router_entropy", "load_balance_loss", "gate_mean")
@@ -164,18 +168,18 @@ def table(r: dict) -> str:
 
 def main(argv):
   del argv
-  r = evaluate(
-    _WORKDIR.value, _STEP.value, _SPLIT.value, _DATASET.value, _BATCHES.value, _COMPARE.value
-  )
+  f = flags.FLAGS
+  r = evaluate(f.workdir, f.step, f.split, f.dataset, f.batches, f.compare_routing)
   print(table(r))
-  if _OUTPUT.value:
+  if f.output:
     try:
-      with open(_OUTPUT.value, "w") as f:
-        json.dump(r, f, indent=1)
+      with open(f.output, "w") as out:
+        json.dump(r, out, indent=1)
     except OSError as e:
-      raise cli.UserError(f"--output={_OUTPUT.value}: {e.strerror or e}") from None
-    print(f"wrote {_OUTPUT.value}")
+      raise cli.UserError(f"--output={f.output}: {e.strerror or e}") from None
+    print(f"wrote {f.output}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main, "sparse_lm.evaluate", config_flags=())
