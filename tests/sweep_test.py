@@ -37,10 +37,11 @@ def test_points_names_and_validation(tmp_path):
 
 
 def _shipped_sweeps():
-  svd = cfglib.load_module("configs/sweeps/switch_vs_dense.py")
-  return ["configs/sweeps/dense_lr.py", "configs/sweeps/switch_vs_dense_calibration.py"] + [
-    f"configs/sweeps/switch_vs_dense.py:{arg}" for arg in svd.ARGS
-  ]
+  out = ["configs/sweeps/dense_lr.py", "configs/sweeps/switch_vs_dense_calibration.py"]
+  for study in ("switch_vs_dense", "instruction_tuning"):
+    args = cfglib.load_module(f"configs/sweeps/{study}.py").ARGS
+    out += [f"configs/sweeps/{study}.py:{arg}" for arg in args]
+  return out
 
 
 @pytest.mark.parametrize("spec", _shipped_sweeps())
