@@ -636,8 +636,8 @@ def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
     shd = leaves[path][1].sharding
     if isinstance(shd, jax.sharding.NamedSharding) and a.how != "copy":
       # "experts": the target's sharding without its expert axis; "tile": replicated.
-      spec = shd.spec[1:] if a.how == "experts" else ()
-      shd = jax.sharding.NamedSharding(shd.mesh, jax.sharding.PartitionSpec(*spec))
+      pspec = shd.spec[1:] if a.how == "experts" else ()
+      shd = jax.sharding.NamedSharding(shd.mesh, jax.sharding.PartitionSpec(*pspec))
     reads[a.source] = jax.ShapeDtypeStruct(sources[a.source][0], sources[a.source][1], sharding=shd)
   values = read_params(source, step, reads)
   scale = 1.0 / expected_gate_mass(spec.moe) if t.init_gate_scale == "expected" else 1.0

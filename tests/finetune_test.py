@@ -166,11 +166,18 @@ def test_gates_that_do_not_sum_to_one_need_the_gate_scale(dense_run, router, kw)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_upcycling_onto_an_expert_parallel_mesh(dense_run):
+@pytest.mark.parametrize("router", ["mixtral", "switch"])
+def test_upcycling_onto_an_expert_parallel_mesh(dense_run, router):
   # The source was saved on one device; the MoE is placed on data 2 x fsdp 2 x expert 2.
-  c = moe_config("mixtral")
+  # Switch with the gate scale and a zero router: the scale was once read from a
+  # name the sharded branch overwrote (the study's upcycle run failed on it).
+  c = moe_config(router, **({"top_k": 1} if router == "switch" else {}))
+  if router == "switch":
+    c.train.init_gate_scale = "expected"
+    c.train.init_rules = ((r".*/ffn/router", None),)
+    c.model.moe.init_scale = 1e-30
   c.mesh = (("data", 2), ("fsdp", 2), ("expert", 2), ("tensor", 1))
-  mesh = sharding.make_mesh(cfglib.validate(c), jax.devices()[:8])
+  mesh = sharding.make_mesh(c, jax.devices()[:8])
   got, _, _ = upcycled(c, dense_run[0], mesh)
   np.testing.assert_allclose(got, dense_logits(dense_run), rtol=1e-5, atol=1e-5)
 
