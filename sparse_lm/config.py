@@ -171,6 +171,7 @@ def base_config() -> mlc.ConfigDict:
   c.train.warmup_steps = 20
   c.train.end_lr_fraction = 0.1  # cosine only
   c.train.cooldown_steps = 0  # > 0: the last N steps decay linearly to 0 (train.lr_schedule)
+  c.train.schedule_offset = 0  # > 0: continue a run's schedule from that step (upcycling)
   c.train.weight_decay = 0.1
   c.train.b1 = 0.9  # adamw only
   c.train.b2 = 0.95
@@ -478,6 +479,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   )
   if not 0 <= t.end_lr_fraction <= 1:
     _fail("train.end_lr_fraction", t.end_lr_fraction, "must be in [0, 1]")
+  if not isinstance(t.schedule_offset, int) or t.schedule_offset < 0:
+    _fail("train.schedule_offset", t.schedule_offset, "must be an integer >= 0")
   if not 0 <= t.cooldown_steps <= t.num_steps:
     allowed = f"must be in [0, train.num_steps={t.num_steps}]"
     _fail("train.cooldown_steps", t.cooldown_steps, allowed)

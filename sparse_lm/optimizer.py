@@ -19,11 +19,17 @@ def lr_schedule(t) -> optax.Schedule:
   (warmup-stable-decay, Hägele et al. 2024, "Scaling Laws and Compute-Optimal
   Training Beyond Fixed Training Durations"). Before the cooldown the rate is
   exactly the base schedule's, so a run resumed from a checkpoint before it
-  with a cooldown added trains as if it had had one from the start."""
-  peak, warm = t.learning_rate, t.warmup_steps
+  with a cooldown added trains as if it had had one from the start.
+
+  train.schedule_offset = K > 0 continues another run's schedule: step s reads
+  the schedule of a run of K + num_steps steps at step K + s (sparse upcycling
+  continues the dense run's schedule from the checkpoint it starts from,
+  Komatsuzaki et al. 2022, section 3; without it the upcycled run would warm up
+  to the peak rate again)."""
+  peak, warm, off = t.learning_rate, t.warmup_steps, t.get("schedule_offset", 0)
   if t.schedule == "cosine":
     base = optax.warmup_cosine_decay_schedule(
-      0.0, peak, warm, max(t.num_steps, warm + 1), end_value=peak * t.end_lr_fraction
+      0.0, peak, warm, max(t.num_steps + off, warm + 1), end_value=peak * t.end_lr_fraction
     )
   else:
     warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
@@ -32,10 +38,12 @@ def lr_schedule(t) -> optax.Schedule:
     else:
       decay = optax.constant_schedule(peak)
     base = optax.join_schedules([warmup, decay], [warm])
-  n = t.get("cooldown_steps", 0)
+  if off:
+    base = lambda s, unshifted=base: unshifted(s + off)
+  n, steps = t.get("cooldown_steps", 0), t.num_steps  # read now, not when called
   if not n:
     return base
-  return lambda s: base(s) * jnp.clip((t.num_steps - s) / n, 0.0, 1.0)
+  return lambda s: base(s) * jnp.clip((steps - s) / n, 0.0, 1.0)
 
 
 def make_optimizer(t) -> optax.GradientTransformation:

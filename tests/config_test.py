@@ -60,6 +60,7 @@ BAD = [
   ("train.learning_rate", -1e-3, "must be a number > 0"),
   ("train.end_lr_fraction", 2.0, "must be in [0, 1]"),
   ("train.cooldown_steps", 301, "must be in [0, train.num_steps=300]"),
+  ("train.schedule_offset", -1, "must be an integer >= 0"),
   ("mesh", [("data", -1), ("expert", -1)], "at most one -1"),
   ("mesh", [("data", 0)], "sizes must be >= 1"),
 ]
@@ -216,3 +217,16 @@ def test_cooldown_keeps_the_schedule_then_decays_linearly_to_zero(schedule):
     assert float(cooled(s)) == float(base(s)), s
   for s in range(80, 101):
     np.testing.assert_allclose(float(cooled(s)), float(base(s)) * (100 - s) / 20, rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["rsqrt", "cosine", "constant"])
+def test_schedule_offset_continues_a_longer_run(schedule):
+  # An upcycled run from step 60 of a 100-step run continues its schedule (no new
+  # warmup), and its cooldown is the long run's.
+  t = cfglib.base_config().train
+  t.schedule, t.num_steps, t.warmup_steps, t.cooldown_steps = schedule, 100, 10, 20
+  whole = optimizer.lr_schedule(t)
+  t.num_steps, t.schedule_offset = 40, 60
+  rest = optimizer.lr_schedule(t)
+  for s in range(41):
+    np.testing.assert_allclose(float(rest(s)), float(whole(60 + s)), rtol=1e-6, atol=1e-12)

@@ -21,7 +21,8 @@ Arg (after ':'):
             3 seeds each (12 runs); evaluated on the held-out modules' body
             task.
   upcycle   from the dense base at step 1,200: upcycle to Switch E=8 and
-            train the 1,200 steps left (the dense base's own steps 1,200 ->
+            train the 1,200 steps left on the dense run's own schedule
+            (train.schedule_offset; the dense base's own steps 1,200 ->
             2,400 are continued dense training; the MoE base is the MoE
             trained from scratch with the same total compute).
   freeze    multi-task tuning of the MoE base with the routed experts frozen
@@ -83,7 +84,9 @@ def get_config(arg: str = "base"):
       # Switch top-1's gate is the chosen probability (about 1/E at first): the
       # copies' output is scaled by E to start near the dense model.
       t.init_from, t.init_gate_scale = f"{base_dir(1)}:{UPCYCLE_AT}", "expected"
-      t.num_steps, t.warmup_steps = BASE_STEPS - UPCYCLE_AT, 50
+      # The dense run's schedule continues (rsqrt from step 1,200, the same
+      # cooldown at the end): no second warmup to the peak rate.
+      t.num_steps, t.schedule_offset = BASE_STEPS - UPCYCLE_AT, UPCYCLE_AT
       t.checkpoint_every = t.num_steps
     return c
   # Instruction tuning from a base (train.init_from, set per point).
