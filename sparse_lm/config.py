@@ -36,6 +36,7 @@ __all__ = ["ConfigError", "base_config", "model_spec", "validate"]
 
 
 DISPATCHES = ("capacity", "dropless")
+DECODE_DISPATCHES = ("auto", "gather", "dropless", "capacity")
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
 LOAD_BALANCE_CHOICES = ("all", "first")
 ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
@@ -116,10 +117,14 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.activation = ""  # "" = model.activation
   c.model.moe.router = "switch"
   c.model.moe.dispatch = "capacity"
-  # Dispatch when decoding (sparse_lm/decode.py): "dropless" (default; cached
-  # decoding then equals the full forward) or "capacity" (the training rule at
-  # eval_capacity_factor, which drops depending on the batch).
-  c.model.moe.decode_dispatch = "dropless"
+  # Dispatch when decoding (sparse_lm/decode.py): "auto" (default: "gather" when
+  # a step has few assignments, tokens x k <= policy.py's per-backend limit,
+  # else "dropless"), "gather" (each assignment's expert weights gathered by
+  # id: reads k experts per token, not E), "dropless" (the grouped kernel over
+  # tokens sorted by expert); all three never drop, so cached decoding equals
+  # the full forward. "capacity": the training rule at eval_capacity_factor,
+  # which drops depending on the batch.
+  c.model.moe.decode_dispatch = "auto"
   # How to compute (never what): "auto" = per backend (sparse_lm/models/moe/policy.py).
   c.model.moe.impl = mlc.ConfigDict()
   c.model.moe.impl.capacity_layout = "auto"  # "batched" (padded [E, C, D]) | "grouped"
@@ -420,7 +425,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
 
   _choice(c, "model.moe.router", tuple(routing.ROUTERS))
   _choice(c, "model.moe.dispatch", DISPATCHES)
-  _choice(c, "model.moe.decode_dispatch", DISPATCHES)
+  _choice(c, "model.moe.decode_dispatch", DECODE_DISPATCHES)
   _choice(c, "model.moe.second_expert_policy", SECOND_EXPERT_POLICIES)
   _choice(c, "model.moe.load_balance_choices", LOAD_BALANCE_CHOICES)
   for part, values in policy.PARTS.items():

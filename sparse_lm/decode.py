@@ -61,14 +61,20 @@ def inference_spec(m: ModelSpec) -> ModelSpec:
 
 
 def for_inference(model: Transformer) -> Transformer:
-  """The same weights (shared, not copied) in a model built from inference_spec."""
+  """The model built from inference_spec, its weight matrices cast to
+  model.dtype once (they are float32 for training; every step would cast them
+  again). Routers stay float32 (their math is float32), and so do vectors."""
   spec = inference_spec(model.m)
-  if spec == model.m:
-    return model
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: Transformer(spec, model.vocab_size, rngs=nnx.Rngs(0)))
-  graphdef, _ = nnx.split(abstract)
-  return nnx.merge(graphdef, nnx.state(model))
+  graphdef, state = nnx.split(model)
+  if spec != model.m:
+    with nnx.use_eager_sharding(False):
+      abstract = nnx.eval_shape(lambda: Transformer(spec, model.vocab_size, rngs=nnx.Rngs(0)))
+    graphdef = nnx.split(abstract)[0]
+  dt = layers.dtype_of(spec)
+  cast = lambda path, x: (
+    x.astype(dt) if x.ndim >= 2 and not any("router" in str(k) for k in path) else x
+  )
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, state))
 
 
 def init_cache(m, batch: int, max_len: int) -> Cache:
@@ -142,10 +148,30 @@ def forward(graphdef, state, tokens_BxL, mask_BxL, positions_BxL, cache: Cache, 
   return logits, cache, experts
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(tokens, mask, positions) [B, L]: prompts right-aligned; each row's
-  positions start at 0 on its first real token (0 on the padding too)."""
-  L = max(len(p) for p in prompts)
+def bucket(n: int, smallest: int = 64) -> int:
+  """The length a prompt or cache of n tokens is padded to: the next power of
+  two from `smallest`, so that prompts of many lengths share a few compiled
+  programs (a 100-prompt run of lengths 1..500 compiles 4 prefills, 4
+  first-token samplers and 4 decode steps; README.md, "Decoding")."""
+  b = smallest
+  while b < n:
+    b *= 2
+  return b
+
+
+def cache_length(longest_prompt: int, max_new_tokens: int) -> int:
+  """The KV cache's length: the prompts' bucket plus the new tokens' bucket
+  (not one bucket of the sum, which could double the cache)."""
+  return bucket(longest_prompt) + bucket(max_new_tokens)
+
+
+def left_pad(
+  prompts: list[list[int]], pad_id: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tokens, mask, positions) [B, L]: prompts right-aligned in rows of
+  `length` (default: the longest); each row's positions start at 0 on its
+  first real token (0 on the padding too)."""
+  L = length or max(len(p) for p in prompts)
   tokens = np.full((len(prompts), L), pad_id, np.int32)
   mask = np.zeros((len(prompts), L), np.float32)
   for b, p in enumerate(prompts):
@@ -158,7 +184,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 class Generation(NamedTuple):
   tokens: list[list[int]]  # generated ids per prompt, up to (and without) the stop token
   experts: list[list] | None  # per prompt, per generated token: [layer][choice]
-  prefill_s: float  # the prompts' forward, compilation included
+  prefill_s: float  # the prompts' forward and first sample, compilation included
   first_step_s: float  # the first decode step, compilation included
   decode_s: float  # the decode steps after the first
   steps: int  # decode steps after the first
@@ -166,6 +192,58 @@ class Generation(NamedTuple):
   def tokens_per_s(self) -> float:
     """Decode speed, batch rows x steps after the first / their seconds."""
     return len(self.tokens) * self.steps / max(self.decode_s, 1e-9)
+
+
+class _Carry(NamedTuple):
+  """The decode loop's state, all on the device."""
+
+  cache: Cache
+  next_B: Array  # int32: the token sampled last, fed next
+  pos_B: Array  # int32: its position in its row
+  done_B: Array  # bool: the row has stopped (before next_B)
+  out_BxN: Array  # int32: generated tokens, -1 after a row stopped
+  experts: tuple  # per MoE layer [B, N, K] (int32), when recording them
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def _first(logits_BxLxV, key, sampling):
+  return sample(logits_BxLxV[:, -1], jax.random.fold_in(key, 0), sampling)
+
+
+def _record(carry: _Carry, n, stop_ids, xp=jnp):
+  """(stopped, out): token n recorded (-1 for a row that has stopped)."""
+  stopped = carry.done_B | xp.isin(carry.next_B, xp.asarray(stop_ids or (-1,), xp.int32))
+  out = carry.out_BxN
+  if xp is jnp:
+    return stopped, jax.lax.dynamic_update_slice_in_dim(
+      out, jnp.where(stopped, -1, carry.next_B)[:, None], n, 1
+    )
+  out = out.copy()
+  out[:, n] = xp.where(stopped, -1, carry.next_B)
+  return stopped, out
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "sampling", "stop_ids"), donate_argnums=(2,)
+)
+def _step(graphdef, state, carry: _Carry, n, key, sampling, stop_ids):
+  """Decode step n, on the device: records token n (a stopped row records -1),
+  feeds it (stopped rows masked) and samples token n + 1."""
+  stopped, out = _record(carry, n, stop_ids)
+  model = nnx.merge(graphdef, state)
+  logits, aux, cache = model(
+    carry.next_B[:, None],
+    mask_BxL=(~stopped)[:, None].astype(jnp.float32),
+    positions_BxL=carry.pos_B[:, None],
+    cache=carry.cache,
+    expert_choices=bool(carry.experts),
+  )
+  experts = tuple(
+    jax.lax.dynamic_update_slice_in_dim(buf, a["experts_TxK"][:, None, :], n, 1)
+    for buf, a in zip(carry.experts, [a for a in aux if "experts_TxK" in a])
+  )
+  nxt = sample(logits[:, -1], jax.random.fold_in(key, n + 1), sampling)
+  return _Carry(cache, nxt, carry.pos_B + 1, stopped, out, experts)
 
 
 def generate(
@@ -180,79 +258,81 @@ def generate(
   mesh=None,
   config=None,
   expert_choices: bool = False,
+  check_every: int = 16,
 ) -> Generation:
-  """Samples up to max_new_tokens after each prompt (a batch, one jit per shape).
+  """Samples up to max_new_tokens after each prompt (a batch).
 
   `model` is an inference model (train.load_model(..., inference=True)); with
   `mesh` and `config`, it runs under that mesh and the config's rules (the
-  state must already be placed there). Rows stop at their first stop id."""
+  state must already be placed there). Rows stop at their first stop id.
+  Prompts are left-padded and the cache sized to `bucket` lengths, so new
+  prompt lengths rarely compile anew. Sampling, the stop check and the
+  generated tokens stay on the device: the host waits for it only every
+  `check_every` steps (to stop early) and at the end."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ConfigError("every prompt must have at least one token")
+  if max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
   m = model.m
   sampling = sampling or Sampling()
-  tokens, mask, positions = left_pad(prompts, pad_id)
-  B, Lp = tokens.shape
-  S = Lp + max_new_tokens
-  if m.position == "learned" and S > m.max_len:
+  Lp = max(len(p) for p in prompts)
+  if m.position == "learned" and Lp + max_new_tokens > m.max_len:
     raise ConfigError(
       f"config.model.max_len={m.max_len} is too small: the longest prompt ({Lp} tokens) "
-      f"plus max_new_tokens={max_new_tokens} need {S} learned positions"
+      f"plus max_new_tokens={max_new_tokens} need {Lp + max_new_tokens} learned positions"
     )
+  tokens, mask, positions = left_pad(prompts, pad_id, bucket(Lp))
+  B, N = len(prompts), max_new_tokens
+  S = cache_length(Lp, N)
   graphdef, state = nnx.split(model)
   ctx = sharding.use(mesh, config) if mesh is not None else contextlib.nullcontext()
   key = jax.random.key(seed)
-  out = [[] for _ in range(B)]
-  exp = [[] for _ in range(B)] if expert_choices else None
-  done = np.zeros(B, bool)
+  stop_ids = tuple(int(i) for i in stop_ids)
   with ctx:
-    cache = init_cache(m, B, S)
     t0 = time.perf_counter()
-    logits, cache, experts = forward(
+    logits, cache, _ = forward(
       graphdef,
       state,
       jnp.asarray(tokens),
       jnp.asarray(mask),
       jnp.asarray(positions),
-      cache,
-      choices=expert_choices,
+      init_cache(m, B, S),
     )
-    nxt = sample(logits[:, -1], jax.random.fold_in(key, 0), sampling)
-    nxt = np.asarray(nxt)
+    moe_layers = len(m.moe_layers) if expert_choices else 0
+    K = routing.ROUTERS[m.moe.router].choices(m.moe) if moe_layers else 0
+    carry = _Carry(
+      cache,
+      _first(logits, key, sampling),
+      jnp.asarray(positions[:, -1] + 1),
+      jnp.zeros((B,), bool),
+      jnp.full((B, N), -1, jnp.int32),
+      tuple(jnp.full((B, N, K), -1, jnp.int32) for _ in range(moe_layers)),
+    )
+    jax.block_until_ready(carry.next_B)
     t1 = t_first = time.perf_counter()
-    pos = positions[:, -1:] + 1
-    steps = -1
-    for n in range(max_new_tokens):
-      for b in range(B):
-        if not done[b]:
-          if int(nxt[b]) in stop_ids:
-            done[b] = True
-          else:
-            out[b].append(int(nxt[b]))
-      if (done.all() or n == max_new_tokens - 1) and not expert_choices:
-        break
-      step_mask = (~done[:, None]).astype(np.float32)
-      logits, cache, experts = forward(
-        graphdef,
-        state,
-        jnp.asarray(nxt[:, None]),
-        jnp.asarray(step_mask),
-        jnp.asarray(pos),
-        cache,
-        choices=expert_choices,
-      )
-      if expert_choices:  # the experts that routed each generated token when it was fed
-        for b in range(B):
-          if len(exp[b]) < len(out[b]):
-            exp[b].append([np.asarray(e[b, 0]).tolist() for e in experts])
-        if done.all() or n == max_new_tokens - 1:
-          break
-      nxt = np.asarray(sample(logits[:, -1], jax.random.fold_in(key, n + 1), sampling))
-      pos = pos + 1
-      steps += 1
-      if steps == 0:
+    steps = N if expert_choices else N - 1  # the last token is fed only to record its experts
+    run = functools.partial(_step, graphdef, state, key=key, sampling=sampling, stop_ids=stop_ids)
+    done_at = None
+    for n in range(steps):
+      carry = run(carry, jnp.int32(n))
+      if n == 0:
+        jax.block_until_ready(carry.next_B)
         t_first = time.perf_counter()
+      if (n + 1) % check_every == 0 and bool(jax.device_get(carry.done_B).all()):
+        done_at = n + 1
+        break
+    carry = jax.device_get(carry._replace(cache=None))
+    out = carry.out_BxN
+    if done_at is None and not expert_choices:  # the last token: recorded, never fed
+      out = _record(carry, N - 1, stop_ids, np)[1]
+    experts = carry.experts
   t2 = time.perf_counter()
-  return Generation(out, exp, t1 - t0, t_first - t1, t2 - t_first, max(steps, 0))
+  gen = [list(map(int, row[: (row < 0).argmax() if (row < 0).any() else N])) for row in out]
+  exp = None
+  if expert_choices:
+    exp = [[[e[b, i].tolist() for e in experts] for i in range(len(gen[b]))] for b in range(B)]
+  timed = (done_at or steps) - 1  # decode steps after the first
+  return Generation(gen, exp, t1 - t0, t_first - t1, t2 - t_first, max(timed, 0))
 
 
 def param_bytes(model) -> int:

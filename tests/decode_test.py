@@ -144,3 +144,40 @@ def test_sampling_greedy_top_k_top_p():
   assert set(draw(decode.Sampling(1.0, top_p=0.7))) == {0, 1}  # 0.5 + 0.3 >= 0.7
   assert set(draw(decode.Sampling(1.0, top_p=0.5))) == {0}
   assert len(set(draw(decode.Sampling(1.0)))) == 4
+
+
+def naive_greedy(model, prompt, n, stop=()):
+  """Greedy tokens by a full forward over the whole sequence for each token."""
+  seq, out = list(prompt), []
+  fwd = jax.jit(lambda t: model(t)[0][:, -1])
+  for _ in range(n):
+    nxt = int(np.argmax(np.asarray(fwd(jnp.asarray([seq])))))
+    if nxt in stop:
+      break
+    seq.append(nxt)
+    out.append(nxt)
+  return out
+
+
+@pytest.mark.parametrize("family", ["dense", "mixtral", "switch"])
+def test_generate_loop_equals_naive_greedy_decoding(family):
+  # The device-side loop (sampling, stop check and tokens on the device, bucketed
+  # prompt and cache lengths) against a full forward per token, row by row.
+  model = model_of(tiny(family))
+  prompts = [[5, 6, 7], [8] * 9, [9, 10, 11, 12, 13]]
+  stop = (17,)
+  with jax.default_matmul_precision("highest"):
+    g = decode.generate(model, prompts, max_new_tokens=12, stop_ids=stop, check_every=4)
+    want = [naive_greedy(model, p, 12, stop) for p in prompts]
+  assert g.tokens == want
+
+
+def test_new_prompt_lengths_share_compiled_programs():
+  model = model_of(tiny("mixtral"))
+  step, prefill = decode._step, decode.forward  # pylint: disable=protected-access
+  before = step._cache_size(), prefill._cache_size()  # pylint: disable=protected-access
+  for n in (1, 7, 19, 40, 57):  # one bucket: prompts up to 64, cache 128
+    decode.generate(model, [list(range(3, 3 + n))], max_new_tokens=8)
+  after = step._cache_size(), prefill._cache_size()  # pylint: disable=protected-access
+  assert after[0] - before[0] == 1 and after[1] - before[1] == 1, (before, after)
+  assert [decode.bucket(n) for n in (1, 64, 65, 500)] == [64, 64, 128, 512]

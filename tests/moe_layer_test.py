@@ -22,7 +22,9 @@ import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import sharding
+from sparse_lm.models.moe import dispatch as dispatch_lib
 from sparse_lm.models.moe import grouped
+from sparse_lm.models.moe import policy
 from sparse_lm.models.moe import routing
 from sparse_lm.models.moe.layer import MoeFfn
 from sparse_lm.models.moe.layer import RouterState
@@ -504,3 +506,42 @@ def test_sharded_matches_unsharded():
       y1, aux1, _ = fast(layer, x, ct, mask)
   np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(aux1["load_balance_loss"], aux0["load_balance_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "router", ["switch", "topk", "mixtral", "sigmoid_bias", "group_limited", "hierarchical"]
+)
+def test_gather_dispatch_matches_reference(router, monkeypatch):
+  """Decoding's gather path (each assignment's expert weights gathered by id)
+  against the naive twin, forward and gradients, padding included: the B x L
+  tokens as B x L decode-step rows of one token (only decode steps gather)."""
+  m = model_cfg(router, "dropless")
+  layer = build(m.replace(moe={"dispatch": "gather"}))
+  x, ct, mask = inputs(seed=7, pad=True)
+  calls = []
+  real = dispatch_lib.gather_dispatch
+  monkeypatch.setattr(dispatch_lib, "gather_dispatch", lambda *a: calls.append(1) or real(*a))
+  step = lambda a: a.reshape(T, 1, *a.shape[2:])
+  with jax.default_matmul_precision("highest"):
+    y, aux, g = fast(layer, step(x), step(ct), step(mask))
+    y_ref, g_ref, _ = reference(layer, x, ct, mask, None)
+  assert calls, "the gather path did not run"
+  y, g["x"] = y.reshape(B, L, D), g["x"].reshape(B, L, D)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  assert_grads_close(g, g_ref)
+  assert not np.any(y[np.asarray(mask) == 0]) or router == "sigmoid_bias"  # (shared expert)
+
+
+@pytest.mark.parametrize(
+  "rows,length,want", [(1, 1, "gather"), (2, 1, "gather"), (3, 1, "dropless"), (1, 2, "dropless")]
+)
+def test_auto_decode_dispatch_gathers_only_few_assignments(rows, length, want, monkeypatch):
+  # Decode steps (one token per row) of at most the limit's assignments gather;
+  # more rows, or a prefill of several tokens, take the grouped path.
+  monkeypatch.setitem(policy.GATHER_MAX_ASSIGNMENTS, jax.default_backend(), 2)
+  calls = []
+  real = dispatch_lib.gather_dispatch
+  monkeypatch.setattr(dispatch_lib, "gather_dispatch", lambda *a: calls.append(1) or real(*a))
+  layer = build(model_cfg("switch", "dropless").replace(moe={"dispatch": "auto"}))
+  y = layer(jax.random.normal(jax.random.key(0), (rows, length, D)))[0]
+  assert bool(calls) == (want == "gather") and y.shape == (rows, length, D)

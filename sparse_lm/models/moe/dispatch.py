@@ -19,6 +19,10 @@ their costs). So the expert-parallel path is this path with shard-local steps.
   dropless_dispatch      Mixtral / DBRX / MegaBlocks: assignments sorted by
                          expert, a grouped matmul runs every one.
   expert_choice_dispatch Zhou et al.: the router already chose [E, C] slots.
+  gather_dispatch        decoding with few assignments: each assignment's
+                         expert weights gathered by id (gpt-fast's
+                         w1[expert_indices]), so a step reads T x K experts'
+                         weights, not E; one device only.
 
 Padding tokens (mask 0) have invalid assignments: they take no capacity, are
 not computed, and get a zero MoE output. Assignment arrays are [A] over a
@@ -33,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sparse_lm.models import layers as layers_lib
 from sparse_lm.models.moe import experts as experts_lib
 from sparse_lm.models.moe import routing as routing_lib
 
@@ -418,3 +423,24 @@ def dropless_dispatch(
   )
   y_TxD = _combine(y_TxKxD, r.gate_TxK)
   return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
+
+
+def gather_dispatch(x_TxD: Array, r: routing_lib.Routing, w: experts_lib.Weights, activation: str):
+  """Each assignment's expert weights gathered by id, cast to the compute dtype
+  after the gather (T x K experts' bytes, not E), applied to its token.
+
+  For steps with few assignments (decoding: policy.decode_dispatch); its cost
+  grows with T x K x (the bytes of one expert), so above a few assignments the
+  grouped path wins. w: the layer's weights as stored (float32, all E)."""
+  T, K = r.expert_TxK.shape
+  dt = x_TxD.dtype
+  e_A = r.expert_TxK.reshape(-1)
+  take = lambda a: None if a is None else jnp.take(a, e_A, axis=0).astype(dt)
+  x_AxD = jnp.repeat(x_TxD, K, axis=0)
+  h_AxF = jnp.einsum("ad,adf->af", x_AxD, take(w.wi))
+  g_AxF = None if w.wg is None else jnp.einsum("ad,adf->af", x_AxD, take(w.wg))
+  y_AxD = jnp.einsum("af,afd->ad", layers_lib.activate(h_AxF, activation, g_AxF), take(w.wo))
+  gate_TxK = jnp.where(r.valid_TxK, r.gate_TxK, 0.0)
+  return _combine(y_AxD.reshape(T, K, -1), gate_TxK), {
+    "dropped_fraction": jnp.zeros((), jnp.float32)
+  }

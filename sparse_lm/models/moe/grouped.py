@@ -3,11 +3,12 @@
 Rows x_NxD are sorted by expert: expert e owns rows [start_e, start_e + n_e),
 start = exclusive cumsum of group_sizes_E; rows past sum(n) are ignored.
   ffn_ragged  jax.lax.ragged_dot, for backends with a grouped matmul (GPU, TPU).
-  ffn_blocks  for CPU, where ragged_dot costs about E times the work: a scan
-              over experts, each a loop over fixed-size row blocks of its
-              group (big blocks first, small ones for the remainder), so the
-              wasted rows are under E x the small block. Custom VJP with the
-              same loops; the backward recomputes each block's hidden
+  ffn_blocks  for CPU, where ragged_dot costs about E times the work: per
+              expert, a loop over fixed-size row blocks of its group (big
+              blocks first, small ones for the remainder), so the wasted rows
+              are under E x the small block; the forward visits only the
+              experts that have rows (their weights alone are sliced).
+              Custom VJP with the same loops; the backward recomputes each block's hidden
               activations instead of storing [N, F] (cheaper on CPU, where a
               large fresh buffer costs page faults and cache misses).
 Both compute y = act(x @ wi[e], x @ wg[e]) * hidden_mask @ wo[e] per row.
@@ -69,31 +70,47 @@ def ffn_blocks(
 
 
 def _for_each_block(group_sizes_E, block_sizes, body, carry, expert_in, expert_out):
-  """A scan over the experts (xs: expert_in, e.g. the weights, sliced per
-  expert) with, inside, loops over the expert's row blocks (big blocks first,
-  then small ones for the remainder):
+  """Per expert, loops over its row blocks (big blocks first, then small ones
+  for the remainder):
     carry, local = body(expert_in[e], first_row, block_size, group_end, carry, local)
-  `local` starts from expert_out for every expert and the final ones are
-  stacked as the scan's ys. Returns (carry, stacked locals)."""
+  `local` starts from expert_out for every expert; returns (carry, the final
+  locals stacked [E, ...]).
+
+  Without locals (the forward) only the experts that have rows are visited:
+  an empty one's weights are never sliced and no block runs for it, which is
+  what a decode step with a few tokens needs (llama.cpp's mul_mat_id and
+  megablox skip them too). With locals (the backward's per-expert weight
+  gradients) a scan over all E experts stacks them: writing each into a
+  zeroed [E, ...] carry instead cost +25 % at E=256 in training
+  (benchmarks/README.md, "Decoding")."""
   starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
 
-  def per_expert(carry, xs):
-    start, n, weights = xs
+  def blocks(start, n, weights, carry):
     local = expert_out
     done = jnp.zeros((), group_sizes_E.dtype)
-    for i, bs in enumerate(block_sizes):
-      last = i == len(block_sizes) - 1
+    for j, bs in enumerate(block_sizes):
+      last = j == len(block_sizes) - 1
       nb = (n - done + bs - 1) // bs if last else (n - done) // bs
       first = start + done
 
-      def step(j, c, bs=bs, first=first):
-        return body(weights, first + j * bs, bs, start + n, *c)
+      def step(b, c, bs=bs, first=first):
+        return body(weights, first + b * bs, bs, start + n, *c)
 
       carry, local = jax.lax.fori_loop(0, nb, step, (carry, local))
       done = done + nb * bs
     return carry, local
 
-  return jax.lax.scan(per_expert, carry, (starts_E, group_sizes_E, expert_in))
+  if jax.tree.leaves(expert_out):
+    return jax.lax.scan(lambda c, xs: blocks(*xs, c), carry, (starts_E, group_sizes_E, expert_in))
+  E = group_sizes_E.shape[0]
+  used_E = jnp.nonzero(group_sizes_E > 0, size=E, fill_value=0)[0]
+
+  def used(i, carry):
+    e = used_E[i]
+    weights = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, 0, False), expert_in)
+    return blocks(starts_E[e], group_sizes_E[e], weights, carry)[0]
+
+  return jax.lax.fori_loop(0, jnp.sum(group_sizes_E > 0), used, carry), expert_out
 
 
 def _act(h, g, m, activation):

@@ -71,9 +71,11 @@ class MoeFfn(nnx.Module):
         self.shared_wg = layers.param(rngs, dense_init, (D, SF), ("embed", "mlp"))
       self.shared_wo = layers.param(rngs, dense_init, (SF, D), ("mlp", "embed"))
 
-  def expert_weights(self, dt) -> experts_lib.Weights:
+  def expert_weights(self, dt=None) -> experts_lib.Weights:
+    """The experts' weights, cast to dt (None: as stored)."""
     wg = self.wg[...] if layers.is_gated(self.activation) else None
-    return experts_lib.Weights(self.wi[...], wg, self.wo[...]).astype(dt)
+    w = experts_lib.Weights(self.wi[...], wg, self.wo[...])
+    return w if dt is None else w.astype(dt)
 
   def apply_state_updates(self, aux: dict) -> None:
     """Writes the routing state a training forward returned (aux["state_updates"])."""
@@ -120,20 +122,17 @@ class MoeFfn(nnx.Module):
     r = routing_lib.route(moe, mask_T=mask_T, train=train, rng=stream(_NOISE), **inputs)
 
     # Dispatch -> experts -> combine (one program; parallel.py places it).
-    impl = policy.resolve(moe)
-    w = self.expert_weights(dt)
-    if router.expert_choice:
-      run, rows, kw = dispatch_lib.expert_choice_dispatch, r.token_ExC.shape, {"mask_T": mask_T}
-    elif moe.dispatch == "capacity":
-      C = routing_lib.capacity(moe, T, train)
-      run, rows, kw = dispatch_lib.capacity_dispatch, (E, C), {"capacity": C}
+    place = parallel.placement(E, moe.d_ff)
+    dispatch = moe.dispatch
+    if dispatch in ("auto", "gather"):  # decoding (decode.inference_spec)
+      # Only a decode step (one new token per row) may gather; a prefill takes
+      # the grouped path (gathering its T x k experts' weights would not fit).
+      step = L == 1 and place.n == 1 and moe.expert_dropout == 0 and not router.expert_choice
+      dispatch = policy.decode_dispatch(moe, r.expert_TxK.size) if step else "dropless"
+    if dispatch == "gather":
+      y_TxD, info = dispatch_lib.gather_dispatch(x_TxD, r, self.expert_weights(), self.activation)
     else:
-      run, rows, kw = dispatch_lib.dropless_dispatch, (r.expert_TxK.size,), {}
-    if not router.expert_choice:
-      kw["positions"] = impl.positions
-    mask = experts_lib.dropout_mask(stream(_DROPOUT), moe.expert_dropout, rows + (w.hidden,), dt)
-    ex = dispatch_lib.Experts(w, self.activation, impl.capacity_layout, impl.grouped_kernel, mask)
-    y_TxD, info = run(x_TxD, r, ex, place=parallel.placement(E, w.hidden), **kw)
+      y_TxD, info = self._dispatch(x_TxD, r, dispatch, place, mask_T, train, stream)
 
     if train and moe.eom_rate > 0:
       # NLLB-200 Expert Output Masking: drop the whole routed output of a
@@ -157,6 +156,24 @@ class MoeFfn(nnx.Module):
       aux["experts_TxK"] = jnp.where(r.valid_TxK, r.expert_TxK, -1)
       aux["probs_TxE"] = r.probs_TxE
     return y_TxD.reshape(B, L, D), aux
+
+  def _dispatch(self, x_TxD, r, dispatch, place, mask_T, train, stream):
+    """Capacity, dropless or expert-choice dispatch -> experts -> combine."""
+    moe, impl = self.m.moe, policy.resolve(self.m.moe)
+    T, E, dt = x_TxD.shape[0], moe.num_experts, x_TxD.dtype
+    w = self.expert_weights(dt)
+    if routing_lib.ROUTERS[moe.router].expert_choice:
+      run, rows, kw = dispatch_lib.expert_choice_dispatch, r.token_ExC.shape, {"mask_T": mask_T}
+    elif dispatch == "capacity":
+      C = routing_lib.capacity(moe, T, train)
+      run, rows, kw = dispatch_lib.capacity_dispatch, (E, C), {"capacity": C}
+    else:
+      run, rows, kw = dispatch_lib.dropless_dispatch, (r.expert_TxK.size,), {}
+    if "mask_T" not in kw:
+      kw["positions"] = impl.positions
+    mask = experts_lib.dropout_mask(stream(_DROPOUT), moe.expert_dropout, rows + (w.hidden,), dt)
+    ex = dispatch_lib.Experts(w, self.activation, impl.capacity_layout, impl.grouped_kernel, mask)
+    return run(x_TxD, r, ex, place=place, **kw)
 
   def _shared(self, x_TxD):
     dt = x_TxD.dtype

@@ -45,6 +45,29 @@ CPU_CUMSUM_MAX_EXPERTS = 32
 #       --grouped_kernel ragged blocks --repeats 3
 
 
+# Decoding (model.moe.decode_dispatch="auto"): a decode step gathers its
+# experts' weights up to this many assignments (rows x k), and takes the
+# dropless grouped path above. CPU, inference.py's defaults (E=8 top-1,
+# d_model 256, expert hidden 1024, 4 layers), decode tokens/s by batch:
+#   gather    361 385 384 358 244 259   (b1 b2 b4 b8 b16 b32)
+#   dropless  176 182 231 259 245 317
+#   python benchmarks/inference.py --decode_dispatch auto gather dropless
+# (benchmarks/README.md, "Decoding"). Off CPU nothing is measured yet: the
+# same limit, until a GPU run says otherwise.
+GATHER_MAX_ASSIGNMENTS = {"cpu": 8}
+DEFAULT_GATHER_MAX_ASSIGNMENTS = 8
+
+
+def decode_dispatch(moe: Any, assignments: int, backend: str | None = None) -> str:
+  """The dispatch of a forward with model.moe.dispatch in {"auto", "gather"}
+  and `assignments` = tokens x k (static): "gather" or "dropless"."""
+  if moe.dispatch == "gather":
+    return "gather"
+  backend = backend or jax.default_backend()
+  limit = GATHER_MAX_ASSIGNMENTS.get(backend, DEFAULT_GATHER_MAX_ASSIGNMENTS)
+  return "gather" if assignments <= limit else "dropless"
+
+
 def resolve(moe: Any, backend: str | None = None) -> Impl:
   """The implementation for model.moe (a MoeSpec) on `backend` (default: JAX's):
   "auto" parts resolved, the others as set. The only place that decides."""
