@@ -92,16 +92,18 @@ def eval_batches_for(task: str) -> int:
   return max(1, rows // c.data.batch_size)
 
 
-def heldout_losses(d: str, batches: dict[str, int], tasks=TASKS) -> dict[str, float]:
+def heldout_losses(d: str, batches: dict[str, int], tasks=TASKS, dataset=None) -> dict[str, float]:
   """Masked response loss of the run's final checkpoint on each held-out task
-  (sparse_lm.evaluate, in this process; cached in the run's folder)."""
+  (sparse_lm.evaluate, in this process; cached in the run's folder). dataset:
+  for a run that was not trained on the instruction data (a base model)."""
   from sparse_lm import evaluate  # pylint: disable=g-import-not-at-top
 
   out = {}
   for task in tasks:
-    path = os.path.join(d, f"evaluate_{task}_{batches[task]}.json")
+    name = f"evaluate_{'sft_' if dataset else ''}{task}_{batches[task]}.json"
+    path = os.path.join(d, name)
     if not os.path.exists(path):
-      r = evaluate.evaluate(d, split=f"eval_{task}", batches=batches[task])
+      r = evaluate.evaluate(d, split=f"eval_{task}", batches=batches[task], dataset=dataset)
       with open(path, "w") as f:
         json.dump(r, f, indent=1)
     with open(path) as f:
@@ -226,6 +228,7 @@ def ft_rows(grid: str, batches: dict[str, int], gen: list[dict] | None, tasks=TA
       "learning_rate": p.get("train.learning_rate"),
       "dir": d,
       **{f"loss_{t}": v for t, v in heldout_losses(d, batches, tasks).items()},
+      "curve_end": last.get("eval_loss"),  # the training-time eval: the first batches only
       **{k: v for k, v in last.items() if k.startswith("drift/mean/")},
     }
     if gen is not None:
@@ -234,22 +237,23 @@ def ft_rows(grid: str, batches: dict[str, int], gen: list[dict] | None, tasks=TA
   return rows
 
 
-def paired(rows, a: dict, b: dict, key: str = "loss_body") -> tuple:
-  """Mean and std over seeds of (run a - run b) for runs matching a / b, paired by seed."""
-  pick = lambda want: {
-    r["seed"]: r[key]
-    for r in rows
-    if all(r[k] == v for k, v in want.items()) and r[key] is not None
-  }
-  ra, rb = pick(a), pick(b)
-  diffs = [ra[s] - rb[s] for s in sorted(ra) if s in rb]
-  return (*mean_std(diffs), len(diffs))
+def base_rows(batches: dict[str, int]) -> dict[int, dict[str, float]]:
+  """Each base model's held-out losses before any tuning, by number of experts."""
+  cfg = cfglib.load_module(SWEEP)
+  return {e: heldout_losses(cfg.base_dir(e), batches, dataset=f"sft:{DATA}") for e in (1, 8)}
 
 
-def flan_rows(rows) -> list[dict]:
-  """The FLAN-MoE table: held-out body loss per (base, mix), seeds aggregated."""
+def flan_rows(rows, bases) -> list[dict]:
+  """The FLAN-MoE table: held-out body loss per (base, mix), seeds aggregated;
+  mix "none": the base before tuning."""
   out = []
   for e in (1, 8):
+    name = "dense" if e == 1 else "MoE E=8"
+    out.append(
+      {"base": name, "mix": "none", "n": 1, "loss_body_std": None, "exact_match": None}
+      | {"pass_at_1": None}
+      | {f"loss_{t}": v for t, v in bases[e].items()}
+    )
     for mix in ("body", "all"):
       sel = [r for r in rows if r["experts"] == e and r["mix"] == mix]
       m, s = mean_std([r["loss_body"] for r in sel])
@@ -270,27 +274,31 @@ def flan_rows(rows) -> list[dict]:
   return out
 
 
-def claims(rows) -> dict:
-  """The paired differences the FLAN-MoE claim is about (negative = lower loss)."""
-  gain = lambda e: paired(rows, {"experts": e, "mix": "all"}, {"experts": e, "mix": "body"})
-  g1, g8 = gain(1), gain(8)
-  # MoE's gain minus dense's gain, paired by seed.
+def claims(rows, bases=None, key: str = "loss_body") -> dict:
+  """The differences the FLAN-MoE claim is about, paired by seed (the same
+  fine-tuning data order; negative = lower loss). bases: each base's untuned
+  losses (base_rows), for what tuning itself gives each."""
   by = lambda e, mix: {
-    r["seed"]: r["loss_body"] for r in rows if r["experts"] == e and r["mix"] == mix
+    r["seed"]: r[key] for r in rows if r["experts"] == e and r["mix"] == mix and r.get(key)
   }
-  seeds = sorted(set(by(1, "all")) & set(by(1, "body")) & set(by(8, "all")) & set(by(8, "body")))
-  dd = [(by(8, "all")[s] - by(8, "body")[s]) - (by(1, "all")[s] - by(1, "body")[s]) for s in seeds]
-  return {
-    "dense_gain": g1,  # multi minus single, dense
-    "moe_gain": g8,
-    "moe_gain_minus_dense_gain": (*mean_std(dd), len(dd)),
-    "moe_minus_dense_single": paired(
-      rows, {"experts": 8, "mix": "body"}, {"experts": 1, "mix": "body"}
-    ),
-    "moe_minus_dense_multi": paired(
-      rows, {"experts": 8, "mix": "all"}, {"experts": 1, "mix": "all"}
-    ),
-  }
+  runs = {(e, mix): by(e, mix) for e in (1, 8) for mix in ("body", "all")}
+  seeds = sorted(set.intersection(*(set(v) for v in runs.values())))
+  v = lambda e, mix, s: runs[(e, mix)][s]
+  diff = lambda f: (*mean_std([f(s) for s in seeds]), len(seeds))
+  out = {}
+  if bases:  # tuned minus untuned, MoE's minus dense's
+    for mix, name in (("all", "multi"), ("body", "single")):
+      out[f"moe_tuning_gain_minus_dense_{name}"] = diff(
+        lambda s, mix=mix: (v(8, mix, s) - bases[8]["body"]) - (v(1, mix, s) - bases[1]["body"])
+      )
+  out["dense_gain"] = diff(lambda s: v(1, "all", s) - v(1, "body", s))  # multi minus single
+  out["moe_gain"] = diff(lambda s: v(8, "all", s) - v(8, "body", s))
+  out["moe_gain_minus_dense_gain"] = diff(
+    lambda s: (v(8, "all", s) - v(8, "body", s)) - (v(1, "all", s) - v(1, "body", s))
+  )
+  out["moe_minus_dense_single"] = diff(lambda s: v(8, "body", s) - v(1, "body", s))
+  out["moe_minus_dense_multi"] = diff(lambda s: v(8, "all", s) - v(1, "all", s))
+  return out
 
 
 def upcycling_rows() -> dict:
@@ -358,7 +366,15 @@ def table(head: list[str], body: list[list]) -> list[str]:
   ]
 
 
-def results_md(data_stats, flan, cl, rows, up, freeze, rate, drift, ref) -> list[str]:
+def _training_eval_batches() -> int:
+  return cfglib.load_config(sweep_of("finetune")).train.eval_batches
+
+
+def _tasks(counts: dict) -> str:
+  return ", ".join(f"{t} {counts[t]}" for t in TASKS)
+
+
+def results_md(data_stats, flan, cl, cl_sub, up, freeze, rate, drift, ref) -> list[str]:
   out = [
     "# Instruction tuning and upcycling: results",
     "",
@@ -372,7 +388,8 @@ def results_md(data_stats, flan, cl, rows, up, freeze, rate, drift, ref) -> list
     f"{fn['with_docstring']} functions with docstrings; kept {fn['kept']['train']} train / "
     f"{fn['kept']['eval']} held-out (at most {datalib.MAX_CHARS} characters), "
     f"{fn['kept_with_doctest']['eval']} held-out ones with doctests. Examples: train "
-    f"{ex['train']}, held out {ex['eval']}. Near-duplicate train functions removed: "
+    f"{ex['train']['total']} ({_tasks(ex['train'])}), held out {ex['eval']['total']} "
+    f"({_tasks(ex['eval'])}). Near-duplicate train functions removed: "
     f"{data_stats['dedup']['near_duplicate_train_functions']}. {ov['n']}-gram overlap of "
     f"held-out bodies with the pretraining text: {ov['body']:.2%} "
     f"({ov['per_task']['body']['overlapping']} of {ov['per_task']['body']['responses']}).",
@@ -384,7 +401,7 @@ def results_md(data_stats, flan, cl, rows, up, freeze, rate, drift, ref) -> list
     [
       [
         r["base"],
-        "single (body)" if r["mix"] == "body" else "multi (4 tasks)",
+        {"none": "none (base)", "body": "single (body)", "all": "multi (4 tasks)"}[r["mix"]],
         r["n"],
         pm(r["loss_body"], r["loss_body_std"]),
         fmt(r["loss_docstring"]),
@@ -397,6 +414,8 @@ def results_md(data_stats, flan, cl, rows, up, freeze, rate, drift, ref) -> list
     ],
   )
   names = {
+    "moe_tuning_gain_minus_dense_multi": "multi-task: MoE's (tuned - base) minus dense's",
+    "moe_tuning_gain_minus_dense_single": "single-task: MoE's (tuned - base) minus dense's",
     "dense_gain": "dense: multi minus single",
     "moe_gain": "MoE: multi minus single",
     "moe_gain_minus_dense_gain": "MoE's gain minus dense's gain",
@@ -406,6 +425,16 @@ def results_md(data_stats, flan, cl, rows, up, freeze, rate, drift, ref) -> list
   out += ["", "Paired by seed (same fine-tuning data order; negative = lower loss):", ""]
   out += table(
     ["difference", "mean ± std", "seeds"], [[names[k], pm(v[0], v[1]), v[2]] for k, v in cl.items()]
+  )
+  out += [
+    "",
+    f"The same on the evaluation run during training ({_training_eval_batches()} batches: the "
+    "first part of the held-out body set; ft_curves.png):",
+    "",
+  ]
+  out += table(
+    ["difference", "mean ± std", "seeds"],
+    [[names[k], pm(v[0], v[1]), v[2]] for k, v in cl_sub.items()],
   )
   out += ["", f"pass@1 of the reference bodies in the sandbox: {ref['passed']} of {ref['n']}.", ""]
   out += ["## Upcycling (pretraining validation loss)", ""]
@@ -520,10 +549,12 @@ def report(out_dir: str):
   up = upcycling_rows()
   freeze_t = variant_rows(freeze, rows, "frozen", (":experts", ":router", ":non_experts"))
   rate_t = variant_rows(rate, rows, "learning_rate", sorted({r["learning_rate"] for r in rate}))
-  flan, cl = flan_rows(rows), claims(rows)
+  bases = base_rows(batches)
+  flan, cl = flan_rows(rows, bases), claims(rows, bases)
   drift = drift_rows(rows)
   ref = reference_pass_rate(gen)
-  lines = results_md(stats, flan, cl, rows, up, freeze_t, rate_t, drift, ref)
+  cl_sub = claims(rows, key="curve_end")
+  lines = results_md(stats, flan, cl, cl_sub, up, freeze_t, rate_t, drift, ref)
   write_plots(rows, up, out_dir)
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -538,6 +569,7 @@ def report(out_dir: str):
     "eval_batches": batches,
     "flan": flan,
     "claims": cl,
+    "claims_training_eval": cl_sub,
     "runs": all_rows,
     "upcycling": {
       "end": up["end"],
