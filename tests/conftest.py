@@ -94,14 +94,21 @@ def saved_steps(workdir):
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
 
-def start_until_step(args, wd, step, **popen):
+def start_until_step(args, wd, step, saved=False, **popen):
   """Starts a training process (output captured as text, unless `popen` says
-  otherwise) and returns it once it has logged `step`."""
+  otherwise) and returns it once it has logged `step` (and, with `saved`,
+  once a checkpoint is on disk: saves are asynchronous, and under load the
+  first one can finish steps after it was started)."""
   popen = popen or {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
   proc = subprocess.Popen(args, cwd=ROOT, env=ENV, **popen)
   deadline = time.time() + 300
+  ckpts = os.path.join(wd, "checkpoints")
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(os.path.join(wd, "metrics.jsonl")) and max(losses(wd), default=0) >= step:
+    if (
+      os.path.exists(os.path.join(wd, "metrics.jsonl"))
+      and max(losses(wd), default=0) >= step
+      and (not saved or (os.path.isdir(ckpts) and saved_steps(wd)))
+    ):
       break
     time.sleep(0.05)
   return proc

@@ -328,7 +328,9 @@ def test_finetuning_resumes_exactly_after_kill_and_logs_routing_drift(tmp_path, 
   # kill -9 mid-run; the base run is moved away: the run resumes itself, exactly.
   wd = str(tmp_path / "killed")
   args = cli(wd, tfds_dir, *sft_args(data, base_run), config="configs/switch.py:tiny")
-  proc = start_until_step(args, wd, 6, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = start_until_step(
+    args, wd, 6, saved=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert 4 <= max(losses(wd)) < 16 and saved_steps(wd)
