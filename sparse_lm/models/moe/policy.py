@@ -52,6 +52,7 @@ CPU_CUMSUM_MAX_EXPERTS = 32
 #   gather    361 385 384 358 244 259   (b1 b2 b4 b8 b16 b32)
 #   dropless  176 182 231 259 245 317
 #   python benchmarks/inference.py --decode_dispatch auto gather dropless
+# (dropless measured with an intermediate cond-per-expert forward, since replaced)
 # (benchmarks/README.md, "Decoding"). Off CPU nothing is measured yet: the
 # same limit, until a GPU run says otherwise.
 GATHER_MAX_ASSIGNMENTS = {"cpu": 8}
