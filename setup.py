@@ -23,6 +23,9 @@ setup(
     "matplotlib>=3.8,<4",
     "tensorboard>=2.18,<3",
     "filelock>=3.13,<5",
+    # Hugging Face checkpoints (sparse_lm/convert.py) and tokenizer.json files.
+    "safetensors>=0.4.3,<1",
+    "tokenizers>=0.19,<1",
   ],
   extras_require={
     "test": [
@@ -32,6 +35,11 @@ setup(
       "nbclient>=0.10,<0.12",
       "nbformat>=5.10,<6",
       "ipykernel>=6.29,<8",
+    ],
+    # Only to regenerate tests/fixtures/hf (make_fixtures.py); CI never needs it.
+    "hf_fixtures": [
+      "torch>=2.4",
+      "transformers>=5.0,<6",
     ],
   },
 )

@@ -150,7 +150,13 @@ def _flat(d, prefix=""):
 
 # What the tokenizer is made of: a change makes the checkpoint's embedding mean
 # other tokens (SentencePiece is trained on the dataset's train split).
-TOKENIZER_KEYS = ("data.tokenizer", "data.vocab_size", "data.dataset", "data.train_split")
+TOKENIZER_KEYS = (
+  "data.tokenizer",
+  "data.vocab_size",
+  "data.dataset",
+  "data.train_split",
+  "data.tokenizer_file",
+)
 
 
 def check_resume(c, workdir: str, tree_of: Callable, say=print):

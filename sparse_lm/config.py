@@ -45,7 +45,10 @@ POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
-TOKENIZERS = ("sentencepiece", "byte")
+TOKENIZERS = ("sentencepiece", "byte", "huggingface")
+ROPE_LAYOUTS = ("half", "interleaved")
+QK_NORMS = ("none", "head", "full")
+ROUTER_DTYPES = ("float32", "compute")
 
 
 def base_config() -> mlc.ConfigDict:
@@ -66,7 +69,11 @@ def base_config() -> mlc.ConfigDict:
   # Files (relative paths or fnmatch globs) left out of the training split and
   # of the tokenizer's text: "stdlib" and "files:" datasets.
   c.data.exclude = ()
-  c.data.tokenizer = "sentencepiece"  # or "byte"
+  # "sentencepiece", "byte", or "huggingface": data.tokenizer_file, a Hugging
+  # Face tokenizer.json (an imported checkpoint's: sparse_lm/convert.py), with
+  # data.vocab_size the model's vocabulary.
+  c.data.tokenizer = "sentencepiece"
+  c.data.tokenizer_file = ""
   # The dataset whose train split the SentencePiece tokenizer is trained on;
   # "" = data.dataset. An sft: dataset needs one: its base run's ("stdlib").
   c.data.tokenizer_dataset = ""
@@ -104,6 +111,17 @@ def base_config() -> mlc.ConfigDict:
   c.model.init_scale = 1.0
   c.model.dropout = 0.0
   c.model.max_len = c.data.get_ref("seq_len")  # learned positions table size
+  # Conventions of released checkpoints (sparse_lm/convert.py sets them on import).
+  # RoPE pairs: "half" rotates (i, i + Z/2) (GPT-NeoX, Llama, every Hugging Face
+  # family here); "interleaved" rotates (2i, 2i + 1) (RoFormer, GPT-J, Meta's and
+  # DeepSeek's original checkpoints).
+  c.model.rope_layout = "half"
+  # RMSNorm (eps model.norm_eps) on queries and keys before RoPE: "head" over each
+  # head's Z features (Qwen3-MoE), "full" over all heads' H*Z / J*Z (OLMoE).
+  c.model.qk_norm = "none"
+  c.model.qkv_bias = False  # biases on the q, k and v projections (Qwen2-MoE)
+  c.model.clip_qkv = 0.0  # > 0: q, k, v clamped to [-clip, clip] (DBRX, OLMoE)
+  c.model.norm_bias = True  # model.norm="layer" only; False: no bias (DBRX)
 
   c.model.moe = mlc.ConfigDict()
   c.model.moe.num_experts = 0  # 0 or 1 = dense model
@@ -147,6 +165,12 @@ def base_config() -> mlc.ConfigDict:
   # s for the MoE layer's router, experts and shared experts; 0 = model.init_scale.
   c.model.moe.init_scale = 0.0
   c.model.moe.num_shared_experts = 0  # DeepSeekMoE shared experts
+  # The shared experts' output times sigmoid(x @ w), w [D, 1] (Qwen2-MoE).
+  c.model.moe.shared_expert_gate = False
+  # The router's logits: "float32" (input and weights in float32, this code
+  # base's choice) or "compute" (in model.dtype, as Hugging Face's routers).
+  # The softmax and top-k are float32 either way.
+  c.model.moe.router_dtype = "float32"
   # Expert groups (contiguous blocks of E / num_groups experts). hierarchical:
   # a group gate picks top_k_groups groups, top_k experts in each (Shazeer 2017
   # app. B); group_limited: top_k experts among the top_k_groups groups
@@ -388,6 +412,16 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   # Byte fallback needs 256 byte pieces + specials + the corpus's characters.
   if d.tokenizer == "sentencepiece" and not 384 <= d.vocab_size <= 1_000_000:
     _fail("data.vocab_size", d.vocab_size, "must be in [384, 1000000] for sentencepiece")
+  if d.tokenizer == "huggingface" and not d.tokenizer_file:
+    _fail(
+      "data.tokenizer_file", d.tokenizer_file, "data.tokenizer='huggingface' needs a tokenizer.json"
+    )
+  _unread(
+    c,
+    "data.tokenizer_file",
+    d.tokenizer != "huggingface",
+    "only data.tokenizer='huggingface' reads it",
+  )
   ds = d.dataset
   if not isinstance(ds, str) or not ds:
     _fail("data.dataset", ds, "must be 'stdlib', 'files:<glob>' or a TFDS dataset name")
@@ -422,7 +456,16 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     _fail("model.max_len", m.max_len, f"must be >= data.seq_len={d.seq_len} for learned positions")
   if not 0 <= m.dropout < 1:
     _fail("model.dropout", m.dropout, "must be in [0, 1)")
+  _choice(c, "model.rope_layout", ROPE_LAYOUTS)
+  _unread(c, "model.rope_layout", m.position != "rope", "model.position is not 'rope'")
+  _choice(c, "model.qk_norm", QK_NORMS)
+  _choice(c, "model.qkv_bias", (False, True))
+  _positive(c, "model.clip_qkv", allow_zero=True)
+  _choice(c, "model.norm_bias", (True, False))
+  _unread(c, "model.norm_bias", m.norm != "layer", "only model.norm='layer' has a bias")
 
+  _choice(c, "model.moe.shared_expert_gate", (False, True))
+  _unread(c, "model.moe.shared_expert_gate", not moe.num_shared_experts, "no shared experts")
   _choice(c, "model.moe.router", tuple(routing.ROUTERS))
   _choice(c, "model.moe.dispatch", DISPATCHES)
   _choice(c, "model.moe.decode_dispatch", DECODE_DISPATCHES)
@@ -470,6 +513,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       _fail("model.moe.eom_rate", moe.eom_rate, "must be in [0, 1)")
     if not 0 <= moe.expert_dropout < 1:
       _fail("model.moe.expert_dropout", moe.expert_dropout, "must be in [0, 1)")
+    _choice(c, "model.moe.router_dtype", ROUTER_DTYPES)
 
   _validate_finetuning(c)
   _choice(c, "train.optimizer", OPTIMIZERS)

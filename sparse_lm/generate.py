@@ -119,7 +119,7 @@ def main(argv):
     sampling=sampling,
     seed=_SEED.value,
     stop_ids=(tok.eos_id,),
-    pad_id=tok.pad_id,
+    pad_id=tok.eos_id if tok.pad_id is None else tok.pad_id,
     mesh=mesh,
     config=config,
     expert_choices=_EXPERTS.value,

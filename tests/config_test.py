@@ -11,8 +11,11 @@ from sparse_lm import config as cfglib
 from sparse_lm import optimizer
 from sparse_lm import sharding
 
+# configs/finetune/imported.py reads an imported run: tests/convert_test.py checks it.
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob("configs/*.py")) + sorted(
-  pathlib.Path(__file__).parent.parent.glob("configs/finetune/*.py")
+  p
+  for p in pathlib.Path(__file__).parent.parent.glob("configs/finetune/*.py")
+  if p.stem != "imported"
 )
 
 
@@ -51,6 +54,12 @@ BAD = [
   ("model.position", "alibi", "must be one of"),
   ("model.dtype", "float16", "must be one of"),
   ("model.dropout", 1.5, "must be in [0, 1)"),
+  ("model.rope_layout", "pairs", "must be one of"),
+  ("model.qk_norm", "both", "must be one of"),
+  ("model.clip_qkv", -1.0, "must be a number >= 0"),
+  ("model.norm_bias", False, "has no effect: only model.norm='layer' has a bias"),
+  ("model.moe.shared_expert_gate", True, "has no effect: no shared experts"),
+  ("data.tokenizer_file", "tokenizer.json", "has no effect: only data.tokenizer='huggingface'"),
   ("model.moe.router", "hash", "must be one of"),
   ("model.moe.dispatch", "einsum", "must be one of"),
   ("model.moe.second_expert_policy", "best", "must be one of"),

@@ -1,4 +1,6 @@
-"""Transformer: causality by gradients, GQA / RoPE shapes, dense-vs-MoE pattern."""
+"""Transformer: causality by gradients, GQA / RoPE shapes, dense-vs-MoE pattern,
+and the released checkpoints' conventions (rope_layout, qk_norm, qkv_bias,
+clip_qkv, norm_bias, the shared-expert gate, router_dtype)."""
 
 from flax import nnx
 import jax
@@ -147,3 +149,92 @@ def test_init_scale_is_the_switch_variance_scale(model_scale, moe_scale):
     std = float(np.std(np.asarray(p[...])))
     np.testing.assert_allclose(std, np.sqrt(s / fan_in), rtol=0.06)
   np.testing.assert_allclose(np.std(np.asarray(m.embed.embedding[...])), 128**-0.5, rtol=0.06)
+
+
+def test_rope_layouts_rotate_the_pairs_they_name():
+  """ "interleaved" on features permuted to (0, 2, 4, ..., 1, 3, 5, ...) is
+  "half" on the permuted ones (how Llama's conversion permutes q and k)."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  perm = jnp.concatenate([jnp.arange(0, 8, 2), jnp.arange(1, 8, 2)])
+  inter = layers.rope(x, pos, 1e4, "interleaved")
+  np.testing.assert_allclose(
+    inter[..., perm], layers.rope(x[..., perm], pos, 1e4, "half"), atol=1e-6
+  )
+  assert not np.allclose(inter, layers.rope(x, pos, 1e4, "half"), atol=1e-3)
+
+
+def _qkv(c, x):
+  model = build(c)
+  return model.blocks[0].attn._qkv(x, jnp.zeros(x.shape[:2], jnp.int32))  # pylint: disable=protected-access
+
+
+def test_qk_norm_normalises_each_head_or_all_heads():
+  x = 10.0 * jax.random.normal(jax.random.key(1), (2, 5, 32))
+  rms = lambda a, axes: jnp.sqrt(jnp.mean(a * a, axes))
+  q, k, _ = _qkv(tiny(qk_norm="head", position="learned"), x)
+  np.testing.assert_allclose(rms(q, -1), 1.0, atol=1e-3)  # every head: scale 1 at init
+  np.testing.assert_allclose(rms(k, -1), 1.0, atol=1e-3)
+  q, k, _ = _qkv(tiny(qk_norm="full", position="learned"), x)
+  np.testing.assert_allclose(rms(q, (-2, -1)), 1.0, atol=1e-3)
+  assert float(jnp.abs(rms(q, -1) - 1.0).max()) > 1e-2  # not per head
+  q0, _, _ = _qkv(tiny(position="learned"), x)
+  assert float(rms(q0, (-2, -1)).mean()) > 2.0  # without it, the input's scale
+
+
+def test_qkv_bias_and_clip_qkv():
+  x = 3.0 * jax.random.normal(jax.random.key(2), (2, 5, 32))
+  c = tiny(qkv_bias=True, clip_qkv=0.5, position="learned")
+  model = build(c)
+  attn = model.blocks[0].attn
+  assert attn.bq[...].shape == (4, 8) and attn.bk[...].shape == (4, 8)
+  q, k, v = attn._qkv(x, jnp.zeros((2, 5), jnp.int32))  # pylint: disable=protected-access
+  assert max(float(jnp.abs(a).max()) for a in (q, k, v)) == pytest.approx(0.5)
+  attn.bq[...] = jnp.full((4, 8), 100.0)
+  q, _, _ = attn._qkv(x, jnp.zeros((2, 5), jnp.int32))  # pylint: disable=protected-access
+  np.testing.assert_allclose(q, 0.5)  # the bias comes before the clamp
+
+
+def test_layer_norm_without_bias():
+  model = build(tiny(norm="layer", norm_bias=False))
+  names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert "final_norm/scale" in names and not any(n.endswith("norm/bias") for n in names)
+  x = jax.random.normal(jax.random.key(3), (2, 3, 32)) + 5.0
+  y = model.final_norm(x)
+  ref = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+def test_shared_expert_gate_scales_the_shared_output_by_a_sigmoid():
+  from sparse_lm.models.moe.layer import MoeFfn  # pylint: disable=g-import-not-at-top
+
+  c = tiny(activation="swiglu")
+  moe = c.model.moe
+  moe.num_experts, moe.top_k, moe.router, moe.dispatch = 4, 2, "mixtral", "dropless"
+  moe.num_shared_experts, moe.shared_expert_gate, moe.every, moe.offset = 1, True, 1, 0
+  m = cfglib.model_spec(cfglib.validate(c))
+  with nnx.use_eager_sharding(False):
+    layer = MoeFfn(m, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(4), (6, 32))
+  layer.shared_gate[...] = jnp.zeros((32, 1))  # sigmoid(0) = 1/2
+  ungated = layer._shared(x) * 2.0  # pylint: disable=protected-access
+  w = jax.random.normal(jax.random.key(5), (32, 1))
+  layer.shared_gate[...] = w
+  np.testing.assert_allclose(
+    layer._shared(x), ungated * jax.nn.sigmoid(x @ w), rtol=1e-5, atol=1e-6
+  )  # pylint: disable=protected-access
+
+
+def test_router_dtype_compute_takes_the_logits_in_the_model_dtype():
+  c = tiny(activation="swiglu", dtype="bfloat16")
+  moe = c.model.moe
+  moe.num_experts, moe.top_k, moe.router, moe.dispatch = 4, 2, "mixtral", "dropless"
+  moe.every, moe.offset, moe.z_loss_weight = 1, 0, 1.0
+  tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, 50)
+  z = {}
+  for rdt in ("float32", "compute"):
+    moe.router_dtype = rdt
+    _, aux = build(cfglib.validate(c))(tokens)
+    z[rdt] = float(aux[0]["z_loss"])
+  assert z["float32"] != z["compute"]  # bf16 logits round differently
+  assert z["compute"] == pytest.approx(z["float32"], rel=2e-2)

@@ -278,10 +278,10 @@ def _open_source(data_cfg):
 
 
 def _tokenizer_for(data_cfg, source) -> Tokenizer:
-  if data_cfg.tokenizer == "byte":
-    return tokenizer_lib.ByteTokenizer()
+  if data_cfg.tokenizer in ("byte", "huggingface"):
+    return make_tokenizer(data_cfg)
   if data_cfg.tokenizer != "sentencepiece":
-    _fail("data.tokenizer", data_cfg.tokenizer, "must be 'sentencepiece' or 'byte'")
+    _fail("data.tokenizer", data_cfg.tokenizer, "must be 'sentencepiece', 'byte' or 'huggingface'")
   split = data_cfg.train_split
   source.check_split(split, "data.train_split")
   key = json.dumps(
@@ -297,9 +297,13 @@ def _tokenizer_for(data_cfg, source) -> Tokenizer:
 
 def check_tokenizer(tok: Tokenizer, workdir: str) -> None:
   """A one-line ConfigError when `tok` is not the tokenizer `workdir`'s run was
-  trained with (its data.json records the SentencePiece model's sha256)."""
+  trained with (its data.json records the SentencePiece model's or the
+  tokenizer.json's sha256)."""
   recorded = os.path.join(workdir, "data.json")
-  if not os.path.exists(recorded) or tok.fingerprint.get("kind") != "sentencepiece":
+  if not os.path.exists(recorded) or tok.fingerprint.get("kind") not in (
+    "sentencepiece",
+    "huggingface",
+  ):
     return
   with open(recorded) as f:
     want = json.load(f).get("tokenizer", {}).get("sha256")
@@ -307,7 +311,12 @@ def check_tokenizer(tok: Tokenizer, workdir: str) -> None:
   if want and got != want:
     raise ConfigError(
       f"the tokenizer {tok.fingerprint.get('path')} (sha256 {got}) is not the one {workdir} "
-      f"was trained with (sha256 {want}); set --config.data.data_dir to the run's data dir"
+      f"was trained with (sha256 {want}); "
+      + (
+        "set --config.data.data_dir to the run's data dir"
+        if tok.fingerprint["kind"] == "sentencepiece"
+        else "restore the run's data.tokenizer_file"
+      )
     )
 
 
@@ -347,6 +356,9 @@ def make_tokenizer(data_cfg) -> Tokenizer:
   """
   if data_cfg.tokenizer == "byte":
     return tokenizer_lib.ByteTokenizer()
+  if data_cfg.tokenizer == "huggingface":
+    path = os.path.expanduser(data_cfg.tokenizer_file)
+    return tokenizer_lib.HuggingFaceTokenizer(path, data_cfg.vocab_size)
   d = _tokenizer_data(data_cfg)
   return _tokenizer_for(d, _open_source(d))
 
@@ -417,7 +429,11 @@ def _dataset(
     return {
       "inputs": inputs,
       "targets": targets,
-      "weights": tf.cast(tf.not_equal(targets, tok.pad_id), tf.float32),
+      "weights": (
+        tf.ones_like(targets, tf.float32)
+        if tok.pad_id is None
+        else tf.cast(tf.not_equal(targets, tok.pad_id), tf.float32)
+      ),
     }
 
   ds = ds.map(to_example)

@@ -102,7 +102,7 @@ def encode(examples, tok, data_cfg, path: str) -> tuple[list[tuple[np.ndarray, n
   out, counts = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens": 0, "response_tokens": 0}
   for n, ex in examples:
     p = tok.encode(prefix.replace("{prompt}", ex["prompt"]))
-    r = tok.encode(ex["response"]) + [tok.eos_id]
+    r = tok.encode(ex["response"])[len(tok.prefix_ids) :] + [tok.eos_id]
     toks = np.asarray(p + r, np.int32)
     loss = np.concatenate([np.zeros(len(p), bool), np.ones(len(r), bool)])
     if len(toks) > limit:

@@ -1,4 +1,5 @@
-"""Tokenizers: SentencePiece trained on the training split, or raw bytes.
+"""Tokenizers: SentencePiece trained on the training split, raw bytes, or a
+Hugging Face tokenizer.json (an imported checkpoint's own, sparse_lm/convert.py).
 
 Both share one small interface (`Tokenizer`): `vocab_size`, `pad_id` (always
 0), `eos_id`, `encode(str) -> list[int]`, `decode(list[int]) -> str`, and
@@ -40,8 +41,9 @@ TRAIN_COUNT = 0  # models trained in this process (the tests check cache reuse)
 
 class Tokenizer(Protocol):
   vocab_size: int
-  pad_id: int
+  pad_id: int | None
   eos_id: int
+  prefix_ids: tuple[int, ...]  # what encode() puts in front of every text (a <s>)
 
   def encode(self, text: str) -> list[int]: ...
   def decode(self, ids: Iterable[int]) -> str: ...
@@ -56,6 +58,7 @@ class ByteTokenizer:
   OFFSET = 3
   vocab_size = 256 + OFFSET
   pad_id, eos_id = PAD_ID, EOS_ID
+  prefix_ids = ()
 
   def encode(self, text: str) -> list[int]:
     return [b + self.OFFSET for b in text.encode("utf-8")]
@@ -76,6 +79,7 @@ class SentencePieceTokenizer:
   """A trained SentencePiece model; pad 0, eos 1, unk 2, no bos."""
 
   pad_id, eos_id = PAD_ID, EOS_ID
+  prefix_ids = ()
 
   def __init__(self, model_proto: bytes, path: str = ""):
     self.path = path
@@ -111,6 +115,86 @@ class SentencePieceTokenizer:
       "sha256": self._sha,
       "path": self.path,
     }
+
+
+class HuggingFaceTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library): an imported
+  checkpoint's own tokenizer (data.tokenizer="huggingface", data.tokenizer_file).
+
+  encode() adds the tokenizer's own special tokens (the <s> of Llama / Mixtral
+  tokenizers: prefix_ids), as transformers' tokenizer(text) does; decode()
+  drops them.
+  eos_id is tokenizer_config.json's eos_token (next to tokenizer.json).
+  vocab_size is the model's (data.vocab_size: checkpoints pad their embedding
+  past the tokenizer's ids). pad_id is the pad_token if there is one, else
+  None: the pipeline then weights every target (packing never pads) and
+  decoding pads prompts with the eos id (masked, never attended to).
+  """
+
+  def __init__(self, path: str, vocab_size: int):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+
+    if not os.path.exists(path):
+      raise ConfigError(f"config.data.tokenizer_file={path!r}: no such file")
+    self.path = path
+    with open(path, "rb") as f:
+      self._sha = hashlib.sha256(f.read()).hexdigest()[:16]
+    self._tok = tokenizers.Tokenizer.from_file(path)
+    n = self._tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+      raise ConfigError(f"config.data.vocab_size={vocab_size} is smaller than {path}'s {n} tokens")
+    self.vocab_size = vocab_size
+    specials = _special_tokens(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+    if "eos_token" not in specials:
+      raise ConfigError(f"{os.path.dirname(path)}/tokenizer_config.json names no eos_token")
+    ids = {k: self._tok.token_to_id(v) for k, v in specials.items()}
+    for k, i in ids.items():
+      if i is None:
+        raise ConfigError(f"{path}: tokenizer_config.json's {k} {specials[k]!r} is not a token")
+    self.eos_id, self.pad_id = ids["eos_token"], ids.get("pad_token")
+    self.prefix_ids = tuple(self._tok.encode("").ids)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
+    def enc(b):
+      return np.asarray(self.encode(b.decode("utf-8", errors="replace")), np.int32)
+
+    ids = tf.numpy_function(enc, [text], tf.int32, stateful=False)
+    ids.set_shape([None])
+    return ids
+
+  @property
+  def fingerprint(self) -> dict:
+    return {
+      "kind": "huggingface",
+      "vocab_size": self.vocab_size,
+      "sha256": self._sha,
+      "path": self.path,
+    }
+
+
+def _special_tokens(path: str) -> dict[str, str]:
+  """eos_token / pad_token of a tokenizer_config.json (a string, or a dict
+  with "content"); {} when there is no such file."""
+  if not os.path.exists(path):
+    return {}
+  import json  # pylint: disable=g-import-not-at-top
+
+  with open(path) as f:
+    cfg = json.load(f)
+  out = {}
+  for k in ("eos_token", "pad_token"):
+    v = cfg.get(k)
+    if isinstance(v, dict):
+      v = v.get("content")
+    if isinstance(v, str):
+      out[k] = v
+  return out
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:

@@ -62,13 +62,13 @@ def activate(h: Array, activation: str, h_gate: Array | None = None) -> Array:
 
 
 class Norm(nnx.Module):
-  """RMSNorm or LayerNorm (scale only for RMS), computed in float32."""
+  """RMSNorm or LayerNorm (with a bias unless bias=False), computed in float32."""
 
-  def __init__(self, d: int, kind: str, eps: float):
+  def __init__(self, d: int, kind: str, eps: float, bias: bool = True, names=("embed",)):
     self.kind, self.eps = kind, eps
-    self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
-    if kind == "layer":
-      self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=("embed",))
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=names)
+    if kind == "layer" and bias:
+      self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=names)
 
   def __call__(self, x: Array) -> Array:
     dtype = x.dtype
@@ -78,19 +78,27 @@ class Norm(nnx.Module):
     x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
     shape = (1,) * (x.ndim - 1) + (-1,)
     x = x * self.scale[...].reshape(shape)
-    if self.kind == "layer":
+    if hasattr(self, "bias"):
       x = x + self.bias[...].reshape(shape)
     return x.astype(dtype)
 
 
-def rope(x_BxLxHxZ: Array, positions_BxL: Array, theta: float) -> Array:
-  """Rotary position embedding (half-split form, as in GPT-NeoX / Llama)."""
+def rope(x_BxLxHxZ: Array, positions_BxL: Array, theta: float, layout: str = "half") -> Array:
+  """Rotary position embedding (Su et al. 2021, eq. 34): feature pair j of a
+  head turns by position * theta^(-2j / Z). model.rope_layout says which
+  features pair up: "half" (j, j + Z/2) (GPT-NeoX, Llama, Hugging Face's
+  rotate_half), "interleaved" (2j, 2j + 1) (the paper's and RoFormer's)."""
   d = x_BxLxHxZ.shape[-1]
   freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   ang_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq[None, None]
   sin, cos = jnp.sin(ang_BxLxK)[:, :, None], jnp.cos(ang_BxLxK)[:, :, None]
-  x1, x2 = jnp.split(x_BxLxHxZ.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  x = x_BxLxHxZ.astype(jnp.float32)
+  if layout == "interleaved":
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+  else:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxHxZ.dtype)
 
 
@@ -124,6 +132,40 @@ class Attention(nnx.Module):
     self.wo = param(
       rngs, fan_in_init((0, 1), m.init_scale), (H, Z, D), ("heads", "head_dim", "embed")
     )
+    if m.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.bq = param(rngs, zeros, (H, Z), ("heads", "head_dim"))
+      self.bk = param(rngs, zeros, (J, Z), ("kv_heads", "head_dim"))
+      self.bv = param(rngs, zeros, (J, Z), ("kv_heads", "head_dim"))
+    if m.qk_norm == "head":
+      self.q_norm = Norm(Z, "rms", m.norm_eps, names=("head_dim",))
+      self.k_norm = Norm(Z, "rms", m.norm_eps, names=("head_dim",))
+    elif m.qk_norm == "full":
+      self.q_norm = Norm(H * Z, "rms", m.norm_eps, names=(None,))
+      self.k_norm = Norm(J * Z, "rms", m.norm_eps, names=(None,))
+
+  def _qkv(self, x_BxLxD, positions_BxL):
+    """q [B, L, H, Z], k and v [B, L, J, Z]: projections, then the model's
+    biases, qk_norm, clip_qkv and RoPE, in that order (as Qwen2/3-MoE, OLMoE
+    and DBRX apply them)."""
+    m, dt = self.m, x_BxLxD.dtype
+    q = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
+    k = jnp.einsum("bld,djz->bljz", x_BxLxD, self.wk[...].astype(dt))
+    v = jnp.einsum("bld,djz->bljz", x_BxLxD, self.wv[...].astype(dt))
+    if m.qkv_bias:
+      bias = lambda b: b[...].astype(dt)[None, None]
+      q, k, v = q + bias(self.bq), k + bias(self.bk), v + bias(self.bv)
+    if m.qk_norm == "head":
+      q, k = self.q_norm(q), self.k_norm(k)
+    elif m.qk_norm == "full":
+      q = self.q_norm(q.reshape(q.shape[:2] + (-1,))).reshape(q.shape)
+      k = self.k_norm(k.reshape(k.shape[:2] + (-1,))).reshape(k.shape)
+    if m.clip_qkv:
+      q, k, v = (jnp.clip(a, -m.clip_qkv, m.clip_qkv) for a in (q, k, v))
+    if m.position == "rope":
+      q = rope(q, positions_BxL, m.rope_theta, m.rope_layout)
+      k = rope(k, positions_BxL, m.rope_theta, m.rope_layout)
+    return q, k, v
 
   def __call__(
     self,
@@ -139,12 +181,7 @@ class Attention(nnx.Module):
     segments_BxL (packed examples, no cache): a query sees only the keys of its
     own segment (causally), so examples packed in one row never see each other."""
     dt = x_BxLxD.dtype
-    q_BxLxHxZ = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
-    k_BxLxJxZ = jnp.einsum("bld,djz->bljz", x_BxLxD, self.wk[...].astype(dt))
-    v_BxLxJxZ = jnp.einsum("bld,djz->bljz", x_BxLxD, self.wv[...].astype(dt))
-    if self.m.position == "rope":
-      q_BxLxHxZ = rope(q_BxLxHxZ, positions_BxL, self.m.rope_theta)
-      k_BxLxJxZ = rope(k_BxLxJxZ, positions_BxL, self.m.rope_theta)
+    q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ = self._qkv(x_BxLxD, positions_BxL)
     q_BxLxHxZ = constrain(q_BxLxHxZ, "batch", "length", "heads", "head_dim")
     wo = self.wo[...].astype(dt)
     if cache is None:

@@ -48,6 +48,8 @@ class MoeSpec:
   noisy_gating: bool
   init_scale: float
   num_shared_experts: int
+  shared_expert_gate: bool
+  router_dtype: str
   num_groups: int
   top_k_groups: int
   bias_update_rate: float
@@ -79,6 +81,11 @@ class ModelSpec:
   init_scale: float
   dropout: float
   max_len: int
+  rope_layout: str
+  qk_norm: str
+  qkv_bias: bool
+  clip_qkv: float
+  norm_bias: bool
   moe: MoeSpec
 
   @property

@@ -24,9 +24,9 @@ class Block(nnx.Module):
   def __init__(self, m: ModelSpec, layer: int, *, rngs: nnx.Rngs):
     self.m, self.layer = m, layer
     self.is_moe = m.moe_layer(layer)
-    self.attn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps)
+    self.attn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
     self.attn = layers.Attention(m, rngs=rngs)
-    self.ffn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps)
+    self.ffn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
     if self.is_moe:
       self.ffn = MoeFfn(m, rngs=rngs)
     else:
@@ -104,7 +104,7 @@ class Transformer(nnx.Module):
         rngs, nnx.initializers.normal(0.02), (m.max_len, m.d_model), (None, "embed")
       )
     self.blocks = nnx.List([Block(m, i, rngs=rngs) for i in range(m.num_layers)])
-    self.final_norm = layers.Norm(m.d_model, m.norm, m.norm_eps)
+    self.final_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
     if not m.tie_embeddings:
       self.unembed = layers.param(
         rngs, layers.fan_in_init(scale=m.init_scale), (m.d_model, vocab_size), ("embed", "vocab")

@@ -70,6 +70,8 @@ class MoeFfn(nnx.Module):
       if layers.is_gated(self.activation):
         self.shared_wg = layers.param(rngs, dense_init, (D, SF), ("embed", "mlp"))
       self.shared_wo = layers.param(rngs, dense_init, (SF, D), ("mlp", "embed"))
+      if moe.shared_expert_gate:  # Qwen2-MoE: sigmoid(x @ w) scales the shared output
+        self.shared_gate = layers.param(rngs, dense_init, (D, 1), ("embed", None))
 
   def expert_weights(self, dt=None) -> experts_lib.Weights:
     """The experts' weights, cast to dt (None: as stored)."""
@@ -107,18 +109,20 @@ class MoeFfn(nnx.Module):
     key = self._rng(train, rng)
     stream = lambda i: None if key is None else jax.random.fold_in(key, i)
 
-    # Router (float32): x @ W for each gating matrix, and the routing state.
-    xr_TxD = x_TxD.astype(jnp.float32)
+    # Router: x @ W for each gating matrix (float32, or model.dtype under
+    # router_dtype "compute"; everything after it is float32), and the state.
+    rdt = jnp.float32 if moe.router_dtype == "float32" else dt
+    xr_TxD = x_TxD.astype(rdt)
     if train and moe.jitter > 0:
-      xr_TxD = routing_lib.jitter(xr_TxD, moe.jitter, stream(_JITTER))
+      xr_TxD = routing_lib.jitter(xr_TxD, moe.jitter, stream(_JITTER)).astype(rdt)
     inputs = {}
     for name in self.router_params:
       v = getattr(self, name)
       inputs[name] = (
         v[...]
         if isinstance(v, RouterState)
-        else jnp.dot(xr_TxD, v[...], precision=jax.lax.Precision.HIGHEST)
-      )
+        else jnp.dot(xr_TxD, v[...].astype(rdt), precision=jax.lax.Precision.HIGHEST)
+      ).astype(jnp.float32)
     r = routing_lib.route(moe, mask_T=mask_T, train=train, rng=stream(_NOISE), **inputs)
 
     # Dispatch -> experts -> combine (one program; parallel.py places it).
@@ -179,7 +183,10 @@ class MoeFfn(nnx.Module):
     dt = x_TxD.dtype
     h = x_TxD @ self.shared_wi[...].astype(dt)
     g = x_TxD @ self.shared_wg[...].astype(dt) if layers.is_gated(self.activation) else None
-    return layers.activate(h, self.activation, g) @ self.shared_wo[...].astype(dt)
+    y = layers.activate(h, self.activation, g) @ self.shared_wo[...].astype(dt)
+    if self.m.moe.shared_expert_gate:
+      y = y * jax.nn.sigmoid(x_TxD @ self.shared_gate[...].astype(dt))
+    return y
 
   def _rng(self, train, rng):
     """The layer's key in training (None in evaluation). Routing checks its
