@@ -21,6 +21,9 @@ and nothing is allocated: a 1T-parameter config takes seconds on a laptop.
   factored). Per device: each array divided over the mesh axes its logical
   names map to under config.sharding_rules, for `--devices` devices.
   Activations are not included.
+- Import (sparse_lm/convert.py, a Hugging Face checkpoint of this shape in
+  bfloat16): the host's peak besides the memory-mapped files' page cache
+  (import_host_bytes).
 """
 
 from __future__ import annotations
@@ -178,6 +181,23 @@ def per_device(c, model, num_devices: int) -> dict:
   return {"mesh": sizes, "param_bytes": param_b, "optimizer_bytes": opt_b}
 
 
+def import_host_bytes(c, model, num_devices: int, source_bytes: int = 2) -> float:
+  """Peak host memory of importing a checkpoint of this config's shape
+  (sparse_lm/convert.py) onto `num_devices`, besides the page cache of the
+  memory-mapped files: the parameter being placed, one device shard at a time,
+  as read from the file (`source_bytes` per value: 2 for bfloat16; a routed
+  expert array reads only that shard's experts, any other reads the whole
+  tensor) plus the shard in float32. On accelerators that is all; on CPU the
+  devices are host memory too (params / device x devices)."""
+  sizes = sharding.mesh_sizes(c, num_devices)
+  peak = 0.0
+  for path, shape, names in param_list(model):
+    shard = _split(names, shape, c.sharding_rules, sizes)
+    read = shard if is_routed(path, names) else math.prod(shape)
+    peak = max(peak, source_bytes * read + 4 * shard)
+  return peak
+
+
 # ------------------------------------------------------------------- the table
 
 
@@ -224,6 +244,7 @@ def column(c, num_devices: int = 0) -> dict[str, str]:
     "mesh": mesh,
     "params / device": _bytes(d["param_bytes"]),
     "params+grads+opt / device": _bytes(d["param_bytes"] + grads + d["optimizer_bytes"]),
+    "import: host peak (bf16 files)": _bytes(import_host_bytes(c, model, num_devices)),
   }
 
 

@@ -168,3 +168,14 @@ def test_cli_names_the_config_key_on_a_bad_device_count():
   assert r.returncode != 0
   assert "configs/mixtral.py:8x7b" in r.stderr and "data.batch_size" in r.stderr, r.stderr
   assert "Traceback" not in r.stderr
+
+
+def test_import_host_peak_is_the_largest_parameter_shard_read_and_placed():
+  """Mixtral 8x7B: one device holds all 8 experts of wi [8, 4096, 14336]
+  (bf16 read + float32 copy); with the experts over 8 devices the peak is the
+  embedding [32000, 4096], which every device holds whole."""
+  c = cfglib.load_config("configs/mixtral.py:8x7b")
+  model = inspectlib.abstract_model(c)
+  assert inspectlib.import_host_bytes(c, model, 1) == 8 * 4096 * 14336 * (2 + 4)
+  c.mesh = (("data", 1), ("fsdp", 1), ("expert", 8), ("tensor", 1))
+  assert inspectlib.import_host_bytes(c, model, 8) == 32000 * 4096 * (2 + 4)
