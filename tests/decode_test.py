@@ -147,11 +147,16 @@ def test_sampling_greedy_top_k_top_p():
 
 
 def naive_greedy(model, prompt, n, stop=()):
-  """Greedy tokens by a full forward over the whole sequence for each token."""
+  """Greedy tokens by a full forward over the whole sequence for each token
+  (right-padded to one length, the padding masked: one compiled program)."""
   seq, out = list(prompt), []
-  fwd = jax.jit(lambda t: model(t)[0][:, -1])
+  L = len(prompt) + n
+  fwd = jax.jit(lambda t, mask: model(t, mask_BxL=mask)[0][0])
   for _ in range(n):
-    nxt = int(np.argmax(np.asarray(fwd(jnp.asarray([seq])))))
+    tokens = np.zeros((1, L), np.int32)
+    tokens[0, : len(seq)] = seq
+    mask = (np.arange(L) < len(seq)).astype(np.float32)[None]
+    nxt = int(np.argmax(np.asarray(fwd(jnp.asarray(tokens), jnp.asarray(mask)))[len(seq) - 1]))
     if nxt in stop:
       break
     seq.append(nxt)
