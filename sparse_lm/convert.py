@@ -589,41 +589,27 @@ def _dbrx_hf_config(c, base: dict) -> dict:
   return hf
 
 
+def _llama_family(name: str, arch: str, to_config, moe_name: str = "mlp") -> Family:
+  """A Llama-style family; Mixtral's experts are w1 / w3 / w2 under
+  block_sparse_moe, the others' gate_proj / up_proj / down_proj under mlp."""
+  experts = ("w1", "w3", "w2") if name == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+  return Family(
+    name,
+    arch,
+    name,
+    to_config,
+    lambda c, base: _llama_hf_config(c, base, name),
+    _llama_rules(moe_name, experts),
+  )
+
+
 FAMILIES = {
   f.name: f
   for f in (
-    Family(
-      "mixtral",
-      "MixtralForCausalLM",
-      "mixtral",
-      _mixtral_config,
-      lambda c, base: _llama_hf_config(c, base, "mixtral"),
-      _llama_rules("block_sparse_moe", ("w1", "w3", "w2")),
-    ),
-    Family(
-      "qwen2_moe",
-      "Qwen2MoeForCausalLM",
-      "qwen2_moe",
-      lambda hf: _qwen_config(hf, "none"),
-      lambda c, base: _llama_hf_config(c, base, "qwen2_moe"),
-      _llama_rules("mlp", ("gate_proj", "up_proj", "down_proj")),
-    ),
-    Family(
-      "qwen3_moe",
-      "Qwen3MoeForCausalLM",
-      "qwen3_moe",
-      lambda hf: _qwen_config(hf, "head"),
-      lambda c, base: _llama_hf_config(c, base, "qwen3_moe"),
-      _llama_rules("mlp", ("gate_proj", "up_proj", "down_proj")),
-    ),
-    Family(
-      "olmoe",
-      "OlmoeForCausalLM",
-      "olmoe",
-      _olmoe_config,
-      lambda c, base: _llama_hf_config(c, base, "olmoe"),
-      _llama_rules("mlp", ("gate_proj", "up_proj", "down_proj")),
-    ),
+    _llama_family("mixtral", "MixtralForCausalLM", _mixtral_config, "block_sparse_moe"),
+    _llama_family("qwen2_moe", "Qwen2MoeForCausalLM", lambda hf: _qwen_config(hf, "none")),
+    _llama_family("qwen3_moe", "Qwen3MoeForCausalLM", lambda hf: _qwen_config(hf, "head")),
+    _llama_family("olmoe", "OlmoeForCausalLM", _olmoe_config),
     Family("dbrx", "DbrxForCausalLM", "dbrx", _dbrx_config, _dbrx_hf_config, _dbrx_rules),
   )
 }

@@ -52,6 +52,17 @@ class Tokenizer(Protocol):
   def fingerprint(self) -> dict: ...
 
 
+def _tf_encode(encode, text: tf.Tensor) -> tf.Tensor:
+  """`encode` (str -> ids) on a string tensor, inside tf.data."""
+
+  def enc(b):
+    return np.asarray(encode(b.decode("utf-8", errors="replace")), np.int32)
+
+  ids = tf.numpy_function(enc, [text], tf.int32, stateful=False)
+  ids.set_shape([None])
+  return ids
+
+
 class ByteTokenizer:
   """UTF-8 bytes shifted past the specials (ByT5's layout): pad 0, eos 1, unk 2."""
 
@@ -100,12 +111,7 @@ class SentencePieceTokenizer:
     return self._sp.decode([int(i) for i in ids])
 
   def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
-    def enc(b):
-      return np.asarray(self._sp.encode(b.decode("utf-8", errors="replace")), np.int32)
-
-    ids = tf.numpy_function(enc, [text], tf.int32, stateful=False)
-    ids.set_shape([None])
-    return ids
+    return _tf_encode(self.encode, text)
 
   @property
   def fingerprint(self) -> dict:
@@ -161,12 +167,7 @@ class HuggingFaceTokenizer:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
-    def enc(b):
-      return np.asarray(self.encode(b.decode("utf-8", errors="replace")), np.int32)
-
-    ids = tf.numpy_function(enc, [text], tf.int32, stateful=False)
-    ids.set_shape([None])
-    return ids
+    return _tf_encode(self.encode, text)
 
   @property
   def fingerprint(self) -> dict:
