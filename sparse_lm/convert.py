@@ -727,10 +727,6 @@ def load_params(t: Tensors, rules: list[Rule], spec, abs_params: dict, shardings
   return out
 
 
-def _flat_params(state) -> dict:
-  return ckptlib.params_of(state)
-
-
 def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> dict:
   """Writes `workdir` from the checkpoint folder `hf_dir`; returns a summary."""
   from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
@@ -762,15 +758,23 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
   mesh = sharding.make_mesh(c)
   with sharding.use(mesh, c):
     graphdef, abs_state, shd = train.abstract_state(c, V, mesh)
-    abs_params = _flat_params(abs_state)
+    abs_params = ckptlib.params_of(abs_state)
     shapes = {p: a.get_value().shape for p, a in abs_params.items()}
     check_tensors(rules, t, spec, shapes)
-    flat_shd = _flat_params(shd)
+    flat_shd = ckptlib.params_of(shd)
     params = load_params(t, rules, spec, abs_params, flat_shd)
-    state = jax.jit(lambda: nnx.state(train.create(c, V)), out_shardings=shd)()
-    leaves = ckptlib._model_leaves(state)  # pylint: disable=protected-access
-    by_kp = {leaves[p][0]: v for p, v in params.items()}
-    state = jax.tree_util.tree_map_with_path(lambda kp, x: by_kp.get(kp, x), state)
+
+    def with_params(params):
+      # The train state (fresh optimizer state) holding `params`. Inside one
+      # jit the fresh init of the parameters is dead code (the optimizer's
+      # zeros do not read it), and the loaded buffers are donated: the
+      # devices hold the model once.
+      state = nnx.state(train.create(c, V))
+      leaves = ckptlib._model_leaves(state)  # pylint: disable=protected-access
+      by_kp = {leaves[p][0]: v for p, v in params.items()}
+      return jax.tree_util.tree_map_with_path(lambda kp, x: by_kp.get(kp, x), state)
+
+    state = jax.jit(with_params, out_shardings=shd, donate_argnums=0)(params)
 
     # Nothing was written before this point: every check above is on input.
     staging = f"{workdir}.importing-{uuid.uuid4().hex[:8]}"
@@ -1037,49 +1041,48 @@ def check_exportable(c, fam: Family):
 # -------------------------------------------------------------------- main
 
 
-_HF_DIR = flags.DEFINE_string(
-  "hf_dir", None, "The Hugging Face checkpoint folder (read or written)."
-)
-_WORKDIR = flags.DEFINE_string(
-  "workdir", None, "The run folder (written by import, read by export)."
-)
-_STEP = flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the latest).")
-_FAMILY = flags.DEFINE_string(
-  "family", None, "export: " + " | ".join(FAMILIES) + " (default: the imported one, else mixtral)."
-)
-_DTYPE = flags.DEFINE_enum(
-  "dtype", "float32", ["float32", "bfloat16"], "export: the tensors' dtype."
-)
-_SHARD_MB = flags.DEFINE_integer("shard_mb", 2000, "export: the largest shard file, in MiB.")
-_MESH = flags.DEFINE_string(
-  "mesh", None, "import: place the parameters on this mesh (config.mesh syntax)."
-)
+def _define_flags():
+  """Only when run as a program: tests import this module beside others that
+  define --workdir."""
+  flags.DEFINE_string("hf_dir", None, "The Hugging Face checkpoint folder (read or written).")
+  flags.DEFINE_string("workdir", None, "The run folder (written by import, read by export).")
+  flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the latest).")
+  flags.DEFINE_string(
+    "family",
+    None,
+    "export: " + " | ".join(FAMILIES) + " (default: the imported one, else mixtral).",
+  )
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: the tensors' dtype.")
+  flags.DEFINE_integer("shard_mb", 2000, "export: the largest shard file, in MiB.")
+  flags.DEFINE_string(
+    "mesh", None, "import: place the parameters on this mesh (config.mesh syntax)."
+  )
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("import", "export"):
     raise cli.UserError("usage: python -m sparse_lm.convert import|export --hf_dir=DIR --workdir=W")
-  for name, flag in (("--hf_dir", _HF_DIR), ("--workdir", _WORKDIR)):
-    if not flag.value:
-      raise cli.UserError(f"{name} is required")
+  F = flags.FLAGS
+  for name in ("hf_dir", "workdir"):
+    if not F[name].value:
+      raise cli.UserError(f"--{name} is required")
   if argv[1] == "import":
     import ast  # pylint: disable=g-import-not-at-top
 
-    mesh = ast.literal_eval(_MESH.value) if _MESH.value else None
-    out = import_checkpoint(_HF_DIR.value, _WORKDIR.value, mesh)
+    mesh = ast.literal_eval(F.mesh) if F.mesh else None
+    out = import_checkpoint(F.hf_dir, F.workdir, mesh)
     print(
       f"imported {out['family']} ({out['layout']} experts, {out['params']:,} parameters) "
-      f"from {_HF_DIR.value} into {_WORKDIR.value}"
+      f"from {F.hf_dir} into {F.workdir}"
     )
   else:
-    out = export_checkpoint(
-      _WORKDIR.value, _HF_DIR.value, _STEP.value, _FAMILY.value, _DTYPE.value, _SHARD_MB.value
-    )
+    out = export_checkpoint(F.workdir, F.hf_dir, F.step, F.family, F.dtype, F.shard_mb)
     print(
       f"exported {out['tensors']} tensors ({out['bytes'] / 2**20:.1f} MiB, {out['shards']} "
-      f"shard(s)) as {out['family']} into {_HF_DIR.value}"
+      f"shard(s)) as {out['family']} into {F.hf_dir}"
     )
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main, "sparse_lm.convert", config_flags=())

@@ -382,3 +382,11 @@ def test_huggingface_tokenizer_kind():
   c.data.tokenizer, c.data.tokenizer_file, c.data.vocab_size = "huggingface", "/no/such.json", 320
   with pytest.raises(cfglib.ConfigError, match=r"tokenizer_file='/no/such.json': no such file"):
     pipeline.make_tokenizer(c.data)
+
+
+def test_convert_defines_its_flags_only_as_a_program():
+  """Tests import convert beside sweep (both name --workdir): CI once failed
+  collecting sweep_test with a DuplicateFlagError."""
+  code = "import sparse_lm.convert, sparse_lm.sweep, sparse_lm.evaluate, sparse_lm.inspect"
+  p = run([sys.executable, "-c", code])
+  assert p.returncode == 0, p.stderr[-2000:]
