@@ -243,7 +243,10 @@ class Family:
 def _llama_like(hf: dict, *, d_ff_dense: int, moe_ff: int, experts: int, top_k: int, renorm: bool):
   """Our config for the Llama-style families (Mixtral, Qwen-MoE, OLMoE)."""
   _refuse(hf, "hidden_act", lambda v: v == "silu", "only SwiGLU experts (hidden_act 'silu')")
-  _refuse(hf, "sliding_window", lambda v: not v, "sliding-window attention is not supported")
+  # Qwen's configs carry a sliding_window that use_sliding_window=false turns
+  # off (the released Qwen1.5-MoE's says 32768): only a window in use is refused.
+  if hf.get("use_sliding_window", True):
+    _refuse(hf, "sliding_window", lambda v: not v, "sliding-window attention is not supported")
   _refuse(hf, "use_sliding_window", lambda v: not v, "sliding-window attention is not supported")
   _refuse(hf, "attention_bias", lambda v: not v, "attention biases on o_proj are not supported")
   _refuse(

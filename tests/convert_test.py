@@ -390,3 +390,14 @@ def test_convert_defines_its_flags_only_as_a_program():
   code = "import sparse_lm.convert, sparse_lm.sweep, sparse_lm.evaluate, sparse_lm.inspect"
   p = run([sys.executable, "-c", code])
   assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_a_sliding_window_turned_off_is_not_refused(tmp_path):
+  """Qwen's configs name a window that use_sliding_window=false turns off."""
+  src = _copy(tmp_path, "qwen2_moe")
+  _edit_config(src, sliding_window=32768, use_sliding_window=False)
+  fam, c = convert.hf_to_config(str(src))
+  assert fam.name == "qwen2_moe" and c.model.moe.shared_expert_gate
+  _edit_config(src, use_sliding_window=True)
+  with pytest.raises(convert.ConvertError, match="sliding_window=32768"):
+    convert.hf_to_config(str(src))
