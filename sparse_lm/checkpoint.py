@@ -1,5 +1,5 @@
 """The workdir's life: lock, config record, Orbax checkpoints, restore targets,
-and restoring a chosen subset of another run's parameters by name.
+and reading a chosen subset of another run's parameters by name.
 
 What a run guarantees (README, "Checkpoints"), and where:
   * one process per workdir: `open_workdir` takes a lock file that the OS
@@ -18,9 +18,10 @@ What a run guarantees (README, "Checkpoints"), and where:
     workdir/broken_checkpoints/, named in one line (step and array), and the
     step before it is restored; tmp folders of killed saves are removed.
 
-`restore_params` (fine-tuning's train.init_from) reads only the parameters of
-another run's checkpoint, by name rules, onto the new run's abstract state
-and mesh: the source may have been saved on any mesh.
+`param_metadata` and `read_params` (fine-tuning's train.init_from,
+sparse_lm/finetune.py) read only the named parameters of another run's
+checkpoint onto the new run's shardings: the source may have been saved on
+any mesh.
 """
 
 from __future__ import annotations
@@ -39,12 +40,9 @@ import threading
 import time
 from typing import Any
 from typing import Callable
-from typing import NamedTuple
-import zlib
 
 from absl import logging
 import filelock
-from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -52,19 +50,11 @@ import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sparse_lm import cli
 from sparse_lm import config as cfglib
-
-
-class RunError(cli.UserError, RuntimeError):
-  """A run cannot go on; the message is one line that says what to do."""
-
-
-class CheckpointWriteError(RunError):
-  """A checkpoint could not be written. Orbax's save threads never finish
-  after that, so the program exits with os._exit once the message is out."""
-
-  hard_exit = True
+from sparse_lm import params as paramslib
+from sparse_lm.errors import CheckpointWriteError
+from sparse_lm.errors import ConfigError
+from sparse_lm.errors import RunError
 
 
 def _one_line(e: BaseException, n: int = 200) -> str:
@@ -175,13 +165,13 @@ def check_resume(c, workdir: str, tree_of: Callable, say=print):
   show = lambda keys: "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys)
   tok = [k for k in changed if k in TOKENIZER_KEYS]
   if tok:
-    raise cfglib.ConfigError(
+    raise ConfigError(
       f"workdir {workdir} holds a run with another tokenizer ({show(tok)}); "
       "use a new --workdir, or restore those values"
     )
   if tree_of(old_c) != tree_of(c):
     arch = [k for k in changed if k.startswith(("model.", "train.optimizer", "train.frozen"))]
-    raise cfglib.ConfigError(
+    raise ConfigError(
       f"workdir {workdir} holds a run with a different architecture "
       f"({show(arch or changed)}: its parameters or optimizer state have other names or "
       "shapes); use a new --workdir, or restore those values"
@@ -432,143 +422,20 @@ class Checkpointer:
 # ------------------------------------------------------ another run's params
 
 
-def path_str(path) -> str:
-  """A state path as the name rules see it: "blocks/1/ffn/wi"."""
-  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+def _state_dir(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "checkpoints", str(step), "state")
 
 
-def params_of(state) -> dict[str, Any]:
-  """{path: leaf} of the model's nnx.Param values in a split train state."""
-  flat = nnx.to_flat_state(state)
-  return {path_str(p[1:]): v for p, v in flat if p[0] == 0 and isinstance(v, nnx.Param)}
-
-
-class Assign(NamedTuple):
-  """How one parameter of the new run is initialised."""
-
-  source: str | None  # the source path, or None: fresh (the new run's own init)
-  how: str  # "copy", "experts" (copied into every expert: upcycling), "tile" (E -> m E), "fresh"
-
-
-def plan_init(
-  rules, targets: dict[str, tuple], sources: dict[str, tuple], key="train.init_rules"
-) -> dict[str, Assign]:
-  """Which source parameter initialises each target one, by name rules (T5X's
-  assignment map): `rules` is an ordered list of (regex, source) pairs; the
-  first regex that fully matches a target path decides: `source` is a
-  re.sub template of the source path ("\\1" for groups) or None for a fresh
-  init. A target no rule matches takes the source parameter of its own name,
-  or is fresh when the source has none. targets: {path: (shape, logical
-  names)}; sources: {path: (shape, dtype)}. Shapes decide the copy: equal
-  (copy), the target one expert axis more (upcycling: every expert a copy), or
-  the target's expert axis a multiple of the source's (tile). Anything else,
-  a rule that matches nothing, or a source path that does not exist is a
-  one-line ConfigError naming both paths and shapes."""
-  compiled = []
-  for i, (rx, src) in enumerate(rules):
-    try:
-      compiled.append((re.compile(rx), src))
-    except re.error as e:
-      raise cfglib.ConfigError(f"config.{key}[{i}]={rx!r} is not a regex: {e}") from None
-  used = [False] * len(compiled)
-  plan = {}
-  for path, (shape, names) in targets.items():
-    hit = next((i for i, (rx, _) in enumerate(compiled) if rx.fullmatch(path)), None)
-    if hit is None:
-      src = path if path in sources else None
-    else:
-      used[hit] = True
-      rx, template = compiled[hit]
-      src = None if template is None else rx.fullmatch(path).expand(template)
-      if src is not None and src not in sources:
-        raise cfglib.ConfigError(
-          f"config.{key}[{hit}] maps {path} to {src}, which the source checkpoint does not have"
-        )
-    plan[path] = Assign(src, "fresh") if src is None else _how(path, shape, names, src, sources)
-  unused = [rules[i][0] for i, u in enumerate(used) if not u]
-  if unused:
-    raise cfglib.ConfigError(f"config.{key}: {unused[0]!r} matches no parameter of the new model")
-  return plan
-
-
-def _how(path, shape, names, src, sources) -> Assign:
-  s_shape = tuple(sources[src][0])
-  shape = tuple(shape)
-  expert = bool(names) and names[0] == "expert"
-  if s_shape == shape:
-    return Assign(src, "copy")
-  if expert and shape[1:] == s_shape:
-    return Assign(src, "experts")
-  if expert and shape[1:] == s_shape[1:] and s_shape and shape[0] % s_shape[0] == 0:
-    return Assign(src, "tile")
-  raise cfglib.ConfigError(
-    f"config.train.init_from: {path} {shape} cannot take the source's {src} {s_shape} "
-    "(shapes differ); re-initialise it with a train.init_rules entry (regex, None)"
-  )
-
-
-class InitReport(NamedTuple):
-  """What init_from did to each parameter of the new run: {path: how}."""
-
-  source: str
-  step: int
-  how: dict[str, str]  # "copied from P", "copied from P into every expert", "fresh", ...
-
-  def line(self) -> str:
-    """One line: which parameters came from where, and which are fresh."""
-    groups: dict[str, list[str]] = {}
-    for path, how in self.how.items():
-      groups.setdefault(how.split(" from ")[0], []).append(path)
-    parts = [f"{k} ({len(v)}): {_compact(v)}" for k, v in groups.items()]
-    return f"init from {self.source} step {self.step}: " + "; ".join(parts)
-
-
-def _compact(paths: list[str], n: int = 6) -> str:
-  """Paths with their layer numbers folded: blocks/{0,2}/attn/wq."""
-  folded: dict[str, list[str]] = {}
-  for p in paths:
-    m = re.match(r"(blocks/)(\d+)(/.*)", p)
-    key, layer = ((m.group(1) + "{}" + m.group(3)), m.group(2)) if m else (p, None)
-    folded.setdefault(key, []).append(layer)
-  out = [
-    k.format("{" + ",".join(ls) + "}" if len(ls) > 1 else ls[0]) if ls[0] is not None else k
-    for k, ls in folded.items()
-  ]
-  return ", ".join(out[:n]) + (f", ... ({len(out) - n} more)" if len(out) > n else "")
-
-
-def parse_source(spec: str, key: str = "train.init_from") -> tuple[str, int | None]:
-  """'WORKDIR[:STEP]' -> (absolute workdir, step or None), or a one-line error."""
-  path, step = spec, None
-  head, sep, tail = spec.rpartition(":")
-  if sep and tail.isdigit():
-    path, step = head, int(tail)
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(os.path.join(path, "checkpoints")):
-    raise cfglib.ConfigError(f"config.{key}={spec!r} is invalid: {path} holds no run's checkpoints")
-  return path, step
-
-
-def source_params(workdir: str, step: int | None, key: str = "train.init_from"):
-  """(step, {path: (shape, dtype)}) of the model variables in a run's checkpoint,
-  read from its metadata (nothing is loaded)."""
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-  step = steps[-1] if step is None and steps else step
-  if step is None or step not in steps:
-    raise cfglib.ConfigError(
-      f"config.{key} is invalid: {workdir}/checkpoints has no step {step} (it has {steps})"
-    )
+def param_metadata(workdir: str, step: int) -> dict[str, tuple]:
+  """{path: (shape, dtype)} of the model variables in a run's checkpoint of
+  `step`, read from its metadata (nothing is loaded)."""
   with _absl_errors_only():  # (it warns that the item has no _CHECKPOINT_METADATA file)
     tree = ocp.PyTreeCheckpointer().metadata(_state_dir(workdir, step)).item_metadata.tree
   flat = jax.tree_util.tree_flatten_with_path(tree["0"], is_leaf=lambda x: hasattr(x, "shape"))[0]
-  return step, {
-    path_str(p[:-1]): (tuple(m.shape), np.dtype(m.dtype))
+  return {
+    paramslib.path_str(p[:-1]): (tuple(m.shape), np.dtype(m.dtype))
     for p, m in flat  # p[-1]: "value"
   }
-
-
-def _state_dir(workdir: str, step: int) -> str:
-  return os.path.join(workdir, "checkpoints", str(step), "state")
 
 
 def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict:
@@ -589,105 +456,3 @@ def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct
     out = ocp.PyTreeCheckpointer().restore(_state_dir(workdir, step), args=args)
   get = lambda path: functools.reduce(lambda n, k: n[k], ["0", *path.split("/"), "value"], out)
   return {path: get(path) for path in targets}
-
-
-def expected_gate_mass(moe) -> float:
-  """The sum of a token's chosen gates when every router logit is equal (a
-  zero router): what an upcycled MoE scales its copies' output by. Gates that
-  sum to 1 (mixtral, normalised top-k / sigmoid, hierarchical) give 1."""
-  if moe.router == "switch":
-    return 1.0 / moe.num_experts  # the chosen softmax probability
-  if moe.router == "topk" and not moe.normalize_gates:
-    return moe.top_k / moe.num_experts
-  if moe.router in ("sigmoid_bias", "group_limited") and not moe.normalize_gates:
-    return moe.top_k * 0.5  # sigmoid(0) per chosen expert
-  return 1.0
-
-
-def _model_leaves(state) -> dict[str, tuple]:
-  """{path: (keypath, leaf)} of the model variables (part 0) of a train state."""
-  out = {}
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in kp]
-    keys = [k for k, p in zip(keys, kp) if not isinstance(p, jax.tree_util.GetAttrKey)]
-    if keys and keys[0] == 0:
-      out["/".join(map(str, keys[1:]))] = (kp, leaf)
-  return out
-
-
-def logical_names(abs_state) -> dict[str, tuple]:
-  """{path: logical axis names} of the model variables of an abstract train state."""
-  flat = nnx.to_flat_state(abs_state)
-  return {
-    path_str(p[1:]): tuple(v.get_metadata().get("out_sharding") or ()) for p, v in flat if p[0] == 0
-  }
-
-
-def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
-  """The new run's initial state with its model variables taken from
-  train.init_from's checkpoint by train.init_rules (plan_init), transformed
-  (copy / into every expert / tiled; upcycling's gate scale and Drop-Upcycling
-  re-init), placed with the new state's shardings. The optimizer and step
-  stay fresh."""
-  t, spec = c.train, cfglib.model_spec(c)
-  source, step = parse_source(t.init_from)
-  step, sources = source_params(source, step)
-  leaves, names = _model_leaves(state), logical_names(abs_state)
-  targets = {p: (leaf.shape, names.get(p, ())) for p, (_, leaf) in leaves.items()}
-  plan = plan_init(t.init_rules, targets, sources)
-  reads = {}
-  for path, a in plan.items():
-    if a.source is None:
-      continue
-    shd = leaves[path][1].sharding
-    if isinstance(shd, jax.sharding.NamedSharding) and a.how != "copy":
-      # "experts": the target's sharding without its expert axis; "tile": replicated.
-      pspec = shd.spec[1:] if a.how == "experts" else ()
-      shd = jax.sharding.NamedSharding(shd.mesh, jax.sharding.PartitionSpec(*pspec))
-    reads[a.source] = jax.ShapeDtypeStruct(sources[a.source][0], sources[a.source][1], sharding=shd)
-  values = read_params(source, step, reads)
-  scale = 1.0 / expected_gate_mass(spec.moe) if t.init_gate_scale == "expected" else 1.0
-  new, how = {}, {}
-  for path, a in plan.items():
-    kp, fresh = leaves[path]
-    if a.source is None:
-      how[path] = "fresh"
-      continue
-    x = values[a.source]
-    new[path] = _transform(x, fresh, a.how, path, scale, t.init_reinit_fraction, t.seed)
-    how[path] = {
-      "copy": f"copied from {a.source}",
-      "experts": f"copied into every expert from {a.source}",
-      "tile": f"tiled over the experts from {a.source}",
-    }[a.how]
-  by_kp = {leaves[p][0]: v for p, v in new.items()}
-  state = jax.tree_util.tree_map_with_path(lambda kp, x: by_kp.get(kp, x), state)
-  return state, InitReport(f"{source}", step, how)
-
-
-def _transform(x, fresh, how: str, path: str, scale: float, reinit: float, seed: int):
-  """One target variable from its source value (see init_from)."""
-  leaf = path.rsplit("/", 1)[-1]
-
-  def make(x, fresh):
-    x = x.astype(fresh.dtype)
-    if how == "copy":
-      return x
-    if how == "tile":
-      return jnp.tile(x, (fresh.shape[0] // x.shape[0],) + (1,) * (x.ndim - 1))
-    y = jnp.broadcast_to(x[None], fresh.shape)
-    if leaf == "wo":  # [E, F, D]: the copies' output projection carries the gate scale
-      y = y * scale
-    if reinit and leaf in ("wi", "wg", "wo"):
-      # Drop-Upcycling (arXiv 2502.19261): per expert, a random fraction of the
-      # hidden units keeps the fresh init (the same units for wi, wg and wo of
-      # a layer; the paper draws them from the copied weights' statistics).
-      E, F = fresh.shape[0], fresh.shape[2 if leaf != "wo" else 1]
-      key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.rsplit("/", 1)[0].encode()))
-      rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, (E, F)), -1), -1)
-      drop = rank < round(reinit * F)
-      drop = drop[:, None, :] if leaf != "wo" else drop[:, :, None]
-      y = jnp.where(drop, fresh, y)
-    return y
-
-  return jax.jit(make, out_shardings=fresh.sharding)(x, fresh)

@@ -15,18 +15,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-
-class UserError(Exception):
-  """An error the user can fix; its message is one line that says how.
-
-  `hard_exit`: end the process with os._exit after printing (for failures
-  that leave library threads behind that would never let it exit)."""
-
-  hard_exit = False
-
-
-class ConfigError(UserError, ValueError):
-  """A config value is wrong; the message names the key and what is allowed."""
+from sparse_lm.errors import UserError
 
 
 def fail(name: str, message: str, hard: bool = False):

@@ -55,13 +55,15 @@ import numpy as np
 from sparse_lm import checkpoint as ckptlib
 from sparse_lm import cli
 from sparse_lm import config as cfglib
+from sparse_lm import params as paramslib
+from sparse_lm import state as statelib
 from sparse_lm.data import tokenizer as toklib
+from sparse_lm.errors import ConfigError
+from sparse_lm.errors import ConvertError
+from sparse_lm.errors import RunError
+from sparse_lm.errors import UserError
 
 Array = np.ndarray
-
-
-class ConvertError(cli.UserError):
-  """A checkpoint or config that cannot be converted; one line naming it."""
 
 
 # ------------------------------------------------------------ safetensors
@@ -651,7 +653,7 @@ def hf_to_config(hf_dir: str):
   c.data.tokenizer, c.data.tokenizer_file = "huggingface", os.path.join(hf_dir, "tokenizer.json")
   try:
     cfglib.validate(c)
-  except cfglib.ConfigError as e:
+  except ConfigError as e:
     raise ConvertError(f"{hf_dir}/config.json gives an invalid config: {e}") from None
   return fam, c
 
@@ -733,7 +735,6 @@ def load_params(t: Tensors, rules: list[Rule], spec, abs_params: dict, shardings
 def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> dict:
   """Writes `workdir` from the checkpoint folder `hf_dir`; returns a summary."""
   from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
-  from sparse_lm import train  # pylint: disable=g-import-not-at-top
 
   hf_dir, workdir = (
     os.path.abspath(os.path.expanduser(hf_dir)),
@@ -760,11 +761,11 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
 
   mesh = sharding.make_mesh(c)
   with sharding.use(mesh, c):
-    graphdef, abs_state, shd = train.abstract_state(c, V, mesh)
-    abs_params = ckptlib.params_of(abs_state)
+    graphdef, abs_state, shd = statelib.abstract_state(c, V, mesh)
+    abs_params = paramslib.params_of(abs_state)
     shapes = {p: a.get_value().shape for p, a in abs_params.items()}
     check_tensors(rules, t, spec, shapes)
-    flat_shd = ckptlib.params_of(shd)
+    flat_shd = paramslib.params_of(shd)
     params = load_params(t, rules, spec, abs_params, flat_shd)
 
     def with_params(params):
@@ -772,8 +773,8 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
       # jit the fresh init of the parameters is dead code (the optimizer's
       # zeros do not read it), and the loaded buffers are donated: the
       # devices hold the model once.
-      state = nnx.state(train.create(c, V))
-      leaves = ckptlib._model_leaves(state)  # pylint: disable=protected-access
+      state = nnx.state(statelib.create(c, V))
+      leaves = paramslib.model_leaves(state)
       by_kp = {leaves[p][0]: v for p, v in params.items()}
       return jax.tree_util.tree_map_with_path(lambda kp, x: by_kp.get(kp, x), state)
 
@@ -852,8 +853,6 @@ def export_checkpoint(
   run's tokenizer files) from a run's checkpoint."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  from sparse_lm import train  # pylint: disable=g-import-not-at-top
-
   workdir, hf_dir = (
     os.path.abspath(os.path.expanduser(workdir)),
     os.path.abspath(os.path.expanduser(hf_dir)),
@@ -877,9 +876,9 @@ def export_checkpoint(
     raise ConvertError(f"--hf_dir={hf_dir} is not empty; export into a new folder")
   spec = cfglib.model_spec(c)
   rules = fam.rules(spec, False)
-  model, c, tok = train.load_model(workdir, step)
+  model, c, tok = statelib.load_model(workdir, step)
   params = {
-    ckptlib.path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    paramslib.path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
   }
   src = _param_source(rules)
   missing = sorted(set(params) - set(src))
@@ -956,7 +955,7 @@ def hf_folder_of(workdir: str) -> str:
       return os.path.join(workdir, "hf")
     try:
       source = ckptlib.read_config(workdir).train.init_from
-    except ckptlib.RunError:
+    except RunError:
       return ""
     if not source:
       return ""
@@ -1064,11 +1063,11 @@ def _define_flags():
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("import", "export"):
-    raise cli.UserError("usage: python -m sparse_lm.convert import|export --hf_dir=DIR --workdir=W")
+    raise UserError("usage: python -m sparse_lm.convert import|export --hf_dir=DIR --workdir=W")
   F = flags.FLAGS
   for name in ("hf_dir", "workdir"):
     if not F[name].value:
-      raise cli.UserError(f"--{name} is required")
+      raise UserError(f"--{name} is required")
   if argv[1] == "import":
     import ast  # pylint: disable=g-import-not-at-top
 

@@ -1,6 +1,6 @@
 """Decoding: a KV cache, prefill and one-token decode steps, sampling.
 
-  checkpoint -> inference model (train.load_model(..., inference=True), or
+  checkpoint -> inference model (state.load_model(..., inference=True), or
   for_inference(model) of a model in memory)
   -> prompts, left-padded to one length -> prefill (the whole prompts, one
   jit; fills the cache) -> decode steps (one token per row, one jit) ->
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_lm import sharding
-from sparse_lm.cli import ConfigError
+from sparse_lm.errors import ConfigError
 from sparse_lm.models import layers
 from sparse_lm.models.moe import routing
 from sparse_lm.models.spec import ModelSpec
@@ -262,7 +262,7 @@ def generate(
 ) -> Generation:
   """Samples up to max_new_tokens after each prompt (a batch).
 
-  `model` is an inference model (train.load_model(..., inference=True)); with
+  `model` is an inference model (state.load_model(..., inference=True)); with
   `mesh` and `config`, it runs under that mesh and the config's rules (the
   state must already be placed there). Rows stop at their first stop id.
   Prompts are left-padded and the cache sized to `bucket` lengths, so new

@@ -30,12 +30,13 @@ from flax import nnx
 import jax
 import numpy as np
 
-from sparse_lm import checkpoint
 from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
-from sparse_lm import metrics as metricslib
-from sparse_lm import train
+from sparse_lm import finetune
+from sparse_lm import state as statelib
+from sparse_lm.errors import ConfigError
+from sparse_lm.errors import UserError
 
 
 def _define_flags():
@@ -63,7 +64,7 @@ def evaluate(
   workdir: str, step=None, split=None, dataset=None, batches=None, compare_routing=None
 ) -> dict:
   """The numbers `main` prints, as a dict."""
-  model, c, tok = train.load_model(workdir, step)
+  model, c, tok = statelib.load_model(workdir, step)
   d = c.data
   if dataset:
     d.dataset = dataset
@@ -71,13 +72,13 @@ def evaluate(
     d.eval_split = split
   n = batches or c.train.eval_batches
   if n < 1:
-    raise cfglib.ConfigError(f"--batches={n}: must be >= 1")
+    raise ConfigError(f"--batches={n}: must be >= 1")
   eval_data = datalib.eval_batches(d, n, tokenizer=tok)
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def step_fn(state, batch):
-    _, aux = train.loss_fn(nnx.merge(graphdef, state), batch, train=False, rng=None)
+    _, aux = statelib.loss_fn(nnx.merge(graphdef, state), batch, train=False, rng=None)
     return aux["ce"], jax.numpy.sum(batch["weights"]), aux["moe"]
 
   ces, weights, moes = [], [], []
@@ -112,19 +113,19 @@ def evaluate(
 def drift_from(base: str, model, c, tok, batches) -> dict:
   """metrics.routing_drift of `model` against the base run's model, the mean
   over `batches` (the base must have the same MoE layers and tokenizer)."""
-  path, step = checkpoint.parse_source(base, key="compare_routing")
-  base_model, base_c, base_tok = train.load_model(path, step)
+  path, step = finetune.parse_source(base, key="compare_routing")
+  base_model, base_c, base_tok = statelib.load_model(path, step)
   ids = list(cfglib.model_spec(c).moe_layers)
   if list(cfglib.model_spec(base_c).moe_layers) != ids or not ids:
-    raise cfglib.ConfigError(f"--compare_routing={base}: its MoE layers are not this run's {ids}")
+    raise ConfigError(f"--compare_routing={base}: its MoE layers are not this run's {ids}")
   if base_tok.fingerprint != tok.fingerprint:
-    raise cfglib.ConfigError(f"--compare_routing={base}: it has another tokenizer")
-  probs = nnx.jit(train.router_probs)
+    raise ConfigError(f"--compare_routing={base}: it has another tokenizer")
+  probs = nnx.jit(finetune.router_probs)
   rows = [
-    metricslib.routing_drift(
+    finetune.routing_drift(
       jax.device_get(probs(base_model, b)),
       jax.device_get(probs(model, b)),
-      metricslib.drift_sets(b),
+      finetune.drift_sets(b),
       ids,
     )
     for b in batches
@@ -176,7 +177,7 @@ def main(argv):
       with open(f.output, "w") as out:
         json.dump(r, out, indent=1)
     except OSError as e:
-      raise cli.UserError(f"--output={f.output}: {e.strerror or e}") from None
+      raise UserError(f"--output={f.output}: {e.strerror or e}") from None
     print(f"wrote {f.output}")
 
 

@@ -26,6 +26,7 @@ import sys
 from absl import flags
 
 from sparse_lm import cli
+from sparse_lm.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -50,7 +51,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def read_prompts(path: str) -> list[str]:
   if not os.path.exists(path):
-    raise cli.UserError(f"--prompts={path}: no such file")
+    raise UserError(f"--prompts={path}: no such file")
   with open(path, encoding="utf-8") as f:
     if not path.endswith(".jsonl"):
       return [line.rstrip("\n") for line in f if line.strip()]
@@ -61,21 +62,19 @@ def read_prompts(path: str) -> list[str]:
       try:
         out.append(json.loads(line)["prompt"])
       except (ValueError, KeyError, TypeError):
-        raise cli.UserError(
-          f"--prompts={path} line {i}: not a JSON object with a 'prompt'"
-        ) from None
+        raise UserError(f"--prompts={path} line {i}: not a JSON object with a 'prompt'") from None
     return out
 
 
 def check_sampling():
   if _MAX_NEW.value < 1:
-    raise cli.UserError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
+    raise UserError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
   if _TEMPERATURE.value < 0:
-    raise cli.UserError(f"--temperature={_TEMPERATURE.value}: must be >= 0 (0 = greedy)")
+    raise UserError(f"--temperature={_TEMPERATURE.value}: must be >= 0 (0 = greedy)")
   if _TOP_K.value < 0:
-    raise cli.UserError(f"--top_k={_TOP_K.value}: must be >= 0 (0 = off)")
+    raise UserError(f"--top_k={_TOP_K.value}: must be >= 0 (0 = off)")
   if not 0 < _TOP_P.value <= 1:
-    raise cli.UserError(f"--top_p={_TOP_P.value}: must be in (0, 1]")
+    raise UserError(f"--top_p={_TOP_P.value}: must be in (0, 1]")
 
 
 def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -88,11 +87,11 @@ def main(argv):
   check_sampling()
   prompts = list(_PROMPT.value) + (read_prompts(_PROMPTS.value) if _PROMPTS.value else [])
   if not prompts:
-    raise cli.UserError("give a --prompt or a --prompts file")
+    raise UserError("give a --prompt or a --prompts file")
   from sparse_lm import checkpoint  # pylint: disable=g-import-not-at-top
   from sparse_lm import decode  # pylint: disable=g-import-not-at-top
   from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
-  from sparse_lm import train  # pylint: disable=g-import-not-at-top
+  from sparse_lm import state as statelib  # pylint: disable=g-import-not-at-top
 
   mesh = config = None
   if _MESH.value:
@@ -100,17 +99,17 @@ def main(argv):
     try:
       config.mesh = ast.literal_eval(_MESH.value)
     except (ValueError, SyntaxError):
-      raise cli.UserError(f"--mesh={_MESH.value}: not a tuple of (axis, size) pairs") from None
+      raise UserError(f"--mesh={_MESH.value}: not a tuple of (axis, size) pairs") from None
     import jax  # pylint: disable=g-import-not-at-top
 
     mesh = sharding.make_mesh(config, jax.devices())
-  model, c, tok = train.load_model(_WORKDIR.value, _STEP.value, inference=True, mesh=mesh)
+  model, c, tok = statelib.load_model(_WORKDIR.value, _STEP.value, inference=True, mesh=mesh)
   if config is not None:
     config.model = c.model
   ids = [tok.encode(p) for p in prompts]
   empty = [i for i, p in enumerate(ids) if not p]
   if empty:
-    raise cli.UserError(f"prompt {empty[0] + 1} is empty")
+    raise UserError(f"prompt {empty[0] + 1} is empty")
   sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   g = decode.generate(
     model,
@@ -142,7 +141,7 @@ def main(argv):
       with open(_OUTPUT.value, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     except OSError as e:
-      raise cli.UserError(f"--output={_OUTPUT.value}: {e.strerror or e}") from None
+      raise UserError(f"--output={_OUTPUT.value}: {e.strerror or e}") from None
     print(f"wrote {_OUTPUT.value}")
   sys.stdout.flush()
 

@@ -30,26 +30,27 @@ from __future__ import annotations
 
 import math
 
-from absl import app
-from absl import flags
-from flax import nnx
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 
-from sparse_lm import cli
 from sparse_lm import config as cfglib
+from sparse_lm import finetune
 from sparse_lm import optimizer as optlib
 from sparse_lm import sharding
-from sparse_lm.data.tokenizer import ByteTokenizer
+from sparse_lm import state as statelib
+from sparse_lm.errors import ConfigError
 from sparse_lm.models.moe import routing
-from sparse_lm.models.transformer import Transformer
+from sparse_lm.params import is_routed
+from sparse_lm.params import param_list
 
 LOOKUP_TABLES = ("embedding", "pos_embed")  # gathered, not multiplied
 
 
 def _define_flags():
   """Only when run as a program: the trainer imports this module and owns --config."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
   config_flags.DEFINE_config_file(
     "compare", None, "A second config, shown side by side.", lock_config=True
@@ -70,42 +71,12 @@ def experts_per_token(m) -> float:
   return router.choices(m.moe)
 
 
-def vocab_size_of(c) -> int:
-  return ByteTokenizer.vocab_size if c.data.tokenizer == "byte" else c.data.vocab_size
-
-
-def abstract_model(c, vocab_size: int | None = None):
-  """The Transformer of config `c` with ShapeDtypeStructs for values."""
-  V = vocab_size or vocab_size_of(c)
-  spec = cfglib.model_spec(c)
-  with nnx.use_eager_sharding(False):  # shapes only: no mesh needed
-    return nnx.eval_shape(lambda: Transformer(spec, V, rngs=nnx.Rngs(0)))
-
-
-def param_list(model) -> list[tuple[str, tuple, tuple]]:
-  """(path, shape, logical names) of every nnx.Param."""
-  out = []
-  for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    names = tuple(getattr(p, "out_sharding", None) or ())
-    out.append(("/".join(map(str, path)), tuple(p.get_value().shape), names))
-  return out
-
-
-def is_routed(path: str, names: tuple) -> bool:
-  """Whether a Param holds routed experts' weights (active for k of E per token).
-
-  Shared experts (MoeFfn's shared_* Params, on "mlp" axes) are always active;
-  the name check keeps them so should they ever get an expert axis.
-  """
-  return bool(names) and names[0] == "expert" and "shared" not in path
-
-
 def optimizer_bytes(t, params) -> dict[str, int]:
   """Bytes of optimizer state per parameter path, from the init of the
   optimizer the trainer builds (optimizer.make_optimizer); parameters that
   train.frozen freezes have none."""
   opt = optlib.make_optimizer(t)
-  frozen = optlib.frozen_predicate(t.frozen) if t.frozen else lambda path, names: False
+  frozen = finetune.frozen_predicate(t.frozen) if t.frozen else lambda path, names: False
   shapes = {
     path: jax.ShapeDtypeStruct(shape, jnp.float32)
     for path, shape, names in params
@@ -128,8 +99,8 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   `model`: an abstract (or real) Transformer of `c`, to skip building one.
   """
   m = cfglib.model_spec(c)
-  V = vocab_size or vocab_size_of(c)
-  params = param_list(model if model is not None else abstract_model(c, V))
+  V = vocab_size or statelib.vocab_size_of(c)
+  params = param_list(model if model is not None else statelib.abstract_model(c, V))
   total = routed = lookup = unembed = vectors = 0
   for path, shape, names in params:
     n = math.prod(shape)
@@ -220,7 +191,7 @@ def column(c, num_devices: int = 0) -> dict[str, str]:
   m = cfglib.model_spec(c)
   num_devices = num_devices or math.prod(v for _, v in c.mesh if v != -1)
   sharding.mesh_sizes(c, num_devices)  # a bad count fails before any tracing
-  model = abstract_model(c)
+  model = statelib.abstract_model(c)
   s = summarize(c, model=model)
   d = per_device(c, model, num_devices)
   n_moe = len(m.moe_layers)
@@ -262,6 +233,10 @@ def table(columns: dict[str, dict[str, str]]) -> str:
 
 
 def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   columns, notes = {}, []
@@ -277,8 +252,8 @@ def main(argv):
       notes.append(f"{mark} " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
     try:
       columns[title] = column(cfglib.validate(flag.value), flags.FLAGS.devices)
-    except cfglib.ConfigError as e:
-      raise cfglib.ConfigError(f"{title}: {e}") from None
+    except ConfigError as e:
+      raise ConfigError(f"{title}: {e}") from None
   if not columns:
     raise app.UsageError("--config is required, e.g. --config=configs/mixtral.py:8x7b")
   print(table(columns))
@@ -287,5 +262,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from sparse_lm import cli  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   cli.run(main, "sparse_lm.inspect", config_flags=("config", "compare"))

@@ -120,35 +120,3 @@ class Progress:
 def _hms(s: float) -> str:
   s = int(s)
   return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def routing_drift(base: list, now: list, sets: dict, layer_ids: list[int]) -> dict:
-  """How far routing moved from a base model's, per MoE layer: the mean over
-  tokens of KL(p_base || p_now) of the router distributions [T, E], and the
-  fraction of tokens whose top-1 expert changed, over each token set of
-  `sets` ({suffix: mask [T]}: "" all real tokens, "_prompt", "_response")."""
-  out = {}
-  for i, pb, pn in zip(layer_ids, base, now):
-    pb, pn = np.asarray(pb, np.float64), np.asarray(pn, np.float64)
-    kl = np.sum(pb * (np.log(np.maximum(pb, 1e-30)) - np.log(np.maximum(pn, 1e-30))), -1)
-    moved = np.argmax(pb, -1) != np.argmax(pn, -1)
-    for suffix, m in sets.items():
-      m = np.asarray(m, bool).reshape(-1)
-      if m.any():
-        out[f"drift/layer{i}/kl{suffix}"] = float(kl[m].mean())
-        out[f"drift/layer{i}/top1_changed{suffix}"] = float(moved[m].mean())
-  for key in {k.split("/", 2)[2] for k in out}:
-    out[f"drift/mean/{key}"] = float(
-      np.mean([v for k, v in out.items() if k.endswith("/" + key) and "/layer" in k])
-    )
-  return out
-
-
-def drift_sets(batch: dict) -> dict:
-  """The token sets routing drift is measured over: all real tokens, and for
-  instruction data its prompt and response tokens apart."""
-  real = np.asarray(batch.get("mask", batch["weights"])).reshape(-1) > 0
-  if "response_mask" not in batch:
-    return {"": real}
-  resp = np.asarray(batch["response_mask"]).reshape(-1) > 0
-  return {"": real, "_prompt": real & ~resp, "_response": resp}

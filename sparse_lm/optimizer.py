@@ -1,16 +1,12 @@
-"""The optimizer, its learning-rate schedule and which parameters it trains
-(train.py and inspect.py build them here)."""
+"""The optimizer and its learning-rate schedule (train.py and inspect.py build
+them here; which parameters it trains is train.frozen, sparse_lm/finetune.py)."""
 
 from __future__ import annotations
-
-import re
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
-
-from sparse_lm.cli import ConfigError
 
 
 def lr_schedule(t) -> optax.Schedule:
@@ -70,48 +66,3 @@ def make_optimizer(t) -> optax.GradientTransformation:
     )
     opt = optax.GradientTransformation(lambda params: init(plain(params)), opt.update)
   return opt
-
-
-def frozen_predicate(frozen: str):
-  """(path, logical names) -> whether train.frozen freezes that parameter.
-
-  A regex (searched in "blocks/1/ffn/router"-style paths), or a preset:
-  ":router" the routers' gating matrices; ":experts" the routed experts'
-  weights (first logical axis "expert"; shared experts are not routed);
-  ":non_experts" everything else (ST-MoE's two fine-tuning variants)."""
-  routed = lambda path, names: bool(names) and names[0] == "expert"
-  if frozen == ":router":
-    rx = re.compile(r"(^|/)(router|group_router)(_noise)?$")
-    return lambda path, names: bool(rx.search(path))
-  if frozen == ":experts":
-    return routed
-  if frozen == ":non_experts":
-    return lambda path, names: not routed(path, names)
-  rx = re.compile(frozen)
-  return lambda path, names: bool(frozen) and bool(rx.search(path))
-
-
-def check_frozen(t, params: list[tuple[str, tuple, tuple]]):
-  """A one-line ConfigError when train.frozen freezes no parameter, or all of them.
-  params: (path, shape, logical names) of every parameter (inspect.param_list)."""
-  if not t.frozen:
-    return
-  is_frozen = frozen_predicate(t.frozen)
-  n = sum(is_frozen(path, names) for path, _, names in params)
-  if n == 0 or n == len(params):
-    what = "no parameter" if n == 0 else "every parameter"
-    raise ConfigError(f"config.train.frozen={t.frozen!r} is invalid: it freezes {what}")
-
-
-def trainable(t):
-  """The nnx filter of the parameters the optimizer trains: every nnx.Param
-  that train.frozen does not freeze (frozen ones get no optimizer state)."""
-  if not t.frozen:
-    return nnx.Param
-  is_frozen = frozen_predicate(t.frozen)
-
-  def train_it(path, v) -> bool:
-    names = tuple(v.get_metadata().get("out_sharding") or ()) if hasattr(v, "get_metadata") else ()
-    return not is_frozen("/".join(map(str, path)), names)
-
-  return nnx.All(nnx.Param, train_it)

@@ -18,7 +18,7 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_lm.cli import ConfigError
+from sparse_lm.errors import ConfigError
 from sparse_lm.models.moe import routing
 
 

@@ -33,6 +33,8 @@ from absl import flags
 from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import metrics as metricslib
+from sparse_lm.errors import ConfigError
+from sparse_lm.errors import UserError
 
 _CONFIG = flags.DEFINE_string("config", None, "Sweep file (path[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the sweep; one subfolder per point.")
@@ -54,7 +56,7 @@ def points(sweep_file: str) -> list[dict]:
   path, _, arg = sweep_file.partition(":")
   mod = cfglib.load_module(path)
   if not hasattr(mod, "sweep"):
-    raise cfglib.ConfigError(f"--config={sweep_file}: a sweep file needs a sweep(add) function")
+    raise ConfigError(f"--config={sweep_file}: a sweep file needs a sweep(add) function")
   out = []
   add = lambda **kv: out.append({k.removeprefix("config."): v for k, v in kv.items()})
   # sweep(add, arg) when the grid depends on the variant, else sweep(add).
@@ -66,7 +68,7 @@ def points(sweep_file: str) -> list[dict]:
     cfglib.validate(apply_overrides(mod.get_config(arg) if arg else mod.get_config(), p))
   names = [point_name(p) for p in out]
   if len(set(names)) != len(names):
-    raise cfglib.ConfigError(f"--config={sweep_file}: sweep(add) gives the same point twice")
+    raise ConfigError(f"--config={sweep_file}: sweep(add) gives the same point twice")
   return out
 
 
@@ -76,10 +78,10 @@ def apply_overrides(c, overrides: dict):
     node, *path = [c] + key.split(".")
     for part in path[:-1]:
       if part not in node:
-        raise cfglib.ConfigError(f"sweep override {key}={value!r}: config has no key {key!r}")
+        raise ConfigError(f"sweep override {key}={value!r}: config has no key {key!r}")
       node = node[part]
     if path[-1] not in node:
-      raise cfglib.ConfigError(f"sweep override {key}={value!r}: config has no key {key!r}")
+      raise ConfigError(f"sweep override {key}={value!r}: config has no key {key!r}")
     node[path[-1]] = value
   return c
 
@@ -142,11 +144,11 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
   """Runs every unfinished point (`parallel` at a time); returns the failed points' names."""
   grid = points(sweep_file)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise cli.UserError(f"--workdir {workdir} is not a directory")
+    raise UserError(f"--workdir {workdir} is not a directory")
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise cli.UserError(f"--workdir {workdir} cannot be created: {e.strerror or e}") from None
+    raise UserError(f"--workdir {workdir} cannot be created: {e.strerror or e}") from None
   todo = [p for p in grid if not os.path.exists(os.path.join(workdir, point_name(p), "DONE"))]
   log(
     f"sweep {sweep_file}: {len(grid)} points, {len(grid) - len(todo)} done, "

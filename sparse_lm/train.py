@@ -29,81 +29,15 @@ import optax
 from sparse_lm import checkpoint as ckptlib
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
+from sparse_lm import finetune
 from sparse_lm import inspect as inspectlib
 from sparse_lm import metrics as metricslib
 from sparse_lm import optimizer as optlib
+from sparse_lm import params as paramslib
 from sparse_lm import sharding
-from sparse_lm.checkpoint import RunError
-from sparse_lm.models.transformer import Transformer
+from sparse_lm import state as statelib
+from sparse_lm.errors import RunError
 from sparse_lm.models.transformer import apply_state_updates
-
-# --------------------------------------------------------------------- Model
-
-
-def create(c, vocab_size: int):
-  """(model, optimizer) of config `c`, initialised from train.seed."""
-  model = Transformer(cfglib.model_spec(c), vocab_size, rngs=nnx.Rngs(params=c.train.seed))
-  return model, nnx.Optimizer(model, optlib.make_optimizer(c.train), wrt=optlib.trainable(c.train))
-
-
-def abstract_state(c, vocab_size: int, mesh=None):
-  """(graphdef, abstract train state, its shardings): on `mesh` by the config's
-  rules (run under sharding.use(mesh, c)), or on the first device."""
-  if mesh is None:
-    with nnx.use_eager_sharding(False):
-      graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: create(c, vocab_size)))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return graphdef, abs_state, jax.tree.map(lambda a: dev, abs_state)
-  graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: create(c, vocab_size)))
-  return graphdef, abs_state, nnx.get_named_sharding(abs_state, mesh)
-
-
-def state_tree(c, vocab_size: int) -> list:
-  """What a checkpoint of config `c` holds: (path, shape, dtype) of every
-  parameter and optimizer-state leaf (shapes only: optax's own init)."""
-  model = inspectlib.abstract_model(c, vocab_size)
-  params = nnx.to_pure_dict(nnx.state(model, optlib.trainable(c.train)))
-  opt = jax.eval_shape(optlib.make_optimizer(c.train).init, params)
-  leaves = jax.tree_util.tree_flatten_with_path((nnx.to_pure_dict(nnx.state(model)), opt))[0]
-  return [(jax.tree_util.keystr(p), a.shape, str(a.dtype)) for p, a in leaves]
-
-
-# ---------------------------------------------------------------------- Loss
-
-
-def loss_fn(model, batch, *, train: bool, rng):
-  """Token-weighted cross-entropy + the MoE layers' weighted router losses.
-
-  batch["weights"] weights the loss (the mean is over the weighted tokens of the
-  whole global batch); batch["mask"] (default: the weights) marks the real
-  tokens, which routing statistics and the balance losses count; packed
-  examples (sft: data) bring "segment_ids" and their "positions"."""
-  w_BxL = batch["weights"]
-  logits_BxLxV, moe_aux = model(
-    batch["inputs"],
-    mask_BxL=batch.get("mask", w_BxL),
-    positions_BxL=batch.get("positions"),
-    segments_BxL=batch.get("segment_ids"),
-    train=train,
-    rng=rng,
-  )
-  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-  ce = jnp.sum(ce_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
-  router_loss = sum((a["router_loss"] for a in moe_aux), jnp.float32(0.0))
-  return ce + router_loss, {"ce": ce, "router_loss": router_loss, "moe": moe_aux}
-
-
-def router_probs(model, batch) -> list:
-  """Each MoE layer's router distribution [T, E] on a batch (evaluation mode)."""
-  _, aux = model(
-    batch["inputs"],
-    mask_BxL=batch.get("mask", batch["weights"]),
-    positions_BxL=batch.get("positions"),
-    segments_BxL=batch.get("segment_ids"),
-    expert_choices=True,
-  )
-  return [a["probs_TxE"] for a in aux]
-
 
 # --------------------------------------------------------------------- Input
 
@@ -231,42 +165,6 @@ class Monitor:
     self.clock.update()
 
 
-class RoutingDrift:
-  """Fine-tuning's routing drift: on a fixed probe batch (the first eval
-  batch), per MoE layer, KL(base routing || current routing) and the fraction
-  of tokens whose top-1 expert changed (metrics.routing_drift), over all real
-  tokens and, for sft: data, prompt and response tokens apart. The base is the
-  run's initial state (its routers are the init_from run's), kept in
-  workdir/routing_base.npz so that a resumed run measures against the same."""
-
-  def __init__(self, c, workdir, graphdef, batch, to_global, start, state, moe_ids, say):
-    self.path, self.moe_ids = os.path.join(workdir, "routing_base.npz"), moe_ids
-    self.sets = metricslib.drift_sets(batch)
-    self.batch = to_global(batch)
-    self.probs = jax.jit(lambda st, b: router_probs(nnx.merge(graphdef, st)[0], b))
-    self.base = None
-    if start == 0:
-      self.base = [np.asarray(p) for p in jax.device_get(self.probs(state, self.batch))]
-      if jax.process_index() == 0:
-        np.savez(self.path, *self.base)
-    elif os.path.exists(self.path):
-      with np.load(self.path) as f:
-        self.base = [f[f"arr_{i}"] for i in range(len(f.files))]
-    else:
-      say(f"no {self.path} (a run from before drift was logged): routing drift is off")
-
-  def __call__(self, state) -> dict:
-    if self.base is None:
-      return {}
-    now = jax.device_get(self.probs(state, self.batch))
-    return metricslib.routing_drift(self.base, now, self.sets, self.moe_ids)
-
-
-def _drifts(c) -> bool:
-  spec = cfglib.model_spec(c)
-  return bool(c.train.init_from) and spec.is_moe and spec.moe.router != "expert_choice"
-
-
 # ---------------------------------------------------------------------- Main
 
 
@@ -304,12 +202,12 @@ def _train(c, workdir: str, stop: Stop) -> dict:
       c.data, t.eval_batches, process_index=share, process_count=shares
     )
     V = train_input.vocab_size
-    ckptlib.check_resume(c, workdir, lambda cc: state_tree(cc, V), say)
+    ckptlib.check_resume(c, workdir, lambda cc: statelib.state_tree(cc, V), say)
 
     # ---- Model ----
-    graphdef, abs_state, state_shd = abstract_state(c, V, mesh)
+    graphdef, abs_state, state_shd = statelib.abstract_state(c, V, mesh)
     abs_model = nnx.merge(graphdef, abs_state)[0]
-    optlib.check_frozen(t, inspectlib.param_list(abs_model))
+    finetune.check_frozen(t, paramslib.param_list(abs_model))
     stats = inspectlib.summarize(c, V, model=abs_model)
     moe_ids = list(cfglib.model_spec(c).moe_layers)
     say(
@@ -322,8 +220,8 @@ def _train(c, workdir: str, stop: Stop) -> dict:
       old_state = jax.tree.map(lambda x: x, state)  # merge shares state's Variables
       model, opt = nnx.merge(graphdef, state)
       rng = jax.random.fold_in(jax.random.key(t.seed), step)
-      loss = lambda mdl: loss_fn(mdl, batch, train=True, rng=rng)
-      wrt = nnx.DiffState(0, optlib.trainable(t))  # frozen parameters get no gradient
+      loss = lambda mdl: statelib.loss_fn(mdl, batch, train=True, rng=rng)
+      wrt = nnx.DiffState(0, finetune.trainable(t))  # frozen parameters get no gradient
       (loss, aux), grads = nnx.value_and_grad(loss, argnums=wrt, has_aux=True)(model)
       opt.update(model, grads)
       apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
@@ -339,7 +237,7 @@ def _train(c, workdir: str, stop: Stop) -> dict:
       return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
 
     def eval_step(state, batch):
-      _, aux = loss_fn(nnx.merge(graphdef, state)[0], batch, train=False, rng=None)
+      _, aux = statelib.loss_fn(nnx.merge(graphdef, state)[0], batch, train=False, rng=None)
       return aux["ce"], aux["moe"]
 
     train_step = jax.jit(
@@ -363,12 +261,12 @@ def _train(c, workdir: str, stop: Stop) -> dict:
       say(f"resumed from {ckpt.dir} step {start}")
     else:
       start = 0
-      state = jax.jit(lambda: nnx.state(create(c, V)), out_shardings=state_shd)()
+      state = jax.jit(lambda: nnx.state(statelib.create(c, V)), out_shardings=state_shd)()
       if t.init_from:  # fine-tuning: another run's parameters, by name rules
-        state, report = ckptlib.init_from(c, state, abs_state)
+        state, report = finetune.init_from(c, state, abs_state)
         say(report.line())
     ckptlib.save_config(c, workdir, train_input.fingerprint)  # this run's (resume may change it)
-    drift = _drifts(c) and RoutingDrift(
+    drift = finetune.drifts(c) and finetune.RoutingDrift(
       c, workdir, graphdef, eval_data[0], to_global, start, state, moe_ids, say
     )
 
@@ -431,33 +329,3 @@ def _train(c, workdir: str, stop: Stop) -> dict:
     f"tensorboard {workdir}/tensorboard, checkpoints {ckpt.dir}"
   )
   return {"step": step, **last_eval}
-
-
-def load_model(workdir: str, step: int | None = None, *, inference: bool = False, mesh=None):
-  """The model of a run's checkpoint (latest, or `step`): (model, config, tokenizer).
-
-  inference: the model computes as decoding needs (decode.inference_spec: MoE
-  layers dispatch by model.moe.decode_dispatch). mesh: restore sharded by the
-  config's rules onto this mesh (run the model under sharding.use(mesh,
-  config)); default one device. Errors (no checkpoint, a step that is not
-  there, a tokenizer that does not fit) are one line (RunError)."""
-  from sparse_lm import decode  # pylint: disable=g-import-not-at-top
-
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  c = ckptlib.read_config(workdir)
-  tok = datalib.make_tokenizer(c.data)
-  datalib.check_tokenizer(tok, workdir)
-  ckpt = ckptlib.Checkpointer(workdir, read_only=True)
-  try:
-    if mesh is None:
-      graphdef, abs_state, shd = abstract_state(c, tok.vocab_size)
-    else:
-      with sharding.use(mesh, c):
-        graphdef, abs_state, shd = abstract_state(c, tok.vocab_size, mesh)
-    _, state = ckpt.restore_step(step, ckptlib.target(abs_state, shd))
-  finally:
-    ckpt.close()
-  model, _ = nnx.merge(graphdef, state)
-  if inference:
-    model = decode.for_inference(model)
-  return model, c, tok

@@ -10,6 +10,7 @@ import pytest
 from sparse_lm import config as cfglib
 from sparse_lm import optimizer
 from sparse_lm import sharding
+from sparse_lm.errors import ConfigError
 
 # configs/finetune/imported.py reads an imported run: tests/convert_test.py checks it.
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob("configs/*.py")) + sorted(
@@ -88,7 +89,7 @@ def _set(c, key, value):
 def test_bad_value_names_key(key, value, message):
   c = cfglib.base_config()
   _set(c, key, value)
-  with pytest.raises(cfglib.ConfigError) as e:
+  with pytest.raises(ConfigError) as e:
     cfglib.validate(c)
   text = str(e.value)
   assert f"config.{key}=" in text and message in text, text
@@ -147,7 +148,7 @@ def test_bad_moe_value_names_key(key, value, message, extra):
   for k, v in extra.items():
     _set(c, k, v)
   _set(c, key, value)
-  with pytest.raises(cfglib.ConfigError, match="config." + key.replace(".", r"\.")) as e:
+  with pytest.raises(ConfigError, match="config." + key.replace(".", r"\.")) as e:
     cfglib.validate(c)
   assert message in str(e.value), str(e.value)
 
@@ -176,7 +177,7 @@ def test_mesh_errors(mesh, devices, message, key):
   c.model.moe.num_experts = 6
   c.data.batch_size, c.data.num_streams = 12, 4
   c.mesh = mesh + [(a, 1) for a in ("data", "fsdp", "expert", "tensor") if a not in dict(mesh)]
-  with pytest.raises(cfglib.ConfigError, match=f"config.{key}=") as e:
+  with pytest.raises(ConfigError, match=f"config.{key}=") as e:
     sharding.mesh_sizes(cfglib.validate(c), devices)
   assert message in str(e.value), str(e.value)
 
@@ -186,7 +187,7 @@ def test_unknown_variant_is_one_line_error(path):
   mod = load(path)
   if not hasattr(mod, "VARIANTS"):
     pytest.skip("no variants")
-  with pytest.raises(cfglib.ConfigError, match=f"{path.stem}.py variant 'nope' is unknown"):
+  with pytest.raises(ConfigError, match=f"{path.stem}.py variant 'nope' is unknown"):
     mod.get_config("nope")
 
 

@@ -24,7 +24,9 @@ from sparse_lm import config as cfglib
 from sparse_lm import convert
 from sparse_lm import decode
 from sparse_lm import sharding
-from sparse_lm import train
+from sparse_lm import state as statelib
+from sparse_lm.errors import ConfigError
+from sparse_lm.errors import ConvertError
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "hf"
 FAMILIES = ["mixtral", "mixtral_fused", "dbrx", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -73,7 +75,7 @@ def greedy(model, family, rows=1, **kw):
 def test_import_matches_transformers(family, imported):
   # The decoding model: its prompt forward is the training forward here
   # (imports dispatch dropless; decode steps gather, checked by the tokens).
-  model, _, _ = train.load_model(imported(family), inference=True)
+  model, _, _ = statelib.load_model(imported(family), inference=True)
   assert max_diff(model, family) < TOL
   assert greedy(model, family) == golden(family)["generated"][0].tolist()
 
@@ -85,7 +87,7 @@ def test_import_onto_an_expert_parallel_mesh(tmp_path):
   c = ckptlib.read_config(str(wd))
   mesh = sharding.make_mesh(c)
   assert dict(mesh.shape)["expert"] == 8
-  model, c, _ = train.load_model(str(wd), inference=True, mesh=mesh)
+  model, c, _ = statelib.load_model(str(wd), inference=True, mesh=mesh)
   wi = model.blocks[0].ffn.wi[...]
   assert wi.sharding.shard_shape(wi.shape)[0] == 2
   assert max_diff(model, "dbrx", mesh, c) < TOL
@@ -97,7 +99,7 @@ def test_import_onto_an_expert_parallel_mesh(tmp_path):
 def test_a_wrong_mapping_fails_the_logits_test(imported, tmp_path):
   """The check can fail: one expert's weights swapped, or RoPE's pairs
   flipped, and the logits are far from transformers'."""
-  model, _, _ = train.load_model(imported("mixtral"))
+  model, _, _ = statelib.load_model(imported("mixtral"))
   wg = model.blocks[0].ffn.wg
   wg[...] = wg[...][jnp.array([1, 0, 2, 3])]
   assert max_diff(model, "mixtral") > 1e-2
@@ -106,7 +108,7 @@ def test_a_wrong_mapping_fails_the_logits_test(imported, tmp_path):
   cfg = json.loads((flipped / "config.json").read_text())
   cfg["model"]["rope_layout"] = "interleaved"
   (flipped / "config.json").write_text(json.dumps(cfg))
-  model, c, _ = train.load_model(str(flipped))
+  model, c, _ = statelib.load_model(str(flipped))
   assert c.model.rope_layout == "interleaved"
   assert max_diff(model, "mixtral") > 1e-2
 
@@ -146,7 +148,7 @@ def test_export_is_the_hub_layout_and_round_trips_bit_exact(family, imported, tm
 def _params(workdir) -> dict:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  model, _, _ = train.load_model(str(workdir))
+  model, _, _ = statelib.load_model(str(workdir))
   return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -170,8 +172,8 @@ def test_export_of_a_run_trained_here(tmp_path):
   wd = tmp_path / "native"
   mesh = sharding.make_mesh(c)
   with sharding.use(mesh, c):
-    _, _, shd = train.abstract_state(c, 320, mesh)
-    state = jax.jit(lambda: nnx.state(train.create(c, 320)), out_shardings=shd)()
+    _, _, shd = statelib.abstract_state(c, 320, mesh)
+    state = jax.jit(lambda: nnx.state(statelib.create(c, 320)), out_shardings=shd)()
   ck = ckptlib.Checkpointer(str(wd), say=lambda *a: None)
   ck.save(0, state, {"batches": 0})
   ck.close()
@@ -184,14 +186,14 @@ def test_export_of_a_run_trained_here(tmp_path):
   shutil.copy(FIX / "mixtral" / "tokenizer_config.json", out)
   convert.import_checkpoint(str(out), str(tmp_path / "back"), say=lambda *a: None)
   ids = jnp.asarray(golden("mixtral")["input_ids"])
-  m1, _, _ = train.load_model(str(wd))
-  m2, _, _ = train.load_model(str(tmp_path / "back"))
+  m1, _, _ = statelib.load_model(str(wd))
+  m2, _, _ = statelib.load_model(str(tmp_path / "back"))
   assert np.array_equal(np.asarray(m1(ids)[0]), np.asarray(m2(ids)[0]))
 
 
 def test_export_refuses_what_the_family_cannot_hold(tmp_path, imported):
   with pytest.raises(
-    convert.ConvertError,
+    ConvertError,
     match=r"config.model.moe.router='topk' cannot be exported as MixtralForCausalLM",
   ):
     convert.export_checkpoint(str(imported("olmoe")), str(tmp_path / "x"), family="mixtral")
@@ -266,7 +268,7 @@ def test_bad_checkpoint_is_one_line_and_writes_nothing(what, spoil, message, tmp
   src = _copy(tmp_path)
   spoil(src)
   wd = tmp_path / "run"
-  with pytest.raises(convert.ConvertError) as e:
+  with pytest.raises(ConvertError) as e:
     convert.import_checkpoint(str(src), str(wd), say=lambda *a: None)
   assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
   assert not wd.exists() and not list(tmp_path.glob("run.importing-*"))
@@ -275,7 +277,7 @@ def test_bad_checkpoint_is_one_line_and_writes_nothing(what, spoil, message, tmp
 def test_import_never_overwrites_a_run(imported):
   wd = imported("olmoe")
   before = sorted(p.name for p in wd.iterdir())
-  with pytest.raises(convert.ConvertError, match="already holds a run"):
+  with pytest.raises(ConvertError, match="already holds a run"):
     convert.import_checkpoint(str(FIX / "mixtral"), str(wd))
   assert sorted(p.name for p in wd.iterdir()) == before
 
@@ -376,11 +378,11 @@ def test_huggingface_tokenizer_kind():
   assert tok.prefix_ids == (1,) and ids[0] == 1 and tok.eos_id == 2 and tok.pad_id is None
   assert tok.decode(ids) == "def fib(n): return n"
   assert tok.fingerprint["kind"] == "huggingface" and len(tok.fingerprint["sha256"]) == 16
-  with pytest.raises(cfglib.ConfigError, match="vocab_size=100 is smaller than"):
+  with pytest.raises(ConfigError, match="vocab_size=100 is smaller than"):
     toklib.HuggingFaceTokenizer(str(FIX / "mixtral" / "tokenizer.json"), 100)
   c = cfglib.base_config()
   c.data.tokenizer, c.data.tokenizer_file, c.data.vocab_size = "huggingface", "/no/such.json", 320
-  with pytest.raises(cfglib.ConfigError, match=r"tokenizer_file='/no/such.json': no such file"):
+  with pytest.raises(ConfigError, match=r"tokenizer_file='/no/such.json': no such file"):
     pipeline.make_tokenizer(c.data)
 
 
@@ -399,5 +401,5 @@ def test_a_sliding_window_turned_off_is_not_refused(tmp_path):
   fam, c = convert.hf_to_config(str(src))
   assert fam.name == "qwen2_moe" and c.model.moe.shared_expert_gate
   _edit_config(src, use_sliding_window=True)
-  with pytest.raises(convert.ConvertError, match="sliding_window=32768"):
+  with pytest.raises(ConvertError, match="sliding_window=32768"):
     convert.hf_to_config(str(src))

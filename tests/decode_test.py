@@ -16,6 +16,7 @@ import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import decode
+from sparse_lm.errors import ConfigError
 from sparse_lm.models.transformer import Transformer
 
 FAMILIES = [
@@ -128,9 +129,7 @@ def test_capacity_decode_dispatch_without_drops_matches_too():
 
 def test_expert_choice_is_refused_for_decoding():
   c = tiny("switch", router="expert_choice")
-  with pytest.raises(
-    cfglib.ConfigError, match="config.model.moe.router='expert_choice' cannot decode"
-  ):
+  with pytest.raises(ConfigError, match="config.model.moe.router='expert_choice' cannot decode"):
     decode.inference_spec(cfglib.model_spec(c))
 
 

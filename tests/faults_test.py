@@ -37,10 +37,10 @@ DIVERGE = (
 
 
 def params_finite(wd, step):
-  """Restores one checkpoint in a fresh process (train.load_model) and checks it."""
+  """Restores one checkpoint in a fresh process (state.load_model) and checks it."""
   code = (
-    "import sys, jax, numpy as np; from flax import nnx; from sparse_lm import train; "
-    "m, _, _ = train.load_model(sys.argv[1], int(sys.argv[2])); "
+    "import sys, jax, numpy as np; from flax import nnx; from sparse_lm import state; "
+    "m, _, _ = statelib.load_model(sys.argv[1], int(sys.argv[2])); "
     "print(all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(m))))"
   )
   p = run([sys.executable, "-c", code, wd, str(step)])

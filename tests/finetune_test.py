@@ -26,10 +26,13 @@ import pytest
 
 from sparse_lm import checkpoint as ckptlib
 from sparse_lm import config as cfglib
+from sparse_lm import finetune
 from sparse_lm import inspect as inspectlib
-from sparse_lm import optimizer
+from sparse_lm import params as paramslib
 from sparse_lm import sharding
+from sparse_lm import state as statelib
 from sparse_lm import train
+from sparse_lm.errors import ConfigError
 
 V = 64
 
@@ -37,7 +40,7 @@ V = 64
 def fresh_state(c):
   """The config's initial train state on one device."""
   with nnx.use_eager_sharding(False):
-    return jax.jit(lambda: nnx.state(train.create(c, V)))()
+    return jax.jit(lambda: nnx.state(statelib.create(c, V)))()
 
 
 def dense_config(**model):
@@ -68,7 +71,7 @@ def dense_run(tmp_path_factory):
   trained by a few random SGD-like perturbations so that nothing is at init."""
   wd = str(tmp_path_factory.mktemp("dense"))
   c = cfglib.validate(dense_config())
-  _, abs_state, shd = train.abstract_state(c, V)
+  _, abs_state, shd = statelib.abstract_state(c, V)
   state = fresh_state(c)
   noise = lambda x, k: x + 0.05 * jax.random.normal(k, x.shape, x.dtype) if x.ndim else x
   keys = iter(jax.random.split(jax.random.key(9), 1000))
@@ -81,7 +84,7 @@ def dense_run(tmp_path_factory):
 
 
 def logits_of(c, state):
-  graphdef, _, _ = train.abstract_state(c, V)
+  graphdef, _, _ = statelib.abstract_state(c, V)
   model = nnx.merge(graphdef, state)[0]
   toks = jax.random.randint(jax.random.key(3), (2, 16), 0, V)
   with jax.default_matmul_precision("highest"):
@@ -93,14 +96,14 @@ def upcycled(c, source, mesh=None):
   c.train.init_from = source
   c = cfglib.validate(c)
   if mesh is None:
-    _, abs_state, shd = train.abstract_state(c, V)
+    _, abs_state, shd = statelib.abstract_state(c, V)
     state = fresh_state(c)
-    state, report = ckptlib.init_from(c, state, abs_state)
+    state, report = finetune.init_from(c, state, abs_state)
     return (*logits_of(c, state), report)
   with sharding.use(mesh, c):
-    graphdef, abs_state, shd = train.abstract_state(c, V, mesh)
-    state = jax.jit(lambda: nnx.state(train.create(c, V)), out_shardings=shd)()
-    state, report = ckptlib.init_from(c, state, abs_state)
+    graphdef, abs_state, shd = statelib.abstract_state(c, V, mesh)
+    state = jax.jit(lambda: nnx.state(statelib.create(c, V)), out_shardings=shd)()
+    state, report = finetune.init_from(c, state, abs_state)
     toks = jax.random.randint(jax.random.key(3), (8, 16), 0, V)
     with jax.default_matmul_precision("highest"):
       out = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)[0](t)[0])(state, toks))
@@ -110,7 +113,7 @@ def upcycled(c, source, mesh=None):
 def dense_model(dense_run):
   """(logits, model) of the dense run's checkpoint."""
   wd, c = dense_run
-  _, abs_state, shd = train.abstract_state(c, V)
+  _, abs_state, shd = statelib.abstract_state(c, V)
   ckpt = ckptlib.Checkpointer(wd, read_only=True)
   _, state = ckpt.restore_step(None, ckptlib.target(abs_state, shd))
   ckpt.close()
@@ -225,14 +228,14 @@ def test_bad_init_from_is_a_one_line_error(dense_run, rules, source, needle):
   c = moe_config("mixtral")
   c.train.init_rules = rules
   src = dense_run[0] if source is None else dense_run[0] + source
-  with pytest.raises(cfglib.ConfigError, match=needle) as e:
+  with pytest.raises(ConfigError, match=needle) as e:
     upcycled(c, src)
   assert "\n" not in str(e.value)
 
 
 def test_a_shape_mismatch_names_both_paths_and_shapes(dense_run):
   c = dense_config(d_ff=96)
-  with pytest.raises(cfglib.ConfigError) as e:
+  with pytest.raises(ConfigError) as e:
     upcycled(cfglib.validate(c), dense_run[0])
   msg = str(e.value)
   assert "blocks/0/ffn/wg (32, 96)" in msg and "blocks/0/ffn/wg (32, 48)" in msg
@@ -245,12 +248,12 @@ def test_a_shape_mismatch_names_both_paths_and_shapes(dense_run):
 def test_frozen_parameters_have_no_optimizer_state(frozen):
   c = moe_config("mixtral")
   nbytes = lambda s: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s))
-  graphdef, base, _ = train.abstract_state(c, V)
+  graphdef, base, _ = statelib.abstract_state(c, V)
   before = inspectlib.summarize(c, V)["optimizer_bytes"]
   c.train.frozen = frozen
-  _, abs_state, _ = train.abstract_state(cfglib.validate(c), V)
-  is_frozen = optimizer.frozen_predicate(frozen)
-  params = inspectlib.param_list(nnx.merge(graphdef, base)[0])
+  _, abs_state, _ = statelib.abstract_state(cfglib.validate(c), V)
+  is_frozen = finetune.frozen_predicate(frozen)
+  params = paramslib.param_list(nnx.merge(graphdef, base)[0])
   frozen_bytes = sum(4 * int(np.prod(s)) for p, s, n in params if is_frozen(p, n))
   assert frozen_bytes > 0
   assert nbytes(base[1]) - nbytes(abs_state[1]) == 2 * frozen_bytes  # AdamW's mu and nu
@@ -264,9 +267,9 @@ def test_frozen_parameters_are_bit_identical_after_training(tmp_path, tfds_dir):
   c.train.num_steps, c.train.eval_batches, c.train.frozen = 3, 1, ":experts"
   wd = str(tmp_path / "frozen")
   train.train_and_evaluate(c, wd)
-  model, _, tok = train.load_model(wd)
+  model, _, tok = statelib.load_model(wd)
   with nnx.use_eager_sharding(False):
-    init = train.create(cfglib.validate(c), tok.vocab_size)[0]
+    init = statelib.create(cfglib.validate(c), tok.vocab_size)[0]
   after, before = nnx.to_flat_state(nnx.state(model)), dict(nnx.to_flat_state(nnx.state(init)))
   changed = {"/".join(map(str, p)): not np.array_equal(v[...], before[p][...]) for p, v in after}
   assert not changed["blocks/1/ffn/wi"] and not changed["blocks/1/ffn/wo"]
@@ -278,7 +281,7 @@ def test_a_frozen_regex_that_matches_nothing_is_refused(tmp_path, tfds_dir):
   c.data.data_dir, c.data.vocab_size, c.data.batch_size = tfds_dir, 512, 8
   c.train.frozen = "no/such/param"
   wd = str(tmp_path / "nothing")
-  with pytest.raises(cfglib.ConfigError, match="freezes no parameter"):
+  with pytest.raises(ConfigError, match="freezes no parameter"):
     train.train_and_evaluate(c, wd)
   assert not os.path.exists(os.path.join(wd, "config.json"))
 

@@ -12,6 +12,7 @@ import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import inspect as inspectlib
+from sparse_lm import state as statelib
 from sparse_lm.models import layers
 from sparse_lm.models.transformer import Transformer
 
@@ -32,7 +33,7 @@ def load(spec: str):
 
 def real_param_count(c) -> int:
   with nnx.use_eager_sharding(False):
-    model = Transformer(cfglib.model_spec(c), inspectlib.vocab_size_of(c), rngs=nnx.Rngs(0))
+    model = Transformer(cfglib.model_spec(c), statelib.vocab_size_of(c), rngs=nnx.Rngs(0))
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -120,14 +121,14 @@ def test_switch_costs_dense_flops_plus_the_router():
 
 def test_per_device_memory_follows_the_mesh():
   c = load("configs/mixtral.py:8x7b")  # FSDP: every Param has a d_model axis
-  model = inspectlib.abstract_model(c)
+  model = statelib.abstract_model(c)
   s = inspectlib.summarize(c, model=model)
   d = inspectlib.per_device(c, model, 8)
   assert d["mesh"]["fsdp"] == 8
   assert d["param_bytes"] == pytest.approx(s["param_bytes"] / 8, rel=1e-6)
   assert d["optimizer_bytes"] == pytest.approx(s["optimizer_bytes"] / 8, rel=1e-6)
   dense = load("configs/dense.py:tiny")  # data parallel: replicated
-  d = inspectlib.per_device(dense, inspectlib.abstract_model(dense), 8)
+  d = inspectlib.per_device(dense, statelib.abstract_model(dense), 8)
   assert d["mesh"]["data"] == 8
   assert d["param_bytes"] == inspectlib.summarize(dense)["param_bytes"]
 
@@ -175,7 +176,7 @@ def test_import_host_peak_is_the_largest_parameter_shard_read_and_placed():
   (bf16 read + float32 copy); with the experts over 8 devices the peak is the
   embedding [32000, 4096], which every device holds whole."""
   c = cfglib.load_config("configs/mixtral.py:8x7b")
-  model = inspectlib.abstract_model(c)
+  model = statelib.abstract_model(c)
   assert inspectlib.import_host_bytes(c, model, 1) == 8 * 4096 * 14336 * (2 + 4)
   c.mesh = (("data", 1), ("fsdp", 1), ("expert", 8), ("tensor", 1))
   assert inspectlib.import_host_bytes(c, model, 8) == 32000 * 4096 * (2 + 4)

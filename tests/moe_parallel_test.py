@@ -24,7 +24,8 @@ import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import sharding
-from sparse_lm import train as trainlib
+from sparse_lm import state as statelib
+from sparse_lm.errors import ConfigError
 from sparse_lm.models.moe import parallel
 from sparse_lm.models.transformer import Transformer
 
@@ -223,7 +224,7 @@ def test_transformer_training_matches_across_meshes():
       model, opt = nnx.merge(graphdef, state)
       rng = jax.random.fold_in(jax.random.key(0), i)
       (loss, aux), grads = nnx.value_and_grad(
-        lambda mdl: trainlib.loss_fn(mdl, batch, train=True, rng=rng), has_aux=True
+        lambda mdl: statelib.loss_fn(mdl, batch, train=True, rng=rng), has_aux=True
       )(model)
       opt.update(model, grads)
       return nnx.state((model, opt)), (loss, aux["moe"][0]["dropped_fraction"])
@@ -307,7 +308,7 @@ def _cfg(mesh, num_experts=8, batch_size=8, seq_len=128, **kw):
 )
 def test_mesh_errors(mesh, moe, rules, data, message, key):
   c = _cfg(mesh, **moe, **rules, **data)
-  with pytest.raises(cfglib.ConfigError, match=f"config.{key}=") as e:
+  with pytest.raises(ConfigError, match=f"config.{key}=") as e:
     sharding.mesh_sizes(c, 8)
   assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
@@ -324,5 +325,5 @@ def test_indivisible_tokens_fail_before_compiling():
   c = mesh_config(2, 1, 4)
   mesh, st = on_mesh(c, state)
   x = jnp.ones((2, 3, D))  # 6 tokens over 8 token shards
-  with sharding.use(mesh, c), pytest.raises(cfglib.ConfigError, match="token mesh axes"):
+  with sharding.use(mesh, c), pytest.raises(ConfigError, match="token mesh axes"):
     jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)[0]).lower(st, x)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sparse_lm import config as cfglib
+from sparse_lm.errors import ConfigError
 from sparse_lm.models.moe import dispatch
 from sparse_lm.models.moe import routing
 
@@ -449,5 +450,5 @@ def test_group_limited_config_errors_name_the_key(kw, key):
   moe = moe_cfg(router="group_limited", num_experts=8, num_groups=4, top_k_groups=2, top_k=2)
   for k, v in kw.items():
     moe[k] = v
-  with pytest.raises(cfglib.ConfigError, match=f"config.{key}="):
+  with pytest.raises(ConfigError, match=f"config.{key}="):
     cfglib.validate(_with_moe(moe))

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from sparse_lm import config as cfglib
-from sparse_lm import metrics as metricslib
-from sparse_lm import train
+from sparse_lm import finetune
+from sparse_lm import state as statelib
 from sparse_lm.data import sft
 from sparse_lm.data.tokenizer import ByteTokenizer
+from sparse_lm.errors import ConfigError
 
 TOK = ByteTokenizer()
 EXAMPLES = [
@@ -72,7 +73,7 @@ def test_packed_examples_compute_as_if_alone(tmp_path):
   c = cfglib.base_config()
   c.model.d_model, c.model.num_heads, c.model.d_ff, c.data.seq_len = 32, 4, 64, 64
   with nnx.use_eager_sharding(False):
-    model = train.create(cfglib.validate(c), TOK.vocab_size)[0]
+    model = statelib.create(cfglib.validate(c), TOK.vocab_size)[0]
   packed = model(
     jnp.asarray(batch["inputs"]),
     positions_BxL=jnp.asarray(batch["positions"]),
@@ -99,7 +100,7 @@ def test_prompt_tokens_get_no_loss_gradient(tmp_path):
   c = cfglib.base_config()
   c.model.d_model, c.model.num_heads, c.model.d_ff, c.data.seq_len = 32, 4, 64, 64
   with nnx.use_eager_sharding(False):
-    inner = train.create(cfglib.validate(c), TOK.vocab_size)[0]
+    inner = statelib.create(cfglib.validate(c), TOK.vocab_size)[0]
 
   class Shifted(nnx.Module):  # the model's logits plus a differentiable delta
     def __init__(self):
@@ -110,7 +111,7 @@ def test_prompt_tokens_get_no_loss_gradient(tmp_path):
       return logits + self.delta[...], aux
 
   model = Shifted()
-  grads = nnx.grad(lambda m: train.loss_fn(m, batch, train=False, rng=None)[0])(model)
+  grads = nnx.grad(lambda m: statelib.loss_fn(m, batch, train=False, rng=None)[0])(model)
   g = np.abs(np.asarray(grads.delta[...])).sum(-1)
   w = np.asarray(batch["weights"])
   assert np.all(g[w == 0] == 0) and np.all(g[w > 0] > 0)
@@ -119,7 +120,7 @@ def test_prompt_tokens_get_no_loss_gradient(tmp_path):
     inner(batch["inputs"], positions_BxL=batch["positions"], segments_BxL=batch["segment_ids"])[0]
   )
   ce = np.take_along_axis(np.asarray(ce), np.asarray(batch["targets"])[..., None], -1)[..., 0]
-  loss = train.loss_fn(inner, batch, train=False, rng=None)[1]["ce"]
+  loss = statelib.loss_fn(inner, batch, train=False, rng=None)[1]["ce"]
   np.testing.assert_allclose(loss, (ce * w).sum() / w.sum(), rtol=1e-5)
 
 
@@ -134,8 +135,8 @@ def test_router_statistics_ignore_padding(tmp_path):
   c = cfglib.load_config("configs/switch.py:tiny")
   c.model.d_model, c.model.d_ff, c.data.seq_len = 32, 64, 64
   with nnx.use_eager_sharding(False):
-    model = train.create(cfglib.validate(c), TOK.vocab_size)[0]
-  aux = lambda b: train.loss_fn(
+    model = statelib.create(cfglib.validate(c), TOK.vocab_size)[0]
+  aux = lambda b: statelib.loss_fn(
     model, {k: jnp.asarray(v) for k, v in b.items()}, train=False, rng=None
   )[1]
   a, b = aux(batch), aux(other)
@@ -152,7 +153,7 @@ def test_overlong_examples_are_truncated_and_counted_or_refused(tmp_path):
   enc, counts = encoded(tmp_path, EXAMPLES + [long, only_prompt], seq_len=40)
   assert counts["truncated"] == 2 and counts["dropped"] == 1 and counts["examples"] == 5
   assert max(len(t) for t, _ in enc) == 41
-  with pytest.raises(cfglib.ConfigError, match=r"train.jsonl:5: 61 tokens"):
+  with pytest.raises(ConfigError, match=r"train.jsonl:5: 61 tokens"):
     encoded(tmp_path, EXAMPLES + [long], seq_len=40, sft_overlong="refuse")
 
 
@@ -167,7 +168,7 @@ def test_overlong_examples_are_truncated_and_counted_or_refused(tmp_path):
 def test_bad_lines_name_the_file_and_line(tmp_path, line, needle):
   path = tmp_path / "train.jsonl"
   path.write_text(json.dumps(EXAMPLES[0]) + "\n" + line + "\n")
-  with pytest.raises(cfglib.ConfigError, match=needle):
+  with pytest.raises(ConfigError, match=needle):
     sft.read_examples(str(path), str(path))
 
 
@@ -192,7 +193,7 @@ def test_routing_drift_by_hand():
   base = [np.array([[0.5, 0.5], [0.9, 0.1]])]
   now = [np.array([[0.25, 0.75], [0.9, 0.1]])]
   sets = {"": np.array([True, True]), "_prompt": np.array([True, False])}
-  d = metricslib.routing_drift(base, now, sets, [3])
+  d = finetune.routing_drift(base, now, sets, [3])
   kl0 = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
   np.testing.assert_allclose(d["drift/layer3/kl"], kl0 / 2)
   np.testing.assert_allclose(d["drift/layer3/kl_prompt"], kl0)

@@ -15,6 +15,7 @@ import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import sweep as sweeplib
+from sparse_lm.errors import ConfigError
 
 
 def test_points_names_and_validation(tmp_path):
@@ -28,11 +29,11 @@ def test_points_names_and_validation(tmp_path):
   ]
   bad = tmp_path / "bad.py"
   bad.write_text(open(path).read().replace('"train.learning_rate"', '"train.learning_rat"'))
-  with pytest.raises(cfglib.ConfigError, match="no key 'train.learning_rat'"):
+  with pytest.raises(ConfigError, match="no key 'train.learning_rat'"):
     sweeplib.points(str(bad))
   neg = tmp_path / "neg.py"
   neg.write_text(open(path).read().replace("(0.001, 0.003, 0.01)", "(0.001, -1.0)"))
-  with pytest.raises(cfglib.ConfigError, match="config.train.learning_rate=-1.0"):
+  with pytest.raises(ConfigError, match="config.train.learning_rate=-1.0"):
     sweeplib.points(str(neg))
 
 

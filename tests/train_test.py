@@ -17,6 +17,7 @@ import pytest
 from sparse_lm import checkpoint
 from sparse_lm import config as cfglib
 from sparse_lm import train
+from sparse_lm.errors import RunError
 
 
 def test_cli_trains_and_eval_loss_falls(tmp_path, tfds_dir):
@@ -163,7 +164,7 @@ def test_failed_in_process_run_gives_ctrl_c_back(tmp_path, tfds_dir):
   c.model.d_model, c.model.d_ff = 32, 64
   c.train.num_steps, c.train.learning_rate, c.train.warmup_steps = 20, 1e4, 0
   c.train.eval_batches = 1
-  with pytest.raises(checkpoint.RunError, match="is not finite"):
+  with pytest.raises(RunError, match="is not finite"):
     train.train_and_evaluate(c, str(tmp_path / "diverges"))
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 

@@ -45,6 +45,7 @@ from sparse_lm import metrics as metricslib  # noqa: E402
 from sparse_lm import plots  # noqa: E402
 from sparse_lm import sweep as sweeplib  # noqa: E402
 from sparse_lm.data import stdlib_tasks  # noqa: E402
+from sparse_lm.errors import ConfigError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = "configs/sweeps/instruction_tuning.py"
@@ -144,7 +145,7 @@ def generation_metrics(d: str, examples: list[dict]) -> dict:
   cmd += [f"--max_new_tokens={NEW_TOKENS}", f"--output={out}"]
   p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   if p.returncode != 0:
-    raise cfglib.ConfigError(f"generate failed on {d}: {p.stderr.strip()[-400:]}")
+    raise ConfigError(f"generate failed on {d}: {p.stderr.strip()[-400:]}")
   with open(out, encoding="utf-8") as f:
     bodies = [json.loads(line)["completion"] for line in f]
   return _score(examples, bodies, path)
@@ -543,7 +544,7 @@ def report(out_dir: str):
   gen = generation_set()
   rows = ft_rows("finetune", batches, gen)
   if not rows:
-    raise cfglib.ConfigError(f"no finished fine-tuning run in {workdir_of('finetune')}; use --run")
+    raise ConfigError(f"no finished fine-tuning run in {workdir_of('finetune')}; use --run")
   freeze = ft_rows("freeze", batches, None, ("body",))
   rate = ft_rows("rate", batches, None, ("body",))
   up = upcycling_rows()
@@ -631,7 +632,7 @@ def main():
       if failed:
         sys.exit(f"report.py: {len(failed)} point(s) failed ({', '.join(failed)}); rerun")
     calibration(a.out) if a.calib else report(a.out)
-  except cfglib.ConfigError as e:
+  except ConfigError as e:
     sys.exit(f"report.py: {e}")
 
 

@@ -43,6 +43,7 @@ from sparse_lm import config as cfglib  # noqa: E402
 from sparse_lm import metrics as metricslib  # noqa: E402
 from sparse_lm import plots  # noqa: E402
 from sparse_lm import sweep as sweeplib  # noqa: E402
+from sparse_lm.errors import ConfigError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = "configs/sweeps/switch_vs_dense.py"
@@ -155,7 +156,7 @@ def routing_at_end(dirs: list[str], batches: int = 4) -> tuple[float | None, flo
         cmd + [f"--batches={batches}", f"--output={path}"], capture_output=True, text=True
       )
       if p.returncode != 0:
-        raise cfglib.ConfigError(f"sparse_lm.evaluate failed on {d}: {p.stderr.strip()[-300:]}")
+        raise ConfigError(f"sparse_lm.evaluate failed on {d}: {p.stderr.strip()[-300:]}")
     with open(path) as f:
       layers = json.load(f)["moe_layers"].values()
     if not layers or "gate_mean" not in next(iter(layers)):
@@ -197,7 +198,7 @@ def read_core(sweep_file: str, workdir: str) -> Core:
   groups = seed_groups(sweep_file, workdir)
   missing = [p for p, r in points.items() if not r["done"]]
   if missing:
-    raise cfglib.ConfigError(
+    raise ConfigError(
       f"{len(missing)} core point(s) of {workdir} are not finished "
       f"({', '.join(missing)}); run with --run"
     )
@@ -934,7 +935,7 @@ def main():
           "rerun the same command to retry them"
         )
     report(a)
-  except cfglib.ConfigError as e:
+  except ConfigError as e:
     sys.exit(f"report.py: {e}")
 
 

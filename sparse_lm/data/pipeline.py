@@ -45,22 +45,22 @@ import fnmatch
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import weakref
 
-from absl import logging
 import filelock
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from sparse_lm.config import ConfigError
 from sparse_lm.data import sft
 from sparse_lm.data import stdlib_corpus
 from sparse_lm.data import stdlib_tasks
 from sparse_lm.data import tokenizer as tokenizer_lib
+from sparse_lm.errors import ConfigError
 
 try:  # TF is only a reader here: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], "GPU")

@@ -39,7 +39,7 @@ import zlib
 
 import numpy as np
 
-from sparse_lm.cli import ConfigError
+from sparse_lm.errors import ConfigError
 
 VALIDATION_PERCENT = 5
 OVERLONG = ("truncate", "refuse")

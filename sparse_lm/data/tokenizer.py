@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 from typing import Iterable
 from typing import Protocol
 import uuid
 
-from absl import logging
 import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 
-from sparse_lm.config import ConfigError
+from sparse_lm.errors import ConfigError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 

@@ -80,7 +80,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from sparse_lm import sharding
-from sparse_lm.cli import ConfigError
+from sparse_lm.errors import ConfigError
 from sparse_lm.models.moe import dispatch as dispatch_lib
 from sparse_lm.models.moe import experts as experts_lib
 

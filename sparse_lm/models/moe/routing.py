@@ -421,6 +421,12 @@ class Router(NamedTuple):
   group_placement: bool = False
   # Reads model.moe.normalize_gates (the others' gates are what their paper says).
   normalizes: bool = False
+  # The sum of a token's chosen gates when every router logit is equal (a zero
+  # router): what sparse upcycling divides its expert copies by
+  # (train.init_gate_scale="expected"); None where a token has no fixed gate sum.
+  gate_mass: Callable[[Any], float] | None = lambda moe: 1.0
+  # A per-token distribution over experts that fine-tuning's routing drift compares.
+  drifts: bool = True
 
 
 def _gating(name: str, n: Callable[[Any], int]) -> dict[str, ParamSpec]:
@@ -496,6 +502,10 @@ def _check_expert_choice(moe):
   return None
 
 
+def _sigmoid_gate_mass(moe) -> float:
+  return 1.0 if moe.normalize_gates else moe.top_k * 0.5  # sigmoid(0) per chosen expert
+
+
 ROUTERS: dict[str, Router] = {
   "switch": Router(
     _params("router"),
@@ -503,11 +513,22 @@ ROUTERS: dict[str, Router] = {
     check=lambda moe: (
       ("model.moe.top_k", "must be 1 for router 'switch' (use 'topk')") if moe.top_k != 1 else None
     ),
+    gate_mass=lambda moe: 1.0 / moe.num_experts,  # the chosen softmax probability
   ),
-  "topk": Router(_params("router"), topk, randomness=_random_policy, normalizes=True),
+  "topk": Router(
+    _params("router"),
+    topk,
+    randomness=_random_policy,
+    normalizes=True,
+    gate_mass=lambda moe: 1.0 if moe.normalize_gates else moe.top_k / moe.num_experts,
+  ),
   "mixtral": Router(_params("router"), mixtral),
   "sigmoid_bias": Router(
-    _params("router", bias=True), sigmoid_bias, update=_bias_update, normalizes=True
+    _params("router", bias=True),
+    sigmoid_bias,
+    update=_bias_update,
+    normalizes=True,
+    gate_mass=_sigmoid_gate_mass,
   ),
   "group_limited": Router(
     _params("router", bias=True),
@@ -515,6 +536,7 @@ ROUTERS: dict[str, Router] = {
     update=_bias_update,
     check=lambda moe: _check_groups(moe, "group_limited", per_group_k=False),
     normalizes=True,
+    gate_mass=_sigmoid_gate_mass,
   ),
   "hierarchical": Router(
     _params("router", "group_router"),
@@ -523,7 +545,14 @@ ROUTERS: dict[str, Router] = {
     group_placement=True,
     check=lambda moe: _check_groups(moe, "hierarchical", per_group_k=True),
   ),
-  "expert_choice": Router(_params("router"), None, expert_choice=True, check=_check_expert_choice),
+  "expert_choice": Router(
+    _params("router"),
+    None,
+    expert_choice=True,
+    check=_check_expert_choice,
+    gate_mass=None,  # a token is taken by any number of experts
+    drifts=False,
+  ),
 }
 
 

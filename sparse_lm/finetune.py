@@ -1,0 +1,433 @@
+"""Fine-tuning: starting a run from another run's parameters, freezing some,
+and watching how its routing moves.
+
+Three parts, each used by the trainer (train.py) and validated with the rest
+of the config (config.validate calls `validate`):
+
+* **Init rules and upcycling** (train.init_from, init_rules, init_gate_scale,
+  init_reinit_fraction). `plan_init` decides, by name rules over parameter
+  paths (sparse_lm/params.py's spelling, T5X's assignment map), which source
+  parameter initialises each new one and how: copied, copied into every
+  expert (sparse upcycling, Komatsuzaki et al. 2022), tiled over more
+  experts, or fresh. `init_from` reads only those parameters from the source
+  checkpoint (checkpoint.read_params: any mesh saved them, any mesh reads
+  them) and transforms them: upcycling's copies divided by the router's gate
+  mass at uniform routing (the router table's `gate_mass`), and
+  Drop-Upcycling's partial re-initialisation (Nakamura et al. 2025).
+* **Freezing** (train.frozen): a regex over parameter paths or a preset
+  (FROZEN_PRESETS, ST-MoE's fine-tuning variants); frozen parameters get no
+  gradient and no optimizer state (`trainable`).
+* **Routing drift**: how far the routers moved from the run's start
+  (`RoutingDrift` in training, `routing_drift` for evaluate's
+  --compare_routing): KL(base || now) and the fraction of tokens whose top-1
+  expert changed, per MoE layer, over all tokens and (instruction data)
+  prompt and response tokens apart.
+
+Data for fine-tuning (instruction examples packed with segment ids, the loss
+on response tokens) is sparse_lm/data/sft.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+from typing import NamedTuple
+import zlib
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_lm import checkpoint as ckptlib
+from sparse_lm import config as cfglib
+from sparse_lm import params as paramslib
+from sparse_lm.errors import ConfigError
+from sparse_lm.models.moe import routing
+
+# ----------------------------------------------------------------- validation
+
+GATE_SCALES = ("none", "expected")
+
+
+def _fail(key, value, why):
+  raise ConfigError(f"config.{key}={value!r} is invalid: {why}")
+
+
+def validate(c):
+  """The fine-tuning keys of config `c` (train.init_*, train.frozen): a
+  one-line ConfigError naming the first bad one."""
+  t = c.train
+  if not isinstance(t.init_from, str):
+    _fail("train.init_from", t.init_from, "must be a workdir, optionally with ':step'")
+  rules = t.init_rules
+  ok = isinstance(rules, (tuple, list)) and all(
+    isinstance(r, (tuple, list))
+    and len(r) == 2
+    and isinstance(r[0], str)
+    and (r[1] is None or isinstance(r[1], str))
+    for r in rules
+  )
+  if not ok:
+    _fail("train.init_rules", rules, "must be ((regex, source path or None), ...)")
+  for rx, _ in rules:
+    try:
+      re.compile(rx)
+    except re.error as e:
+      _fail("train.init_rules", rx, f"is not a regex ({e})")
+  if (rules or t.init_gate_scale != "none" or t.init_reinit_fraction) and not t.init_from:
+    _fail(
+      "train.init_from",
+      t.init_from,
+      "is empty, but init_rules / init_gate_scale / init_reinit_fraction are set",
+    )
+  if t.init_gate_scale not in GATE_SCALES:
+    _fail("train.init_gate_scale", t.init_gate_scale, f"must be one of {list(GATE_SCALES)}")
+  moe = c.model.moe
+  if (
+    t.init_gate_scale == "expected"
+    and moe.num_experts > 1
+    and routing.ROUTERS[moe.router].gate_mass is None
+  ):
+    _fail(
+      "train.init_gate_scale",
+      t.init_gate_scale,
+      f"router {moe.router!r} has no fixed gate sum per token to scale by; use 'none'",
+    )
+  if not 0 <= t.init_reinit_fraction < 1:
+    _fail("train.init_reinit_fraction", t.init_reinit_fraction, "must be in [0, 1)")
+  if not isinstance(t.frozen, str):
+    _fail("train.frozen", t.frozen, "must be a regex or one of " + ", ".join(FROZEN_PRESETS))
+  if t.frozen.startswith(":") and t.frozen not in FROZEN_PRESETS:
+    _fail("train.frozen", t.frozen, "a preset is one of " + ", ".join(FROZEN_PRESETS))
+  if not t.frozen.startswith(":"):
+    try:
+      re.compile(t.frozen)
+    except re.error as e:
+      _fail("train.frozen", t.frozen, f"is not a regex ({e})")
+
+
+# ------------------------------------------------------------------- freezing
+
+_ROUTER_PATH = re.compile(r"(^|/)(router|group_router)(_noise)?$")
+
+# train.frozen's presets: (path, logical names) -> frozen. ST-MoE (Zoph et al.
+# 2022, section 4.3) fine-tunes with the routers, the experts or everything
+# else frozen.
+FROZEN_PRESETS = {
+  ":router": lambda path, names: bool(_ROUTER_PATH.search(path)),  # the gating matrices
+  ":experts": paramslib.is_routed,  # the routed experts (shared experts are not routed)
+  ":non_experts": lambda path, names: not paramslib.is_routed(path, names),
+}
+
+
+def frozen_predicate(frozen: str):
+  """(path, logical names) -> whether train.frozen freezes that parameter:
+  a preset of FROZEN_PRESETS, or a regex searched in the path."""
+  if frozen in FROZEN_PRESETS:
+    return FROZEN_PRESETS[frozen]
+  rx = re.compile(frozen)
+  return lambda path, names: bool(frozen) and bool(rx.search(path))
+
+
+def check_frozen(t, params: list[tuple[str, tuple, tuple]]):
+  """A one-line ConfigError when train.frozen freezes no parameter, or all of them.
+  params: (path, shape, logical names) of every parameter (params.param_list)."""
+  if not t.frozen:
+    return
+  is_frozen = frozen_predicate(t.frozen)
+  n = sum(is_frozen(path, names) for path, _, names in params)
+  if n == 0 or n == len(params):
+    what = "no parameter" if n == 0 else "every parameter"
+    raise ConfigError(f"config.train.frozen={t.frozen!r} is invalid: it freezes {what}")
+
+
+def trainable(t):
+  """The nnx filter of the parameters the optimizer trains: every nnx.Param
+  that train.frozen does not freeze (frozen ones get no optimizer state)."""
+  if not t.frozen:
+    return nnx.Param
+  is_frozen = frozen_predicate(t.frozen)
+  return nnx.All(
+    nnx.Param, lambda path, v: not is_frozen(paramslib.path_str(path), paramslib.names_of(v))
+  )
+
+
+# ----------------------------------------------------------------- init rules
+
+
+class Assign(NamedTuple):
+  """How one parameter of the new run is initialised."""
+
+  source: str | None  # the source path, or None: fresh (the new run's own init)
+  how: str  # "copy", "experts" (copied into every expert: upcycling), "tile" (E -> m E), "fresh"
+
+
+def plan_init(
+  rules, targets: dict[str, tuple], sources: dict[str, tuple], key="train.init_rules"
+) -> dict[str, Assign]:
+  """Which source parameter initialises each target one, by name rules (T5X's
+  assignment map): `rules` is an ordered list of (regex, source) pairs; the
+  first regex that fully matches a target path decides: `source` is a
+  re.sub template of the source path ("\\1" for groups) or None for a fresh
+  init. A target no rule matches takes the source parameter of its own name,
+  or is fresh when the source has none. targets: {path: (shape, logical
+  names)}; sources: {path: (shape, dtype)}. Shapes decide the copy: equal
+  (copy), the target one expert axis more (upcycling: every expert a copy), or
+  the target's expert axis a multiple of the source's (tile). Anything else,
+  a rule that matches nothing, or a source path that does not exist is a
+  one-line ConfigError naming both paths and shapes."""
+  compiled = []
+  for i, (rx, src) in enumerate(rules):
+    try:
+      compiled.append((re.compile(rx), src))
+    except re.error as e:
+      raise ConfigError(f"config.{key}[{i}]={rx!r} is not a regex: {e}") from None
+  used = [False] * len(compiled)
+  plan = {}
+  for path, (shape, names) in targets.items():
+    hit = next((i for i, (rx, _) in enumerate(compiled) if rx.fullmatch(path)), None)
+    if hit is None:
+      src = path if path in sources else None
+    else:
+      used[hit] = True
+      rx, template = compiled[hit]
+      src = None if template is None else rx.fullmatch(path).expand(template)
+      if src is not None and src not in sources:
+        raise ConfigError(
+          f"config.{key}[{hit}] maps {path} to {src}, which the source checkpoint does not have"
+        )
+    plan[path] = Assign(src, "fresh") if src is None else _how(path, shape, names, src, sources)
+  unused = [rules[i][0] for i, u in enumerate(used) if not u]
+  if unused:
+    raise ConfigError(f"config.{key}: {unused[0]!r} matches no parameter of the new model")
+  return plan
+
+
+def _how(path, shape, names, src, sources) -> Assign:
+  s_shape = tuple(sources[src][0])
+  shape = tuple(shape)
+  expert = bool(names) and names[0] == paramslib.EXPERT_AXIS
+  if s_shape == shape:
+    return Assign(src, "copy")
+  if expert and shape[1:] == s_shape:
+    return Assign(src, "experts")
+  if expert and shape[1:] == s_shape[1:] and s_shape and shape[0] % s_shape[0] == 0:
+    return Assign(src, "tile")
+  raise ConfigError(
+    f"config.train.init_from: {path} {shape} cannot take the source's {src} {s_shape} "
+    "(shapes differ); re-initialise it with a train.init_rules entry (regex, None)"
+  )
+
+
+class InitReport(NamedTuple):
+  """What init_from did to each parameter of the new run: {path: how}."""
+
+  source: str
+  step: int
+  how: dict[str, str]  # "copied from P", "copied from P into every expert", "fresh", ...
+
+  def line(self) -> str:
+    """One line: which parameters came from where, and which are fresh."""
+    groups: dict[str, list[str]] = {}
+    for path, how in self.how.items():
+      groups.setdefault(how.split(" from ")[0], []).append(path)
+    parts = [f"{k} ({len(v)}): {_compact(v)}" for k, v in groups.items()]
+    return f"init from {self.source} step {self.step}: " + "; ".join(parts)
+
+
+def _compact(paths: list[str], n: int = 6) -> str:
+  """Paths with their layer numbers folded: blocks/{0,2}/attn/wq."""
+  folded: dict[str, list[str]] = {}
+  for p in paths:
+    m = re.match(r"(blocks/)(\d+)(/.*)", p)
+    key, layer = ((m.group(1) + "{}" + m.group(3)), m.group(2)) if m else (p, None)
+    folded.setdefault(key, []).append(layer)
+  out = [
+    k.format("{" + ",".join(ls) + "}" if len(ls) > 1 else ls[0]) if ls[0] is not None else k
+    for k, ls in folded.items()
+  ]
+  return ", ".join(out[:n]) + (f", ... ({len(out) - n} more)" if len(out) > n else "")
+
+
+def parse_source(spec: str, key: str = "train.init_from") -> tuple[str, int | None]:
+  """'WORKDIR[:STEP]' -> (absolute workdir, step or None), or a one-line error."""
+  path, step = spec, None
+  head, sep, tail = spec.rpartition(":")
+  if sep and tail.isdigit():
+    path, step = head, int(tail)
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(os.path.join(path, "checkpoints")):
+    raise ConfigError(f"config.{key}={spec!r} is invalid: {path} holds no run's checkpoints")
+  return path, step
+
+
+def source_params(workdir: str, step: int | None, key: str = "train.init_from"):
+  """(step, {path: (shape, dtype)}) of the model variables in a run's checkpoint,
+  read from its metadata (nothing is loaded)."""
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  step = steps[-1] if step is None and steps else step
+  if step is None or step not in steps:
+    raise ConfigError(
+      f"config.{key} is invalid: {workdir}/checkpoints has no step {step} (it has {steps})"
+    )
+  return step, ckptlib.param_metadata(workdir, step)
+
+
+def gate_mass(moe) -> float:
+  """The sum of a token's chosen gates when every router logit is equal (a
+  zero router): the router table's `gate_mass`. An upcycled MoE divides its
+  copies' output by it (train.init_gate_scale="expected")."""
+  return routing.ROUTERS[moe.router].gate_mass(moe)
+
+
+def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
+  """The new run's initial state with its model variables taken from
+  train.init_from's checkpoint by train.init_rules (plan_init), transformed
+  (copy / into every expert / tiled; upcycling's gate scale and Drop-Upcycling
+  re-init), placed with the new state's shardings. The optimizer and step
+  stay fresh."""
+  t, spec = c.train, cfglib.model_spec(c)
+  source, step = parse_source(t.init_from)
+  step, sources = source_params(source, step)
+  leaves, names = paramslib.model_leaves(state), paramslib.logical_names(abs_state)
+  targets = {p: (leaf.shape, names.get(p, ())) for p, (_, leaf) in leaves.items()}
+  plan = plan_init(t.init_rules, targets, sources)
+  reads = {}
+  for path, a in plan.items():
+    if a.source is None:
+      continue
+    shd = leaves[path][1].sharding
+    if isinstance(shd, jax.sharding.NamedSharding) and a.how != "copy":
+      # "experts": the target's sharding without its expert axis; "tile": replicated.
+      pspec = shd.spec[1:] if a.how == "experts" else ()
+      shd = jax.sharding.NamedSharding(shd.mesh, jax.sharding.PartitionSpec(*pspec))
+    reads[a.source] = jax.ShapeDtypeStruct(sources[a.source][0], sources[a.source][1], sharding=shd)
+  values = ckptlib.read_params(source, step, reads)
+  scale = 1.0 / gate_mass(spec.moe) if t.init_gate_scale == "expected" else 1.0
+  new, how = {}, {}
+  for path, a in plan.items():
+    fresh = leaves[path][1]
+    if a.source is None:
+      how[path] = "fresh"
+      continue
+    x = values[a.source]
+    new[path] = _transform(x, fresh, a.how, path, scale, t.init_reinit_fraction, t.seed)
+    how[path] = {
+      "copy": f"copied from {a.source}",
+      "experts": f"copied into every expert from {a.source}",
+      "tile": f"tiled over the experts from {a.source}",
+    }[a.how]
+  return paramslib.replace(state, new), InitReport(f"{source}", step, how)
+
+
+def _transform(x, fresh, how: str, path: str, scale: float, reinit: float, seed: int):
+  """One target variable from its source value (see init_from)."""
+  leaf = path.rsplit("/", 1)[-1]
+
+  def make(x, fresh):
+    x = x.astype(fresh.dtype)
+    if how == "copy":
+      return x
+    if how == "tile":
+      return jnp.tile(x, (fresh.shape[0] // x.shape[0],) + (1,) * (x.ndim - 1))
+    y = jnp.broadcast_to(x[None], fresh.shape)
+    if leaf == "wo":  # [E, F, D]: the copies' output projection carries the gate scale
+      y = y * scale
+    if reinit and leaf in ("wi", "wg", "wo"):
+      # Drop-Upcycling (arXiv 2502.19261): per expert, a random fraction of the
+      # hidden units keeps the fresh init (the same units for wi, wg and wo of
+      # a layer; the paper draws them from the copied weights' statistics).
+      E, F = fresh.shape[0], fresh.shape[2 if leaf != "wo" else 1]
+      key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.rsplit("/", 1)[0].encode()))
+      rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, (E, F)), -1), -1)
+      drop = rank < round(reinit * F)
+      drop = drop[:, None, :] if leaf != "wo" else drop[:, :, None]
+      y = jnp.where(drop, fresh, y)
+    return y
+
+  return jax.jit(make, out_shardings=fresh.sharding)(x, fresh)
+
+
+# -------------------------------------------------------------- routing drift
+
+
+def drifts(c) -> bool:
+  """Whether a run logs routing drift: a fine-tuning run (train.init_from) of
+  an MoE whose router gives each token a distribution over experts."""
+  spec = cfglib.model_spec(c)
+  return bool(c.train.init_from) and spec.is_moe and routing.ROUTERS[spec.moe.router].drifts
+
+
+def router_probs(model, batch) -> list:
+  """Each MoE layer's router distribution [T, E] on a batch (evaluation mode)."""
+  _, aux = model(
+    batch["inputs"],
+    mask_BxL=batch.get("mask", batch["weights"]),
+    positions_BxL=batch.get("positions"),
+    segments_BxL=batch.get("segment_ids"),
+    expert_choices=True,
+  )
+  return [a["probs_TxE"] for a in aux]
+
+
+def routing_drift(base: list, now: list, sets: dict, layer_ids: list[int]) -> dict:
+  """How far routing moved from a base model's, per MoE layer: the mean over
+  tokens of KL(p_base || p_now) of the router distributions [T, E], and the
+  fraction of tokens whose top-1 expert changed, over each token set of
+  `sets` ({suffix: mask [T]}: "" all real tokens, "_prompt", "_response")."""
+  out = {}
+  for i, pb, pn in zip(layer_ids, base, now):
+    pb, pn = np.asarray(pb, np.float64), np.asarray(pn, np.float64)
+    kl = np.sum(pb * (np.log(np.maximum(pb, 1e-30)) - np.log(np.maximum(pn, 1e-30))), -1)
+    moved = np.argmax(pb, -1) != np.argmax(pn, -1)
+    for suffix, m in sets.items():
+      m = np.asarray(m, bool).reshape(-1)
+      if m.any():
+        out[f"drift/layer{i}/kl{suffix}"] = float(kl[m].mean())
+        out[f"drift/layer{i}/top1_changed{suffix}"] = float(moved[m].mean())
+  for key in {k.split("/", 2)[2] for k in out}:
+    out[f"drift/mean/{key}"] = float(
+      np.mean([v for k, v in out.items() if k.endswith("/" + key) and "/layer" in k])
+    )
+  return out
+
+
+def drift_sets(batch: dict) -> dict:
+  """The token sets routing drift is measured over: all real tokens, and for
+  instruction data its prompt and response tokens apart."""
+  real = np.asarray(batch.get("mask", batch["weights"])).reshape(-1) > 0
+  if "response_mask" not in batch:
+    return {"": real}
+  resp = np.asarray(batch["response_mask"]).reshape(-1) > 0
+  return {"": real, "_prompt": real & ~resp, "_response": resp}
+
+
+class RoutingDrift:
+  """Fine-tuning's routing drift in training: on a fixed probe batch (the
+  first eval batch), `routing_drift` of the current routers against the run's
+  initial ones (the init_from run's), kept in workdir/routing_base.npz so
+  that a resumed run measures against the same."""
+
+  def __init__(self, c, workdir, graphdef, batch, to_global, start, state, moe_ids, say):
+    self.path, self.moe_ids = os.path.join(workdir, "routing_base.npz"), moe_ids
+    self.sets = drift_sets(batch)
+    self.batch = to_global(batch)
+    self.probs = jax.jit(lambda st, b: router_probs(nnx.merge(graphdef, st)[0], b))
+    self.base = None
+    if start == 0:
+      self.base = [np.asarray(p) for p in jax.device_get(self.probs(state, self.batch))]
+      if jax.process_index() == 0:
+        np.savez(self.path, *self.base)
+    elif os.path.exists(self.path):
+      with np.load(self.path) as f:
+        self.base = [f[f"arr_{i}"] for i in range(len(f.files))]
+    else:
+      say(f"no {self.path} (a run from before drift was logged): routing drift is off")
+
+  def __call__(self, state) -> dict:
+    if self.base is None:
+      return {}
+    now = jax.device_get(self.probs(state, self.batch))
+    return routing_drift(self.base, now, self.sets, self.moe_ids)

@@ -1,0 +1,118 @@
+"""A config's train state: built, shaped without allocating, its loss, and read back.
+
+The programs (train, evaluate, generate, convert, inspect) import this module,
+never the trainer. A train state is `nnx.state((model, optimizer))`
+(sparse_lm/params.py names its parts).
+"""
+
+from __future__ import annotations
+
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparse_lm import checkpoint as ckptlib
+from sparse_lm import config as cfglib
+from sparse_lm import data as datalib
+from sparse_lm import decode
+from sparse_lm import finetune
+from sparse_lm import optimizer as optlib
+from sparse_lm import sharding
+from sparse_lm.data.tokenizer import ByteTokenizer
+from sparse_lm.models.transformer import Transformer
+
+
+def vocab_size_of(c) -> int:
+  """The vocabulary size of config `c`'s tokenizer, without building it."""
+  return ByteTokenizer.vocab_size if c.data.tokenizer == "byte" else c.data.vocab_size
+
+
+def create(c, vocab_size: int):
+  """(model, optimizer) of config `c`, initialised from train.seed."""
+  model = Transformer(cfglib.model_spec(c), vocab_size, rngs=nnx.Rngs(params=c.train.seed))
+  return model, nnx.Optimizer(
+    model, optlib.make_optimizer(c.train), wrt=finetune.trainable(c.train)
+  )
+
+
+def abstract_model(c, vocab_size: int | None = None):
+  """The Transformer of config `c` with ShapeDtypeStructs for values."""
+  V = vocab_size or vocab_size_of(c)
+  spec = cfglib.model_spec(c)
+  with nnx.use_eager_sharding(False):  # shapes only: no mesh needed
+    return nnx.eval_shape(lambda: Transformer(spec, V, rngs=nnx.Rngs(0)))
+
+
+def abstract_state(c, vocab_size: int, mesh=None):
+  """(graphdef, abstract train state, its shardings): on `mesh` by the config's
+  rules (run under sharding.use(mesh, c)), or on the first device."""
+  if mesh is None:
+    with nnx.use_eager_sharding(False):
+      graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: create(c, vocab_size)))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return graphdef, abs_state, jax.tree.map(lambda a: dev, abs_state)
+  graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: create(c, vocab_size)))
+  return graphdef, abs_state, nnx.get_named_sharding(abs_state, mesh)
+
+
+def state_tree(c, vocab_size: int) -> list:
+  """What a checkpoint of config `c` holds: (path, shape, dtype) of every
+  parameter and optimizer-state leaf (shapes only: optax's own init)."""
+  model = abstract_model(c, vocab_size)
+  params = nnx.to_pure_dict(nnx.state(model, finetune.trainable(c.train)))
+  opt = jax.eval_shape(optlib.make_optimizer(c.train).init, params)
+  leaves = jax.tree_util.tree_flatten_with_path((nnx.to_pure_dict(nnx.state(model)), opt))[0]
+  return [(jax.tree_util.keystr(p), a.shape, str(a.dtype)) for p, a in leaves]
+
+
+def loss_fn(model, batch, *, train: bool, rng):
+  """Token-weighted cross-entropy + the MoE layers' weighted router losses.
+
+  batch["weights"] weights the loss (the mean is over the weighted tokens of the
+  whole global batch); batch["mask"] (default: the weights) marks the real
+  tokens, which routing statistics and the balance losses count; packed
+  examples (sft: data) bring "segment_ids" and their "positions"."""
+  w_BxL = batch["weights"]
+  logits_BxLxV, moe_aux = model(
+    batch["inputs"],
+    mask_BxL=batch.get("mask", w_BxL),
+    positions_BxL=batch.get("positions"),
+    segments_BxL=batch.get("segment_ids"),
+    train=train,
+    rng=rng,
+  )
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+  ce = jnp.sum(ce_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
+  router_loss = sum((a["router_loss"] for a in moe_aux), jnp.float32(0.0))
+  return ce + router_loss, {"ce": ce, "router_loss": router_loss, "moe": moe_aux}
+
+
+def load_model(workdir: str, step: int | None = None, *, inference: bool = False, mesh=None):
+  """The model of a run's checkpoint (latest, or `step`): (model, config, tokenizer).
+
+  inference: the model computes as decoding needs (decode.inference_spec: MoE
+  layers dispatch by model.moe.decode_dispatch). mesh: restore sharded by the
+  config's rules onto this mesh (run the model under sharding.use(mesh,
+  config)); default one device. Errors (no checkpoint, a step that is not
+  there, a tokenizer that does not fit) are one line (RunError)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  c = ckptlib.read_config(workdir)
+  tok = datalib.make_tokenizer(c.data)
+  datalib.check_tokenizer(tok, workdir)
+  ckpt = ckptlib.Checkpointer(workdir, read_only=True)
+  try:
+    if mesh is None:
+      graphdef, abs_state, shd = abstract_state(c, tok.vocab_size)
+    else:
+      with sharding.use(mesh, c):
+        graphdef, abs_state, shd = abstract_state(c, tok.vocab_size, mesh)
+    _, state = ckpt.restore_step(step, ckptlib.target(abs_state, shd))
+  finally:
+    ckpt.close()
+  model, _ = nnx.merge(graphdef, state)
+  if inference:
+    model = decode.for_inference(model)
+  return model, c, tok
