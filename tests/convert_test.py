@@ -9,9 +9,9 @@ import pathlib
 import shutil
 import sys
 
-from conftest import cli
-from conftest import one_line_error
-from conftest import run
+from helpers import cli
+from helpers import one_line_error
+from helpers import run
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -13,18 +13,18 @@ import subprocess
 import sys
 import time
 
-from conftest import ENV
-from conftest import ROOT
-from conftest import cli
-from conftest import endless
-from conftest import losses
-from conftest import one_line_error
-from conftest import rows
-from conftest import run
-from conftest import saved_steps
-from conftest import start
-from conftest import start_until_step
-from conftest import write_sweep
+from helpers import ENV
+from helpers import ROOT
+from helpers import cli
+from helpers import endless
+from helpers import losses
+from helpers import one_line_error
+from helpers import rows
+from helpers import run
+from helpers import saved_steps
+from helpers import start
+from helpers import start_until_step
+from helpers import write_sweep
 import numpy as np
 import pytest
 

@@ -12,14 +12,14 @@ import signal
 import subprocess
 import sys
 
-from conftest import cli
-from conftest import losses
-from conftest import one_line_error
-from conftest import rows
-from conftest import run
-from conftest import saved_steps
-from conftest import start_until_step
 from flax import nnx
+from helpers import cli
+from helpers import losses
+from helpers import one_line_error
+from helpers import rows
+from helpers import run
+from helpers import saved_steps
+from helpers import start_until_step
 import jax
 import numpy as np
 import pytest

@@ -6,11 +6,11 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ENV
-from conftest import ROOT
-from conftest import cli
-from conftest import rows
-from conftest import run
+from helpers import ENV
+from helpers import ROOT
+from helpers import cli
+from helpers import rows
+from helpers import run
 import pytest
 
 PROMPTS = ["def fib(n):", "import os", "class A:", "x = [", "for i in", "print(", "# ", "if x"]

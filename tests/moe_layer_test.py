@@ -7,13 +7,13 @@ gate * expert(x) over each token's kept choices. Gates are jnp functions of the
 logits so gradients flow through them; the decision is piecewise constant.
 """
 
-from conftest import D
-from conftest import E
-from conftest import F
-from conftest import build
-from conftest import layer_grads
-from conftest import model_cfg
 from flax import nnx
+from helpers import D
+from helpers import E
+from helpers import F
+from helpers import build
+from helpers import layer_grads
+from helpers import model_cfg
 import jax
 import jax.numpy as jnp
 import numpy as np

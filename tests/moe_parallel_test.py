@@ -8,14 +8,14 @@ per-device expert-weight memory vs the expert axis, a few training steps of a
 tiny MoE Transformer, and the mesh errors.
 """
 
-import conftest
-from conftest import FAST_COMPILE
-from conftest import D
-from conftest import E
-from conftest import F
-from conftest import build
-from conftest import layer_grads
 from flax import nnx
+import helpers
+from helpers import FAST_COMPILE
+from helpers import D
+from helpers import E
+from helpers import F
+from helpers import build
+from helpers import layer_grads
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +44,8 @@ def mesh_config(data, fsdp, expert, tensor=1):
 
 
 def model_cfg(router, dispatch, **moe):
-  """The MoE layer tests' config (conftest) with a tight training capacity: tokens drop."""
-  return conftest.model_cfg(router, dispatch, **{"capacity_factor": 0.5, **moe})
+  """The MoE layer tests' config (helpers) with a tight training capacity: tokens drop."""
+  return helpers.model_cfg(router, dispatch, **{"capacity_factor": 0.5, **moe})
 
 
 def inputs(seed=1):

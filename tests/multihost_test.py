@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 
-import conftest
+import helpers
 import numpy as np
 import pytest
 
@@ -56,8 +56,8 @@ def setup(tmp_path_factory):
 
 
 def cli(setup, workdir, mesh, *overrides):
-  """conftest's tiny run on the mesh config; constant LR, so num_steps can grow on resume."""
-  return conftest.cli(
+  """helpers.cli's tiny run on the mesh config; constant LR, so num_steps can grow on resume."""
+  return helpers.cli(
     workdir,
     setup / "tfds",
     "--config.train.schedule=constant",

@@ -9,8 +9,8 @@ import sys
 import textwrap
 import time
 
-from conftest import ROOT
-from conftest import write_sweep
+from helpers import ROOT
+from helpers import write_sweep
 import pytest
 
 from sparse_lm import config as cfglib

@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 
-from conftest import cli
-from conftest import endless
-from conftest import losses
-from conftest import rows
-from conftest import run
-from conftest import start_until_step
+from helpers import cli
+from helpers import endless
+from helpers import losses
+from helpers import rows
+from helpers import run
+from helpers import start_until_step
 import numpy as np
 import pytest
 
