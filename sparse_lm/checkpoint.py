@@ -64,11 +64,27 @@ def _one_line(e: BaseException, n: int = 200) -> str:
 # ------------------------------------------------------------------- workdir
 
 
-def open_workdir(workdir: str) -> filelock.FileLock | None:
-  """Checks that `workdir` is a writable directory (creating it) and takes its
-  lock, so that a second run on it is refused. Process 0 only; None elsewhere."""
-  if jax.process_index() != 0:
-    return None
+@contextlib.contextmanager
+def open_workdir(workdir: str):
+  """Checks that `workdir` is a writable directory (creating it) and holds its
+  lock for the `with` block, so that a second run on it is refused. Process 0
+  only (the others only run the block). The first thing a run writes: every
+  refusal of its config comes before it (train.py)."""
+  lock = _lock(workdir) if jax.process_index() == 0 else None
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a finished checkpoint (nothing is created)."""
+  ckpts = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
+
+
+def _lock(workdir: str) -> filelock.FileLock:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise RunError(f"--workdir {workdir} is not a directory")
   try:
@@ -246,15 +262,19 @@ def _quiet_failed_reads():
 
 
 def _drop_failed_read_reports():
-  """Filters the unraisable-exception and thread-exception hooks: reports
-  that come from Orbax's read coroutines (or their closed event loop) are
-  dropped, everything else goes to the hooks as before. Installed once, for
-  the rest of the process (the late reports come after the read returns)."""
+  """Filters the unraisable-exception, thread-exception and uncaught-exception
+  hooks: reports that come from Orbax's coroutines or from their closed event
+  loop are dropped, everything else goes to the hooks as before. Installed
+  once, for the rest of the process (the late reports come after the read or
+  the failed write returns). The uncaught-exception hook is what TensorStore's
+  callbacks print through (PyErr_Print): after a failed write (a full disk)
+  each still-pending write reported "RuntimeError: Event loop is closed" with
+  its traceback before or after the run's one-line error."""
   if getattr(sys.unraisablehook, "_sparse_lm", False):
     return
   orbax_code = lambda obj: "orbax" in getattr(getattr(obj, "cr_code", None), "co_filename", "")
   closed_loop = lambda e: isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
-  unraisable, thread = sys.unraisablehook, threading.excepthook
+  unraisable, thread, uncaught = sys.unraisablehook, threading.excepthook, sys.excepthook
 
   def unraisable_hook(u):
     if not (orbax_code(u.object) or closed_loop(u.exc_value)):
@@ -264,8 +284,13 @@ def _drop_failed_read_reports():
     if not closed_loop(args.exc_value):
       thread(args)
 
+  def uncaught_hook(kind, value, tb):
+    if not closed_loop(value):
+      uncaught(kind, value, tb)
+
   unraisable_hook._sparse_lm = True  # pylint: disable=protected-access
   sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
+  sys.excepthook = uncaught_hook
 
 
 _TS_PATH = re.compile(r"""'path': '([^']+)'""")  # in a TensorStore spec
@@ -296,6 +321,7 @@ class Checkpointer:
         max_to_keep=keep, create=True, cleanup_tmp_directories=True
       )
       self._mngr = ocp.CheckpointManager(self.dir, options=options)
+      _drop_failed_read_reports()  # a failed write reports late too (a full disk)
     self.last_saved: int | None = None
     self._in_flight: int | None = None  # the async save not yet known to be on disk
     self._failed = False

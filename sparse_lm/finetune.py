@@ -282,20 +282,40 @@ def gate_mass(moe) -> float:
   return routing.ROUTERS[moe.router].gate_mass(moe)
 
 
+class Plan(NamedTuple):
+  """train.init_from's source checkpoint and what each new parameter takes from it."""
+
+  source: str  # the source run's workdir
+  step: int
+  sources: dict[str, tuple]  # {path: (shape, dtype)} of the source's model variables
+  assign: dict[str, Assign]  # {target path: Assign}
+
+
+def plan(c, abs_state) -> Plan:
+  """train.init_from's plan for the new run's abstract train state, from the
+  source checkpoint's metadata (nothing is read): a one-line ConfigError for
+  a source, rule or shape that does not fit. The trainer asks for it before
+  it touches the workdir, and init_from follows it."""
+  source, step = parse_source(c.train.init_from)
+  step, sources = source_params(source, step)
+  names = paramslib.logical_names(abs_state)
+  targets = {
+    p: (leaf.shape, names.get(p, ())) for p, (_, leaf) in paramslib.model_leaves(abs_state).items()
+  }
+  return Plan(source, step, sources, plan_init(c.train.init_rules, targets, sources))
+
+
 def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
   """The new run's initial state with its model variables taken from
-  train.init_from's checkpoint by train.init_rules (plan_init), transformed
+  train.init_from's checkpoint by train.init_rules (`plan`), transformed
   (copy / into every expert / tiled; upcycling's gate scale and Drop-Upcycling
   re-init), placed with the new state's shardings. The optimizer and step
   stay fresh."""
   t, spec = c.train, cfglib.model_spec(c)
-  source, step = parse_source(t.init_from)
-  step, sources = source_params(source, step)
-  leaves, names = paramslib.model_leaves(state), paramslib.logical_names(abs_state)
-  targets = {p: (leaf.shape, names.get(p, ())) for p, (_, leaf) in leaves.items()}
-  plan = plan_init(t.init_rules, targets, sources)
+  source, step, sources, assign = plan(c, abs_state)
+  leaves = paramslib.model_leaves(state)
   reads = {}
-  for path, a in plan.items():
+  for path, a in assign.items():
     if a.source is None:
       continue
     shd = leaves[path][1].sharding
@@ -307,7 +327,7 @@ def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
   values = ckptlib.read_params(source, step, reads)
   scale = 1.0 / gate_mass(spec.moe) if t.init_gate_scale == "expected" else 1.0
   new, how = {}, {}
-  for path, a in plan.items():
+  for path, a in assign.items():
     fresh = leaves[path][1]
     if a.source is None:
       how[path] = "fresh"

@@ -1,15 +1,17 @@
 """The trainer: one function in sections (big_vision style), its plumbing beside it.
 
-Mesh -> Input -> Model -> Shard -> Update step -> Checkpoint -> Evals -> Loop.
-A run always resumes from the workdir's latest checkpoint (sparse_lm/checkpoint.py
+Mesh -> Input -> Model -> Workdir -> Update step -> Checkpoint -> Evals -> Loop.
+Everything that can refuse the config comes before "Workdir" (where the lock
+is taken): a refused run leaves no trace. A run always resumes from the workdir's latest checkpoint (sparse_lm/checkpoint.py
 owns the workdir: lock, finite-only saves, rotation, fallback past a broken
 checkpoint). The RNG of step n is fold_in(seed, n), so model, optimizer, step
 and data position are all the state there is, and a killed run resumes to the
 same losses step for step. Every step's loss and gradient norm are checked on
-the host one step late (the device never waits), except before an eval or a
-save, which wait for their step's own check: a non-finite step stops the run
-(or, with train.skip_nonfinite_steps, is skipped and counted) and is never
-saved.
+the host one step late (the device never waits), except before an eval, a
+save or a logged step, which wait for their step's own check: a non-finite
+step stops the run (or, with train.skip_nonfinite_steps, is skipped and
+counted) and is never saved; throughput is timed over finished device work.
+Fine-tuning (init_from, freezing, routing drift) is sparse_lm/finetune.py.
 """
 
 from __future__ import annotations
@@ -91,15 +93,17 @@ class Stop:
     self.requested = True
 
 
-# Shorter intervals are not timed: the host runs ahead of the device (a step in
-# flight when a SIGTERM arrives logged "tok/s 2,983,652").
-MIN_RATE_INTERVAL_S = 0.01
-
-
 class Monitor:
   """The loop's host side: checks each step's loss and gradient norm (a
   non-finite step stops the run, or with train.skip_nonfinite_steps is counted
-  as skipped) and logs rows (metrics.jsonl, TensorBoard, console, wall time)."""
+  as skipped) and logs rows (metrics.jsonl, TensorBoard, console, wall time).
+
+  Throughput (tokens_per_s) is timed over finished device work only: from a
+  step the host waited for with no later step in flight (`check(...,
+  drained=True)`: the loop drains the pipeline at logged, eval and checkpoint
+  steps) to the next such step, so every step counted was dispatched after the
+  clock started and had finished when it stopped. The first step of a process
+  (it compiles) starts the clock; evals and checkpoint saves restart it."""
 
   def __init__(self, c, workdir, start, ckpt: ckptlib.Checkpointer, moe_ids):
     self.t, self.ckpt, self.moe_ids = c.train, ckpt, moe_ids
@@ -110,7 +114,8 @@ class Monitor:
     self.clock = ckptlib.WallClock(workdir)
     self.in_a_row = self.skipped = 0
     self.now = time.perf_counter
-    self.t_rate, self.step_rate = self.now(), start
+    self.drained: tuple[int, float] | None = None  # (step, when it was fetched, drained)
+    self.since: tuple[int, float] | None = None  # (step, time) the rate is timed from
 
   def header(self, stats: dict, fingerprint: dict):
     """Step 0's row: the model's size and the data's numbers."""
@@ -119,8 +124,14 @@ class Monitor:
     self.writer.write(0, {**head, **nums})
     self.ckpt.say(f"data: {fingerprint}")
 
-  def check(self, step, meas):
+  def check(self, step, meas, *, drained: bool = False):
+    """Fetches step's loss, gradient norm and finiteness (waiting for it).
+    drained: no later step is in flight, so the device finished `step` and
+    had nothing else to do: a point throughput is timed from or to."""
     vals = jax.device_get({k: meas[k] for k in ("loss", "grad_norm", "finite")})
+    if drained:
+      self.drained = (step, self.now())
+      self.since = self.since or self.drained  # the first step (it compiles) is not timed
     if bool(vals["finite"]):
       self.in_a_row = 0
       return
@@ -147,10 +158,10 @@ class Monitor:
       "tokens": self.tokens_per_step * step,
       **evals,
     }
-    now = self.now()
-    if now - self.t_rate >= MIN_RATE_INTERVAL_S and step > self.step_rate:
-      row["tokens_per_s"] = self.tokens_per_step * (step - self.step_rate) / (now - self.t_rate)
-      self.t_rate, self.step_rate = now, step
+    if self.drained and self.drained[0] == step and step > self.since[0]:
+      (s0, t0), t1 = self.since, self.drained[1]
+      row["tokens_per_s"] = self.tokens_per_step * (step - s0) / max(t1 - t0, 1e-9)
+      self.since = self.drained
     if self.t.skip_nonfinite_steps:
       row["skipped_steps"] = self.skipped
     if self.moe_ids:
@@ -159,6 +170,12 @@ class Monitor:
     self.writer.write(step, row)
     self.progress.print(step, row)
     self.clock.update()
+
+  def restart(self):
+    """After an eval or a checkpoint save: their time is not training
+    throughput, and no step is in flight (the clock restarts now)."""
+    if self.drained:
+      self.since = (self.drained[0], self.now())
 
   def close(self):
     self.writer.close()
@@ -171,19 +188,16 @@ class Monitor:
 def train_and_evaluate(c, workdir: str) -> dict:
   """Trains config `c` in `workdir` (resuming if it holds a checkpoint)."""
   c = cfglib.validate(c)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  lock = ckptlib.open_workdir(workdir)
-  try:
-    with Stop() as stop:
-      return _train(c, workdir, stop)
-  finally:
-    if lock is not None:
-      lock.release()
+  return _train(c, os.path.abspath(os.path.expanduser(workdir)))
 
 
-def _train(c, workdir: str, stop: Stop) -> dict:
+def _train(c, workdir: str) -> dict:
   t = c.train
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+
+  # Every refusal of the config (mesh, data, resume, model, init rules) comes
+  # before the section "Workdir": a refused run leaves no trace (a fresh
+  # workdir is not created, an existing one stays byte-identical).
 
   # ---- Mesh ----
   mesh = sharding.make_mesh(c)
@@ -208,6 +222,8 @@ def _train(c, workdir: str, stop: Stop) -> dict:
     graphdef, abs_state, state_shd = statelib.abstract_state(c, V, mesh)
     abs_model = nnx.merge(graphdef, abs_state)[0]
     finetune.check_frozen(t, paramslib.param_list(abs_model))
+    if t.init_from and not ckptlib.has_checkpoints(workdir):
+      finetune.plan(c, abs_state)  # its rules against the source's metadata
     stats = inspectlib.summarize(c, V, model=abs_model)
     moe_ids = list(cfglib.model_spec(c).moe_layers)
     say(
@@ -215,117 +231,125 @@ def _train(c, workdir: str, stop: Stop) -> dict:
       f"train FLOPs/token {stats['train_flops_per_token']:.3g}  MoE layers {moe_ids or 'none'}"
     )
 
-    # ---- Update step ----
-    def train_step(state, batch, step):
-      old_state = jax.tree.map(lambda x: x, state)  # merge shares state's Variables
-      model, opt = nnx.merge(graphdef, state)
-      rng = jax.random.fold_in(jax.random.key(t.seed), step)
-      loss = lambda mdl: statelib.loss_fn(mdl, batch, train=True, rng=rng)
-      wrt = nnx.DiffState(0, finetune.trainable(t))  # frozen parameters get no gradient
-      (loss, aux), grads = nnx.value_and_grad(loss, argnums=wrt, has_aux=True)(model)
-      opt.update(model, grads)
-      apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
-      grad_norm = optax.tree.norm(grads)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      new_state = nnx.state((model, opt))
-      if t.skip_nonfinite_steps:
-        # Keep the old state (optimizer moments, router bias and all) on a
-        # non-finite step. optax.apply_if_finite would check the gradients only
-        # and add fields to the optimizer state, so checkpoints would depend on
-        # this flag.
-        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
-      return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+    # ---- Workdir ----
+    with ckptlib.open_workdir(workdir), Stop() as stop:
+      # ---- Update step ----
+      def train_step(state, batch, step):
+        old_state = jax.tree.map(lambda x: x, state)  # merge shares state's Variables
+        model, opt = nnx.merge(graphdef, state)
+        rng = jax.random.fold_in(jax.random.key(t.seed), step)
+        loss = lambda mdl: statelib.loss_fn(mdl, batch, train=True, rng=rng)
+        wrt = nnx.DiffState(0, finetune.trainable(t))  # frozen parameters get no gradient
+        (loss, aux), grads = nnx.value_and_grad(loss, argnums=wrt, has_aux=True)(model)
+        opt.update(model, grads)
+        apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = nnx.state((model, opt))
+        if t.skip_nonfinite_steps:
+          # Keep the old state (optimizer moments, router bias and all) on a
+          # non-finite step. optax.apply_if_finite would check the gradients only
+          # and add fields to the optimizer state, so checkpoints would depend on
+          # this flag.
+          new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
 
-    def eval_step(state, batch):
-      _, aux = statelib.loss_fn(nnx.merge(graphdef, state)[0], batch, train=False, rng=None)
-      return aux["ce"], aux["moe"]
+      def eval_step(state, batch):
+        _, aux = statelib.loss_fn(nnx.merge(graphdef, state)[0], batch, train=False, rng=None)
+        return aux["ce"], aux["moe"]
 
-    train_step = jax.jit(
-      train_step,
-      in_shardings=(state_shd, batch_shd, repl),
-      out_shardings=(state_shd, repl),
-      donate_argnums=0,
-    )
-    eval_step = jax.jit(eval_step, in_shardings=(state_shd, batch_shd), out_shardings=repl)
-    B = c.data.batch_size
-    to_global = lambda batch: {
-      k: jax.make_array_from_process_local_data(batch_shd, v, (B, *v.shape[1:]))
-      for k, v in batch.items()
-    }
+      train_step = jax.jit(
+        train_step,
+        in_shardings=(state_shd, batch_shd, repl),
+        out_shardings=(state_shd, repl),
+        donate_argnums=0,
+      )
+      eval_step = jax.jit(eval_step, in_shardings=(state_shd, batch_shd), out_shardings=repl)
+      B = c.data.batch_size
+      to_global = lambda batch: {
+        k: jax.make_array_from_process_local_data(batch_shd, v, (B, *v.shape[1:]))
+        for k, v in batch.items()
+      }
 
-    # ---- Checkpoint ----
-    ckpt = ckptlib.Checkpointer(workdir, keep=t.keep_checkpoints, say=say)
-    start, state, data_state = ckpt.restore_latest(ckptlib.target(abs_state, state_shd))
-    if start is not None:
-      train_input.set_state(data_state)
-      say(f"resumed from {ckpt.dir} step {start}")
-    else:
-      start = 0
-      state = jax.jit(lambda: nnx.state(statelib.create(c, V)), out_shardings=state_shd)()
-      if t.init_from:  # fine-tuning: another run's parameters, by name rules
-        state, report = finetune.init_from(c, state, abs_state)
-        say(report.line())
-    ckptlib.save_config(c, workdir, train_input.fingerprint)  # this run's (resume may change it)
-    drift = finetune.drifts(c) and finetune.RoutingDrift(
-      c, workdir, graphdef, eval_data[0], to_global, start, state, moe_ids, say
-    )
+      # ---- Checkpoint ----
+      ckpt = ckptlib.Checkpointer(workdir, keep=t.keep_checkpoints, say=say)
+      start, state, data_state = ckpt.restore_latest(ckptlib.target(abs_state, state_shd))
+      if start is not None:
+        train_input.set_state(data_state)
+        say(f"resumed from {ckpt.dir} step {start}")
+      else:
+        start = 0
+        state = jax.jit(lambda: nnx.state(statelib.create(c, V)), out_shardings=state_shd)()
+        if t.init_from:  # fine-tuning: another run's parameters, by name rules
+          state, report = finetune.init_from(c, state, abs_state)
+          say(report.line())
+      ckptlib.save_config(c, workdir, train_input.fingerprint)  # this run's (resume may change it)
+      drift = finetune.drifts(c) and finetune.RoutingDrift(
+        c, workdir, graphdef, eval_data[0], to_global, start, state, moe_ids, say
+      )
 
-    # ---- Evals ----
-    def evaluate():
-      outs = jax.device_get([eval_step(state, to_global(batch)) for batch in eval_data])
-      ce = float(np.mean([ce for ce, _ in outs]))
-      out = {"eval_loss": ce, "eval_ppl": math.exp(min(ce, 50.0))}
-      if moe_ids:  # the mean over the eval batches
-        mean = jax.tree.map(lambda *xs: np.mean(xs, 0), *[moe for _, moe in outs])
-        moe = metricslib.flatten_moe(mean, moe_ids)
-        out.update({f"eval_{k}": v for k, v in moe.items() if "dropped_fraction" in k})
-      return {**out, **(drift(state) if drift else {})}
+      # ---- Evals ----
+      def evaluate():
+        outs = jax.device_get([eval_step(state, to_global(batch)) for batch in eval_data])
+        ce = float(np.mean([ce for ce, _ in outs]))
+        out = {"eval_loss": ce, "eval_ppl": math.exp(min(ce, 50.0))}
+        if moe_ids:  # the mean over the eval batches
+          mean = jax.tree.map(lambda *xs: np.mean(xs, 0), *[moe for _, moe in outs])
+          moe = metricslib.flatten_moe(mean, moe_ids)
+          out.update({f"eval_{k}": v for k, v in moe.items() if "dropped_fraction" in k})
+        return {**out, **(drift(state) if drift else {})}
 
-    # ---- Loop ----
-    monitor = Monitor(c, workdir, start, ckpt, moe_ids)
-    if start == 0:
-      monitor.header(stats, train_input.fingerprint)
-    say(
-      f"training steps {start}..{t.num_steps}; logs: {workdir}/metrics.jsonl, "
-      f"tensorboard: {workdir}/tensorboard"
-    )
-    # Step n's scalars are fetched after step n+1 is dispatched (the device
-    # never waits for the host), except at eval / checkpoint steps, which first
-    # wait for step n's own check: a step is evaluated and saved only once it
-    # is known finite.
-    pending, step, last_eval = None, start, {}
-    try:
-      while step < t.num_steps and not stop.requested:
-        state, meas = train_step(state, to_global(next(train_input)), jnp.int32(step))
-        step += 1
-        if pending is not None:
-          monitor.check(*pending)
-          if pending[0] % t.log_every == 0:
-            monitor.log(*pending, {})
-        pending = (step, meas)
-        eval_now = step % t.eval_every == 0 or step == t.num_steps
-        save_now = step % t.checkpoint_every == 0 or step == t.num_steps or stop.requested
-        if eval_now or save_now:
-          monitor.check(step, meas)
-          pending = None
-          last_eval = evaluate() if eval_now else last_eval
-          if eval_now or step % t.log_every == 0:
-            monitor.log(step, meas, last_eval if eval_now else {})
-          if save_now:
-            ckpt.save(step, state, train_input.get_state())
-      if pending is not None:
-        monitor.check(*pending)
-        monitor.log(*pending, {})
-        ckpt.save(step, state, train_input.get_state())
-    finally:
+      # ---- Loop ----
+      monitor = Monitor(c, workdir, start, ckpt, moe_ids)
+      if start == 0:
+        monitor.header(stats, train_input.fingerprint)
+      say(
+        f"training steps {start}..{t.num_steps}; logs: {workdir}/metrics.jsonl, "
+        f"tensorboard: {workdir}/tensorboard"
+      )
+      # Step n's scalars are fetched after step n+1 is dispatched (the device
+      # never waits for the host), except at eval / checkpoint steps, which first
+      # wait for step n's own check (a step is evaluated and saved only once it
+      # is known finite), and at logged steps and the first one, whose check
+      # comes before the next step is dispatched (a bubble of one dispatch per
+      # log_every steps) so that throughput is timed over finished work (Monitor).
+      pending, step, last_eval = None, start, {}
       try:
-        ckpt.close()
+        while step < t.num_steps and not stop.requested:
+          if pending is not None and (pending[0] % t.log_every == 0 or pending[0] == start + 1):
+            monitor.check(*pending, drained=True)
+            if pending[0] % t.log_every == 0:
+              monitor.log(*pending, {})
+            pending = None
+          state, meas = train_step(state, to_global(next(train_input)), jnp.int32(step))
+          step += 1
+          if pending is not None:
+            monitor.check(*pending)
+          pending = (step, meas)
+          eval_now = step % t.eval_every == 0 or step == t.num_steps
+          save_now = step % t.checkpoint_every == 0 or step == t.num_steps or stop.requested
+          if eval_now or save_now:
+            monitor.check(step, meas, drained=True)
+            pending = None
+            last_eval = evaluate() if eval_now else last_eval
+            if eval_now or step % t.log_every == 0:
+              monitor.log(step, meas, last_eval if eval_now else {})
+            if save_now:
+              ckpt.save(step, state, train_input.get_state())
+            monitor.restart()
+        if pending is not None:
+          monitor.check(*pending, drained=True)
+          monitor.log(*pending, {})
+          ckpt.save(step, state, train_input.get_state())
       finally:
-        monitor.close()
-    last_eval = last_eval or evaluate()
-  say(
-    f"done at step {step}: eval_loss {last_eval['eval_loss']:.4f} "
-    f"(ppl {last_eval['eval_ppl']:.2f}); metrics {workdir}/metrics.jsonl, "
-    f"tensorboard {workdir}/tensorboard, checkpoints {ckpt.dir}"
-  )
-  return {"step": step, **last_eval}
+        try:
+          ckpt.close()
+        finally:
+          monitor.close()
+      last_eval = last_eval or evaluate()
+      say(
+        f"done at step {step}: eval_loss {last_eval['eval_loss']:.4f} "
+        f"(ppl {last_eval['eval_ppl']:.2f}); metrics {workdir}/metrics.jsonl, "
+        f"tensorboard {workdir}/tensorboard, checkpoints {ckpt.dir}"
+      )
+      return {"step": step, **last_eval}

@@ -169,20 +169,32 @@ def test_failed_in_process_run_gives_ctrl_c_back(tmp_path, tfds_dir):
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_rates_over_intervals_too_short_to_time_are_not_logged(tmp_path):
+def test_rates_are_timed_over_finished_device_work(tmp_path):
   # Issue 17, smell 9: the step in flight at a SIGTERM logged "tok/s 2,983,652".
+  # Issue 26: still "166,548" after "24,838" in a plain run: the clock started
+  # when a step was fetched while the next one was already running. Now it
+  # runs only between drained checks (no later step in flight); evals and
+  # saves restart it, and the first step (it compiles) only starts it.
   c = cfglib.base_config()
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, say=lambda *a: None)
   monitor = train.Monitor(c, str(tmp_path), 0, ckpt, [])
-  times = iter([1.0, 1.0 + train.MIN_RATE_INTERVAL_S / 10, 2.0])
-  monitor.t_rate, monitor.now = 0.0, lambda: next(times)
-  meas = {"ce": 1.0, "grad_norm": 1.0}
-  for step in (1, 2, 3):
-    monitor.log(step, meas, {})
+  times = iter([10.0, 12.0, 20.0, 21.0])
+  monitor.now = lambda: next(times)
+  meas = {"ce": 1.0, "grad_norm": 1.0, "loss": 1.0, "finite": True}
+  monitor.check(1, meas, drained=True)  # t=10: compiled and ran; starts the clock
+  monitor.log(1, meas, {})
+  monitor.check(2, meas)  # one step late: step 3 was in flight, no clock reading
+  monitor.check(3, meas, drained=True)  # t=12
+  monitor.log(3, meas, {})
+  monitor.restart()  # an eval and a save until t=20
+  monitor.check(4, meas, drained=True)  # t=21
+  monitor.log(4, meas, {})
+  monitor.check(5, meas)  # not drained: its time says nothing about finished work
+  monitor.log(5, meas, {})
   monitor.close()
   got = {r["step"]: r.get("tokens_per_s") for r in rows(str(tmp_path))}
   tokens = c.data.batch_size * c.data.seq_len
-  assert got == {1: tokens / 1.0, 2: None, 3: 2 * tokens / 1.0}  # step 3: over steps 2 and 3
+  assert got == {1: None, 3: 2 * tokens / 2.0, 4: tokens / 1.0, 5: None}
 
 
 def test_adafactor_trains_on_a_mesh(tmp_path, tfds_dir):
