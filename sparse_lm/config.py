@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 
 import ml_collections as mlc
 
@@ -514,7 +515,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       _fail("model.moe.expert_dropout", moe.expert_dropout, "must be in [0, 1)")
     _choice(c, "model.moe.router_dtype", ROUTER_DTYPES)
 
-  _finetune().validate(c)
+  _validate_finetuning(c)
   _choice(c, "train.optimizer", OPTIMIZERS)
   _choice(c, "train.schedule", SCHEDULES)
   _unread(c, "train.b1", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b1")
@@ -562,11 +563,54 @@ def _validate_sft(c):
   _choice(c, "data.sft_overlong", ("truncate", "refuse"))
 
 
-def _finetune():
-  """sparse_lm/finetune.py validates its own keys (it imports this module)."""
-  from sparse_lm import finetune  # pylint: disable=g-import-not-at-top
+FROZEN_PRESETS = (":router", ":experts", ":non_experts")  # what each freezes: finetune.py
+GATE_SCALES = ("none", "expected")
 
-  return finetune
+
+def _validate_finetuning(c):
+  t = c.train
+  if not isinstance(t.init_from, str):
+    _fail("train.init_from", t.init_from, "must be a workdir, optionally with ':step'")
+  rules = t.init_rules
+  ok = isinstance(rules, (tuple, list)) and all(
+    isinstance(r, (tuple, list))
+    and len(r) == 2
+    and isinstance(r[0], str)
+    and (r[1] is None or isinstance(r[1], str))
+    for r in rules
+  )
+  if not ok:
+    _fail("train.init_rules", rules, "must be ((regex, source path or None), ...)")
+  for rx, _ in rules:
+    try:
+      re.compile(rx)
+    except re.error as e:
+      _fail("train.init_rules", rx, f"is not a regex ({e})")
+  if (rules or t.init_gate_scale != "none" or t.init_reinit_fraction) and not t.init_from:
+    _fail(
+      "train.init_from",
+      t.init_from,
+      "is empty, but init_rules / init_gate_scale / init_reinit_fraction are set",
+    )
+  _choice(c, "train.init_gate_scale", GATE_SCALES)
+  moe = c.model.moe
+  if t.init_gate_scale == "expected" and routing.ROUTERS[moe.router].gate_mass is None:
+    _fail(
+      "train.init_gate_scale",
+      t.init_gate_scale,
+      f"router {moe.router!r} has no fixed gate sum per token to scale by; use 'none'",
+    )
+  if not 0 <= t.init_reinit_fraction < 1:
+    _fail("train.init_reinit_fraction", t.init_reinit_fraction, "must be in [0, 1)")
+  if not isinstance(t.frozen, str):
+    _fail("train.frozen", t.frozen, "must be a regex or one of " + ", ".join(FROZEN_PRESETS))
+  if t.frozen.startswith(":") and t.frozen not in FROZEN_PRESETS:
+    _fail("train.frozen", t.frozen, "a preset is one of " + ", ".join(FROZEN_PRESETS))
+  if not t.frozen.startswith(":"):
+    try:
+      re.compile(t.frozen)
+    except re.error as e:
+      _fail("train.frozen", t.frozen, f"is not a regex ({e})")
 
 
 def _check_tfds_name(name: str):

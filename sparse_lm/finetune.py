@@ -1,8 +1,8 @@
 """Fine-tuning: starting a run from another run's parameters, freezing some,
 and watching how its routing moves.
 
-Three parts, each used by the trainer (train.py) and validated with the rest
-of the config (config.validate calls `validate`):
+Three parts, each used by the trainer (train.py); their config keys are
+validated with the rest of the config (config.py):
 
 * **Init rules and upcycling** (train.init_from, init_rules, init_gate_scale,
   init_reinit_fraction). `plan_init` decides, by name rules over parameter
@@ -46,75 +46,13 @@ from sparse_lm import params as paramslib
 from sparse_lm.errors import ConfigError
 from sparse_lm.models.moe import routing
 
-# ----------------------------------------------------------------- validation
-
-GATE_SCALES = ("none", "expected")
-
-
-def _fail(key, value, why):
-  raise ConfigError(f"config.{key}={value!r} is invalid: {why}")
-
-
-def validate(c):
-  """The fine-tuning keys of config `c` (train.init_*, train.frozen): a
-  one-line ConfigError naming the first bad one."""
-  t = c.train
-  if not isinstance(t.init_from, str):
-    _fail("train.init_from", t.init_from, "must be a workdir, optionally with ':step'")
-  rules = t.init_rules
-  ok = isinstance(rules, (tuple, list)) and all(
-    isinstance(r, (tuple, list))
-    and len(r) == 2
-    and isinstance(r[0], str)
-    and (r[1] is None or isinstance(r[1], str))
-    for r in rules
-  )
-  if not ok:
-    _fail("train.init_rules", rules, "must be ((regex, source path or None), ...)")
-  for rx, _ in rules:
-    try:
-      re.compile(rx)
-    except re.error as e:
-      _fail("train.init_rules", rx, f"is not a regex ({e})")
-  if (rules or t.init_gate_scale != "none" or t.init_reinit_fraction) and not t.init_from:
-    _fail(
-      "train.init_from",
-      t.init_from,
-      "is empty, but init_rules / init_gate_scale / init_reinit_fraction are set",
-    )
-  if t.init_gate_scale not in GATE_SCALES:
-    _fail("train.init_gate_scale", t.init_gate_scale, f"must be one of {list(GATE_SCALES)}")
-  moe = c.model.moe
-  if (
-    t.init_gate_scale == "expected"
-    and moe.num_experts > 1
-    and routing.ROUTERS[moe.router].gate_mass is None
-  ):
-    _fail(
-      "train.init_gate_scale",
-      t.init_gate_scale,
-      f"router {moe.router!r} has no fixed gate sum per token to scale by; use 'none'",
-    )
-  if not 0 <= t.init_reinit_fraction < 1:
-    _fail("train.init_reinit_fraction", t.init_reinit_fraction, "must be in [0, 1)")
-  if not isinstance(t.frozen, str):
-    _fail("train.frozen", t.frozen, "must be a regex or one of " + ", ".join(FROZEN_PRESETS))
-  if t.frozen.startswith(":") and t.frozen not in FROZEN_PRESETS:
-    _fail("train.frozen", t.frozen, "a preset is one of " + ", ".join(FROZEN_PRESETS))
-  if not t.frozen.startswith(":"):
-    try:
-      re.compile(t.frozen)
-    except re.error as e:
-      _fail("train.frozen", t.frozen, f"is not a regex ({e})")
-
-
 # ------------------------------------------------------------------- freezing
 
 _ROUTER_PATH = re.compile(r"(^|/)(router|group_router)(_noise)?$")
 
-# train.frozen's presets: (path, logical names) -> frozen. ST-MoE (Zoph et al.
-# 2022, section 4.3) fine-tunes with the routers, the experts or everything
-# else frozen.
+# What train.frozen's presets (their names: config.FROZEN_PRESETS) freeze:
+# (path, logical names) -> frozen. ST-MoE (Zoph et al. 2022, section 4.3)
+# fine-tunes with the routers, the experts or everything else frozen.
 FROZEN_PRESETS = {
   ":router": lambda path, names: bool(_ROUTER_PATH.search(path)),  # the gating matrices
   ":experts": paramslib.is_routed,  # the routed experts (shared experts are not routed)

@@ -2,11 +2,12 @@
 
 Mesh -> Input -> Model -> Workdir -> Update step -> Checkpoint -> Evals -> Loop.
 Everything that can refuse the config comes before "Workdir" (where the lock
-is taken): a refused run leaves no trace. A run always resumes from the workdir's latest checkpoint (sparse_lm/checkpoint.py
-owns the workdir: lock, finite-only saves, rotation, fallback past a broken
-checkpoint). The RNG of step n is fold_in(seed, n), so model, optimizer, step
-and data position are all the state there is, and a killed run resumes to the
-same losses step for step. Every step's loss and gradient norm are checked on
+is taken): a refused run leaves no trace. A run always resumes from the
+workdir's latest checkpoint (sparse_lm/checkpoint.py owns the workdir: lock,
+finite-only saves, rotation, fallback past a broken checkpoint). The RNG of
+step n is fold_in(seed, n), so model, optimizer, step and data position are
+all the state there is, and a killed run resumes to the same losses step for
+step. Every step's loss and gradient norm are checked on
 the host one step late (the device never waits), except before an eval, a
 save or a logged step, which wait for their step's own check: a non-finite
 step stops the run (or, with train.skip_nonfinite_steps, is skipped and
