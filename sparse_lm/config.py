@@ -214,6 +214,9 @@ def base_config() -> mlc.ConfigDict:
   # is not saved). N > 0: such a step's update is skipped and counted
   # (metrics: skipped_steps); more than N in a row stops the run.
   c.train.skip_nonfinite_steps = 0
+  # "A:B": a jax.profiler trace of steps A..B (1-based, inclusive) into
+  # workdir/profile/ (open it with TensorBoard's profile plugin or Perfetto).
+  c.train.profile_steps = ""
   # Fine-tuning (README, "Fine-tuning"): start from another run's parameters.
   # init_from: its workdir, optionally ":step" (default its latest); read only
   # when this workdir has no checkpoint of its own. init_rules: ordered
@@ -541,8 +544,20 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     _fail("train.skip_nonfinite_steps", t.skip_nonfinite_steps, "must be an integer >= 0")
   if not isinstance(t.seed, int):
     _fail("train.seed", t.seed, "must be an integer")
+  profile_window(t)
   _validate_mesh(c)
   return c
+
+
+def profile_window(t) -> tuple[int, int] | None:
+  """train.profile_steps "A:B" as (A, B), None when off; a bad value is a ConfigError."""
+  spec = t.get("profile_steps", "")
+  if not spec:
+    return None
+  a, sep, b = str(spec).partition(":")
+  if not (sep and a.isdigit() and b.isdigit() and 1 <= int(a) <= int(b)):
+    _fail("train.profile_steps", spec, "must be 'A:B' with 1 <= A <= B (steps, inclusive)")
+  return int(a), int(b)
 
 
 def _validate_sft(c):

@@ -94,6 +94,33 @@ class Stop:
     self.requested = True
 
 
+class Profile:
+  """train.profile_steps: a jax.profiler trace of steps A..B in `path`
+  (started before step A is dispatched, stopped once step B has finished)."""
+
+  def __init__(self, window: tuple[int, int] | None, path: str, say):
+    self.window, self.path, self.say, self.on = window, path, say, False
+
+  def before(self, step: int):
+    if self.window and step == self.window[0]:
+      jax.profiler.start_trace(self.path)
+      self.on = True
+
+  def after(self, step: int, state):
+    if self.on and step == self.window[1]:
+      jax.block_until_ready(state)
+      self.close()
+      self.say(
+        f"profile of steps {self.window[0]}..{step}: {self.path} "
+        f"(tensorboard --logdir {self.path}, or the .trace.json.gz in ui.perfetto.dev)"
+      )
+
+  def close(self):
+    if self.on:
+      self.on = False
+      jax.profiler.stop_trace()
+
+
 class Monitor:
   """The loop's host side: checks each step's loss and gradient norm (a
   non-finite step stops the run, or with train.skip_nonfinite_steps is counted
@@ -315,6 +342,7 @@ def _train(c, workdir: str) -> dict:
       # comes before the next step is dispatched (a bubble of one dispatch per
       # log_every steps) so that throughput is timed over finished work (Monitor).
       pending, step, last_eval = None, start, {}
+      profile = Profile(cfglib.profile_window(t), os.path.join(workdir, "profile"), say)
       try:
         while step < t.num_steps and not stop.requested:
           if pending is not None and (pending[0] % t.log_every == 0 or pending[0] == start + 1):
@@ -322,8 +350,10 @@ def _train(c, workdir: str) -> dict:
             if pending[0] % t.log_every == 0:
               monitor.log(*pending, {})
             pending = None
+          profile.before(step + 1)
           state, meas = train_step(state, to_global(next(train_input)), jnp.int32(step))
           step += 1
+          profile.after(step, state)
           if pending is not None:
             monitor.check(*pending)
           pending = (step, meas)
@@ -343,6 +373,7 @@ def _train(c, workdir: str) -> dict:
           monitor.log(*pending, {})
           ckpt.save(step, state, train_input.get_state())
       finally:
+        profile.close()
         try:
           ckpt.close()
         finally:

@@ -19,7 +19,9 @@ from helpers import tiny_config
 from helpers import user_error
 import pytest
 
+from sparse_lm import config as cfglib
 from sparse_lm import train
+from sparse_lm.errors import ConfigError
 
 
 def snapshot(root: str) -> dict:
@@ -35,9 +37,12 @@ def snapshot(root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tfds_dir):
-  """A finished 2-step tiny dense run (also prepares the corpus and tokenizer)."""
+  """A finished 2-step tiny dense run (also prepares the corpus and tokenizer),
+  its step 2 profiled."""
   wd = str(tmp_path_factory.mktemp("base") / "run")
-  c = tiny_config(tfds_dir, "train.num_steps=2", "train.eval_batches=1")
+  c = tiny_config(
+    tfds_dir, "train.num_steps=2", "train.eval_batches=1", "train.profile_steps='2:2'"
+  )
   train.train_and_evaluate(c, wd)
   return wd
 
@@ -91,6 +96,13 @@ def test_refused_config_leaves_an_existing_workdir_byte_identical(tfds_dir, base
     c = tiny_config(tfds_dir, "train.num_steps=4", "train.eval_batches=1", override)
     user_error(lambda: train.train_and_evaluate(c, base_run), needle)
     assert snapshot(base_run) == before, override
+
+
+def test_profile_steps_leave_a_trace_in_the_workdir(base_run):
+  traces = [f for _, _, files in os.walk(os.path.join(base_run, "profile")) for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
+  with pytest.raises(ConfigError, match="train.profile_steps"):
+    cfglib.validate(tiny_config("/tmp", "train.profile_steps='3:2'"))
 
 
 def test_full_disk_is_one_line_and_nothing_else(tmp_path, tfds_dir, base_run):
