@@ -1,8 +1,10 @@
-"""Hugging Face checkpoints in and out (sparse_lm/convert.py), against golden
+"""Hugging Face checkpoints in and out (sparse_lm/convert/), against golden
 fixtures made by transformers itself (tests/fixtures/hf/make_fixtures.py):
 tiny random Mixtral, DBRX, Qwen2-MoE, Qwen3-MoE and OLMoE models, their
 float32 logits and 16 greedy tokens. Neither torch nor transformers is
-needed here: the fixtures are read with safetensors' numpy API."""
+needed here: the fixtures are read with safetensors' numpy API. The tests
+run over every fixture folder, so a new family is tested by adding its
+module (sparse_lm/convert/families/) and its fixtures."""
 
 import json
 import pathlib
@@ -25,11 +27,12 @@ from sparse_lm import convert
 from sparse_lm import decode
 from sparse_lm import sharding
 from sparse_lm import state as statelib
+from sparse_lm.convert import describe
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import ConvertError
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "hf"
-FAMILIES = ["mixtral", "mixtral_fused", "dbrx", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = sorted(p.parent.name for p in FIX.glob("*/config.json"))  # mixtral_fused: fused experts
 TOL = 1e-4  # float32
 EP_MESH = (("data", 1), ("fsdp", 1), ("expert", 8), ("tensor", 1))
 
@@ -56,10 +59,10 @@ def imported(tmp_path_factory):
 def max_diff(model, family, mesh=None, config=None):
   ids = jnp.asarray(golden(family)["input_ids"])
   if mesh is None:
-    logits, _ = model(ids)
+    logits = model(ids)[0]
   else:  # the batch axis is split over the mesh's 8 devices: 4 copies of the 2 rows
     with sharding.use(mesh, config):
-      logits, _ = model(jnp.tile(ids, (4, 1)))
+      logits = model(jnp.tile(ids, (4, 1)))[0]
     logits = np.asarray(logits).reshape(4, *ids.shape, -1)
   return float(np.abs(np.asarray(logits) - golden(family)["logits"]).max())
 
@@ -189,6 +192,27 @@ def test_export_of_a_run_trained_here(tmp_path):
   m1, _, _ = statelib.load_model(str(wd))
   m2, _, _ = statelib.load_model(str(tmp_path / "back"))
   assert np.array_equal(np.asarray(m1(ids)[0]), np.asarray(m2(ids)[0]))
+
+
+def test_every_family_has_fixtures_and_its_keys_map_back():
+  """Each family in sparse_lm/convert/families has a fixture folder, its keys
+  name keys of our config, and config.json -> our config -> config.json ->
+  our config gives the same model block (over the source's config.json, or
+  from scratch: the context length and router_z_loss_coef are read, never
+  written)."""
+  assert sorted(convert.FAMILIES) == sorted({f.removesuffix("_fused") for f in FAMILIES})
+  ours = cfglib.base_config()
+  for fam in convert.FAMILIES.values():
+    for key in fam.keys:
+      for k in key.ours:
+        describe.get(ours, k)  # raises where our config has no such key
+    src = json.loads((FIX / fam.name / "config.json").read_text())
+    assert convert.family_of(src, "config.json") is fam
+    c = convert.config_of(fam, src)
+    for base in (src, {}):
+      back = convert.config_of(fam, convert.hf_config(fam, c, base))
+      back.data.seq_len, back.model.moe.z_loss_weight = c.data.seq_len, c.model.moe.z_loss_weight
+      assert back.model.to_dict() == c.model.to_dict(), fam.name
 
 
 def test_export_refuses_what_the_family_cannot_hold(tmp_path, imported):

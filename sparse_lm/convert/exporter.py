@@ -1,0 +1,196 @@
+"""Export: a run's checkpoint -> a Hugging Face checkpoint folder, written
+through a family's description (config keys, tensor rules); refused, one
+line naming the key, where the family cannot hold the run's config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import types
+import uuid
+
+from flax import nnx
+import jax
+import ml_dtypes
+import numpy as np
+
+from sparse_lm import checkpoint as ckptlib
+from sparse_lm import config as cfglib
+from sparse_lm import finetune
+from sparse_lm import params as paramslib
+from sparse_lm import state as statelib
+from sparse_lm.convert import describe
+from sparse_lm.convert.describe import Family
+from sparse_lm.convert.describe import Key
+from sparse_lm.convert.families import FAMILIES
+from sparse_lm.convert.families import FAMILIES_BY_ARCH
+from sparse_lm.convert.importer import param_source
+from sparse_lm.convert.safetensors_io import write_shards
+from sparse_lm.errors import ConvertError
+from sparse_lm.errors import RunError
+
+DEFAULT_FAMILY = "mixtral"  # for a run trained here (no source config.json)
+
+# ------------------------------------------------------------------ config
+
+
+def _resolved(c):
+  """The config's values as export reads them: model.* from the spec ("0 =
+  inherit" keys resolved), data.* as they are."""
+  return types.SimpleNamespace(model=cfglib.model_spec(c), data=c.data)
+
+
+def _refusal(key: Key, view) -> tuple[str, str] | None:
+  """(our key, why) where `key` cannot hold the config's values."""
+  if key.is_fixed:
+    want = key.fixed(view) if callable(key.fixed) else key.fixed
+    got = describe.get(view, key.ours[0])
+    return None if got == want else (key.ours[0], key.why or f"must be {want!r}")
+  if key.values is None or not key.ours:
+    return None
+  got = tuple(describe.get(view, k) for k in key.ours)
+  entries = [e if isinstance(e, tuple) else (e,) for e in key.values.values()]
+  for i, k in enumerate(key.ours):
+    if not any(e[: i + 1] == got[: i + 1] for e in entries):
+      options = dict.fromkeys(e[i] for e in entries if e[:i] == got[:i])
+      given = "".join(f" with {o}={v!r}" for o, v in zip(key.ours[:i], got))
+      return k, "must be " + " or ".join(map(repr, options)) + given
+  return None
+
+
+def check_exportable(c, fam: Family):
+  """One line naming the first config key the family cannot represent."""
+  view = _resolved(c)
+  dense = ("model.moe.num_experts", "a dense model has no MoE family")
+  found = None if view.model.is_moe else dense
+  found = found or next(filter(None, (_refusal(key, view) for key in fam.keys)), None)
+  if found:
+    key, why = found
+    raise ConvertError(
+      f"config.{key}={describe.get(c, key)!r} cannot be exported as {fam.architecture}: "
+      + why.format(family=fam.name)
+    )
+
+
+def hf_config(fam: Family, c, base: dict) -> dict:
+  """config.json for config `c`: `base` (the source's config.json) with every
+  key of the family written and older spellings dropped."""
+  view, hf = _resolved(c), dict(base)
+  for key in fam.keys:
+    if not key.hf or (key.to_hf is None and key.write is None):
+      continue
+    if key.write is not None:
+      v = key.write(view)
+    else:
+      got = [describe.get(view, k) for k in key.ours]
+      if key.values is not None:
+        v = {ours: h for h, ours in key.values.items()}[got[0] if len(got) == 1 else tuple(got)]
+      else:
+        v = key.to_hf(*got)
+    name = next((n for n in key.hf if describe.lookup(base, n) is not describe.MISSING), key.hf[0])
+    if key.optional and describe.lookup(base, name) in (describe.MISSING, None):
+      if v == (key.default(hf) if callable(key.default) else key.default):
+        continue
+    describe.assign(hf, name, v)
+    for old in key.legacy:
+      describe.drop(hf, old)
+  return hf
+
+
+# ------------------------------------------------------------------ export
+
+
+def export_checkpoint(
+  workdir: str, hf_dir: str, step=None, family=None, dtype=None, shard_mb=2000, say=print
+) -> dict:
+  """Writes `hf_dir` (config.json, safetensors shards and their index, the
+  run's tokenizer files) from a run's checkpoint."""
+  workdir, hf_dir = (
+    os.path.abspath(os.path.expanduser(workdir)),
+    os.path.abspath(os.path.expanduser(hf_dir)),
+  )
+  c = ckptlib.read_config(workdir)
+  src_hf = hf_folder_of(workdir)
+  base = {}
+  if src_hf:
+    with open(os.path.join(src_hf, "config.json")) as f:
+      base = json.load(f)
+  arch = (base.get("architectures") or [""])[0]
+  if family is None:
+    family = FAMILIES_BY_ARCH[arch].name if arch in FAMILIES_BY_ARCH else DEFAULT_FAMILY
+  if family not in FAMILIES:
+    raise ConvertError(f"--family={family!r}: one of {', '.join(FAMILIES)}")
+  fam = FAMILIES[family]
+  if arch != fam.architecture:
+    base = {"architectures": [fam.architecture], "model_type": fam.name}
+  check_exportable(c, fam)
+  if os.path.exists(hf_dir) and os.listdir(hf_dir):
+    raise ConvertError(f"--hf_dir={hf_dir} is not empty; export into a new folder")
+  rules = fam.rules(cfglib.model_spec(c), False)
+  model, c, _ = statelib.load_model(workdir, step)
+  params = {
+    paramslib.path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
+  src = param_source(rules)
+  missing = sorted(set(params) - set(src))
+  if missing:
+    raise ConvertError(f"{fam.name} has no tensor for our parameter {missing[0]!r}")
+  out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype or np.float32)
+  E = cfglib.model_spec(c).moe.num_experts
+
+  def tensors():
+    """(hf name, array) in the rules' order, one parameter gathered at a time."""
+    for r in rules:
+      ours = [np.asarray(jax.device_get(params[o])) for o in r.ours]
+      if r.per_expert:
+        pairs = [
+          (n.format(j=j), v) for j in range(E) for n, v in zip(r.hf, r.to_hf(*(a[j] for a in ours)))
+        ]
+      else:
+        pairs = zip(r.hf, r.to_hf(*ours))
+      for n, v in pairs:
+        yield n, np.ascontiguousarray(v).astype(out_dtype)
+
+  staging = f"{hf_dir}.exporting-{uuid.uuid4().hex[:8]}"
+  os.makedirs(staging)
+  try:
+    out = write_shards(tensors(), staging, shard_mb)
+    hf = hf_config(fam, c, base)
+    hf["architectures"], hf["model_type"] = [fam.architecture], fam.name
+    hf["dtype"] = "bfloat16" if dtype == "bfloat16" else str(out_dtype)
+    with open(os.path.join(staging, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+      if src_hf and os.path.exists(os.path.join(src_hf, name)):
+        shutil.copy(os.path.join(src_hf, name), os.path.join(staging, name))
+    if not os.path.exists(os.path.join(staging, "tokenizer.json")):
+      say(
+        f"{workdir}'s tokenizer is data.tokenizer={c.data.tokenizer!r}, not a tokenizer.json: "
+        "the export holds the weights and config.json only"
+      )
+    if os.path.isdir(hf_dir):
+      os.rmdir(hf_dir)
+    os.makedirs(os.path.dirname(hf_dir) or ".", exist_ok=True)
+    os.rename(staging, hf_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return {"family": fam.name, **out}
+
+
+def hf_folder_of(workdir: str) -> str:
+  """The hf/ folder of an imported run, or of the run its weights came from
+  (train.init_from, followed back): its config.json and tokenizer files are
+  what an export starts from. "" when there is none (a run trained here)."""
+  for _ in range(16):
+    if os.path.exists(os.path.join(workdir, "hf", "config.json")):
+      return os.path.join(workdir, "hf")
+    try:
+      source = ckptlib.read_config(workdir).train.init_from
+    except RunError:
+      return ""
+    if not source:
+      return ""
+    workdir = finetune.parse_source(source)[0]
+  return ""

@@ -1,0 +1,286 @@
+"""Import: a Hugging Face checkpoint folder -> a run workdir, read through
+its family's description (config keys, tensor rules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+from flax import nnx
+import jax
+import numpy as np
+
+from sparse_lm import checkpoint as ckptlib
+from sparse_lm import config as cfglib
+from sparse_lm import params as paramslib
+from sparse_lm import state as statelib
+from sparse_lm.convert import describe
+from sparse_lm.convert.describe import Family
+from sparse_lm.convert.describe import Key
+from sparse_lm.convert.describe import Rule
+from sparse_lm.convert.families import family_of
+from sparse_lm.convert.safetensors_io import Tensors
+from sparse_lm.data import tokenizer as toklib
+from sparse_lm.errors import ConfigError
+from sparse_lm.errors import ConvertError
+
+# ------------------------------------------------------------------ config
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isdir(hf_dir):
+    raise ConvertError(f"--hf_dir={hf_dir}: no such folder")
+  if not os.path.exists(path):
+    raise ConvertError(f"{path}: no such file (a Hugging Face checkpoint folder has config.json)")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ConvertError(f"{path}: not JSON ({e})") from None
+
+
+def hf_value(key: Key, hf: dict):
+  """(the spelling read, the value) of `key` in config.json: its first
+  spelling present and not null (null counts where `values` lists None),
+  else its default."""
+  null_is_value = key.values is not None and None in key.values
+  for name in key.hf + key.legacy:
+    v = describe.lookup(hf, name)
+    if v is not describe.MISSING and (v is not None or null_is_value):
+      return name, v
+  name = key.hf[0]
+  if key.default is describe.REQUIRED:
+    raise ConvertError(f"config.json has no {name!r}")
+  return name, key.default(hf) if callable(key.default) else key.default
+
+
+def _apply(key: Key, hf: dict, c):
+  """Sets the our-config values of `key` from config.json, or refuses it."""
+  if key.is_fixed:
+    if key.to_ours is not None:
+      describe.put(c, key.ours[0], key.fixed(c) if callable(key.fixed) else key.fixed)
+    return
+  if key.read is None and key.to_ours is None and key.refuse is None:
+    return  # written on export only
+  name, v = (key.hf[0] if key.hf else "", key.read(hf)) if key.read else hf_value(key, hf)
+  if key.refuse is not None and key.refuse(v):
+    raise ConvertError(f"config.json {name}={v!r}: {key.why}")
+  if key.values is not None:
+    if not isinstance(v, (str, int, float, type(None))) or v not in key.values:
+      raise ConvertError(f"config.json {name}={v!r}: {key.why}")
+    v = key.values[v]
+  elif key.to_ours is None:
+    return
+  else:
+    v = key.to_ours(v)
+  for k, x in zip(key.ours, v if len(key.ours) > 1 else (v,)):
+    describe.put(c, k, x)
+
+
+def config_of(fam: Family, hf: dict):
+  """Our config for a config.json of family `fam` (not yet validated)."""
+  c = cfglib.base_config()
+  for key in fam.keys:
+    _apply(key, hf, c)
+  return c
+
+
+def hf_to_config(hf_dir: str):
+  """(family, our config) of a checkpoint folder's config.json, validated."""
+  hf = read_hf_config(hf_dir)
+  fam = family_of(hf, os.path.join(hf_dir, "config.json"))
+  c = config_of(fam, hf)
+  c.data.tokenizer, c.data.tokenizer_file = "huggingface", os.path.join(hf_dir, "tokenizer.json")
+  try:
+    cfglib.validate(c)
+  except ConfigError as e:
+    raise ConvertError(f"{hf_dir}/config.json gives an invalid config: {e}") from None
+  return fam, c
+
+
+# ------------------------------------------------------------------ tensors
+
+
+def _layout(t: Tensors) -> bool:
+  """True for transformers 5's fused expert layout (experts.gate_up_proj)."""
+  return any(n.endswith("experts.gate_up_proj") for n in t.names())
+
+
+def hf_names(rule: Rule, E: int) -> list[str]:
+  """The checkpoint's tensors a rule reads (or writes), experts expanded."""
+  if not rule.per_expert:
+    return list(rule.hf)
+  return [n.format(j=j) for n in rule.hf for j in range(E)]
+
+
+def check_tensors(rules: list[Rule], t: Tensors, spec, shapes: dict[str, tuple]):
+  """Every tensor the rules read is there with the shape the config implies,
+  and no tensor is left unread: one line naming the first that is not."""
+  E = spec.moe.num_experts
+  wanted: set[str] = set()
+  for r in rules:
+    names = hf_names(r, E)
+    for n in names:
+      if n not in t:
+        what = "an expert's weight" if r.per_expert else "a tensor"
+        raise ConvertError(f"{t.dir}: {what} {n!r} is missing from the checkpoint")
+    wanted.update(names)
+    # The expected hf shapes: our (abstract) parameters mapped back.
+    zeros = [np.zeros(shapes[o][1:] if r.per_expert else shapes[o], np.float32) for o in r.ours]
+    for n, want in zip(r.hf, r.to_hf(*zeros)):
+      for name in [n.format(j=j) for j in range(E)] if r.per_expert else [n]:
+        if t.shape(name) != want.shape:
+          raise ConvertError(
+            f"{t.dir}: tensor {name!r} has shape {list(t.shape(name))}, config.json implies "
+            f"{list(want.shape)}"
+          )
+  extra = [n for n in t.names() if n not in wanted and not n.endswith("rotary_emb.inv_freq")]
+  if extra:
+    raise ConvertError(
+      f"{t.dir}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not used by the "
+      f"{spec.moe.num_experts}-expert config of config.json; a mapping is missing"
+    )
+
+
+def param_source(rules: list[Rule]) -> dict[str, tuple[Rule, int]]:
+  """{our parameter path ("blocks/0/attn/wq"): (its rule, its index in rule.ours)}."""
+  return {o: (r, k) for r in rules for k, o in enumerate(r.ours)}
+
+
+def _read(t: Tensors, rule: Rule, k: int, index, E: int) -> np.ndarray:
+  """Our parameter rule.ours[k], the part `index` (a tuple of slices) of it."""
+  if not rule.per_expert:
+    full = rule.to_ours(*(t.get(n) for n in rule.hf))[k]
+    return np.ascontiguousarray(full[index], np.float32)
+  experts = range(E)[index[0]] if index else range(E)
+  rest = index[1:] if index else ()
+  parts = [rule.to_ours(*(t.get(n.format(j=j)) for n in rule.hf))[k][rest] for j in experts]
+  return np.ascontiguousarray(np.stack(parts), np.float32)
+
+
+def load_params(t: Tensors, rules: list[Rule], spec, abs_params: dict, shardings: dict) -> dict:
+  """Our parameters {path: jax.Array} read shard by shard onto `shardings`."""
+  src = param_source(rules)
+  missing = sorted(set(abs_params) - set(src))
+  if missing:
+    raise ConvertError(f"no mapping makes our parameter {missing[0]!r} ({len(missing)} in all)")
+  out = {}
+  for path, a in abs_params.items():
+    rule, k = src[path]
+    cb = lambda index, rule=rule, k=k: _read(t, rule, k, index, spec.moe.num_experts)
+    shd = shardings[path]
+    shd = shd.get_value() if isinstance(shd, nnx.Variable) else shd
+    a = a.get_value() if isinstance(a, nnx.Variable) else a
+    out[path] = jax.make_array_from_callback(a.shape, shd, cb)
+  return out
+
+
+# ------------------------------------------------------------------ import
+
+
+def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> dict:
+  """Writes `workdir` from the checkpoint folder `hf_dir`; returns a summary."""
+  from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
+
+  hf_dir, workdir = (
+    os.path.abspath(os.path.expanduser(hf_dir)),
+    os.path.abspath(os.path.expanduser(workdir)),
+  )
+  fam, c = hf_to_config(hf_dir)
+  if mesh_spec is not None:
+    c.mesh = mesh_spec
+    cfglib.validate(c)
+  if not os.path.exists(c.data.tokenizer_file):
+    raise ConvertError(
+      f"{c.data.tokenizer_file}: no such file (the run needs the checkpoint's tokenizer)"
+    )
+  c.data.tokenizer_file = os.path.join(workdir, "hf", "tokenizer.json")
+  if os.path.exists(os.path.join(workdir, "config.json")) or os.path.isdir(
+    os.path.join(workdir, "checkpoints")
+  ):
+    raise ConvertError(f"--workdir={workdir} already holds a run; import into a new folder")
+  t = Tensors(hf_dir)
+  spec = cfglib.model_spec(c)
+  fused = _layout(t)
+  rules = fam.rules(spec, fused)
+  V = c.data.vocab_size
+
+  mesh = sharding.make_mesh(c)
+  with sharding.use(mesh, c):
+    _, abs_state, shd = statelib.abstract_state(c, V, mesh)
+    abs_params = paramslib.params_of(abs_state)
+    shapes = {p: a.get_value().shape for p, a in abs_params.items()}
+    check_tensors(rules, t, spec, shapes)
+    params = load_params(t, rules, spec, abs_params, paramslib.params_of(shd))
+
+    # The train state (fresh optimizer state) holding `params`. Inside one jit
+    # the fresh init of the parameters is dead code (the optimizer's zeros do
+    # not read it), and the loaded buffers are donated: the devices hold the
+    # model once.
+    with_params = lambda params: paramslib.replace(nnx.state(statelib.create(c, V)), params)
+    state = jax.jit(with_params, out_shardings=shd, donate_argnums=0)(params)
+
+    # Nothing was written before this point: every check above is on input.
+    staging = f"{workdir}.importing-{uuid.uuid4().hex[:8]}"
+    os.makedirs(os.path.join(staging, "hf"))
+    try:
+      for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+      ):
+        if os.path.exists(os.path.join(hf_dir, name)):
+          shutil.copy(os.path.join(hf_dir, name), os.path.join(staging, "hf", name))
+      _ensure_eos(staging, hf_dir)
+      tok = toklib.HuggingFaceTokenizer(os.path.join(staging, "hf", "tokenizer.json"), V)
+      tok_fp = dict(tok.fingerprint, path=c.data.tokenizer_file)
+      ckpt = ckptlib.Checkpointer(staging, keep=None, say=say)
+      try:
+        ckpt.save(0, state, {"batches": 0})
+      finally:
+        ckpt.close()
+      ckptlib.save_config(c, staging, {"tokenizer": tok_fp, "imported_from": hf_dir})
+      with open(os.path.join(staging, "hf", "import.json"), "w") as f:
+        json.dump(
+          {"family": fam.name, "layout": "fused" if fused else "per_expert", "from": hf_dir}, f
+        )
+      os.makedirs(os.path.dirname(workdir) or ".", exist_ok=True)
+      if os.path.isdir(workdir) and not os.listdir(workdir):
+        os.rmdir(workdir)
+      os.rename(staging, workdir)
+    except BaseException:
+      shutil.rmtree(staging, ignore_errors=True)
+      raise
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  return {"family": fam.name, "layout": "fused" if fused else "per_expert", "params": n}
+
+
+def _ensure_eos(staging: str, hf_dir: str):
+  """tokenizer_config.json names eos_token (from config.json's eos_token_id
+  when the checkpoint's does not)."""
+  tc = os.path.join(staging, "hf", "tokenizer_config.json")
+  tj = os.path.join(staging, "hf", "tokenizer.json")
+  if not os.path.exists(tj):
+    return
+  cfg = {}
+  if os.path.exists(tc):
+    with open(tc) as f:
+      cfg = json.load(f)
+  if cfg.get("eos_token"):
+    return
+  eos = read_hf_config(hf_dir).get("eos_token_id")
+  eos = eos[0] if isinstance(eos, list) else eos
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  token = tokenizers.Tokenizer.from_file(tj).id_to_token(eos) if eos is not None else None
+  if token is None:
+    raise ConvertError(
+      f"{hf_dir}: neither tokenizer_config.json nor config.json names an eos token"
+    )
+  cfg["eos_token"] = token
+  with open(tc, "w") as f:
+    json.dump(cfg, f, indent=1)

@@ -1,0 +1,120 @@
+"""Safetensors checkpoint folders: read through memory maps, written in shards.
+
+A safetensors file is an 8-byte header length, a JSON header ({name: dtype,
+shape, data_offsets}) and the raw little-endian arrays: `Tensors.get` is a
+numpy view of the file (no copy), so a reader holds what it slices, plus the
+page cache. `write_shards` writes a shard as soon as it is full.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+
+from sparse_lm.errors import ConvertError
+
+INDEX = "model.safetensors.index.json"
+
+_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+}
+
+
+class Tensors:
+  """The tensors of a checkpoint folder, by name, as read-only memory maps.
+
+  Reads model.safetensors.index.json's weight_map when there is one, else
+  model.safetensors. `get(name)` is a numpy view of the file (no copy)."""
+
+  def __init__(self, hf_dir: str):
+    self.dir = hf_dir
+    index = os.path.join(hf_dir, INDEX)
+    if os.path.exists(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+      files = ["model.safetensors"]
+    else:
+      raise ConvertError(
+        f"{hf_dir}: no model.safetensors and no {INDEX} (only safetensors checkpoints are read)"
+      )
+    self._where: dict[str, tuple[str, dict, int]] = {}
+    for name in files:
+      path = os.path.join(hf_dir, name)
+      if not os.path.exists(path):
+        raise ConvertError(f"{path}: named in {INDEX} but missing")
+      with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+          header = json.loads(f.read(n))
+        except ValueError as e:
+          raise ConvertError(f"{path}: not a safetensors file ({e})") from None
+      header.pop("__metadata__", None)
+      for k, info in header.items():
+        self._where[k] = (path, info, 8 + n)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
+  def names(self) -> list[str]:
+    return sorted(self._where)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._where[name][1]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._where:
+      raise ConvertError(f"{self.dir}: the checkpoint has no tensor {name!r}")
+    path, info, base = self._where[name]
+    if info["dtype"] not in _DTYPES:
+      raise ConvertError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not a float type")
+    start, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end == start:
+      return np.zeros(shape, _DTYPES[info["dtype"]])
+    return np.memmap(path, _DTYPES[info["dtype"]], "r", base + start, shape)
+
+
+def write_shards(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, shard_mb: float) -> dict:
+  """Writes (name, array) pairs in order into shards of at most `shard_mb`
+  MiB (a larger array alone): model.safetensors, or
+  model-0000i-of-0000n.safetensors and the index. Returns {"tensors",
+  "shards", "bytes"}."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  written: list[tuple[str, list[str]]] = []  # (temporary file, its tensors' names)
+  cur, size, total = {}, 0, 0
+
+  def flush():
+    path = os.path.join(out_dir, f".shard-{len(written)}.safetensors")
+    save_file(cur, path, metadata={"format": "pt"})
+    written.append((path, list(cur)))
+
+  for name, v in tensors:
+    if cur and size + v.nbytes > shard_mb * 2**20:
+      flush()
+      cur, size = {}, 0
+    cur[name], size, total = v, size + v.nbytes, total + v.nbytes
+  flush()
+  n, weight_map = len(written), {}
+  for i, (path, names) in enumerate(written):
+    final = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+    os.rename(path, os.path.join(out_dir, final))
+    weight_map.update(dict.fromkeys(names, final))
+  if n > 1:
+    with open(os.path.join(out_dir, INDEX), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+  return {"tensors": len(weight_map), "shards": n, "bytes": total}
