@@ -16,9 +16,16 @@ MoE at inference: a decode step routes B tokens, so the training capacity rule
 would drop (or not) depending on the batch. model.moe.decode_dispatch
 ("dropless" by default) replaces model.moe.dispatch when a model is loaded
 for inference, so cached decoding equals the full forward of the same
-sequence; "capacity" keeps the training rule at eval_capacity_factor. Expert
-choice routing is refused: which tokens an expert takes depends on the later
-tokens of the batch.
+sequence; "capacity" keeps the training rule at eval_capacity_factor. A
+router whose decisions depend on other tokens (routing.Router.decodes false:
+expert choice, where which tokens an expert takes depends on the later tokens
+of the batch) is refused.
+
+Compiles: one prefill, one first-token sampler and one decode step per shape
+bucket (`bucket`). The decode loop's carry leaves every jitted function with
+the same types and shardings it enters the next step with (`_placed`), so the
+step does not compile a second time on its own outputs, and the decode rate
+(`Generation.tokens_per_s`) counts only steps after the compiled first one.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ import numpy as np
 from sparse_lm import sharding
 from sparse_lm.errors import ConfigError
 from sparse_lm.models import layers
-from sparse_lm.models.moe import routing
 from sparse_lm.models.spec import ModelSpec
 from sparse_lm.models.transformer import Cache
 from sparse_lm.models.transformer import Transformer
@@ -47,7 +53,7 @@ Array = jax.Array
 
 def check_decodable(m: ModelSpec):
   """A one-line ConfigError for a model that cannot decode token by token."""
-  if m.is_moe and routing.ROUTERS[m.moe.router].expert_choice:
+  if m.is_moe and not m.moe.router_facts.decodes:
     raise ConfigError(
       f"config.model.moe.router={m.moe.router!r} cannot decode: an expert's choice of tokens "
       "depends on later tokens of the batch, so a token's output changes as the text grows"
@@ -127,22 +133,26 @@ def sample(logits_BxV: Array, key: Array, s: Sampling) -> Array:
 # ------------------------------------------------------------------ steps
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "choices"), donate_argnames=("cache",))
-def forward(graphdef, state, tokens_BxL, mask_BxL, positions_BxL, cache: Cache, choices=False):
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "return_experts"), donate_argnames=("cache",)
+)
+def forward(
+  graphdef, state, tokens_BxL, mask_BxL, positions_BxL, cache: Cache, return_experts=False
+):
   """One cached forward (prefill or decode step) -> (logits [B, L, V], cache, experts).
 
   experts: per MoE layer, each token's chosen experts [B, L, K] when
-  `choices`, else None."""
+  `return_experts`, else None."""
   model = nnx.merge(graphdef, state)
   logits, moe_aux, cache = model(
     tokens_BxL,
     mask_BxL=mask_BxL,
     positions_BxL=positions_BxL,
     cache=cache,
-    expert_choices=choices,
+    return_experts=return_experts,
   )
   experts = None
-  if choices:
+  if return_experts:
     B, L = tokens_BxL.shape
     experts = [a["experts_TxK"].reshape(B, L, -1) for a in moe_aux if "experts_TxK" in a]
   return logits, cache, experts
@@ -186,11 +196,12 @@ class Generation(NamedTuple):
   experts: list[list] | None  # per prompt, per generated token: [layer][choice]
   prefill_s: float  # the prompts' forward and first sample, compilation included
   first_step_s: float  # the first decode step, compilation included
-  decode_s: float  # the decode steps after the first
+  decode_s: float  # the decode steps after the first (compiled: no compile in them)
   steps: int  # decode steps after the first
 
   def tokens_per_s(self) -> float:
-    """Decode speed, batch rows x steps after the first / their seconds."""
+    """Decode speed, batch rows x steps after the first / their seconds
+    (the first step compiles the decode step; the later ones run it)."""
     return len(self.tokens) * self.steps / max(self.decode_s, 1e-9)
 
 
@@ -205,9 +216,41 @@ class _Carry(NamedTuple):
   experts: tuple  # per MoE layer [B, N, K] (int32), when recording them
 
 
-@functools.partial(jax.jit, static_argnames=("sampling",))
-def _first(logits_BxLxV, key, sampling):
-  return sample(logits_BxLxV[:, -1], jax.random.fold_in(key, 0), sampling)
+def _placed(carry: _Carry) -> _Carry:
+  """The carry with its shardings fixed by logical names, the same out of
+  `_start` as out of `_step`, so the step's arguments look alike at every step
+  (committed, same types and shardings) and it compiles once per shape bucket.
+  Fed arrays placed otherwise (made on the host, or uncommitted), the first
+  step compiled, and the second compiled again on the first one's outputs."""
+  c = sharding.constrain
+  cache = carry.cache._replace(valid_BxS=c(carry.cache.valid_BxS, "batch", None))
+  return _Carry(
+    cache,
+    c(carry.next_B, "batch"),
+    c(carry.pos_B, "batch"),
+    c(carry.done_B, "batch"),
+    c(carry.out_BxN, "batch", None),
+    tuple(c(e, "batch", None, None) for e in carry.experts),
+  )
+
+
+@functools.partial(
+  jax.jit, static_argnames=("sampling", "N", "moe_layers", "K"), donate_argnames=("cache",)
+)
+def _start(logits_BxLxV, cache, positions_B, key, sampling, N, moe_layers, K) -> _Carry:
+  """The decode loop's first carry: token 0 sampled from the prefill's logits."""
+  B = logits_BxLxV.shape[0]
+  first_B = sample(logits_BxLxV[:, -1], jax.random.fold_in(key, 0), sampling)
+  return _placed(
+    _Carry(
+      cache,
+      first_B,
+      positions_B.astype(jnp.int32),
+      jnp.zeros((B,), bool),
+      jnp.full((B, N), -1, jnp.int32),
+      tuple(jnp.full((B, N, K), -1, jnp.int32) for _ in range(moe_layers)),
+    )
+  )
 
 
 def _record(carry: _Carry, n, stop_ids, xp=jnp):
@@ -236,14 +279,14 @@ def _step(graphdef, state, carry: _Carry, n, key, sampling, stop_ids):
     mask_BxL=(~stopped)[:, None].astype(jnp.float32),
     positions_BxL=carry.pos_B[:, None],
     cache=carry.cache,
-    expert_choices=bool(carry.experts),
+    return_experts=bool(carry.experts),
   )
   experts = tuple(
     jax.lax.dynamic_update_slice_in_dim(buf, a["experts_TxK"][:, None, :], n, 1)
     for buf, a in zip(carry.experts, [a for a in aux if "experts_TxK" in a])
   )
   nxt = sample(logits[:, -1], jax.random.fold_in(key, n + 1), sampling)
-  return _Carry(cache, nxt, carry.pos_B + 1, stopped, out, experts)
+  return _placed(_Carry(cache, nxt, carry.pos_B + 1, stopped, out, experts))
 
 
 def generate(
@@ -257,10 +300,13 @@ def generate(
   pad_id: int = 0,
   mesh=None,
   config=None,
-  expert_choices: bool = False,
+  return_experts: bool = False,
   check_every: int = 16,
 ) -> Generation:
   """Samples up to max_new_tokens after each prompt (a batch).
+
+  return_experts: Generation.experts holds the experts each generated token
+  was routed to, per MoE layer (generate.py's --expert_choices).
 
   `model` is an inference model (state.load_model(..., inference=True)); with
   `mesh` and `config`, it runs under that mesh and the config's rules (the
@@ -298,19 +344,13 @@ def generate(
       jnp.asarray(positions),
       init_cache(m, B, S),
     )
-    moe_layers = len(m.moe_layers) if expert_choices else 0
-    K = routing.ROUTERS[m.moe.router].choices(m.moe) if moe_layers else 0
-    carry = _Carry(
-      cache,
-      _first(logits, key, sampling),
-      jnp.asarray(positions[:, -1] + 1),
-      jnp.zeros((B,), bool),
-      jnp.full((B, N), -1, jnp.int32),
-      tuple(jnp.full((B, N, K), -1, jnp.int32) for _ in range(moe_layers)),
-    )
+    moe_layers = len(m.moe_layers) if return_experts else 0
+    K = m.moe.router_facts.assignments_per_token(m.moe) if moe_layers else 0
+    first_pos = jnp.asarray(positions[:, -1] + 1)
+    carry = _start(logits, cache, first_pos, key, sampling, N, moe_layers, K)
     jax.block_until_ready(carry.next_B)
     t1 = t_first = time.perf_counter()
-    steps = N if expert_choices else N - 1  # the last token is fed only to record its experts
+    steps = N if return_experts else N - 1  # the last token is fed only to record its experts
     run = functools.partial(_step, graphdef, state, key=key, sampling=sampling, stop_ids=stop_ids)
     done_at = None
     for n in range(steps):
@@ -323,13 +363,13 @@ def generate(
         break
     carry = jax.device_get(carry._replace(cache=None))
     out = carry.out_BxN
-    if done_at is None and not expert_choices:  # the last token: recorded, never fed
+    if done_at is None and not return_experts:  # the last token: recorded, never fed
       out = _record(carry, N - 1, stop_ids, np)[1]
     experts = carry.experts
   t2 = time.perf_counter()
   gen = [list(map(int, row[: (row < 0).argmax() if (row < 0).any() else N])) for row in out]
   exp = None
-  if expert_choices:
+  if return_experts:
     exp = [[[e[b, i].tolist() for e in experts] for i in range(len(gen[b]))] for b in range(B)]
   timed = (done_at or steps) - 1  # decode steps after the first
   return Generation(gen, exp, t1 - t0, t_first - t1, t2 - t_first, max(timed, 0))

@@ -320,13 +320,13 @@ def drifts(c) -> bool:
 
 def router_probs(model, batch) -> list:
   """Each MoE layer's router distribution [T, E] on a batch (evaluation mode)."""
-  _, aux = model(
+  aux = model(
     batch["inputs"],
     mask_BxL=batch.get("mask", batch["weights"]),
     positions_BxL=batch.get("positions"),
     segments_BxL=batch.get("segment_ids"),
-    expert_choices=True,
-  )
+    return_experts=True,
+  ).moe_aux
   return [a["probs_TxE"] for a in aux]
 
 

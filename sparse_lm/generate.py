@@ -121,7 +121,7 @@ def main(argv):
     pad_id=tok.eos_id if tok.pad_id is None else tok.pad_id,
     mesh=mesh,
     config=config,
-    expert_choices=_EXPERTS.value,
+    return_experts=_EXPERTS.value,
   )
   rows = []
   for i, (prompt, toks) in enumerate(zip(prompts, g.tokens)):
@@ -134,7 +134,8 @@ def main(argv):
   print(
     f"\n{n} tokens for {len(prompts)} prompt(s): prefill {g.prefill_s:.2f} s and first step "
     f"{g.first_step_s:.2f} s (both compile), then {g.tokens_per_s():,.1f} tokens/s "
-    f"({g.steps} steps of {len(prompts)} row(s) in {g.decode_s:.2f} s)"
+    f"({g.steps} steps of {len(prompts)} row(s) after the first in {g.decode_s:.2f} s, "
+    "no compile in them)"
   )
   if _OUTPUT.value:
     try:

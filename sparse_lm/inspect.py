@@ -66,9 +66,9 @@ def _define_flags():
 def experts_per_token(m) -> float:
   """How many routed experts a token uses, on average."""
   router = routing.ROUTERS[m.moe.router]
-  if router.expert_choice:  # each expert takes cf * T * k / E tokens
-    return m.moe.capacity_factor * router.choices(m.moe)
-  return router.choices(m.moe)
+  if router.by_expert:  # each expert takes cf * T * k / E tokens
+    return m.moe.capacity_factor * router.assignments_per_token(m.moe)
+  return router.assignments_per_token(m.moe)
 
 
 def optimizer_bytes(t, params) -> dict[str, int]:

@@ -18,8 +18,8 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sparse_lm import config as cfglib
 from sparse_lm.errors import ConfigError
-from sparse_lm.models.moe import routing
 
 
 def rules(c) -> tuple:
@@ -124,7 +124,7 @@ def mesh_sizes(c, num_devices: int) -> dict[str, int]:
       f"the token mesh axes {tok_axes} (size {size_of(tok_axes)}) for expert parallelism",
     )
   G = moe.num_groups
-  if routing.ROUTERS[moe.router].group_placement and n_ep % G and G % n_ep:
+  if cfglib.model_spec(c).moe.router_facts.group_placement and n_ep % G and G % n_ep:
     _fail(
       "model.moe.num_groups",
       G,

@@ -76,7 +76,7 @@ def loss_fn(model, batch, *, train: bool, rng):
   tokens, which routing statistics and the balance losses count; packed
   examples (sft: data) bring "segment_ids" and their "positions"."""
   w_BxL = batch["weights"]
-  logits_BxLxV, moe_aux = model(
+  logits_BxLxV, moe_aux, _ = model(
     batch["inputs"],
     mask_BxL=batch.get("mask", w_BxL),
     positions_BxL=batch.get("positions"),

@@ -185,3 +185,28 @@ def test_new_prompt_lengths_share_compiled_programs():
   after = step._cache_size(), prefill._cache_size()  # pylint: disable=protected-access
   assert after[0] - before[0] == 1 and after[1] - before[1] == 1, (before, after)
   assert [decode.bucket(n) for n in (1, 64, 65, 500)] == [64, 64, 128, 512]
+
+
+def test_decode_step_compiles_once_on_a_placed_state():
+  # A state committed to its device, as a restored checkpoint is: the first
+  # step's carry must enter with the types and shardings the step returns, or
+  # the step compiles again at the second step, inside the timed decode steps
+  # (generate then reported 64 tokens at a quarter of the rate of 256).
+  model = model_of(tiny("mixtral"))
+  nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+  compiles = []
+
+  def listener(event, secs, **kw):
+    if event == "/jax/core/compile/backend_compile_duration" and "_step" in kw.get("fun_name"):
+      compiles.append(secs)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    before = decode._step._cache_size()  # pylint: disable=protected-access
+    for n in (2, 30):  # one bucket; 11 new tokens: shapes no other test compiles
+      g = decode.generate(model, [list(range(3, 3 + n))], max_new_tokens=11, check_every=64)
+    after = decode._step._cache_size()  # pylint: disable=protected-access
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(compiles) == 1 and after - before == 1, (compiles, before, after)
+  assert g.steps == 9 and len(g.tokens[0]) == 11  # timed: the 9 steps after the compiled one

@@ -50,7 +50,7 @@ def test_causal_by_gradients(position, num_kv_heads):
   t = 4
 
   def out_at_t(model):
-    logits, _ = model(tokens)
+    logits = model(tokens).logits
     return logits[:, t].sum()
 
   g_LxD = nnx.grad(out_at_t)(model).embed.delta[...][0]
@@ -74,7 +74,8 @@ def test_gqa_shapes_and_equivalence_to_mha():
   mha.wv[...] = jnp.repeat(gqa.wv[...], 2, axis=1)
   x = jax.random.normal(jax.random.key(0), (2, 6, 32))
   pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
-  np.testing.assert_allclose(gqa(x, pos), mha(x, pos), atol=1e-5)
+  np.testing.assert_allclose(gqa(x, pos).out, mha(x, pos).out, atol=1e-5)
+  assert gqa(x, pos).cache is None  # one return type; no cache when not decoding
 
 
 def _attn(c):
@@ -97,15 +98,15 @@ def test_rope_is_relative():
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_forward_shapes(activation, norm):
   c = tiny(activation=activation, norm=norm, tie_embeddings=False)
-  logits, aux = build(c)(jnp.zeros((2, 8), jnp.int32))
+  logits, aux, cache = build(c)(jnp.zeros((2, 8), jnp.int32))
   assert logits.shape == (2, 8, 50) and logits.dtype == jnp.float32
-  assert aux == []
+  assert aux == [] and cache is None
 
 
 def test_bf16_compute_keeps_f32_params():
   c = tiny(dtype="bfloat16")
   model = build(c)
-  logits, _ = model(jnp.zeros((2, 8), jnp.int32))
+  logits = model(jnp.zeros((2, 8), jnp.int32)).logits
   assert logits.dtype == jnp.float32
   assert all(
     p.get_value().dtype == jnp.float32 for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -234,7 +235,7 @@ def test_router_dtype_compute_takes_the_logits_in_the_model_dtype():
   z = {}
   for rdt in ("float32", "compute"):
     moe.router_dtype = rdt
-    _, aux = build(cfglib.validate(c))(tokens)
+    aux = build(cfglib.validate(c))(tokens).moe_aux
     z[rdt] = float(aux[0]["z_loss"])
   assert z["float32"] != z["compute"]  # bf16 logits round differently
   assert z["compute"] == pytest.approx(z["float32"], rel=2e-2)

@@ -94,7 +94,8 @@ def ref_decide(p, x_TxD, mask_T, moe, capacity):
       s = 1 / (1 + np.exp(-logits[t]))
       choice[t] = np.argsort(-(s + p["router_bias"]), kind="stable")[:K]
     elif moe.router == "group_limited":
-      # Groups scored by the sum of their k // M best biased scores; the top M kept.
+      # Groups scored by the sum of their k // Kg best biased scores; the top Kg kept
+      # (Kg = top_k_groups: the glossary's K for groups).
       b = 1 / (1 + np.exp(-logits[t])) + p["router_bias"]
       n = En // moe.num_groups
       per = max(K // moe.top_k_groups, 1)
@@ -106,16 +107,16 @@ def ref_decide(p, x_TxD, mask_T, moe, capacity):
       gl = np.asarray(jnp.dot(x_TxD, p["group_router"], precision=HI), np.float64)
       if groups is None:
         groups = np.zeros((Tn, moe.top_k_groups), int)
-      M = En // moe.num_groups
+      Eg = En // moe.num_groups
       groups[t] = np.argsort(-gl[t], kind="stable")[: moe.top_k_groups]
       cand, gate = [], []
       pg = np.exp(gl[t, groups[t]] - gl[t, groups[t]].max())
       pg /= pg.sum()
       for a, g in enumerate(groups[t]):
-        local = np.argsort(-logits[t, g * M : (g + 1) * M], kind="stable")[:K]
-        pl = np.exp(logits[t, g * M + local] - logits[t, g * M + local].max())
+        local = np.argsort(-logits[t, g * Eg : (g + 1) * Eg], kind="stable")[:K]
+        pl = np.exp(logits[t, g * Eg + local] - logits[t, g * Eg + local].max())
         pl /= pl.sum()
-        cand += list(g * M + local)
+        cand += list(g * Eg + local)
         gate += list(pg[a] * pl)
       choice[t] = np.array(cand)[np.argsort(-np.array(gate), kind="stable")]
   # Capacity: all first choices (token order) before second choices.
@@ -152,12 +153,12 @@ def ref_gates(p, x_TxD, moe, tok, exp, choice, groups):
     s = pick(jax.nn.sigmoid(logits))
     return s[ar, pos] / s.sum(-1)
   # hierarchical: primary gate over chosen groups x secondary over chosen in-group.
-  M = E // moe.num_groups
+  Eg = E // moe.num_groups
   gl = jnp.dot(x_TxD, p["group_router"], precision=HI)
-  grp = exp // M
+  grp = exp // Eg
   gpos = np.array([list(groups[t]).index(g) for t, g in zip(tok, grp)], int)
   pg = jax.nn.softmax(gl[tok[:, None], groups[tok]], -1)[ar, gpos]
-  local = np.array([[c for c in choice[t] if c // M == g] for t, g in zip(tok, grp)], int)
+  local = np.array([[c for c in choice[t] if c // Eg == g] for t, g in zip(tok, grp)], int)
   lpos = np.array([list(r).index(e) for r, e in zip(local, exp)], int)
   return pg * jax.nn.softmax(logits[tok[:, None], local], -1)[ar, lpos]
 

@@ -117,19 +117,19 @@ def test_bias_update_direction():
 
 
 def test_hierarchical_gates_multiply():
-  T, G, M = 4, 2, 3
+  T, G, Eg = 4, 2, 3
   key1, key2 = jax.random.split(jax.random.key(1))
-  logits = jax.random.normal(key1, (T, G * M))
+  logits = jax.random.normal(key1, (T, G * Eg))
   glogits = jax.random.normal(key2, (T, G))
-  moe = moe_cfg(router="hierarchical", num_experts=G * M, num_groups=G, top_k_groups=1, top_k=2)
+  moe = moe_cfg(router="hierarchical", num_experts=G * Eg, num_groups=G, top_k_groups=1, top_k=2)
   r = route(logits, moe, mask_T=jnp.ones(T), train=False, group_logits_TxG=glogits)
   L, GL = np.asarray(logits), np.asarray(glogits)
   for t in range(T):
     g = int(np.argmax(GL[t]))
-    local = np.argsort(-L[t, g * M : (g + 1) * M])[:2]
-    np.testing.assert_array_equal(r.expert_TxK[t], g * M + local)
+    local = np.argsort(-L[t, g * Eg : (g + 1) * Eg])[:2]
+    np.testing.assert_array_equal(r.expert_TxK[t], g * Eg + local)
     # top_k_groups=1: primary gate is 1; secondary = softmax over the top-2 logits.
-    np.testing.assert_allclose(r.gate_TxK[t], softmax(L[t, g * M + local]), rtol=1e-5)
+    np.testing.assert_allclose(r.gate_TxK[t], softmax(L[t, g * Eg + local]), rtol=1e-5)
   moe.top_k_groups = 2
   r = route(logits, moe, mask_T=jnp.ones(T), train=False, group_logits_TxG=glogits)
   np.testing.assert_allclose(r.gate_TxK.sum(-1), 1.0, rtol=1e-5)
@@ -137,11 +137,11 @@ def test_hierarchical_gates_multiply():
   for t in range(T):
     pg = softmax(GL[t])  # both groups chosen: primary gate = softmax over both
     for e, gate in zip(np.asarray(r.expert_TxK[t]), np.asarray(r.gate_TxK[t])):
-      g = e // M
-      top = np.argsort(-L[t, g * M : (g + 1) * M])[:2]
-      assert e - g * M in top
+      g = e // Eg
+      top = np.argsort(-L[t, g * Eg : (g + 1) * Eg])[:2]
+      assert e - g * Eg in top
       np.testing.assert_allclose(
-        gate, pg[g] * softmax(L[t, g * M + top])[list(top).index(e - g * M)], rtol=1e-5
+        gate, pg[g] * softmax(L[t, g * Eg + top])[list(top).index(e - g * Eg)], rtol=1e-5
       )
 
 
@@ -345,14 +345,14 @@ def test_noisy_load_loss_has_gradient():
 
 
 def test_hierarchical_noisy_load_matches_counts_without_noise():
-  T, G, M = 16, 2, 2
+  T, G, Eg = 16, 2, 2
   k1, k2 = jax.random.split(jax.random.key(7))
-  logits, glog = jax.random.normal(k1, (T, G * M)), jax.random.normal(k2, (T, G))
+  logits, glog = jax.random.normal(k1, (T, G * Eg)), jax.random.normal(k2, (T, G))
   moe = moe_cfg(
     router="hierarchical", num_experts=4, num_groups=2, top_k_groups=1, top_k=1, noisy_gating=True
   )
   # Tiny noise scale: the smooth estimator tends to hard counts.
-  big_neg = jnp.full((T, G * M), -40.0)
+  big_neg = jnp.full((T, G * Eg), -40.0)
   r = route(
     logits,
     moe,
@@ -398,31 +398,31 @@ def test_capacity_formula():
   assert routing.capacity(moe, 8, train=True) == 8  # never more than T
 
 
-@pytest.mark.parametrize("E,G,M,k", [(16, 4, 2, 4), (8, 4, 1, 2), (12, 3, 2, 3)])
-def test_group_limited_matches_per_token_reference(E, G, M, k):
+@pytest.mark.parametrize("E,G,Kg,k", [(16, 4, 2, 4), (8, 4, 1, 2), (12, 3, 2, 3)])
+def test_group_limited_matches_per_token_reference(E, G, Kg, k):
   # DeepSeek-V3 node-limited routing by a loop over tokens: score each group by
-  # the sum of its k // M best biased scores, keep the top M groups, take the
+  # the sum of its k // Kg best biased scores, keep the top Kg groups, take the
   # top-k biased scores among their experts, gate = sigmoid scores renormalised.
   T = 24
   k1, k2 = jax.random.split(jax.random.key(11))
   logits = jax.random.normal(k1, (T, E)) * 2
   bias = jax.random.normal(k2, (E,)) * 0.3
-  moe = moe_cfg(router="group_limited", num_experts=E, num_groups=G, top_k_groups=M, top_k=k)
+  moe = moe_cfg(router="group_limited", num_experts=E, num_groups=G, top_k_groups=Kg, top_k=k)
   cfglib.validate(_with_moe(moe))
   r = route(logits, moe, mask_T=jnp.ones(T), train=False, bias_E=bias)
   s = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
   b = s + np.asarray(bias, np.float64)
-  per = max(k // M, 1)
+  per = max(k // Kg, 1)
   for t in range(T):
     group_score = [
       np.sort(b[t, g * (E // G) : (g + 1) * (E // G)])[::-1][:per].sum() for g in range(G)
     ]
-    groups = set(np.argsort(group_score)[::-1][:M])
+    groups = set(np.argsort(group_score)[::-1][:Kg])
     allowed = [e for e in range(E) if e // (E // G) in groups]
     want = sorted(allowed, key=lambda e: -b[t, e])[:k]
     got = [int(e) for e in np.asarray(r.expert_TxK[t])]
     assert got == want, (t, got, want)
-    assert len({e // (E // G) for e in got}) <= M  # the point: at most M groups per token
+    assert len({e // (E // G) for e in got}) <= Kg  # the point: at most Kg groups per token
     gate = s[t, want] / s[t, want].sum()
     np.testing.assert_allclose(np.asarray(r.gate_TxK[t]), gate, rtol=1e-5)
   p = s / s.sum(-1, keepdims=True)

@@ -109,6 +109,14 @@ class KVCache(NamedTuple):
   v: Array
 
 
+class AttentionOut(NamedTuple):
+  """What Attention returns: out [B, L, D], and the updated KVCache (None
+  when not decoding)."""
+
+  out: Array
+  cache: KVCache | None
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with grouped-query heads and optional RoPE.
 
@@ -175,8 +183,8 @@ class Attention(nnx.Module):
     index=None,
     valid_BxS=None,
     segments_BxL=None,
-  ):
-    """-> out [B, L, D], and the updated KVCache when `cache` is given.
+  ) -> AttentionOut:
+    """-> AttentionOut(out [B, L, D], the updated KVCache or None without `cache`).
 
     segments_BxL (packed examples, no cache): a query sees only the keys of its
     own segment (causally), so examples packed in one row never see each other."""
@@ -195,7 +203,7 @@ class Attention(nnx.Module):
         out_BxLxHxZ = jax.nn.dot_product_attention(
           q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, mask=mask_BxLxL[:, None]
         )
-      return jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo)
+      return AttentionOut(jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo), None)
     L, S = x_BxLxD.shape[1], cache.k.shape[1]
     put = lambda buf, new: constrain(
       jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1),
@@ -213,7 +221,7 @@ class Attention(nnx.Module):
     out_BxLxHxZ = jax.nn.dot_product_attention(
       q_BxLxHxZ, cache.k.astype(dt), cache.v.astype(dt), mask=see_BxLxS[:, None]
     )
-    return jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo), cache
+    return AttentionOut(jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo), cache)
 
 
 class Mlp(nnx.Module):

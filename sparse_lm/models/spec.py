@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+from sparse_lm.models.moe import routing
+
 
 class Impl(NamedTuple):
   """How the MoE layer computes, never what (model.moe.impl; policy.resolve
@@ -59,6 +61,12 @@ class MoeSpec:
   load_balance_choices: str
   z_loss_weight: float
   importance_weight: float
+
+  @property
+  def router_facts(self) -> routing.Router:
+    """The router's entry of routing.ROUTERS: the facts that hold for it
+    (decodes, group_placement, assignments_per_token, ...)."""
+    return routing.ROUTERS[self.router]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,14 +43,14 @@ class Block(nnx.Module):
     cache=None,
     index=None,
     valid_BxS=None,
-    expert_choices=False,
+    return_experts=False,
     segments_BxL=None,
   ):
+    """-> (x [B, L, D], the MoE layer's aux dict ({} if dense), the layer's
+    updated KVCache or None)."""
     aux = {}
     h_BxLxD = self.attn_norm(x_BxLxD)
-    attn = self.attn(h_BxLxD, positions_BxL, cache, index, valid_BxS, segments_BxL)
-    if cache is not None:
-      attn, cache = attn
+    attn, cache = self.attn(h_BxLxD, positions_BxL, cache, index, valid_BxS, segments_BxL)
     x_BxLxD = x_BxLxD + self._dropout(attn, train, rng, 0)
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.is_moe:
@@ -59,7 +59,7 @@ class Block(nnx.Module):
         mask_BxL=mask_BxL,
         train=train,
         rng=None if rng is None else jax.random.fold_in(rng, 1),
-        choices=expert_choices,
+        return_experts=return_experts,
       )
     else:
       h_BxLxD = self.ffn(h_BxLxD)
@@ -83,15 +83,23 @@ class Cache(NamedTuple):
   index: jax.Array  # int32 scalar
 
 
-class Transformer(nnx.Module):
-  """tokens [B, L] -> logits [B, L, V] (float32) and a list of per-MoE-layer aux dicts.
+class Output(NamedTuple):
+  """What the Transformer returns, whatever its arguments."""
 
-  With `cache` (decoding) also the updated Cache: the tokens fill slots
-  [cache.index, cache.index + L); `positions_BxL` gives each token's position
-  in its own sequence (per-row positions: left-padded prompts start at 0).
-  segments_BxL: packed examples (sft: data) attend only within their segment;
-  give their restarting positions too. expert_choices: the MoE layers' aux
-  also hold each token's experts and router probabilities.
+  logits: jax.Array  # [B, L, V] float32
+  moe_aux: list[dict]  # one aux dict per MoE layer, in layer order
+  cache: Cache | None  # the updated decoding Cache; None when not decoding
+
+
+class Transformer(nnx.Module):
+  """tokens [B, L] -> Output(logits [B, L, V] float32, per-MoE-layer aux dicts, cache).
+
+  With `cache` (decoding), Output.cache is the updated Cache (else None): the
+  tokens fill slots [cache.index, cache.index + L); `positions_BxL` gives each
+  token's position in its own sequence (per-row positions: left-padded prompts
+  start at 0). segments_BxL: packed examples (sft: data) attend only within
+  their segment; give their restarting positions too. return_experts: the MoE
+  layers' aux also hold each token's experts and router probabilities.
   """
 
   def __init__(self, m: ModelSpec, vocab_size: int, *, rngs: nnx.Rngs):
@@ -119,9 +127,9 @@ class Transformer(nnx.Module):
     rng=None,
     positions_BxL=None,
     cache: Cache | None = None,
-    expert_choices: bool = False,
+    return_experts: bool = False,
     segments_BxL=None,
-  ):
+  ) -> Output:
     B, L = tokens_BxL.shape
     dt = layers.dtype_of(self.m)
     if mask_BxL is None:
@@ -148,7 +156,7 @@ class Transformer(nnx.Module):
         cache=None if cache is None else cache.layers[i],
         index=index,
         valid_BxS=valid_BxS,
-        expert_choices=expert_choices,
+        return_experts=return_experts,
         segments_BxL=segments_BxL,
       )
       kv.append(layer_kv)
@@ -160,9 +168,8 @@ class Transformer(nnx.Module):
     else:
       logits_BxLxV = x_BxLxD @ self.unembed[...].astype(dt)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "vocab")
-    if cache is None:
-      return logits_BxLxV.astype(jnp.float32), moe_aux
-    return logits_BxLxV.astype(jnp.float32), moe_aux, Cache(tuple(kv), valid_BxS, index + L)
+    new_cache = None if cache is None else Cache(tuple(kv), valid_BxS, index + L)
+    return Output(logits_BxLxV.astype(jnp.float32), moe_aux, new_cache)
 
 
 def apply_state_updates(model: Transformer, moe_aux: list[dict]) -> None:

@@ -60,17 +60,16 @@ SHARD1 = Shard(1, lambda x: x, lambda y: y, lambda t_loc: 0)
 
 
 class Local:
-  """One device (or a mesh whose expert axes have size 1): the body as is."""
+  """One device (or a mesh whose expert axes have size 1): the body as is.
+
+  `run(body, x, arrays, w, mask, **placement)` = body(shard, x, *arrays, w,
+  mask) -> rows like x's; parallel.ExpertParallel.run takes the same call and
+  reads `placement` (how `arrays` and `mask` are split)."""
 
   n = n_tokens = 1
-  tokens = tokens_rows = replicated = slot_mask = row_mask = None
 
-  def weight_specs(self, w):
-    del w
-
-  def run(self, body, args, in_specs, out_specs, check_vma=True):
-    del in_specs, out_specs, check_vma
-    return body(SHARD1, *args)
+  def run(self, body, x, arrays, w, mask, **_):
+    return body(SHARD1, x, *arrays, w, mask)
 
 
 LOCAL = Local()
@@ -261,20 +260,8 @@ def capacity_dispatch(
     )
     return y_A.reshape(Tl, K, -1)
 
-  y_TxKxD = place.run(
-    body,
-    (x_TxD, r.expert_TxK, pos_TxK, kept_TxK, ex.w, ex.mask),
-    (
-      place.tokens_rows,
-      place.tokens,
-      place.tokens,
-      place.tokens,
-      place.weight_specs(ex.w),
-      place.slot_mask,
-    ),
-    place.tokens_rows,
-    check_vma=ex.layout != "grouped",
-  )
+  arrays = (r.expert_TxK, pos_TxK, kept_TxK)
+  y_TxKxD = place.run(body, x_TxD, arrays, ex.w, ex.mask, check_vma=ex.layout != "grouped")
   y_TxD = _combine(y_TxKxD, jnp.where(kept_TxK, r.gate_TxK, 0.0))
   return y_TxD, {"dropped_fraction": dropped_fraction(r.valid_TxK, kept_TxK)}
 
@@ -296,43 +283,20 @@ def expert_choice_dispatch(
     Tl, D = x.shape
     local_ExC = token_ExC - sh.first_token(Tl)
     mine_ExC = valid_ExC & (local_ExC >= 0) & (local_ExC < Tl)
-    rank_ExC = (
-      jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (E, C))
-      if sh.n == 1
-      else jnp.cumsum(mine_ExC.astype(jnp.int32), axis=1) - 1
-    )
+    # Rank among this shard's slots of the expert; with one shard it is the
+    # slot, as padding (never valid) takes an expert's last slots.
+    rank_A = (jnp.cumsum(mine_ExC.astype(jnp.int32), axis=1) - 1).reshape(-1)
     expert_A = jnp.repeat(jnp.arange(E, dtype=jnp.int32), C)
     slot_A = jnp.tile(jnp.arange(C, dtype=jnp.int32), E)
     mine_A = mine_ExC.reshape(-1)
     token_A = jnp.where(mine_A, local_ExC.reshape(-1), Tl)
-    y_A = _exchange_capacity(
-      sh,
-      ex._replace(w=w, mask=mask),
-      x,
-      token_A,
-      expert_A,
-      slot_A,
-      rank_ExC.reshape(-1),
-      mine_A,
-      C,
-      W,
-    )
+    ex_sh = ex._replace(w=w, mask=mask)
+    y_A = _exchange_capacity(sh, ex_sh, x, token_A, expert_A, slot_A, rank_A, mine_A, C, W)
     contrib = gate_ExC.reshape(-1, 1) * y_A.astype(jnp.float32)
     return jnp.zeros((Tl, D), jnp.float32).at[token_A].add(contrib, mode="drop")
 
-  y_TxD = place.run(
-    body,
-    (x_TxD, r.token_ExC, r.valid_ExC, r.gate_ExC, ex.w, ex.mask),
-    (
-      place.tokens_rows,
-      place.replicated,
-      place.replicated,
-      place.replicated,
-      place.weight_specs(ex.w),
-      place.slot_mask,
-    ),
-    place.tokens_rows,
-  )
+  arrays = (r.token_ExC, r.valid_ExC, r.gate_ExC)
+  y_TxD = place.run(body, x_TxD, arrays, ex.w, ex.mask, replicated=True)
   token_EC = jnp.where(r.valid_ExC, r.token_ExC, T).reshape(-1)
   chosen_T = jnp.zeros((T,), jnp.float32).at[token_EC].set(1.0, mode="drop")
   real = jnp.sum(mask_T)
@@ -363,7 +327,7 @@ def dropless_dispatch(
     starts_E = jnp.cumsum(counts_E) - counts_E
     grow_TxK = (starts_E[r.expert_TxK.reshape(-1)] + g_A).reshape(T, K)
 
-  def body(sh, x, expert, valid, w, mask, grow):
+  def body(sh, x, expert, valid, grow, w, mask):
     Tl, D = x.shape
     e_A, v_A = expert.reshape(-1), valid.reshape(-1)
     pos_A, counts_E = positions_in_expert(e_A, v_A, E, positions)
@@ -375,28 +339,40 @@ def dropless_dispatch(
       x_rows = take_rows(x, rows_inverse(row_A, A, token_A, Tl))
       y_rows = ex_sh.grouped(sh, x_rows, counts_E.astype(jnp.int32), mask)
       return take_rows(y_rows, row_A).reshape(Tl, K, D)
-    block_E = starts_E[(jnp.arange(E) // U) * U]  # start of each destination's block
-    row_A = jnp.where(v_A, (e_A // U) * A + starts_E[e_A] - block_E[e_A] + pos_A, n * A).astype(
-      jnp.int32
-    )
+    # Send buffer [P, A, D] (R = P * A rows): block p holds this shard's
+    # assignments to the U experts of shard p (experts p*U .. p*U + U - 1),
+    # sorted by expert, each expert's in token order, from row 0 of the block
+    # (block_E: where the destination's first expert starts in this shard's
+    # expert-sorted order); the rest of the block is empty. A block of A rows
+    # fits the worst case, every assignment to one shard.
+    block_E = starts_E[(jnp.arange(E) // U) * U]
+    row_A = (e_A // U) * A + starts_E[e_A] - block_E[e_A] + pos_A
+    row_A = jnp.where(v_A, row_A, n * A).astype(jnp.int32)
     R = n * A  # rows received
     x_send = take_rows(x, rows_inverse(row_A, R, token_A, Tl))
     id_send = rows_inverse(row_A, R, e_A % U, U)  # U = an empty row
     x_recv = sh.a2a(x_send.reshape(n, A, D)).reshape(R, D)
-    id_recv = sh.a2a(id_send.reshape(n, A))  # [n_src, A]
-    counts_PxU = sh.a2a(counts_E.reshape(n, U))  # [n_src, U]
+    id_recv = sh.a2a(id_send.reshape(n, A))  # [P, A]: block s came from shard s
+    counts_PxU = sh.a2a(counts_E.reshape(n, U))  # [s, u]: rows shard s sent for local expert u
     sizes_U = jnp.sum(counts_PxU, 0)
+    # The grouped kernel's buffer [R, D]: expert-major (local expert u's rows
+    # at [start_u, start_u + sizes_U[u]), start = exclusive cumsum of sizes_U),
+    # within an expert by source shard s = 0 .. P-1, within a source in the
+    # source's token order; rows past sum(sizes_U) are empty. Received row a
+    # of block s, the j-th of expert u in that block, goes to start_u + (rows
+    # of u from shards before s) + j; as a = (u's first row in block s) + j,
+    # dst = offset[s, u] + a with offset = start_u + (exclusive cumsum of
+    # counts over sources) - (exclusive cumsum of counts over experts in s).
+    # The outputs go back along the same rows: dst_R, the all_to_all, row_A.
     offset_PxU = (
       (jnp.cumsum(sizes_U) - sizes_U)[None, :]
       + jnp.cumsum(counts_PxU, 0)
       - counts_PxU
       - (jnp.cumsum(counts_PxU, 1) - counts_PxU)
     )
-    ok = id_recv < U
-    dst_PxA = (
-      jnp.take_along_axis(offset_PxU, jnp.minimum(id_recv, U - 1), axis=1) + jnp.arange(A)[None, :]
-    )
-    dst_R = jnp.where(ok, dst_PxA, R).reshape(-1).astype(jnp.int32)
+    dst_PxA = jnp.take_along_axis(offset_PxU, jnp.minimum(id_recv, U - 1), axis=1)
+    dst_R = jnp.where(id_recv < U, dst_PxA + jnp.arange(A)[None, :], R)
+    dst_R = dst_R.reshape(-1).astype(jnp.int32)
     x_dst = take_rows(x_recv, rows_inverse(dst_R, R, jnp.arange(R, dtype=jnp.int32), R))
     mask_dst = None
     if mask is not None:
@@ -407,20 +383,8 @@ def dropless_dispatch(
     y_back = sh.a2a(take_rows(y_dst, dst_R).reshape(n, A, D)).reshape(R, D)
     return take_rows(y_back, row_A).reshape(Tl, K, D)
 
-  y_TxKxD = place.run(
-    body,
-    (x_TxD, r.expert_TxK, r.valid_TxK, ex.w, ex.mask, grow_TxK),
-    (
-      place.tokens_rows,
-      place.tokens,
-      place.tokens,
-      place.weight_specs(ex.w),
-      place.row_mask,
-      place.tokens,
-    ),
-    place.tokens_rows,
-    check_vma=False,
-  )
+  arrays = (r.expert_TxK, r.valid_TxK, grow_TxK)
+  y_TxKxD = place.run(body, x_TxD, arrays, ex.w, ex.mask, row_mask=True, check_vma=False)
   y_TxD = _combine(y_TxKxD, r.gate_TxK)
   return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}
 
@@ -440,7 +404,5 @@ def gather_dispatch(x_TxD: Array, r: routing_lib.Routing, w: experts_lib.Weights
   h_AxF = jnp.einsum("ad,adf->af", x_AxD, take(w.wi))
   g_AxF = None if w.wg is None else jnp.einsum("ad,adf->af", x_AxD, take(w.wg))
   y_AxD = jnp.einsum("af,afd->ad", layers_lib.activate(h_AxF, activation, g_AxF), take(w.wo))
-  gate_TxK = jnp.where(r.valid_TxK, r.gate_TxK, 0.0)
-  return _combine(y_AxD.reshape(T, K, -1), gate_TxK), {
-    "dropped_fraction": jnp.zeros((), jnp.float32)
-  }
+  y_TxD = _combine(y_AxD.reshape(T, K, -1), jnp.where(r.valid_TxK, r.gate_TxK, 0.0))
+  return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}

@@ -77,6 +77,7 @@ def grouped(
   mask_NxF: Array | None,
   impl: str,
 ) -> Array:
-  """Experts on rows sorted by expert (grouped.py's kernels; impl "ragged" or
-  "blocks", policy.py picks): [N, D] -> [N, D]."""
-  return grouped_lib.grouped_ffn(x_NxD, sizes_E, w.wi, w.wg, w.wo, activation, mask_NxF, impl)
+  """Experts on rows sorted by expert (grouped.py's kernels; impl "ragged":
+  jax.lax.ragged_dot, "blocks": the CPU block loops; policy.py picks): [N, D] -> [N, D]."""
+  kernel = {"ragged": grouped_lib.ffn_ragged, "blocks": grouped_lib.ffn_blocks}[impl]
+  return kernel(x_NxD, sizes_E, w.wi, w.wg, w.wo, activation, mask_NxF)

@@ -16,8 +16,6 @@ Both compute y = act(x @ wi[e], x @ wg[e]) * hidden_mask @ wo[e] per row.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -28,24 +26,6 @@ Array = jax.Array
 
 # Row-block sizes of ffn_blocks (the CPU kernel only), largest first (benchmarks/README.md).
 BLOCK_SIZES = (128, 32)
-
-
-def grouped_ffn(
-  x_NxD: Array,
-  group_sizes_E: Array,
-  wi: Array,
-  wg: Array | None,
-  wo: Array,
-  activation: str,
-  hidden_mask_NxF: Array | None,
-  impl: str,
-) -> Array:
-  """Per-row expert FFN; impl "ragged" / "blocks" (policy.py picks per backend)."""
-  if impl == "ragged":
-    return ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF)
-  if impl == "blocks":
-    return ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF)
-  raise ValueError(f"unknown grouped ffn impl {impl!r}")
 
 
 def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None) -> Array:
@@ -149,14 +129,12 @@ def _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_siz
 # The hidden activations are recomputed block by block in the backward pass
 # instead of stored: on CPU a [N, F] buffer costs more (memory traffic, page
 # faults) than the extra x @ wi of a cache-resident block.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
-  return _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes)
+_ffn_blocks = jax.custom_vjp(_fwd_loops, nondiff_argnums=(6, 7))
 
 
-def _ffn_blocks_fwd(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
-  y = _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes)
-  return y, (x_NxD, group_sizes_E, wi, wg, wo, mask_NxF)
+def _ffn_blocks_fwd(*args):
+  """y, and as residuals the differentiable arguments (x, sizes, wi, wg, wo, mask)."""
+  return _fwd_loops(*args), args[:6]
 
 
 def _ffn_blocks_bwd(activation, block_sizes, res, dy_NxD):

@@ -49,14 +49,14 @@ class MoeFfn(nnx.Module):
     self.m = m
     E, D, F, s = moe.num_experts, m.d_model, moe.d_ff, moe.init_scale
     self.activation = moe.activation
-    self.router_params = tuple(routing_lib.ROUTERS[moe.router].params(moe))
-    for name, spec in routing_lib.ROUTERS[moe.router].params(moe).items():
-      shape = spec.shape(moe, D)
+    router_params = routing_lib.params(moe, D)
+    self.router_params = tuple(router_params)
+    for name, spec in router_params.items():
       if spec.state:
-        setattr(self, name, RouterState(jnp.zeros(shape, jnp.float32)))
+        setattr(self, name, RouterState(jnp.zeros(spec.shape, jnp.float32)))
         continue
       init = layers.fan_in_init(scale=s) if spec.init == "fan_in" else nnx.initializers.zeros
-      setattr(self, name, layers.param(rngs, init, shape, spec.axes))
+      setattr(self, name, layers.param(rngs, init, spec.shape, spec.axes))
     init = layers.fan_in_init((1,), s, batch_axes=(0,))  # [E, fan_in, fan_out]
     self.wi = layers.param(rngs, init, (E, D, F), ("expert", "embed", "expert_mlp"))
     if layers.is_gated(self.activation):
@@ -91,17 +91,19 @@ class MoeFfn(nnx.Module):
     mask_BxL: Array | None = None,
     train: bool = False,
     rng: Array | None = None,
-    choices: bool = False,
+    return_experts: bool = False,
   ) -> tuple[Array, dict[str, Array]]:
     """y [B, L, D] in model.dtype and the aux dict (router_loss, its terms,
     diagnostics, and "state_updates" for the caller). rng is used only when
     train=True (jitter, noisy gating, second-expert policy, expert dropout,
-    expert output masking)."""
+    expert output masking). return_experts: aux also holds each token's
+    experts "experts_TxK" (-1 where dropped) and router probabilities
+    "probs_TxE" (token-choice routers)."""
     m, moe = self.m, self.m.moe
     B, L, D = x_BxLxD.shape
     T, E = B * L, moe.num_experts
     dt = layers.dtype_of(m)
-    router = routing_lib.ROUTERS[moe.router]
+    router = moe.router_facts
     x_TxD = x_BxLxD.reshape(T, D).astype(dt)
     mask_T = (
       jnp.ones((T,), jnp.float32) if mask_BxL is None else mask_BxL.reshape(T).astype(jnp.float32)
@@ -131,7 +133,7 @@ class MoeFfn(nnx.Module):
     if dispatch in ("auto", "gather"):  # decoding (decode.inference_spec)
       # Only a decode step (one new token per row) may gather; a prefill takes
       # the grouped path (gathering its T x k experts' weights would not fit).
-      step = L == 1 and place.n == 1 and moe.expert_dropout == 0 and not router.expert_choice
+      step = L == 1 and place.n == 1 and moe.expert_dropout == 0 and not router.by_expert
       dispatch = policy.decode_dispatch(moe, r.expert_TxK.size) if step else "dropless"
     if dispatch == "gather":
       y_TxD, info = dispatch_lib.gather_dispatch(x_TxD, r, self.expert_weights(), self.activation)
@@ -156,7 +158,7 @@ class MoeFfn(nnx.Module):
     )
     aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
     aux["state_updates"] = router.update(inputs, r, moe) if train and router.update else {}
-    if choices and not router.expert_choice:  # each token's experts and router probabilities
+    if return_experts and not router.by_expert:
       aux["experts_TxK"] = jnp.where(r.valid_TxK, r.expert_TxK, -1)
       aux["probs_TxE"] = r.probs_TxE
     return y_TxD.reshape(B, L, D), aux
@@ -166,7 +168,7 @@ class MoeFfn(nnx.Module):
     moe, impl = self.m.moe, policy.resolve(self.m.moe)
     T, E, dt = x_TxD.shape[0], moe.num_experts, x_TxD.dtype
     w = self.expert_weights(dt)
-    if routing_lib.ROUTERS[moe.router].expert_choice:
+    if moe.router_facts.by_expert:
       run, rows, kw = dispatch_lib.expert_choice_dispatch, r.token_ExC.shape, {"mask_T": mask_T}
     elif dispatch == "capacity":
       C = routing_lib.capacity(moe, T, train)
@@ -193,16 +195,7 @@ class MoeFfn(nnx.Module):
     own needs (noisy gating, second-expert policy); the layer checks these."""
     if not train:
       return None
-    moe = self.m.moe
-    needs = [
-      name
-      for name, on in (
-        ("jitter", moe.jitter > 0),
-        ("expert_dropout", moe.expert_dropout > 0),
-        ("eom_rate", moe.eom_rate > 0),
-      )
-      if on
-    ]
+    needs = [k for k in ("jitter", "expert_dropout", "eom_rate") if getattr(self.m.moe, k) > 0]
     if rng is None and needs:
       raise ValueError(f"MoeFfn(train=True) needs an rng for model.moe.{needs[0]}")
     return rng

@@ -99,14 +99,9 @@ def _live_axes(name: str) -> tuple[str, ...]:
   return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
-def expert_parallel_size() -> int:
-  """Size of the mesh axes "expert" maps to (1: experts are not split)."""
-  return _size(_live_axes("expert"))
-
-
 def placement(num_experts: int, hidden: int) -> dispatch_lib.Local | ExpertParallel:
   """Where dispatch.py's program runs: dispatch.Local(), or ExpertParallel."""
-  if expert_parallel_size() > 1:
+  if _size(_live_axes("expert")) > 1:
     return ExpertParallel(num_experts, hidden)
   return dispatch_lib.Local()
 
@@ -117,7 +112,7 @@ class ExpertParallel:
   expert axes, the expert hidden dim over the tensor axes where it can be."""
 
   def __init__(self, num_experts: int, hidden: int):
-    self.mesh = mesh = jax.sharding.get_abstract_mesh()
+    self.mesh = jax.sharding.get_abstract_mesh()
     self.ex = _live_axes("expert")
     self.n = _size(self.ex)
     batch = _live_axes("batch")
@@ -132,24 +127,6 @@ class ExpertParallel:
         f"config.model.moe.num_experts={num_experts} is invalid: must be divisible by the "
         f"expert mesh axes {self.ex} (size {self.n})"
       )
-    del mesh
-    self.tokens, self.tokens_rows, self.replicated = P(self.tok), P(self.tok, None), P()
-    self.slot_mask = P(self.ex, None, self.mlp or None)  # [E, C, F]
-    self.row_mask = P(None, self.mlp or None)  # [T*K, F], replicated rows
-
-  def weight_specs(self, w: experts_lib.Weights) -> experts_lib.Weights:
-    mlp = self.mlp or None
-    return experts_lib.Weights(
-      P(self.ex, None, mlp), None if w.wg is None else P(self.ex, None, mlp), P(self.ex, mlp, None)
-    )
-
-  def check_tokens(self, T: int) -> None:
-    if T % self.n_tokens:
-      raise ConfigError(
-        f"config.data.batch_size is invalid: the MoE layer's {T} tokens (batch x length) "
-        f"must be divisible by the token mesh axes {self.tok} (size {self.n_tokens}) for "
-        "expert parallelism"
-      )
 
   def shard(self) -> dispatch_lib.Shard:
     ex, mlp, tok = self.ex, self.mlp, self.tok
@@ -161,18 +138,39 @@ class ExpertParallel:
       first_token=lambda t_loc: jax.lax.axis_index(one(tok)) * t_loc,
     )
 
-  def run(self, body, args, in_specs, out_specs, check_vma=True):
-    """body(shard, *args) inside shard_map. check_vma=False around grouped.py's
-    kernels: their loops start from invariant zero carries, which the
-    varying-axes check rejects; without it, shard_map's transpose still psums
-    the cotangents of inputs replicated over an axis (the weights over "data")
-    and divides those of replicated outputs."""
-    self.check_tokens(args[0].shape[0])
+  def run(self, body, x, arrays, w, mask, *, replicated=False, row_mask=False, check_vma=True):
+    """body(shard, x, *arrays, w, mask) inside shard_map -> rows split like x's.
+
+    x's rows and `arrays` are split over the token axes (`arrays` whole on
+    every device when `replicated`), the weights w over the expert axes, the
+    dropout mask as the [E, C, F] slot mask (or, row_mask, replicated [T*K, F]
+    rows); the hidden dim F over the tensor axes where it can be.
+    check_vma=False around grouped.py's kernels: their loops start from
+    invariant zero carries, which the varying-axes check rejects; without it,
+    shard_map's transpose still psums the cotangents of inputs replicated over
+    an axis (the weights over "data") and divides those of replicated outputs."""
+    T = x.shape[0]
+    if T % self.n_tokens:
+      raise ConfigError(
+        f"config.data.batch_size is invalid: the MoE layer's {T} tokens (batch x length) "
+        f"must be divisible by the token mesh axes {self.tok} (size {self.n_tokens}) for "
+        "expert parallelism"
+      )
+    ex, mlp, rows = self.ex, self.mlp or None, P(self.tok, None)
+    w_specs = experts_lib.Weights(
+      P(ex, None, mlp), None if w.wg is None else P(ex, None, mlp), P(ex, mlp, None)
+    )
+    mask_spec = P(None, mlp) if row_mask else P(ex, None, mlp)
+    array_specs = (P() if replicated else P(self.tok),) * len(arrays)
 
     def wrapped(*a):
       with nnx.logical_axis_rules(()):  # no GSPMD constraints inside shard_map
         return body(self.shard(), *a)
 
     return jax.shard_map(
-      wrapped, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
-    )(*args)
+      wrapped,
+      mesh=self.mesh,
+      in_specs=(rows, *array_specs, w_specs, mask_spec),
+      out_specs=rows,
+      check_vma=check_vma,
+    )(x, *arrays, w, mask)

@@ -5,14 +5,17 @@ Every function here is a function of its arguments only (logits, the config's
 `model.moe` block, a PRNG key, a padding mask), so each is testable alone.
 All router math is float32 whatever the compute dtype.
 
-Each router is one entry of `ROUTERS` (the table below: its parameters, its
-choices per token, its config checks, its function and any routing-state
-update); adding one touches this file and config.py only. Token-choice
-routers (`switch`, `topk`, `mixtral`, `sigmoid_bias`, `group_limited`,
-`hierarchical`) return a `Routing`: K (expert, gate) choices per token, in
-priority order (choice 0 is the token's first choice). Capacity dispatch serves
-all first choices before any second choice (GShard). `expert_choice` returns an
-`ExpertChoiceRouting`: C (token, gate) slots per expert.
+Each router is one entry of `ROUTERS` (the table below: its gating matrices,
+its assignments per token, its config checks, its function, any routing-state
+update, and the facts other modules ask about it: whether it decodes token by
+token, whether its expert split must follow groups, ...); adding one touches
+this file and config.py only, and no other module compares router names.
+Token-choice routers (`switch`, `topk`, `mixtral`, `sigmoid_bias`,
+`group_limited`, `hierarchical`) return a `Routing`: K (expert, gate) choices
+per token, in priority order (choice 0 is the token's first choice). Capacity
+dispatch serves all first choices before any second choice (GShard).
+`expert_choice` returns an `ExpertChoiceRouting`: C (token, gate) slots per
+expert.
 
 Auxiliary terms, all over real tokens only (mask 1; padding is excluded):
   load_balance_loss  Switch (Fedus et al. eq. 4-6): E * sum_e f_e * P_e, P_e
@@ -91,8 +94,7 @@ def smooth_load(clean: Array, noisy: Array, std: Array, k: int, weight_T: Array)
   multiplies each token's row (the padding mask, or group membership).
   Returns [..., N].
   """
-  n = clean.shape[-1]
-  if k >= n:
+  if k >= clean.shape[-1]:
     p = jnp.ones_like(clean)
   else:
     top_TxK1 = jax.lax.top_k(noisy, k + 1)[0]
@@ -132,20 +134,15 @@ def _entropy(p_TxE: Array) -> Array:
   return -jnp.sum(jnp.where(p_TxE > 0, p_TxE * jnp.log(jnp.maximum(p_TxE, 1e-30)), 0.0), -1)
 
 
-def _aux(
-  *, probs_TxE, counts_E, importance_E, load_E, z_T, mask_T, balance_counts_E=None
-) -> dict[str, Array]:
+def _aux(probs_TxE, counts_E, importance_E, z_T, mask_T, load_E, balance_E) -> dict[str, Array]:
   """Losses and diagnostics shared by all routers (see the module docstring).
 
-  balance_counts_E: the counts f_e of the load-balance loss is made of, if not
-  counts_E (the "first" convention)."""
+  load_E: what the load loss takes the CV^2 of; balance_E: the counts that f_e
+  of the load-balance loss is made of (counts_E, or first choices only)."""
   E = counts_E.shape[0]
   total = jnp.sum(counts_E)
   f_E = counts_E / jnp.maximum(total, 1.0)
-  if balance_counts_E is None:
-    balance_f_E = f_E
-  else:
-    balance_f_E = balance_counts_E / jnp.maximum(jnp.sum(balance_counts_E), 1.0)
+  balance_f_E = balance_E / jnp.maximum(jnp.sum(balance_E), 1.0)
   P_E = jnp.sum(probs_TxE * mask_T[:, None], 0) / jnp.maximum(jnp.sum(mask_T), 1.0)
   return {
     "load_balance_loss": E * jnp.sum(jax.lax.stop_gradient(balance_f_E) * P_E),
@@ -157,36 +154,6 @@ def _aux(
     "router_entropy": _masked_mean(_entropy(probs_TxE), mask_T),
     "empty_experts": jnp.sum(counts_E == 0).astype(jnp.float32),
   }
-
-
-def _token_choice(
-  expert_TxK, gate_TxK, valid_TxK, *, probs_TxE, z_T, mask_T, load_E=None, balance: str = "all"
-):
-  expert_TxK = expert_TxK.astype(jnp.int32)
-  valid_TxK = valid_TxK & (mask_T[:, None] > 0)
-  gate_TxK = jnp.where(valid_TxK, gate_TxK, 0.0)
-  E = probs_TxE.shape[-1]
-  counts_E = expert_counts(expert_TxK, valid_TxK, E)
-  importance_E = jnp.zeros((E,), jnp.float32).at[expert_TxK.reshape(-1)].add(gate_TxK.reshape(-1))
-  balance_counts_E = None
-  if balance == "first":  # choice 0 is always kept for real tokens
-    balance_counts_E = expert_counts(expert_TxK[:, :1], valid_TxK[:, :1], E)
-  elif balance != "all":
-    raise ValueError(f"unknown load-balance convention {balance!r}")
-  aux = _aux(
-    probs_TxE=probs_TxE,
-    counts_E=counts_E,
-    importance_E=importance_E,
-    load_E=counts_E if load_E is None else load_E,
-    z_T=z_T,
-    mask_T=mask_T,
-    balance_counts_E=balance_counts_E,
-  )
-  # How much of each expert's output reaches the residual stream (before
-  # capacity drops): Switch's gate is p_i(x) (eq. 2), so a near-uniform
-  # router over many experts scales each expert's output down.
-  aux["gate_mean"] = _masked_mean(jnp.sum(gate_TxK, -1), mask_T)
-  return Routing(expert_TxK, gate_TxK, valid_TxK, aux, probs_TxE)
 
 
 def _take(a_TxE, idx_TxK):
@@ -274,7 +241,7 @@ def _sigmoid_choice(logits_TxE, allowed_TxE, bias_E, moe) -> Decision:
   """Top-k of sigmoid scores + bias (the bias changes the choice, not the
   gate) among the allowed experts; P = scores / sum(scores)."""
   scores_TxE = jax.nn.sigmoid(logits_TxE)
-  biased_TxE = scores_TxE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))[None, :]
+  biased_TxE = scores_TxE + jax.lax.stop_gradient(bias_E)[None, :]
   if allowed_TxE is not None:
     biased_TxE = jnp.where(allowed_TxE, biased_TxE, -jnp.inf)
   expert_TxK = jax.lax.top_k(biased_TxE, moe.top_k)[1]
@@ -293,25 +260,29 @@ def sigmoid_bias(lg: dict[str, Logits], moe: Any, *, bias_E: Array, **_) -> Deci
 def group_limited(lg: dict[str, Logits], moe: Any, *, bias_E: Array, **_) -> Decision:
   """DeepSeek-V3 node-limited routing (Liu et al. 2024, section 2.1.2): the
   sigmoid_bias router, restricted to the experts of each token's top
-  `top_k_groups` (M) of `num_groups` contiguous expert groups, a group scored by
-  the sum of its highest k / M biased scores (the released code's fixed 2 is
-  this for V3's k=8, M=4).
+  `top_k_groups` (the paper's M) of `num_groups` (G) contiguous expert groups,
+  a group scored by the sum of its highest k / top_k_groups biased scores (the
+  released code's fixed 2 is this for V3's k=8, M=4).
 
   What it does here: the routing decision of the paper (a token's experts lie
-  in at most M groups). What it does not do here: exchange fewer bytes. In the
-  paper a group is a node and the restriction bounds the nodes a token is sent
-  to; our expert-parallel all-to-all (parallel.py) has a static send buffer of
-  E x W rows per device whatever the groups, so the bytes moved are the same
-  as for sigmoid_bias (and the expert split need not follow the groups).
+  in at most top_k_groups groups). What it does not do here: exchange fewer
+  bytes. In the paper a group is a node and the restriction bounds the nodes
+  a token is sent to; our expert-parallel all-to-all (parallel.py) has a
+  static send buffer of E x W rows per device whatever the groups, so the
+  bytes moved are the same as for sigmoid_bias (and the expert split need not
+  follow the groups).
+
+  Shapes: Kg = top_k_groups (the groups a token keeps), Eg = E / G (the
+  experts of one group), in the glossary's letters (config.py).
   """
   logits_TxE = lg["router"].chosen
   T, E = logits_TxE.shape
-  G, M = moe.num_groups, moe.top_k_groups
+  G, Kg = moe.num_groups, moe.top_k_groups
   biased_TxE = jax.nn.sigmoid(logits_TxE) + jax.lax.stop_gradient(bias_E)[None, :]
-  per = max(moe.top_k // M, 1)
+  per = max(moe.top_k // Kg, 1)
   group_TxG = jnp.sum(jax.lax.top_k(biased_TxE.reshape(T, G, E // G), per)[0], -1)
-  chosen_TxM = jax.lax.top_k(group_TxG, M)[1]
-  allowed_TxG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], chosen_TxM].set(True)
+  chosen_TxKg = jax.lax.top_k(group_TxG, Kg)[1]
+  allowed_TxG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], chosen_TxKg].set(True)
   return _sigmoid_choice(logits_TxE, jnp.repeat(allowed_TxG, E // G, axis=1), bias_E, moe)
 
 
@@ -320,29 +291,45 @@ def hierarchical(lg: dict[str, Logits], moe: Any, *, mask_T: Array, **_) -> Deci
   groups, each chosen group's own gate picks top_k of its E/G experts; gates
   multiply. Each level is softmax over its top-k logits (Shazeer's G =
   Softmax(KeepTopK)), so the gates of a token sum to 1. Choices are sorted by
-  gate. z-loss: both levels; under noisy gating, the load estimator of app. B."""
+  gate. z-loss: both levels; under noisy gating, the load estimator of app. B.
+
+  Shapes, in the glossary's letters (config.py): G groups of Eg = E / G experts
+  (the paper's "a groups of b experts": a = G, b = Eg); a token keeps Kg =
+  top_k_groups groups and Ke = top_k experts in each, K = Kg * Ke in all.
+  """
   ex, gr = lg["router"], lg["group_router"]
   T, E = ex.chosen.shape
-  G, k_groups, k = gr.chosen.shape[-1], moe.top_k_groups, moe.top_k
-  M = E // G
-  top1_TxA, group_TxA = jax.lax.top_k(gr.chosen, k_groups)
-  logits_TxGxM = ex.chosen.reshape(T, G, M)
-  chosen_TxAxM = jnp.take_along_axis(logits_TxGxM, group_TxA[..., None], axis=1)
-  top2_TxAxB, local_TxAxB = jax.lax.top_k(chosen_TxAxM, k)
-  gate_TxAxB = jax.nn.softmax(top1_TxA, -1)[..., None] * jax.nn.softmax(top2_TxAxB, -1)
-  expert_TxAxB = group_TxA[..., None] * M + local_TxAxB
-  gate_TxK, order_TxK = jax.lax.top_k(gate_TxAxB.reshape(T, -1), k_groups * k)
-  expert_TxK = _take(expert_TxAxB.reshape(T, -1), order_TxK)
-  probs_TxE = (jax.nn.softmax(gr.chosen, -1)[..., None] * jax.nn.softmax(logits_TxGxM, -1)).reshape(
-    T, E
-  )
+  G, Kg, Ke = gr.chosen.shape[-1], moe.top_k_groups, moe.top_k
+  Eg = E // G
+  top1_TxKg, group_TxKg = jax.lax.top_k(gr.chosen, Kg)
+  logits_TxGxEg = ex.chosen.reshape(T, G, Eg)
+  chosen_TxKgxEg = jnp.take_along_axis(logits_TxGxEg, group_TxKg[..., None], axis=1)
+  top2_TxKgxKe, local_TxKgxKe = jax.lax.top_k(chosen_TxKgxEg, Ke)
+  gate_TxKgxKe = jax.nn.softmax(top1_TxKg, -1)[..., None] * jax.nn.softmax(top2_TxKgxKe, -1)
+  expert_TxKgxKe = group_TxKg[..., None] * Eg + local_TxKgxKe
+  gate_TxK, order_TxK = jax.lax.top_k(gate_TxKgxKe.reshape(T, -1), Kg * Ke)
+  expert_TxK = _take(expert_TxKgxKe.reshape(T, -1), order_TxK)
+  probs_TxGxEg = jax.nn.softmax(gr.chosen, -1)[..., None] * jax.nn.softmax(logits_TxGxEg, -1)
   z_T = jax.nn.logsumexp(gr.clean, -1) ** 2 + jnp.mean(
-    jax.nn.logsumexp(ex.clean.reshape(T, G, M), -1) ** 2, -1
+    jax.nn.logsumexp(ex.clean.reshape(T, G, Eg), -1) ** 2, -1
   )
   load_E = None
   if ex.std is not None:
-    load_E = _hierarchical_smooth_load(ex, gr, group_TxA, k_groups, k, mask_T)
-  return Decision(expert_TxK, gate_TxK, probs_TxE, z_T=z_T, load_E=load_E)
+    load_E = _hierarchical_smooth_load(ex, gr, group_TxKg, Ke, mask_T)
+  return Decision(expert_TxK, gate_TxK, probs_TxGxEg.reshape(T, E), z_T=z_T, load_E=load_E)
+
+
+def _hierarchical_smooth_load(ex: Logits, gr: Logits, group_TxKg, Ke, mask_T):
+  """Load_H[g, m] = Load_primary[g] * Load_g(X^(g))[m] / |X^(g)| (Shazeer 2017 app. B)."""
+  T, E = ex.clean.shape
+  G = gr.clean.shape[-1]
+  load_G = smooth_load(gr.clean, gr.chosen, gr.std, group_TxKg.shape[-1], mask_T)
+  member_TxG = jnp.zeros((T, G), jnp.float32).at[jnp.arange(T)[:, None], group_TxKg].set(1.0)
+  member_TxG = member_TxG * mask_T[:, None]
+  r = lambda a: a.reshape(T, G, E // G)
+  load_GxEg = smooth_load(r(ex.clean), r(ex.chosen), r(ex.std), Ke, member_TxG)
+  n_G = jnp.maximum(jnp.sum(member_TxG, 0), 1.0)
+  return (load_G[:, None] * load_GxEg / n_G[:, None]).reshape(E)
 
 
 def expert_choice(logits_TxE: Array, capacity: int, mask_T: Array) -> ExpertChoiceRouting:
@@ -353,54 +340,34 @@ def expert_choice(logits_TxE: Array, capacity: int, mask_T: Array) -> ExpertChoi
   future information during training; use it for studies, not for a causal
   decoder you intend to sample from.
   """
-  T, E = logits_TxE.shape
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
   scores_ExT = jnp.where(mask_T[None, :] > 0, probs_TxE.T, -1.0)  # padding last
   gate_ExC, token_ExC = jax.lax.top_k(scores_ExT, capacity)
   valid_ExC = mask_T[token_ExC] > 0
   gate_ExC = jnp.where(valid_ExC, gate_ExC, 0.0)
   counts_E = jnp.sum(valid_ExC, -1).astype(jnp.float32)
-  aux = _aux(
-    probs_TxE=probs_TxE,
-    counts_E=counts_E,
-    importance_E=jnp.sum(gate_ExC, -1),
-    load_E=counts_E,
-    z_T=jax.nn.logsumexp(logits_TxE, -1) ** 2,
-    mask_T=mask_T,
-  )
+  z_T = jax.nn.logsumexp(logits_TxE, -1) ** 2
+  aux = _aux(probs_TxE, counts_E, jnp.sum(gate_ExC, -1), z_T, mask_T, counts_E, counts_E)
   return ExpertChoiceRouting(token_ExC.astype(jnp.int32), gate_ExC, valid_ExC, aux)
-
-
-def _hierarchical_smooth_load(ex: Logits, gr: Logits, group_TxA, k_groups, k, mask_T):
-  """Load_H[g, m] = Load_primary[g] * Load_g(X^(g))[m] / |X^(g)| (Shazeer 2017 app. B)."""
-  T, E = ex.clean.shape
-  G = gr.clean.shape[-1]
-  load_G = smooth_load(gr.clean, gr.chosen, gr.std, k_groups, mask_T)
-  member_TxG = jnp.zeros((T, G), jnp.float32).at[jnp.arange(T)[:, None], group_TxA].set(1.0)
-  member_TxG = member_TxG * mask_T[:, None]
-  r = lambda a: a.reshape(T, G, E // G)
-  load_GxM = smooth_load(r(ex.clean), r(ex.chosen), r(ex.std), k, member_TxG)
-  n_G = jnp.maximum(jnp.sum(member_TxG, 0), 1.0)
-  return (load_G[:, None] * load_GxM / n_G[:, None]).reshape(E)
 
 
 # ------------------------------------------------------------------ the table
 #
-# A router is one entry of ROUTERS: the parameters it owns, how many
-# assignments it makes per token, its config checks, and its function (a
-# token-choice `decide`, or expert_choice). Its matrix parameters are gating
-# matrices: the layer passes x @ W under the parameter's name ("router" [T, E],
-# "group_router" [T, G]; "<name>_noise" for noisy gating); a state parameter
-# ("router_bias" [E]) is passed as its value. A state parameter is not
+# A router is one entry of ROUTERS: its gating matrices, its function (a
+# token-choice `decide`, or expert_choice), how many assignments it makes per
+# token, its config checks, and the facts other modules ask about it. The layer
+# passes x @ W per gating matrix under its parameter name ("router" [T, E],
+# "group_router" [T, G]; "<name>_noise" for noisy gating) and a state
+# parameter ("router_bias" [E]) as its value. A state parameter is not
 # trained; its new value comes back from `update(inputs, routing, moe)` and the
 # caller writes it (MoeFfn returns it, the train step applies it).
 
 
 class ParamSpec(NamedTuple):
-  """A router parameter: `shape(moe, d_model)`, logical axes, init, and
-  whether it is routing state (updated by `Router.update`, not by gradients)."""
+  """A router parameter: shape, logical axes, init, and whether it is routing
+  state (updated by `Router.update`, not by gradients)."""
 
-  shape: Callable[[Any, int], tuple[int, ...]]
+  shape: tuple[int, ...]
   axes: tuple
   init: str = "fan_in"  # "fan_in" (layers.fan_in_init, model init scale) or "zeros"
   state: bool = False
@@ -409,12 +376,18 @@ class ParamSpec(NamedTuple):
 class Router(NamedTuple):
   """One routing method. `check(moe)` returns (config key, why) for a bad config."""
 
-  params: Callable[[Any], dict[str, ParamSpec]]
   decide: Callable[..., Decision] | None  # token choice; None for expert choice
-  choices: Callable[[Any], int] = lambda moe: moe.top_k  # assignments per token
+  # Gating matrices: "router" [D, E], and "group_router" [D, G] (hierarchical).
+  gating: tuple[str, ...] = ("router",)
+  bias: bool = False  # DeepSeek-V3's per-expert bias "router_bias" [E], routing state
+  assignments_per_token: Callable[[Any], int] = lambda moe: moe.top_k
   check: Callable[[Any], tuple[str, str] | None] = lambda moe: None
   update: Callable[..., dict[str, Array]] | None = None
-  expert_choice: bool = False  # routes by expert: ExpertChoiceRouting, capacity only
+  # Experts pick tokens: routes to an ExpertChoiceRouting, capacity dispatch only.
+  by_expert: bool = False
+  # A token's routing depends on that token alone, so cached decoding (one
+  # token at a time) equals the full forward (decode.py refuses the others).
+  decodes: bool = True
   # Draws from the rng in training besides noisy gating (a second-expert policy).
   randomness: Callable[[Any], bool] = lambda moe: False
   # The expert split over devices must follow group boundaries (hierarchical).
@@ -429,36 +402,19 @@ class Router(NamedTuple):
   drifts: bool = True
 
 
-def _gating(name: str, n: Callable[[Any], int]) -> dict[str, ParamSpec]:
-  """A gating matrix [D, n], and its noise-scale twin under noisy gating
-  (Shazeer 2017 initialises both to zero; here the noise one only, the gate
-  at the model's init)."""
-  return {
-    name: ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None)),
-    f"{name}_noise": ParamSpec(lambda moe, d: (d, n(moe)), ("embed", None), "zeros"),
-  }
-
-
-def _params(*gating: str, bias: bool = False):
-  sizes = {"router": lambda moe: moe.num_experts, "group_router": lambda moe: moe.num_groups}
-
-  def params(moe):
-    out = {}
-    for name in gating:
-      for pname, spec in _gating(name, sizes[name]).items():
-        if moe.noisy_gating or not pname.endswith("_noise"):
-          out[pname] = spec
-    if bias:
-      out["router_bias"] = ParamSpec(lambda moe, d: (moe.num_experts,), (None,), "zeros", True)
-    return out
-
-  return params
-
-
-def gating_names(moe: Any) -> list[str]:
-  """The router's gating matrices ("router", "group_router")."""
-  specs = ROUTERS[moe.router].params(moe)
-  return [n for n, s in specs.items() if not s.state and not n.endswith("_noise")]
+def params(moe: Any, d_model: int) -> dict[str, ParamSpec]:
+  """The parameters of router model.moe.router: its gating matrices, each with
+  a noise-scale twin under noisy gating (Shazeer 2017 initialises both to zero;
+  here the noise one only, the gate at the model's init), and its state."""
+  router, out = ROUTERS[moe.router], {}
+  for name in router.gating:
+    shape = (d_model, moe.num_groups if name == "group_router" else moe.num_experts)
+    out[name] = ParamSpec(shape, ("embed", None))
+    if moe.noisy_gating:
+      out[f"{name}_noise"] = ParamSpec(shape, ("embed", None), "zeros")
+  if router.bias:
+    out["router_bias"] = ParamSpec((moe.num_experts,), (None,), "zeros", state=True)
+  return out
 
 
 def _random_policy(moe) -> bool:
@@ -472,20 +428,16 @@ def _bias_update(inputs, r, moe):
 
 
 def _check_groups(moe, name, per_group_k):
-  a = moe.num_groups
-  if a < 2 or moe.num_experts % a:
-    return (
-      "model.moe.num_groups",
-      f"must be >= 2 and divide model.moe.num_experts={moe.num_experts} for router {name!r}",
-    )
-  if not 1 <= moe.top_k_groups <= a:
-    return "model.moe.top_k_groups", f"must be in [1, num_groups={a}]"
-  limit = moe.num_experts // a * (1 if per_group_k else moe.top_k_groups)
+  G = moe.num_groups
+  if G < 2 or moe.num_experts % G:
+    why = f"must be >= 2 and divide model.moe.num_experts={moe.num_experts} for router {name!r}"
+    return "model.moe.num_groups", why
+  if not 1 <= moe.top_k_groups <= G:
+    return "model.moe.top_k_groups", f"must be in [1, num_groups={G}]"
+  limit = moe.num_experts // G * (1 if per_group_k else moe.top_k_groups)
   if moe.top_k > limit:
-    return (
-      "model.moe.top_k",
-      f"must be <= {limit} (the experts a token can reach) for router {name!r}",
-    )
+    why = f"must be <= {limit} (the experts a token can reach) for router {name!r}"
+    return "model.moe.top_k", why
   return None
 
 
@@ -493,10 +445,8 @@ def _check_expert_choice(moe):
   if moe.dispatch != "capacity":
     return "model.moe.dispatch", "must be 'capacity' for router 'expert_choice'"
   if moe.load_balance_choices != "all":
-    return (
-      "model.moe.load_balance_choices",
-      "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)",
-    )
+    why = "must be 'all' for router 'expert_choice' (an expert's slots have no first choice)"
+    return "model.moe.load_balance_choices", why
   if moe.noisy_gating:
     return "model.moe.noisy_gating", "must be False for router 'expert_choice' (it has no effect)"
   return None
@@ -506,9 +456,9 @@ def _sigmoid_gate_mass(moe) -> float:
   return 1.0 if moe.normalize_gates else moe.top_k * 0.5  # sigmoid(0) per chosen expert
 
 
+_SIGMOID = dict(bias=True, update=_bias_update, normalizes=True, gate_mass=_sigmoid_gate_mass)
 ROUTERS: dict[str, Router] = {
   "switch": Router(
-    _params("router"),
     switch,
     check=lambda moe: (
       ("model.moe.top_k", "must be 1 for router 'switch' (use 'topk')") if moe.top_k != 1 else None
@@ -516,39 +466,27 @@ ROUTERS: dict[str, Router] = {
     gate_mass=lambda moe: 1.0 / moe.num_experts,  # the chosen softmax probability
   ),
   "topk": Router(
-    _params("router"),
     topk,
     randomness=_random_policy,
     normalizes=True,
     gate_mass=lambda moe: 1.0 if moe.normalize_gates else moe.top_k / moe.num_experts,
   ),
-  "mixtral": Router(_params("router"), mixtral),
-  "sigmoid_bias": Router(
-    _params("router", bias=True),
-    sigmoid_bias,
-    update=_bias_update,
-    normalizes=True,
-    gate_mass=_sigmoid_gate_mass,
-  ),
+  "mixtral": Router(mixtral),
+  "sigmoid_bias": Router(sigmoid_bias, **_SIGMOID),
   "group_limited": Router(
-    _params("router", bias=True),
-    group_limited,
-    update=_bias_update,
-    check=lambda moe: _check_groups(moe, "group_limited", per_group_k=False),
-    normalizes=True,
-    gate_mass=_sigmoid_gate_mass,
+    group_limited, check=lambda moe: _check_groups(moe, "group_limited", False), **_SIGMOID
   ),
   "hierarchical": Router(
-    _params("router", "group_router"),
     hierarchical,
-    choices=lambda moe: moe.top_k * moe.top_k_groups,
+    gating=("router", "group_router"),
+    assignments_per_token=lambda moe: moe.top_k * moe.top_k_groups,
     group_placement=True,
-    check=lambda moe: _check_groups(moe, "hierarchical", per_group_k=True),
+    check=lambda moe: _check_groups(moe, "hierarchical", True),
   ),
   "expert_choice": Router(
-    _params("router"),
     None,
-    expert_choice=True,
+    by_expert=True,
+    decodes=False,  # an expert's choice of tokens depends on the later tokens
     check=_check_expert_choice,
     gate_mass=None,  # a token is taken by any number of experts
     drifts=False,
@@ -559,7 +497,7 @@ ROUTERS: dict[str, Router] = {
 def capacity(moe: Any, num_tokens: int, train: bool) -> int:
   """Per-expert capacity over the whole batch: max(min_capacity, ceil(cf*T*k/E)), <= T."""
   cf = moe.capacity_factor if train else moe.eval_capacity_factor
-  k = ROUTERS[moe.router].choices(moe)
+  k = ROUTERS[moe.router].assignments_per_token(moe)
   c = max(moe.min_capacity, math.ceil(cf * num_tokens * k / moe.num_experts))
   return max(1, min(c, num_tokens))
 
@@ -575,7 +513,7 @@ def route(
   random second-expert policies (a ValueError without it)."""
   router = ROUTERS[moe.router]
   mask_T = mask_T.astype(jnp.float32)
-  if router.expert_choice:
+  if router.by_expert:
     logits = inputs["router"].astype(jnp.float32)
     return expert_choice(logits, capacity(moe, logits.shape[0], train), mask_T)
   noisy = train and moe.noisy_gating
@@ -587,32 +525,35 @@ def route(
       )
     keys = list(jax.random.split(rng, 3))
   lg = {}
-  for name, key in zip(gating_names(moe), keys):
+  for name, key in zip(router.gating, keys):
     clean = inputs[name].astype(jnp.float32)
     lg[name] = Logits(clean, clean, None)
     if noisy:
       lg[name] = Logits(clean, *add_gating_noise(clean, inputs[f"{name}_noise"], key))
   bias_E = inputs.get("router_bias")
-  d = router.decide(
-    lg,
-    moe,
-    mask_T=mask_T,
-    bias_E=None if bias_E is None else bias_E.astype(jnp.float32),
-    train=train,
-    rng=keys[2],
-  )
-  load_E = d.load_E
-  if load_E is None and noisy:
-    load_E = smooth_load(
-      lg["router"].clean, lg["router"].chosen, lg["router"].std, router.choices(moe), mask_T
-    )
-  return _token_choice(
-    d.expert_TxK,
-    d.gate_TxK,
-    jnp.ones(d.expert_TxK.shape, bool) if d.keep_TxK is None else d.keep_TxK,
-    probs_TxE=d.probs_TxE,
-    z_T=jax.nn.logsumexp(lg["router"].clean, -1) ** 2 if d.z_T is None else d.z_T,
-    mask_T=mask_T,
-    load_E=load_E,
-    balance=moe.load_balance_choices,
-  )
+  bias_E = None if bias_E is None else bias_E.astype(jnp.float32)
+  d = router.decide(lg, moe, mask_T=mask_T, bias_E=bias_E, train=train, rng=keys[2])
+  main = lg["router"]
+  if d.load_E is None and noisy:
+    k = router.assignments_per_token(moe)
+    d = d._replace(load_E=smooth_load(main.clean, main.chosen, main.std, k, mask_T))
+  # The shared aux terms, over the choices the router keeps for real tokens.
+  expert_TxK = d.expert_TxK.astype(jnp.int32)
+  valid_TxK = jnp.broadcast_to(mask_T[:, None] > 0, expert_TxK.shape)
+  if d.keep_TxK is not None:
+    valid_TxK = valid_TxK & d.keep_TxK
+  gate_TxK = jnp.where(valid_TxK, d.gate_TxK, 0.0)
+  E = d.probs_TxE.shape[-1]
+  counts_E = expert_counts(expert_TxK, valid_TxK, E)
+  balance_E = counts_E  # "all"; "first": choice 0, always kept for real tokens
+  if moe.load_balance_choices == "first":
+    balance_E = expert_counts(expert_TxK[:, :1], valid_TxK[:, :1], E)
+  importance_E = jnp.zeros((E,), jnp.float32).at[expert_TxK.reshape(-1)].add(gate_TxK.reshape(-1))
+  z_T = jax.nn.logsumexp(main.clean, -1) ** 2 if d.z_T is None else d.z_T
+  load_E = counts_E if d.load_E is None else d.load_E
+  aux = _aux(d.probs_TxE, counts_E, importance_E, z_T, mask_T, load_E, balance_E)
+  # How much of each expert's output reaches the residual stream (before
+  # capacity drops): Switch's gate is p_i(x) (eq. 2), so a near-uniform
+  # router over many experts scales each expert's output down.
+  aux["gate_mean"] = _masked_mean(jnp.sum(gate_TxK, -1), mask_T)
+  return Routing(expert_TxK, gate_TxK, valid_TxK, aux, d.probs_TxE)
