@@ -70,7 +70,7 @@ def base_config() -> mlc.ConfigDict:
   # of the tokenizer's text: "stdlib" and "files:" datasets.
   c.data.exclude = ()
   # "sentencepiece", "byte", or "huggingface": data.tokenizer_file, a Hugging
-  # Face tokenizer.json (an imported checkpoint's: sparse_lm/convert.py), with
+  # Face tokenizer.json (an imported checkpoint's: sparse_lm/convert/), with
   # data.vocab_size the model's vocabulary.
   c.data.tokenizer = "sentencepiece"
   c.data.tokenizer_file = ""
@@ -111,7 +111,7 @@ def base_config() -> mlc.ConfigDict:
   c.model.init_scale = 1.0
   c.model.dropout = 0.0
   c.model.max_len = c.data.get_ref("seq_len")  # learned positions table size
-  # Conventions of released checkpoints (sparse_lm/convert.py sets them on import).
+  # Conventions of released checkpoints (sparse_lm/convert/ sets them on import).
   # RoPE pairs: "half" rotates (i, i + Z/2) (GPT-NeoX, Llama, every Hugging Face
   # family here); "interleaved" rotates (2i, 2i + 1) (RoFormer, GPT-J, Meta's and
   # DeepSeek's original checkpoints).

@@ -21,7 +21,7 @@ and nothing is allocated: a 1T-parameter config takes seconds on a laptop.
   factored). Per device: each array divided over the mesh axes its logical
   names map to under config.sharding_rules, for `--devices` devices.
   Activations are not included.
-- Import (sparse_lm/convert.py, a Hugging Face checkpoint of this shape in
+- Import (sparse_lm/convert/, a Hugging Face checkpoint of this shape in
   bfloat16): the host's peak besides the memory-mapped files' page cache
   (import_host_bytes).
 """
@@ -154,7 +154,7 @@ def per_device(c, model, num_devices: int) -> dict:
 
 def import_host_bytes(c, model, num_devices: int, source_bytes: int = 2) -> float:
   """Peak host memory of importing a checkpoint of this config's shape
-  (sparse_lm/convert.py) onto `num_devices`, besides the page cache of the
+  (sparse_lm/convert/) onto `num_devices`, besides the page cache of the
   memory-mapped files: the parameter being placed, one device shard at a time,
   as read from the file (`source_bytes` per value: 2 for bfloat16; a routed
   expert array reads only that shard's experts, any other reads the whole

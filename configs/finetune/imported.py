@@ -1,4 +1,4 @@
-r"""Fine-tuning an imported Hugging Face checkpoint (sparse_lm/convert.py): its
+r"""Fine-tuning an imported Hugging Face checkpoint (sparse_lm/convert/): its
 own config, weights and tokenizer; fresh optimizer and schedule.
 
   python -m sparse_lm.convert import --hf_dir=~/hf/OLMoE-1B-7B-0924 --workdir=runs/olmoe

@@ -1,5 +1,5 @@
 """Tokenizers: SentencePiece trained on the training split, raw bytes, or a
-Hugging Face tokenizer.json (an imported checkpoint's own, sparse_lm/convert.py).
+Hugging Face tokenizer.json (an imported checkpoint's own, sparse_lm/convert/).
 
 Both share one small interface (`Tokenizer`): `vocab_size`, `pad_id` (always
 0), `eos_id`, `encode(str) -> list[int]`, `decode(list[int]) -> str`, and
