@@ -23,6 +23,7 @@ from sparse_lm import optimizer as optlib
 from sparse_lm import sharding
 from sparse_lm.data.tokenizer import ByteTokenizer
 from sparse_lm.models.transformer import Transformer
+from sparse_lm.models.transformer import apply_state_updates
 
 
 def vocab_size_of(c) -> int:
@@ -88,6 +89,48 @@ def loss_fn(model, batch, *, train: bool, rng):
   ce = jnp.sum(ce_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
   router_loss = sum((a["router_loss"] for a in moe_aux), jnp.float32(0.0))
   return ce + router_loss, {"ce": ce, "router_loss": router_loss, "moe": moe_aux}
+
+
+def train_step(c, graphdef):
+  """The update step of config `c` (to jit with the state's shardings):
+  (state, batch, step) -> (new state, measurements: loss, grad_norm, finite,
+  ce, router_loss, moe). The RNG of step n is fold_in(train.seed, n); frozen
+  parameters (train.frozen) get no gradient; routing state (DeepSeek-V3's
+  bias) is updated from the step's routing; with train.skip_nonfinite_steps a
+  non-finite step keeps the old state."""
+  t = c.train
+
+  def step_fn(state, batch, step):
+    old_state = jax.tree.map(lambda x: x, state)  # merge shares state's Variables
+    model, opt = nnx.merge(graphdef, state)
+    rng = jax.random.fold_in(jax.random.key(t.seed), step)
+    loss = lambda mdl: loss_fn(mdl, batch, train=True, rng=rng)
+    wrt = nnx.DiffState(0, finetune.trainable(t))  # frozen parameters get no gradient
+    (loss, aux), grads = nnx.value_and_grad(loss, argnums=wrt, has_aux=True)(model)
+    opt.update(model, grads)
+    apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = nnx.state((model, opt))
+    if t.skip_nonfinite_steps:
+      # Keep the old state (optimizer moments, router bias and all) on a
+      # non-finite step. optax.apply_if_finite would check the gradients only
+      # and add fields to the optimizer state, so checkpoints would depend on
+      # this flag.
+      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+
+  return step_fn
+
+
+def eval_step(graphdef):
+  """(state, batch) -> (cross-entropy, MoE statistics) in evaluation mode."""
+
+  def step_fn(state, batch):
+    _, aux = loss_fn(nnx.merge(graphdef, state)[0], batch, train=False, rng=None)
+    return aux["ce"], aux["moe"]
+
+  return step_fn
 
 
 def load_model(workdir: str, step: int | None = None, *, inference: bool = False, mesh=None):

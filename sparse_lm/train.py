@@ -27,7 +27,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sparse_lm import checkpoint as ckptlib
 from sparse_lm import config as cfglib
@@ -40,7 +39,6 @@ from sparse_lm import params as paramslib
 from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.errors import RunError
-from sparse_lm.models.transformer import apply_state_updates
 
 # --------------------------------------------------------------------- Input
 
@@ -262,30 +260,7 @@ def _train(c, workdir: str) -> dict:
     # ---- Workdir ----
     with ckptlib.open_workdir(workdir), Stop() as stop:
       # ---- Update step ----
-      def train_step(state, batch, step):
-        old_state = jax.tree.map(lambda x: x, state)  # merge shares state's Variables
-        model, opt = nnx.merge(graphdef, state)
-        rng = jax.random.fold_in(jax.random.key(t.seed), step)
-        loss = lambda mdl: statelib.loss_fn(mdl, batch, train=True, rng=rng)
-        wrt = nnx.DiffState(0, finetune.trainable(t))  # frozen parameters get no gradient
-        (loss, aux), grads = nnx.value_and_grad(loss, argnums=wrt, has_aux=True)(model)
-        opt.update(model, grads)
-        apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = nnx.state((model, opt))
-        if t.skip_nonfinite_steps:
-          # Keep the old state (optimizer moments, router bias and all) on a
-          # non-finite step. optax.apply_if_finite would check the gradients only
-          # and add fields to the optimizer state, so checkpoints would depend on
-          # this flag.
-          new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
-
-      def eval_step(state, batch):
-        _, aux = statelib.loss_fn(nnx.merge(graphdef, state)[0], batch, train=False, rng=None)
-        return aux["ce"], aux["moe"]
-
+      train_step, eval_step = statelib.train_step(c, graphdef), statelib.eval_step(graphdef)
       train_step = jax.jit(
         train_step,
         in_shardings=(state_shd, batch_shd, repl),
