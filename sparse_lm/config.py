@@ -39,6 +39,7 @@ DISPATCHES = ("capacity", "dropless")
 DECODE_DISPATCHES = ("auto", "gather", "dropless", "capacity")
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
 LOAD_BALANCE_CHOICES = ("all", "first")
+BALANCE_SCOPES = ("global", "micro", "sequence")
 ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
@@ -49,6 +50,7 @@ TOKENIZERS = ("sentencepiece", "byte", "huggingface")
 ROPE_LAYOUTS = ("half", "interleaved")
 QK_NORMS = ("none", "head", "full")
 ROUTER_DTYPES = ("float32", "compute")
+REMATS = ("none", "full", "dots", "moe")  # models/transformer.py, REMAT_POLICIES
 
 
 def base_config() -> mlc.ConfigDict:
@@ -104,7 +106,11 @@ def base_config() -> mlc.ConfigDict:
   c.model.position = "rope"
   c.model.rope_theta = 10_000.0
   c.model.tie_embeddings = True
-  c.model.dtype = "float32"  # compute dtype; params stay float32
+  c.model.dtype = "float32"  # compute dtype (the Params' own is model.param_dtype)
+  # The Params' dtype, "float32" or "bfloat16" (drawn in float32, then rounded).
+  # optax keeps AdamW's moments (and Adafactor's) in it too; the router computes
+  # in float32 whatever the dtypes.
+  c.model.param_dtype = "float32"
   # Weight-matrix init: truncated normal, std sqrt(init_scale / fan_in) (Fedus
   # et al. 2021 section 2.4, s; the Switch paper's s = 0.1). Embeddings keep
   # std 1/sqrt(d_model).
@@ -122,6 +128,12 @@ def base_config() -> mlc.ConfigDict:
   c.model.qkv_bias = False  # biases on the q, k and v projections (Qwen2-MoE)
   c.model.clip_qkv = 0.0  # > 0: q, k, v clamped to [-clip, clip] (DBRX, OLMoE)
   c.model.norm_bias = True  # model.norm="layer" only; False: no bias (DBRX)
+  # The layers as one jax.lax.scan over a super-block of model.moe.every layers
+  # (1 when dense; first_dense_layers run before it): one traced body, and
+  # train.remat saves memory on CPU too. Parameters stay per layer (the same
+  # names and checkpoints either way: a run saved with it restores without it),
+  # so the step stacks them and, on CPU, compiles slower (models/transformer.py).
+  c.model.scan_layers = False
 
   c.model.moe = mlc.ConfigDict()
   c.model.moe.num_experts = 0  # 0 or 1 = dense model
@@ -185,6 +197,13 @@ def base_config() -> mlc.ConfigDict:
   # of each token (Megatron-Core; Mixtral, DBRX, DeepSeek), "first" = each
   # token's first choice (GShard Algorithm 1, GLaM, NLLB). Same for top-1.
   c.model.moe.load_balance_choices = "all"
+  # Over which tokens f_e and P_e of the balance terms (load balance, importance,
+  # load) are counted: "global" (the whole step's batch, all micro-batches and
+  # data shards: the Switch / GShard definition for a batch, Megatron's
+  # global-batch balancing; train.microbatches changes nothing), "micro" (each
+  # micro-batch's own, averaged: what most peers do), "sequence" (per row,
+  # averaged: DeepSeek-V3's complementary sequence-wise loss).
+  c.model.moe.balance_scope = "global"
   c.model.moe.z_loss_weight = 1e-3
   # Shazeer 2017 importance (CV^2 of summed gates) + load losses, for every
   # router (load: the smooth noisy-top-k estimator when noisy gating is on in
@@ -205,6 +224,14 @@ def base_config() -> mlc.ConfigDict:
   c.train.b1 = 0.9  # adamw only
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0  # global norm; 0 = off
+  # What each block's backward pass keeps (the rest is recomputed): "none" (all),
+  # "full" (only the block's input), "dots" (matmul outputs without batch dims),
+  # "moe" (attention and dense-FFN matmul outputs and the routing decisions;
+  # the expert FFNs are recomputed). Same loss and gradients, less memory.
+  c.train.remat = "none"
+  # The global batch in N micro-batches whose gradients add up inside one
+  # compiled step (data.batch_size / N rows each; state.micro_grads).
+  c.train.microbatches = 1
   c.train.log_every = 10
   c.train.eval_every = 50
   c.train.eval_batches = 8
@@ -353,6 +380,7 @@ def model_spec(c) -> spec_lib.ModelSpec:
     m,
     num_kv_heads=m.num_kv_heads or m.num_heads,
     head_dim=m.head_dim or m.d_model // m.num_heads,
+    remat=c.train.remat if "train" in c else "none",
     moe=fields(
       spec_lib.MoeSpec,
       moe,
@@ -440,6 +468,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "model.norm", NORMS)
   _choice(c, "model.position", POSITIONS)
   _choice(c, "model.dtype", DTYPES)
+  _choice(c, "model.param_dtype", DTYPES)
+  _choice(c, "model.scan_layers", (False, True))
   if m.d_model % m.num_heads and not m.head_dim:
     _fail(
       "model.num_heads",
@@ -474,6 +504,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "model.moe.decode_dispatch", DECODE_DISPATCHES)
   _choice(c, "model.moe.second_expert_policy", SECOND_EXPERT_POLICIES)
   _choice(c, "model.moe.load_balance_choices", LOAD_BALANCE_CHOICES)
+  _choice(c, "model.moe.balance_scope", BALANCE_SCOPES)
   for part, values in policy.PARTS.items():
     _choice(c, f"model.moe.impl.{part}", ("auto",) + values)
   if moe.activation:
@@ -521,6 +552,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _validate_finetuning(c)
   _choice(c, "train.optimizer", OPTIMIZERS)
   _choice(c, "train.schedule", SCHEDULES)
+  _choice(c, "train.remat", REMATS)
   _unread(c, "train.b1", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b1")
   _unread(c, "train.b2", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b2")
   _unread(
@@ -545,6 +577,11 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   if not isinstance(t.seed, int):
     _fail("train.seed", t.seed, "must be an integer")
   profile_window(t)
+  n = t.microbatches
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1 or d.batch_size % n:
+    _fail(
+      "train.microbatches", n, f"must be an integer >= 1 dividing data.batch_size={d.batch_size}"
+    )
   _validate_mesh(c)
   return c
 

@@ -22,6 +22,7 @@ from sparse_lm import finetune
 from sparse_lm import optimizer as optlib
 from sparse_lm import sharding
 from sparse_lm.data.tokenizer import ByteTokenizer
+from sparse_lm.models.moe import routing
 from sparse_lm.models.transformer import Transformer
 from sparse_lm.models.transformer import apply_state_updates
 
@@ -69,13 +70,12 @@ def state_tree(c, vocab_size: int) -> list:
   return [(jax.tree_util.keystr(p), a.shape, str(a.dtype)) for p, a in leaves]
 
 
-def loss_fn(model, batch, *, train: bool, rng):
-  """Token-weighted cross-entropy + the MoE layers' weighted router losses.
+def forward(model, batch, *, train: bool, rng):
+  """(summed weighted cross-entropy, summed weights, the MoE layers' aux) of a batch.
 
-  batch["weights"] weights the loss (the mean is over the weighted tokens of the
-  whole global batch); batch["mask"] (default: the weights) marks the real
-  tokens, which routing statistics and the balance losses count; packed
-  examples (sft: data) bring "segment_ids" and their "positions"."""
+  batch["weights"] weights the loss; batch["mask"] (default: the weights) marks
+  the real tokens, which routing statistics and the balance losses count;
+  packed examples (sft: data) bring "segment_ids" and their "positions"."""
   w_BxL = batch["weights"]
   logits_BxLxV, moe_aux, _ = model(
     batch["inputs"],
@@ -86,16 +86,107 @@ def loss_fn(model, batch, *, train: bool, rng):
     rng=rng,
   )
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-  ce = jnp.sum(ce_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
+  return jnp.sum(ce_BxL * w_BxL), jnp.sum(w_BxL), moe_aux
+
+
+def loss_fn(model, batch, *, train: bool, rng):
+  """Token-weighted cross-entropy (the mean over the weighted tokens of the
+  whole batch) + the MoE layers' weighted router losses."""
+  ce_sum, w_sum, moe_aux = forward(model, batch, train=train, rng=rng)
+  ce = ce_sum / jnp.maximum(w_sum, 1.0)
   router_loss = sum((a["router_loss"] for a in moe_aux), jnp.float32(0.0))
   return ce + router_loss, {"ce": ce, "router_loss": router_loss, "moe": moe_aux}
+
+
+def _micro_batches(batch, n: int):
+  """[B, ...] -> [n, B / n, ...]: micro-batch i holds rows i, n + i, 2n + i, ...
+  so that each device keeps its own rows (the batch is sharded in blocks)."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _join(stats_N: dict) -> dict:
+  """Micro-batches' row statistics [n, R, ...] -> the batch's [n R, ...]."""
+  return {k: v.reshape(-1, *v.shape[2:]) for k, v in stats_N.items()}
+
+
+def micro_grads(c, model, batch, rng, wrt):
+  """(loss, aux, grads) of one step over train.microbatches = n micro-batches
+  inside one program (scans), equal to the whole batch's up to float32
+  rounding whatever n (tests/microbatch_test.py), for every router whose
+  routing of a token does not depend on the batch (expert choice's does).
+
+  The cross-entropy is a sum over tokens: each micro-batch adds its own,
+  divided by the whole batch's weight. The router losses are functions F of
+  sums over tokens (routing.row_stats), which do not add up: under
+  model.moe.balance_scope "global" (or "sequence") a first forward-only pass
+  gives the whole batch's statistics S, and each micro-batch m then adds the
+  gradient of <dF/dS (S), S_m>, whose sum over m is the gradient of F(S)
+  (F depends on the parameters only through S). The cost: one more forward
+  per step. Under "micro" each micro-batch's own F is averaged (what most
+  peers do; it depends on n). Routing state (DeepSeek-V3's bias) is updated
+  once, from the whole step's counts."""
+  n, moe = c.train.microbatches, cfglib.model_spec(c).moe
+  gd, params, rest = nnx.split(model, wrt, ...)
+  mbs = _micro_batches(batch, n)
+  w_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+  idx = jnp.arange(n)
+
+  def fwd(p, mb, i):
+    return forward(nnx.merge(gd, p, rest), mb, train=True, rng=jax.random.fold_in(rng, i))
+
+  router_loss = lambda stats: sum(
+    (routing.aux_terms(s, moe)["router_loss"] for s in stats), jnp.float32(0.0)
+  )
+  two_pass = moe.balance_scope != "micro" and any(
+    (moe.load_balance_weight, moe.z_loss_weight, moe.importance_weight)
+  )
+  coef = None
+  if two_pass:
+    stats_of = lambda xs: [a["stats"] for a in fwd(params, *xs)[2]]
+    whole = [_join(s) for s in jax.lax.map(stats_of, (mbs, idx))]
+    coef = jax.grad(router_loss)(whole)
+    coef = [{k: v.reshape(n, -1, *v.shape[1:]) for k, v in cl.items()} for cl in coef]
+
+  def body(acc, xs):
+    mb, i, coef_i = xs
+
+    def f(p):
+      ce_sum, _, aux = fwd(p, mb, i)
+      extra = jnp.float32(0.0)
+      if coef_i is not None:  # the gradient of F(S) through this micro-batch's S_m
+        for cl, a in zip(coef_i, aux):
+          extra += sum(jnp.sum(jax.lax.stop_gradient(cl[k]) * a["stats"][k]) for k in cl)
+      elif moe.balance_scope == "micro":
+        extra = router_loss([a["stats"] for a in aux]) / n
+      return ce_sum / w_total + extra, (ce_sum, aux)
+
+    grads, (ce_sum, aux) = jax.grad(f, has_aux=True)(params)
+    return jax.tree.map(jnp.add, acc, grads), (ce_sum, aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (ce_sums, auxes) = jax.lax.scan(body, zeros, (mbs, idx, coef))
+  ce = jnp.sum(ce_sums) / w_total
+  moe_aux = []
+  for a in auxes:  # per MoE layer, each value stacked over micro-batches
+    stats = _join(a["stats"])
+    out = {**routing.aux_terms(stats, moe), "stats": stats}
+    if moe.balance_scope == "micro":  # what was optimised: the micro-batches' mean
+      for k in (*routing.BALANCE_TERMS, "z_loss", "router_loss"):
+        out[k] = jnp.mean(a[k])
+    if "state" in a:
+      state = jax.tree.map(lambda v: v[0], a["state"])
+      out["state_updates"] = moe.router_facts.update(state, stats, moe)
+    moe_aux.append(out)
+  rl = sum((a["router_loss"] for a in moe_aux), jnp.float32(0.0))
+  return ce + rl, {"ce": ce, "router_loss": rl, "moe": moe_aux}, grads
 
 
 def train_step(c, graphdef):
   """The update step of config `c` (to jit with the state's shardings):
   (state, batch, step) -> (new state, measurements: loss, grad_norm, finite,
   ce, router_loss, moe). The RNG of step n is fold_in(train.seed, n); frozen
-  parameters (train.frozen) get no gradient; routing state (DeepSeek-V3's
+  parameters (train.frozen) get no gradient; train.microbatches > 1 splits
+  the batch inside the step (micro_grads); routing state (DeepSeek-V3's
   bias) is updated from the step's routing; with train.skip_nonfinite_steps a
   non-finite step keeps the old state."""
   t = c.train
@@ -104,9 +195,13 @@ def train_step(c, graphdef):
     old_state = jax.tree.map(lambda x: x, state)  # merge shares state's Variables
     model, opt = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(jax.random.key(t.seed), step)
-    loss = lambda mdl: loss_fn(mdl, batch, train=True, rng=rng)
-    wrt = nnx.DiffState(0, finetune.trainable(t))  # frozen parameters get no gradient
-    (loss, aux), grads = nnx.value_and_grad(loss, argnums=wrt, has_aux=True)(model)
+    wrt = finetune.trainable(t)  # frozen parameters get no gradient
+    if t.microbatches > 1:
+      loss, aux, grads = micro_grads(c, model, batch, rng, wrt)
+    else:
+      loss = lambda mdl: loss_fn(mdl, batch, train=True, rng=rng)
+      grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
+      (loss, aux), grads = grad_fn(model)
     opt.update(model, grads)
     apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
     grad_norm = optax.tree.norm(grads)

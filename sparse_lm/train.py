@@ -252,6 +252,11 @@ def _train(c, workdir: str) -> dict:
       finetune.plan(c, abs_state)  # its rules against the source's metadata
     stats = inspectlib.summarize(c, V, model=abs_model)
     moe_ids = list(cfglib.model_spec(c).moe_layers)
+    if t.microbatches > 1 and moe_ids and c.model.moe.dispatch == "capacity":
+      say(
+        f"train.microbatches={t.microbatches}: capacity dispatch drops tokens per micro-batch "
+        "(an expert's capacity is counted over the micro-batch it sees)"
+      )
     say(
       f"params: total {stats['total_params']:,}  active {stats['active_params']:,}  "
       f"train FLOPs/token {stats['train_flops_per_token']:.3g}  MoE layers {moe_ids or 'none'}"

@@ -290,8 +290,10 @@ def build(m, seed=0):
 
 
 def flat_aux(aux) -> dict:
-  """aux with its state_updates dict flattened to "state_updates/<name>" keys."""
-  aux = dict(aux)
+  """aux with its state_updates dict flattened to "state_updates/<name>" keys,
+  without the row statistics the terms are made of ("stats", "state": their
+  shapes follow the batch's rows; the terms made of them are compared)."""
+  aux = {k: v for k, v in aux.items() if k not in ("stats", "state")}
   for k, v in aux.pop("state_updates", {}).items():
     aux[f"state_updates/{k}"] = v
   return jax.tree.map(np.asarray, aux)

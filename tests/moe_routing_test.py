@@ -331,7 +331,7 @@ def test_smooth_load_estimator_by_hand():
   want = [phi((1.0 - 0.3) / 0.5), phi((0.5 - 1.2) / 1.0), phi((-0.2 - 1.2) / 2.0)]
   got = routing.smooth_load(
     jnp.asarray(clean), jnp.asarray(noisy), jnp.asarray(std), 1, jnp.ones(1)
-  )
+  ).sum(0)
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -363,7 +363,7 @@ def test_hierarchical_noisy_load_matches_counts_without_noise():
     group_noise_TxG=jnp.full((T, G), -40.0),
     group_logits_TxG=glog,
   )
-  counts = routing.expert_counts(r.expert_TxK, r.valid_TxK, 4)
+  counts = np.bincount(np.asarray(r.expert_TxK).reshape(-1), minlength=4)
   np.testing.assert_allclose(r.aux["load_loss"], routing.cv_squared(counts), rtol=1e-4)
 
 

@@ -59,6 +59,7 @@ class MoeSpec:
   eom_rate: float
   load_balance_weight: float
   load_balance_choices: str
+  balance_scope: str
   z_loss_weight: float
   importance_weight: float
 
@@ -71,7 +72,7 @@ class MoeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """model.*, resolved (num_kv_heads and head_dim never 0)."""
+  """model.*, resolved (num_kv_heads and head_dim never 0), and train.remat."""
 
   d_model: int
   num_layers: int
@@ -95,6 +96,12 @@ class ModelSpec:
   clip_qkv: float
   norm_bias: bool
   moe: MoeSpec
+  # How the model computes and stores, never what it computes (README, "From
+  # one CPU to a cluster"): the layers as one scan (transformer.scan_plan), the
+  # Params' dtype, and train.remat's policy (config.model_spec passes it).
+  scan_layers: bool = False
+  param_dtype: str = "float32"
+  remat: str = "none"
 
   @property
   def is_moe(self) -> bool:

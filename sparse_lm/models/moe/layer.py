@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from flax import nnx
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from sparse_lm.models import layers
@@ -51,6 +52,7 @@ class MoeFfn(nnx.Module):
     self.activation = moe.activation
     router_params = routing_lib.params(moe, D)
     self.router_params = tuple(router_params)
+    self.state_names = tuple(n for n, p in router_params.items() if p.state)
     for name, spec in router_params.items():
       if spec.state:
         setattr(self, name, RouterState(jnp.zeros(spec.shape, jnp.float32)))
@@ -80,7 +82,8 @@ class MoeFfn(nnx.Module):
     return w if dt is None else w.astype(dt)
 
   def apply_state_updates(self, aux: dict) -> None:
-    """Writes the routing state a training forward returned (aux["state_updates"])."""
+    """Writes the routing state a training forward returned (aux["state_updates"];
+    a micro-batched step computes it from the whole step's statistics)."""
     for name, value in aux.get("state_updates", {}).items():
       getattr(self, name)[...] = value
 
@@ -125,7 +128,10 @@ class MoeFfn(nnx.Module):
         if isinstance(v, RouterState)
         else jnp.dot(xr_TxD, v[...].astype(rdt), precision=jax.lax.Precision.HIGHEST)
       ).astype(jnp.float32)
-    r = routing_lib.route(moe, mask_T=mask_T, train=train, rng=stream(_NOISE), **inputs)
+    r = routing_lib.route(moe, mask_T=mask_T, train=train, rng=stream(_NOISE), rows=B, **inputs)
+    # The decision (experts or tokens, gates, validity): what train.remat="moe"
+    # keeps of the routing (models/transformer.py, REMAT_POLICIES).
+    r = r._replace(**{f: checkpoint_name(getattr(r, f), "moe_routing") for f in r._fields[:3]})
 
     # Dispatch -> experts -> combine (one program; parallel.py places it).
     place = parallel.placement(E, moe.d_ff)
@@ -149,15 +155,14 @@ class MoeFfn(nnx.Module):
     y_TxD = y_TxD.astype(dt)
     if moe.num_shared_experts:
       y_TxD = y_TxD + self._shared(x_TxD)
-    aux = dict(r.aux)
-    aux["dropped_fraction"] = info["dropped_fraction"]
-    aux["router_loss"] = (
-      moe.load_balance_weight * aux["load_balance_loss"]
-      + moe.z_loss_weight * aux["z_loss"]
-      + moe.importance_weight * (aux["importance_loss"] + aux["load_loss"])
-    )
-    aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
-    aux["state_updates"] = router.update(inputs, r, moe) if train and router.update else {}
+    # Dispatch drops as sums ([1]: this batch's), so that micro-batches add up.
+    routed = jnp.sum(r.stats["tokens" if router.by_expert else "counts"])[None]
+    stats = {**r.stats, "routed": routed, "dropped": info["dropped_fraction"] * routed}
+    aux = {k: v.astype(jnp.float32) for k, v in routing_lib.aux_terms(stats, moe).items()}
+    aux["stats"] = stats
+    if train and router.update:
+      state = {n: inputs[n] for n in self.state_names}
+      aux["state"], aux["state_updates"] = state, router.update(state, stats, moe)
     if return_experts and not router.by_expert:
       aux["experts_TxK"] = jnp.where(r.valid_TxK, r.expert_TxK, -1)
       aux["probs_TxE"] = r.probs_TxE

@@ -61,6 +61,7 @@ class Routing(NamedTuple):
   valid_TxK: Array  # bool: a real token's assignment the router keeps
   aux: dict[str, Array]
   probs_TxE: Array | None = None  # the router's probabilities (P of the balance loss)
+  stats: dict[str, Array] | None = None  # row sums the aux terms are made of (row_stats)
 
 
 class ExpertChoiceRouting(NamedTuple):
@@ -70,6 +71,7 @@ class ExpertChoiceRouting(NamedTuple):
   gate_ExC: Array  # float32, 0 where not valid
   valid_ExC: Array  # bool: the slot holds a real token
   aux: dict[str, Array]
+  stats: dict[str, Array] | None = None
 
 
 # ------------------------------------------------------------------ helpers
@@ -88,12 +90,9 @@ def add_gating_noise(logits: Array, raw_noise_std: Array, rng: Array) -> tuple[A
 
 
 def smooth_load(clean: Array, noisy: Array, std: Array, k: int, weight_T: Array) -> Array:
-  """Shazeer 2017 eq. 8-10: sum over tokens of P(choice i stays in the top-k).
-
-  clean/noisy/std: [T, ..., N] (top-k over the last axis); weight_T: [T, ...]
-  multiplies each token's row (the padding mask, or group membership).
-  Returns [..., N].
-  """
+  """Shazeer 2017 eq. 8-10, per token: P(choice i stays in the top-k) (the load
+  is its sum over tokens). clean/noisy/std: [T, ..., N] (top-k over the last
+  axis); weight_T: [T, ...] multiplies each token's row (group membership)."""
   if k >= clean.shape[-1]:
     p = jnp.ones_like(clean)
   else:
@@ -102,7 +101,7 @@ def smooth_load(clean: Array, noisy: Array, std: Array, k: int, weight_T: Array)
     # kth_excluding(H, k, i): the (k+1)-th value if i is in the top-k, else the k-th.
     threshold = jnp.where(noisy >= kth, kth_plus_1, kth)
     p = jax.scipy.stats.norm.cdf((clean - threshold) / std)
-  return jnp.sum(weight_T[..., None] * p, axis=0)
+  return weight_T[..., None] * p
 
 
 def cv_squared(x: Array) -> Array:
@@ -111,49 +110,88 @@ def cv_squared(x: Array) -> Array:
   return jnp.var(x) / (jnp.mean(x) ** 2 + 1e-10)
 
 
-def expert_counts(expert_TxK: Array, valid_TxK: Array, num_experts: int) -> Array:
-  """Number of valid assignments per expert, float32 [E]."""
-  return (
-    jnp.zeros((num_experts,), jnp.float32)
-    .at[expert_TxK.reshape(-1)]
-    .add(valid_TxK.reshape(-1).astype(jnp.float32))
-  )
-
-
 def update_bias(bias_E: Array, counts_E: Array, rate: float) -> Array:
   """DeepSeek-V3 aux-loss-free balancing: bias += rate * sign(mean load - load)."""
   counts_E = jax.lax.stop_gradient(counts_E.astype(jnp.float32))
   return bias_E + rate * jnp.sign(jnp.mean(counts_E) - counts_E)
 
 
-def _masked_mean(v_T: Array, mask_T: Array) -> Array:
-  return jnp.sum(v_T * mask_T) / jnp.maximum(jnp.sum(mask_T), 1.0)
-
-
 def _entropy(p_TxE: Array) -> Array:
   return -jnp.sum(jnp.where(p_TxE > 0, p_TxE * jnp.log(jnp.maximum(p_TxE, 1e-30)), 0.0), -1)
 
 
-def _aux(probs_TxE, counts_E, importance_E, z_T, mask_T, load_E, balance_E) -> dict[str, Array]:
-  """Losses and diagnostics shared by all routers (see the module docstring).
+def _per_token(idx_TxK: Array, v_TxK: Array, n: int) -> Array:
+  """[T, n]: v summed into column idx per token (counts, gates per expert)."""
+  T = idx_TxK.shape[0]
+  return jnp.zeros((T, n), jnp.float32).at[jnp.arange(T)[:, None], idx_TxK].add(v_TxK)
 
-  load_E: what the load loss takes the CV^2 of; balance_E: the counts that f_e
-  of the load-balance loss is made of (counts_E, or first choices only)."""
-  E = counts_E.shape[0]
-  total = jnp.sum(counts_E)
-  f_E = counts_E / jnp.maximum(total, 1.0)
-  balance_f_E = balance_E / jnp.maximum(jnp.sum(balance_E), 1.0)
-  P_E = jnp.sum(probs_TxE * mask_T[:, None], 0) / jnp.maximum(jnp.sum(mask_T), 1.0)
+
+def row_stats(rows: int, mask_T: Array, **per_token: Array) -> dict[str, Array]:
+  """Sums over each row's tokens ([R, ...] for R rows of T / R tokens) of the
+  per-token quantities the aux terms are made of: "tokens" (real tokens),
+  "counts" and "balance" (assignments per expert: all, or those f_e counts),
+  "probs" (router probabilities), "z", "importance" (gates per expert),
+  "entropy", "gates" (a token's gate sum), and a router's load parts. Sums
+  add up over micro-batches and data shards: the aux terms of a global batch
+  (`aux_terms`) do not depend on how it was split (train.microbatches)."""
+  per_token = {"tokens": jnp.ones_like(mask_T), **per_token}
   return {
-    "load_balance_loss": E * jnp.sum(jax.lax.stop_gradient(balance_f_E) * P_E),
-    "z_loss": _masked_mean(z_T, mask_T),
-    "importance_loss": cv_squared(importance_E),
-    "load_loss": cv_squared(load_E),
-    "expert_fraction": f_E,
-    "max_vio": jnp.where(total > 0, jnp.max(counts_E) * E / jnp.maximum(total, 1.0) - 1.0, 0.0),
-    "router_entropy": _masked_mean(_entropy(probs_TxE), mask_T),
-    "empty_experts": jnp.sum(counts_E == 0).astype(jnp.float32),
+    k: jnp.sum((v * mask_T.reshape(-1, *[1] * (v.ndim - 1))).reshape(rows, -1, *v.shape[1:]), 1)
+    for k, v in per_token.items()
   }
+
+
+def summarize(s: dict[str, Array]) -> dict[str, Array]:
+  """The aux terms of one set of summed statistics (see the module docstring)."""
+  E = s["counts"].shape[-1]
+  n, total = jnp.maximum(s["tokens"], 1.0), jnp.sum(s["counts"])
+  balance_f_E = s["balance"] / jnp.maximum(jnp.sum(s["balance"]), 1.0)
+  if "load_GxEg" in s:  # hierarchical, noisy: Load_H[g, m] = Load[g] Load_g[m] / |X^(g)|
+    load = s["load_G"][:, None] * s["load_GxEg"] / jnp.maximum(s["n_G"], 1.0)[:, None]
+  load = s.get("load", s["counts"]) if "load_GxEg" not in s else load.reshape(E)
+  out = {
+    "load_balance_loss": E * jnp.sum(jax.lax.stop_gradient(balance_f_E) * s["probs"] / n),
+    "z_loss": s["z"] / n,
+    "importance_loss": cv_squared(s["importance"]),
+    "load_loss": cv_squared(load),
+    "expert_fraction": s["counts"] / jnp.maximum(total, 1.0),
+    "max_vio": jnp.where(total > 0, jnp.max(s["counts"]) * E / jnp.maximum(total, 1.0) - 1.0, 0),
+    "router_entropy": s["entropy"] / n,
+    "empty_experts": jnp.sum(s["counts"] == 0).astype(jnp.float32),
+  }
+  if "gates" in s:
+    out["gate_mean"] = s["gates"] / n
+  if "dropped" in s:  # the layer's dispatch: assignments (or real tokens) capacity dropped
+    out["dropped_fraction"] = s["dropped"] / jnp.maximum(s["routed"], 1.0)
+  return out
+
+
+# Statistics of the whole batch, not of a row: [1] per batch (a micro-batch's
+# dispatch drops), summed like the row sums.
+BATCH_ONLY = ("dropped", "routed")
+
+# The terms model.moe.balance_scope="sequence" computes per row (DeepSeek-V3's
+# complementary sequence-wise balance loss) and averages over rows.
+BALANCE_TERMS = ("load_balance_loss", "importance_loss", "load_loss")
+
+
+def aux_terms(stats: dict[str, Array], moe: Any) -> dict[str, Array]:
+  """Aux terms and diagnostics of a batch from its row statistics [R, ...]:
+  over all its rows, except the balance terms under balance_scope
+  "sequence" (the mean over rows with real tokens of each row's own), and
+  router_loss, their weighted sum (model.moe.*_weight)."""
+  out = summarize({k: jnp.sum(v, 0) for k, v in stats.items()})
+  if moe.balance_scope == "sequence":
+    per_row = jax.vmap(summarize)({k: v for k, v in stats.items() if k not in BATCH_ONLY})
+    real_R = (stats["tokens"] > 0).astype(jnp.float32)
+    for k in BALANCE_TERMS:
+      out[k] = jnp.sum(per_row[k] * real_R) / jnp.maximum(jnp.sum(real_R), 1.0)
+  out["router_loss"] = (
+    moe.load_balance_weight * out["load_balance_loss"]
+    + moe.z_loss_weight * out["z_loss"]
+    + moe.importance_weight * (out["importance_loss"] + out["load_loss"])
+  )
+  return out
 
 
 def _take(a_TxE, idx_TxK):
@@ -186,7 +224,7 @@ class Decision(NamedTuple):
   probs_TxE: Array  # P of the load-balance loss (the router's probabilities)
   keep_TxK: Array | None = None  # None: every choice kept (second-expert policies drop some)
   z_T: Array | None = None  # None: logsumexp(clean router logits)^2
-  load_E: Array | None = None  # None: counts, or the smooth estimator under noise
+  load: dict[str, Array] | None = None  # per-token load parts; None: counts, or smooth under noise
 
 
 def switch(lg: dict[str, Logits], moe: Any, **_) -> Decision:
@@ -286,7 +324,7 @@ def group_limited(lg: dict[str, Logits], moe: Any, *, bias_E: Array, **_) -> Dec
   return _sigmoid_choice(logits_TxE, jnp.repeat(allowed_TxG, E // G, axis=1), bias_E, moe)
 
 
-def hierarchical(lg: dict[str, Logits], moe: Any, *, mask_T: Array, **_) -> Decision:
+def hierarchical(lg: dict[str, Logits], moe: Any, **_) -> Decision:
   """Shazeer et al. 2017 appendix B: a primary gate picks top_k_groups of G
   groups, each chosen group's own gate picks top_k of its E/G experts; gates
   multiply. Each level is softmax over its top-k logits (Shazeer's G =
@@ -313,26 +351,26 @@ def hierarchical(lg: dict[str, Logits], moe: Any, *, mask_T: Array, **_) -> Deci
   z_T = jax.nn.logsumexp(gr.clean, -1) ** 2 + jnp.mean(
     jax.nn.logsumexp(ex.clean.reshape(T, G, Eg), -1) ** 2, -1
   )
-  load_E = None
-  if ex.std is not None:
-    load_E = _hierarchical_smooth_load(ex, gr, group_TxKg, Ke, mask_T)
-  return Decision(expert_TxK, gate_TxK, probs_TxGxEg.reshape(T, E), z_T=z_T, load_E=load_E)
+  load = None if ex.std is None else _hierarchical_smooth_load(ex, gr, group_TxKg, Ke)
+  return Decision(expert_TxK, gate_TxK, probs_TxGxEg.reshape(T, E), z_T=z_T, load=load)
 
 
-def _hierarchical_smooth_load(ex: Logits, gr: Logits, group_TxKg, Ke, mask_T):
-  """Load_H[g, m] = Load_primary[g] * Load_g(X^(g))[m] / |X^(g)| (Shazeer 2017 app. B)."""
+def _hierarchical_smooth_load(ex: Logits, gr: Logits, group_TxKg, Ke) -> dict[str, Array]:
+  """Per-token parts of Load_H[g, m] = Load_primary[g] * Load_g(X^(g))[m] /
+  |X^(g)| (Shazeer 2017 app. B; `summarize` combines their sums)."""
   T, E = ex.clean.shape
   G = gr.clean.shape[-1]
-  load_G = smooth_load(gr.clean, gr.chosen, gr.std, group_TxKg.shape[-1], mask_T)
+  ones_T = jnp.ones((T,), jnp.float32)
+  load_TxG = smooth_load(gr.clean, gr.chosen, gr.std, group_TxKg.shape[-1], ones_T)
   member_TxG = jnp.zeros((T, G), jnp.float32).at[jnp.arange(T)[:, None], group_TxKg].set(1.0)
-  member_TxG = member_TxG * mask_T[:, None]
   r = lambda a: a.reshape(T, G, E // G)
-  load_GxEg = smooth_load(r(ex.clean), r(ex.chosen), r(ex.std), Ke, member_TxG)
-  n_G = jnp.maximum(jnp.sum(member_TxG, 0), 1.0)
-  return (load_G[:, None] * load_GxEg / n_G[:, None]).reshape(E)
+  load_TxGxEg = smooth_load(r(ex.clean), r(ex.chosen), r(ex.std), Ke, member_TxG)
+  return {"load_G": load_TxG, "load_GxEg": load_TxGxEg, "n_G": member_TxG}
 
 
-def expert_choice(logits_TxE: Array, capacity: int, mask_T: Array) -> ExpertChoiceRouting:
+def expert_choice(
+  logits_TxE: Array, capacity: int, mask_T: Array, moe: Any = None, rows: int = 1
+) -> ExpertChoiceRouting:
   """Zhou et al. 2022 eq. 1: each expert takes its top-C tokens by softmax probability.
 
   Caution: in a causal LM this makes a token's routing (and so its output)
@@ -345,10 +383,24 @@ def expert_choice(logits_TxE: Array, capacity: int, mask_T: Array) -> ExpertChoi
   gate_ExC, token_ExC = jax.lax.top_k(scores_ExT, capacity)
   valid_ExC = mask_T[token_ExC] > 0
   gate_ExC = jnp.where(valid_ExC, gate_ExC, 0.0)
-  counts_E = jnp.sum(valid_ExC, -1).astype(jnp.float32)
-  z_T = jax.nn.logsumexp(logits_TxE, -1) ** 2
-  aux = _aux(probs_TxE, counts_E, jnp.sum(gate_ExC, -1), z_T, mask_T, counts_E, counts_E)
-  return ExpertChoiceRouting(token_ExC.astype(jnp.int32), gate_ExC, valid_ExC, aux)
+  T, E = probs_TxE.shape
+  into_TxE = lambda v_ExC: (
+    jnp.zeros((T, E), jnp.float32).at[token_ExC, jnp.arange(E)[:, None]].add(v_ExC)
+  )
+  taken_TxE = into_TxE(valid_ExC.astype(jnp.float32))  # [T, E]: token t taken by expert e
+  stats = row_stats(
+    rows,
+    mask_T,
+    counts=taken_TxE,
+    balance=taken_TxE,
+    probs=probs_TxE,
+    z=jax.nn.logsumexp(logits_TxE, -1) ** 2,
+    importance=into_TxE(gate_ExC),
+    entropy=_entropy(probs_TxE),
+  )
+  aux = summarize({k: jnp.sum(v, 0) for k, v in stats.items()}) if moe is None else None
+  aux = aux_terms(stats, moe) if moe is not None else aux
+  return ExpertChoiceRouting(token_ExC.astype(jnp.int32), gate_ExC, valid_ExC, aux, stats)
 
 
 # ------------------------------------------------------------------ the table
@@ -421,10 +473,11 @@ def _random_policy(moe) -> bool:
   return moe.top_k > 1 and moe.second_expert_policy != "all"
 
 
-def _bias_update(inputs, r, moe):
-  """DeepSeek-V3 section 2.1.2: b_i += rate * sign(mean load - load_i), per batch."""
-  counts_E = expert_counts(r.expert_TxK, r.valid_TxK, moe.num_experts)
-  return {"router_bias": update_bias(inputs["router_bias"], counts_E, moe.bias_update_rate)}
+def _bias_update(state, stats, moe):
+  """DeepSeek-V3 section 2.1.2: b_i += rate * sign(mean load - load_i), once per
+  training step, from the step's counts over its whole batch (row_stats)."""
+  counts_E = jnp.sum(stats["counts"], 0)
+  return {"router_bias": update_bias(state["router_bias"], counts_E, moe.bias_update_rate)}
 
 
 def _check_groups(moe, name, per_group_k):
@@ -503,7 +556,7 @@ def capacity(moe: Any, num_tokens: int, train: bool) -> int:
 
 
 def route(
-  moe: Any, *, mask_T: Array, train: bool, rng: Array | None = None, **inputs: Array
+  moe: Any, *, mask_T: Array, train: bool, rng: Array | None = None, rows: int = 1, **inputs: Array
 ) -> Routing | ExpertChoiceRouting:
   """The routing decision of router model.moe.router, with its aux terms.
 
@@ -515,7 +568,7 @@ def route(
   mask_T = mask_T.astype(jnp.float32)
   if router.by_expert:
     logits = inputs["router"].astype(jnp.float32)
-    return expert_choice(logits, capacity(moe, logits.shape[0], train), mask_T)
+    return expert_choice(logits, capacity(moe, logits.shape[0], train), mask_T, moe, rows)
   noisy = train and moe.noisy_gating
   keys = [None] * 3  # (router noise, group noise, second-expert policy)
   if noisy or (train and router.randomness(moe)):
@@ -534,9 +587,10 @@ def route(
   bias_E = None if bias_E is None else bias_E.astype(jnp.float32)
   d = router.decide(lg, moe, mask_T=mask_T, bias_E=bias_E, train=train, rng=keys[2])
   main = lg["router"]
-  if d.load_E is None and noisy:
+  load = d.load
+  if load is None and noisy:
     k = router.assignments_per_token(moe)
-    d = d._replace(load_E=smooth_load(main.clean, main.chosen, main.std, k, mask_T))
+    load = {"load": smooth_load(main.clean, main.chosen, main.std, k, jnp.ones_like(mask_T))}
   # The shared aux terms, over the choices the router keeps for real tokens.
   expert_TxK = d.expert_TxK.astype(jnp.int32)
   valid_TxK = jnp.broadcast_to(mask_T[:, None] > 0, expert_TxK.shape)
@@ -544,16 +598,23 @@ def route(
     valid_TxK = valid_TxK & d.keep_TxK
   gate_TxK = jnp.where(valid_TxK, d.gate_TxK, 0.0)
   E = d.probs_TxE.shape[-1]
-  counts_E = expert_counts(expert_TxK, valid_TxK, E)
-  balance_E = counts_E  # "all"; "first": choice 0, always kept for real tokens
+  counts_TxE = _per_token(expert_TxK, valid_TxK.astype(jnp.float32), E)
+  balance_TxE = counts_TxE  # "all"; "first": choice 0, always kept for real tokens
   if moe.load_balance_choices == "first":
-    balance_E = expert_counts(expert_TxK[:, :1], valid_TxK[:, :1], E)
-  importance_E = jnp.zeros((E,), jnp.float32).at[expert_TxK.reshape(-1)].add(gate_TxK.reshape(-1))
-  z_T = jax.nn.logsumexp(main.clean, -1) ** 2 if d.z_T is None else d.z_T
-  load_E = counts_E if d.load_E is None else d.load_E
-  aux = _aux(d.probs_TxE, counts_E, importance_E, z_T, mask_T, load_E, balance_E)
-  # How much of each expert's output reaches the residual stream (before
-  # capacity drops): Switch's gate is p_i(x) (eq. 2), so a near-uniform
-  # router over many experts scales each expert's output down.
-  aux["gate_mean"] = _masked_mean(jnp.sum(gate_TxK, -1), mask_T)
-  return Routing(expert_TxK, gate_TxK, valid_TxK, aux, d.probs_TxE)
+    balance_TxE = _per_token(expert_TxK[:, :1], valid_TxK[:, :1].astype(jnp.float32), E)
+  stats = row_stats(
+    rows,
+    mask_T,
+    counts=counts_TxE,
+    balance=balance_TxE,
+    probs=d.probs_TxE,
+    z=jax.nn.logsumexp(main.clean, -1) ** 2 if d.z_T is None else d.z_T,
+    importance=_per_token(expert_TxK, gate_TxK, E),
+    entropy=_entropy(d.probs_TxE),
+    # How much of each expert's output reaches the residual stream (before
+    # capacity drops): Switch's gate is p_i(x) (eq. 2), so a near-uniform
+    # router over many experts scales each expert's output down (gate_mean).
+    gates=jnp.sum(gate_TxK, -1),
+    **(load or {}),
+  )
+  return Routing(expert_TxK, gate_TxK, valid_TxK, aux_terms(stats, moe), d.probs_TxE, stats)

@@ -1,0 +1,214 @@
+"""One step's update does not depend on how its batch is split (issue 27).
+
+train.microbatches = n runs the batch as n micro-batches inside one compiled
+step (state.micro_grads). For every token-choice router, float32, dropless,
+with every router loss on (balance, z, importance / load): the loss, the
+router losses, the routing-state (bias) update and the parameters after the
+update are those of n = 1, whatever n, on one device and on 8; under
+balance_scope "micro" the balance loss differs (the knob does something).
+Expert choice routes each micro-batch on its own (tested for what it does).
+"""
+
+import functools
+
+from flax import nnx
+from helpers import FAST_COMPILE
+from helpers import tiny_config
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_lm import config as cfglib
+from sparse_lm import params as paramslib
+from sparse_lm import sharding
+from sparse_lm import state as statelib
+from sparse_lm import train
+
+V, B, L = 64, 8, 16
+ROUTERS = {  # router: model.moe overrides
+  "switch": dict(top_k=1),
+  "topk": dict(top_k=2, normalize_gates=True),
+  "mixtral": dict(top_k=2),
+  "sigmoid_bias": dict(top_k=2, bias_update_rate=0.01, normalize_gates=True),
+  "group_limited": dict(top_k=2, num_groups=2, top_k_groups=1, bias_update_rate=0.01),
+  "hierarchical": dict(top_k=1, num_groups=2, top_k_groups=2),
+}
+
+
+def config(router, microbatches=1, scope="global", mesh=None, **moe):
+  c = cfglib.base_config()
+  c.data.vocab_size, c.data.batch_size, c.data.seq_len = V, B, L
+  c.data.tokenizer = "byte"
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.d_ff = 32, 2, 2, 64
+  m.moe.num_experts, m.moe.router, m.moe.dispatch = 4, router, "dropless"
+  m.moe.every, m.moe.d_ff, m.moe.balance_scope = 1, 32, scope
+  m.moe.load_balance_weight, m.moe.z_loss_weight, m.moe.importance_weight = 0.1, 0.01, 0.1
+  for k, v in {**ROUTERS.get(router, {}), **moe}.items():
+    m.moe[k] = v
+  c.train.microbatches, c.train.learning_rate, c.train.warmup_steps = microbatches, 1e-2, 0
+  if mesh:
+    c.mesh = mesh
+  return cfglib.validate(c)
+
+
+def batch():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  tokens = jax.random.randint(k1, (B, L + 1), 0, V)
+  weights = (jnp.arange(L)[None, :] < jax.random.randint(k2, (B, 1), L // 2, L + 1)).astype(
+    jnp.float32
+  )  # a padded tail in most rows
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+def one_step(c, mesh=None):
+  """(measurements, model parameters and state after the update) of one step."""
+  V_ = statelib.vocab_size_of(c)
+  if mesh is None:
+    graphdef, _, _ = statelib.abstract_state(c, V_)
+    with nnx.use_eager_sharding(False):
+      state = jax.jit(lambda: nnx.state(statelib.create(c, V_)))()
+      step = jax.jit(statelib.train_step(c, graphdef), compiler_options=FAST_COMPILE)
+      out_state, meas = step(state, batch(), jnp.int32(0))
+  else:
+    with sharding.use(mesh, c):
+      graphdef, _, shd = statelib.abstract_state(c, V_, mesh)
+      state = jax.jit(lambda: nnx.state(statelib.create(c, V_)), out_shardings=shd)()
+      bshd = sharding.named(mesh, "batch", "length")
+      step = jax.jit(
+        statelib.train_step(c, graphdef),
+        out_shardings=(shd, sharding.named(mesh)),
+        compiler_options=FAST_COMPILE,
+      )
+      data = jax.device_put(batch(), bshd)
+      out_state, meas = step(state, data, jnp.int32(0))
+  leaves = {p: np.asarray(v) for p, (_, v) in paramslib.model_leaves(out_state).items()}
+  for kp, v in jax.tree_util.tree_flatten_with_path(out_state)[0]:
+    path = paramslib.path_str(kp)
+    if path.startswith("1/") and "/mu/" in path:  # AdamW's first moment: 0.1 x the gradient
+      leaves[path] = np.asarray(v)
+  return jax.device_get(meas), leaves
+
+
+def terms(meas) -> dict:
+  out = {"loss": meas["loss"], "ce": meas["ce"], "router_loss": meas["router_loss"]}
+  for i, a in enumerate(meas["moe"]):
+    for k in ("load_balance_loss", "z_loss", "importance_loss", "load_loss", "expert_fraction"):
+      out[f"{i}/{k}"] = a[k]
+  return out
+
+
+def assert_same(a, b, tol=1e-5):
+  """The same loss terms, gradients (AdamW's first moment after one step: 0.1
+  x the gradient), routing state and parameters after the update. AdamW's
+  first update is lr * g / (|g| + 1e-8): where |g| is near 1e-8 float32
+  rounding of g moves it by up to lr, so parameters are compared where the
+  gradient is not that small (|g| > 1e-6) and everywhere else to lr."""
+  (ma, pa), (mb, pb) = a, b
+  ta, tb = terms(ma), terms(mb)
+  for k in ta:
+    np.testing.assert_allclose(ta[k], tb[k], rtol=tol, atol=tol, err_msg=k)
+  mu = {p.split("/mu/")[1]: v for p, v in pa.items() if "/mu/" in p}
+  for p in pa:
+    if "/mu/" in p:  # gradients
+      scale = np.abs(pb[p]).max() + 1e-12
+      np.testing.assert_allclose(pa[p] / scale, pb[p] / scale, atol=tol, err_msg=p)
+      continue
+    conditioned = np.abs(mu[p]) > 1e-7 if p in mu else np.ones(pa[p].shape, bool)
+    np.testing.assert_allclose(
+      pa[p][conditioned], pb[p][conditioned], rtol=tol, atol=tol, err_msg=p
+    )
+    np.testing.assert_allclose(pa[p], pb[p], atol=2e-2, err_msg=p)  # 2 x lr at most
+
+
+@functools.cache
+def reference(router):
+  return one_step(config(router))
+
+
+@functools.cache
+def split(router, n):
+  return one_step(config(router, n))
+
+
+GRID = [(r, 4) for r in ROUTERS] + [("mixtral", 2), ("hierarchical", 2)]
+
+
+@pytest.mark.parametrize("router,n", GRID)
+def test_microbatches_do_not_change_the_update(router, n):
+  assert_same(split(router, n), reference(router))
+
+
+@pytest.mark.parametrize("router", ["mixtral", "sigmoid_bias"])
+def test_microbatches_on_8_devices_equal_one_device(router):
+  mesh_cfg = (("data", 2), ("fsdp", 1), ("expert", 4), ("tensor", 1))
+  c = config(router, 4, mesh=mesh_cfg)
+  assert_same(one_step(c, sharding.make_mesh(c)), reference(router))
+
+
+def test_bias_is_updated_once_from_the_whole_step():
+  _, params = split("sigmoid_bias", 4)
+  bias = [v for p, v in params.items() if p.endswith("router_bias")]
+  assert bias and all(np.abs(b).max() > 0 for b in bias)  # it moved, once: +-rate
+  np.testing.assert_allclose(np.abs(bias[0]), 0.01 * (bias[0] != 0), rtol=1e-6)
+
+
+def test_sequence_scope_does_not_depend_on_microbatches():
+  ref = one_step(config("mixtral", scope="sequence"))
+  assert_same(one_step(config("mixtral", 4, scope="sequence")), ref)
+  glob = terms(reference("mixtral")[0])["0/load_balance_loss"]
+  assert abs(terms(ref[0])["0/load_balance_loss"] - glob) > 1e-4  # per row is another loss
+
+
+def test_micro_scope_changes_the_balance_loss():
+  whole = terms(reference("mixtral")[0])
+  micro = terms(one_step(config("mixtral", 4, scope="micro"))[0])
+  assert abs(micro["0/load_balance_loss"] - whole["0/load_balance_loss"]) > 1e-4
+  np.testing.assert_allclose(micro["ce"], whole["ce"], rtol=1e-5)  # only the balance terms move
+
+
+def test_expert_choice_routes_each_microbatch_on_its_own():
+  # Expert choice picks each expert's top-C tokens of the batch it sees: with
+  # n micro-batches, each is routed alone (capacity per micro-batch), so the
+  # step's cross-entropy is the weighted mean of the micro-batches' own.
+  kw = dict(router="expert_choice", dispatch="capacity", capacity_factor=1.0)
+  c2 = config(kw.pop("router"), 2, **kw)
+  ce2 = float(one_step(c2)[0]["ce"])
+  data = batch()
+  parts = []
+  for i in range(2):
+    rows = {k: v[i::2] for k, v in data.items()}
+    c1 = config("expert_choice", 1, **kw)
+    c1.data.batch_size = B // 2
+    V_ = statelib.vocab_size_of(c1)
+    graphdef, _, _ = statelib.abstract_state(c1, V_)
+    with nnx.use_eager_sharding(False):
+      state = jax.jit(lambda: nnx.state(statelib.create(c1, V_)))()
+      step = jax.jit(statelib.train_step(c1, graphdef), compiler_options=FAST_COMPILE)
+      _, meas = step(state, rows, jnp.int32(0))
+    parts.append((float(meas["ce"]), float(rows["weights"].sum())))
+  expected = sum(ce * w for ce, w in parts) / sum(w for _, w in parts)
+  np.testing.assert_allclose(ce2, expected, rtol=1e-5)
+
+
+def test_a_run_with_microbatches_logs_the_same_losses(tmp_path, tfds_dir):
+  # Issue 27: main --config=configs/mixtral.py:tiny --config.train.microbatches=4,
+  # then =1, same seed: the same losses for 5 steps (in-process, as main runs it).
+  def losses(n):
+    c = tiny_config(
+      tfds_dir,
+      "train.num_steps=5",
+      "train.log_every=1",
+      "train.eval_batches=1",
+      f"train.microbatches={n}",
+      config="configs/mixtral.py:tiny",
+    )
+    train.train_and_evaluate(c, str(tmp_path / f"n{n}"))
+    from helpers import rows
+
+    return [r["train_loss"] for r in rows(str(tmp_path / f"n{n}")) if "train_loss" in r]
+
+  a, b = losses(4), losses(1)
+  assert len(a) == 5
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
