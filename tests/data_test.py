@@ -1,11 +1,13 @@
 """Data package: stdlib corpus builder, tokenizers, and the tf.data pipeline.
 
-The stdlib corpus is prepared once per test session into a temporary TFDS
-data dir (a few seconds); every test shares it and its cached tokenizer.
+The stdlib corpus is prepared once per test process into the session's
+temporary TFDS data dir (a few seconds); every test shares it and its cached
+tokenizer.
 """
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -54,9 +56,11 @@ def batches_equal(a, b):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """A TFDS data dir with the stdlib corpus prepared and a tokenizer trained."""
-  d = tmp_path_factory.mktemp("tfds")
+def data_dir(tfds_dir):
+  """A TFDS data dir with the stdlib corpus prepared and a tokenizer trained:
+  the session's (conftest.py), so the training runs of the other test files
+  in this process find them ready, or this module finds theirs."""
+  d = pathlib.Path(tfds_dir)
   cfg = data_cfg(d)
   t0 = time.perf_counter()
   pipeline._open_source(cfg)  # pylint: disable=protected-access

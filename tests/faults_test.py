@@ -15,8 +15,11 @@ import time
 
 from helpers import ENV
 from helpers import ROOT
+from helpers import backend_compiles
+from helpers import checkpoints_finite
 from helpers import cli
 from helpers import endless
+from helpers import in_process
 from helpers import losses
 from helpers import one_line_error
 from helpers import rows
@@ -36,16 +39,24 @@ DIVERGE = (
 )
 
 
-def params_finite(wd, step):
-  """Restores one checkpoint in a fresh process (state.load_model) and checks it."""
-  code = (
-    "import sys, jax, numpy as np; from flax import nnx; from sparse_lm import state; "
-    "m, _, _ = statelib.load_model(sys.argv[1], int(sys.argv[2])); "
-    "print(all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(m))))"
-  )
-  p = run([sys.executable, "-c", code, wd, str(step)])
-  assert p.returncode == 0, p.stderr[-2000:]
-  return p.stdout.strip().endswith("True")
+# The run the broken-checkpoint, killed-save and late-divergence tests start
+# from (copies of it): 8 steps, checkpoints at 4 and 8.
+RUN8 = ("--config.train.checkpoint_every=4", "--config.train.log_every=1")
+
+
+@pytest.fixture(scope="module")
+def run8(tmp_path_factory, tfds_dir):
+  wd = str(tmp_path_factory.mktemp("run8") / "wd")
+  p = run(cli(wd, tfds_dir, "--config.train.num_steps=8", *RUN8))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert saved_steps(wd) == [4, 8]
+  return wd
+
+
+def copy_of(run8, wd):
+  """A copy of the 8-step run in `wd` (its metrics, checkpoints and config)."""
+  shutil.copytree(run8, wd)
+  return wd
 
 
 def test_divergence_stops_before_saving_and_resumes_from_a_finite_checkpoint(tmp_path, tfds_dir):
@@ -61,30 +72,40 @@ def test_divergence_stops_before_saving_and_resumes_from_a_finite_checkpoint(tmp
   )
   steps = saved_steps(wd)
   assert steps and f"step {steps[-1]} in" in last
-  assert all(params_finite(wd, s) for s in steps)
+  assert all(checkpoints_finite(wd).values())
 
 
-def test_run_that_diverges_late_resumes_from_its_last_good_checkpoint(tmp_path, tfds_dir):
-  # Healthy to step 20, then the rate is raised: the run stops before it saves
-  # a non-finite state, and a rerun at a sane rate resumes from step 20.
-  wd = str(tmp_path / "late")
-  common = (
-    "--config.train.checkpoint_every=10",
-    "--config.train.log_every=5",
-    "--config.train.warmup_steps=0",
-  )
-  assert run(cli(wd, tfds_dir, *common, "--config.train.num_steps=20")).returncode == 0
+def test_run_that_diverges_late_resumes_from_its_last_good_checkpoint(tmp_path, tfds_dir, run8):
+  # Healthy to step 8 (a copy of run8), then the rate is raised: the run stops
+  # before it saves a non-finite state (its next save would be at step 20, and
+  # it logs every 5 steps only), and a rerun at a sane rate resumes from step 8.
+  wd = copy_of(run8, str(tmp_path / "late"))
   p = run(
-    cli(wd, tfds_dir, *common, "--config.train.num_steps=60", "--config.train.learning_rate=1e3")
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.checkpoint_every=20",
+      "--config.train.log_every=5",
+      "--config.train.warmup_steps=0",
+      "--config.train.num_steps=60",
+      "--config.train.learning_rate=1e3",
+    )
   )
-  one_line_error(p, "is not finite and was not saved", "the last checkpoint, step 20 in")
-  assert saved_steps(wd)[-1] == 20
+  one_line_error(p, "is not finite and was not saved", "the last checkpoint, step 8 in")
+  assert saved_steps(wd)[-1] == 8
   p = run(
-    cli(wd, tfds_dir, *common, "--config.train.num_steps=60", "--config.train.learning_rate=1e-3")
+    cli(
+      wd,
+      tfds_dir,
+      *RUN8,
+      "--config.train.warmup_steps=0",
+      "--config.train.num_steps=16",
+      "--config.train.learning_rate=1e-3",
+    )
   )
   assert p.returncode == 0, p.stderr[-3000:]
-  assert f"resumed from {wd}/checkpoints step 20" in p.stdout
-  assert sorted(losses(wd))[-1] == 60 and np.isfinite(list(losses(wd).values())).all()
+  assert f"resumed from {wd}/checkpoints step 8" in p.stdout
+  assert sorted(losses(wd))[-1] == 16 and np.isfinite(list(losses(wd).values())).all()
 
 
 def test_skip_nonfinite_steps_counts_and_stops_after_n_in_a_row(tmp_path, tfds_dir):
@@ -93,7 +114,7 @@ def test_skip_nonfinite_steps_counts_and_stops_after_n_in_a_row(tmp_path, tfds_d
   one_line_error(p, "for 4 steps in a row", "train.skip_nonfinite_steps=3")
   assert p.stdout.count("update skipped") == 4
   # Skipped steps leave the state as it was, so their checkpoints are finite too.
-  assert all(params_finite(wd, s) for s in saved_steps(wd))
+  assert all(checkpoints_finite(wd).values())
 
 
 def _freeze(path):
@@ -136,15 +157,17 @@ def test_checkpoint_write_error_names_the_failed_step_and_the_last_on_disk(tmp_p
   last = one_line_error(p, "could not write the checkpoint of step", "the last checkpoint on disk")
   failed, on_disk = map(int, re.findall(r"step (\d+)", last))
   assert on_disk == saved_steps(wd)[-1] and failed == on_disk + 5, (last, saved_steps(wd))
-  assert all(params_finite(wd, s) for s in saved_steps(wd))
+  assert all(checkpoints_finite(wd).values())
 
 
-def test_second_run_on_a_workdir_is_refused_and_metrics_stay_complete(tmp_path, tfds_dir):
+def test_second_run_on_a_workdir_is_refused_and_metrics_stay_complete(
+  tmp_path, tfds_dir, monkeypatch
+):
   # Defect 3: two runs on one workdir both ran; one lost 46 metric rows.
   wd = str(tmp_path / "twice")
   args = endless(wd, tfds_dir, "--config.train.checkpoint_every=10")
   first = start_until_step(args, wd, 2)
-  second = run(args)
+  second = in_process(args, monkeypatch=monkeypatch)  # the same command, in this process
   assert first.poll() is None, "the first run should still be training"
   one_line_error(second, f"workdir {wd} is in use by another run", f"pid {first.pid}")
   first.send_signal(signal.SIGTERM)
@@ -196,18 +219,9 @@ def test_killed_sweep_leaves_no_point_running(tmp_path, tfds_dir):
 
 
 @pytest.mark.parametrize("damage", ["truncate_array", "truncate_to_100_bytes", "corrupt_metadata"])
-def test_broken_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, tfds_dir, damage):
+def test_broken_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, tfds_dir, run8, damage):
   # Defect 5: a broken latest checkpoint ended in a 43-198 line traceback.
-  wd = str(tmp_path / damage)
-  args = cli(
-    wd,
-    tfds_dir,
-    "--config.train.num_steps=8",
-    "--config.train.checkpoint_every=4",
-    "--config.train.log_every=1",
-  )
-  assert run(args).returncode == 0
-  assert saved_steps(wd) == [4, 8]
+  wd = copy_of(run8, str(tmp_path / damage))
   latest = os.path.join(wd, "checkpoints", "8")
   files = [os.path.join(d, f) for d, _, fs in os.walk(latest) for f in fs]
   if damage.startswith("truncate"):
@@ -218,15 +232,7 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, tfds
     target = os.path.join(latest, "state", "_METADATA")
     with open(target, "w") as f:
       f.write("{not json")
-  p = run(
-    cli(
-      wd,
-      tfds_dir,
-      "--config.train.num_steps=12",
-      "--config.train.checkpoint_every=4",
-      "--config.train.log_every=1",
-    )
-  )
+  p = run(cli(wd, tfds_dir, "--config.train.num_steps=12", *RUN8))
   assert p.returncode == 0, p.stderr[-3000:]
   # Issue 17, smell 7: one line naming the step and the array, nothing else from
   # the failed read (it printed ~1,000 lines of asyncio tracebacks around it).
@@ -250,8 +256,9 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, tfds
     ("bad_type", "--config.train.num_steps=abc"),
   ],
 )
-def test_user_errors_are_one_line(tmp_path, tfds_dir, case, needle):
-  # Defect 6 (and the unwritable workdir below).
+def test_user_errors_are_one_line(tmp_path, tfds_dir, case, needle, monkeypatch):
+  # Defect 6 (and the unwritable workdir below), in this process: sparse_lm.main's
+  # flags, cli.flags_parser and main, as cli.run runs them.
   wd = str(tmp_path / "wd")
   args = cli(wd, tfds_dir, "--config.train.num_steps=2")
   if case == "workdir_is_a_file":
@@ -262,19 +269,31 @@ def test_user_errors_are_one_line(tmp_path, tfds_dir, case, needle):
     args.append("--config.train.bogus=3")
   else:
     args.append("--config.train.num_steps=abc")
-  one_line_error(run(args), needle)
+  monkeypatch.chdir(ROOT)
+  one_line_error(in_process(args, monkeypatch=monkeypatch), needle)
 
 
-def test_unwritable_workdir_is_one_line_before_anything_compiles(tmp_path, tfds_dir):
+def test_user_error_ends_the_program_with_exit_1_and_one_line(tmp_path, tfds_dir):
+  # The programs' contract in a real process (the cases above and the refusals in
+  # the other test files run in the test's process): exit status 1, one line on
+  # stderr, no traceback.
+  p = run(cli(str(tmp_path / "wd"), tfds_dir, "--config.train.bogus=3"))
+  one_line_error(p, "sparse_lm.main: --config.train.bogus: the config has no such key")
+
+
+def test_unwritable_workdir_is_one_line_before_anything_compiles(tmp_path, tfds_dir, monkeypatch):
   parent = tmp_path / "locked"
   parent.mkdir()
   _freeze(str(parent))
   try:
-    p = run(cli(str(parent / "wd"), tfds_dir, "--config.train.num_steps=2"))
+    with backend_compiles() as compiled:
+      p = in_process(
+        cli(str(parent / "wd"), tfds_dir, "--config.train.num_steps=2"), monkeypatch=monkeypatch
+      )
   finally:
     _thaw(str(parent))
   one_line_error(p, "is not writable")
-  assert "params:" not in p.stdout  # refused before the model was built
+  assert not compiled  # refused before anything was compiled
 
 
 def test_second_sigterm_during_shutdown_still_exits_zero(tmp_path, tfds_dir):
@@ -293,15 +312,14 @@ def test_second_sigterm_during_shutdown_still_exits_zero(tmp_path, tfds_dir):
   assert f"done at step {saved_steps(wd)[-1]}" in out
 
 
-def test_killed_save_leaves_no_tmp_dir_behind(tmp_path, tfds_dir):
+def test_killed_save_leaves_no_tmp_dir_behind(tmp_path, tfds_dir, run8):
   # Defect 7b: a kill during a save left N.orbax-checkpoint-tmp until step N was saved again.
-  wd = str(tmp_path / "tmp")
-  args = cli(wd, tfds_dir, "--config.train.num_steps=4", "--config.train.checkpoint_every=2")
-  assert run(args).returncode == 0
-  stale = os.path.join(wd, "checkpoints", "6.orbax-checkpoint-tmp")
-  shutil.copytree(os.path.join(wd, "checkpoints", "4"), stale)  # what a kill mid-save leaves
-  p = run(cli(wd, tfds_dir, "--config.train.num_steps=6", "--config.train.checkpoint_every=2"))
+  wd = copy_of(run8, str(tmp_path / "tmp"))
+  stale = os.path.join(wd, "checkpoints", "12.orbax-checkpoint-tmp")
+  shutil.copytree(os.path.join(wd, "checkpoints", "8"), stale)  # what a kill mid-save leaves
+  p = run(cli(wd, tfds_dir, "--config.train.num_steps=12", *RUN8))
   assert p.returncode == 0, p.stderr[-3000:]
+  assert saved_steps(wd)[-1] == 12
   assert not any("tmp" in s for s in os.listdir(os.path.join(wd, "checkpoints")))
   assert json.load(open(os.path.join(wd, "wall_time.json")))["seconds"] > 0
 

@@ -6,9 +6,10 @@ loads it before any test module, so importing this module from a test is safe.
 
   CLI runs     cli, endless, start, run, rows, losses, saved_steps,
                start_until_step, one_line_error, write_sweep
-  In-process   tiny_config (cli()'s run as a config), user_error (what a
-               program prints for a UserError), parse_error (what a program
-               prints for a bad flag), checkpoints_finite
+  In-process   in_process (a program's command line run in this process, as
+               run() runs it in a child), tiny_config (cli()'s config),
+               user_error (what cli.run prints for a UserError),
+               backend_compiles, checkpoints_finite
   MoE layer    the layer sizes, model_cfg, build, flat_aux, and layer_grads
                (forward + gradients of sum(y * ct) under one jit)
 """
@@ -19,6 +20,7 @@ import functools
 import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -28,6 +30,7 @@ from absl import flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags as mlc_flags
 import numpy as np
 import pytest
 
@@ -153,48 +156,99 @@ def one_line_error(p, *needles):
   return last
 
 
-def _printed_by_fail(program, message):
-  """(exit code, stderr) of cli.fail(program, message), as the programs end."""
-  err = io.StringIO()
-  with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
-    clilib.fail(program, message)
-  return e.value.code, err.getvalue()
-
-
 def user_error(fn, *needles, program="sparse_lm.main"):
-  """fn() raises a UserError, which cli.run prints as one line on stderr and
+  """fn() raises a UserError, which cli.run prints as one line on stderr with
   exit status 1 (no traceback): that line holds each needle. Returns it.
-
-  In-process twin of one_line_error() for errors raised inside a program's
-  main (tests/faults_test.py keeps one real process of the contract)."""
+  (in_process() runs a whole command line so.)"""
   with pytest.raises(UserError) as e:
     fn()
-  code, err = _printed_by_fail(program, str(e.value))
-  assert code == 1
-  lines = err.splitlines()
-  assert len(lines) == 1 and lines[0].startswith(f"{program}: "), err
-  for n in needles:
-    assert n in lines[0], lines[0]
-  return lines[0]
-
-
-def parse_error(define, argv, *needles, program="sparse_lm.main", monkeypatch):
-  """cli.flags_parser on `argv` with the flags `define(flag_values)` defines,
-  in a FlagValues of its own (the programs define theirs on absl's global
-  FLAGS at import, and two of them cannot be imported into one process):
-  exit status 1 and one line on stderr holding each needle. Returns it."""
-  fv = flags.FlagValues()
-  define(fv)
-  monkeypatch.setattr(flags, "FLAGS", fv)
   err = io.StringIO()
-  with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
-    clilib.flags_parser(program)([program, *argv])
-  assert e.value.code == 1, err.getvalue()
+  with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+    clilib.fail(program, str(e.value))
+  assert exit_.value.code == 1
   lines = err.getvalue().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"{program}: "), err.getvalue()
   for n in needles:
     assert n in lines[0], lines[0]
   return lines[0]
+
+
+_FLAG_DEFINES = (
+  "DEFINE_string",
+  "DEFINE_bool",
+  "DEFINE_boolean",
+  "DEFINE_integer",
+  "DEFINE_float",
+  "DEFINE_enum",
+  "DEFINE_multi_string",
+  "mark_flags_as_required",
+  "mark_flag_as_required",
+)
+
+
+# cli.run's config_flags: the flags whose value is a config file.
+CONFIG_FLAGS = {"sparse_lm.main": ("config",), "sparse_lm.sweep": ("config",)}
+CONFIG_FLAGS["sparse_lm.inspect"] = ("config", "compare")
+
+
+def in_process(args, *, monkeypatch):
+  """A program's command line (`[python, "-m", program, *argv]`, as cli()
+  makes) run in this process, as cli.run runs it under absl's app.run: the
+  program's own flag definitions, cli.flags_parser on argv, then main, with
+  a UserError printed by cli.fail. The flags go to a FlagValues of their own
+  (the programs define theirs on absl's global FLAGS, and two programs cannot
+  define one flag in one process): the module is executed afresh by runpy,
+  not imported. Returns subprocess.run's kind of result (returncode 0 or 1,
+  stdout, stderr), for one_line_error().
+
+  For what fails or prints before compiling: a run compiles here on this
+  process's 8 simulated devices, not on the children's one (tests/faults_test.py
+  keeps one real process of the contract: exit status 1, one line on stderr)."""
+  assert list(args[:2]) == [sys.executable, "-m"], args
+  program, argv = args[2], list(args[3:])
+  fv = flags.FlagValues()
+  monkeypatch.setattr(sys, "argv", [program, *argv])  # config_flags reads it when defined
+  for name in _FLAG_DEFINES:
+    monkeypatch.setattr(flags, name, functools.partial(getattr(flags, name), flag_values=fv))
+  monkeypatch.setattr(
+    mlc_flags,
+    "DEFINE_config_file",
+    functools.partial(mlc_flags.DEFINE_config_file, flag_values=fv),
+  )
+  monkeypatch.setattr(flags, "FLAGS", fv)
+  module = runpy.run_module(program, run_name="in_process")
+  if "_define_flags" in module:  # defined only when run as a program
+    module["_define_flags"]()
+  out, err, code = io.StringIO(), io.StringIO(), 0
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      clilib.flags_parser(program, CONFIG_FLAGS.get(program, ()))([program, *argv])
+      try:
+        module["main"]([program])
+      except UserError as e:
+        assert not e.hard_exit, e  # it would end this process
+        clilib.fail(program, str(e))
+    except SystemExit as e:
+      code = e.code
+  return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def backend_compiles():
+  """Counts the XLA compilations of this process inside the block: yields a
+  list that gets one entry (its seconds) per compilation."""
+  seen = []
+
+  def listener(event, seconds, **kw):
+    del kw
+    if event == "/jax/core/compile/backend_compile_duration":
+      seen.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def checkpoints_finite(wd, steps=None) -> dict[int, bool]:

@@ -1,8 +1,8 @@
 """Multi-host through the CLI: two real processes (gloo CPU collectives on
 127.0.0.1, 4 simulated devices each) train exactly like one process with 8
-devices, and their checkpoint restores in one process on one device. A
-checkpoint saved on a 2x4 (data x fsdp) mesh continues on a 1-device and on an
-8x1 mesh with the losses of the uninterrupted run.
+devices on the same 2x4 (data x fsdp) mesh, and their checkpoint restores in
+one process on one device. The one process's checkpoint continues on a
+1-device and on an 8x1 mesh with the losses of the uninterrupted run.
 
 Every child writes its stdout / stderr to files beside its workdir (the
 assertion messages print their tails); every wait has a timeout, and on any
@@ -161,28 +161,44 @@ def assert_close(got: dict, want: dict, steps, what):
   np.testing.assert_allclose(a, b, rtol=RTOL, err_msg=f"{what} at steps {list(steps)}")
 
 
-def test_two_processes_train_like_one_and_restore_on_one_device(setup, tmp_path):
-  one, two = str(tmp_path / "one_x8"), str(tmp_path / "two_x4")
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+  """The run both tests compare with: one process on 8 devices, a 2x4
+  (data x fsdp) mesh, 8 steps, evals every 2 steps, checkpoints at 4 and 8."""
+  ref = str(tmp_path_factory.mktemp("reference") / "fsdp_2x4")
   runs = Runs(setup)
   try:
-    # The reference (1 process x 8 devices) runs on to step 8; the two
-    # processes (2 x 4 devices) stop and checkpoint at 6.
     runs.start(
-      "1x8",
+      "2x4 fsdp",
       cli(
         setup,
-        one,
-        "data=8",
+        ref,
+        "data=2,fsdp=4",
         "--config.train.num_steps=8",
-        "--config.train.eval_every=6",
-        "--config.train.checkpoint_every=6",
+        "--config.train.eval_every=2",
+        "--config.train.checkpoint_every=4",
       ),
       8,
-      one,
+      ref,
     )
+    runs.wait()
+  finally:
+    runs.kill()
+  assert "mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in read(ref)
+  assert "over 8 cpu device(s), 1 process(es)" in read(ref)
+  assert sorted(os.listdir(os.path.join(ref, "checkpoints")), key=int) == ["4", "8"]
+  return ref
+
+
+def test_two_processes_train_like_one_and_restore_on_one_device(setup, reference, tmp_path):
+  one, two = reference, str(tmp_path / "two_x4")
+  runs = Runs(setup)
+  try:
+    # The reference (1 process x 8 devices) ran on to step 8; the two processes
+    # (2 x 4 devices, the same 2x4 mesh) stop and checkpoint at 6.
     runs.start_two_processes(
       "2x4",
-      cli(setup, two, "data=8", "--config.train.num_steps=6", "--config.train.eval_every=6"),
+      cli(setup, two, "data=2,fsdp=4", "--config.train.num_steps=6", "--config.train.eval_every=6"),
       two,
     )
     runs.wait()
@@ -192,12 +208,13 @@ def test_two_processes_train_like_one_and_restore_on_one_device(setup, tmp_path)
     # Only process 0 writes metrics.jsonl and config.json: one row per step.
     steps = [r["step"] for r in rows(two)]
     assert steps == list(range(7)), steps
-    assert json.load(open(os.path.join(two, "config.json")))["mesh"][0] == ["data", 8]
+    mesh = json.load(open(os.path.join(two, "config.json")))["mesh"]
+    assert mesh[:2] == [["data", 2], ["fsdp", 4]], mesh
     assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["6"]
     # Process-count-invariant input: the same global batches, so the same losses.
     ref, got = metric(one, "train_loss"), metric(two, "train_loss")
-    print("\ntrain_loss 1x8:", [ref[s] for s in range(1, 7)])
-    print("train_loss 2x4:", [got[s] for s in range(1, 7)])
+    print("\ntrain_loss 1 process:", [ref[s] for s in range(1, 7)])
+    print("train_loss 2 processes:", [got[s] for s in range(1, 7)])
     assert_close(got, ref, range(1, 7), "train_loss 2 processes vs 1")
     assert_close(metric(two, "eval_loss"), metric(one, "eval_loss"), [6], "eval_loss")
 
@@ -216,33 +233,17 @@ def test_two_processes_train_like_one_and_restore_on_one_device(setup, tmp_path)
     # Step 7's loss is computed from the restored step-6 model, optimizer and
     # data position; step 8's eval from the state trained on after the restore.
     got = metric(two, "train_loss")
-    print("train_loss 7, 8: 1x8", [ref[7], ref[8]], "restored on 1x1", [got[7], got[8]])
+    print("train_loss 7, 8: 1 process", [ref[7], ref[8]], "restored on 1x1", [got[7], got[8]])
     assert_close(got, ref, [7, 8], "train_loss after restore on 1 device")
     assert_close(metric(two, "eval_loss"), metric(one, "eval_loss"), [8], "eval_loss")
   finally:
     runs.kill()
 
 
-def test_fsdp_checkpoint_restores_on_other_meshes(setup, tmp_path):
-  ref = str(tmp_path / "fsdp_2x4")
+def test_fsdp_checkpoint_restores_on_other_meshes(setup, reference, tmp_path):
+  ref = reference
   runs = Runs(setup)
   try:
-    runs.start(
-      "2x4 fsdp",
-      cli(
-        setup,
-        ref,
-        "data=2,fsdp=4",
-        "--config.train.num_steps=8",
-        "--config.train.eval_every=4",
-        "--config.train.checkpoint_every=4",
-      ),
-      8,
-      ref,
-    )
-    runs.wait()
-    assert "mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in read(ref)
-    assert sorted(os.listdir(os.path.join(ref, "checkpoints")), key=int) == ["4", "8"]
     # Two copies of the run as it was at its step-4 checkpoint, resumed on other meshes.
     targets = {"1x1": ("data=1", 1), "8x1": ("data=8,fsdp=1", 8)}
     for name, (mesh, devices) in targets.items():

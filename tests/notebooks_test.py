@@ -10,11 +10,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name", ["quickstart", "analysis"])
-def test_notebook_executes(name, tmp_path, monkeypatch):
+def test_notebook_executes(name, tmp_path, monkeypatch, tfds_dir):
   monkeypatch.setenv("NOTEBOOK_STEPS", "8")
   monkeypatch.setenv("NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   monkeypatch.setenv("NOTEBOOK_SWEEP_DIR", str(tmp_path / "no_sweep_here"))
-  monkeypatch.setenv("NOTEBOOK_DATA_DIR", str(tmp_path / "tfds"))
+  # The session's TFDS dir: the corpus and the notebooks' tokenizer are prepared once.
+  monkeypatch.setenv("NOTEBOOK_DATA_DIR", tfds_dir)
   monkeypatch.setenv("XLA_FLAGS", "")  # one device, like a laptop
   nb = nbformat.read(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), as_version=4)
   NotebookClient(

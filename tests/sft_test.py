@@ -107,8 +107,8 @@ def test_prompt_tokens_get_no_loss_gradient(tmp_path):
       self.inner, self.delta = inner, nnx.Param(jnp.zeros((2, 64, TOK.vocab_size)))
 
     def __call__(self, tokens, **kw):
-      logits, aux = self.inner(tokens, **kw)
-      return logits + self.delta[...], aux
+      out = self.inner(tokens, **kw)  # the Transformer's Output(logits, moe_aux, cache)
+      return out._replace(logits=out.logits + self.delta[...])
 
   model = Shifted()
   grads = nnx.grad(lambda m: statelib.loss_fn(m, batch, train=False, rng=None)[0])(model)

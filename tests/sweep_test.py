@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+from helpers import ENV
 from helpers import ROOT
 from helpers import write_sweep
 import pytest
@@ -61,11 +62,10 @@ def test_sweep_resumes_after_kill_and_collects(tmp_path):
   path = write_sweep(tmp_path, tfds_dir)
   wd = str(tmp_path / "sweep")
   args = [sys.executable, "-m", "sparse_lm.sweep", f"--config={path}", f"--workdir={wd}"]
-  env = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
   proc = subprocess.Popen(
     args,
     cwd=ROOT,
-    env=env,
+    env=ENV,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -84,7 +84,7 @@ def test_sweep_resumes_after_kill_and_collects(tmp_path):
   assert os.path.exists(first_done) and not os.path.exists(os.path.join(second, "DONE"))
   mtime = os.path.getmtime(first_done)
 
-  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  p = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "3 points, 1 done, 2 to run" in p.stdout
   assert os.path.getmtime(first_done) == mtime  # skipped, not rerun
