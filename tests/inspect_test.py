@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from flax import nnx
+from helpers import in_process
 import jax
 import pytest
 
@@ -146,12 +147,20 @@ def _cli(*args):
   )
 
 
-def test_cli_prints_both_configs_side_by_side():
-  r = _cli(
-    "--config=configs/mixtral.py:8x7b",
-    "--compare=configs/dense.py:base",
-    "--devices=8",
-    "--compare.model.num_layers=6",
+def test_cli_prints_both_configs_side_by_side(monkeypatch):
+  # In this process (in_process: the program's flags, parser and main); the
+  # test below runs the program as a process.
+  r = in_process(
+    [
+      sys.executable,
+      "-m",
+      "sparse_lm.inspect",
+      "--config=configs/mixtral.py:8x7b",
+      "--compare=configs/dense.py:base",
+      "--devices=8",
+      "--compare.model.num_layers=6",
+    ],
+    monkeypatch=monkeypatch,
   )
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
