@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
@@ -100,7 +101,8 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   """
   m = cfglib.model_spec(c)
   V = vocab_size or statelib.vocab_size_of(c)
-  params = param_list(model if model is not None else statelib.abstract_model(c, V))
+  model = model if model is not None else statelib.abstract_model(c, V)
+  params = param_list(model)
   total = routed = lookup = unembed = vectors = 0
   for path, shape, names in params:
     n = math.prod(shape)
@@ -114,7 +116,8 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   matmul = active - lookup - unembed - vectors + V * m.d_model
   attn_width = m.num_heads * m.head_dim
   fwd = 2 * matmul + 4 * m.num_layers * c.data.seq_len * attn_width
-  param_bytes = total * 4  # float32 master weights
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  param_bytes = sum(math.prod(p.shape) * p.dtype.itemsize for p in leaves)  # model.param_dtype
   return {
     "total_params": int(total),
     "active_params": int(round(active)),

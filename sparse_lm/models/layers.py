@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from flax import nnx
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from sparse_lm.sharding import constrain
@@ -23,7 +24,8 @@ def dtype_of(m) -> jnp.dtype:
 
 
 def param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
-  """A float32 Param from `init`, with logical axis names."""
+  """A float32 Param from `init`, with logical axis names (the Transformer
+  rounds its Params to model.param_dtype once they are all drawn)."""
   return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
 
 
@@ -189,7 +191,9 @@ class Attention(nnx.Module):
     segments_BxL (packed examples, no cache): a query sees only the keys of its
     own segment (causally), so examples packed in one row never see each other."""
     dt = x_BxLxD.dtype
-    q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ = self._qkv(x_BxLxD, positions_BxL)
+    # The names are what train.remat="moe" keeps (transformer.REMAT_POLICIES).
+    qkv = self._qkv(x_BxLxD, positions_BxL)
+    q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ = (checkpoint_name(a, "attn_qkv") for a in qkv)
     q_BxLxHxZ = constrain(q_BxLxHxZ, "batch", "length", "heads", "head_dim")
     wo = self.wo[...].astype(dt)
     if cache is None:
@@ -203,7 +207,9 @@ class Attention(nnx.Module):
         out_BxLxHxZ = jax.nn.dot_product_attention(
           q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ, mask=mask_BxLxL[:, None]
         )
-      return AttentionOut(jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo), None)
+      out_BxLxHxZ = checkpoint_name(out_BxLxHxZ, "attn_context")
+      out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo)
+      return AttentionOut(checkpoint_name(out_BxLxD, "attn_out"), None)
     L, S = x_BxLxD.shape[1], cache.k.shape[1]
     put = lambda buf, new: constrain(
       jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1),
@@ -242,10 +248,13 @@ class Mlp(nnx.Module):
     # slower (its weight gradient contracts two axes); see benchmarks/README.md.
     dt = x_BxLxD.dtype
     x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    h_TxF = x_TxD @ self.wi[...].astype(dt)
-    g_TxF = x_TxD @ self.wg[...].astype(dt) if is_gated(self.activation) else None
+    h_TxF = checkpoint_name(x_TxD @ self.wi[...].astype(dt), "mlp_hidden")
+    g_TxF = None
+    if is_gated(self.activation):
+      g_TxF = checkpoint_name(x_TxD @ self.wg[...].astype(dt), "mlp_hidden")
     h_TxF = constrain(activate(h_TxF, self.activation, g_TxF), "batch", "mlp")
-    return (h_TxF @ self.wo[...].astype(dt)).reshape(x_BxLxD.shape)
+    y_TxD = checkpoint_name(h_TxF @ self.wo[...].astype(dt), "mlp_out")
+    return y_TxD.reshape(x_BxLxD.shape)
 
 
 class Embed(nnx.Module):

@@ -2,6 +2,35 @@
 
 `model.moe.every` / `.offset` / `.first_dense_layers` pick the MoE layers
 (ModelSpec.moe_layer); the trainer never needs to know which.
+
+How it computes, never what (each gives the same logits, router losses and
+gradients; tests/scale_model_test.py):
+  model.scan_layers  the layers run as one jax.lax.scan over a super-block of
+      `model.moe.every` layers (1 for a dense model; scan_plan): one traced
+      and compiled body. first_dense_layers and a remainder that does not fill
+      a super-block run one by one. Design: parameters stay per layer, in
+      memory and on disk ("blocks/{i}/attn/wq" is the same Variable with the
+      key on or off) and the forward stacks each super-block position's
+      parameters into the scan (jnp.stack; the gradient comes back per layer).
+      So nothing that names parameters changes (checkpoints, which restore with
+      the key either way, train.init_from and its rules, train.frozen,
+      sparse_lm/convert/, inspect, the optimizer state, decoding): no name
+      mapping, no boundary helper, and every one of those boundaries lives
+      outside models/. The price: a stacked copy of the scanned parameters and
+      of their gradients during a step, and per-layer slices of the gradient
+      that XLA compiles one by one: on CPU the step traces in half the time
+      but XLA compiles it slower than unscanned (parameters stacked in memory
+      would compile faster than either; the next step, once those boundaries
+      take a name mapping). What the scan buys as is: a backward loop that XLA
+      cannot merge with the forward, so train.remat saves memory on XLA:CPU
+      too (which drops the optimization barriers that keep an unscanned
+      block's recomputation apart). Decoding (a KV cache) runs the layers one
+      by one, the same parameters: a scan would stack and unstack the whole
+      cache every step.
+  train.remat  what a block's backward pass keeps from its forward
+      (REMAT_POLICIES); the rest is recomputed. Applies to the scanned body too.
+  model.param_dtype  the Params' dtype (drawn in float32, then rounded);
+      model.dtype is the compute dtype, and the router computes in float32.
 """
 
 from __future__ import annotations
@@ -16,6 +45,53 @@ from sparse_lm.models import layers
 from sparse_lm.models.moe.layer import MoeFfn
 from sparse_lm.models.spec import ModelSpec
 from sparse_lm.sharding import constrain
+
+# train.remat: what a block's backward pass keeps; everything else is recomputed
+# from the block's input. "moe" keeps the attention and dense-FFN matmul outputs
+# and the routing decision (expert indices, gates, validity), tagged with
+# jax.ad_checkpoint.checkpoint_name where they are computed (layers.py,
+# moe/layer.py), and recomputes the expert FFNs (dispatch, the experts'
+# matmuls, combine; shared experts too): their [T * k, F] hidden activations
+# are most of an MoE layer's memory. The recomputed dispatch reads the kept
+# decision; the router's small [T, E] softmax is recomputed where the gates'
+# gradient needs it. Router losses come out of the forward once, whatever the
+# policy (recomputation only feeds the backward pass).
+MOE_SAVES = ("attn_qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out", "moe_routing")
+REMAT_POLICIES = {
+  "none": None,  # not rematerialised
+  "full": jax.checkpoint_policies.nothing_saveable,  # only each block's input
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmul outputs
+  "moe": jax.checkpoint_policies.save_only_these_names(*MOE_SAVES),
+}
+
+
+def scan_plan(m: ModelSpec) -> tuple[int, int, int]:
+  """(start, period, repeats) of model.scan_layers: layers [start, start +
+  period * repeats) run as `repeats` iterations of one super-block of `period`
+  layers (model.moe.every; 1 for a dense model), every one of which has the
+  same kind of FFN at the same place. The first_dense_layers before it and a
+  remainder after it run one by one."""
+  if not m.is_moe:
+    return 0, 1, m.num_layers
+  start, period = m.moe.first_dense_layers, m.moe.every
+  return start, period, max(0, (m.num_layers - start) // period)
+
+
+def _block_fn(graphdef, treedef, remat: str, scanned: bool, rng, kw: dict):
+  """fn(leaves, x [B, L, D], layer index) -> the block's (x, aux, cache): the
+  block rebuilt from its state's leaves (stacked slices in a scan), its
+  backward pass rematerialised by `remat` (train.remat)."""
+
+  def fn(leaves, x_BxLxD, layer):
+    block = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    layer_rng = None if rng is None else jax.random.fold_in(rng, layer)
+    return block(x_BxLxD, rng=layer_rng, **kw)
+
+  if remat == "none":
+    return fn
+  # A scan already keeps its body's recomputation from being merged with the
+  # forward (prevent_cse costs an optimization barrier per block otherwise).
+  return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=not scanned)
 
 
 class Block(nnx.Module):
@@ -117,6 +193,12 @@ class Transformer(nnx.Module):
       self.unembed = layers.param(
         rngs, layers.fan_in_init(scale=m.init_scale), (m.d_model, vocab_size), ("embed", "vocab")
       )
+    if m.param_dtype != "float32":
+      # Drawn in float32 (the same draws as a float32 model), then rounded. Only
+      # Params: routing state (DeepSeek-V3's bias) accumulates small steps.
+      for _, v in nnx.iter_graph(self):
+        if isinstance(v, nnx.Param):
+          v.set_value(v.get_value().astype(m.param_dtype))
 
   def __call__(
     self,
@@ -144,24 +226,17 @@ class Transformer(nnx.Module):
     if cache is not None:
       index = cache.index
       valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxL > 0, index, 1)
-    moe_aux, kv = [], []
-    for i, block in enumerate(self.blocks):
-      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BxLxD, aux, layer_kv = block(
-        x_BxLxD,
-        positions_BxL,
-        mask_BxL,
-        train=train,
-        rng=layer_rng,
-        cache=None if cache is None else cache.layers[i],
-        index=index,
-        valid_BxS=valid_BxS,
-        return_experts=return_experts,
-        segments_BxL=segments_BxL,
-      )
-      kv.append(layer_kv)
-      if block.is_moe:
-        moe_aux.append(aux)
+    kw = dict(
+      positions_BxL=positions_BxL,
+      mask_BxL=mask_BxL,
+      train=train,
+      index=index,
+      valid_BxS=valid_BxS,
+      return_experts=return_experts,
+      segments_BxL=segments_BxL,
+    )
+    x_BxLxD, aux, kv = self._layers(x_BxLxD, rng, cache, kw)
+    moe_aux = [a for block, a in zip(self.blocks, aux) if block.is_moe]
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.m.tie_embeddings:
       logits_BxLxV = self.embed.attend(x_BxLxD)
@@ -170,6 +245,57 @@ class Transformer(nnx.Module):
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "vocab")
     new_cache = None if cache is None else Cache(tuple(kv), valid_BxS, index + L)
     return Output(logits_BxLxV.astype(jnp.float32), moe_aux, new_cache)
+
+  def _layers(self, x_BxLxD, rng, cache: Cache | None, kw: dict):
+    """All blocks -> (x, every layer's aux dict, every layer's KVCache or None)."""
+    m = self.m
+    remat = m.remat if cache is None else "none"  # decoding is never differentiated
+    start, period, repeats = scan_plan(m) if m.scan_layers and cache is None else (0, 1, 0)
+    stop = start + period * repeats
+    aux, kv = [], []
+    for i, block in enumerate(self.blocks):
+      if i == start and repeats:
+        x_BxLxD, scanned = self._scan(x_BxLxD, start, period, repeats, remat, rng, kw)
+        aux, kv = aux + scanned, kv + [None] * len(scanned)
+      if start <= i < stop:
+        continue
+      layer_cache = None if cache is None else cache.layers[i]
+      if remat == "none":
+        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+        x_BxLxD, a, layer_kv = block(x_BxLxD, rng=layer_rng, cache=layer_cache, **kw)
+      else:
+        graphdef, state = nnx.split(block)
+        leaves, treedef = jax.tree.flatten(state)
+        fn = _block_fn(graphdef, treedef, remat, False, rng, kw)
+        x_BxLxD, a, layer_kv = fn(leaves, x_BxLxD, i)
+      aux.append(a)
+      kv.append(layer_kv)
+    return x_BxLxD, aux, kv
+
+  def _scan(self, x_BxLxD, start: int, period: int, repeats: int, remat: str, rng, kw: dict):
+    """Layers [start, start + period * repeats) as one jax.lax.scan over
+    `repeats` super-blocks of `period` layers: position j's parameters are the
+    stack of its `repeats` layers'. -> (x, the layers' aux dicts in order)."""
+    fns, stacks = [], []
+    for j in range(period):
+      states = [nnx.split(self.blocks[start + r * period + j]) for r in range(repeats)]
+      graphdef, treedef = states[0][0], jax.tree.structure(states[0][1])
+      fns.append(_block_fn(graphdef, treedef, remat, True, rng, kw))
+      per_layer = [jax.tree.leaves(state) for _, state in states]
+      stacks.append([jnp.stack(leaves) for leaves in zip(*per_layer)])
+
+    def body(x_BxLxD, xs):
+      stack, first = xs
+      auxes = []
+      for j, fn in enumerate(fns):
+        x_BxLxD, aux, _ = fn(stack[j], x_BxLxD, first + j)
+        auxes.append(aux)
+      return x_BxLxD, auxes
+
+    firsts = start + period * jnp.arange(repeats, dtype=jnp.int32)
+    x_BxLxD, ys = jax.lax.scan(body, x_BxLxD, (stacks, firsts))
+    at = lambda tree, r: jax.tree.map(lambda a: a[r], tree)
+    return x_BxLxD, [at(ys[j], r) for r in range(repeats) for j in range(period)]
 
 
 def apply_state_updates(model: Transformer, moe_aux: list[dict]) -> None:
