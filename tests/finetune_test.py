@@ -14,6 +14,7 @@ import sys
 
 from flax import nnx
 from helpers import cli
+from helpers import in_process
 from helpers import losses
 from helpers import one_line_error
 from helpers import rows
@@ -38,9 +39,11 @@ V = 64
 
 
 def fresh_state(c):
-  """The config's initial train state on one device."""
+  """The config's initial train state on one device, built eagerly: its ops
+  compile once for the module (a jit of create compiled ~15 s per config),
+  and no test depends on the fresh values beyond their being random."""
   with nnx.use_eager_sharding(False):
-    return jax.jit(lambda: nnx.state(statelib.create(c, V)))()
+    return nnx.state(statelib.create(c, V))
 
 
 def dense_config(**model):
@@ -120,8 +123,10 @@ def dense_model(dense_run):
   return logits_of(c, state)
 
 
-def dense_logits(dense_run):
-  return dense_model(dense_run)[0]
+@pytest.fixture(scope="module")
+def dense_ref(dense_run):
+  """dense_model(dense_run), restored and run once for the module's tests."""
+  return dense_model(dense_run)
 
 
 # Routers whose gates sum to 1 per token: the upcycled model equals the dense one.
@@ -135,8 +140,8 @@ EQUAL = [
 
 
 @pytest.mark.parametrize("router,kw", EQUAL, ids=[r for r, _ in EQUAL])
-def test_upcycled_moe_equals_the_dense_model_at_step_0(dense_run, router, kw):
-  want = dense_logits(dense_run)
+def test_upcycled_moe_equals_the_dense_model_at_step_0(dense_run, dense_ref, router, kw):
+  want = dense_ref[0]
   got, model, report = upcycled(moe_config(router, **kw), dense_run[0])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # Every expert is a copy of its layer's dense MLP; the router is new.
@@ -151,13 +156,13 @@ def test_upcycled_moe_equals_the_dense_model_at_step_0(dense_run, router, kw):
 @pytest.mark.parametrize(
   "router,kw", [("switch", {"top_k": 1}), ("topk", {"normalize_gates": False})]
 )
-def test_gates_that_do_not_sum_to_one_need_the_gate_scale(dense_run, router, kw):
+def test_gates_that_do_not_sum_to_one_need_the_gate_scale(dense_run, dense_ref, router, kw):
   # Switch's gate is p (eq. 2) and unnormalised top-k's the chosen probabilities:
   # the copies' output is scaled down. init_gate_scale="expected" multiplies each
   # copy's output projection by 1 / (the gates' sum at uniform routing), which is
   # exact when the router is zero (every logit equal) and holds in expectation
   # otherwise (README, "Fine-tuning").
-  want = dense_logits(dense_run)
+  want = dense_ref[0]
   c = moe_config(router, **kw)
   got, model, _ = upcycled(c, dense_run[0])
   assert np.abs(got - want).max() > 1e-2  # without the scale: not the dense model
@@ -170,7 +175,7 @@ def test_gates_that_do_not_sum_to_one_need_the_gate_scale(dense_run, router, kw)
 
 
 @pytest.mark.parametrize("router", ["mixtral", "switch"])
-def test_upcycling_onto_an_expert_parallel_mesh(dense_run, router):
+def test_upcycling_onto_an_expert_parallel_mesh(dense_run, dense_ref, router):
   # The source was saved on one device; the MoE is placed on data 2 x fsdp 2 x expert 2.
   # Switch with the gate scale and a zero router: the scale was once read from a
   # name the sharded branch overwrote (the study's upcycle run failed on it).
@@ -182,15 +187,15 @@ def test_upcycling_onto_an_expert_parallel_mesh(dense_run, router):
   c.mesh = (("data", 2), ("fsdp", 2), ("expert", 2), ("tensor", 1))
   mesh = sharding.make_mesh(c, jax.devices()[:8])
   got, _, _ = upcycled(c, dense_run[0], mesh)
-  np.testing.assert_allclose(got, dense_logits(dense_run), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, dense_ref[0], rtol=1e-5, atol=1e-5)
 
 
-def test_drop_upcycling_reinitialises_a_fraction_per_expert(dense_run):
+def test_drop_upcycling_reinitialises_a_fraction_per_expert(dense_run, dense_ref):
   c = moe_config("mixtral")
   c.train.init_reinit_fraction = 0.25
   _, model, _ = upcycled(c, dense_run[0])
   wi, wo = np.asarray(model.blocks[1].ffn.wi[...]), np.asarray(model.blocks[1].ffn.wo[...])
-  dense = dense_model(dense_run)[1].blocks[1].ffn
+  dense = dense_ref[1].blocks[1].ffn
   F = wi.shape[-1]
   copied = [(wi[e] == np.asarray(dense.wi[...])).all(0) for e in range(4)]  # [F] per expert
   for e in range(4):
@@ -260,14 +265,10 @@ def test_frozen_parameters_have_no_optimizer_state(frozen):
   assert inspectlib.summarize(c, V)["optimizer_bytes"] == before - 2 * frozen_bytes
 
 
-def test_frozen_parameters_are_bit_identical_after_training(tmp_path, tfds_dir):
-  c = cfglib.load_config("configs/switch.py:tiny")
-  c.data.data_dir, c.data.vocab_size, c.data.batch_size, c.data.seq_len = tfds_dir, 512, 8, 32
-  c.model.d_model, c.model.d_ff = 32, 64
-  c.train.num_steps, c.train.eval_batches, c.train.frozen = 3, 1, ":experts"
-  wd = str(tmp_path / "frozen")
-  train.train_and_evaluate(c, wd)
-  model, _, tok = statelib.load_model(wd)
+def test_frozen_parameters_are_bit_identical_after_training(base_run):
+  # base_run trained 8 steps with train.frozen=":experts" (through the CLI).
+  model, c, tok = statelib.load_model(base_run)
+  assert c.train.frozen == ":experts"
   with nnx.use_eager_sharding(False):
     init = statelib.create(cfglib.validate(c), tok.vocab_size)[0]
   after, before = nnx.to_flat_state(nnx.state(model)), dict(nnx.to_flat_state(nnx.state(init)))
@@ -299,8 +300,18 @@ def instruction_file(path, n=64):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tfds_dir):
+  """An 8-step Switch run through the CLI, its experts frozen: the run the
+  frozen test checks, and the base the fine-tuning tests start from."""
   wd = str(tmp_path_factory.mktemp("base") / "switch")
-  p = run(cli(wd, tfds_dir, "--config.train.num_steps=8", config="configs/switch.py:tiny"))
+  p = run(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.train.num_steps=8",
+      "--config.train.frozen=:experts",
+      config="configs/switch.py:tiny",
+    )
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   return wd
 
@@ -367,7 +378,7 @@ def test_finetuning_resumes_exactly_after_kill_and_logs_routing_drift(tmp_path, 
   ],
 )
 def test_bad_finetuning_input_is_one_line_and_writes_nothing(
-  tmp_path, tfds_dir, base_run, bad, needle
+  tmp_path, tfds_dir, base_run, bad, needle, monkeypatch
 ):
   data = instruction_file(tmp_path / "sft.jsonl", n=4)
   if bad == "line":
@@ -379,6 +390,7 @@ def test_bad_finetuning_input_is_one_line_and_writes_nothing(
   }.get(bad, [])
   wd = str(tmp_path / "wd")
   args = sft_args(data, base_run + ("_missing" if bad == "source" else ""), *more)
-  one_line_error(run(cli(wd, tfds_dir, *args, config="configs/switch.py:tiny")), needle)
+  args = cli(wd, tfds_dir, *args, config="configs/switch.py:tiny")
+  one_line_error(in_process(args, monkeypatch=monkeypatch), needle)  # in this process
   assert not os.path.exists(os.path.join(wd, "config.json"))
   assert not os.path.isdir(os.path.join(wd, "checkpoints")) or not saved_steps(wd)

@@ -2,11 +2,13 @@
 SIGTERM saves and exits cleanly, an incompatible workdir is refused."""
 
 import os
+import shutil
 import signal
 import subprocess
 
 from helpers import cli
 from helpers import endless
+from helpers import in_process
 from helpers import losses
 from helpers import rows
 from helpers import run
@@ -20,8 +22,10 @@ from sparse_lm import train
 from sparse_lm.errors import RunError
 
 
-def test_cli_trains_and_eval_loss_falls(tmp_path, tfds_dir):
-  wd = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tfds_dir):
+  """A 60-step run through the CLI: (workdir, its process)."""
+  wd = str(tmp_path_factory.mktemp("trained") / "run")
   p = run(
     cli(
       wd,
@@ -32,6 +36,11 @@ def test_cli_trains_and_eval_loss_falls(tmp_path, tfds_dir):
     )
   )
   assert p.returncode == 0, p.stderr[-3000:]
+  return wd, p
+
+
+def test_cli_trains_and_eval_loss_falls(trained):
+  wd, p = trained
   assert "step     60/60" in p.stdout and "done at step 60: eval_loss" in p.stdout
   evals = [r["eval_loss"] for r in rows(wd) if "eval_loss" in r]
   assert len(evals) == 3 and evals[-1] < evals[0] - 0.3, evals
@@ -76,13 +85,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tfds_dir):
   assert f"done at step {max(saved)}" in out
 
 
-def test_incompatible_workdir_is_refused_and_nothing_is_lost(tmp_path, tfds_dir):
+def test_incompatible_workdir_is_refused_and_nothing_is_lost(
+  tmp_path, tfds_dir, trained, monkeypatch
+):
+  # A copy of the trained run, resumed (in this process) with another layer count.
   wd = str(tmp_path / "arch")
-  assert run(cli(wd, tfds_dir, "--config.train.num_steps=4")).returncode == 0
+  shutil.copytree(trained[0], wd)
   before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
   with open(os.path.join(wd, "metrics.jsonl")) as f:
     metrics_before = f.read()
-  p = run(cli(wd, tfds_dir, "--config.train.num_steps=8", "--config.model.num_layers=3"))
+  args = cli(wd, tfds_dir, "--config.train.num_steps=80", "--config.model.num_layers=3")
+  p = in_process(args, monkeypatch=monkeypatch)
   assert p.returncode != 0
   assert "different architecture" in p.stderr and "model.num_layers: 2 -> 3" in p.stderr
   assert "Traceback" not in p.stderr
@@ -91,15 +104,17 @@ def test_incompatible_workdir_is_refused_and_nothing_is_lost(tmp_path, tfds_dir)
     assert f.read() == metrics_before
 
 
-def test_bad_config_value_is_one_line_error_before_anything_runs(tmp_path, tfds_dir):
+def test_bad_config_value_is_one_line_error_before_anything_runs(tmp_path, tfds_dir, monkeypatch):
   wd = str(tmp_path / "bad")
-  p = run(cli(wd, tfds_dir, "--config.model.num_heads=3"))
+  p = in_process(cli(wd, tfds_dir, "--config.model.num_heads=3"), monkeypatch=monkeypatch)
   assert p.returncode != 0
   assert "config.model.num_heads=3 is invalid" in p.stderr and "Traceback" not in p.stderr
   assert not os.path.exists(wd)
 
 
-def test_resume_allows_changes_that_keep_the_checkpoint_tree_and_names_them(tmp_path, tfds_dir):
+def test_resume_allows_changes_that_keep_the_checkpoint_tree_and_names_them(
+  tmp_path, tfds_dir, monkeypatch
+):
   # Issue 17, smell 1: only what changes the parameter / optimizer tree or the
   # tokenizer is refused; capacity, dropout and loss weights are not architecture.
   wd = str(tmp_path / "change")
@@ -132,24 +147,27 @@ def test_resume_allows_changes_that_keep_the_checkpoint_tree_and_names_them(tmp_
   ):
     assert key in line, line
   assert "resumed from" in p.stdout and max(losses(wd)) == 6
-  p = run(
+  # What changes the parameter or optimizer tree is refused (in this process).
+  p = in_process(
     cli(
       wd,
       tfds_dir,
       "--config.train.num_steps=8",
       "--config.model.moe.num_experts=4",
       config="configs/switch.py:tiny",
-    )
+    ),
+    monkeypatch=monkeypatch,
   )
   assert p.returncode == 1 and "model.moe.num_experts: 8 -> 4" in p.stderr, p.stderr[-2000:]
-  p = run(
+  p = in_process(
     cli(
       wd,
       tfds_dir,
       "--config.train.num_steps=8",
       "--config.train.optimizer=adafactor",
       config="configs/switch.py:tiny",
-    )
+    ),
+    monkeypatch=monkeypatch,
   )
   assert p.returncode == 1 and "train.optimizer: 'adamw' -> 'adafactor'" in p.stderr, p.stderr[
     -2000:
