@@ -10,6 +10,12 @@ dispatch is dropless (no capacity, no dropped tokens).
 Variants (the string after ':'):
   tiny  CPU, embedded corpus, a few minutes: d_model 128, 2 layers, 4 heads
         (2 kv heads), top-2 of 8 SwiGLU experts of 448 (3.5 x d_model, as 8x7B).
+  1b    A ~1B-active Mixtral: d_model 2048, 16 layers, 16 heads (8 kv) of
+        128, top-2 of 8 experts of 4096, vocabulary 32000, sequences of 2048,
+        batch 128 (262K tokens): 3.55B total / 1.14B active parameters (1.01B
+        without the embeddings). One 80 GB GPU takes it with train.remat=full,
+        model.scan_layers=True, train.microbatches=32 and
+        model.param_dtype=bfloat16 (README, "From one CPU to a cluster").
   8x7b  Mixtral 8x7B: d_model 4096, 32 layers, 32 heads (8 kv) of 128, experts
         of 14336, vocabulary 32000: 46.7B total / 12.9B active parameters.
 """
@@ -18,6 +24,7 @@ from sparse_lm import config as cfglib
 
 VARIANTS = {  # name: (d_model, layers, heads, kv_heads, d_ff, vocab, batch, seq_len)
   "tiny": (128, 2, 4, 2, 448, 2048, 16, 128),
+  "1b": (2048, 16, 16, 8, 4096, 32_000, 128, 2048),
   "8x7b": (4096, 32, 32, 8, 14336, 32_000, 512, 4096),
 }
 

@@ -24,23 +24,66 @@ and nothing is allocated: a 1T-parameter config takes seconds on a laptop.
 - Import (sparse_lm/convert/, a Hugging Face checkpoint of this shape in
   bfloat16): the host's peak besides the memory-mapped files' page cache
   (import_host_bytes).
+
+--compile: does a step fit, before launch (README, "From one CPU to a cluster")
+
+  python -m sparse_lm.inspect --config=configs/mixtral.py:8x7b --compile --devices=64
+  python -m sparse_lm.inspect --config=configs/mixtral.py:1b --compile \
+      --config.train.remat=full --config.train.microbatches=16
+  python -m sparse_lm.inspect --config=configs/dbrx.py:132b --compile --devices=64 \
+      --mesh=fsdp=4,expert=16
+
+lowers and compiles the real train step (state.train_step, jitted with the
+shardings train.py gives it, the state donated) and the decode step
+(decode.forward, one token per row over a cache of data.seq_len slots) for
+the config's mesh on --devices simulated CPU devices, from ShapeDtypeStructs
+with shardings (nothing is allocated, not even the init), and adds XLA's rows
+(compiled.memory_analysis(), per device): arguments, outputs, the donated
+arguments reused as outputs, temporaries, generated code and their total
+(arguments + outputs - donated + temporaries + code), XLA's FLOPs per device
+(cost_analysis()) beside the analytic count above, and the compile time.
+--mesh replaces config.mesh's sizes ("fsdp=8,expert=8"; axes not named: 1).
+
+- Simulated devices: the program asks JAX for --devices CPU devices itself
+  (jax.config "jax_num_cpu_devices", and the CPU platform only) at the start
+  of main, before JAX's first operation; JAX reads it when its backends start,
+  so no XLA_FLAGS and no second process are needed. Called from a process
+  whose backends have started, the functions below use the CPU devices it
+  has, and say so when they are too few (a test process sets
+  XLA_FLAGS=--xla_force_host_platform_device_count before importing jax).
+- These are XLA:CPU's numbers. A GPU's compile of the same program differs
+  in fusion, scheduling and how it keeps bf16 intermediates, so they are an
+  estimate of a GPU's, not its number (no GPU has checked by how much yet);
+  train.py's check (check_fits: the same analysis by the device's own
+  compiler) has the last word. Attention is jax.nn.dot_product_attention's
+  XLA form on both: its [B, H, L, L] scores are in the temporaries.
+- XLA counts a loop's body once: under model.scan_layers, and in the CPU
+  dropless kernel (block loops), its FLOPs fall below the analytic count.
+- Time: Mixtral 8x7B on 64 devices compiles in about 4.5 minutes on a 2-core
+  VM (README), most of it XLA's; the decode step adds seconds.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
+import time
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from sparse_lm import config as cfglib
+from sparse_lm import decode
 from sparse_lm import finetune
 from sparse_lm import optimizer as optlib
 from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.errors import ConfigError
+from sparse_lm.errors import RunError
 from sparse_lm.models.moe import routing
+from sparse_lm.models.transformer import Transformer
 from sparse_lm.params import is_routed
 from sparse_lm.params import param_list
 
@@ -61,6 +104,18 @@ def _define_flags():
     0,
     "Device count for the per-device rows; config.mesh's -1 axis takes "
     "what is left. 0 = the fewest the mesh allows (-1 resolved to 1).",
+  )
+  flags.DEFINE_bool(
+    "compile",
+    False,
+    "Also compile the train step and the decode step for the mesh on --devices simulated "
+    "CPU devices and print XLA's bytes per device, its FLOPs and the compile times.",
+  )
+  flags.DEFINE_string(
+    "mesh",
+    "",
+    "Replaces config.mesh's sizes: 'axis=size,...' (e.g. 'fsdp=-1' or 'data=8,expert=8'); "
+    "axes not named get 1.",
   )
 
 
@@ -172,6 +227,239 @@ def import_host_bytes(c, model, num_devices: int, source_bytes: int = 2) -> floa
   return peak
 
 
+# ------------------------------------------------------ compiled: XLA's bytes
+
+
+def simulate_devices(n: int) -> int:
+  """Asks JAX for `n` CPU devices (jax_num_cpu_devices, the CPU platform
+  only), which it reads when its backends start: at the first JAX operation,
+  not at `import jax`. Returns the CPU devices this process has (n, unless a
+  JAX operation ran before)."""
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+    jax.config.update("jax_platforms", "cpu")
+  except RuntimeError:  # the backends have started: what they have is what there is
+    pass
+  return len(jax.devices("cpu"))
+
+
+def cpu_mesh(c, num_devices: int) -> jax.sharding.Mesh:
+  """config.mesh over the first `num_devices` CPU devices of this process."""
+  sharding.mesh_sizes(c, num_devices)  # a ConfigError naming the key comes first
+  have = len(jax.devices("cpu"))
+  if have < num_devices:
+    raise ConfigError(
+      f"--devices={num_devices}: this process has {have} CPU devices; run "
+      "python -m sparse_lm.inspect (it asks JAX for them before its first operation), or "
+      f"set XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} before jax starts"
+    )
+  return sharding.make_mesh(c, jax.devices("cpu")[:num_devices])
+
+
+def abstract_batch(c, batch_shd, like: dict | None = None) -> dict:
+  """A global training batch [B, L] as ShapeDtypeStructs with `batch_shd`:
+  the keys and dtypes of `like` (a batch of the run's input), else the
+  pretraining input's (inputs, targets int32; weights float32)."""
+  like = like or {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
+  shape = (c.data.batch_size, c.data.seq_len)
+  return {
+    k: jax.ShapeDtypeStruct(shape, jnp.dtype(getattr(v, "dtype", v)), sharding=batch_shd)
+    for k, v in like.items()
+  }
+
+
+def train_program(c, mesh, vocab_size: int | None = None):
+  """(the jitted train step, its abstract arguments), as train.py builds them:
+  state.train_step with the state's shardings in and out, the state donated,
+  the batch sharded over ("batch", "length"), the step number replicated."""
+  V = vocab_size or statelib.vocab_size_of(c)
+  with sharding.use(mesh, c):
+    graphdef, abs_state, state_shd = statelib.abstract_state(c, V, mesh)
+    batch_shd, repl = sharding.named(mesh, "batch", "length"), sharding.named(mesh)
+  step = jax.jit(
+    statelib.train_step(c, graphdef),
+    in_shardings=(state_shd, batch_shd, repl),
+    out_shardings=(state_shd, repl),
+    donate_argnums=0,
+  )
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_shd
+  )
+  return step, (
+    state,
+    abstract_batch(c, batch_shd),
+    jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+  )
+
+
+def decode_program(c, mesh, batch: int, cache_len: int, vocab_size: int | None = None):
+  """(decode.forward with one token per row, its abstract arguments): the
+  inference model (decode.for_inference: weights in model.dtype) and a KV
+  cache of `cache_len` slots for `batch` rows, sharded by the logical names
+  (batch, kv_heads, head_dim) as decoding shards them."""
+  V = vocab_size or statelib.vocab_size_of(c)
+  spec = cfglib.model_spec(c)
+  m = decode.inference_spec(spec)
+  with sharding.use(mesh, c):
+    abs_model = nnx.eval_shape(lambda: decode.for_inference(Transformer(spec, V, rngs=nnx.Rngs(0))))
+    graphdef, abs_state = nnx.split(abs_model)
+    shd = nnx.get_named_sharding(abs_state, mesh)
+    cache_names = {  # by rank: a per-layer [B, S, J, Z], a stacked [layers, B, S, J, Z]
+      0: (),
+      2: ("batch", None),
+      4: ("batch", None, "kv_heads", "head_dim"),
+      5: (None, "batch", None, "kv_heads", "head_dim"),
+    }
+    place = lambda a, names: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=sharding.named(mesh, *names)
+    )
+    cache = jax.tree.map(
+      lambda a: place(a, cache_names[a.ndim]),
+      jax.eval_shape(lambda: decode.init_cache(m, batch, cache_len)),
+    )
+    row = lambda dt: place(jax.ShapeDtypeStruct((batch, 1), dt), ("batch", "length"))
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shd
+  )
+  step = jax.jit(functools.partial(decode.forward, graphdef), donate_argnames=("cache",))
+  return step, (state, row(jnp.int32), row(jnp.float32), row(jnp.int32), cache)
+
+
+def compiled_stats(step, args) -> dict:
+  """Lowers and compiles the jitted `step` for abstract `args` (nothing is
+  allocated). XLA's bytes per device (compiled.memory_analysis(): arguments,
+  outputs, aliased = donated arguments reused as outputs, temporaries,
+  generated code; total = arguments + outputs - aliased + temporaries +
+  code), XLA's FLOPs per device (cost_analysis()), the seconds the compile
+  took, and the Compiled itself ("compiled"). Run it under the mesh and the
+  rules the step traces with (sharding.use): activations are constrained by
+  logical names while tracing."""
+  t0 = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one per program
+  out = {
+    "arguments": mem.argument_size_in_bytes,
+    "outputs": mem.output_size_in_bytes,
+    "aliased": mem.alias_size_in_bytes,
+    "temporaries": mem.temp_size_in_bytes,
+    "code": mem.generated_code_size_in_bytes,
+  }
+  out["total"] = (
+    out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+  )
+  return {
+    **out,
+    "flops": float((cost or {}).get("flops", 0.0)),
+    "seconds": seconds,
+    "compiled": compiled,
+  }
+
+
+def compile_rows(
+  c, num_devices: int, say=lambda msg: None, decode_step: bool = True
+) -> dict[str, dict]:
+  """The train step and (`decode_step`) the decode step of config `c`
+  compiled for its mesh on `num_devices` CPU devices of this process
+  (cpu_mesh): compiled_stats of each, with "analytic_flops" per device
+  (summarize's FLOPs per token x the step's tokens / devices) beside XLA's.
+  The decode step is one token per row for data.batch_size rows over a cache
+  of data.seq_len slots; absent for a router that cannot decode."""
+  mesh = cpu_mesh(c, num_devices)
+  s = summarize(c)
+  B, L = c.data.batch_size, c.data.seq_len
+  out = {}
+  with sharding.use(mesh, c):
+    say(f"compiling the train step on {num_devices} CPU device(s)")
+    out["train"] = compiled_stats(*train_program(c, mesh))
+    out["train"]["analytic_flops"] = s["train_flops_per_token"] * B * L / num_devices
+    m = cfglib.model_spec(c)
+    if decode_step and (not m.is_moe or m.moe.router_facts.decodes):
+      say(f"compiling the decode step (batch {B}, cache {L})")
+      out["decode"] = compiled_stats(*decode_program(c, mesh, B, L))
+      out["decode"]["analytic_flops"] = s["inference_flops_per_token"] * B / num_devices
+  for stats in out.values():
+    del stats["compiled"]  # the executables are not kept (their memory is the host's)
+  return out
+
+
+def check_fits(
+  c, step, abs_state, state_shd, batch_shd, like_batch=None, say=print, *, bytes_limit=None
+):
+  """Refuses, before the first step, a train step that cannot fit in device memory.
+
+  train.py calls it with its jitted train step, under its mesh. On a GPU or
+  TPU, or with `bytes_limit` (tests), it compiles `step` for the abstract
+  state (`abs_state` with `state_shd`) and a batch like `like_batch` (keys
+  and dtypes) with `batch_shd`, and compares compiled_stats' total bytes per
+  device with the device's memory_stats()["bytes_limit"] (or `bytes_limit`):
+  over it, a RunError names both and the knobs that lower the need. Returns
+  the step to call: the compiled one, so that the first step does not
+  compile it again (the jitted `step` for a batch of other keys, shapes or
+  dtypes). On CPU, or where the device reports no limit: `step` unchanged.
+  XLA's total is the live buffers of the step alone; the input pipeline's
+  prefetched batches and the eval step come on top, so a step that needs
+  nearly all of the memory may still fail."""
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_shd
+  )
+  device = next(d for d in batch_shd.mesh.devices.flat if d.process_index == jax.process_index())
+  if bytes_limit is None:
+    if device.platform == "cpu":
+      return step
+    bytes_limit = (device.memory_stats() or {}).get("bytes_limit")
+    if not bytes_limit:
+      return step
+  batch = abstract_batch(c, batch_shd, like_batch)
+  repl = jax.sharding.NamedSharding(batch_shd.mesh, jax.sharding.PartitionSpec())
+  stats = compiled_stats(step, (state, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)))
+  need = stats["total"]
+  say(
+    f"train step: {_bytes(need)} per device (arguments {_bytes(stats['arguments'])}, "
+    f"temporaries {_bytes(stats['temporaries'])}) of {_bytes(bytes_limit)}; "
+    f"compiled in {stats['seconds']:.1f} s"
+  )
+  if need > bytes_limit:
+    raise RunError(fit_message(c, need, bytes_limit, device, batch_shd.mesh))
+  compiled, like = stats["compiled"], _signature(batch)
+
+  def run(state, batch, step_num):
+    fn = compiled if _signature(batch) == like else step
+    return fn(state, batch, step_num)
+
+  return run
+
+
+def _signature(batch: dict) -> list:
+  return [(k, tuple(v.shape), jnp.dtype(v.dtype)) for k, v in sorted(batch.items())]
+
+
+def fit_message(c, need: int, available: int, device=None, mesh=None) -> str:
+  """The one line of a step that does not fit: the bytes, and what lowers them."""
+  where = f"{device.device_kind} " if device is not None else ""
+  mesh = dict(mesh.shape) if mesh is not None else dict(c.mesh)
+  knobs = []
+  if "remat" in c.train:
+    knobs.append(f"train.remat=full (now {c.train.remat!r}: recompute activations)")
+  if "microbatches" in c.train:
+    knobs.append(
+      f"train.microbatches=N (now {c.train.microbatches}: 1/N of the activations at a time)"
+    )
+  if c.model.get("param_dtype", "bfloat16") == "float32":
+    knobs.append("model.param_dtype=bfloat16 (halves the parameters and AdamW's moments)")
+  knobs.append(
+    f"a mesh over more devices or sharding the parameters (config.mesh, now {mesh}: fsdp, expert)"
+  )
+  knobs.append(f"a smaller data.batch_size (now {c.data.batch_size})")
+  return (
+    f"the train step needs {_bytes(need)} per device and the {where}device has "
+    f"{_bytes(available)}: lower it with " + "; ".join(knobs) + "; "
+    "python -m sparse_lm.inspect --config=... --compile --devices=N shows the bytes of a choice"
+  )
+
+
 # ------------------------------------------------------------------- the table
 
 
@@ -189,10 +477,53 @@ def _bytes(b: float) -> str:
   return f"{b / 2**10:,.2f} KiB"
 
 
-def column(c, num_devices: int = 0) -> dict[str, str]:
-  """One config's rows of the table, as strings."""
+def fewest_devices(c) -> int:
+  """The fewest devices config.mesh allows (its -1 axis resolved to 1)."""
+  return math.prod(v for _, v in c.mesh if v != -1)
+
+
+COMPILED_ROWS = (  # (row, compiled_stats key)
+  ("compile time", "seconds"),
+  ("arguments / device", "arguments"),
+  ("outputs / device", "outputs"),
+  ("  of which donated args", "aliased"),
+  ("temporaries / device", "temporaries"),
+  ("generated code", "code"),
+  ("total / device", "total"),
+  ("FLOPs / device: XLA", "flops"),
+  ("FLOPs / device: analytic", "analytic_flops"),
+)
+
+
+def compiled_column(c, compiled: dict[str, dict]) -> dict[str, str]:
+  """compile_rows' numbers as rows of the table."""
+  rows = {}
+  for step in ("train", "decode"):
+    stats = compiled.get(step)
+    if step == "decode":
+      rows["decode step: batch x cache"] = (
+        f"{c.data.batch_size} x {c.data.seq_len}" if stats else "n/a (router cannot decode)"
+      )
+    for name, key in COMPILED_ROWS:
+      if not stats:
+        value = "n/a"
+      elif key == "seconds":
+        value = f"{stats[key]:.1f} s"
+      elif "flops" in key:
+        value = _num(stats[key])
+      else:
+        value = _bytes(stats[key])
+      rows[f"{step} step: {name}"] = value
+  return rows
+
+
+def column(
+  c, num_devices: int = 0, compile_steps: bool = False, say=lambda msg: None
+) -> dict[str, str]:
+  """One config's rows of the table, as strings; with `compile_steps`, XLA's
+  (compile_rows: needs `num_devices` CPU devices in this process)."""
   m = cfglib.model_spec(c)
-  num_devices = num_devices or math.prod(v for _, v in c.mesh if v != -1)
+  num_devices = num_devices or fewest_devices(c)
   sharding.mesh_sizes(c, num_devices)  # a bad count fails before any tracing
   model = statelib.abstract_model(c)
   s = summarize(c, model=model)
@@ -219,7 +550,7 @@ def column(c, num_devices: int = 0) -> dict[str, str]:
     "params / device": _bytes(d["param_bytes"]),
     "params+grads+opt / device": _bytes(d["param_bytes"] + grads + d["optimizer_bytes"]),
     "import: host peak (bf16 files)": _bytes(import_host_bytes(c, model, num_devices)),
-  }
+  } | (compiled_column(c, compile_rows(c, num_devices, say)) if compile_steps else {})
 
 
 def table(columns: dict[str, dict[str, str]]) -> str:
@@ -235,6 +566,23 @@ def table(columns: dict[str, dict[str, str]]) -> str:
   return "\n".join(lines)
 
 
+def with_mesh(c, spec: str):
+  """config `c` with config.mesh's sizes from --mesh 'axis=size,...' (axes
+  not named: 1; the axes and their order stay the config's)."""
+  if not spec:
+    return c
+  axes = [a for a, _ in c.mesh]
+  sizes = {}
+  for part in spec.split(","):
+    axis, _, size = part.partition("=")
+    axis = axis.strip()
+    if axis not in axes or not size.strip().lstrip("-").isdigit():
+      raise ConfigError(f"--mesh={spec!r}: each part is axis=size with an axis of {axes}")
+    sizes[axis] = int(size)
+  c.mesh = tuple((a, sizes.get(a, 1)) for a in axes)
+  return c
+
+
 def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -242,23 +590,35 @@ def main(argv):
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  columns, notes = {}, []
+  FLAGS = flags.FLAGS
+  configs, notes = {}, []
   for name in ("config", "compare"):
-    flag = flags.FLAGS[name]
+    flag = FLAGS[name]
     if flag.value is None:
       continue
     title = config_flags.get_config_filename(flag)
     overrides = config_flags.get_override_values(flag)
-    if overrides:
-      mark = "*" * (1 + len(columns))  # so the same file twice still gets two columns
+    if overrides or FLAGS.mesh:
+      mark = "*" * (1 + len(configs))  # so the same file twice still gets two columns
       title += mark
-      notes.append(f"{mark} " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
+      changed = [f"{k}={v!r}" for k, v in overrides.items()]
+      changed += [f"--mesh={FLAGS.mesh}"] if FLAGS.mesh else []
+      notes.append(f"{mark} " + ", ".join(changed))
     try:
-      columns[title] = column(cfglib.validate(flag.value), flags.FLAGS.devices)
+      configs[title] = cfglib.validate(with_mesh(flag.value, FLAGS.mesh))
     except ConfigError as e:
       raise ConfigError(f"{title}: {e}") from None
-  if not columns:
+  if not configs:
     raise app.UsageError("--config is required, e.g. --config=configs/mixtral.py:8x7b")
+  if FLAGS.compile:  # before JAX's first operation (module docstring)
+    simulate_devices(max(FLAGS.devices or fewest_devices(c) for c in configs.values()))
+  say = lambda msg: print(msg, file=sys.stderr, flush=True)
+  columns = {}
+  for title, c in configs.items():
+    try:
+      columns[title] = column(c, FLAGS.devices, FLAGS.compile, say)
+    except ConfigError as e:
+      raise ConfigError(f"{title}: {e}") from None
   print(table(columns))
   for note in notes:
     print(note)

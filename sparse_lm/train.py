@@ -272,6 +272,10 @@ def _train(c, workdir: str) -> dict:
         out_shardings=(state_shd, repl),
         donate_argnums=0,
       )
+      # GPU / TPU: refuses a step that cannot fit; returns it compiled (CPU: unchanged).
+      train_step = inspectlib.check_fits(
+        c, train_step, abs_state, state_shd, batch_shd, eval_data[0], say
+      )
       eval_step = jax.jit(eval_step, in_shardings=(state_shd, batch_shd), out_shardings=repl)
       B = c.data.batch_size
       to_global = lambda batch: {

@@ -1,6 +1,7 @@
 """inspect: published model sizes, counts equal to the real model's, FLOPs, the CLI."""
 
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -9,11 +10,16 @@ import sys
 from flax import nnx
 from helpers import in_process
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import inspect as inspectlib
+from sparse_lm import sharding
 from sparse_lm import state as statelib
+from sparse_lm.errors import ConfigError
+from sparse_lm.errors import RunError
 from sparse_lm.models import layers
 from sparse_lm.models.transformer import Transformer
 
@@ -189,3 +195,175 @@ def test_import_host_peak_is_the_largest_parameter_shard_read_and_placed():
   assert inspectlib.import_host_bytes(c, model, 1) == 8 * 4096 * 14336 * (2 + 4)
   c.mesh = (("data", 1), ("fsdp", 1), ("expert", 8), ("tensor", 1))
   assert inspectlib.import_host_bytes(c, model, 8) == 32000 * 4096 * (2 + 4)
+
+
+# ------------------------------------------------------ --compile: XLA's bytes
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one device holds of abstract arrays with shardings."""
+  return sum(
+    math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
+  )
+
+
+def test_compile_rows_on_8_devices_are_xlas_bytes_of_the_real_steps():
+  """Mixtral tiny, one layer, on 8 simulated devices as data 2 x expert 4
+  (the all-to-all path): both steps compile, XLA's argument bytes per device
+  are the shards of the state and the batch the step is given, the donated
+  state is aliased to the new one, and the table has every row."""
+  c = inspectlib.with_mesh(load("configs/mixtral.py:tiny"), "data=2,expert=4")
+  c.model.num_layers = 1
+  assert inspectlib.column(c, 8)["mesh"] == "data=2 expert=4"
+  compiled = inspectlib.compile_rows(c, 8)  # what column(..., compile_steps=True) adds
+  rows = inspectlib.compiled_column(c, compiled)
+  _, (state, batch, n) = inspectlib.train_program(c, inspectlib.cpu_mesh(c, 8))
+  s = compiled["train"]
+  # jit drops the step number where nothing random reads it (no dropout, no jitter)
+  assert s["arguments"] in (_shard_bytes((state, batch)), _shard_bytes((state, batch, n)))
+  assert s["aliased"] == _shard_bytes(state)
+  assert s["total"] == s["arguments"] + s["outputs"] - s["aliased"] + s["temporaries"] + s["code"]
+  # The shards the analytic per-device rows count: float32 params + AdamW moments.
+  d = inspectlib.per_device(c, statelib.abstract_model(c), 8)
+  assert _shard_bytes(state) == pytest.approx(d["param_bytes"] + d["optimizer_bytes"], rel=0.01)
+  for step in ("train", "decode"):
+    for name, _ in inspectlib.COMPILED_ROWS:
+      assert rows[f"{step} step: {name}"] not in ("", "n/a"), (step, name, rows)
+  assert rows["decode step: batch x cache"] == f"{c.data.batch_size} x {c.data.seq_len}"
+  assert rows["train step: total / device"] == inspectlib._bytes(s["total"])
+  assert inspectlib.table({"tiny": rows}).count("\n") == len(rows)
+
+
+def test_cli_compile_sets_its_own_device_count():
+  """The one process of the CLI: --devices=4 with no XLA_FLAGS (the program
+  asks JAX for 4 CPU devices itself before its first operation), --mesh."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sparse_lm.inspect",
+      "--config=configs/dense.py:tiny",
+      "--compile",
+      "--devices=4",
+      "--mesh=fsdp=4",
+      "--config.model.num_layers=1",
+    ],
+    cwd=ROOT,
+    env=dict(env, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert r.returncode == 0, r.stderr
+  rows = {k: v for k, *v in (re.split(r"\s{3,}", l.strip()) for l in r.stdout.splitlines()[1:])}
+  assert rows["mesh"] == ["fsdp=4"], r.stdout
+  for step in ("train", "decode"):
+    assert re.fullmatch(r"[\d,.]+ [KMG]iB", rows[f"{step} step: total / device"][0]), r.stdout
+  assert "--mesh=fsdp=4" in r.stdout and "model.num_layers=1" in r.stdout
+
+
+def test_mesh_flag_is_checked():
+  c = load("configs/mixtral.py:tiny")
+  assert inspectlib.with_mesh(c, "fsdp=-1").mesh == (
+    ("data", 1),
+    ("fsdp", -1),
+    ("expert", 1),
+    ("tensor", 1),
+  )
+  with pytest.raises(ConfigError, match="--mesh='pipe=2'"):
+    inspectlib.with_mesh(c, "pipe=2")
+
+
+# ------------------------------------------------------ the fit check (train.py)
+
+
+def _tiny_run():
+  """A dense tiny config's mesh, abstract state and shardings, as train.py has them."""
+  c = load("configs/dense.py:tiny")
+  c.model.num_layers = 1
+  mesh = sharding.make_mesh(c)
+  V = statelib.vocab_size_of(c)
+  with sharding.use(mesh, c):
+    graphdef, abs_state, state_shd = statelib.abstract_state(c, V, mesh)
+    batch_shd = sharding.named(mesh, "batch", "length")
+  return c, mesh, V, graphdef, abs_state, state_shd, batch_shd
+
+
+def _fake_step(state_shd, batch_shd, mib: int):
+  """A cheap stand-in for the train step whose temporaries are about `mib` MiB."""
+  repl = sharding.named(batch_shd.mesh)
+
+  def step(state, batch, n):
+    tmp = jnp.sin(jnp.arange(mib * 2**18, dtype=jnp.float32) + n)
+    return state, {"loss": jnp.sum(tmp) + jnp.sum(batch["weights"])}
+
+  return jax.jit(
+    step,
+    in_shardings=(state_shd, batch_shd, repl),
+    out_shardings=(state_shd, repl),
+    donate_argnums=0,
+  )
+
+
+def test_fit_check_refuses_in_one_line_naming_the_bytes_and_the_knobs():
+  c, mesh, _, _, abs_state, state_shd, batch_shd = _tiny_run()
+  step = _fake_step(state_shd, batch_shd, 64)
+  # CPU with no limit given: the step is returned as it is, nothing compiled.
+  assert inspectlib.check_fits(c, step, abs_state, state_shd, batch_shd) is step
+  said = []
+  with sharding.use(mesh, c), pytest.raises(RunError) as e:
+    inspectlib.check_fits(
+      c, step, abs_state, state_shd, batch_shd, None, said.append, bytes_limit=32 * 2**20
+    )
+  msg = str(e.value)
+  assert "\n" not in msg and "device has 32.00 MiB" in msg, msg
+  need = re.search(r"needs ([\d,.]+ [KMG]iB) per device", msg)
+  assert need and need.group(1) in said[0], (msg, said)
+  assert "config.mesh" in msg and "data.batch_size" in msg and "--compile" in msg, msg
+  for knob in ("remat", "microbatches"):  # named where the config has the key
+    assert (f"train.{knob}=" in msg) == (knob in c.train), msg
+  with sharding.use(mesh, c):  # the same step fits 1 GiB
+    inspectlib.check_fits(
+      c, step, abs_state, state_shd, batch_shd, None, said.append, bytes_limit=2**30
+    )
+
+
+def test_fit_check_returns_the_compiled_train_step():
+  """The first step does not compile again (the check did); a batch of other
+  keys goes to the jitted step."""
+  c, mesh, V, graphdef, abs_state, state_shd, batch_shd = _tiny_run()
+  repl = sharding.named(mesh)
+  step = jax.jit(
+    statelib.train_step(c, graphdef),
+    in_shardings=(state_shd, batch_shd, repl),
+    out_shardings=(state_shd, repl),
+    donate_argnums=0,
+  )
+  compiles = []
+  count = lambda event, secs, **kw: compiles.append(event)
+  with sharding.use(mesh, c):
+    fitted = inspectlib.check_fits(
+      c, step, abs_state, state_shd, batch_shd, None, lambda _: None, bytes_limit=2**40
+    )
+    state = jax.jit(lambda: nnx.state(statelib.create(c, V)), out_shardings=state_shd)()
+    toks = np.random.default_rng(0).integers(0, V, (c.data.batch_size, c.data.seq_len + 1))
+    batch = {
+      "inputs": jax.device_put(toks[:, :-1].astype(np.int32), batch_shd),
+      "targets": jax.device_put(toks[:, 1:].astype(np.int32), batch_shd),
+      "weights": jax.device_put(np.ones(toks[:, 1:].shape, np.float32), batch_shd),
+    }
+    step0 = jnp.int32(0)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+      state, meas = fitted(state, batch, step0)
+      assert np.isfinite(float(meas["loss"]))
+    finally:
+      jax.monitoring.unregister_event_duration_listener(count)
+    assert "/jax/core/compile/backend_compile_duration" not in compiles
+    fake = _fake_step(state_shd, batch_shd, 1)
+    fitted = inspectlib.check_fits(
+      c, fake, abs_state, state_shd, batch_shd, None, lambda _: None, bytes_limit=2**40
+    )
+    fitted(state, {**batch, "mask": batch["weights"]}, step0)  # compiled would raise
