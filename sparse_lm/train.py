@@ -1,8 +1,9 @@
 """The trainer: one function in sections (big_vision style), its plumbing beside it.
 
-Mesh -> Input -> Model -> Workdir -> Update step -> Checkpoint -> Evals -> Loop.
-Everything that can refuse the config comes before "Workdir" (where the lock
-is taken): a refused run leaves no trace. A run always resumes from the
+Mesh -> Input -> Model -> Update step -> Workdir -> Checkpoint -> Evals -> Loop.
+Everything that can refuse the config (the fit check of the compiled step on
+an accelerator included) comes before "Workdir" (where the lock is taken): a
+refused run leaves no trace. A run always resumes from the
 workdir's latest checkpoint (sparse_lm/checkpoint.py owns the workdir: lock,
 finite-only saves, rotation, fallback past a broken checkpoint). The RNG of
 step n is fold_in(seed, n), so model, optimizer, step and data position are
@@ -221,7 +222,7 @@ def _train(c, workdir: str) -> dict:
   t = c.train
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
-  # Every refusal of the config (mesh, data, resume, model, init rules) comes
+  # Every refusal of the config (mesh, data, resume, model, init rules, fit) comes
   # before the section "Workdir": a refused run leaves no trace (a fresh
   # workdir is not created, an existing one stays byte-identical).
 
@@ -262,27 +263,27 @@ def _train(c, workdir: str) -> dict:
       f"train FLOPs/token {stats['train_flops_per_token']:.3g}  MoE layers {moe_ids or 'none'}"
     )
 
+    # ---- Update step ----
+    train_step, eval_step = statelib.train_step(c, graphdef), statelib.eval_step(graphdef)
+    train_step = jax.jit(
+      train_step,
+      in_shardings=(state_shd, batch_shd, repl),
+      out_shardings=(state_shd, repl),
+      donate_argnums=0,
+    )
+    # GPU / TPU: refuses a step that cannot fit; returns it compiled (CPU: unchanged).
+    train_step = inspectlib.check_fits(
+      c, train_step, abs_state, state_shd, batch_shd, eval_data[0], say
+    )
+    eval_step = jax.jit(eval_step, in_shardings=(state_shd, batch_shd), out_shardings=repl)
+    B = c.data.batch_size
+    to_global = lambda batch: {
+      k: jax.make_array_from_process_local_data(batch_shd, v, (B, *v.shape[1:]))
+      for k, v in batch.items()
+    }
+
     # ---- Workdir ----
     with ckptlib.open_workdir(workdir), Stop() as stop:
-      # ---- Update step ----
-      train_step, eval_step = statelib.train_step(c, graphdef), statelib.eval_step(graphdef)
-      train_step = jax.jit(
-        train_step,
-        in_shardings=(state_shd, batch_shd, repl),
-        out_shardings=(state_shd, repl),
-        donate_argnums=0,
-      )
-      # GPU / TPU: refuses a step that cannot fit; returns it compiled (CPU: unchanged).
-      train_step = inspectlib.check_fits(
-        c, train_step, abs_state, state_shd, batch_shd, eval_data[0], say
-      )
-      eval_step = jax.jit(eval_step, in_shardings=(state_shd, batch_shd), out_shardings=repl)
-      B = c.data.batch_size
-      to_global = lambda batch: {
-        k: jax.make_array_from_process_local_data(batch_shd, v, (B, *v.shape[1:]))
-        for k, v in batch.items()
-      }
-
       # ---- Checkpoint ----
       ckpt = ckptlib.Checkpointer(workdir, keep=t.keep_checkpoints, say=say)
       start, state, data_state = ckpt.restore_latest(ckptlib.target(abs_state, state_shd))

@@ -9,6 +9,7 @@ refusal now comes before the workdir is touched: a fresh workdir does not
 exist afterwards, an existing one is byte-identical (contents and mtimes).
 """
 
+import functools
 import os
 import subprocess
 
@@ -20,6 +21,7 @@ from helpers import user_error
 import pytest
 
 from sparse_lm import config as cfglib
+from sparse_lm import inspect as inspectlib
 from sparse_lm import train
 from sparse_lm.errors import ConfigError
 
@@ -80,6 +82,17 @@ def test_refused_init_rules_and_frozen_do_not_create_the_workdir(tmp_path, tfds_
   assert not os.path.exists(wd)
   c = tiny_config(tfds_dir, ("train.frozen", "no_such_parameter"))
   user_error(lambda: train.train_and_evaluate(c, wd), "it freezes no parameter")
+  assert not os.path.exists(wd)
+
+
+def test_a_step_that_does_not_fit_leaves_no_workdir(tmp_path, tfds_dir, monkeypatch):
+  # On a GPU or TPU the compiled step's bytes are checked against the device's
+  # before the first step (inspect.check_fits); here a 1 MiB device, on CPU.
+  fits = functools.partial(inspectlib.check_fits, bytes_limit=2**20)
+  monkeypatch.setattr(inspectlib, "check_fits", fits)
+  wd = str(tmp_path / "fresh")
+  c = tiny_config(tfds_dir, "train.num_steps=2")
+  user_error(lambda: train.train_and_evaluate(c, wd), "train.remat=full", "train.microbatches")
   assert not os.path.exists(wd)
 
 
