@@ -103,9 +103,16 @@ def upcycled(c, source, mesh=None):
     state = fresh_state(c)
     state, report = finetune.init_from(c, state, abs_state)
     return (*logits_of(c, state), report)
+  state = fresh_state(c)
   with sharding.use(mesh, c):
     graphdef, abs_state, shd = statelib.abstract_state(c, V, mesh)
-    state = jax.jit(lambda: nnx.state(statelib.create(c, V)), out_shardings=shd)()
+    # Placed as the trainer's jit(create, out_shardings=shd) places it (the
+    # trees differ only in the Variables' eager_sharding metadata).
+    leaves, want = jax.tree.leaves(state), jax.tree.leaves(abs_state)
+    assert [x.shape for x in leaves] == [a.shape for a in want]
+    state = jax.tree.unflatten(
+      jax.tree.structure(shd), [jax.device_put(x, d) for x, d in zip(leaves, jax.tree.leaves(shd))]
+    )
     state, report = finetune.init_from(c, state, abs_state)
     toks = jax.random.randint(jax.random.key(3), (8, 16), 0, V)
     with jax.default_matmul_precision("highest"):
