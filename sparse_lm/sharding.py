@@ -111,19 +111,18 @@ def mesh_sizes(c, num_devices: int) -> dict[str, int]:
       c.data.batch_size,
       f"must be divisible by the batch mesh axes {batch_axes} (size {size_of(batch_axes)})",
     )
-  n = c.train.get("microbatches", 1) if "train" in c else 1
-  if n > 1 and (c.data.batch_size // n) % size_of(batch_axes):
-    why = (
-      f"splits data.batch_size={c.data.batch_size} into micro-batches of "
-      f"{c.data.batch_size // n} rows, not divisible by the batch mesh axes {batch_axes} "
-      f"(size {size_of(batch_axes)})"
-    )
-    _fail("train.microbatches", n, why)
   if moe.num_experts <= 1 or n_ep == 1:
     return sizes
   # Expert parallelism (sparse_lm/models/moe/parallel.py).
   tok_axes = batch_axes + tuple(a for a in expert_axes if a not in batch_axes)
-  tokens = c.data.batch_size * c.data.seq_len
+  n = c.train.get("microbatches", 1) if "train" in c else 1
+  tokens = c.data.batch_size // n * c.data.seq_len  # what one forward routes
+  if n > 1 and tokens % size_of(tok_axes):
+    why = (
+      f"makes micro-batches of {tokens} tokens, not divisible by the token mesh axes "
+      f"{tok_axes} (size {size_of(tok_axes)}) for expert parallelism"
+    )
+    _fail("train.microbatches", n, why)
   if tokens % size_of(tok_axes):
     _fail(
       "data.batch_size",

@@ -24,6 +24,7 @@ from sparse_lm import params as paramslib
 from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm import train
+from sparse_lm.errors import ConfigError
 
 V, B, L = 64, 8, 16
 ROUTERS = {  # router: model.moe overrides
@@ -154,6 +155,14 @@ def test_microbatches_with_remat_and_scanned_layers_equal_the_plain_step(router)
   # router losses and statistics are counted once (tests/scale_model_test.py
   # checks each alone; here with micro-batches and the bias update).
   assert_same(one_step(config(router, 2, remat="full", scan=True)), reference(router))
+
+
+def test_microbatches_too_small_for_expert_parallelism_are_refused():
+  mesh = (("data", 1), ("fsdp", 1), ("expert", 4), ("tensor", 2))
+  c = config("mixtral", 8, mesh=mesh)
+  c.data.seq_len = 2  # 8 micro-batches of one row: 2 tokens over 4 expert shards
+  with pytest.raises(ConfigError, match="train.microbatches=8 is invalid: makes micro-batches"):
+    sharding.mesh_sizes(c, 8)
 
 
 def test_bias_is_updated_once_from_the_whole_step():
