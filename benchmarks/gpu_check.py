@@ -137,18 +137,9 @@ class Table:
 
 
 def _compiled_fwd_bwd(module, x, ct, **call_kw):
-  """moe_layer.grad_fn's step (value and gradients of sum(y * ct) + the
+  """moe_layer.fwd_bwd's step (value and gradients of sum(y * ct) + the
   router loss) compiled once: (callable f(x, ct), the optimised HLO text)."""
-  graphdef, state = nnx.split(module)
-
-  def step(state, x, ct):
-    def loss(state, x):
-      out = nnx.merge(graphdef, state)(x, **call_kw)
-      y, aux = out if isinstance(out, tuple) else (out, {"router_loss": 0.0})
-      return jnp.sum(y * ct) + aux["router_loss"]
-
-    return jax.value_and_grad(loss, (0, 1))(state, x)
-
+  state, step = moe_layer.fwd_bwd(module, **call_kw)
   compiled = jax.jit(step).lower(state, x, ct).compile()
   return (lambda x, ct: compiled(state, x, ct)), compiled.as_text()
 

@@ -57,8 +57,9 @@ def moe_model(
   return cfglib.model_spec(cfglib.validate(c))
 
 
-def grad_fn(module, **call_kw):
-  """jit(value and grad of sum(y * ct) + router loss) w.r.t. params and x, as f(x, ct).
+def fwd_bwd(module, **call_kw):
+  """(state, step): step(state, x, ct) is the value and gradients of
+  sum(y * ct) + the router loss w.r.t. the module's state and x (unjitted).
 
   The value makes the forward compute y, as in training (y feeds the residual
   stream): with the gradient alone XLA would drop the dense FFN's second
@@ -66,7 +67,6 @@ def grad_fn(module, **call_kw):
   """
   graphdef, state = nnx.split(module)
 
-  @jax.jit
   def step(state, x, ct):
     def loss(state, x):
       out = nnx.merge(graphdef, state)(x, **call_kw)
@@ -75,6 +75,13 @@ def grad_fn(module, **call_kw):
 
     return jax.value_and_grad(loss, (0, 1))(state, x)
 
+  return state, step
+
+
+def grad_fn(module, **call_kw):
+  """jit(fwd_bwd's step) as f(x, ct)."""
+  state, step = fwd_bwd(module, **call_kw)
+  step = jax.jit(step)
   return lambda x, ct: step(state, x, ct)
 
 
