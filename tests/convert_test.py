@@ -12,6 +12,7 @@ import shutil
 import sys
 
 from helpers import cli
+from helpers import in_process
 from helpers import one_line_error
 from helpers import run
 import jax
@@ -309,12 +310,14 @@ def test_import_never_overwrites_a_run(imported):
 # ------------------------------------------------------- the command lines
 
 
-def test_cli_import_generate_finetune_and_errors(tmp_path, tfds_dir):
+def test_cli_import_generate_finetune_and_errors(tmp_path, tfds_dir, monkeypatch):
   """The README's commands: import, generate with the checkpoint's tokenizer,
   fine-tune from it (configs/finetune/imported.py), export; and a bad
-  checkpoint is one line, exit 1."""
+  checkpoint is one line, exit 1. The bad import runs as a real process (the
+  contract: exit status 1, one line on stderr); the other command lines run
+  in this process (in_process: each program's own flags, parser and main)."""
   wd, ft = tmp_path / "olmoe", tmp_path / "olmoe_ft"
-  p = run(
+  p = in_process(
     [
       sys.executable,
       "-m",
@@ -322,11 +325,12 @@ def test_cli_import_generate_finetune_and_errors(tmp_path, tfds_dir):
       "import",
       f"--hf_dir={FIX / 'olmoe'}",
       f"--workdir={wd}",
-    ]
+    ],
+    monkeypatch=monkeypatch,
   )
   assert p.returncode == 0, p.stderr[-2000:]
   assert "imported olmoe (per_expert experts, 54,048 parameters)" in p.stdout
-  p = run(
+  p = in_process(
     [
       sys.executable,
       "-m",
@@ -334,7 +338,8 @@ def test_cli_import_generate_finetune_and_errors(tmp_path, tfds_dir):
       f"--workdir={wd}",
       "--prompt=def fib(n):",
       "--max_new_tokens=8",
-    ]
+    ],
+    monkeypatch=monkeypatch,
   )
   assert p.returncode == 0, p.stderr[-2000:]
   assert "def fib(n):" in p.stdout
@@ -355,7 +360,7 @@ def test_cli_import_generate_finetune_and_errors(tmp_path, tfds_dir):
   assert "copied from" in p.stdout or "init" in p.stdout
   c = ckptlib.read_config(str(ft))
   assert c.data.tokenizer == "huggingface" and c.model.qk_norm == "full"
-  p = run(
+  p = in_process(
     [
       sys.executable,
       "-m",
@@ -363,7 +368,8 @@ def test_cli_import_generate_finetune_and_errors(tmp_path, tfds_dir):
       "export",
       f"--workdir={ft}",
       f"--hf_dir={tmp_path / 'out'}",
-    ]
+    ],
+    monkeypatch=monkeypatch,
   )
   assert p.returncode == 0, p.stderr[-2000:]
   assert sorted(load_file(tmp_path / "out" / "model.safetensors")) == sorted(_hub_tensors("olmoe"))

@@ -222,9 +222,9 @@ def in_process(args, *, monkeypatch):
   out, err, code = io.StringIO(), io.StringIO(), 0
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     try:
-      clilib.flags_parser(program, CONFIG_FLAGS.get(program, ()))([program, *argv])
+      left = clilib.flags_parser(program, CONFIG_FLAGS.get(program, ()))([program, *argv])
       try:
-        module["main"]([program])
+        module["main"](left)  # what the parser leaves, as app.run passes it
       except UserError as e:
         assert not e.hard_exit, e  # it would end this process
         clilib.fail(program, str(e))

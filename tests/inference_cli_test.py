@@ -1,19 +1,24 @@
-"""sparse_lm.generate and sparse_lm.evaluate through the CLI, on a trained tiny checkpoint."""
+"""sparse_lm.generate and sparse_lm.evaluate through the CLI, on a trained tiny checkpoint.
+
+Each program runs as a real process once (an error case: exit status 1, one
+line on stderr); every other command line runs in this process (in_process:
+the program's own flags, parser and main, a UserError printed by cli.fail),
+which spares a Python + JAX start and the compiles of a child per scenario.
+"""
 
 import json
 import os
 import shutil
-import subprocess
 import sys
 
-from helpers import ENV
-from helpers import ROOT
 from helpers import cli
+from helpers import in_process
 from helpers import rows
 from helpers import run
 import pytest
 
 PROMPTS = ["def fib(n):", "import os", "class A:", "x = [", "for i in", "print(", "# ", "if x"]
+EP_MESH = "(('data', 1), ('fsdp', 1), ('expert', 8), ('tensor', 1))"
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +38,20 @@ def trained(tmp_path_factory, tfds_dir):
   return wd
 
 
-def generate(wd, *args, env=None):
-  return subprocess.run(
-    [sys.executable, "-m", "sparse_lm.generate", f"--workdir={wd}", *args],
-    cwd=ROOT,
-    env=env or ENV,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+def generate_cmd(wd, *args):
+  return [sys.executable, "-m", "sparse_lm.generate", f"--workdir={wd}", *args]
 
 
-def test_greedy_generation_is_deterministic_and_writes_jsonl(trained, tmp_path):
+def evaluate_cmd(wd, *args):
+  return [sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={wd}", *args]
+
+
+def generate(wd, *args, monkeypatch):
+  """The generate command line, run in this process."""
+  return in_process(generate_cmd(wd, *args), monkeypatch=monkeypatch)
+
+
+def test_greedy_generation_is_deterministic_and_writes_jsonl(trained, tmp_path, monkeypatch):
   outs = []
   for i in range(2):
     out = str(tmp_path / f"g{i}.jsonl")
@@ -55,6 +62,7 @@ def test_greedy_generation_is_deterministic_and_writes_jsonl(trained, tmp_path):
       "--max_new_tokens=12",
       f"--output={out}",
       "--expert_choices",
+      monkeypatch=monkeypatch,
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "tokens/s" in p.stdout and "no compile in them" in p.stdout  # rate without compiles
@@ -67,7 +75,9 @@ def test_greedy_generation_is_deterministic_and_writes_jsonl(trained, tmp_path):
   assert all(len(e) == 1 and 0 <= e[0][0] < 8 for e in first["experts"])
 
 
-def test_expert_parallel_mesh_generates_the_same_tokens(trained, tmp_path):
+def test_expert_parallel_mesh_generates_the_same_tokens(trained, tmp_path, monkeypatch):
+  # This process has 8 (simulated) devices: the mesh's 8 expert shards, and
+  # without --mesh the model on one device, as in a child of one device.
   prompts = tmp_path / "p.txt"
   prompts.write_text("\n".join(PROMPTS) + "\n")
   args = [
@@ -77,14 +87,13 @@ def test_expert_parallel_mesh_generates_the_same_tokens(trained, tmp_path):
     "--top_p=0.9",
     "--seed=3",
   ]
-  one = generate(trained, *args, f"--output={tmp_path / 'one.jsonl'}")
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  one = generate(trained, *args, f"--output={tmp_path / 'one.jsonl'}", monkeypatch=monkeypatch)
   ep = generate(
     trained,
     *args,
     f"--output={tmp_path / 'ep.jsonl'}",
-    "--mesh=(('data', 1), ('fsdp', 1), ('expert', 8), ('tensor', 1))",
-    env=env,
+    f"--mesh={EP_MESH}",
+    monkeypatch=monkeypatch,
   )
   assert one.returncode == 0 and ep.returncode == 0, (one.stderr[-2000:], ep.stderr[-2000:])
   toks = lambda f: [json.loads(l)["tokens"] for l in open(tmp_path / f)]
@@ -92,18 +101,9 @@ def test_expert_parallel_mesh_generates_the_same_tokens(trained, tmp_path):
   assert len(toks("one.jsonl")) == 8
 
 
-def test_evaluate_reproduces_the_runs_eval_loss(trained, tmp_path):
+def test_evaluate_reproduces_the_runs_eval_loss(trained, tmp_path, monkeypatch):
   out = str(tmp_path / "eval.json")
-  p = run(
-    [
-      sys.executable,
-      "-m",
-      "sparse_lm.evaluate",
-      f"--workdir={trained}",
-      "--batches=2",
-      f"--output={out}",
-    ]
-  )
+  p = in_process(evaluate_cmd(trained, "--batches=2", f"--output={out}"), monkeypatch=monkeypatch)
   assert p.returncode == 0, p.stderr[-3000:]
   r = json.load(open(out))
   final = [x["eval_loss"] for x in rows(trained) if "eval_loss" in x][-1]
@@ -115,26 +115,34 @@ def test_evaluate_reproduces_the_runs_eval_loss(trained, tmp_path):
   assert "perplexity" in p.stdout or "loss" in p.stdout
 
 
-def evaluate(wd, out, *args):
-  cmd = [sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={wd}", f"--output={out}", *args]
-  p = run(cmd)
+def evaluate(wd, out, *args, monkeypatch):
+  p = in_process(evaluate_cmd(wd, f"--output={out}", *args), monkeypatch=monkeypatch)
   assert p.returncode == 0, p.stderr[-3000:]
   return json.load(open(out))
 
 
-def test_eval_dropped_fraction_is_the_mean_over_the_eval_batches(tmp_path, tfds_dir):
+def test_eval_dropped_fraction_is_the_mean_over_the_eval_batches(tmp_path, tfds_dir, monkeypatch):
   # Issue 17, smell 2: the logged eval_moe/.../dropped_fraction was the last batch's.
   wd = str(tmp_path / "drops")
   args = ["--config.train.num_steps=10", "--config.train.eval_every=10"]
   args += ["--config.train.eval_batches=4", "--config.model.moe.eval_capacity_factor=0.5"]
   assert run(cli(wd, tfds_dir, *args, config="configs/switch.py:tiny")).returncode == 0
   logged = rows(wd)[-1]["eval_moe/layer1/dropped_fraction"]
-  mean = evaluate(wd, str(tmp_path / "4.json"))["moe_layers"]["1"]["dropped_fraction"]
-  first = evaluate(wd, str(tmp_path / "1.json"), "--batches=1")["moe_layers"]["1"]
+  mean = evaluate(wd, str(tmp_path / "4.json"), monkeypatch=monkeypatch)
+  mean = mean["moe_layers"]["1"]["dropped_fraction"]
+  first = evaluate(wd, str(tmp_path / "1.json"), "--batches=1", monkeypatch=monkeypatch)
+  first = first["moe_layers"]["1"]
   assert abs(first["dropped_fraction"] - mean) > 1e-4  # the batches differ
   assert abs(logged - mean) < 1e-6, (logged, mean)
 
 
+def assert_one_line_error(p, needle):
+  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  assert needle in p.stderr.strip().splitlines()[-1]
+
+
+# The first case of each program runs as a real process (the contract: exit
+# status 1, one line on stderr, no traceback); the others in this process.
 @pytest.mark.parametrize(
   "args,needle",
   [
@@ -144,10 +152,10 @@ def test_eval_dropped_fraction_is_the_mean_over_the_eval_batches(tmp_path, tfds_
     (["--prompts=/nonexistent.txt"], "--prompts=/nonexistent.txt: no such file"),
   ],
 )
-def test_generate_errors_are_one_line(trained, args, needle):
-  p = generate(trained, *args)
-  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-  assert needle in p.stderr.strip().splitlines()[-1]
+def test_generate_errors_are_one_line(trained, args, needle, monkeypatch):
+  cmd = generate_cmd(trained, *args)
+  p = run(cmd) if not args else in_process(cmd, monkeypatch=monkeypatch)
+  assert_one_line_error(p, needle)
 
 
 @pytest.mark.parametrize(
@@ -158,18 +166,18 @@ def test_generate_errors_are_one_line(trained, args, needle):
     (["--step=3"], "holds no checkpoint of step 3"),
   ],
 )
-def test_evaluate_errors_are_one_line(trained, args, needle):
-  p = run([sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={trained}", *args])
-  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-  assert needle in p.stderr.strip().splitlines()[-1]
+def test_evaluate_errors_are_one_line(trained, args, needle, monkeypatch):
+  cmd = evaluate_cmd(trained, *args)
+  p = run(cmd) if args == ["--split=nope"] else in_process(cmd, monkeypatch=monkeypatch)
+  assert_one_line_error(p, needle)
 
 
-def test_a_tokenizer_that_is_not_the_runs_is_refused(trained, tmp_path):
+def test_a_tokenizer_that_is_not_the_runs_is_refused(trained, tmp_path, monkeypatch):
   # The run records its tokenizer's hash (data.json); another one is a one-line error.
   wd = str(tmp_path / "copy")
   shutil.copytree(trained, wd, ignore=shutil.ignore_patterns(".lock*"))
   data = json.load(open(os.path.join(wd, "data.json")))
   data["tokenizer"]["sha256"] = "0" * 16
   json.dump(data, open(os.path.join(wd, "data.json"), "w"))
-  p = run([sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={wd}"])
+  p = in_process(evaluate_cmd(wd), monkeypatch=monkeypatch)
   assert p.returncode == 1 and "is not the one" in p.stderr.strip().splitlines()[-1]
