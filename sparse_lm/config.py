@@ -108,8 +108,8 @@ def base_config() -> mlc.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = "float32"  # compute dtype (the Params' own is model.param_dtype)
   # The Params' dtype, "float32" or "bfloat16" (drawn in float32, then rounded).
-  # optax keeps AdamW's moments (and Adafactor's) in it too; the router computes
-  # in float32 whatever the dtypes.
+  # The optimizer's state is in it too unless train.moments_dtype="float32";
+  # the router computes in float32 whatever the dtypes.
   c.model.param_dtype = "float32"
   # Weight-matrix init: truncated normal, std sqrt(init_scale / fan_in) (Fedus
   # et al. 2021 section 2.4, s; the Switch paper's s = 0.1). Embeddings keep
@@ -224,6 +224,10 @@ def base_config() -> mlc.ConfigDict:
   c.train.b1 = 0.9  # adamw only
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0  # global norm; 0 = off
+  # The optimizer state's dtype: "param" (model.param_dtype, as optax keeps
+  # it) or "float32" (with model.param_dtype=bfloat16: 10 bytes a parameter
+  # instead of 6, the second moment not rounded to 8 bits of mantissa).
+  c.train.moments_dtype = "param"
   # What each block's backward pass keeps (the rest is recomputed): "none" (all),
   # "full" (only the block's input), "dots" (matmul outputs without batch dims),
   # "moe" (attention and dense-FFN matmul outputs and the routing decisions;
@@ -553,6 +557,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "train.optimizer", OPTIMIZERS)
   _choice(c, "train.schedule", SCHEDULES)
   _choice(c, "train.remat", REMATS)
+  _choice(c, "train.moments_dtype", ("param", "float32"))
   _unread(c, "train.b1", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b1")
   _unread(c, "train.b2", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b2")
   _unread(

@@ -127,14 +127,15 @@ def experts_per_token(m) -> float:
   return router.assignments_per_token(m.moe)
 
 
-def optimizer_bytes(t, params) -> dict[str, int]:
+def optimizer_bytes(t, params, param_dtype: str = "float32") -> dict[str, int]:
   """Bytes of optimizer state per parameter path, from the init of the
-  optimizer the trainer builds (optimizer.make_optimizer); parameters that
-  train.frozen freezes have none."""
+  optimizer the trainer builds (optimizer.make_optimizer) on parameters of
+  `param_dtype` (model.param_dtype); parameters that train.frozen freezes
+  have none."""
   opt = optlib.make_optimizer(t)
   frozen = finetune.frozen_predicate(t.frozen) if t.frozen else lambda path, names: False
   shapes = {
-    path: jax.ShapeDtypeStruct(shape, jnp.float32)
+    path: jax.ShapeDtypeStruct(shape, jnp.dtype(param_dtype))
     for path, shape, names in params
     if not frozen(path, names)
   }
@@ -181,7 +182,7 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
     "train_flops_per_token": float(3 * fwd),
     "inference_flops_per_token": float(fwd),
     "param_bytes": int(param_bytes),
-    "optimizer_bytes": int(sum(optimizer_bytes(c.train, params).values())),
+    "optimizer_bytes": int(sum(optimizer_bytes(c.train, params, c.model.param_dtype).values())),
   }
 
 
@@ -201,11 +202,12 @@ def per_device(c, model, num_devices: int) -> dict:
   sizes = sharding.mesh_sizes(c, num_devices)
   rules = c.sharding_rules
   params = param_list(model)
-  opt = optimizer_bytes(c.train, params)
+  opt = optimizer_bytes(c.train, params, c.model.param_dtype)
+  itemsize = jnp.dtype(c.model.param_dtype).itemsize
   param_b = opt_b = 0.0
   for path, shape, names in params:
     frac = _split(names, shape, rules, sizes) / math.prod(shape)
-    param_b += 4 * math.prod(shape) * frac
+    param_b += itemsize * math.prod(shape) * frac
     opt_b += opt[path] * frac  # approximate for factored (Adafactor) slots
   return {"mesh": sizes, "param_bytes": param_b, "optimizer_bytes": opt_b}
 
@@ -536,7 +538,7 @@ def column(
   else:
     routing = "dense"
   mesh = " ".join(f"{a}={n}" for a, n in d["mesh"].items() if n > 1) or "1 device"
-  grads = d["param_bytes"]  # float32, sharded like the parameters
+  grads = d["param_bytes"]  # in the parameters' dtype, sharded like them
   return {
     "layers (MoE)": f"{m.num_layers} ({n_moe})",
     "experts per token": routing,

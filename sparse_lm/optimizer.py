@@ -42,8 +42,30 @@ def lr_schedule(t) -> optax.Schedule:
   return lambda s: base(s) * jnp.clip((steps - s) / n, 0.0, 1.0)
 
 
+def _float32_state(opt: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`opt` computing in float32 whatever the parameters' dtype: its state
+  (AdamW's moments, Adafactor's factors) is drawn from float32 copies of the
+  parameters, and the gradients and parameters are cast to float32 before
+  each update. optax keeps the moments in the parameters' dtype (its adamw
+  has mu_dtype but no nu_dtype), so with model.param_dtype=bfloat16 this is
+  train.moments_dtype=float32: 12 bytes a parameter become 10, and the
+  second moment keeps its 24-bit mantissa (the mixed-precision recipe of
+  Micikevicius et al. 2018, without the float32 master copy of the weights:
+  the update is applied to the bfloat16 parameters by optax.apply_updates,
+  rounding there). The cast keeps nnx Variables (their sharding names)."""
+  cast = lambda tree: jax.tree.map(
+    lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
+
+  def update(grads, state, params=None, **kw):
+    return opt.update(cast(grads), state, None if params is None else cast(params), **kw)
+
+  return optax.GradientTransformation(lambda params: opt.init(cast(params)), update)
+
+
 def make_optimizer(t) -> optax.GradientTransformation:
-  """AdamW or Adafactor with global-norm clipping; no weight decay on vectors."""
+  """AdamW or Adafactor with global-norm clipping; no weight decay on vectors;
+  train.moments_dtype=float32 keeps the state in float32 (_float32_state)."""
   schedule = lr_schedule(t)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   if t.optimizer == "adamw":
@@ -65,4 +87,6 @@ def make_optimizer(t) -> optax.GradientTransformation:
       is_leaf=lambda v: isinstance(v, nnx.Variable),
     )
     opt = optax.GradientTransformation(lambda params: init(plain(params)), opt.update)
+  if t.get("moments_dtype", "param") == "float32":
+    opt = _float32_state(opt)
   return opt

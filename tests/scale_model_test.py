@@ -224,11 +224,17 @@ def test_decoding_a_scanned_model_equals_its_full_forward():
   np.testing.assert_allclose(np.concatenate(out, 1), full, rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_params_train_a_step_with_bfloat16_moments():
+@pytest.mark.parametrize("moments_dtype", ["param", "float32"])
+def test_bfloat16_params_train_a_step(moments_dtype):
   """model.param_dtype="bfloat16": every Param is bfloat16 (the router still
-  computes in float32), a train step keeps them so, and optax keeps AdamW's
-  moments in the parameters' dtype (it has a mu_dtype but no nu_dtype)."""
+  computes in float32), a train step keeps them so; AdamW's moments are in the
+  parameters' dtype as optax keeps them (it has a mu_dtype but no nu_dtype),
+  or float32 with train.moments_dtype="float32", where the first moment after
+  one step is (1 - b1) times the float32 cast of the bfloat16 gradient
+  (clipping off), most of its values not representable in bfloat16. inspect
+  counts the bytes of each."""
   c = config("mixtral", **{"model.param_dtype": "bfloat16", "train.warmup_steps": 0})
+  c.train.moments_dtype, c.train.grad_clip = moments_dtype, 0.0
   with nnx.use_eager_sharding(False):
     model, opt = statelib.create(c, V)
   graphdef, state = nnx.split((model, opt))
@@ -254,9 +260,22 @@ def test_bfloat16_params_train_a_step_with_bfloat16_moments():
     if re.search(r"\['(mu|nu)'\]", jax.tree_util.keystr(path))
   ]
   assert len(moments) == 2 * len(jax.tree.leaves(after))
-  assert {m.dtype for m in moments} == {jnp.dtype(jnp.bfloat16)}
+  dtype = jnp.dtype(jnp.bfloat16 if moments_dtype == "param" else jnp.float32)
+  assert {m.dtype for m in moments} == {dtype}
+  if moments_dtype == "float32":
+    grads = nnx.grad(lambda mdl: statelib.loss_fn(mdl, batch, train=True, rng=None)[0])(
+      nnx.merge(graphdef, state)[0]
+    )
+    mu = [l for p, l in jax.tree_util.tree_flatten_with_path(nnx.state(opt))[0] if "'mu'" in str(p)]
+    want = [(1 - c.train.b1) * g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+    for m, w in zip(mu, want):  # (this gradient is computed outside the step:
+      np.testing.assert_allclose(m, w, rtol=2**-6, atol=1e-30)  # 2 bfloat16 ulps apart)
+    rounded = sum(int(np.sum(np.asarray(m) != np.asarray(m.astype(jnp.bfloat16)))) for m in mu)
+    assert rounded > sum(m.size for m in mu) // 2  # held with float32's mantissa
   summary = inspectlib.summarize(c, V)
   assert summary["param_bytes"] == 2 * summary["total_params"]
+  assert summary["optimizer_bytes"] == 2 * dtype.itemsize * summary["total_params"]
 
 
 @pytest.mark.parametrize(
