@@ -346,17 +346,18 @@ class Checkpointer:
     for step in reversed(self.steps()):
       try:
         with _quiet_failed_reads():
+          saved_target, to_run = _across_layouts(self._state_dir(step), state_target)
           out = self._mngr.restore(
             step,
             args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(state_target), data=ocp.args.JsonRestore()
+              state=ocp.args.StandardRestore(saved_target), data=ocp.args.JsonRestore()
             ),
           )
       except Exception as e:  # pylint: disable=broad-except  # any failure: try the older one
         self._move_broken(step, e)
         continue
       self.last_saved = step
-      return step, out["state"], out["data"]
+      return step, to_run(out["state"]), out["data"]
     return None, None, None
 
   def _move_broken(self, step: int, e: BaseException):
@@ -384,15 +385,19 @@ class Checkpointer:
       )
     try:
       with _quiet_failed_reads():
+        saved_target, to_run = _across_layouts(self._state_dir(step), state_target)
         out = self._mngr.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target))
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved_target))
         )
     except Exception as e:  # pylint: disable=broad-except  # a shape that does not fit, a broken file
       raise RunError(
         f"the checkpoint of step {step} in {self.dir} does not fit the run's config or "
         f"cannot be read ({_broken_part(e)})"
       ) from None
-    return step, out["state"]
+    return step, to_run(out["state"])
+
+  def _state_dir(self, step: int) -> str:
+    return os.path.join(self.dir, str(step), "state")
 
   # ---- save ----
 
@@ -452,27 +457,123 @@ def _state_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, "checkpoints", str(step), "state")
 
 
-def param_metadata(workdir: str, step: int) -> dict[str, tuple]:
-  """{path: (shape, dtype)} of the model variables in a run's checkpoint of
-  `step`, read from its metadata (nothing is loaded)."""
+def _saved_leaves(state_dir: str) -> dict[str, tuple]:
+  """{path: (shape, dtype)} of every leaf of a saved train state ("0/..." the
+  model's, "1/..." the optimizer's), read from its metadata (nothing is loaded)."""
   with _absl_errors_only():  # (it warns that the item has no _CHECKPOINT_METADATA file)
-    tree = ocp.PyTreeCheckpointer().metadata(_state_dir(workdir, step)).item_metadata.tree
-  flat = jax.tree_util.tree_flatten_with_path(tree["0"], is_leaf=lambda x: hasattr(x, "shape"))[0]
+    tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
   return {
     paramslib.path_str(p[:-1]): (tuple(m.shape), np.dtype(m.dtype))
     for p, m in flat  # p[-1]: "value"
   }
 
 
-def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict:
-  """The source's model variables `targets` ({path: sharded ShapeDtypeStruct}),
-  read (only those) onto the targets' shardings, whatever mesh saved them."""
+def _nested(flat: dict[str, Any]) -> dict:
+  """{"a/b": x} -> {"a": {"b": {"value": x}}}: a restore target in the
+  checkpoint's own tree (a Variable's value is its "value")."""
   nested: dict = {}
-  for path, t in targets.items():
-    node = nested.setdefault("0", {})
+  for path, x in flat.items():
+    node = nested
     for k in path.split("/"):
       node = node.setdefault(k, {})
-    node["value"] = t
+    node["value"] = x
+  return nested
+
+
+def _with_layer_axis(x: jax.ShapeDtypeStruct, n: int) -> jax.ShapeDtypeStruct:
+  """x stacked n times (params.LAYER_AXIS: the new leading axis unsharded)."""
+  shd = x.sharding
+  if isinstance(shd, jax.sharding.NamedSharding):
+    shd = jax.sharding.NamedSharding(shd.mesh, jax.sharding.PartitionSpec(None, *shd.spec))
+  return jax.ShapeDtypeStruct((n, *x.shape), x.dtype, sharding=shd)
+
+
+def _rows(x, rows: list[int], targets: list) -> tuple:
+  """Rows of a stacked array, placed on their targets' shardings (one program)."""
+  return jax.jit(
+    lambda x: tuple(x[r] for r in rows), out_shardings=tuple(t.sharding for t in targets)
+  )(x)
+
+
+def _across_layouts(state_dir: str, state_target):
+  """(the restore target in the layout the checkpoint of `state_dir` was
+  saved in, a function from what it restores to `state_target`'s layout).
+
+  On disk a checkpoint keeps the layout of the run that saved it (stacked
+  under model.scan_layers: no copy at save time, the arrays as trained), so a
+  run that switched model.scan_layers reads it in the saved layout and
+  converts once: per-layer arrays stacked, or stacked ones split per layer
+  (sparse_lm/params.py names both). Layouts that agree, or metadata that
+  cannot be read (the restore reports the damage), give the target as is."""
+  keep = state_target, lambda state: state
+  try:
+    saved = _saved_leaves(state_dir)
+  except Exception:  # pylint: disable=broad-except  # the restore names what is broken
+    return keep
+  flat = {
+    paramslib.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(state_target)[0]
+  }
+  if set(saved) == set(flat):
+    return keep
+  want = paramslib.layout_of({p: x.shape for p, x in flat.items()})
+  have = paramslib.layout_of({p: shape for p, (shape, _) in saved.items()})
+  if (want is None) == (have is None):
+    return keep  # not a change of layout: the restore says what does not fit
+  per_layer = paramslib.per_layer(flat, want)
+  if have is None:
+    target = per_layer
+  else:
+    like = {p: (shape,) for p, (shape, _) in saved.items()}
+    target = paramslib.stacked(
+      per_layer, like, lambda rows, _: _with_layer_axis(rows[0], len(rows))
+    )
+  if set(target) != set(saved):
+    return keep
+
+  def to_run(restored):
+    got = {
+      p: functools.reduce(lambda n, k: n[k], [*p.split("/"), "value"], restored) for p in target
+    }
+    if want is None:  # stacked on disk -> per layer
+      out = {p: x for p, x in got.items() if not paramslib.is_stacked(p)}
+      for p, x in got.items():
+        if paramslib.is_stacked(p):
+          names = [paramslib.layer_path(p, have, r) for r in range(have.repeats)]
+          out.update(zip(names, _rows(x, list(range(have.repeats)), [flat[n] for n in names])))
+    else:  # per layer on disk -> stacked
+      stack = lambda rows, t: jax.jit(lambda *xs: jnp.stack(xs), out_shardings=t.sharding)(*rows)
+      out = paramslib.stacked(got, flat, stack)
+    return jax.tree_util.tree_map_with_path(lambda kp, _: out[paramslib.path_str(kp)], state_target)
+
+  return _nested(target), to_run
+
+
+def param_metadata(workdir: str, step: int) -> dict[str, tuple]:
+  """{path: (shape, dtype)} of the model variables in a run's checkpoint of
+  `step`, read from its metadata (nothing is loaded), by per-layer names
+  whatever model.scan_layers saved it (params.per_layer)."""
+  saved = _saved_leaves(_state_dir(workdir, step))
+  model = {p.split("/", 1)[1]: v for p, v in saved.items() if p.split("/", 1)[0] == "0"}
+  return paramslib.per_layer(model, paramslib.layout_of({p: v[0] for p, v in model.items()}))
+
+
+def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict:
+  """The source's model variables `targets` ({per-layer path: sharded
+  ShapeDtypeStruct}), read (only those) onto the targets' shardings, whatever
+  mesh saved them; a source saved stacked (model.scan_layers) has each of its
+  stacked arrays read once and cut into the layers asked for."""
+  saved = _saved_leaves(_state_dir(workdir, step))
+  model = {p.split("/", 1)[1]: v for p, v in saved.items() if p.split("/", 1)[0] == "0"}
+  layout = paramslib.layout_of({p: v[0] for p, v in model.items()})
+  reads, where = {}, {}
+  for path, t in targets.items():
+    hit = None if path in model else paramslib.stacked_name(path, layout)
+    if hit is None:
+      reads[path], where[path] = t, (path, None)
+    else:
+      reads[hit[0]], where[path] = _with_layer_axis(t, layout.repeats), hit
+  nested = {"0": _nested(reads)}
   args = ocp.args.PyTreeRestore(
     item=nested,
     restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), nested),
@@ -481,4 +582,12 @@ def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct
   with _quiet_failed_reads(), _absl_errors_only():
     out = ocp.PyTreeCheckpointer().restore(_state_dir(workdir, step), args=args)
   get = lambda path: functools.reduce(lambda n, k: n[k], ["0", *path.split("/"), "value"], out)
-  return {path: get(path) for path in targets}
+  values = {path: get(src) for path, (src, r) in where.items() if r is None}
+  cut: dict[str, list] = {}
+  for path, (src, r) in where.items():
+    if r is not None:
+      cut.setdefault(src, []).append((path, r))
+  for src, rows in cut.items():
+    got = _rows(get(src), [r for _, r in rows], [targets[p] for p, _ in rows])
+    values.update(zip([p for p, _ in rows], got))
+  return {path: values[path] for path in targets}

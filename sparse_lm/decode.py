@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_lm import params as paramslib
 from sparse_lm import sharding
 from sparse_lm.errors import ConfigError
 from sparse_lm.models import layers
@@ -78,8 +79,10 @@ def for_inference(model: Transformer) -> Transformer:
     graphdef = nnx.split(abstract)[0]
   dt = layers.dtype_of(spec)
   cast = lambda path, x: (
-    x.astype(dt) if x.ndim >= 2 and not any("router" in str(k) for k in path) else x
-  )
+    x.astype(dt)
+    if x.ndim - paramslib.is_stacked(path) >= 2 and not any("router" in str(k) for k in path)
+    else x
+  )  # a vector stays float32, stacked over layers (model.scan_layers) or not
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, state))
 
 

@@ -83,13 +83,31 @@ def check_frozen(t, params: list[tuple[str, tuple, tuple]]):
 
 def trainable(t):
   """The nnx filter of the parameters the optimizer trains: every nnx.Param
-  that train.frozen does not freeze (frozen ones get no optimizer state)."""
+  that train.frozen does not freeze (frozen ones get no optimizer state).
+
+  A stacked Param (model.scan_layers) is judged by its layers' per-layer
+  names (params.layer_rows): frozen when train.frozen freezes all of them; a
+  rule that freezes some of its layers but not the others is a ConfigError
+  (one array has one optimizer state: freezing rows of it would need a
+  per-row mask, which we do not build)."""
   if not t.frozen:
     return nnx.Param
   is_frozen = frozen_predicate(t.frozen)
-  return nnx.All(
-    nnx.Param, lambda path, v: not is_frozen(paramslib.path_str(path), paramslib.names_of(v))
-  )
+
+  def keep(path, v):
+    rows = paramslib.layer_rows(paramslib.path_str(path), v)
+    frozen = [is_frozen(p, names) for p, names in rows]
+    if any(frozen) and not all(frozen):
+      some = [p for (p, _), f in zip(rows, frozen) if f]
+      raise ConfigError(
+        f"config.train.frozen={t.frozen!r} is invalid with model.scan_layers=True: it "
+        f"freezes {_compact(some)} but not the other layers stored with it in "
+        f"{paramslib.path_str(path)}; freeze all of {_compact([p for p, _ in rows])} or "
+        "set model.scan_layers=False"
+      )
+    return not all(frozen)
+
+  return nnx.All(nnx.Param, keep)
 
 
 # ----------------------------------------------------------------- init rules
@@ -236,10 +254,11 @@ def plan(c, abs_state) -> Plan:
   it touches the workdir, and init_from follows it."""
   source, step = parse_source(c.train.init_from)
   step, sources = source_params(source, step)
-  names = paramslib.logical_names(abs_state)
-  targets = {
-    p: (leaf.shape, names.get(p, ())) for p, (_, leaf) in paramslib.model_leaves(abs_state).items()
-  }
+  layout = paramslib.state_layout(abs_state)  # rules and reports name layers, stacked or not
+  names = paramslib.per_layer(paramslib.logical_names(abs_state), layout, lambda n, r: n[1:])
+  shapes = {p: leaf.shape for p, (_, leaf) in paramslib.model_leaves(abs_state).items()}
+  shapes = paramslib.per_layer(shapes, layout, lambda shape, r: shape[1:])
+  targets = {p: (shape, names.get(p, ())) for p, shape in shapes.items()}
   return Plan(source, step, sources, plan_init(c.train.init_rules, targets, sources))
 
 
@@ -251,12 +270,18 @@ def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
   stay fresh."""
   t, spec = c.train, cfglib.model_spec(c)
   source, step, sources, assign = plan(c, abs_state)
-  leaves = paramslib.model_leaves(state)
+  # {per-layer path: (array, its row or None)}: a stacked layer is cut out
+  # only where a transform needs its fresh values.
+  leaves = {p: (x, None) for p, (_, x) in paramslib.model_leaves(state).items()}
+  leaves = paramslib.per_layer(leaves, paramslib.state_layout(state), lambda xr, r: (xr[0], r))
+  shardings = {
+    p: x.sharding if r is None else paramslib.row(x.sharding, r) for p, (x, r) in leaves.items()
+  }
   reads = {}
   for path, a in assign.items():
     if a.source is None:
       continue
-    shd = leaves[path][1].sharding
+    shd = shardings[path]
     if isinstance(shd, jax.sharding.NamedSharding) and a.how != "copy":
       # "experts": the target's sharding without its expert axis; "tile": replicated.
       pspec = shd.spec[1:] if a.how == "experts" else ()
@@ -266,10 +291,12 @@ def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
   scale = 1.0 / gate_mass(spec.moe) if t.init_gate_scale == "expected" else 1.0
   new, how = {}, {}
   for path, a in assign.items():
-    fresh = leaves[path][1]
     if a.source is None:
       how[path] = "fresh"
       continue
+    fresh, r = leaves[path]
+    if r is not None:
+      fresh = jax.jit(lambda x, r: x[r], out_shardings=shardings[path])(fresh, r)
     x = values[a.source]
     new[path] = _transform(x, fresh, a.how, path, scale, t.init_reinit_fraction, t.seed)
     how[path] = {

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparse_lm import params as paramslib
+
 
 def lr_schedule(t) -> optax.Schedule:
   """Linear warmup, then cosine / inverse-sqrt decay, or constant; then, with
@@ -67,7 +69,10 @@ def make_optimizer(t) -> optax.GradientTransformation:
   """AdamW or Adafactor with global-norm clipping; no weight decay on vectors;
   train.moments_dtype=float32 keeps the state in float32 (_float32_state)."""
   schedule = lr_schedule(t)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  # A vector is one per layer: a stacked one (model.scan_layers) has one axis more.
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+    lambda path, p: p.ndim - paramslib.is_stacked(path) >= 2, params
+  )
   if t.optimizer == "adamw":
     opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
   else:

@@ -62,7 +62,12 @@ def abstract_state(c, vocab_size: int, mesh=None):
 
 def state_tree(c, vocab_size: int) -> list:
   """What a checkpoint of config `c` holds: (path, shape, dtype) of every
-  parameter and optimizer-state leaf (shapes only: optax's own init)."""
+  parameter and optimizer-state leaf (shapes only: optax's own init), in
+  per-layer names: a run saved with model.scan_layers restores without it and
+  back (the checkpoint converts, sparse_lm/params.py), so both compare equal."""
+  if c.model.get("scan_layers"):
+    c = c.copy_and_resolve_references()
+    c.model.scan_layers = False
   model = abstract_model(c, vocab_size)
   params = nnx.to_pure_dict(nnx.state(model, finetune.trainable(c.train)))
   opt = jax.eval_shape(optlib.make_optimizer(c.train).init, params)

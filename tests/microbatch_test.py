@@ -85,11 +85,15 @@ def one_step(c, mesh=None):
       )
       data = jax.device_put(batch(), bshd)
       out_state, meas = step(state, data, jnp.int32(0))
-  leaves = {p: np.asarray(v) for p, (_, v) in paramslib.model_leaves(out_state).items()}
-  for kp, v in jax.tree_util.tree_flatten_with_path(out_state)[0]:
-    path = paramslib.path_str(kp)
-    if path.startswith("1/") and "/mu/" in path:  # AdamW's first moment: 0.1 x the gradient
-      leaves[path] = np.asarray(v)
+  flat = {
+    paramslib.path_str(kp): np.asarray(v)
+    for kp, v in jax.tree_util.tree_flatten_with_path(out_state)[0]
+  }
+  # By per-layer names: scanned layers are stacked, their optimizer state too.
+  flat = paramslib.per_layer(flat, paramslib.layout_of({p: v.shape for p, v in flat.items()}))
+  leaves = {p[2:]: v for p, v in flat.items() if p.startswith("0/")}
+  # AdamW's first moment: 0.1 x the gradient.
+  leaves.update({p: v for p, v in flat.items() if p.startswith("1/") and "/mu/" in p})
   return jax.device_get(meas), leaves
 
 

@@ -23,6 +23,7 @@ from sparse_lm import checkpoint as ckptlib
 from sparse_lm import config as cfglib
 from sparse_lm import decode
 from sparse_lm import inspect as inspectlib
+from sparse_lm import params as paramslib
 from sparse_lm import state as statelib
 from sparse_lm.errors import ConfigError
 from sparse_lm.models.transformer import Transformer
@@ -110,12 +111,25 @@ def step_of():
   return get
 
 
+def per_layer(out: dict) -> dict:
+  """{name: array} of a step's outputs, the gradients by per-layer names
+  (params.per_layer: a scanned model's are stacked)."""
+  flat = {
+    paramslib.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(out["grads"])[0]
+  }
+  grads = paramslib.per_layer(flat, paramslib.layout_of({p: x.shape for p, x in flat.items()}))
+  rest = jax.tree_util.tree_flatten_with_path({k: v for k, v in out.items() if k != "grads"})[0]
+  return {
+    **{jax.tree_util.keystr(p): x for p, x in rest},
+    **{f"grads/{p}": x for p, x in grads.items()},
+  }
+
+
 def assert_same(got, want):
-  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-  flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
-  assert [p for p, _ in flat_got] == list(flat_want)  # the same terms, in layer order
-  for path, x in flat_got:
-    np.testing.assert_allclose(x, flat_want[path], err_msg=jax.tree_util.keystr(path), **TOL)
+  flat_want, flat_got = per_layer(want), per_layer(got)
+  assert list(flat_got) == list(flat_want)  # the same terms, in layer order
+  for path, x in flat_got.items():
+    np.testing.assert_allclose(x, flat_want[path], err_msg=path, **TOL)
 
 
 @pytest.mark.parametrize("kind", ["switch", "mixtral"])

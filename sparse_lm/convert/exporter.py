@@ -132,6 +132,7 @@ def export_checkpoint(
   params = {
     paramslib.path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
   }
+  params = paramslib.per_layer(params, paramslib.state_layout(nnx.state(model)))  # scan_layers
   src = param_source(rules)
   missing = sorted(set(params) - set(src))
   if missing:

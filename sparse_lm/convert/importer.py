@@ -211,10 +211,11 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
   mesh = sharding.make_mesh(c)
   with sharding.use(mesh, c):
     _, abs_state, shd = statelib.abstract_state(c, V, mesh)
-    abs_params = paramslib.params_of(abs_state)
+    layout = paramslib.state_layout(abs_state)  # per-layer names, stacked or not
+    abs_params = paramslib.params_of(abs_state, layout)
     shapes = {p: a.get_value().shape for p, a in abs_params.items()}
     check_tensors(rules, t, spec, shapes)
-    params = load_params(t, rules, spec, abs_params, paramslib.params_of(shd))
+    params = load_params(t, rules, spec, abs_params, paramslib.params_of(shd, layout))
 
     # The train state (fresh optimizer state) holding `params`. Inside one jit
     # the fresh init of the parameters is dead code (the optimizer's zeros do

@@ -41,6 +41,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from sparse_lm import params
 from sparse_lm.models import layers
 from sparse_lm.models.moe.layer import MoeFfn
 from sparse_lm.models.spec import ModelSpec
@@ -187,7 +188,15 @@ class Transformer(nnx.Module):
       self.pos_embed = layers.param(
         rngs, nnx.initializers.normal(0.02), (m.max_len, m.d_model), (None, "embed")
       )
-    self.blocks = nnx.List([Block(m, i, rngs=rngs) for i in range(m.num_layers)])
+    blocks = [Block(m, i, rngs=rngs) for i in range(m.num_layers)]
+    start, period, repeats = scan_plan(m)
+    if m.scan_layers and repeats:
+      # Drawn per layer (the unscanned model's values for the same seed), then
+      # stacked: position j of the super-block holds its `repeats` layers.
+      rows = lambda j: [blocks[start + r * period + j] for r in range(repeats)]
+      self.scan = nnx.List([_stack(rows(j)) for j in range(period)])
+      blocks[start : start + period * repeats] = [None] * (period * repeats)
+    self.blocks = nnx.List(blocks)  # None where a layer is stacked in self.scan
     self.final_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
     if not m.tie_embeddings:
       self.unembed = layers.param(
@@ -236,7 +245,7 @@ class Transformer(nnx.Module):
       segments_BxL=segments_BxL,
     )
     x_BxLxD, aux, kv = self._layers(x_BxLxD, rng, cache, kw)
-    moe_aux = [a for block, a in zip(self.blocks, aux) if block.is_moe]
+    moe_aux = [a for i, a in enumerate(aux) if self.m.moe_layer(i)]
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.m.tie_embeddings:
       logits_BxLxV = self.embed.attend(x_BxLxD)
@@ -247,18 +256,25 @@ class Transformer(nnx.Module):
     return Output(logits_BxLxV.astype(jnp.float32), moe_aux, new_cache)
 
   def _layers(self, x_BxLxD, rng, cache: Cache | None, kw: dict):
-    """All blocks -> (x, every layer's aux dict, every layer's KVCache or None)."""
+    """All blocks -> (x, every layer's aux dict, every layer's KVCache or None).
+    Decoding (a cache) runs every layer on its own, a stacked one's row sliced
+    out of its position's arrays (inside the jitted step)."""
     m = self.m
     remat = m.remat if cache is None else "none"  # decoding is never differentiated
-    start, period, repeats = scan_plan(m) if m.scan_layers and cache is None else (0, 1, 0)
+    start, period, repeats = scan_plan(m) if hasattr(self, "scan") else (0, 1, 0)
     stop = start + period * repeats
     aux, kv = [], []
-    for i, block in enumerate(self.blocks):
-      if i == start and repeats:
+    for i in range(m.num_layers):
+      if i == start and repeats and cache is None:
         x_BxLxD, scanned = self._scan(x_BxLxD, start, period, repeats, remat, rng, kw)
         aux, kv = aux + scanned, kv + [None] * len(scanned)
-      if start <= i < stop:
+      if start <= i < stop and cache is None:
         continue
+      block = self.blocks[i]
+      if block is None:  # decoding a stacked layer
+        graphdef, state = nnx.split(self.scan[(i - start) % period])
+        row = jax.tree.map(lambda a, r=(i - start) // period: a[r], state)
+        block = nnx.merge(graphdef, row)
       layer_cache = None if cache is None else cache.layers[i]
       if remat == "none":
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -274,15 +290,14 @@ class Transformer(nnx.Module):
 
   def _scan(self, x_BxLxD, start: int, period: int, repeats: int, remat: str, rng, kw: dict):
     """Layers [start, start + period * repeats) as one jax.lax.scan over
-    `repeats` super-blocks of `period` layers: position j's parameters are the
-    stack of its `repeats` layers'. -> (x, the layers' aux dicts in order)."""
+    `repeats` super-blocks of `period` layers, over the stacked parameters of
+    self.scan. -> (x, the layers' aux dicts in layer order)."""
     fns, stacks = [], []
-    for j in range(period):
-      states = [nnx.split(self.blocks[start + r * period + j]) for r in range(repeats)]
-      graphdef, treedef = states[0][0], jax.tree.structure(states[0][1])
+    for block in self.scan:
+      graphdef, state = nnx.split(block)
+      leaves, treedef = jax.tree.flatten(state)
       fns.append(_block_fn(graphdef, treedef, remat, True, rng, kw))
-      per_layer = [jax.tree.leaves(state) for _, state in states]
-      stacks.append([jnp.stack(leaves) for leaves in zip(*per_layer)])
+      stacks.append(leaves)
 
     def body(x_BxLxD, xs):
       stack, first = xs
@@ -298,7 +313,38 @@ class Transformer(nnx.Module):
     return x_BxLxD, [at(ys[j], r) for r in range(repeats) for j in range(period)]
 
 
+def _stack(blocks: list[Block]) -> Block:
+  """One Block whose Variables are its layers' stacked ([layers, ...]; a
+  leading logical axis that is never sharded, params.LAYER_AXIS), each
+  Variable naming the layers of its rows (metadata "layers", which
+  train.frozen's filter reads)."""
+  graphdef, _ = nnx.split(blocks[0])
+  layers = tuple(b.layer for b in blocks)
+
+  def stack(*vs):
+    names = vs[0].get_metadata().get("out_sharding")
+    meta = {"out_sharding": (params.LAYER_AXIS, *names)} if names else {}
+    value = jnp.stack([v.get_value() for v in vs])
+    return vs[0].replace(value, **meta, layers=layers)
+
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  states = [nnx.state(b) for b in blocks]
+  return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=is_var))
+
+
 def apply_state_updates(model: Transformer, moe_aux: list[dict]) -> None:
-  """Writes the routing state the MoE layers of a training forward returned."""
-  for block, aux in zip([b for b in model.blocks if b.is_moe], moe_aux):
-    block.ffn.apply_state_updates(aux)
+  """Writes the routing state the MoE layers of a training forward returned
+  (a stacked position's: its layers' updates stacked in row order)."""
+  m = model.m
+  by_layer = dict(zip(m.moe_layers, moe_aux))
+  start, period, repeats = scan_plan(m) if hasattr(model, "scan") else (0, 1, 0)
+  for i, block in enumerate(model.blocks):
+    if block is not None and block.is_moe:
+      block.ffn.apply_state_updates(by_layer[i])
+  for j, block in enumerate(getattr(model, "scan", [])):
+    if not block.is_moe:
+      continue
+    updates = [by_layer[start + r * period + j].get("state_updates", {}) for r in range(repeats)]
+    if updates[0]:
+      stacked = {k: jnp.stack([u[k] for u in updates]) for k in updates[0]}
+      block.ffn.apply_state_updates({"state_updates": stacked})
