@@ -296,7 +296,7 @@ def _drop_failed_read_reports():
 _TS_PATH = re.compile(r"""'path': '([^']+)'""")  # in a TensorStore spec
 
 
-def _broken_part(e: BaseException) -> str:
+def broken_part(e: BaseException) -> str:
   """The array a failed read names (from the TensorStore spec Orbax quotes:
   its relative 'path' is the array's name), else the error in short."""
   names = [p.rstrip("/") for p in _TS_PATH.findall(str(e)) if not p.startswith("/")]
@@ -363,7 +363,7 @@ class Checkpointer:
   def _move_broken(self, step: int, e: BaseException):
     step_dir = os.path.join(self.dir, str(step))
     dest = os.path.join(self.workdir, "broken_checkpoints", f"{step}.{int(time.time())}")
-    why = _broken_part(e)
+    why = broken_part(e)
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(dest), exist_ok=True)
       shutil.move(step_dir, dest)
@@ -392,7 +392,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  # a shape that does not fit, a broken file
       raise RunError(
         f"the checkpoint of step {step} in {self.dir} does not fit the run's config or "
-        f"cannot be read ({_broken_part(e)})"
+        f"cannot be read ({broken_part(e)})"
       ) from None
     return step, to_run(out["state"])
 

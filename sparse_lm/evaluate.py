@@ -21,6 +21,7 @@ instruction data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,10 +31,12 @@ from flax import nnx
 import jax
 import numpy as np
 
+from sparse_lm import checkpoint as ckptlib
 from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
 from sparse_lm import finetune
+from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import UserError
@@ -48,6 +51,12 @@ def _define_flags():
   flags.DEFINE_integer("batches", None, "Batches (default: the run's eval_batches).")
   flags.DEFINE_string("output", None, "Write the results as JSON here.")
   flags.DEFINE_string(
+    "mesh",
+    "fsdp",
+    "Where the model goes: fsdp (the parameters sharded over all devices, each batch whole "
+    "on each), one (the first device), or a mesh as in config.mesh (the run's rules).",
+  )
+  flags.DEFINE_string(
     "compare_routing",
     None,
     "A base run's workdir[:step]: report how far this run's routing moved from it (per MoE "
@@ -61,10 +70,18 @@ STATS = ("expert_fraction", "dropped_fraction", "router_entropy", "load_balance_
 
 
 def evaluate(
-  workdir: str, step=None, split=None, dataset=None, batches=None, compare_routing=None
+  workdir: str,
+  step=None,
+  split=None,
+  dataset=None,
+  batches=None,
+  compare_routing=None,
+  mesh="fsdp",
 ) -> dict:
-  """The numbers `main` prints, as a dict."""
-  model, c, tok = statelib.load_model(workdir, step)
+  """The numbers `main` prints, as a dict. mesh: where the model goes (the
+  --mesh flag: state.mesh_for_use)."""
+  c, mesh = statelib.mesh_for_use(ckptlib.read_config(os.path.abspath(workdir)), mesh)
+  model, c, tok = statelib.load_model(workdir, step, mesh=mesh, config=c)
   d = c.data
   if dataset:
     d.dataset = dataset
@@ -82,11 +99,12 @@ def evaluate(
     return aux["ce"], jax.numpy.sum(batch["weights"]), aux["moe"]
 
   ces, weights, moes = [], [], []
-  for batch in eval_data:
-    ce, w, moe = jax.device_get(step_fn(state, batch))
-    ces.append(float(ce))
-    weights.append(float(w))
-    moes.append(moe)
+  with sharding.use(mesh, c) if mesh is not None else contextlib.nullcontext():
+    for batch in eval_data:
+      ce, w, moe = jax.device_get(step_fn(state, batch))
+      ces.append(float(ce))
+      weights.append(float(w))
+      moes.append(moe)
   loss = float(np.average(ces, weights=weights))
   out = {
     "workdir": os.path.abspath(workdir),
@@ -100,7 +118,7 @@ def evaluate(
     "moe_layers": {},
   }
   if compare_routing:
-    out["routing_drift"] = drift_from(compare_routing, model, c, tok, eval_data)
+    out["routing_drift"] = drift_from(compare_routing, model, c, tok, eval_data, mesh)
   for i, layer in enumerate(cfglib.model_spec(c).moe_layers):
     out["moe_layers"][str(layer)] = {
       k: np.mean([np.asarray(m[i][k]) for m in moes], axis=0).tolist()
@@ -110,26 +128,30 @@ def evaluate(
   return out
 
 
-def drift_from(base: str, model, c, tok, batches) -> dict:
+def drift_from(base: str, model, c, tok, batches, mesh=None) -> dict:
   """metrics.routing_drift of `model` against the base run's model, the mean
-  over `batches` (the base must have the same MoE layers and tokenizer)."""
+  over `batches` (the base must have the same MoE layers and tokenizer), the
+  base loaded onto `mesh` as `model` was (config `c`'s mesh and rules)."""
   path, step = finetune.parse_source(base, key="compare_routing")
-  base_model, base_c, base_tok = statelib.load_model(path, step)
+  base_c = ckptlib.read_config(path)
+  base_c.mesh, base_c.sharding_rules = c.mesh, c.sharding_rules
+  base_model, base_c, base_tok = statelib.load_model(path, step, mesh=mesh, config=base_c)
   ids = list(cfglib.model_spec(c).moe_layers)
   if list(cfglib.model_spec(base_c).moe_layers) != ids or not ids:
     raise ConfigError(f"--compare_routing={base}: its MoE layers are not this run's {ids}")
   if base_tok.fingerprint != tok.fingerprint:
     raise ConfigError(f"--compare_routing={base}: it has another tokenizer")
   probs = nnx.jit(finetune.router_probs)
-  rows = [
-    finetune.routing_drift(
-      jax.device_get(probs(base_model, b)),
-      jax.device_get(probs(model, b)),
-      finetune.drift_sets(b),
-      ids,
-    )
-    for b in batches
-  ]
+  with sharding.use(mesh, c) if mesh is not None else contextlib.nullcontext():
+    rows = [
+      finetune.routing_drift(
+        jax.device_get(probs(base_model, b)),
+        jax.device_get(probs(model, b)),
+        finetune.drift_sets(b),
+        ids,
+      )
+      for b in batches
+    ]
   return {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
 
 
@@ -170,7 +192,7 @@ def table(r: dict) -> str:
 def main(argv):
   del argv
   f = flags.FLAGS
-  r = evaluate(f.workdir, f.step, f.split, f.dataset, f.batches, f.compare_routing)
+  r = evaluate(f.workdir, f.step, f.split, f.dataset, f.batches, f.compare_routing, f.mesh)
   print(table(r))
   if f.output:
     try:

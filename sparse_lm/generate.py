@@ -18,7 +18,6 @@ Uses the run's own config and tokenizer; MoE layers decode without dropping
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import sys
@@ -42,9 +41,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write one JSON line per prompt he
 _EXPERTS = flags.DEFINE_bool("expert_choices", False, "Record each token's experts in --output.")
 _MESH = flags.DEFINE_string(
   "mesh",
-  None,
-  "Decode on this mesh, e.g. \"(('data', 1), ('fsdp', 1), ('expert', 8), "
-  "('tensor', 1))\" (default: one device).",
+  "fsdp",
+  "Where the model goes: fsdp (the parameters sharded over all devices, each "
+  "batch whole on each), one (the first device), or a mesh, e.g. \"(('data', 1), "
+  "('fsdp', 1), ('expert', 8), ('tensor', 1))\" (the run's sharding rules).",
 )
 flags.mark_flags_as_required(["workdir"])
 
@@ -90,22 +90,13 @@ def main(argv):
     raise UserError("give a --prompt or a --prompts file")
   from sparse_lm import checkpoint  # pylint: disable=g-import-not-at-top
   from sparse_lm import decode  # pylint: disable=g-import-not-at-top
-  from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
   from sparse_lm import state as statelib  # pylint: disable=g-import-not-at-top
 
-  mesh = config = None
-  if _MESH.value:
-    config = checkpoint.read_config(os.path.abspath(_WORKDIR.value))
-    try:
-      config.mesh = ast.literal_eval(_MESH.value)
-    except (ValueError, SyntaxError):
-      raise UserError(f"--mesh={_MESH.value}: not a tuple of (axis, size) pairs") from None
-    import jax  # pylint: disable=g-import-not-at-top
-
-    mesh = sharding.make_mesh(config, jax.devices())
-  model, c, tok = statelib.load_model(_WORKDIR.value, _STEP.value, inference=True, mesh=mesh)
-  if config is not None:
-    config.model = c.model
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  config, mesh = statelib.mesh_for_use(checkpoint.read_config(workdir), _MESH.value)
+  model, c, tok = statelib.load_model(
+    workdir, _STEP.value, inference=True, mesh=mesh, config=config
+  )
   ids = [tok.encode(p) for p in prompts]
   empty = [i for i, p in enumerate(ids) if not p]
   if empty:
@@ -120,7 +111,7 @@ def main(argv):
     stop_ids=(tok.eos_id,),
     pad_id=tok.eos_id if tok.pad_id is None else tok.pad_id,
     mesh=mesh,
-    config=config,
+    config=c,
     return_experts=_EXPERTS.value,
   )
   rows = []

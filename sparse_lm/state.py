@@ -7,6 +7,7 @@ never the trainer. A train state is `nnx.state((model, optimizer))`
 
 from __future__ import annotations
 
+import ast
 import os
 
 from flax import nnx
@@ -20,8 +21,12 @@ from sparse_lm import data as datalib
 from sparse_lm import decode
 from sparse_lm import finetune
 from sparse_lm import optimizer as optlib
+from sparse_lm import params as paramslib
 from sparse_lm import sharding
 from sparse_lm.data.tokenizer import ByteTokenizer
+from sparse_lm.errors import ConfigError
+from sparse_lm.errors import RunError
+from sparse_lm.errors import UserError
 from sparse_lm.models.moe import routing
 from sparse_lm.models.transformer import Transformer
 from sparse_lm.models.transformer import apply_state_updates
@@ -233,29 +238,89 @@ def eval_step(graphdef):
   return step_fn
 
 
-def load_model(workdir: str, step: int | None = None, *, inference: bool = False, mesh=None):
+def load_model(
+  workdir: str, step: int | None = None, *, inference: bool = False, mesh=None, config=None
+):
   """The model of a run's checkpoint (latest, or `step`): (model, config, tokenizer).
 
+  Reads the model's variables only, never the optimizer state (a checkpoint
+  saved with it or without: an import, train.save_optimizer=False), each
+  straight onto its device shards (checkpoint.read_params): a model that
+  fits the mesh loads whatever it was trained with.
+
   inference: the model computes as decoding needs (decode.inference_spec: MoE
-  layers dispatch by model.moe.decode_dispatch). mesh: restore sharded by the
-  config's rules onto this mesh (run the model under sharding.use(mesh,
-  config)); default one device. Errors (no checkpoint, a step that is not
-  there, a tokenizer that does not fit) are one line (RunError)."""
+  layers dispatch by model.moe.decode_dispatch). mesh: shard by the config's
+  rules onto this mesh (run the model under sharding.use(mesh, config));
+  default one device. config: the run's config as the caller changed it for
+  `mesh` (mesh_for_use); default the run's own. Errors (no checkpoint, a step
+  that is not there, a tokenizer that does not fit) are one line (RunError)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  c = ckptlib.read_config(workdir)
+  c = config if config is not None else ckptlib.read_config(workdir)
   tok = datalib.make_tokenizer(c.data)
   datalib.check_tokenizer(tok, workdir)
   ckpt = ckptlib.Checkpointer(workdir, read_only=True)
   try:
-    if mesh is None:
-      graphdef, abs_state, shd = abstract_state(c, tok.vocab_size)
-    else:
-      with sharding.use(mesh, c):
-        graphdef, abs_state, shd = abstract_state(c, tok.vocab_size, mesh)
-    _, state = ckpt.restore_step(step, ckptlib.target(abs_state, shd))
+    steps = ckpt.steps()
   finally:
     ckpt.close()
-  model, _ = nnx.merge(graphdef, state)
+  step = steps[-1] if step is None and steps else step
+  if step is None or step not in steps:
+    raise RunError(
+      f"{ckpt.dir} holds no checkpoint"
+      + (f" of step {step} (it has {steps})" if step is not None else "")
+    )
+  if mesh is None:
+    graphdef, abs_vars = nnx.split(abstract_model(c, tok.vocab_size))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shd = jax.tree.map(lambda a: dev, abs_vars)
+  else:
+    with sharding.use(mesh, c):
+      spec = cfglib.model_spec(c)
+      model = nnx.eval_shape(lambda: Transformer(spec, tok.vocab_size, rngs=nnx.Rngs(0)))
+      graphdef, abs_vars = nnx.split(model)
+      shd = nnx.get_named_sharding(abs_vars, mesh)
+  flat = jax.tree_util.tree_flatten_with_path(ckptlib.target(abs_vars, shd))[0]
+  targets = {paramslib.path_str(kp): t for kp, t in flat}
+  try:
+    values = ckptlib.read_params(workdir, step, targets)
+  except Exception as e:  # pylint: disable=broad-except  # a shape that does not fit, a broken file
+    raise RunError(
+      f"the checkpoint of step {step} in {ckpt.dir} does not fit the run's config or "
+      f"cannot be read ({ckptlib.broken_part(e)})"
+    ) from None
+  state = jax.tree_util.tree_map_with_path(lambda kp, _: values[paramslib.path_str(kp)], abs_vars)
+  model = nnx.merge(graphdef, state)
   if inference:
     model = decode.for_inference(model)
   return model, c, tok
+
+
+# What evaluate, generate and export load onto by default: the parameters
+# sharded over every device along d_model (the "embed" rule's fsdp axis), each
+# batch computed whole on every device (rule "batch" unsharded), so any batch
+# size and any model that fits the devices' memory together will do.
+FSDP_FOR_USE = (("data", 1), ("fsdp", -1), ("expert", 1), ("tensor", 1))
+
+
+def mesh_for_use(c, text: str | None):
+  """(config, mesh) of the --mesh flag of evaluate, generate and export: "fsdp"
+  (the default: FSDP_FOR_USE), "one" (the first device, no mesh: mesh None),
+  or a config.mesh tuple as text (the run's sharding rules). A bad value is a
+  one-line UserError naming the flag."""
+  text = text or "fsdp"
+  if text == "one":
+    return c, None
+  c = c.copy_and_resolve_references()
+  if text == "fsdp":
+    c.mesh = FSDP_FOR_USE
+    c.sharding_rules = tuple((n, None if n == "batch" else a) for n, a in c.sharding_rules)
+  else:
+    try:
+      c.mesh = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      why = 'not "fsdp", "one" or a tuple of (axis, size) pairs'
+      raise UserError(f"--mesh={text}: {why}") from None
+  try:
+    return c, sharding.make_mesh(c)
+  except ConfigError as e:
+    raise UserError(f"--mesh={text}: {e}") from None

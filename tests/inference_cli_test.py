@@ -15,6 +15,7 @@ from helpers import cli
 from helpers import in_process
 from helpers import rows
 from helpers import run
+import numpy as np
 import pytest
 
 PROMPTS = ["def fib(n):", "import os", "class A:", "x = [", "for i in", "print(", "# ", "if x"]
@@ -75,9 +76,10 @@ def test_greedy_generation_is_deterministic_and_writes_jsonl(trained, tmp_path, 
   assert all(len(e) == 1 and 0 <= e[0][0] < 8 for e in first["experts"])
 
 
-def test_expert_parallel_mesh_generates_the_same_tokens(trained, tmp_path, monkeypatch):
-  # This process has 8 (simulated) devices: the mesh's 8 expert shards, and
-  # without --mesh the model on one device, as in a child of one device.
+def test_every_mesh_generates_the_same_tokens(trained, tmp_path, monkeypatch):
+  # This process has 8 (simulated) devices: --mesh=one puts the model on the
+  # first, the default (fsdp) shards its parameters over the 8, and the
+  # expert-parallel mesh puts one expert on each.
   prompts = tmp_path / "p.txt"
   prompts.write_text("\n".join(PROMPTS) + "\n")
   args = [
@@ -87,18 +89,14 @@ def test_expert_parallel_mesh_generates_the_same_tokens(trained, tmp_path, monke
     "--top_p=0.9",
     "--seed=3",
   ]
-  one = generate(trained, *args, f"--output={tmp_path / 'one.jsonl'}", monkeypatch=monkeypatch)
-  ep = generate(
-    trained,
-    *args,
-    f"--output={tmp_path / 'ep.jsonl'}",
-    f"--mesh={EP_MESH}",
-    monkeypatch=monkeypatch,
-  )
-  assert one.returncode == 0 and ep.returncode == 0, (one.stderr[-2000:], ep.stderr[-2000:])
-  toks = lambda f: [json.loads(l)["tokens"] for l in open(tmp_path / f)]
-  assert toks("one.jsonl") == toks("ep.jsonl")
-  assert len(toks("one.jsonl")) == 8
+  meshes = {"one": ["--mesh=one"], "fsdp": [], "ep": [f"--mesh={EP_MESH}"]}
+  for name, mesh in meshes.items():
+    out = f"--output={tmp_path / name}.jsonl"
+    p = generate(trained, *args, out, *mesh, monkeypatch=monkeypatch)
+    assert p.returncode == 0, (name, p.stderr[-2000:])
+  toks = lambda name: [json.loads(l)["tokens"] for l in open(tmp_path / f"{name}.jsonl")]
+  assert toks("one") == toks("fsdp") == toks("ep")
+  assert len(toks("one")) == 8
 
 
 def test_evaluate_reproduces_the_runs_eval_loss(trained, tmp_path, monkeypatch):
@@ -113,6 +111,12 @@ def test_evaluate_reproduces_the_runs_eval_loss(trained, tmp_path, monkeypatch):
   assert len(layer["expert_fraction"]) == 8 and abs(sum(layer["expert_fraction"]) - 1) < 1e-5
   assert 0 < layer["gate_mean"] <= 1 + 1e-6, layer["gate_mean"]  # the chosen gates' mean sum
   assert "perplexity" in p.stdout or "loss" in p.stdout
+  one = evaluate(
+    trained, str(tmp_path / "one.json"), "--batches=2", "--mesh=one", monkeypatch=monkeypatch
+  )
+  assert abs(one["loss"] - r["loss"]) < 1e-6, (one["loss"], r["loss"])
+  for k, v in r["moe_layers"]["1"].items():
+    np.testing.assert_allclose(one["moe_layers"]["1"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def evaluate(wd, out, *args, monkeypatch):
