@@ -76,6 +76,7 @@ from sparse_lm.convert.importer import hf_to_config
 from sparse_lm.convert.importer import import_checkpoint
 from sparse_lm.convert.importer import load_params
 from sparse_lm.convert.importer import read_hf_config
+from sparse_lm.convert.importer import source_dtype
 from sparse_lm.convert.safetensors_io import Tensors
 
 __all__ = [
@@ -96,4 +97,5 @@ __all__ = [
   "import_checkpoint",
   "load_params",
   "read_hf_config",
+  "source_dtype",
 ]

@@ -27,6 +27,7 @@ from sparse_lm.convert.families import FAMILIES
 from sparse_lm.convert.families import FAMILIES_BY_ARCH
 from sparse_lm.convert.importer import param_source
 from sparse_lm.convert.safetensors_io import write_shards
+from sparse_lm.data import tokenizer as toklib
 from sparse_lm.errors import ConvertError
 from sparse_lm.errors import RunError
 
@@ -73,10 +74,16 @@ def check_exportable(c, fam: Family):
     )
 
 
-def hf_config(fam: Family, c, base: dict) -> dict:
+def hf_config(fam: Family, c, base: dict, dtype: str = "float32") -> dict:
   """config.json for config `c`: `base` (the source's config.json) with every
-  key of the family written and older spellings dropped."""
+  key of the family written, older spellings dropped (first: a key may write
+  a name another reads as legacy, e.g. the top-level rope_theta), and the
+  architecture and the tensors' `dtype` under both of its names (`dtype`,
+  transformers 5's, and `torch_dtype`, what transformers 4.x and vLLM read)."""
   view, hf = _resolved(c), dict(base)
+  for key in fam.keys:
+    for old in key.legacy if key.hf else ():
+      describe.drop(hf, old)
   for key in fam.keys:
     if not key.hf or (key.to_hf is None and key.write is None):
       continue
@@ -93,9 +100,29 @@ def hf_config(fam: Family, c, base: dict) -> dict:
       if v == (key.default(hf) if callable(key.default) else key.default):
         continue
     describe.assign(hf, name, v)
-    for old in key.legacy:
-      describe.drop(hf, old)
+  hf["architectures"], hf["model_type"] = [fam.architecture], fam.name
+  hf["dtype"] = hf["torch_dtype"] = dtype
   return hf
+
+
+def generation_config(hf: dict) -> dict:
+  """generation_config.json for an export whose source has none: its token
+  ids from config.json, as transformers' GenerationConfig.from_model_config."""
+  ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+  return {"_from_model_config": True, **{k: hf[k] for k in ids if hf.get(k) is not None}}
+
+
+def token_ids(c) -> dict:
+  """bos / eos / pad ids of a run's tokenizer.json, those it has, for the
+  config.json of a run trained here (an import's has the source's): {} for
+  the other tokenizer kinds."""
+  path = os.path.expanduser(c.data.tokenizer_file)
+  if c.data.tokenizer != "huggingface" or not os.path.exists(path):
+    return {}
+  tok = toklib.HuggingFaceTokenizer(path, c.data.vocab_size)
+  ids = {"bos_token_id": tok.prefix_ids[0] if tok.prefix_ids else None, "eos_token_id": tok.eos_id}
+  ids["pad_token_id"] = tok.pad_id
+  return {k: v for k, v in ids.items() if v is not None}
 
 
 # ------------------------------------------------------------------ export
@@ -124,6 +151,8 @@ def export_checkpoint(
   fam = FAMILIES[family]
   if arch != fam.architecture:
     base = {"architectures": [fam.architecture], "model_type": fam.name}
+  if not src_hf:
+    base = {**token_ids(c), **base}
   check_exportable(c, fam)
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConvertError(f"--hf_dir={hf_dir} is not empty; export into a new folder")
@@ -157,14 +186,15 @@ def export_checkpoint(
   os.makedirs(staging)
   try:
     out = write_shards(tensors(), staging, shard_mb)
-    hf = hf_config(fam, c, base)
-    hf["architectures"], hf["model_type"] = [fam.architecture], fam.name
-    hf["dtype"] = "bfloat16" if dtype == "bfloat16" else str(out_dtype)
+    hf = hf_config(fam, c, base, "bfloat16" if dtype == "bfloat16" else str(out_dtype))
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(hf, f, indent=2)
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
       if src_hf and os.path.exists(os.path.join(src_hf, name)):
         shutil.copy(os.path.join(src_hf, name), os.path.join(staging, name))
+    if not os.path.exists(os.path.join(staging, "generation_config.json")):
+      with open(os.path.join(staging, "generation_config.json"), "w") as f:
+        json.dump(generation_config(hf), f, indent=2)
     if not os.path.exists(os.path.join(staging, "tokenizer.json")):
       say(
         f"{workdir}'s tokenizer is data.tokenizer={c.data.tokenizer!r}, not a tokenizer.json: "

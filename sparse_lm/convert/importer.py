@@ -42,6 +42,12 @@ def read_hf_config(hf_dir: str) -> dict:
     raise ConvertError(f"{path}: not JSON ({e})") from None
 
 
+def source_dtype(hf: dict) -> str:
+  """The checkpoint's tensor dtype as config.json names it: `dtype`
+  (transformers 5) or `torch_dtype` (4.x, the released configs)."""
+  return hf.get("dtype") or hf.get("torch_dtype") or "float32"
+
+
 def hf_value(key: Key, hf: dict):
   """(the spelling read, the value) of `key` in config.json: its first
   spelling present and not null (null counts where `values` lists None),
@@ -247,7 +253,13 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
       ckptlib.save_config(c, staging, {"tokenizer": tok_fp, "imported_from": hf_dir})
       with open(os.path.join(staging, "hf", "import.json"), "w") as f:
         json.dump(
-          {"family": fam.name, "layout": "fused" if fused else "per_expert", "from": hf_dir}, f
+          {
+            "family": fam.name,
+            "layout": "fused" if fused else "per_expert",
+            "from": hf_dir,
+            "dtype": source_dtype(read_hf_config(hf_dir)),
+          },
+          f,
         )
       os.makedirs(os.path.dirname(workdir) or ".", exist_ok=True)
       if os.path.isdir(workdir) and not os.listdir(workdir):
