@@ -36,7 +36,13 @@ KEYS = (
     values={1.0: shared.RENORMALISED, None: shared.NOT_RENORMALISED},
     why="only 1 (gates sum to 1) or null",
   ),
-  Key("model.moe.load_balance_weight", "ffn_config.moe_loss_weight", default=0.0, to_ours=float),
+  # transformers' DbrxForCausalLM weighs load_balancing_loss_func by
+  # moe_loss_weight (router_aux_loss_coef beside it is not read).
+  shared.balance_weight(
+    "ffn_config.moe_loss_weight",
+    lambda hf: hf["ffn_config"]["moe_top_k"],
+    lambda hf: hf["n_layers"],
+  ),
   Key(
     "model.activation",
     "ffn_config.ffn_act_fn.name",
@@ -45,7 +51,10 @@ KEYS = (
     why="only 'silu' (SwiGLU) is supported",
   ),
   refuse("ffn_config.moe_jitter_eps", bool, "router jitter is not supported"),
-  *shared.rope(lambda hf: (hf.get("attn_config") or {}).get("rope_theta") or 10_000.0),
+  # DBRX's readers (transformers 4.x, vLLM) take attn_config.rope_theta (above).
+  *shared.rope(
+    lambda hf: (hf.get("attn_config") or {}).get("rope_theta") or 10_000.0, top_level=False
+  ),
   shared.seq_len("max_seq_len"),
   *shared.EVERY_FAMILY,
   fixed("model.norm", "layer"),

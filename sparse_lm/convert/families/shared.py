@@ -7,6 +7,7 @@ Mixtral, Qwen-MoE and OLMoE: its config keys and its tensor rules.
 
 from __future__ import annotations
 
+from sparse_lm.convert import describe
 from sparse_lm.convert.describe import Key
 from sparse_lm.convert.describe import Rule
 from sparse_lm.convert.describe import bias
@@ -31,6 +32,10 @@ EVERY_FAMILY = [
   fixed("model.moe.num_groups", 0, on_import=False),
   preset("model.moe.dispatch", "dropless"),
   preset("model.moe.router_dtype", "compute"),  # router logits in the model dtype, as transformers
+  # The balance loss as transformers counts it (balance_weight): f over all k
+  # choices, over every real token of the batch.
+  preset("model.moe.load_balance_choices", "all"),
+  preset("model.moe.balance_scope", "global"),
 ]
 
 # Our router (and its normalize_gates) for the checkpoints' one softmax
@@ -68,11 +73,14 @@ def seq_len(hf: str) -> Key:
   return Key("data.seq_len", hf, default=2048, to_ours=lambda n: min(int(n), 2048), to_hf=None)
 
 
-def rope(theta=10_000.0) -> list[Key]:
-  """Unscaled RoPE and its theta. transformers 5 spells them rope_parameters
-  {rope_type, rope_theta}; older configs rope_scaling {type} and a top-level
-  rope_theta (read, and dropped on export)."""
-  return [
+def rope(theta=10_000.0, top_level: bool = True) -> list[Key]:
+  """Unscaled RoPE and its theta, in both spellings: transformers 5's
+  rope_parameters {rope_type, rope_theta}, and (`top_level`) the top-level
+  rope_theta and rope_scaling (null: unscaled) that transformers 4.x, vLLM
+  and the released configs use; a reader of either finds the same theta
+  (transformers 4's Qwen-MoE configs fall back to 10,000 without it). Import
+  reads rope_parameters first, then the older spellings."""
+  keys = [
     Key(
       hf="rope_parameters.rope_type",
       legacy=("rope_parameters.type", "rope_scaling.rope_type", "rope_scaling.type"),
@@ -90,6 +98,57 @@ def rope(theta=10_000.0) -> list[Key]:
       to_ours=float,
     ),
   ]
+  if top_level:  # export only (import read them above, as legacy spellings)
+    keys += [
+      Key("model.rope_theta", "rope_theta", to_ours=None, to_hf=float),
+      Key(hf="rope_scaling", default=None, to_ours=None, to_hf=lambda: None),
+    ]
+  return keys
+
+
+def moe_layers(hf: dict) -> int:
+  """The MoE layers of a Llama-style config.json: all but mlp_only_layers
+  (decoder_sparse_step other than 1 is refused)."""
+  return hf["num_hidden_layers"] - len(hf.get("mlp_only_layers") or [])
+
+
+def balance_weight(hf: str, top_k, layers) -> Key:
+  """The load-balance coefficient `hf` (router_aux_loss_coef) as our
+  model.moe.load_balance_weight, with the same meaning.
+
+  transformers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DBRX:
+  load_balancing_loss_func in models/mixtral/modeling_mixtral.py) adds
+  coef * E * sum_k sum_e T[k, e] * P[e] to the loss, one term over the
+  router logits of all n MoE layers concatenated: T[k, e] the fraction of
+  tokens whose k-th choice is e, P[e] the mean softmax probability; it is
+  K at balance (K = top_k). With f_e = sum_k T[k, e] / K, the fraction of
+  all assignments (load_balance_choices "all"), that is coef * K * B, B =
+  E * sum_e f_e P_e our load_balance_loss (1 at balance). Here each MoE
+  layer adds weight * B_l, so weight = coef * K / n makes ours coef * K *
+  mean_l B_l: equal at balance and whenever the layers' f and P agree, and
+  in general the mean of the per-layer losses, not transformers' loss of
+  the pooled statistics. They differ by a cross-layer term: n * sum_l
+  B(l, l) - sum_{l, m} B(l, m) = 1/2 sum_{l, m} E (f_l - f_m).(P_l - P_m)
+  (B(l, m) = E f_l.P_m), which is not zero for equal token counts (layers
+  unbalanced in opposite directions pool to a balanced value). Ours
+  penalises each layer's imbalance; the coefficient keeps its scale.
+  transformers adds it only with output_router_logits (false in the
+  released configs); an imported run trains with it. (transformers' DBRX
+  passes the router's softmax probabilities as the "logits", softmaxed
+  again there; ours is the loss on the probabilities, as Mixtral's.)
+
+  `top_k`, `layers`: config.json -> K, n."""
+
+  def read(hf_cfg: dict) -> float:
+    coef = describe.lookup(hf_cfg, hf)
+    coef = 0.0 if coef in (describe.MISSING, None) else float(coef)
+    return coef * top_k(hf_cfg) / layers(hf_cfg)
+
+  def write(c) -> float:
+    n = c.model.num_layers - c.model.moe.first_dense_layers
+    return float(f"{c.model.moe.load_balance_weight * n / c.model.moe.top_k:.12g}")
+
+  return Key("model.moe.load_balance_weight", hf, read=read, write=write, to_ours=float)
 
 
 # ------------------------------------------------------------ Llama-style
@@ -121,7 +180,7 @@ LLAMA = [
   Key("model.tie_embeddings", "tie_word_embeddings", default=False, to_ours=bool, to_hf=bool),
   Key("model.moe.top_k", "num_experts_per_tok"),
   Key("data.vocab_size", "vocab_size"),
-  Key("model.moe.load_balance_weight", "router_aux_loss_coef", default=0.0, to_ours=float),
+  balance_weight("router_aux_loss_coef", lambda hf: hf["num_experts_per_tok"], moe_layers),
   Key("model.moe.z_loss_weight", "router_z_loss_coef", default=0.0, to_ours=float, to_hf=None),
   Key(
     "model.head_dim",
