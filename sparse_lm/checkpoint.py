@@ -374,8 +374,8 @@ class Checkpointer:
       f"checkpoint of step {step} cannot be read ({why}); moved to {dest}, trying the one before it"
     )
 
-  def restore_step(self, step: int | None, state_target) -> tuple[int, Any]:
-    """(step, state) of `step` (None: the latest), or a one-line RunError."""
+  def resolve(self, step: int | None) -> int:
+    """`step` (None: the latest) if it is saved, else a one-line RunError."""
     steps = self.steps()
     step = steps[-1] if step is None and steps else step
     if step is None or step not in steps:
@@ -383,6 +383,11 @@ class Checkpointer:
         f"{self.dir} holds no checkpoint"
         + (f" of step {step} (it has {steps})" if step is not None else "")
       )
+    return step
+
+  def restore_step(self, step: int | None, state_target) -> tuple[int, Any]:
+    """(step, state) of `step` (None: the latest), or a one-line RunError."""
+    step = self.resolve(step)
     try:
       with _quiet_failed_reads():
         saved_target, to_run = _across_layouts(self._state_dir(step), state_target)

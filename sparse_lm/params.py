@@ -92,13 +92,16 @@ def model_leaves(state) -> dict[str, tuple]:
   return out
 
 
-def params_of(state, layout: Layout | None = None) -> dict[str, Any]:
+_FROM_STATE: Any = object()  # params_of's default: the state's own layout
+
+
+def params_of(state, layout: Layout | None = _FROM_STATE) -> dict[str, Any]:
   """{per-layer path: nnx.Param} of the model part of a train state (of
   arrays or ShapeDtypeStructs; of shardings, give the state's `layout`): a
   stacked Param's rows are per-layer Params (`row`; for real arrays, copies)."""
   flat = nnx.to_flat_state(state)
   out = {path_str(p[1:]): v for p, v in flat if p[0] == 0 and isinstance(v, nnx.Param)}
-  return per_layer(out, layout or state_layout(state))
+  return per_layer(out, state_layout(state) if layout is _FROM_STATE else layout)
 
 
 def logical_names(state) -> dict[str, tuple]:

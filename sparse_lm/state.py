@@ -260,15 +260,9 @@ def load_model(
   datalib.check_tokenizer(tok, workdir)
   ckpt = ckptlib.Checkpointer(workdir, read_only=True)
   try:
-    steps = ckpt.steps()
+    step = ckpt.resolve(step)
   finally:
     ckpt.close()
-  step = steps[-1] if step is None and steps else step
-  if step is None or step not in steps:
-    raise RunError(
-      f"{ckpt.dir} holds no checkpoint"
-      + (f" of step {step} (it has {steps})" if step is not None else "")
-    )
   if mesh is None:
     graphdef, abs_vars = nnx.split(abstract_model(c, tok.vocab_size))
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -10,7 +10,6 @@ import shutil
 import types
 import uuid
 
-from flax import nnx
 import jax
 import ml_dtypes
 import numpy as np
@@ -157,22 +156,36 @@ def export_checkpoint(
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConvertError(f"--hf_dir={hf_dir} is not empty; export into a new folder")
   rules = fam.rules(cfglib.model_spec(c), False)
-  model, c, _ = statelib.load_model(workdir, step)
-  params = {
-    paramslib.path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-  }
-  params = paramslib.per_layer(params, paramslib.state_layout(nnx.state(model)))  # scan_layers
+  ckpt = ckptlib.Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.resolve(step)
+  finally:
+    ckpt.close()
+  saved = ckptlib.param_metadata(workdir, step)  # per-layer names, whatever the layout
+  params = {p for p, _, _ in paramslib.param_list(statelib.abstract_model(c))}
   src = param_source(rules)
-  missing = sorted(set(params) - set(src))
+  missing = sorted(params - set(src))
   if missing:
     raise ConvertError(f"{fam.name} has no tensor for our parameter {missing[0]!r}")
   out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype or np.float32)
   E = cfglib.model_spec(c).moe.num_experts
 
+  host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+  def read(path: str) -> np.ndarray:
+    """One parameter, read from the checkpoint into host memory (every
+    process reads it whole, whatever mesh saved it; nothing goes to an
+    accelerator)."""
+    shape, dt = saved[path]
+    target = {path: jax.ShapeDtypeStruct(shape, dt, sharding=host)}
+    return np.asarray(ckptlib.read_params(workdir, step, target)[path])
+
   def tensors():
-    """(hf name, array) in the rules' order, one parameter gathered at a time."""
+    """(hf name, array) in the rules' order: one parameter in memory at a
+    time (and its Hugging Face tensors), so the host peak is about the
+    largest parameter plus the shard being filled (write_shards)."""
     for r in rules:
-      ours = [np.asarray(jax.device_get(params[o])) for o in r.ours]
+      ours = [read(o) for o in r.ours]
       if r.per_expert:
         pairs = [
           (n.format(j=j), v) for j in range(E) for n, v in zip(r.hf, r.to_hf(*(a[j] for a in ours)))
