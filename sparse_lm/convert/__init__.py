@@ -38,7 +38,13 @@ value (its default where absent, refusing what `refuse` or `values` rules
 out) into our config; export checks every Key against the run's config
 (`fixed` values, `values` tables: one line naming the first key the family
 cannot hold) and writes the config.json keys in the Keys' order, on top of the
-source's config.json where the run came from an import. A family is data
+source's config.json where the run came from an import. Where transformers
+4.x and 5 spell a fact differently (RoPE theta, the dtype) export writes both
+and import reads either; router_aux_loss_coef becomes a per-layer
+load_balance_weight at the model card's scale (families/shared.py,
+balance_weight: what differs from transformers' pooled loss).
+The released config.json files of each family (tests/fixtures/released) map
+at full size to the model cards' parameter counts. A family is data
 plus a few small functions; the drivers have no branch on a family's name.
 Adding one is one new module in families/ (and its fixtures in
 tests/fixtures/hf, made by tests/fixtures/hf/make_fixtures.py).
