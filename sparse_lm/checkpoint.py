@@ -7,7 +7,11 @@ What a run guarantees (README, "Checkpoints"), and where:
     refused in one line naming the holder;
   * a resumed run keeps what the checkpoint holds: `check_resume` refuses a
     config whose parameter or optimizer tree differs (or whose tokenizer
-    does), and names the other changed keys in one line;
+    does), and names the other changed keys in one line; the tree is
+    compared by per-layer names, so model.scan_layers may change: a
+    checkpoint keeps the layout of the run that saved it (stacked layers
+    stay stacked on disk: no copy at save time) and a restore into the other
+    layout converts once (`_across_layouts`, sparse_lm/params.py's mapping);
   * only finite states are saved: `Checkpointer.save` checks the state before
     it writes (the trainer also checks every step's loss, train.py), so
     rotation (train.keep_checkpoints) only ever drops finite checkpoints;
@@ -21,7 +25,8 @@ What a run guarantees (README, "Checkpoints"), and where:
 `param_metadata` and `read_params` (fine-tuning's train.init_from,
 sparse_lm/finetune.py) read only the named parameters of another run's
 checkpoint onto the new run's shardings: the source may have been saved on
-any mesh.
+any mesh, scanned or not (names are per layer; a stacked array is read once
+and cut into the layers asked for).
 """
 
 from __future__ import annotations

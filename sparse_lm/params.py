@@ -181,7 +181,7 @@ def layout_of(shapes: dict[str, tuple]) -> Layout | None:
     n = _at(keys, SCAN)
     if n is not None:
       positions.add(int(keys[n + 1]))
-      repeats = tuple(shape)[0]
+      repeats = repeats or tuple(shape)[0]  # the first (a parameter's, in a train state)
     n = _at(keys, "blocks")
     if n is not None:
       layers.add(int(keys[n + 1]))
@@ -192,6 +192,8 @@ def layout_of(shapes: dict[str, tuple]) -> Layout | None:
 
 
 def layer_path(path: str, layout: Layout, r: int) -> str:
+  """The per-layer name of row r of stacked `path` ("scan/1/ffn/wi", r ->
+  "blocks/{layout.layer(1, r)}/ffn/wi"; a prefix, "1/opt_state/...", kept)."""
   keys = path.split("/")
   n = _at(keys, SCAN)
   return "/".join([*keys[:n], "blocks", str(layout.layer(int(keys[n + 1]), r)), *keys[n + 2 :]])

@@ -171,7 +171,9 @@ def micro_grads(c, model, batch, rng, wrt):
       return ce_sum / w_total + extra, (ce_sum, aux)
 
     grads, (ce_sum, aux) = jax.grad(f, has_aux=True)(params)
-    return jax.tree.map(jnp.add, acc, grads), (ce_sum, aux)
+    # Per-layer dicts: stacked over micro-batches, a scanned group's aux
+    # (transformer.LayerAux) would take the new axis before its layers'.
+    return jax.tree.map(jnp.add, acc, grads), (ce_sum, [dict(a) for a in aux])
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, (ce_sums, auxes) = jax.lax.scan(body, zeros, (mbs, idx, coef))

@@ -212,6 +212,46 @@ def test_drop_upcycling_reinitialises_a_fraction_per_expert(dense_run, dense_ref
   assert len({tuple(np.flatnonzero(~m)) for m in copied}) == 4  # a different subset each
 
 
+def test_upcycling_into_scanned_layers_and_freezing_them(dense_run, dense_ref):
+  """model.scan_layers stores the layers stacked (sparse_lm/params.py):
+  init_from fills their rows by per-layer names, so the upcycled model equals
+  the dense one and Drop-Upcycling gives the unscanned run's values (its fresh
+  units cut from the stacked init). train.frozen judges a stacked array by its
+  layers' names: a rule that names all of them freezes it, one that names some
+  is a one-line error."""
+
+  def scanned_moe(on):
+    c = moe_config("mixtral")
+    c.model.scan_layers = on
+    return c
+
+  got, model, report = upcycled(scanned_moe(True), dense_run[0])
+  np.testing.assert_allclose(got, dense_ref[0], rtol=1e-5, atol=1e-5)
+  assert "scan" in nnx.state(model) and report.how["blocks/3/ffn/wi"].startswith(
+    "copied into every expert from blocks/3/ffn/wi"
+  )
+  states = []
+  for scan in (False, True):
+    c = scanned_moe(scan)
+    c.train.init_from, c.train.init_reinit_fraction = dense_run[0], 0.25
+    c = cfglib.validate(c)
+    state, _ = finetune.init_from(c, fresh_state(c), statelib.abstract_state(c, V)[1])
+    flat = {paramslib.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    states.append(paramslib.per_layer(flat, paramslib.state_layout(state)))
+  assert list(states[0]) == list(states[1])
+  for p in states[0]:
+    np.testing.assert_array_equal(states[0][p], states[1][p], err_msg=p)
+  c = scanned_moe(True)
+  c.train.frozen = r"blocks/[02]/attn/.*"  # layers 0 and 2: all the rows of scan/0/attn
+  _, abs_state, _ = statelib.abstract_state(cfglib.validate(c), V)
+  opt = {paramslib.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(abs_state[1])[0]}
+  assert not any("scan/0/attn/" in p for p in opt) and any("scan/1/attn/" in p for p in opt)
+  c.train.frozen = r"blocks/0/attn/.*"
+  with pytest.raises(ConfigError, match=r"freezes blocks/0/attn/wk.* but not the other") as e:
+    statelib.abstract_state(cfglib.validate(c), V)
+  assert "\n" not in str(e.value) and "model.scan_layers=False" in str(e.value)
+
+
 def test_growing_experts_tiles_them(dense_run, tmp_path):
   src = str(tmp_path / "moe4")
   c4 = moe_config("mixtral")

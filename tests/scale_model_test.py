@@ -4,17 +4,25 @@ computes and stores, never what it computes.
 Against the plain model (unscanned, not rematerialised, float32): every remat
 policy and the scanned layers give the same logits, router losses (every value
 of moe_aux) and gradients (float32: 1e-5 relative, 1e-6 absolute); full remat
-needs fewer temporary bytes; a checkpoint saved with the layers scanned
-restores unscanned and back; decoding a scanned model equals its full forward;
-bfloat16 parameters train a step, their optimizer moments bfloat16 too.
+needs fewer temporary bytes; bfloat16 parameters train a step, their optimizer
+moments bfloat16 too. Scanned layers are stored stacked (sparse_lm/params.py
+maps them to per-layer names): the same initial values and per-layer names,
+logical axes and counts; a checkpoint saved scanned restores unscanned and
+back, leaf for leaf; a run switches the key on resume with the losses of one
+that never did; a scanned run's export is the unscanned one's, byte for byte,
+and init_from reads it by per-layer names; decoding a scanned model equals its
+full forward.
 """
 
 import functools
 import re
 
 from flax import nnx
+from helpers import losses
+from helpers import tiny_config
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
@@ -24,7 +32,9 @@ from sparse_lm import config as cfglib
 from sparse_lm import decode
 from sparse_lm import inspect as inspectlib
 from sparse_lm import params as paramslib
+from sparse_lm import sharding
 from sparse_lm import state as statelib
+from sparse_lm import train
 from sparse_lm.errors import ConfigError
 from sparse_lm.models.transformer import Transformer
 from sparse_lm.models.transformer import scan_plan
@@ -118,7 +128,11 @@ def per_layer(out: dict) -> dict:
     paramslib.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(out["grads"])[0]
   }
   grads = paramslib.per_layer(flat, paramslib.layout_of({p: x.shape for p, x in flat.items()}))
-  rest = jax.tree_util.tree_flatten_with_path({k: v for k, v in out.items() if k != "grads"})[0]
+  # moe_aux by layer: a scanned model's keeps its scanned layers' stacked (LayerAux).
+  rest = {k: v for k, v in out.items() if k != "grads"} | {
+    "moe_aux": list(map(dict, out["moe_aux"]))
+  }
+  rest = jax.tree_util.tree_flatten_with_path(rest)[0]
   return {
     **{jax.tree_util.keystr(p): x for p, x in rest},
     **{f"grads/{p}": x for p, x in grads.items()},
@@ -196,25 +210,152 @@ def _forward(graphdef, state, tokens_BxL):
   return nnx.merge(graphdef, state)(tokens_BxL).logits
 
 
+def _per_layer_leaves(state) -> dict:
+  """{per-layer path: numpy array} of every leaf of a train state, model and
+  optimizer (params.per_layer: a scanned state's stacked leaves cut per layer)."""
+  flat = {
+    paramslib.path_str(kp): np.asarray(x)
+    for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
+  return paramslib.per_layer(flat, paramslib.layout_of({p: x.shape for p, x in flat.items()}))
+
+
+def test_scanned_layers_are_stored_stacked_and_named_per_layer():
+  """Scanned, the super-blocks' parameters are one array per position ([repeats,
+  ...], a leading logical axis that no mesh axis shards), drawn as the
+  unscanned model's (the same values for the same seed); by per-layer names
+  (params.per_layer) the two states, the parameter list inspect counts and its
+  summary are the same."""
+  scanned, unscanned = (config("switch", **{"model.scan_layers": on}) for on in (True, False))
+  flat = lambda model: {
+    paramslib.path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))
+  }
+  s, u = flat(build(scanned)), flat(build(unscanned))
+  # Layer 0 (first_dense_layers) and 5 (the remainder) per layer; 1-4 stacked.
+  assert {p.split("/")[1] for p in s if p.startswith("blocks/")} == {"0", "5"}
+  assert s["scan/0/attn/wq"].shape == (2, *u["blocks/1/attn/wq"].shape)
+  assert s["scan/1/ffn/wi"].shape == (2, *u["blocks/2/ffn/wi"].shape)
+  got = paramslib.per_layer(s, paramslib.layout_of({p: x.shape for p, x in s.items()}))
+  assert list(got) == list(u)
+  for p in u:
+    np.testing.assert_array_equal(got[p], u[p], err_msg=p)
+  abs_scanned, abs_unscanned = (statelib.abstract_model(c, V) for c in (scanned, unscanned))
+  assert paramslib.param_list(abs_scanned) == paramslib.param_list(abs_unscanned)
+  assert inspectlib.summarize(scanned, V) == inspectlib.summarize(unscanned, V)
+  fsdp = {"mesh": (("data", 1), ("fsdp", 8), ("expert", 1), ("tensor", 1))}
+  c = config("switch", **{"model.scan_layers": True, "data.batch_size": 8, **fsdp})
+  mesh = sharding.make_mesh(c)
+  with sharding.use(mesh, c):
+    _, abs_state, shd = statelib.abstract_state(c, V, mesh)
+  names = paramslib.logical_names(abs_state)
+  specs = {paramslib.path_str(kp): x.spec for kp, x in jax.tree_util.tree_flatten_with_path(shd)[0]}
+  assert names["scan/0/attn/wq"] == (None, *names["blocks/0/attn/wq"])
+  assert specs["0/scan/0/attn/wq"] == P(None, *specs["0/blocks/0/attn/wq"])
+  assert specs["0/blocks/0/attn/wq"][0] == "fsdp"  # the per-layer axes stay sharded
+
+
 def test_checkpoint_restores_with_scan_layers_on_or_off(tmp_path):
-  """Saved scanned, restored unscanned, saved again and restored scanned."""
+  """On disk a checkpoint keeps its run's layout: saved scanned (stacked),
+  resumed unscanned (the trainer's restore_latest), saved again and restored
+  scanned (restore_step); every leaf, the optimizer's included, comes back
+  by its per-layer name, bit for bit."""
   scanned, unscanned = (config("switch", **{"model.scan_layers": on}) for on in (True, False))
   # What a resumed run compares (checkpoint.check_resume): the same tree.
   assert statelib.state_tree(scanned, V) == statelib.state_tree(unscanned, V)
   with nnx.use_eager_sharding(False):
     model, opt = statelib.create(scanned, V)
-  state, want = nnx.state((model, opt)), _logits(model)
+  train_graphdef, state = nnx.split((model, opt))
+  keys = iter(jax.random.split(jax.random.key(5), 1000))  # moments and bias not at init
+  noise = lambda x: x + jax.random.normal(next(keys), x.shape) if x.dtype == jnp.float32 else x
+  state = jax.tree.map(noise, state)
+  want, logits = _per_layer_leaves(state), _logits(nnx.merge(train_graphdef, state)[0])
   for step, c in enumerate((unscanned, scanned), 1):
     ckpt = ckptlib.Checkpointer(str(tmp_path), say=lambda *a: None)
-    ckpt.save(step, state, {"batches": 0})
+    ckpt.save(step, state, {"batches": step})
     ckpt.close()
     graphdef, abs_state, shd = statelib.abstract_state(c, V)
     ckpt = ckptlib.Checkpointer(str(tmp_path), read_only=True)
+    if step == 1:
+      assert ckpt.restore_latest(ckptlib.target(abs_state, shd))[2] == {"batches": 1}
     _, state = ckpt.restore_step(step, ckptlib.target(abs_state, shd))
     ckpt.close()
+    got = _per_layer_leaves(state)
+    assert list(got) == list(want)
+    for p in want:
+      np.testing.assert_array_equal(got[p], want[p], err_msg=p)
     restored = nnx.merge(graphdef, state)[0]
     assert restored.m.scan_layers is c.model.scan_layers
-    np.testing.assert_allclose(_logits(restored), want, **TOL)
+    np.testing.assert_allclose(_logits(restored), logits, **TOL)
+
+
+def test_export_and_init_from_of_a_scanned_run_equal_the_unscanned_runs(tmp_path):
+  """A run saved scanned: its Hugging Face export is, byte for byte, the
+  export of the same parameters saved unscanned (convert reads them by
+  per-layer names); train.init_from reads the per-layer names it asks for
+  from it (param_metadata, read_params cut the stacked arrays) into an
+  unscanned run."""
+  from sparse_lm import convert  # pylint: disable=g-import-not-at-top
+  from sparse_lm import finetune  # pylint: disable=g-import-not-at-top
+
+  runs = {}
+  for on in (False, True):
+    c = config("mixtral", **{"model.scan_layers": on, "data.tokenizer": "byte"})
+    Vb, wd = statelib.vocab_size_of(c), str(tmp_path / f"scan_{on}")
+    graphdef, abs_state, shd = statelib.abstract_state(c, Vb)
+    with nnx.use_eager_sharding(False):
+      state = nnx.state(statelib.create(c, Vb))
+    ckpt = ckptlib.Checkpointer(wd, say=lambda *a: None)
+    ckpt.save(3, state, {"batches": 0})
+    ckpt.close()
+    ckptlib.save_config(c, wd, {})
+    convert.export_checkpoint(wd, str(tmp_path / f"hf_{on}"), say=lambda *a: None)
+    runs[on] = wd
+  for name in ("model.safetensors", "config.json"):
+    a, b = ((tmp_path / f"hf_{on}" / name).read_bytes() for on in (False, True))
+    assert a == b, name
+  meta = {on: ckptlib.param_metadata(runs[on], 3) for on in (False, True)}
+  assert meta[True] == meta[False]
+  c = config("mixtral", **{"data.tokenizer": "byte"})
+  c.train.init_from = runs[True]
+  _, abs_state, _ = statelib.abstract_state(c, Vb)
+  with nnx.use_eager_sharding(False):
+    fresh = nnx.state(statelib.create(config("mixtral", **{"train.seed": 1}), Vb))
+  state, report = finetune.init_from(c, fresh, abs_state)
+  assert set(report.how.values()) == {f"copied from {p}" for p in report.how}
+  with nnx.use_eager_sharding(False):
+    want = _per_layer_leaves(nnx.state(statelib.create(c, Vb)))
+  got = _per_layer_leaves(state)
+  for p in want:
+    if p.startswith("0/"):
+      np.testing.assert_array_equal(got[p], want[p], err_msg=p)
+
+
+def test_a_run_switches_scan_layers_when_it_resumes(tmp_path, tfds_dir, capsys):
+  """The trainer end to end (in-process, configs/mixtral.py:tiny): 2 steps
+  scanned, then resumed unscanned to step 4 (the checkpoint, stacked on disk,
+  restores per layer; check_resume names the key and goes on): the losses are
+  those of a run that was never scanned."""
+
+  def run(workdir, steps, scan):
+    c = tiny_config(
+      tfds_dir,
+      f"train.num_steps={steps}",
+      "train.log_every=1",
+      "train.eval_batches=1",
+      f"model.scan_layers={scan}",
+      config="configs/mixtral.py:tiny",
+    )
+    train.train_and_evaluate(c, str(workdir))
+    return losses(str(workdir))
+
+  run(tmp_path / "switched", 2, True)
+  switched = run(tmp_path / "switched", 4, False)
+  assert (
+    "resuming with a changed config: model.scan_layers: True -> False" in capsys.readouterr().out
+  )
+  plain = run(tmp_path / "plain", 4, False)
+  assert sorted(switched) == sorted(plain) == [1, 2, 3, 4]
+  np.testing.assert_allclose([switched[k] for k in plain], list(plain.values()), rtol=1e-5)
 
 
 def test_decoding_a_scanned_model_equals_its_full_forward():

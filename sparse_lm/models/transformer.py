@@ -8,25 +8,27 @@ gradients; tests/scale_model_test.py):
   model.scan_layers  the layers run as one jax.lax.scan over a super-block of
       `model.moe.every` layers (1 for a dense model; scan_plan): one traced
       and compiled body. first_dense_layers and a remainder that does not fill
-      a super-block run one by one. Design: parameters stay per layer, in
-      memory and on disk ("blocks/{i}/attn/wq" is the same Variable with the
-      key on or off) and the forward stacks each super-block position's
-      parameters into the scan (jnp.stack; the gradient comes back per layer).
-      So nothing that names parameters changes (checkpoints, which restore with
-      the key either way, train.init_from and its rules, train.frozen,
-      sparse_lm/convert/, inspect, the optimizer state, decoding): no name
-      mapping, no boundary helper, and every one of those boundaries lives
-      outside models/. The price: a stacked copy of the scanned parameters and
-      of their gradients during a step, and per-layer slices of the gradient
-      that XLA compiles one by one: on CPU the step traces in half the time
-      but XLA compiles it slower than unscanned (parameters stacked in memory
-      would compile faster than either; the next step, once those boundaries
-      take a name mapping). What the scan buys as is: a backward loop that XLA
-      cannot merge with the forward, so train.remat saves memory on XLA:CPU
-      too (which drops the optimization barriers that keep an unscanned
-      block's recomputation apart). Decoding (a KV cache) runs the layers one
-      by one, the same parameters: a scan would stack and unstack the whole
-      cache every step.
+      a super-block run one by one. Design (MaxText's): the scanned layers'
+      parameters are stored stacked, `self.scan[j]` one Block whose Variables
+      are [repeats, ...] (a leading logical axis never sharded) for position j
+      of the super-block, row r being layer start + r * period + j; the other
+      layers stay `self.blocks[i]` (None where a layer is stacked). So the
+      optimizer's state is stacked too and AdamW, the gradient norm and the
+      clipping run once per kind of array, not once per layer: the train step
+      of mixtral.py:tiny at 32 layers compiles in 1.29x the time of 4 layers
+      (3.73x with per-layer parameters stacked in the forward;
+      benchmarks/README.md). Values are drawn per layer, then stacked: the same
+      as unscanned for the same seed. Names change with the key ("scan/0/attn/wq"
+      holds "blocks/{start}/attn/wq", ...): every boundary that names
+      parameters (checkpoints, which keep their run's layout and restore across
+      it; train.init_from and its rules; train.frozen; sparse_lm/convert/;
+      inspect) reads them by per-layer names through sparse_lm/params.py, the
+      one mapping. Decoding (a KV cache) runs the layers one by one, a stacked
+      layer's row sliced inside the jitted step: a scan would stack and
+      unstack the whole cache every step. What the scan also buys: a backward
+      loop that XLA cannot merge with the forward, so train.remat saves memory
+      on XLA:CPU too (which drops the optimization barriers that keep an
+      unscanned block's recomputation apart).
   train.remat  what a block's backward pass keeps from its forward
       (REMAT_POLICIES); the rest is recomputed. Applies to the scanned body too.
   model.param_dtype  the Params' dtype (drawn in float32, then rounded);
@@ -35,6 +37,8 @@ gradients; tests/scale_model_test.py):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from flax import nnx
@@ -164,8 +168,71 @@ class Output(NamedTuple):
   """What the Transformer returns, whatever its arguments."""
 
   logits: jax.Array  # [B, L, V] float32
-  moe_aux: list[dict]  # one aux dict per MoE layer, in layer order
+  moe_aux: LayerAux  # one aux dict per MoE layer, in layer order
   cache: Cache | None  # the updated decoding Cache; None when not decoding
+
+
+class _Row(Mapping):
+  """Row r of a scanned position's aux dict (its values stacked over the
+  position's layers): a value is sliced when read, not before."""
+
+  def __init__(self, stacked: dict, r: int):
+    self.stacked, self.r = stacked, r
+
+  def __getitem__(self, key):
+    return jax.tree.map(lambda a: a[self.r], self.stacked[key])
+
+  def __contains__(self, key):
+    return key in self.stacked
+
+  def __iter__(self):
+    return iter(self.stacked)
+
+  def __len__(self):
+    return len(self.stacked)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LayerAux(Sequence):
+  """Output.moe_aux: the MoE layers' aux dicts, in layer order (a sequence of
+  dicts). A scanned position's layers keep the aux the scan returned, stacked
+  over them, and a read slices what it reads: as a pytree (a train step's
+  measurements, a jit's output) it is those stacked arrays, not one slice per
+  layer and value, which XLA compiled one by one (about 20 an MoE layer: most
+  of what the 32-layer step compiled more than the 4-layer one, scanned;
+  benchmarks/README.md)."""
+
+  def __init__(self, parts: list, rows: tuple):
+    self.parts, self.rows = parts, rows  # rows[i]: (part, its row or None) of layer i
+
+  @classmethod
+  def of(cls, entries: list) -> LayerAux:
+    """From per-layer dicts and _Row views (grouped by the dict they view)."""
+    parts, rows = [], []
+    for e in entries:
+      d = e.stacked if isinstance(e, _Row) else e
+      k = next((i for i, p in enumerate(parts) if p is d), None)
+      if k is None:
+        parts.append(d)
+        k = len(parts) - 1
+      rows.append((k, e.r if isinstance(e, _Row) else None))
+    return cls(parts, tuple(rows))
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[k] for k in range(len(self))[i]]
+    part, r = self.rows[i]
+    return self.parts[part] if r is None else _Row(self.parts[part], r)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def tree_flatten_with_keys(self):
+    return [(jax.tree_util.SequenceKey(i), p) for i, p in enumerate(self.parts)], self.rows
+
+  @classmethod
+  def tree_unflatten(cls, rows, parts):
+    return cls(list(parts), rows)
 
 
 class Transformer(nnx.Module):
@@ -245,7 +312,7 @@ class Transformer(nnx.Module):
       segments_BxL=segments_BxL,
     )
     x_BxLxD, aux, kv = self._layers(x_BxLxD, rng, cache, kw)
-    moe_aux = [a for i, a in enumerate(aux) if self.m.moe_layer(i)]
+    moe_aux = LayerAux.of([a for i, a in enumerate(aux) if self.m.moe_layer(i)])
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.m.tie_embeddings:
       logits_BxLxV = self.embed.attend(x_BxLxD)
@@ -309,8 +376,7 @@ class Transformer(nnx.Module):
 
     firsts = start + period * jnp.arange(repeats, dtype=jnp.int32)
     x_BxLxD, ys = jax.lax.scan(body, x_BxLxD, (stacks, firsts))
-    at = lambda tree, r: jax.tree.map(lambda a: a[r], tree)
-    return x_BxLxD, [at(ys[j], r) for r in range(repeats) for j in range(period)]
+    return x_BxLxD, [_Row(ys[j], r) for r in range(repeats) for j in range(period)]
 
 
 def _stack(blocks: list[Block]) -> Block:
