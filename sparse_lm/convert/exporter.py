@@ -202,7 +202,7 @@ def export_checkpoint(
     hf = hf_config(fam, c, base, "bfloat16" if dtype == "bfloat16" else str(out_dtype))
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(hf, f, indent=2)
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("generation_config.json", *toklib.TOKENIZER_FILES):
       if src_hf and os.path.exists(os.path.join(src_hf, name)):
         shutil.copy(os.path.join(src_hf, name), os.path.join(staging, name))
     if not os.path.exists(os.path.join(staging, "generation_config.json")):

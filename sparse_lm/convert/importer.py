@@ -234,12 +234,7 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
     staging = f"{workdir}.importing-{uuid.uuid4().hex[:8]}"
     os.makedirs(os.path.join(staging, "hf"))
     try:
-      for name in (
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-      ):
+      for name in ("config.json", "generation_config.json", *toklib.TOKENIZER_FILES):
         if os.path.exists(os.path.join(hf_dir, name)):
           shutil.copy(os.path.join(hf_dir, name), os.path.join(staging, "hf", name))
       _ensure_eos(staging, hf_dir)
