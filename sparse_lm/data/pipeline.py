@@ -425,16 +425,11 @@ def _dataset(
   ds = tf.data.Dataset.zip(parts).map(lambda *rows: tf.concat(rows, 0))
 
   def to_example(row_BxL1):
+    # Packing never pads, so every target is real: weighting by "not the pad
+    # id" would drop each end-of-text target of a tokenizer whose pad is its
+    # eos (Qwen's base models).
     inputs, targets = row_BxL1[:, :-1], row_BxL1[:, 1:]
-    return {
-      "inputs": inputs,
-      "targets": targets,
-      "weights": (
-        tf.ones_like(targets, tf.float32)
-        if tok.pad_id is None
-        else tf.cast(tf.not_equal(targets, tok.pad_id), tf.float32)
-      ),
-    }
+    return {"inputs": inputs, "targets": targets, "weights": tf.ones_like(targets, tf.float32)}
 
   ds = ds.map(to_example)
   options = tf.data.Options()
@@ -469,7 +464,7 @@ class Input:
   """An infinite, deterministic, resumable stream of packed training batches.
 
   next() -> {"inputs": int32 [B_local, L], "targets": int32 [B_local, L]
-  (inputs shifted by one), "weights": float32 [B_local, L] (0 on padding)},
+  (inputs shifted by one), "weights": float32 [B_local, L] (all 1: packing never pads)},
   B_local = batch_size // process_count: rows [process_index * B_local,
   (process_index + 1) * B_local) of the global batch, which does not depend on
   process_count (see the module docstring).
