@@ -26,6 +26,9 @@ setup(
     # Hugging Face checkpoints (sparse_lm/convert.py) and tokenizer.json files.
     "safetensors>=0.4.3,<1",
     "tokenizers>=0.19,<1",
+    # Chat templates (sparse_lm/data/chat.py); 3.1.6 closes the sandbox escapes
+    # that transformers also refuses older versions for.
+    "jinja2>=3.1.6,<4",
   ],
   extras_require={
     "test": [

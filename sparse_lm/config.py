@@ -63,6 +63,8 @@ def base_config() -> mlc.ConfigDict:
   # ("lm1b", "c4/en", ...), optionally with a config: "name/config".
   # "sft:<file.jsonl>": instruction data, (prompt, response) per line
   # (sparse_lm/data/sft.py; its tokenizer comes from data.tokenizer_dataset).
+  # "chat:<file.jsonl>": conversations ({"messages": [...]} per line) in the
+  # tokenizer's chat template, loss on assistant turns (sparse_lm/data/chat.py).
   c.data.dataset = "stdlib"
   c.data.text_key = "text"  # feature holding the text, for TFDS datasets
   c.data.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -462,7 +464,9 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     _fail("data.dataset", ds, "must be 'stdlib', 'files:<glob>' or a TFDS dataset name")
   if ds.startswith("files:") and len(ds) == len("files:"):
     _fail("data.dataset", ds, "'files:' needs a glob, e.g. 'files:~/text/*.txt'")
-  if ds.startswith("sft:"):
+  if ds.startswith("chat:"):
+    _validate_chat(c)
+  elif ds.startswith("sft:"):
     _validate_sft(c)
   elif not (ds == "stdlib" or ds.startswith("files:")):
     _check_tfds_name(ds)
@@ -617,6 +621,19 @@ def _validate_sft(c):
     )
   if "{prompt}" not in d.sft_template or not d.sft_template.endswith("{response}"):
     _fail("data.sft_template", d.sft_template, "must contain {prompt} and end with {response}")
+  _choice(c, "data.sft_overlong", ("truncate", "refuse"))
+
+
+def _validate_chat(c):
+  d = c.data
+  if len(d.dataset) == len("chat:"):
+    _fail("data.dataset", d.dataset, "'chat:' needs a JSONL file, e.g. 'chat:data/train.jsonl'")
+  if d.tokenizer != "huggingface":
+    _fail(
+      "data.dataset",
+      d.dataset,
+      "a chat: dataset needs data.tokenizer='huggingface' (the chat template is the tokenizer's)",
+    )
   _choice(c, "data.sft_overlong", ("truncate", "refuse"))
 
 

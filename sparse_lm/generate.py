@@ -4,12 +4,17 @@ r"""Sample text from a run's checkpoint (KV-cache decoding, sparse_lm/decode.py)
       --max_new_tokens=64 --temperature=0.8 --top_p=0.95
   python -m sparse_lm.generate --workdir=runs/switch_tiny --prompts=prompts.jsonl \
       --output=completions.jsonl --expert_choices
+  python -m sparse_lm.generate --workdir=runs/qwen3 --chat --prompt="Who wrote Emma?"
 
 Prompts: --prompt (repeatable), and/or --prompts: a text file (one prompt per
 line) or a .jsonl file (objects with a "prompt" field). They decode as one
 batch (left-padded; each row as it would alone). Greedy by default
 (--temperature=0); --top_k / --top_p restrict the sampled set; --seed fixes
-the draw. A row stops at the end-of-text token or at any --stop string.
+the draw. A row stops at the end-of-text token (every eos_token_id of an imported checkpoint's
+generation_config.json: a chat model's end of turn too) or at any --stop string.
+--chat: each prompt is one user message, rendered by the checkpoint's chat
+template with the generation prompt (as transformers' apply_chat_template(...,
+add_generation_prompt=True)), so the model answers it as its assistant.
 Uses the run's own config and tokenizer; MoE layers decode without dropping
 (model.moe.decode_dispatch). Prints each completion and the tokens/s; with
 --output, one JSON line per prompt (prompt, completion, tokens, and with
@@ -38,6 +43,9 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop a row at this text (repeatable).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write one JSON line per prompt here.")
+_CHAT = flags.DEFINE_bool(
+  "chat", False, "Each prompt is a user message in the tokenizer's chat template."
+)
 _EXPERTS = flags.DEFINE_bool("expert_choices", False, "Record each token's experts in --output.")
 _MESH = flags.DEFINE_string(
   "mesh",
@@ -77,6 +85,22 @@ def check_sampling():
     raise UserError(f"--top_p={_TOP_P.value}: must be in (0, 1]")
 
 
+def chat_prompts(tok, prompts: list[str]) -> list[list[int]]:
+  """Each prompt as one user message, rendered with the generation prompt."""
+  from sparse_lm.data import chat  # pylint: disable=g-import-not-at-top
+
+  if not getattr(tok, "chat_template", None):
+    where = getattr(tok, "path", "not a tokenizer.json")
+    raise UserError(f"--chat: the run's tokenizer has no chat template ({where})")
+  out = []
+  for i, p in enumerate(prompts, 1):
+    try:
+      out.append(chat.encode_prompt(tok, [{"role": "user", "content": p}]))
+    except chat.TemplateError as e:
+      raise UserError(f"--chat: prompt {i}: {e}") from None
+  return out
+
+
 def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
   cut = min((text.find(s) for s in stops if s and s in text), default=-1)
   return (text[:cut], True) if cut >= 0 else (text, False)
@@ -97,7 +121,7 @@ def main(argv):
   model, c, tok = statelib.load_model(
     workdir, _STEP.value, inference=True, mesh=mesh, config=config
   )
-  ids = [tok.encode(p) for p in prompts]
+  ids = chat_prompts(tok, prompts) if _CHAT.value else [tok.encode(p) for p in prompts]
   empty = [i for i, p in enumerate(ids) if not p]
   if empty:
     raise UserError(f"prompt {empty[0] + 1} is empty")
@@ -108,7 +132,7 @@ def main(argv):
     max_new_tokens=_MAX_NEW.value,
     sampling=sampling,
     seed=_SEED.value,
-    stop_ids=(tok.eos_id,),
+    stop_ids=tok.stop_ids,
     pad_id=tok.eos_id if tok.pad_id is None else tok.pad_id,
     mesh=mesh,
     config=c,

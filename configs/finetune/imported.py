@@ -8,10 +8,11 @@ own config, weights and tokenizer; fresh optimizer and schedule.
 The string after ':' is the imported run's workdir. Data: "sft:stdlib" (the
 instruction tasks of the embedded corpus), tokenized with the checkpoint's own
 tokenizer.json; override data.dataset for your own (any dataset works: the
-tokenizer never depends on it). The model block is the imported run's, so
-train.init_from reads every parameter by name; train.frozen, dropout and the
-router losses are set as for any run (the loss weights come from config.json:
-router_aux_loss_coef, router_z_loss_coef).
+tokenizer never depends on it; "chat:FILE.jsonl" trains on conversations in
+the checkpoint's chat template, loss on the assistant turns). The model block
+is the imported run's, so train.init_from reads every parameter by name;
+train.frozen, dropout and the router losses are set as for any run (the loss
+weights come from config.json: router_aux_loss_coef, router_z_loss_coef).
 """
 
 import os

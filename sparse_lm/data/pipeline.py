@@ -329,12 +329,15 @@ def _tokenizer_data(data_cfg):
   return d
 
 
+INSTRUCTION_PREFIXES = ("sft:", "chat:")  # sparse_lm/data/sft.py's datasets
+
+
 def sft_path(data_cfg) -> str:
-  """The file or directory of an sft: dataset; "sft:stdlib" is built into the
-  data dir on first use (stdlib_tasks.prepare_sft, examples of at most
-  2 x data.seq_len characters: about one row of tokens with the template)."""
-  name = data_cfg.dataset[len("sft:") :]
-  if name != "stdlib":
+  """The file or directory of an sft: or chat: dataset; "sft:stdlib" is built
+  into the data dir on first use (stdlib_tasks.prepare_sft, examples of at
+  most 2 x data.seq_len characters: about one row of tokens with the template)."""
+  kind, _, name = data_cfg.dataset.partition(":")
+  if name != "stdlib" or kind != "sft":
     return os.path.expanduser(name)
   max_chars = 2 * data_cfg.seq_len
   out = os.path.join(
@@ -547,7 +550,7 @@ def make_input(
 ) -> Input:
   """The training stream of this process (split defaults to data.train_split)."""
   pi, pc = _process(process_index, process_count)
-  if data_cfg.dataset.startswith("sft:"):
+  if data_cfg.dataset.startswith(INSTRUCTION_PREFIXES):
     tok = make_tokenizer(data_cfg)
     path = sft_path(data_cfg)
     return sft.SftInput(data_cfg, tok, path, seed=seed, process_index=pi, process_count=pc)
@@ -572,7 +575,7 @@ def eval_batches(
   """The first num_batches batches of data.eval_split: no shuffle, repeated if short.
   tokenizer: tokenize with this one (a run's own, on other data) instead of data_cfg's."""
   pi, pc = _process(process_index, process_count)
-  if data_cfg.dataset.startswith("sft:"):
+  if data_cfg.dataset.startswith(INSTRUCTION_PREFIXES):
     tok, path = tokenizer or make_tokenizer(data_cfg), sft_path(data_cfg)
     return sft.eval_batches(data_cfg, tok, path, num_batches, process_index=pi, process_count=pc)
   source = _open_source(data_cfg)

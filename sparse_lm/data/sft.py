@@ -8,8 +8,11 @@ signature + docstring, docstring, name, signature; training modules /
 held-out modules as train / validation), built on first use into the data
 dir with examples of at most 2 x data.seq_len characters.
 Each example becomes
-    tokens(data.sft_template up to "{response}", with the prompt)
+    the tokenizer's leading special tokens (prefix_ids: a <s>)
+    + tokens(data.sft_template up to "{response}", with the prompt)
     + tokens(response) + [end-of-text]
+(the middle two without the tokenizer's special tokens: one that also puts an
+</s> after every text puts none inside an example)
 and the loss counts the response and end-of-text tokens only (the prompt's
 targets get weight 0). Examples are packed in order into rows of seq_len + 1
 tokens, a new row when the next one does not fit (no example is split across
@@ -20,6 +23,11 @@ it would alone. An example longer than seq_len + 1 tokens is truncated
 (data.sft_overlong = "truncate"; it is dropped if no response token is left)
 or refused ("refuse": a one-line error naming the file and line); both are
 counted in the fingerprint.
+
+`data.dataset = "chat:<file.jsonl>"` (or "chat:<dir>"): conversations, one
+{"messages": [...]} per line, rendered by the tokenizer's chat template with
+the loss on the assistant turns (sparse_lm/data/chat.py); packed, split,
+truncated and batched as above.
 
 Splits: data.train_split "train" is every line not held out; data.eval_split
 "validation" is the ~5% of lines whose crc32 % 100 < 5 (stable under
@@ -39,6 +47,7 @@ import zlib
 
 import numpy as np
 
+from sparse_lm.data import chat
 from sparse_lm.errors import ConfigError
 
 VALIDATION_PERCENT = 5
@@ -49,18 +58,30 @@ def _fail(key, value, why):
   raise ConfigError(f"config.{key}={value!r} is invalid: {why}")
 
 
-def read_examples(path: str, split: str) -> list[tuple[int, dict]]:
+def kind_of(dataset: str) -> str:
+  """ "sft" or "chat": the data.dataset prefix of instruction data."""
+  return dataset.partition(":")[0]
+
+
+def _label(kind: str) -> str:
+  return "data.dataset chat:" if kind == "chat" else "sft data"
+
+
+def read_examples(path: str, split: str, kind: str = "sft") -> list[tuple[int, dict]]:
   """(line number, example) of `split` ("train", "validation", or a .jsonl
   path) of the JSONL file or directory; bad lines are one-line errors naming
-  file:line."""
+  file:line. kind "chat": examples hold a "messages" list."""
+  label = _label(kind)
   if split.endswith(".jsonl"):
     path, split = os.path.expanduser(split), "all"
   elif os.path.isdir(path):
     path, split = os.path.join(path, f"{split}.jsonl"), "all"
   elif split not in ("train", "validation"):
-    _fail("data.eval_split", split, "an sft: dataset has splits 'train', 'validation' or a .jsonl")
+    _fail(
+      "data.eval_split", split, f"an {kind}: dataset has splits 'train', 'validation' or a .jsonl"
+    )
   if not os.path.isfile(path):
-    raise ConfigError(f"sft data {path}: no such file")
+    raise ConfigError(f"{label} {path}: no such file")
   out = []
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
@@ -72,7 +93,13 @@ def read_examples(path: str, split: str) -> list[tuple[int, dict]]:
       try:
         ex = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ConfigError(f"sft data {path}:{n}: not JSON ({e.msg})") from None
+        raise ConfigError(f"{label} {path}:{n}: not JSON ({e.msg})") from None
+      if kind == "chat":
+        why = chat.check_messages(ex)
+        if why:
+          raise ConfigError(f"{label} {path}:{n}: {why}")
+        out.append((n, ex))
+        continue
       for field in ("prompt", "response"):
         if not isinstance(ex, dict) or not isinstance(ex.get(field), str):
           raise ConfigError(f"sft data {path}:{n}: no string field {field!r}")
@@ -80,7 +107,7 @@ def read_examples(path: str, split: str) -> list[tuple[int, dict]]:
         raise ConfigError(f"sft data {path}:{n}: the response is empty")
       out.append((n, ex))
   if not out:
-    raise ConfigError(f"sft data {path}: no examples in split {split!r}")
+    raise ConfigError(f"{label} {path}: no examples in split {split!r}")
   return out
 
 
@@ -93,22 +120,40 @@ def check_template(template: str):
     )
 
 
+def _tokens(ex, tok, data_cfg, prefix: str | None, path: str, n: int):
+  """(tokens, loss mask) of one example: the template's prompt part (with the
+  tokenizer's own leading specials), then the response and end-of-text; or a
+  rendered conversation and its assistant tokens."""
+  if prefix is None:
+    try:
+      toks, mask = chat.encode(tok, ex["messages"])
+    except chat.TemplateError as e:
+      raise ConfigError(f"{_label('chat')} {path}:{n}: {e}") from None
+    return np.asarray(toks, np.int32), np.asarray(mask, bool)
+  p = list(tok.prefix_ids) + tok.encode(prefix.replace("{prompt}", ex["prompt"]), False)
+  r = tok.encode(ex["response"], False) + [tok.eos_id]
+  loss = np.concatenate([np.zeros(len(p), bool), np.ones(len(r), bool)])
+  return np.asarray(p + r, np.int32), loss
+
+
 def encode(examples, tok, data_cfg, path: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
   """[(tokens, loss mask)] per kept example, and the counts (examples,
   truncated, dropped, tokens, response tokens)."""
-  check_template(data_cfg.sft_template)
-  prefix = data_cfg.sft_template[: -len("{response}")]
+  kind = kind_of(data_cfg.dataset)
+  if kind == "chat":
+    chat.template_of(tok, data_cfg.dataset)
+    prefix = None
+  else:
+    check_template(data_cfg.sft_template)
+    prefix = data_cfg.sft_template[: -len("{response}")]
   limit = data_cfg.seq_len + 1
   out, counts = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens": 0, "response_tokens": 0}
   for n, ex in examples:
-    p = tok.encode(prefix.replace("{prompt}", ex["prompt"]))
-    r = tok.encode(ex["response"])[len(tok.prefix_ids) :] + [tok.eos_id]
-    toks = np.asarray(p + r, np.int32)
-    loss = np.concatenate([np.zeros(len(p), bool), np.ones(len(r), bool)])
+    toks, loss = _tokens(ex, tok, data_cfg, prefix, path, n)
     if len(toks) > limit:
       if data_cfg.sft_overlong == "refuse":
         raise ConfigError(
-          f"sft data {path}:{n}: {len(toks)} tokens, more than data.seq_len + 1 = {limit} "
+          f"{_label(kind)} {path}:{n}: {len(toks)} tokens, more than data.seq_len + 1 = {limit} "
           "(data.sft_overlong='truncate' cuts such examples)"
         )
       toks, loss = toks[:limit], loss[:limit]
@@ -121,7 +166,7 @@ def encode(examples, tok, data_cfg, path: str) -> tuple[list[tuple[np.ndarray, n
     counts["tokens"] += len(toks)
     counts["response_tokens"] += int(loss.sum())
   if not out:
-    raise ConfigError(f"sft data {path}: every example is longer than data.seq_len allows")
+    raise ConfigError(f"{_label(kind)} {path}: every example is longer than data.seq_len allows")
   return out, counts
 
 
@@ -170,13 +215,13 @@ def to_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-def _fingerprint(path, split, counts, tok) -> dict:
+def _fingerprint(path, split, counts, tok, kind) -> dict:
   if os.path.isdir(path):
     path = os.path.join(path, f"{split}.jsonl")
   with open(path, "rb") as f:
     digest = hashlib.sha256(f.read()).hexdigest()[:16]
   return {
-    "dataset": f"sft:{path}",
+    "dataset": f"{kind}:{path}",
     "sha256": digest,
     "split": split,
     **counts,
@@ -189,11 +234,11 @@ class SftInput:
   (the same interface as pipeline.Input: next(), get_state, set_state)."""
 
   def __init__(self, data_cfg, tok, path, *, seed: int, process_index: int, process_count: int):
-    self.path = path
+    self.path, self._kind = path, kind_of(data_cfg.dataset)
     self.tokenizer, self.vocab_size = tok, tok.vocab_size
-    examples = read_examples(self.path, data_cfg.train_split)
+    examples = read_examples(self.path, data_cfg.train_split, self._kind)
     self._encoded, counts = encode(examples, tok, data_cfg, self.path)
-    self.fingerprint = _fingerprint(self.path, data_cfg.train_split, counts, tok)
+    self.fingerprint = _fingerprint(self.path, data_cfg.train_split, counts, tok, self._kind)
     B = data_cfg.batch_size
     if B % process_count:
       _fail("data.batch_size", B, f"must be divisible by the process count {process_count}")
@@ -231,7 +276,7 @@ class SftInput:
     pass
 
   def get_state(self) -> dict:
-    return {"batches": self._batches, "seed": self._seed, "dataset": f"sft:{self.path}"}
+    return {"batches": self._batches, "seed": self._seed, "dataset": f"{self._kind}:{self.path}"}
 
   def set_state(self, state: dict) -> None:
     """Continues exactly after `state`'s position (re-packs the epochs before it)."""
@@ -246,7 +291,8 @@ class SftInput:
 def eval_batches(data_cfg, tok, path, num_batches: int, *, process_index: int, process_count: int):
   """The first num_batches batches of the eval split, in file order, packed
   (repeated if short)."""
-  enc, _ = encode(read_examples(path, data_cfg.eval_split), tok, data_cfg, path)
+  examples = read_examples(path, data_cfg.eval_split, kind_of(data_cfg.dataset))
+  enc, _ = encode(examples, tok, data_cfg, path)
   rows = pack(enc, range(len(enc)), data_cfg.seq_len)
   B = data_cfg.batch_size
   need = num_batches * B
