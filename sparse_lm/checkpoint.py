@@ -347,11 +347,16 @@ class Checkpointer:
     """(step, state, data position) of the newest checkpoint that restores, or
     (None, None, None). A checkpoint that fails to restore (truncated array,
     corrupt metadata) is moved to workdir/broken_checkpoints/ and named in one
-    line; the next older one is tried."""
+    line; the next older one is tried. A parameters-only checkpoint (an
+    import, train.save_optimizer=False) restores as the model part alone
+    (state.with_fresh_optimizer completes it)."""
     for step in reversed(self.steps()):
       try:
         with _quiet_failed_reads():
-          saved_target, to_run = _across_layouts(self._state_dir(step), state_target)
+          target = (
+            state_target if holds_optimizer(self._state_dir(step)) else _model_part(state_target)
+          )
+          saved_target, to_run = _across_layouts(self._state_dir(step), target)
           out = self._mngr.restore(
             step,
             args=ocp.args.Composite(
@@ -423,8 +428,12 @@ class Checkpointer:
       "--config.train.skip_nonfinite_steps=N to skip such steps) to go on from it"
     )
 
-  def save(self, step: int, state, data_state: dict):
-    """Saves step's state (asynchronously) if it is finite, else a RunError."""
+  def save(self, step: int, state, data_state: dict, *, optimizer: bool = True):
+    """Saves step's state (asynchronously) if it is finite, else a RunError.
+    optimizer=False (train.save_optimizer): the model part only, a
+    parameters-only checkpoint (a third of AdamW's bytes, for release)."""
+    if not optimizer:
+      state = _model_part(state)
     if not bool(_all_finite(state)):
       raise RunError(self.nonfinite_message(step, "the parameters or optimizer state"))
     try:
@@ -586,7 +595,9 @@ def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct
   nested = {"0": _nested(reads)}
   args = ocp.args.PyTreeRestore(
     item=nested,
-    restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), nested),
+    restore_args=jax.tree.map(
+      lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), nested
+    ),
     partial_restore=True,
   )
   with _quiet_failed_reads(), _absl_errors_only():
@@ -601,3 +612,51 @@ def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct
     got = _rows(get(src), [r for _, r in rows], [targets[p] for p, _ in rows])
     values.update(zip([p for p, _ in rows], got))
   return {path: values[path] for path in targets}
+
+
+# ------------------------------------------------ parameters-only checkpoints
+
+
+def _model_part(state):
+  """The model part (0) of a train state, as a state of its own kind."""
+  return type(state)({0: state[0]})
+
+
+def holds_optimizer(state_dir: str) -> bool:
+  """Whether a saved train state has its optimizer part (1), from metadata.
+  Unreadable metadata counts as holding it (the restore then names what is
+  broken)."""
+  try:
+    return any(p.split("/", 1)[0] == "1" for p in _saved_leaves(state_dir))
+  except Exception:  # pylint: disable=broad-except
+    return True
+
+
+def write_params(workdir: str, step: int, leaves, data_state: dict, say=print) -> int:
+  """A parameters-only checkpoint of `step` in workdir/checkpoints, written
+  one leaf at a time: `leaves` yields (path, numpy array) of the model's
+  variables ("blocks/0/attn/wq"), each written (Orbax's partial save) and
+  dropped before the next is made, so the host holds one array at a time.
+  The step appears only when complete (Orbax finalizes it by a rename); the
+  trainer restores it as the model part (restore_latest). Every process
+  calls it with the same leaves (Orbax writes from process 0). Returns the
+  bytes written."""
+  from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+
+  step_dir = os.path.join(workdir, "checkpoints", str(step))
+  os.makedirs(os.path.dirname(step_dir), exist_ok=True)
+  total, t0 = 0, time.time()
+  with _absl_errors_only():
+    for i, (path, array) in enumerate(leaves):
+      total += array.nbytes
+      partial.save(step_dir, {"0": _nested({path: array})})
+      if i % 50 == 49:
+        say(f"  {i + 1} arrays, {total / 2**30:.2f} GiB written ({time.time() - t0:.0f} s)")
+      del array
+    partial.finalize(step_dir)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(step_dir, "data"), exist_ok=True)
+    _write_json(os.path.join(step_dir, "data", "metadata"), json.dumps(data_state))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"parameters of step {step} written")
+  return total

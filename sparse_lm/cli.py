@@ -93,3 +93,34 @@ def run(main, name: str, config_flags=("config",)):
       fail(name, str(e), hard=e.hard_exit)
 
   app.run(wrapped, flags_parser=flags_parser(name, config_flags))
+
+
+def define_distributed_flags():
+  """--distributed, --coordinator, --num_processes, --process_id: the
+  multi-host flags of the programs that run on several processes (main,
+  convert); init_distributed() reads them."""
+  flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() with JAX's own cluster detection (SLURM, TPU pods, ...).",
+  )
+  flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  flags.DEFINE_integer("process_id", None, "This process's id.")
+
+
+def init_distributed():
+  """jax.distributed.initialize() under the multi-host flags, before anything
+  touches a device; nothing without them."""
+  F = flags.FLAGS
+  if not (F.coordinator or F.distributed):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  # CPU devices need gloo for cross-process collectives; the setting only
+  # touches the CPU client. (Asking jax.default_backend() first would start
+  # the backend, and initialize() must come before that.)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=F.coordinator, num_processes=F.num_processes, process_id=F.process_id
+  )

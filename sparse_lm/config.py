@@ -243,6 +243,9 @@ def base_config() -> mlc.ConfigDict:
   c.train.eval_batches = 8
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 3  # only finite states are ever saved (train.py)
+  # False: checkpoints hold the parameters only (a release; a third of
+  # AdamW's bytes); resuming from one starts the optimizer state fresh.
+  c.train.save_optimizer = True
   # 0: a step with a non-finite loss or gradient norm stops the run (its state
   # is not saved). N > 0: such a step's update is skipped and counted
   # (metrics: skipped_steps); more than N in a row stops the run.
@@ -562,6 +565,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "train.schedule", SCHEDULES)
   _choice(c, "train.remat", REMATS)
   _choice(c, "train.moments_dtype", ("param", "float32"))
+  _choice(c, "train.save_optimizer", (True, False))
   _unread(c, "train.b1", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b1")
   _unread(c, "train.b2", t.optimizer != "adamw", f"train.optimizer={t.optimizer!r} has no b2")
   _unread(

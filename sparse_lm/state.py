@@ -45,6 +45,22 @@ def create(c, vocab_size: int):
   )
 
 
+def with_fresh_optimizer(c, vocab_size: int, model_state, shardings):
+  """The train state of config `c` whose model variables are `model_state`
+  (part 0 of a train state: a parameters-only checkpoint's) and whose
+  optimizer state is fresh, placed on `shardings`. In one jit the fresh
+  init of the parameters is dead code (the optimizer's zeros do not read
+  them) and `model_state`'s buffers are donated: the devices hold the model
+  once."""
+
+  def build(model_state):
+    model, opt = create(c, vocab_size)
+    nnx.update(model, model_state)
+    return nnx.state((model, opt))
+
+  return jax.jit(build, out_shardings=shardings, donate_argnums=0)(model_state)
+
+
 def abstract_model(c, vocab_size: int | None = None):
   """The Transformer of config `c` with ShapeDtypeStructs for values."""
   V = vocab_size or vocab_size_of(c)

@@ -290,6 +290,9 @@ def _train(c, workdir: str) -> dict:
       if start is not None:
         train_input.set_state(data_state)
         say(f"resumed from {ckpt.dir} step {start}")
+        if 1 not in state:  # parameters only: an import, or train.save_optimizer=False
+          state = statelib.with_fresh_optimizer(c, V, state[0], state_shd)
+          say(f"step {start} holds parameters only: the optimizer state starts fresh")
       else:
         start = 0
         state = jax.jit(lambda: nnx.state(statelib.create(c, V)), out_shardings=state_shd)()
@@ -351,12 +354,12 @@ def _train(c, workdir: str) -> dict:
             if eval_now or step % t.log_every == 0:
               monitor.log(step, meas, last_eval if eval_now else {})
             if save_now:
-              ckpt.save(step, state, train_input.get_state())
+              ckpt.save(step, state, train_input.get_state(), optimizer=t.save_optimizer)
             monitor.restart()
         if pending is not None:
           monitor.check(*pending, drained=True)
           monitor.log(*pending, {})
-          ckpt.save(step, state, train_input.get_state())
+          ckpt.save(step, state, train_input.get_state(), optimizer=t.save_optimizer)
       finally:
         profile.close()
         try:

@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import sys
 
+from flax import nnx
 from helpers import cli
 from helpers import in_process
 from helpers import one_line_error
@@ -84,8 +85,34 @@ def test_import_matches_transformers(family, imported):
   assert greedy(model, family) == golden(family)["generated"][0].tolist()
 
 
+def test_import_is_parameters_only_in_the_asked_dtype(imported, tmp_path):
+  """The import's step 0 holds the model's parameters only (no optimizer
+  state: about the parameters' bytes on disk, where AdamW's would triple
+  them); --dtype=bfloat16 writes bfloat16, which loads as the run's float32
+  parameters equal to the source's rounded to bfloat16."""
+  wd = imported("olmoe")
+  state_dir = wd / "checkpoints" / "0" / "state"
+  assert not ckptlib.holds_optimizer(str(state_dir))
+  meta = ckptlib.param_metadata(str(wd), 0)
+  n = sum(int(np.prod(shape)) * dt.itemsize for shape, dt in meta.values())
+  on_disk = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
+  assert 0.8 * n < on_disk < 2 * n, (on_disk, n)
+  bf = tmp_path / "bf16"
+  out = convert.import_checkpoint(
+    str(FIX / "olmoe"), str(bf), dtype="bfloat16", say=lambda *a: None
+  )
+  assert out["dtype"] == "bfloat16" and out["bytes"] == n // 2
+  assert {str(dt) for _, dt in ckptlib.param_metadata(str(bf), 0).values()} == {"bfloat16"}
+  params = lambda wd: nnx.to_flat_state(nnx.state(statelib.load_model(str(wd))[0], nnx.Param))
+  for (path, a), (_, b) in zip(params(wd), params(bf)):
+    a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+    assert b.dtype == np.float32, path
+    np.testing.assert_array_equal(b, a.astype(jnp.bfloat16).astype(np.float32), err_msg=str(path))
+
+
 def test_import_onto_an_expert_parallel_mesh(tmp_path):
-  """DBRX's 16 experts, 2 per device on 8 devices; placed shard by shard."""
+  """DBRX's 16 experts, 2 per device on 8 devices: the import records the
+  mesh, load_model places the parameters shard by shard."""
   wd = tmp_path / "dbrx_ep"
   convert.import_checkpoint(str(FIX / "dbrx"), str(wd), EP_MESH, say=lambda *a: None)
   c = ckptlib.read_config(str(wd))
@@ -329,7 +356,7 @@ def test_cli_import_generate_finetune_and_errors(tmp_path, tfds_dir, monkeypatch
     monkeypatch=monkeypatch,
   )
   assert p.returncode == 0, p.stderr[-2000:]
-  assert "imported olmoe (per_expert experts, 54,048 parameters)" in p.stdout
+  assert "imported olmoe (per_expert experts, 54,048 parameters, " in p.stdout
   p = in_process(
     [
       sys.executable,

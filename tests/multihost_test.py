@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import helpers
@@ -269,5 +270,33 @@ def test_fsdp_checkpoint_restores_on_other_meshes(setup, reference, tmp_path):
       assert_close(got, want, range(5, 9), f"train_loss resumed on {name}")
       assert_close(metric(wd, "eval_loss"), metric(ref, "eval_loss"), [8], f"eval_loss on {name}")
       assert all(math.isfinite(v) for v in got.values())
+  finally:
+    runs.kill()
+
+
+def test_two_processes_import_and_export_like_one(setup, tmp_path):
+  """sparse_lm.convert on two processes (one staging folder named alike by
+  both, process 0 writing and renaming, barriers between): the same workdir
+  files and the same exported bytes as one process."""
+  fixture = os.path.join(ROOT, "tests", "fixtures", "hf", "olmoe")
+  convert = lambda *args: [sys.executable, "-m", "sparse_lm.convert", *args]
+  one, two = tmp_path / "one", tmp_path / "two"
+  one.mkdir()
+  two.mkdir()
+  runs = Runs(setup)
+  try:
+    for verb, src, dst in (("import", "hf_dir", "workdir"), ("export", "workdir", "hf_dir")):
+      at = lambda d: fixture if (verb, src) == ("import", "hf_dir") else str(d / "run")
+      out = lambda d: str(d / ("run" if verb == "import" else "out"))
+      args = lambda d: convert(verb, f"--{src}={at(d)}", f"--{dst}={out(d)}")
+      runs.start(f"{verb} 1 process", args(one), 1, str(one / verb))
+      runs.start_two_processes(f"{verb} 2 processes", args(two), str(two / verb))
+      runs.wait()
+      assert f"{verb}ed" in read(str(two / verb) + ".p0"), read(str(two / verb) + ".p0")
+    files = lambda d: sorted(p.name for p in (d / "out").iterdir())
+    assert files(one) == files(two) and "model.safetensors" in files(one), files(two)
+    for name in files(one):
+      assert (one / "out" / name).read_bytes() == (two / "out" / name).read_bytes(), name
+    assert not list(tmp_path.glob("*/*.importing")) and not list(tmp_path.glob("*/*.exporting"))
   finally:
     runs.kill()

@@ -172,6 +172,23 @@ def test_resume_allows_changes_that_keep_the_checkpoint_tree_and_names_them(
   assert p.returncode == 1 and "train.optimizer: 'adamw' -> 'adafactor'" in p.stderr, p.stderr[
     -2000:
   ]
+  # train.save_optimizer=False saves parameters only; a resume from such a
+  # checkpoint starts the optimizer state fresh and says so.
+  for steps, extra in ((8, ["--config.train.save_optimizer=False"]), (10, [])):
+    argv = cli(
+      wd,
+      tfds_dir,
+      f"--config.train.num_steps={steps}",
+      *args[1:],
+      *extra,
+      config="configs/switch.py:tiny",
+    )
+    p = in_process(argv, monkeypatch=monkeypatch)
+    assert p.returncode == 0, p.stderr[-3000:]
+  state_dir = lambda step: os.path.join(wd, "checkpoints", str(step), "state")
+  assert checkpoint.holds_optimizer(state_dir(6)) and not checkpoint.holds_optimizer(state_dir(8))
+  assert "step 8 holds parameters only: the optimizer state starts fresh" in p.stdout
+  assert max(losses(wd)) == 10 and checkpoint.holds_optimizer(state_dir(10))
 
 
 def test_failed_in_process_run_gives_ctrl_c_back(tmp_path, tfds_dir):

@@ -80,7 +80,6 @@ from sparse_lm.convert.importer import check_tensors
 from sparse_lm.convert.importer import config_of
 from sparse_lm.convert.importer import hf_to_config
 from sparse_lm.convert.importer import import_checkpoint
-from sparse_lm.convert.importer import load_params
 from sparse_lm.convert.importer import read_hf_config
 from sparse_lm.convert.importer import source_dtype
 from sparse_lm.convert.safetensors_io import Tensors
@@ -101,7 +100,6 @@ __all__ = [
   "hf_folder_of",
   "hf_to_config",
   "import_checkpoint",
-  "load_params",
   "read_hf_config",
   "source_dtype",
 ]

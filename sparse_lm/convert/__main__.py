@@ -19,12 +19,26 @@ flags.DEFINE_string(
   None,
   "export: " + " | ".join(FAMILIES) + " (default: the imported one, else mixtral).",
 )
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: the tensors' dtype.")
+flags.DEFINE_enum(
+  "dtype",
+  None,
+  ["float32", "bfloat16", "float16"],
+  "The tensors' dtype on disk. import: default the checkpoint's own (config.json's "
+  "torch_dtype); export: default the source's for an imported run, else float32.",
+)
 flags.DEFINE_integer("shard_mb", 2000, "export: the largest shard file, in MiB.")
-flags.DEFINE_string("mesh", None, "import: place the parameters on this mesh (config.mesh syntax).")
+flags.DEFINE_string(
+  "mesh",
+  None,
+  "import: the run's config.mesh (config.mesh syntax); the parameters are written from host "
+  "memory whatever it is.",
+)
+
+cli.define_distributed_flags()  # import / export on several processes
 
 
 def main(argv):
+  cli.init_distributed()
   if len(argv) != 2 or argv[1] not in ("import", "export"):
     raise UserError("usage: python -m sparse_lm.convert import|export --hf_dir=DIR --workdir=W")
   F = flags.FLAGS
@@ -33,17 +47,18 @@ def main(argv):
       raise UserError(f"--{name} is required")
   if argv[1] == "import":
     mesh = ast.literal_eval(F.mesh) if F.mesh else None
-    out = import_checkpoint(F.hf_dir, F.workdir, mesh)
+    out = import_checkpoint(F.hf_dir, F.workdir, mesh, F.dtype)
     print(
-      f"imported {out['family']} ({out['layout']} experts, {out['params']:,} parameters) "
-      f"from {F.hf_dir} into {F.workdir}"
+      f"imported {out['family']} ({out['layout']} experts, {out['params']:,} parameters, "
+      f"{out['bytes'] / 2**20:.1f} MiB of {out['dtype']}) from {F.hf_dir} into {F.workdir}"
     )
   else:
     out = export_checkpoint(F.workdir, F.hf_dir, F.step, F.family, F.dtype, F.shard_mb)
-    print(
-      f"exported {out['tensors']} tensors ({out['bytes'] / 2**20:.1f} MiB, {out['shards']} "
-      f"shard(s)) as {out['family']} into {F.hf_dir}"
-    )
+    if "tensors" in out:  # process 0's (the one that wrote the files)
+      print(
+        f"exported {out['tensors']} tensors ({out['bytes'] / 2**20:.1f} MiB, {out['shards']} "
+        f"shard(s)) as {out['family']} into {F.hf_dir}"
+      )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,9 @@ import json
 import os
 import shutil
 import types
-import uuid
 
 import jax
-import ml_dtypes
+from jax.experimental import multihost_utils
 import numpy as np
 
 from sparse_lm import checkpoint as ckptlib
@@ -24,7 +23,9 @@ from sparse_lm.convert.describe import Family
 from sparse_lm.convert.describe import Key
 from sparse_lm.convert.families import FAMILIES
 from sparse_lm.convert.families import FAMILIES_BY_ARCH
+from sparse_lm.convert.importer import np_dtype
 from sparse_lm.convert.importer import param_source
+from sparse_lm.convert.importer import source_dtype
 from sparse_lm.convert.safetensors_io import write_shards
 from sparse_lm.data import tokenizer as toklib
 from sparse_lm.errors import ConvertError
@@ -131,7 +132,8 @@ def export_checkpoint(
   workdir: str, hf_dir: str, step=None, family=None, dtype=None, shard_mb=2000, say=print
 ) -> dict:
   """Writes `hf_dir` (config.json, safetensors shards and their index, the
-  run's tokenizer files) from a run's checkpoint."""
+  run's tokenizer files) from a run's checkpoint, in `dtype` (default: the
+  source's for a run imported or fine-tuned from an import, else float32)."""
   workdir, hf_dir = (
     os.path.abspath(os.path.expanduser(workdir)),
     os.path.abspath(os.path.expanduser(hf_dir)),
@@ -167,10 +169,11 @@ def export_checkpoint(
   missing = sorted(params - set(src))
   if missing:
     raise ConvertError(f"{fam.name} has no tensor for our parameter {missing[0]!r}")
-  out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype or np.float32)
+  dtype = dtype or (source_dtype(base) if src_hf else "float32")  # an import's: its source's
+  out_dtype = np_dtype(dtype)
   E = cfglib.model_spec(c).moe.num_experts
 
-  host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
 
   def read(path: str) -> np.ndarray:
     """One parameter, read from the checkpoint into host memory (every
@@ -195,11 +198,23 @@ def export_checkpoint(
       for n, v in pairs:
         yield n, np.ascontiguousarray(v).astype(out_dtype)
 
-  staging = f"{hf_dir}.exporting-{uuid.uuid4().hex[:8]}"
-  os.makedirs(staging)
+  # One staging folder, named the same by every process: process 0 writes
+  # the files and renames it; every process reads the parameters (a restore
+  # is collective across processes) between barriers.
+  staging, lead = f"{hf_dir}.exporting", jax.process_index() == 0
+  sync = lambda what: jax.process_count() > 1 and multihost_utils.sync_global_devices(what)
+  if lead:
+    shutil.rmtree(staging, ignore_errors=True)  # a killed export's
+    os.makedirs(staging)
+  sync("export: staging folder made")
   try:
+    if not lead:
+      for _ in tensors():
+        pass
+      sync("export: written")
+      return {"family": fam.name}
     out = write_shards(tensors(), staging, shard_mb)
-    hf = hf_config(fam, c, base, "bfloat16" if dtype == "bfloat16" else str(out_dtype))
+    hf = hf_config(fam, c, base, dtype)
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(hf, f, indent=2)
     for name in ("generation_config.json", *toklib.TOKENIZER_FILES):
@@ -217,8 +232,10 @@ def export_checkpoint(
       os.rmdir(hf_dir)
     os.makedirs(os.path.dirname(hf_dir) or ".", exist_ok=True)
     os.rename(staging, hf_dir)
+    sync("export: written")
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if lead:
+      shutil.rmtree(staging, ignore_errors=True)
     raise
   return {"family": fam.name, **out}
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
+import ml_dtypes
 import numpy as np
 
 from sparse_lm import checkpoint as ckptlib
@@ -156,40 +157,33 @@ def param_source(rules: list[Rule]) -> dict[str, tuple[Rule, int]]:
   return {o: (r, k) for r in rules for k, o in enumerate(r.ours)}
 
 
-def _read(t: Tensors, rule: Rule, k: int, index, E: int) -> np.ndarray:
-  """Our parameter rule.ours[k], the part `index` (a tuple of slices) of it."""
+def _read(t: Tensors, rule: Rule, k: int, index, E: int, dtype=np.float32) -> np.ndarray:
+  """Our parameter rule.ours[k] (the part `index`, a tuple of slices, of it)
+  as `dtype`; a routed expert array is filled one expert at a time, so the
+  host holds the array and one expert's tensors."""
   if not rule.per_expert:
     full = rule.to_ours(*(t.get(n) for n in rule.hf))[k]
-    return np.ascontiguousarray(full[index], np.float32)
+    return np.ascontiguousarray(full[index], dtype)
   experts = range(E)[index[0]] if index else range(E)
   rest = index[1:] if index else ()
-  parts = [rule.to_ours(*(t.get(n.format(j=j)) for n in rule.hf))[k][rest] for j in experts]
-  return np.ascontiguousarray(np.stack(parts), np.float32)
-
-
-def load_params(t: Tensors, rules: list[Rule], spec, abs_params: dict, shardings: dict) -> dict:
-  """Our parameters {path: jax.Array} read shard by shard onto `shardings`."""
-  src = param_source(rules)
-  missing = sorted(set(abs_params) - set(src))
-  if missing:
-    raise ConvertError(f"no mapping makes our parameter {missing[0]!r} ({len(missing)} in all)")
-  out = {}
-  for path, a in abs_params.items():
-    rule, k = src[path]
-    cb = lambda index, rule=rule, k=k: _read(t, rule, k, index, spec.moe.num_experts)
-    shd = shardings[path]
-    shd = shd.get_value() if isinstance(shd, nnx.Variable) else shd
-    a = a.get_value() if isinstance(a, nnx.Variable) else a
-    out[path] = jax.make_array_from_callback(a.shape, shd, cb)
+  out = None
+  for i, j in enumerate(experts):
+    part = rule.to_ours(*(t.get(n.format(j=j)) for n in rule.hf))[k][rest]
+    if out is None:
+      out = np.empty((len(experts), *part.shape), dtype)
+    out[i] = part
   return out
 
 
 # ------------------------------------------------------------------ import
 
 
-def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> dict:
-  """Writes `workdir` from the checkpoint folder `hf_dir`; returns a summary."""
-  from sparse_lm import sharding  # pylint: disable=g-import-not-at-top
+def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say=print) -> dict:
+  """Writes `workdir` from the checkpoint folder `hf_dir`: a run whose step 0
+  is a parameters-only checkpoint in `dtype` (default the source's), written
+  from host memory one tensor at a time (no accelerator, no optimizer state:
+  the run that starts from it makes that). mesh_spec: the run's config.mesh.
+  Returns a summary."""
 
   hf_dir, workdir = (
     os.path.abspath(os.path.expanduser(hf_dir)),
@@ -214,38 +208,51 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
   rules = fam.rules(spec, fused)
   V = c.data.vocab_size
 
-  mesh = sharding.make_mesh(c)
-  with sharding.use(mesh, c):
-    _, abs_state, shd = statelib.abstract_state(c, V, mesh)
-    layout = paramslib.state_layout(abs_state)  # per-layer names, stacked or not
-    abs_params = paramslib.params_of(abs_state, layout)
-    shapes = {p: a.get_value().shape for p, a in abs_params.items()}
-    check_tensors(rules, t, spec, shapes)
-    params = load_params(t, rules, spec, abs_params, paramslib.params_of(shd, layout))
+  out_dtype = np_dtype(dtype or source_dtype(read_hf_config(hf_dir)))
+  model = statelib.abstract_model(c, V)
+  variables = {paramslib.path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+  shapes = {p: tuple(v.get_value().shape) for p, v in variables.items() if isinstance(v, nnx.Param)}
+  check_tensors(rules, t, spec, shapes)
+  src = param_source(rules)
+  missing = sorted(set(shapes) - set(src))
+  if missing:
+    raise ConvertError(f"no mapping makes our parameter {missing[0]!r} ({len(missing)} in all)")
+  E = spec.moe.num_experts
 
-    # The train state (fresh optimizer state) holding `params`. Inside one jit
-    # the fresh init of the parameters is dead code (the optimizer's zeros do
-    # not read it), and the loaded buffers are donated: the devices hold the
-    # model once.
-    with_params = lambda params: paramslib.replace(nnx.state(statelib.create(c, V)), params)
-    state = jax.jit(with_params, out_shardings=shd, donate_argnums=0)(params)
+  def leaves():
+    """(path, array) of every model variable, one made at a time from the
+    memory-mapped files: a parameter through its rule, in the written dtype;
+    routing state (no tensor holds it) as its zeros."""
+    for path, v in variables.items():
+      if path in shapes:
+        rule, k = src[path]
+        yield path, _read(t, rule, k, (), E, out_dtype)
+      else:
+        yield path, np.zeros(v.get_value().shape, v.get_value().dtype)
 
-    # Nothing was written before this point: every check above is on input.
-    staging = f"{workdir}.importing-{uuid.uuid4().hex[:8]}"
+  # Nothing was written before this point: every check above is on input.
+  # One staging folder, named the same by every process; process 0 makes,
+  # fills and renames it; the others write their part of the checkpoint into
+  # it between barriers (Orbax writes the arrays from process 0).
+  staging, lead = f"{workdir}.importing", jax.process_index() == 0
+  sync = lambda what: jax.process_count() > 1 and multihost_utils.sync_global_devices(what)
+  if lead:
+    shutil.rmtree(staging, ignore_errors=True)  # a killed import's
     os.makedirs(os.path.join(staging, "hf"))
-    try:
+  sync("import: staging folder made")
+  try:
+    if lead:
       for name in ("config.json", "generation_config.json", *toklib.TOKENIZER_FILES):
         if os.path.exists(os.path.join(hf_dir, name)):
           shutil.copy(os.path.join(hf_dir, name), os.path.join(staging, "hf", name))
       _ensure_eos(staging, hf_dir)
-      tok = toklib.HuggingFaceTokenizer(os.path.join(staging, "hf", "tokenizer.json"), V)
-      tok_fp = dict(tok.fingerprint, path=c.data.tokenizer_file)
-      ckpt = ckptlib.Checkpointer(staging, keep=None, say=say)
-      try:
-        ckpt.save(0, state, {"batches": 0})
-      finally:
-        ckpt.close()
-      ckptlib.save_config(c, staging, {"tokenizer": tok_fp, "imported_from": hf_dir})
+    sync("import: tokenizer files copied")
+    tok = toklib.HuggingFaceTokenizer(os.path.join(staging, "hf", "tokenizer.json"), V)
+    tok_fp = dict(tok.fingerprint, path=c.data.tokenizer_file)
+    say(f"writing {len(variables)} arrays ({out_dtype.name}) into {staging}")
+    written = ckptlib.write_params(staging, 0, leaves(), {"batches": 0}, say=say)
+    ckptlib.save_config(c, staging, {"tokenizer": tok_fp, "imported_from": hf_dir})
+    if lead:
       with open(os.path.join(staging, "hf", "import.json"), "w") as f:
         json.dump(
           {
@@ -253,6 +260,7 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
             "layout": "fused" if fused else "per_expert",
             "from": hf_dir,
             "dtype": source_dtype(read_hf_config(hf_dir)),
+            "written_dtype": out_dtype.name,
           },
           f,
         )
@@ -260,11 +268,22 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, say=print) -> d
       if os.path.isdir(workdir) and not os.listdir(workdir):
         os.rmdir(workdir)
       os.rename(staging, workdir)
-    except BaseException:
+    sync("import: renamed")
+  except BaseException:
+    if lead:
       shutil.rmtree(staging, ignore_errors=True)
-      raise
+    raise
   n = sum(int(np.prod(s)) for s in shapes.values())
-  return {"family": fam.name, "layout": "fused" if fused else "per_expert", "params": n}
+  out = {"family": fam.name, "layout": "fused" if fused else "per_expert", "params": n}
+  return {**out, "bytes": written, "dtype": out_dtype.name}
+
+
+def np_dtype(name: str) -> np.dtype:
+  """A numpy dtype from config.json's / --dtype's name."""
+  names = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+  if name not in names:
+    raise ConvertError(f"dtype {name!r}: one of {', '.join(names)}")
+  return np.dtype(names[name])
 
 
 def _ensure_eos(staging: str, hf_dir: str):
