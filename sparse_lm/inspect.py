@@ -21,9 +21,10 @@ and nothing is allocated: a 1T-parameter config takes seconds on a laptop.
   factored). Per device: each array divided over the mesh axes its logical
   names map to under config.sharding_rules, for `--devices` devices.
   Activations are not included.
-- Import (sparse_lm/convert/, a Hugging Face checkpoint of this shape in
-  bfloat16): the host's peak besides the memory-mapped files' page cache
-  (import_host_bytes).
+- Import and export (sparse_lm/convert/, a Hugging Face checkpoint of this
+  shape in bfloat16): the host's peak above the interpreter's, one parameter
+  at a time (import_host_bytes, export_host_bytes; measured against a real
+  run by benchmarks/convert_memory.py).
 
 --compile: does a step fit, before launch (README, "From one CPU to a cluster")
 
@@ -212,21 +213,33 @@ def per_device(c, model, num_devices: int) -> dict:
   return {"mesh": sizes, "param_bytes": param_b, "optimizer_bytes": opt_b}
 
 
-def import_host_bytes(c, model, num_devices: int, source_bytes: int = 2) -> float:
-  """Peak host memory of importing a checkpoint of this config's shape
-  (sparse_lm/convert/) onto `num_devices`, besides the page cache of the
-  memory-mapped files: the parameter being placed, one device shard at a time,
-  as read from the file (`source_bytes` per value: 2 for bfloat16; a routed
-  expert array reads only that shard's experts, any other reads the whole
-  tensor) plus the shard in float32. On accelerators that is all; on CPU the
-  devices are host memory too (params / device x devices)."""
-  sizes = sharding.mesh_sizes(c, num_devices)
-  peak = 0.0
-  for path, shape, names in param_list(model):
-    shard = _split(names, shape, c.sharding_rules, sizes)
-    read = shard if is_routed(path, names) else math.prod(shape)
-    peak = max(peak, source_bytes * read + 4 * shard)
-  return peak
+def import_host_bytes(c, model, source_bytes: int = 2, written_bytes: int = 2) -> float:
+  """Peak host memory of importing a Hugging Face checkpoint of this config's
+  shape (sparse_lm/convert/importer.py) above the interpreter's, set by its
+  largest parameter: the tensor read from the memory-mapped files
+  (`source_bytes` a value) and, in `written_bytes` (--dtype, by default the
+  source's), the parameter made from it, the copy Orbax's write makes, and
+  the one before it not yet released: an upper bound from
+  benchmarks/convert_memory.py (measured 4.0-4.7x the largest tensor for
+  bfloat16 in and out; this gives 5x)."""
+  n = max(math.prod(shape) for _, shape, _ in param_list(model))
+  return n * (source_bytes + 4 * written_bytes)
+
+
+def export_host_bytes(
+  c, model, shard_mb: float, stored_bytes: int = 4, out_bytes: int = 2
+) -> float:
+  """Peak host memory of exporting a run of this config's shape
+  (sparse_lm/convert/exporter.py) above the interpreter's: the shard being
+  filled (shard_mb, or the whole model where it is smaller) and, three times
+  over (the ones before not yet released), the parameter read from the
+  checkpoint (`stored_bytes` a value: model.param_dtype, or the import's
+  dtype for an imported run) and its tensors converted (`out_bytes`): an
+  upper bound from benchmarks/convert_memory.py (measured: one shard + 4.3x
+  the largest bfloat16 tensor; this gives 6x)."""
+  sizes = [math.prod(shape) for _, shape, _ in param_list(model)]
+  shard = min(shard_mb * 2**20, out_bytes * sum(sizes))
+  return 3 * max(sizes) * (stored_bytes + out_bytes) + shard
 
 
 # ------------------------------------------------------ compiled: XLA's bytes
@@ -546,12 +559,15 @@ def column(
     "active params": _num(s["active_params"]),
     "train FLOPs / token": _num(s["train_flops_per_token"]),
     "inference FLOPs / token": _num(s["inference_flops_per_token"]),
-    "params (float32)": _bytes(s["param_bytes"]),
+    f"params ({c.model.param_dtype})": _bytes(s["param_bytes"]),
     "optimizer state": f"{_bytes(s['optimizer_bytes'])} ({c.train.optimizer})",
     "mesh": mesh,
     "params / device": _bytes(d["param_bytes"]),
     "params+grads+opt / device": _bytes(d["param_bytes"] + grads + d["optimizer_bytes"]),
-    "import: host peak (bf16 files)": _bytes(import_host_bytes(c, model, num_devices)),
+    "import: host peak (bf16 files)": _bytes(import_host_bytes(c, model)),
+    "export: host peak (bf16, 2 GB shards)": _bytes(
+      export_host_bytes(c, model, 2000, jnp.dtype(c.model.param_dtype).itemsize)
+    ),
   } | (compiled_column(c, compile_rows(c, num_devices, say)) if compile_steps else {})
 
 

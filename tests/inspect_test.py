@@ -186,15 +186,16 @@ def test_cli_names_the_config_key_on_a_bad_device_count():
   assert "Traceback" not in r.stderr
 
 
-def test_import_host_peak_is_the_largest_parameter_shard_read_and_placed():
-  """Mixtral 8x7B: one device holds all 8 experts of wi [8, 4096, 14336]
-  (bf16 read + float32 copy); with the experts over 8 devices the peak is the
-  embedding [32000, 4096], which every device holds whole."""
+def test_import_and_export_host_peaks_are_one_parameter_at_a_time():
+  """Mixtral 8x7B: the largest parameter, an expert array wi [8, 4096, 14336],
+  sets both: the import reads it (bfloat16) and writes it (bfloat16, and the
+  copies Orbax makes); the export reads it (float32) and converts it, beside
+  its shard."""
   c = cfglib.load_config("configs/mixtral.py:8x7b")
   model = statelib.abstract_model(c)
-  assert inspectlib.import_host_bytes(c, model, 1) == 8 * 4096 * 14336 * (2 + 4)
-  c.mesh = (("data", 1), ("fsdp", 1), ("expert", 8), ("tensor", 1))
-  assert inspectlib.import_host_bytes(c, model, 8) == 32000 * 4096 * (2 + 4)
+  wi = 8 * 4096 * 14336
+  assert inspectlib.import_host_bytes(c, model) == wi * (2 + 4 * 2)
+  assert inspectlib.export_host_bytes(c, model, 2000) == 3 * wi * (4 + 2) + 2000 * 2**20
 
 
 # ------------------------------------------------------ --compile: XLA's bytes
