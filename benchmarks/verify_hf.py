@@ -21,8 +21,11 @@ same: MaxText's KL check against the Hugging Face model). It
 
 Exit status 1 if the mean KL exceeds --max_kl or a tensor differs. Needs
 memory for both models at once in float32 (OLMoE-1B-7B: about 56 GB); run it
-on a machine that has it. It has not run here (no hub access on the CI
-machine); tests/convert_test.py does the same on tiny fixtures.
+on a machine that has it. No released checkpoint is on this machine (no hub
+access), so it has run on the tiny fixture only (torch and transformers
+installed beside the venv, 2026-12-07): `--hf_dir=tests/fixtures/hf/olmoe
+--mesh=one` gave mean KL 5e-9, top-1 agreement 1.0, max |dlogit| 3.5e-6,
+and an export equal to the source in all 69 tensors.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def main():
   ap.add_argument("--max_kl", type=float, default=1e-3)
   ap.add_argument("--keep", action="store_true", help="keep the temporary folders")
   args = ap.parse_args()
+  # The reference is the plain PyTorch model: no kernels from the hub.
+  os.environ.setdefault("USE_HUB_KERNELS", "0")
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
