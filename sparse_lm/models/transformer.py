@@ -14,9 +14,10 @@ gradients; tests/scale_model_test.py):
       of the super-block, row r being layer start + r * period + j; the other
       layers stay `self.blocks[i]` (None where a layer is stacked). So the
       optimizer's state is stacked too and AdamW, the gradient norm and the
-      clipping run once per kind of array, not once per layer: the train step
-      of mixtral.py:tiny at 32 layers compiles in 1.29x the time of 4 layers
-      (3.73x with per-layer parameters stacked in the forward;
+      clipping run once per kind of array, not once per layer, and the
+      scanned layers' router outputs stay stacked too (LayerAux): the train
+      step of mixtral.py:tiny at 32 layers compiles in about the time of 4
+      (1.22x; 3.73x with per-layer parameters stacked by the forward;
       benchmarks/README.md). Values are drawn per layer, then stacked: the same
       as unscanned for the same seed. Names change with the key ("scan/0/attn/wq"
       holds "blocks/{start}/attn/wq", ...): every boundary that names
