@@ -377,6 +377,18 @@ def test_decoding_a_scanned_model_equals_its_full_forward():
     )
     out.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(out, 1), full, rtol=1e-4, atol=1e-4)
+  # The inference model's cast to a bfloat16 model.dtype: stacked or not, the
+  # same parameters become bfloat16 (matrices) and stay float32 (vectors, routers).
+  dtypes = []
+  for on in (True, False):
+    m = build(config("switch", **{"model.scan_layers": on, "model.dtype": "bfloat16"}))
+    flat = {
+      paramslib.path_str(p): v.get_value()
+      for p, v in nnx.to_flat_state(nnx.state(decode.for_inference(m)))
+    }
+    per = paramslib.per_layer(flat, paramslib.layout_of({p: x.shape for p, x in flat.items()}))
+    dtypes.append({p: x.dtype for p, x in per.items()})
+  assert dtypes[0] == dtypes[1] and dtypes[0]["blocks/1/attn_norm/scale"] == jnp.float32
 
 
 @pytest.mark.parametrize("moments_dtype", ["param", "float32"])
