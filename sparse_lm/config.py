@@ -131,10 +131,11 @@ def base_config() -> mlc.ConfigDict:
   c.model.clip_qkv = 0.0  # > 0: q, k, v clamped to [-clip, clip] (DBRX, OLMoE)
   c.model.norm_bias = True  # model.norm="layer" only; False: no bias (DBRX)
   # The layers as one jax.lax.scan over a super-block of model.moe.every layers
-  # (1 when dense; first_dense_layers run before it): one traced body, and
-  # train.remat saves memory on CPU too. Parameters stay per layer (the same
-  # names and checkpoints either way: a run saved with it restores without it),
-  # so the step stacks them and, on CPU, compiles slower (models/transformer.py).
+  # (1 when dense; first_dense_layers run before it): one traced body whose
+  # parameters (and optimizer state) are stored stacked, so the step compiles
+  # in about the same time at any depth, and train.remat saves memory on CPU
+  # too. Parameters are named per layer wherever they are named (a run saved
+  # with it restores without it and back; models/transformer.py, params.py).
   c.model.scan_layers = False
 
   c.model.moe = mlc.ConfigDict()
@@ -481,6 +482,14 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "model.dtype", DTYPES)
   _choice(c, "model.param_dtype", DTYPES)
   _choice(c, "model.scan_layers", (False, True))
+  if m.scan_layers and c.train.optimizer == "adafactor":
+    _fail(
+      "model.scan_layers",
+      m.scan_layers,
+      "with train.optimizer='adafactor': its per-array statistics (the update's RMS "
+      "clipping, the parameter scale) would span the layers stored stacked in one "
+      "array, so the update would depend on the key; use adamw or leave it False",
+    )
   if m.d_model % m.num_heads and not m.head_dim:
     _fail(
       "model.num_heads",

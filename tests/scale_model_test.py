@@ -453,3 +453,13 @@ def test_a_bad_value_is_a_one_line_error_naming_the_key(key, value):
   with pytest.raises(ConfigError, match=re.escape(f"config.{key}={value!r}")) as e:
     config("dense", **{key: value})
   assert "\n" not in str(e.value)
+
+
+def test_scanned_layers_refuse_adafactor():
+  # Its update's RMS clipping and parameter scale are per array: a stacked
+  # array mixes its layers' (parameters 5e-5 apart after one step at learning
+  # rate 1e-2, measured), and its factored moments' placeholders are not per layer.
+  with pytest.raises(
+    ConfigError, match=r"config.model.scan_layers=True is invalid: with train.opt"
+  ):
+    config("dense", **{"model.scan_layers": True, "train.optimizer": "adafactor"})
