@@ -359,7 +359,8 @@ class Transformer(nnx.Module):
   def _scan(self, x_BxLxD, start: int, period: int, repeats: int, remat: str, rng, kw: dict):
     """Layers [start, start + period * repeats) as one jax.lax.scan over
     `repeats` super-blocks of `period` layers, over the stacked parameters of
-    self.scan. -> (x, the layers' aux dicts in layer order)."""
+    self.scan. -> (x, the layers' aux dicts in layer order: views of the
+    scan's stacked outputs, which LayerAux keeps stacked)."""
     fns, stacks = [], []
     for block in self.scan:
       graphdef, state = nnx.split(block)
