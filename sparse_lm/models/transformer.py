@@ -228,6 +228,11 @@ class LayerAux(Sequence):
   def __len__(self):
     return len(self.rows)
 
+  def __eq__(self, other):  # as the list of its layers' dicts (`aux == []`)
+    return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+  __hash__ = None
+
   def tree_flatten_with_keys(self):
     return [(jax.tree_util.SequenceKey(i), p) for i, p in enumerate(self.parts)], self.rows
 
