@@ -581,12 +581,19 @@ def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct
   """The source's model variables `targets` ({per-layer path: sharded
   ShapeDtypeStruct}), read (only those) onto the targets' shardings, whatever
   mesh saved them; a source saved stacked (model.scan_layers) has each of its
-  stacked arrays read once and cut into the layers asked for."""
+  stacked arrays read once and cut into the layers asked for, and a stacked
+  target ("scan/{j}/...", a whole model's targets) of a source saved per layer
+  is its layers' arrays stacked."""
   saved = _saved_leaves(_state_dir(workdir, step))
   model = {p.split("/", 1)[1]: v for p, v in saved.items() if p.split("/", 1)[0] == "0"}
   layout = paramslib.layout_of({p: v[0] for p, v in model.items()})
-  reads, where = {}, {}
+  want = paramslib.layout_of({p: t.shape for p, t in targets.items()})
+  reads, where, stacks = {}, {}, {}
   for path, t in targets.items():
+    if path not in model and want is not None and paramslib.is_stacked(path):
+      stacks[path] = [paramslib.layer_path(path, want, r) for r in range(want.repeats)]
+      reads.update({n: paramslib.row(t, r) for r, n in enumerate(stacks[path])})
+      continue
     hit = None if path in model else paramslib.stacked_name(path, layout)
     if hit is None:
       reads[path], where[path] = t, (path, None)
@@ -611,6 +618,9 @@ def read_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct
   for src, rows in cut.items():
     got = _rows(get(src), [r for _, r in rows], [targets[p] for p, _ in rows])
     values.update(zip([p for p, _ in rows], got))
+  for path, names in stacks.items():
+    stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=targets[path].sharding)
+    values[path] = stack(*[get(n) for n in names])
   return {path: values[path] for path in targets}
 
 

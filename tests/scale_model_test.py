@@ -291,9 +291,9 @@ def test_checkpoint_restores_with_scan_layers_on_or_off(tmp_path):
 def test_export_and_init_from_of_a_scanned_run_equal_the_unscanned_runs(tmp_path):
   """A run saved scanned: its Hugging Face export is, byte for byte, the
   export of the same parameters saved unscanned (convert reads them by
-  per-layer names); train.init_from reads the per-layer names it asks for
-  from it (param_metadata, read_params cut the stacked arrays) into an
-  unscanned run."""
+  per-layer names); load_model reads each run into the other's layout;
+  train.init_from reads the per-layer names it asks for from it
+  (param_metadata, read_params cut the stacked arrays) into an unscanned run."""
   from sparse_lm import convert  # pylint: disable=g-import-not-at-top
   from sparse_lm import finetune  # pylint: disable=g-import-not-at-top
 
@@ -315,6 +315,15 @@ def test_export_and_init_from_of_a_scanned_run_equal_the_unscanned_runs(tmp_path
     assert a == b, name
   meta = {on: ckptlib.param_metadata(runs[on], 3) for on in (False, True)}
   assert meta[True] == meta[False]
+  # load_model (decoding, evaluation) of either run under the other's layout.
+  loaded = []
+  for on in (False, True):
+    other = ckptlib.read_config(runs[not on])
+    model = statelib.load_model(runs[on], config=other)[0]
+    loaded.append(_per_layer_leaves(nnx.state(model)))
+    assert ("scan" in nnx.state(model)) is other.model.scan_layers
+  for p in loaded[0]:
+    np.testing.assert_array_equal(loaded[0][p], loaded[1][p], err_msg=p)
   c = config("mixtral", **{"data.tokenizer": "byte"})
   c.train.init_from = runs[True]
   _, abs_state, _ = statelib.abstract_state(c, Vb)
