@@ -268,6 +268,11 @@ def base_config() -> mlc.ConfigDict:
   # 1 / (the chosen gates' sum at uniform routing) for routers whose gates do
   # not sum to 1 (switch: E; unnormalised top-k: E / k); "none" leaves them.
   c.train.init_gate_scale = "none"
+  # The data position of a run started by init_from: "fresh" (its stream from
+  # the start: SFT, another dataset) or "continue" (the source checkpoint's
+  # next batch: continued pretraining and upcycling on unseen data; the
+  # data settings and train.seed must be the source's).
+  c.train.init_data = "fresh"
   # Drop-Upcycling: this fraction of each copied expert's hidden units keeps
   # the fresh init instead (a different subset per expert).
   c.train.init_reinit_fraction = 0.0
@@ -680,6 +685,9 @@ def _validate_finetuning(c):
       "is empty, but init_rules / init_gate_scale / init_reinit_fraction are set",
     )
   _choice(c, "train.init_gate_scale", GATE_SCALES)
+  _choice(c, "train.init_data", ("fresh", "continue"))
+  if t.init_data == "continue" and not t.init_from:
+    _fail("train.init_data", t.init_data, "needs train.init_from (the run whose data it continues)")
   moe = c.model.moe
   if t.init_gate_scale == "expected" and routing.ROUTERS[moe.router].gate_mass is None:
     _fail(

@@ -262,6 +262,41 @@ def plan(c, abs_state) -> Plan:
   return Plan(source, step, sources, plan_init(c.train.init_rules, targets, sources))
 
 
+def data_position(plan: Plan, train_input) -> dict:
+  """train.init_data="continue": the data position the source checkpoint
+  saved (its next batch is the first this run reads), if this run's input is
+  the source's stream: the same data fingerprint (data.json: dataset,
+  tokenizer, lengths, mixture) and the same seed, split and stream count.
+  Otherwise a one-line ConfigError naming what differs (before the workdir
+  is touched). Continued pretraining and upcycling read unseen data this way
+  (Komatsuzaki et al. 2022 continue the dense run's data); SFT starts fresh."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  key = "config.train.init_data='continue' is invalid"
+  path = os.path.join(plan.source, "checkpoints", str(plan.step), "data", "metadata")
+  fp_path = os.path.join(plan.source, "data.json")
+  if not (os.path.exists(path) and os.path.exists(fp_path)):
+    raise ConfigError(f"{key}: {plan.source} step {plan.step} has no saved data position")
+  with open(path) as f:
+    position = json.load(f)
+  with open(fp_path) as f:
+    theirs = json.load(f)
+  mine = {k: v for k, v in train_input.fingerprint.items() if k != "path"}
+  theirs = {k: v for k, v in theirs.items() if k != "path"}
+  differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+  here = train_input.get_state()
+  differ += [k for k in ("seed", "split", "num_streams") if position.get(k, here[k]) != here[k]]
+  if differ:
+    show = "; ".join(
+      f"{k}: {theirs.get(k, position.get(k))!r} -> {mine.get(k, here.get(k))!r}" for k in differ
+    )
+    raise ConfigError(
+      f"{key}: this run's data is not {plan.source}'s stream ({show}); use the source's data "
+      "settings and train.seed, or train.init_data='fresh'"
+    )
+  return position
+
+
 def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
   """The new run's initial state with its model variables taken from
   train.init_from's checkpoint by train.init_rules (`plan`), transformed

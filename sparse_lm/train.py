@@ -144,12 +144,15 @@ class Monitor:
     self.drained: tuple[int, float] | None = None  # (step, when it was fetched, drained)
     self.since: tuple[int, float] | None = None  # (step, time) the rate is timed from
 
-  def header(self, stats: dict, fingerprint: dict):
-    """Step 0's row: the model's size and the data's numbers."""
+  def header(self, stats: dict, fingerprint: dict, evals: dict):
+    """Step 0's row: the model's size, the data's numbers and `evals` (a
+    fine-tuning run's evaluation before its first update)."""
     head = {k: stats[k] for k in ("total_params", "active_params", "train_flops_per_token")}
     nums = {f"data/{k}": v for k, v in fingerprint.items() if isinstance(v, (int, float))}
-    self.writer.write(0, {**head, **nums})
+    self.writer.write(0, {**head, **nums, **evals})
     self.ckpt.say(f"data: {fingerprint}")
+    if evals:
+      self.ckpt.say(f"step 0 (before the first update): eval_loss {evals['eval_loss']:.4f}")
 
   def check(self, step, meas, *, drained: bool = False):
     """Fetches step's loss, gradient norm and finiteness (waiting for it).
@@ -249,8 +252,11 @@ def _train(c, workdir: str) -> dict:
     graphdef, abs_state, state_shd = statelib.abstract_state(c, V, mesh)
     abs_model = nnx.merge(graphdef, abs_state)[0]
     finetune.check_frozen(t, paramslib.param_list(abs_model))
+    source_position = None
     if t.init_from and not ckptlib.has_checkpoints(workdir):
-      finetune.plan(c, abs_state)  # its rules against the source's metadata
+      plan = finetune.plan(c, abs_state)  # its rules against the source's metadata
+      if t.init_data == "continue":  # the source's data position, where it stopped
+        source_position = finetune.data_position(plan, train_input)
     stats = inspectlib.summarize(c, V, model=abs_model)
     moe_ids = list(cfglib.model_spec(c).moe_layers)
     if t.microbatches > 1 and moe_ids and c.model.moe.dispatch == "capacity":
@@ -299,6 +305,9 @@ def _train(c, workdir: str) -> dict:
         if t.init_from:  # fine-tuning: another run's parameters, by name rules
           state, report = finetune.init_from(c, state, abs_state)
           say(report.line())
+        if source_position is not None:
+          train_input.set_state(source_position)
+          say(f"data: continues {t.init_from}'s stream at batch {source_position['batches']}")
       ckptlib.save_config(c, workdir, train_input.fingerprint)  # this run's (resume may change it)
       drift = finetune.drifts(c) and finetune.RoutingDrift(
         c, workdir, graphdef, eval_data[0], to_global, start, state, moe_ids, say
@@ -317,8 +326,8 @@ def _train(c, workdir: str) -> dict:
 
       # ---- Loop ----
       monitor = Monitor(c, workdir, start, ckpt, moe_ids)
-      if start == 0:
-        monitor.header(stats, train_input.fingerprint)
+      if start == 0:  # a fine-tuning run is evaluated before its first update
+        monitor.header(stats, train_input.fingerprint, evaluate() if t.init_from else {})
       say(
         f"training steps {start}..{t.num_steps}; logs: {workdir}/metrics.jsonl, "
         f"tensorboard: {workdir}/tensorboard"

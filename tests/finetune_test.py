@@ -155,7 +155,9 @@ def test_upcycled_moe_equals_the_dense_model_at_step_0(dense_run, dense_ref, rou
   how = report.how
   assert how["blocks/1/ffn/wi"].startswith("copied into every expert from blocks/1/ffn/wi")
   assert how["blocks/1/ffn/router"] == "fresh" and how["blocks/0/ffn/wi"].startswith("copied from")
-  assert "fresh (1" in report.line() or "fresh (2" in report.line() or "fresh (" in report.line()
+  fresh = sorted(p for p, h in how.items() if h == "fresh")  # the routers, and only they
+  assert fresh and all("router" in p.split("/")[-1] for p in fresh), fresh
+  assert f"fresh ({len(fresh)}): " in report.line(), report.line()
   wi = np.asarray(model.blocks[3].ffn.wi[...])
   np.testing.assert_array_equal(wi[0], wi[-1])
 
@@ -441,3 +443,30 @@ def test_bad_finetuning_input_is_one_line_and_writes_nothing(
   one_line_error(in_process(args, monkeypatch=monkeypatch), needle)  # in this process
   assert not os.path.exists(os.path.join(wd, "config.json"))
   assert not os.path.isdir(os.path.join(wd, "checkpoints")) or not saved_steps(wd)
+
+
+def test_init_data_continue_reads_the_sources_next_batch(tmp_path, tfds_dir, monkeypatch):
+  """train.init_data="continue": a run started from A's step-4 checkpoint
+  reads the batch A read at its step 5, so with A's parameters copied its
+  first train loss is A's step-5 loss; and it is evaluated before its first
+  update (its step-0 eval_loss is A's step-4 one). A different train.seed
+  (another stream) is a one-line error naming the key, nothing written."""
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  common = ["--config.train.log_every=1", "--config.train.eval_every=2"]
+  p = in_process(
+    cli(a, tfds_dir, *common, "--config.train.num_steps=6", "--config.train.checkpoint_every=4"),
+    monkeypatch=monkeypatch,
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 4 in saved_steps(a)
+  follow = [*common, f"--config.train.init_from={a}:4", "--config.train.init_data=continue"]
+  p = in_process(cli(b, tfds_dir, *follow, "--config.train.num_steps=1"), monkeypatch=monkeypatch)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert f"continues {a}:4's stream at batch 4" in p.stdout, p.stdout[-2000:]
+  at = lambda wd, step, key: next(r[key] for r in rows(wd) if r["step"] == step and key in r)
+  np.testing.assert_allclose(at(b, 1, "train_loss"), at(a, 5, "train_loss"), rtol=1e-6)
+  np.testing.assert_allclose(at(b, 0, "eval_loss"), at(a, 4, "eval_loss"), rtol=1e-6)
+  c = str(tmp_path / "c")
+  p = in_process(cli(c, tfds_dir, *follow, "--config.train.seed=1"), monkeypatch=monkeypatch)
+  line = one_line_error(p, "config.train.init_data='continue' is invalid", "seed: 0 -> 1")
+  assert "sparse_lm.main" in line and not os.path.exists(c)

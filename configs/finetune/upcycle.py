@@ -5,7 +5,10 @@ r"""Sparse upcycling (Komatsuzaki et al. 2022): a trained dense run becomes an M
 
 Each MoE layer's experts start as copies of that layer's dense MLP, the router
 is new, every other weight carries over, and the optimizer starts fresh; the
-run goes on pretraining on the same data. With gates that sum to 1 per token
+run goes on pretraining on the same data, from where the dense run stopped
+(train.init_data="continue": unseen batches, as the paper's upcycled runs
+continue the dense run's data; it needs the dense run's data settings and
+train.seed). With gates that sum to 1 per token
 and no dropped token, the upcycled model's output at step 0 is the dense
 model's (tests/finetune_test.py checks it per router, within 1e-5).
 
@@ -36,5 +39,6 @@ def get_config(arg: str = "mixtral"):
   if arg == "drop":
     t.init_reinit_fraction = 0.5
   t.init_from = "runs/dense_tiny"
+  t.init_data = "continue"
   t.warmup_steps = 20
   return c
