@@ -17,7 +17,7 @@ gradients; tests/scale_model_test.py):
       clipping run once per kind of array, not once per layer, and the
       scanned layers' router outputs stay stacked too (LayerAux): the train
       step of mixtral.py:tiny at 32 layers compiles in about the time of 4
-      (1.22x; 3.73x with per-layer parameters stacked by the forward;
+      (0.99x at load 0.6; 3.73x with per-layer parameters stacked by the forward;
       benchmarks/README.md). Values are drawn per layer, then stacked: the same
       as unscanned for the same seed. Names change with the key ("scan/0/attn/wq"
       holds "blocks/{start}/attn/wq", ...): every boundary that names
