@@ -188,7 +188,7 @@ def main():
   _, c = importer.hf_to_config(src)
   model = statelib.abstract_model(c, c.data.vocab_size)
   predicted_import = inspectlib.import_host_bytes(c, model, source_bytes=2, written_bytes=2)
-  predicted_export = inspectlib.export_host_bytes(c, model, args.shard_mb, stored_bytes=2)
+  predicted_export = inspectlib.export_host_bytes(c, model, stored_bytes=2, out_bytes=2)
 
   base, _ = peak_of(
     ["-c", "import sparse_lm.convert, jax; jax.numpy.zeros(1).block_until_ready()"], work

@@ -226,20 +226,17 @@ def import_host_bytes(c, model, source_bytes: int = 2, written_bytes: int = 2) -
   return n * (source_bytes + 4 * written_bytes)
 
 
-def export_host_bytes(
-  c, model, shard_mb: float, stored_bytes: int = 4, out_bytes: int = 2
-) -> float:
+def export_host_bytes(c, model, stored_bytes: int = 4, out_bytes: int = 2) -> float:
   """Peak host memory of exporting a run of this config's shape
-  (sparse_lm/convert/exporter.py) above the interpreter's: the shard being
-  filled (shard_mb, or the whole model where it is smaller) and, three times
-  over (the ones before not yet released), the parameter read from the
-  checkpoint (`stored_bytes` a value: model.param_dtype, or the import's
-  dtype for an imported run) and its tensors converted (`out_bytes`): an
-  upper bound from benchmarks/convert_memory.py (measured: one shard + 4.3x
-  the largest bfloat16 tensor; this gives 6x)."""
-  sizes = [math.prod(shape) for _, shape, _ in param_list(model)]
-  shard = min(shard_mb * 2**20, out_bytes * sum(sizes))
-  return 3 * max(sizes) * (stored_bytes + out_bytes) + shard
+  (sparse_lm/convert/exporter.py) above the interpreter's, set by its largest
+  parameter: read from the checkpoint (`stored_bytes` a value:
+  model.param_dtype, or the import's dtype for an imported run) and its
+  tensors converted (`out_bytes`), three times over (the one before not yet
+  released, and the cast's copy); the shards stream to disk a tensor at a
+  time. An upper bound from benchmarks/convert_memory.py (measured: 4.3x the
+  largest bfloat16 tensor; this gives 6x)."""
+  n = max(math.prod(shape) for _, shape, _ in param_list(model))
+  return 3 * n * (stored_bytes + out_bytes)
 
 
 # ------------------------------------------------------ compiled: XLA's bytes
@@ -565,8 +562,8 @@ def column(
     "params / device": _bytes(d["param_bytes"]),
     "params+grads+opt / device": _bytes(d["param_bytes"] + grads + d["optimizer_bytes"]),
     "import: host peak (bf16 files)": _bytes(import_host_bytes(c, model)),
-    "export: host peak (bf16, 2 GB shards)": _bytes(
-      export_host_bytes(c, model, 2000, jnp.dtype(c.model.param_dtype).itemsize)
+    "export: host peak (bf16)": _bytes(
+      export_host_bytes(c, model, jnp.dtype(c.model.param_dtype).itemsize)
     ),
   } | (compiled_column(c, compile_rows(c, num_devices, say)) if compile_steps else {})
 

@@ -183,20 +183,22 @@ def export_checkpoint(
     target = {path: jax.ShapeDtypeStruct(shape, dt, sharding=host)}
     return np.asarray(ckptlib.read_params(workdir, step, target)[path])
 
-  def tensors():
-    """(hf name, array) in the rules' order: one parameter in memory at a
-    time (and its Hugging Face tensors), so the host peak is about the
-    largest parameter plus the shard being filled (write_shards)."""
+  def pairs(read):
+    """(hf name, array) in the rules' order, one parameter read at a time."""
     for r in rules:
       ours = [read(o) for o in r.ours]
       if r.per_expert:
-        pairs = [
-          (n.format(j=j), v) for j in range(E) for n, v in zip(r.hf, r.to_hf(*(a[j] for a in ours)))
-        ]
+        for j in range(E):
+          yield from zip((n.format(j=j) for n in r.hf), r.to_hf(*(a[j] for a in ours)))
       else:
-        pairs = zip(r.hf, r.to_hf(*ours))
-      for n, v in pairs:
-        yield n, np.ascontiguousarray(v).astype(out_dtype)
+        yield from zip(r.hf, r.to_hf(*ours))
+
+  # The shards' headers are planned from the shapes alone (zeros that are
+  # never written are never resident), then the tensors stream into them: the
+  # host holds about one parameter and its tensors (write_shards).
+  zeros = lambda path: np.zeros(saved[path][0], np.float32)
+  plan = [(n, v.shape, out_dtype) for n, v in pairs(zeros)]
+  tensors = ((n, np.ascontiguousarray(v).astype(out_dtype)) for n, v in pairs(read))
 
   # One staging folder, named the same by every process: process 0 writes
   # the files and renames it; every process reads the parameters (a restore
@@ -209,11 +211,11 @@ def export_checkpoint(
   sync("export: staging folder made")
   try:
     if not lead:
-      for _ in tensors():
+      for _ in tensors:
         pass
       sync("export: written")
       return {"family": fam.name}
-    out = write_shards(tensors(), staging, shard_mb)
+    out = write_shards(plan, tensors, staging, shard_mb)
     hf = hf_config(fam, c, base, dtype)
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(hf, f, indent=2)

@@ -3,7 +3,8 @@
 A safetensors file is an 8-byte header length, a JSON header ({name: dtype,
 shape, data_offsets}) and the raw little-endian arrays: `Tensors.get` is a
 numpy view of the file (no copy), so a reader holds what it slices, plus the
-page cache. `write_shards` writes a shard as soon as it is full.
+page cache. `write_shards` writes each shard's header from a plan of the
+tensors, then the tensors one at a time as they come.
 """
 
 from __future__ import annotations
@@ -88,27 +89,65 @@ class Tensors:
     return np.memmap(path, _DTYPES[info["dtype"]], "r", base + start, shape)
 
 
-def write_shards(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, shard_mb: float) -> dict:
-  """Writes (name, array) pairs in order into shards of at most `shard_mb`
-  MiB (a larger array alone): model.safetensors, or
-  model-0000i-of-0000n.safetensors and the index. Returns {"tensors",
-  "shards", "bytes"}."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+def _code(dtype) -> str:
+  """The safetensors dtype code of a numpy dtype ("BF16" for bfloat16)."""
+  for code, dt in _DTYPES.items():
+    if np.dtype(dt) == np.dtype(dtype):
+      return code
+  raise ConvertError(f"dtype {np.dtype(dtype)} has no safetensors code")
 
+
+def write_shards(
+  plan: list[tuple[str, tuple, np.dtype]],
+  tensors: Iterable[tuple[str, np.ndarray]],
+  out_dir: str,
+  shard_mb: float,
+) -> dict:
+  """Writes the tensors `plan` lists ((name, shape, dtype) in order), which
+  `tensors` yields in that order, into shards of at most `shard_mb` MiB (a
+  larger tensor alone): model.safetensors, or model-0000i-of-0000n.safetensors
+  and the index. Each shard's header is written from the plan first, then
+  each tensor's bytes as it comes, so the writer holds one tensor at a time
+  (safetensors.numpy.save_file would hold the whole shard). A tensor that is
+  not the plan's next is an error. Shards get their final names at the end.
+  Returns {"tensors", "shards", "bytes"}."""
+  shards: list[list[tuple[str, tuple, np.dtype, int]]] = [[]]
+  size = total = 0
+  for name, shape, dtype in plan:
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if shards[-1] and size + n > shard_mb * 2**20:
+      shards.append([])
+      size = 0
+    shards[-1].append((name, tuple(shape), np.dtype(dtype), n))
+    size, total = size + n, total + n
+  it = iter(tensors)
   written: list[tuple[str, list[str]]] = []  # (temporary file, its tensors' names)
-  cur, size, total = {}, 0, 0
-
-  def flush():
-    path = os.path.join(out_dir, f".shard-{len(written)}.safetensors")
-    save_file(cur, path, metadata={"format": "pt"})
-    written.append((path, list(cur)))
-
-  for name, v in tensors:
-    if cur and size + v.nbytes > shard_mb * 2**20:
-      flush()
-      cur, size = {}, 0
-    cur[name], size, total = v, size + v.nbytes, total + v.nbytes
-  flush()
+  for i, shard in enumerate(shards):
+    header, offset = {}, 0
+    for name, shape, dtype, n in shard:
+      header[name] = {
+        "dtype": _code(dtype),
+        "shape": list(shape),
+        "data_offsets": [offset, offset + n],
+      }
+      offset += n
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    path = os.path.join(out_dir, f".shard-{i}.safetensors")
+    with open(path, "wb") as f:
+      f.write(len(text).to_bytes(8, "little"))
+      f.write(text)
+      for name, shape, dtype, _ in shard:
+        got_name, array = next(it)
+        if got_name != name or array.shape != shape or array.dtype != dtype:
+          raise ConvertError(
+            f"export: tensor {got_name!r} {array.shape} {array.dtype} is not the planned "
+            f"{name!r} {shape} {dtype}"
+          )
+        f.write(np.ascontiguousarray(array).view(np.uint8).data)
+        del array
+    written.append((path, [name for name, *_ in shard]))
   n, weight_map = len(written), {}
   for i, (path, names) in enumerate(written):
     final = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
