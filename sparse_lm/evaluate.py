@@ -17,6 +17,11 @@ adds the routing drift from a base run (a fine-tuning run's init_from): per
 MoE layer the KL divergence of the router distributions and the fraction of
 tokens whose top-1 expert changed, on prompt and response tokens apart for
 instruction data.
+
+For studies (not a flag): `score_responses` gives each (prompt, response)
+example's summed log-likelihood of its response given its prompt (per-example
+losses), and `multiple_choice` scores items whose choices are responses to one
+prompt by that sum (the choice with the highest is the model's answer).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import types
 
 from absl import flags
 from flax import nnx
@@ -38,6 +44,7 @@ from sparse_lm import data as datalib
 from sparse_lm import finetune
 from sparse_lm import sharding
 from sparse_lm import state as statelib
+from sparse_lm.data import sft
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import UserError
 
@@ -153,6 +160,111 @@ def drift_from(base: str, model, c, tok, batches, mesh=None) -> dict:
       for b in batches
     ]
   return {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
+
+
+@nnx.jit
+def _target_logprobs(model, b):
+  """log p(target) of every weighted target of a batch, 0 elsewhere ([B, L])."""
+  logits_BxLxV, _, _ = model(
+    b["inputs"],
+    mask_BxL=b["mask"],
+    positions_BxL=b["positions"],
+    segments_BxL=b["segment_ids"],
+    train=False,
+    rng=None,
+  )
+  lp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jax.numpy.float32))
+  lp_BxL = jax.numpy.take_along_axis(lp_BxLxV, b["targets"][..., None], axis=-1)[..., 0]
+  return lp_BxL * b["weights"]
+
+
+def score_responses(
+  model, c, tok, examples, *, template: str | None = None, mesh=None, batch_size=None
+) -> dict[str, np.ndarray]:
+  """Per example ({"prompt", "response"}): the summed log-likelihood of its
+  response tokens and end-of-text given its prompt ("logprob", float64 [N]),
+  their count ("tokens"), and whether it was cut at data.seq_len + 1 tokens
+  ("truncated"; a cut example keeps the response tokens left, one with none
+  left scores nan). Tokens as sft data encodes them with `template` (default
+  the run's data.sft_template): the tokens the fine-tuning loss counts, so
+  -logprob / tokens is an example's mean loss. Examples are packed by length
+  into rows with segment ids (each computes as it would alone: sft.pack) and
+  run data.batch_size rows at a time through the model's forward, in eval
+  mode; per example only where routing does not depend on the other tokens
+  of the batch (no token dropped: dropless dispatch or enough capacity)."""
+  L, B = c.data.seq_len, batch_size or c.data.batch_size
+  d = types.SimpleNamespace(
+    dataset="sft:",
+    sft_template=template or c.data.sft_template,
+    seq_len=10**9,
+    sft_overlong="truncate",
+  )
+  full, _ = sft.encode(list(enumerate(examples, 1)), tok, d, "examples")
+  N = len(full)
+  out = {
+    "logprob": np.full(N, np.nan),
+    "tokens": np.zeros(N, np.int64),
+    "truncated": np.array([len(t) > L + 1 for t, _ in full]),
+  }
+  enc = [(t[: L + 1], m[: L + 1]) for t, m in full]
+  keep = [i for i, (_, m) in enumerate(enc) if m[1:].any()]
+  order = sorted(keep, key=lambda i: -len(enc[i][0]))
+  rows = sft.pack(enc, order, L)
+  # Row-major (row, segment) enumerates `order`: packing keeps its order.
+  R = len(rows["tokens"])
+  owner_RxS = np.full((R, int(rows["segments"].max()) + 1), -1)
+  k = 0
+  for r in range(R):
+    for s in range(1, int(rows["segments"][r].max()) + 1):
+      owner_RxS[r, s], k = order[k], k + 1
+  pad = -R % B
+  rows = {
+    key: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for key, v in rows.items()
+  }
+  batch = sft.to_batch(rows)
+  lp = []
+  with sharding.use(mesh, c) if mesh is not None else contextlib.nullcontext():
+    for i in range(0, len(batch["inputs"]), B):
+      part = {key: v[i : i + B] for key, v in batch.items()}
+      lp.append(np.asarray(jax.device_get(_target_logprobs(model, part)), np.float64))
+  lp_RxL = np.concatenate(lp)[:R]
+  w_RxL, seg_RxL = batch["weights"][:R], batch["segment_ids"][:R]
+  who = owner_RxS[np.arange(R)[:, None], seg_RxL]
+  hit = (w_RxL > 0) & (who >= 0)
+  out["logprob"][keep] = 0.0
+  np.add.at(out["logprob"], who[hit], lp_RxL[hit])
+  np.add.at(out["tokens"], who[hit], 1)
+  return out
+
+
+def multiple_choice(model, c, tok, items, **kw) -> dict[str, np.ndarray]:
+  """Items {"prompt", "choices": [str, ...], "answer": index}: each choice
+  scored as the response to the prompt (score_responses, keywords alike) by
+  its summed log-likelihood; "logprob" [N, K] (K: the most choices, nan
+  past an item's own), "choice" (the argmax), "correct", and "truncated"
+  (a choice of the item was cut)."""
+  flat = [{"prompt": it["prompt"], "response": ch} for it in items for ch in it["choices"]]
+  s = score_responses(model, c, tok, flat, **kw)
+  K = max(len(it["choices"]) for it in items)
+  lp_NxK = np.full((len(items), K), np.nan)
+  cut = np.zeros(len(items), bool)
+  at = 0
+  for n, it in enumerate(items):
+    k = len(it["choices"])
+    lp_NxK[n, :k] = s["logprob"][at : at + k]
+    cut[n] = s["truncated"][at : at + k].any()
+    at += k
+  choice = np.argmax(np.where(np.isnan(lp_NxK), -np.inf, lp_NxK), axis=1)
+  answer = np.array([it["answer"] for it in items])
+  return {"logprob": lp_NxK, "choice": choice, "correct": choice == answer, "truncated": cut}
+
+
+def load_for_scoring(workdir: str, step=None, mesh: str = "fsdp"):
+  """(model, config, tokenizer, mesh) of a run's checkpoint, placed as
+  `evaluate` places it (--mesh), for score_responses / multiple_choice."""
+  c, m = statelib.mesh_for_use(ckptlib.read_config(os.path.abspath(workdir)), mesh)
+  model, c, tok = statelib.load_model(workdir, step, mesh=m, config=c)
+  return model, c, tok, m
 
 
 def train_step_of(workdir: str) -> int | None:

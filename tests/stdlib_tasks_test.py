@@ -287,3 +287,166 @@ def test_cli_end_to_end_on_a_slice_of_the_stdlib(tmp_path, capsys):
   hits = [any(tuple(w[i : i + n]) in grams for i in range(len(w) - n + 1)) for w in bodies]
   assert sum(hits) >= 1 and stats["ngram_overlap"]["body"] == round(sum(hits) / len(bodies), 4)
   assert all(len(e["prompt"]) + len(e["response"]) <= 2000 for e in out["train"] + out["eval"])
+
+
+def test_near_duplicates_whatever_the_length_and_contamination_counts():
+  from difflib import SequenceMatcher
+
+  refs = [
+    "return self._x",
+    "if a:\n    return b\nreturn c",
+    "x = 1\ny = 2\nz = x + y\nreturn z",
+    "for i in range(n):\n    total += i\nreturn total",
+  ]
+  queries = [
+    "    return self._x",  # short (2 words: no 13-gram), identical up to layout: 1.0
+    "return self._y",  # one token of four differs: 0.75
+    "x = 1\ny = 2\nz = x * y\nreturn z",  # one of 14: 0.93
+    "for j in range(m):\n    acc -= j\nyield acc",
+    "",
+  ]
+  got = st.NearDuplicateIndex(refs).best(queries, 0.8)
+  # The pruned search flags exactly what comparing every pair flags.
+  for q, (ratio, j) in zip(queries, got):
+    best = max(
+      SequenceMatcher(None, st.code_tokens(q), st.code_tokens(r), autojunk=False).ratio()
+      for r in refs
+    )
+    assert (ratio >= 0.8) == (best >= 0.8), (q, ratio, best)
+    assert j == -1 or ratio == pytest.approx(
+      SequenceMatcher(None, st.code_tokens(q), st.code_tokens(refs[j]), autojunk=False).ratio()
+    )
+  assert [j for _, j in got] == [0, -1, 2, -1, -1]
+  # A held-out function (tokenize.py) whose body is in the pretraining text
+  # (lib2to3's copy) although shorter than a 13-gram window of its lines...
+  root = stdlib_corpus.stdlib_dir()
+  copy = os.path.join(root, "lib2to3", "pgen2", "tokenize.py")
+  if not os.path.exists(copy):
+    pytest.skip("no lib2to3 in this Python")
+  assert (
+    st.module_split("tokenize.py") == "eval" and st.module_split(copy[len(root) + 1 :]) == "train"
+  )
+  held = [
+    e
+    for f in st.extract_functions(
+      stdlib_corpus.read_source(os.path.join(root, "tokenize.py")), "tokenize.py"
+    )
+    if f.name == "_get_normal_name"
+    for e in st.make_examples(f)
+  ]
+  flags, counts = st.contamination(held, [stdlib_corpus.read_source(copy)])
+  body = next(f for f in flags if f["task"] == "body")
+  assert body["near_duplicate"] and body["flagged"] and body["ratio"] >= 0.8
+  assert counts["body"]["examples"] == 1 and counts["body"]["near_duplicate"] == 1
+  assert counts["docstring"]["near_duplicate"] == 1  # its docstring is copied as well
+  # ...and one whose body is nowhere in it is not flagged.
+  flags, counts = st.contamination(held, ["def f(a):\n    '''Doc.'''\n    return a\n"])
+  assert not any(f["flagged"] for f in flags) and counts["body"]["flagged"] == 0
+
+
+def test_choice_items_and_the_dev_test_split():
+  def ex(task, module, fn, prompt, response):
+    return {"task": task, "prompt": prompt, "response": response, "module": module, "function": fn}
+
+  bodies = {"f": "return 1 + 2", "g": "return 3 * 40", "h": "x = 5\nreturn x", "k": "pass\n" * 20}
+  examples = [ex("body", "m.py", n, f"def {n}():\n", b) for n, b in bodies.items()]
+  examples += [
+    ex("name", "m.py", n, f"def _():\n  return {'k' if n == 'f' else 1}", n) for n in bodies
+  ]
+  examples += [ex("name", "m.py", "C.j", "def _(self):\n  pass", "j")]
+  examples += [
+    ex("name", "other.py", "z", "def _(): pass", "z"),
+    ex("body", "other.py", "z", "", "return 1 + 3"),
+  ]
+  items = st.choice_items(examples)
+  again = st.choice_items(list(reversed(examples)))
+  assert items == sorted(again, key=lambda i: items.index(i)) and len(items) == len(again)
+  by = {(i["task"], i["function"]): i for i in items}
+  # Bodies: the true one among the two others of its module closest in length;
+  # "k" (100 characters) has no distractor within 1.5x: no item; other.py: too few.
+  assert set(by) == {("body", "f"), ("body", "g"), ("body", "h")} | {
+    ("name", n) for n in ("f", "g", "h", "k", "C.j")
+  }
+  for it in items:
+    true = next(
+      e["response"] for e in examples if (e["task"], e["function"]) == (it["task"], it["function"])
+    )
+    assert it["choices"][it["answer"]] == true and len(set(it["choices"])) == len(it["choices"])
+    assert len(it["choices"]) == st.CHOICES[it["task"]] and it["module"] == "m.py"
+    if it["task"] == "body":
+      assert set(it["choices"]) <= set(bodies.values()) - {bodies["k"]}
+      lens = [len(c) for c in it["choices"]]
+      assert max(lens) <= st.BODY_LENGTH_RATIO * min(lens)
+    else:
+      assert set(it["choices"]) <= {"f", "g", "h", "k", "j"} and "z" not in it["choices"]
+  assert "k" not in by[("name", "f")]["choices"]  # it is in that prompt: could be copied
+  assert {i["answer"] for i in items} != {0}  # the true choice's place varies
+  # Dev / test: by module, deterministic, both parts of the real held-out set used.
+  held = st.heldout_modules()
+  parts = [st.heldout_part(m) for m in held]
+  assert parts == [st.heldout_part(m) for m in held] and set(parts) == {"dev", "test"}
+  assert 0.2 < parts.count("dev") / len(parts) < 0.5
+
+
+def test_multiple_choice_scores_equal_each_choice_run_alone():
+  """evaluate.score_responses packs examples by length into rows, several
+  batches of them; each choice's summed log-likelihood equals the model run
+  on that prompt + choice alone (a tiny dropless Switch MoE, byte tokens)."""
+  from flax import nnx
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from sparse_lm import config as cfglib
+  from sparse_lm import evaluate
+  from sparse_lm.data.tokenizer import ByteTokenizer
+  from sparse_lm.models.transformer import Transformer
+
+  c = cfglib.load_config("configs/switch.py:tiny")
+  c.model.d_model, c.model.num_heads, c.model.d_ff, c.model.num_layers = 32, 4, 64, 2
+  c.model.moe.num_experts, c.model.moe.dispatch, c.model.moe.jitter = 4, "dropless", 0.0
+  c.model.init_scale = 1.0
+  c.data.seq_len, c.data.tokenizer = 48, "byte"
+  c.data.sft_template = "<{prompt}>{response}"
+  tok = ByteTokenizer()
+  spec = cfglib.model_spec(cfglib.validate(c))
+  with nnx.use_eager_sharding(False):
+    model = nnx.jit(lambda: Transformer(spec, tok.vocab_size, rngs=nnx.Rngs(0)))()
+  items = [
+    {"prompt": "def _(a, b):\n", "choices": ["add", "mul", "sub", "pow"], "answer": 2},
+    {"prompt": "Q: 2+2?", "choices": ["4", "five", "22"], "answer": 0},
+    {"prompt": "x" * 30, "choices": ["y" * 30, "z"], "answer": 1},  # the first is cut at 49
+  ]
+  r = evaluate.multiple_choice(model, c, tok, items, batch_size=2)  # 3 batches
+
+  # The naive twin: each prompt + choice alone in its own row (right-padded:
+  # a causal model never sees the padding), the sum over its response targets.
+  L = c.data.seq_len
+  rows = []
+  for it in items:
+    for ch in it["choices"]:
+      p = list(tok.prefix_ids) + tok.encode(f"<{it['prompt']}>", False)
+      rows.append((len(p), (p + tok.encode(ch, False) + [tok.eos_id])[: L + 1]))
+  t_NxL = np.zeros((len(rows), L + 1), np.int32)
+  for i, (_, t) in enumerate(rows):
+    t_NxL[i, : len(t)] = t
+  logits = nnx.jit(lambda m, x: m(x)[0])(model, jnp.asarray(t_NxL[:, :-1]))
+  lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
+  flat = [
+    sum(lp[i, j, t[j + 1]] for j in range(n - 1, len(t) - 1)) for i, (n, t) in enumerate(rows)
+  ]
+  want, at = [], 0
+  for it in items:
+    want.append(flat[at : at + len(it["choices"])])
+    at += len(it["choices"])
+  for n, it in enumerate(items):
+    k = len(it["choices"])
+    np.testing.assert_allclose(r["logprob"][n, :k], want[n], rtol=1e-5, atol=1e-4)
+    assert np.isnan(r["logprob"][n, k:]).all()
+    assert r["choice"][n] == int(np.argmax(want[n]))
+    assert r["correct"][n] == (r["choice"][n] == it["answer"])
+  assert list(r["truncated"]) == [False, False, True]
+  s = evaluate.score_responses(model, c, tok, [{"prompt": "Q: 2+2?", "response": "five"}])
+  assert s["tokens"][0] == len("five") + 1 and s["logprob"][0] == pytest.approx(
+    want[1][1], abs=1e-4
+  )

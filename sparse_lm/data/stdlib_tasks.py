@@ -47,7 +47,17 @@ use; globals, builtins, attributes and constants kept) equals a held-out one's i
 dropped, and exact duplicate (prompt, response) pairs are dropped within each
 split (first kept). `ngram_overlap` measures what remains: the fraction of
 held-out responses sharing a 13-gram of whitespace tokens with the pretraining
-text (corpus train files without the held-out modules).
+text (corpus train files without the held-out modules). `contamination` adds,
+per held-out body and docstring, a near-duplicate check against every
+pretraining function body (resp. docstring), whatever its length: difflib's
+ratio over code tokens >= NEAR_DUPLICATE_RATIO (0.8), pruned by a bound that
+never drops such a pair (NearDuplicateIndex), and a flag on each example.
+
+Held-out modules are split again, by module, into a dev part (DEV_PERCENT, for
+choosing rates and horizons) and a test part (reported): `heldout_part`.
+`choice_items` makes multiple-choice items with signal at small scale: the
+true name among 4 names of the same module, the true body among 3 bodies of
+the same module of similar length (scored by evaluate.multiple_choice).
 
 Metrics for the study: `normalized_equal` (AST exact match of a predicted body)
 and `run_doctests` (pass@1: the docstring's doctests of a generated function,
@@ -497,6 +507,218 @@ def ngram_overlap(heldout_responses: Sequence[str], texts: Sequence[str], n: int
   if not heldout_responses:
     return 0.0
   return float(NgramIndex(texts, n).flags(heldout_responses).mean())
+
+
+NEAR_DUPLICATE_RATIO = 0.8  # difflib ratio of code tokens: a near-duplicate at or above
+_CODE_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def code_tokens(text: str) -> list[str]:
+  """Words and single punctuation marks: layout and indentation left out."""
+  return _CODE_TOKEN.findall(text)
+
+
+class NearDuplicateIndex:
+  """Reference texts, and for a query the most similar one by difflib's
+  SequenceMatcher ratio (2 M / (|a| + |b|), M the matched tokens) over code
+  tokens, whatever the query's length (the n-gram check sees nothing in a
+  text shorter than its window).
+
+  An exact ratio for every pair would take hours (600 x 40k pairs), so a
+  bound prunes first: M is at most the multiset intersection of the two token
+  bags, which is at most sum over shared token types of either side's counts
+  (two sparse products), and is at most the shorter length; a pair is compared
+  exactly only when 2 bound / (|a| + |b|) >= the threshold, best bound first,
+  stopping at the first pair at or above it. The bound never prunes a pair at
+  or above the threshold, so the flags equal the exhaustive check's."""
+
+  def __init__(self, texts: Sequence[str]):
+    import scipy.sparse  # pylint: disable=g-import-not-at-top
+
+    self._sp = scipy.sparse
+    self._vocab: dict[str, int] = {}
+    self._tokens = [code_tokens(t) for t in texts]
+    self._counts = self._matrix(self._tokens, grow=True)
+    self._binary = (self._counts > 0).astype(np.float32).T.tocsr()
+    self._counts_t = self._counts.T.tocsr()
+    self._len = np.array([len(t) for t in self._tokens], np.float32)
+
+  def _matrix(self, token_lists, grow=False):
+    rows, cols = [], []
+    for i, toks in enumerate(token_lists):
+      for t in toks:
+        j = self._vocab.setdefault(t, len(self._vocab)) if grow else self._vocab.get(t, -1)
+        if j >= 0:
+          rows.append(i)
+          cols.append(j)
+    shape = (len(token_lists), max(len(self._vocab), 1))
+    data = np.ones(len(rows), np.float32)
+    return self._sp.csr_matrix((data, (rows, cols)), shape=shape)  # duplicates summed
+
+  def best(
+    self, queries: Sequence[str], threshold: float = NEAR_DUPLICATE_RATIO, chunk: int = 64
+  ) -> list[tuple[float, int]]:
+    """Per query (ratio, index) of a reference text at or above `threshold`
+    (the first found, best bound first), or (0.0, -1) if none is."""
+    from difflib import SequenceMatcher  # pylint: disable=g-import-not-at-top
+
+    out = []
+    for lo in range(0, len(queries), chunk):
+      qt = [code_tokens(q) for q in queries[lo : lo + chunk]]
+      q = self._matrix(qt)
+      ql = np.array([len(t) for t in qt], np.float32)
+      via_q = (q @ self._binary).toarray()  # sum over shared types of the query's counts
+      via_r = ((q > 0).astype(np.float32) @ self._counts_t).toarray()
+      bound = np.minimum(np.minimum(via_q, via_r), np.minimum(ql[:, None], self._len[None]))
+      bound = 2 * bound / np.maximum(ql[:, None] + self._len[None], 1)
+      for i, toks in enumerate(qt):
+        found = (0.0, -1)
+        cand = np.flatnonzero(bound[i] >= threshold - 1e-6) if toks else []
+        for j in cand[np.argsort(-bound[i][cand], kind="stable")] if len(cand) else []:
+          sm = SequenceMatcher(None, toks, self._tokens[j], autojunk=False)
+          if sm.real_quick_ratio() >= threshold and sm.quick_ratio() >= threshold:
+            r = sm.ratio()
+            if r >= threshold:
+              found = (r, int(j))
+              break
+        out.append(found)
+    return out
+
+
+def pretraining_pieces(sources: Sequence[str]) -> dict[str, list[str]]:
+  """Every function body (the statements after its docstring, as written; with
+  or without a docstring) and every docstring (modules, classes, functions;
+  cleaned) of the sources: what a held-out body or docstring is compared with."""
+  bodies, docs = [], []
+  for src in sources:
+    try:
+      tree = ast.parse(src)
+    except (SyntaxError, ValueError):
+      continue
+    lines = src.split("\n")
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc and doc.strip():
+          docs.append(doc.rstrip())
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        stmts = node.body[1:] if ast.get_docstring(node) is not None else node.body
+        if stmts:
+          bodies.append("\n".join(lines[stmts[0].lineno - 1 : node.end_lineno]))
+  return {"body": bodies, "docstring": docs}
+
+
+def contamination(
+  heldout: Sequence[dict], pretraining: Sequence[str], threshold: float = NEAR_DUPLICATE_RATIO
+) -> tuple[list[dict], dict]:
+  """Flags per held-out example of the body and docstring tasks against the
+  pretraining texts: "ngram" (a shared NGRAM-gram, the body task's check),
+  "near_duplicate" (a pretraining function body, resp. docstring, at ratio >=
+  threshold: NearDuplicateIndex) with its ratio, and "flagged" (either).
+  Returns the flags (one dict per example of those tasks, in order, with its
+  "module", "function", "task") and counts per task."""
+  pieces = pretraining_pieces(pretraining)
+  ngrams = NgramIndex(pretraining)
+  flags, counts = [], {}
+  for task in ("body", "docstring"):
+    ex = [e for e in heldout if e["task"] == task]
+    responses = [e["response"] for e in ex]
+    near = NearDuplicateIndex(pieces[task]).best(responses, threshold)
+    gram = ngrams.flags(responses)
+    short = [len(r.split()) < ngrams.n for r in responses]
+    for e, (ratio, _), g in zip(ex, near, gram):
+      flags.append(
+        {
+          "module": e["module"],
+          "function": e["function"],
+          "task": task,
+          "ngram": bool(g),
+          "near_duplicate": ratio >= threshold,
+          "ratio": round(ratio, 4),
+          "flagged": bool(g) or ratio >= threshold,
+        }
+      )
+    mine = flags[len(flags) - len(ex) :]
+    counts[task] = {
+      "examples": len(ex),
+      "pretraining_pieces": len(pieces[task]),
+      "ngram": int(gram.sum()),
+      "near_duplicate": sum(f["near_duplicate"] for f in mine),
+      "near_duplicate_shorter_than_ngram": sum(
+        f["near_duplicate"] for f, s in zip(mine, short) if s
+      ),
+      "shorter_than_ngram": sum(short),
+      "flagged": sum(f["flagged"] for f in mine),
+    }
+  return flags, {"threshold": threshold, "n": ngrams.n, **counts}
+
+
+# ------------------------------------------------------------ dev / test and choices
+
+DEV_PERCENT = 34  # of the held-out modules (by hash): the dev set; the rest: the test set
+CHOICES = {"name": 4, "body": 3}  # choices per multiple-choice item (the true one included)
+BODY_LENGTH_RATIO = 1.5  # a distractor body's length within this factor of the true one's
+
+
+def heldout_part(module: str) -> str:
+  """ "dev" (for choosing rates and horizons) or "test" (what is reported):
+  a held-out module's part, by a hash of its relpath (another than the split's)."""
+  return "dev" if zlib.crc32(f"dev:{module}".encode()) % 100 < DEV_PERCENT else "test"
+
+
+def _order(key: str, k: int) -> np.ndarray:
+  return np.random.default_rng(zlib.crc32(key.encode())).permutation(k)
+
+
+def choice_items(examples: Sequence[dict]) -> list[dict]:
+  """Multiple-choice items from one split's examples (instruction lines or not):
+    * "name": a name-task prompt; the true name among CHOICES["name"] - 1 other
+      names of functions of the same module (names that occur as a word in the
+      prompt left out: the model could copy them);
+    * "body": a body-task prompt; the true body among the CHOICES["body"] - 1
+      other bodies of the same module closest to it in length (characters;
+      each within BODY_LENGTH_RATIO of it, and distinct).
+  Distractors are drawn by a hash of the function, and the true choice's place
+  too; a function without enough distractors gives no item. Item: {"task",
+  "prompt", "choices", "answer" (index), "module", "function"}."""
+  by_module = collections.defaultdict(list)
+  for e in examples:
+    by_module[e["module"]].append(e)
+  items = []
+  for module in sorted(by_module):
+    mod = by_module[module]
+    names = sorted({e["function"].split(".")[-1] for e in mod})
+    bodies = sorted({e["response"] for e in mod if e["task"] == "body"})
+    for e in mod:
+      key = f"{module}:{e['function']}:{e['task']}"
+      if e["task"] == "name":
+        words = set(_WORD.findall(e["prompt"]))
+        pool = [n for n in names if n != e["response"] and n not in words]
+        if len(pool) < CHOICES["name"] - 1:
+          continue
+        wrong = [pool[i] for i in _order(key, len(pool))[: CHOICES["name"] - 1]]
+      elif e["task"] == "body":
+        n = len(e["response"])
+        near = lambda b: max(len(b), n) <= BODY_LENGTH_RATIO * max(min(len(b), n), 1)
+        pool = [b for b in bodies if b != e["response"] and near(b)]
+        if len(pool) < CHOICES["body"] - 1:
+          continue
+        wrong = sorted(pool, key=lambda b: (abs(len(b) - n), b))[: CHOICES["body"] - 1]
+      else:
+        continue
+      choices = [e["response"], *wrong]
+      order = _order(key + ":order", len(choices))
+      items.append(
+        {
+          "task": e["task"],
+          "prompt": e["prompt"],
+          "choices": [choices[i] for i in order],
+          "answer": int(np.flatnonzero(order == 0)[0]),
+          "module": module,
+          "function": e["function"],
+        }
+      )
+  return items
 
 
 # ------------------------------------------------------------------- metrics
