@@ -40,7 +40,7 @@ DECODE_DISPATCHES = ("auto", "gather", "dropless", "capacity")
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
 LOAD_BALANCE_CHOICES = ("all", "first")
 BALANCE_SCOPES = ("global", "micro", "sequence")
-ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
+ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu", "swiglu_clamped")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16")
@@ -130,6 +130,25 @@ def base_config() -> mlc.ConfigDict:
   c.model.qkv_bias = False  # biases on the q, k and v projections (Qwen2-MoE)
   c.model.clip_qkv = 0.0  # > 0: q, k, v clamped to [-clip, clip] (DBRX, OLMoE)
   c.model.norm_bias = True  # model.norm="layer" only; False: no bias (DBRX)
+  # RoPE scaling as transformers' modeling_rope_utils defines it (None = off):
+  # a ConfigDict with rope_type "yarn" (factor, original_max_position_embeddings,
+  # beta_fast, beta_slow, truncate, attention_factor, mscale, mscale_all_dim),
+  # "linear" (factor), "llama3" (factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings) or "dynamic" (factor,
+  # max_position_embeddings: static, so data.seq_len must not pass it).
+  c.model.rope_scaling = None
+  # GPT-OSS's attention: a learned per-head logit in the softmax denominator
+  # (sinks), a bias on the output projection, and a sliding window of
+  # model.sliding_window tokens on the layers model.layer_types names
+  # "sliding_attention" (the others "full_attention"; () = all full).
+  c.model.attn_sinks = False
+  c.model.attn_out_bias = False
+  c.model.sliding_window = 0
+  c.model.layer_types = ()
+  # activation "swiglu_clamped" (GPT-OSS): gate <= limit, |up| <= limit,
+  # (up + 1) * gate * sigmoid(alpha * gate).
+  c.model.swiglu_alpha = 1.702
+  c.model.swiglu_limit = 7.0
   # The layers as one jax.lax.scan over a super-block of model.moe.every layers
   # (1 when dense; first_dense_layers run before it): one traced body whose
   # parameters (and optimizer state) are stored stacked, so the step compiles
@@ -212,6 +231,9 @@ def base_config() -> mlc.ConfigDict:
   # router (load: the smooth noisy-top-k estimator when noisy gating is on in
   # training, else CV^2 of counts). The hierarchical configs use 0.1.
   c.model.moe.importance_weight = 0.0
+  # GPT-OSS: a trained bias on the router logits, and biases on the experts.
+  c.model.moe.router_logit_bias = False
+  c.model.moe.expert_bias = False
 
   c.train = mlc.ConfigDict()
   c.train.seed = 0
@@ -396,6 +418,8 @@ def model_spec(c) -> spec_lib.ModelSpec:
     num_kv_heads=m.num_kv_heads or m.num_heads,
     head_dim=m.head_dim or m.d_model // m.num_heads,
     remat=c.train.remat if "train" in c else "none",
+    rope_scaling=tuple(sorted(dict(m.rope_scaling).items())) if m.rope_scaling else (),
+    layer_types=tuple(m.layer_types),
     moe=fields(
       spec_lib.MoeSpec,
       moe,
@@ -522,6 +546,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice(c, "model.norm_bias", (True, False))
   _unread(c, "model.norm_bias", m.norm != "layer", "only model.norm='layer' has a bias")
 
+  _validate_gpt_oss(c)
+
   _choice(c, "model.moe.shared_expert_gate", (False, True))
   _unread(c, "model.moe.shared_expert_gate", not moe.num_shared_experts, "no shared experts")
   _choice(c, "model.moe.router", tuple(routing.ROUTERS))
@@ -611,6 +637,85 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     )
   _validate_mesh(c)
   return c
+
+
+ROPE_SCALINGS = {  # rope_type: (required keys, optional keys)
+  "linear": (("factor",), ()),
+  "dynamic": (("factor", "max_position_embeddings"), ()),
+  "llama3": (
+    ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    (),
+  ),
+  "yarn": (
+    ("original_max_position_embeddings",),
+    (
+      "factor",
+      "max_position_embeddings",
+      "beta_fast",
+      "beta_slow",
+      "truncate",
+      "attention_factor",
+      "mscale",
+      "mscale_all_dim",
+    ),
+  ),
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _validate_gpt_oss(c):
+  """model.rope_scaling, the attention sinks and windows, swiglu_clamped."""
+  m, d = c.model, c.data
+  rs = m.rope_scaling
+  if rs is not None:
+    if not hasattr(rs, "get") or m.position != "rope":
+      _fail("model.rope_scaling", rs, "must be None or a ConfigDict, with model.position='rope'")
+    kind = rs.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+      _fail("model.rope_scaling.rope_type", kind, f"must be one of {', '.join(ROPE_SCALINGS)}")
+    need, may = ROPE_SCALINGS[kind]
+    for k in rs:
+      if k not in ("rope_type", *need, *may):
+        _fail(f"model.rope_scaling.{k}", rs[k], f"is not a key of rope_type {kind!r}")
+    for k in need:
+      if rs.get(k) is None:
+        _fail(f"model.rope_scaling.{k}", None, f"is required by rope_type {kind!r}")
+    if kind == "yarn" and rs.get("factor") is None and rs.get("max_position_embeddings") is None:
+      _fail("model.rope_scaling.factor", None, "yarn needs factor (or max_position_embeddings)")
+    if kind == "dynamic" and d.seq_len > rs.max_position_embeddings:
+      _fail(
+        "model.rope_scaling.rope_type",
+        kind,
+        f"'dynamic' changes its frequencies with the length past max_position_embeddings="
+        f"{rs.max_position_embeddings} (data.seq_len={d.seq_len}); only the static case is "
+        "supported",
+      )
+  _choice(c, "model.attn_sinks", (False, True))
+  _choice(c, "model.attn_out_bias", (False, True))
+  _choice(c, "model.moe.router_logit_bias", (False, True))
+  _choice(c, "model.moe.expert_bias", (False, True))
+  w = m.sliding_window
+  if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+    _fail("model.sliding_window", w, "must be an integer >= 0 (0 = no window)")
+  types = tuple(m.layer_types)
+  if types and (len(types) != m.num_layers or any(t not in LAYER_TYPES for t in types)):
+    _fail(
+      "model.layer_types",
+      types,
+      f"must be () or {m.num_layers} (model.num_layers) of {', '.join(map(repr, LAYER_TYPES))}",
+    )
+  if w and "sliding_attention" not in types:
+    _fail("model.sliding_window", w, "no layer of model.layer_types is 'sliding_attention'")
+  if "sliding_attention" in types and not w:
+    _fail("model.layer_types", types, "'sliding_attention' needs model.sliding_window > 0")
+  if w and m.scan_layers:
+    _fail("model.scan_layers", True, "the layers differ in their attention window")
+  if m.moe.expert_bias and routing.ROUTERS[m.moe.router].by_expert:
+    _fail("model.moe.expert_bias", True, f"router {m.moe.router!r} is not supported with it")
+  clamped = "swiglu_clamped" in (m.activation, m.moe.activation)
+  for key in ("model.swiglu_alpha", "model.swiglu_limit"):
+    _positive(c, key)
+    _unread(c, key, not clamped, "no FFN's activation is 'swiglu_clamped'")
 
 
 def profile_window(t) -> tuple[int, int] | None:

@@ -86,21 +86,30 @@ def for_inference(model: Transformer) -> Transformer:
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, state))
 
 
+def cache_slots(m, i: int, max_len: int) -> int:
+  """Layer i's cache slots: max_len, or a sliding-window layer's ring of
+  min(window, max_len) (model.sliding_window; layers.Attention)."""
+  w = m.window(i)
+  return min(w, max_len) if w else max_len
+
+
 def init_cache(m, batch: int, max_len: int) -> Cache:
   """An empty cache for `batch` rows of up to `max_len` tokens (in model.dtype)."""
   J, Z, dt = m.num_kv_heads, m.head_dim, layers.dtype_of(m)
-  kv = lambda: jnp.zeros((batch, max_len, J, Z), dt)
+  kv = lambda i: jnp.zeros((batch, cache_slots(m, i, max_len), J, Z), dt)
   return Cache(
-    tuple(layers.KVCache(kv(), kv()) for _ in range(m.num_layers)),
+    tuple(layers.KVCache(kv(i), kv(i)) for i in range(m.num_layers)),
     jnp.zeros((batch, max_len), bool),
     jnp.zeros((), jnp.int32),
   )
 
 
 def cache_bytes(m, batch: int, max_len: int) -> int:
-  """Bytes of the KV cache: 2 (k, v) x layers x B x S x kv heads x head dim x dtype."""
+  """Bytes of the KV cache: 2 (k, v) x B x kv heads x head dim x dtype x the
+  layers' slots (S each, a sliding-window layer's min(window, S))."""
   J, Z = m.num_kv_heads, m.head_dim
-  return 2 * m.num_layers * batch * max_len * J * Z * jnp.dtype(layers.dtype_of(m)).itemsize
+  slots = sum(cache_slots(m, i, max_len) for i in range(m.num_layers))
+  return 2 * slots * batch * J * Z * jnp.dtype(layers.dtype_of(m)).itemsize
 
 
 # ------------------------------------------------------------------ sampling

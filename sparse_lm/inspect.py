@@ -180,6 +180,7 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
     "active_params": int(round(active)),
     "routed_expert_params": int(routed),
     "embedding_params": int(lookup + unembed),
+    "input_embedding_params": int(lookup),
     "train_flops_per_token": float(3 * fwd),
     "inference_flops_per_token": float(fwd),
     "param_bytes": int(param_bytes),
@@ -554,6 +555,8 @@ def column(
     "experts per token": routing,
     "total params": _num(s["total_params"]),
     "active params": _num(s["active_params"]),
+    # GPT-OSS's model card counts active parameters without the lookup table.
+    "active less input embedding": _num(s["active_params"] - s["input_embedding_params"]),
     "train FLOPs / token": _num(s["train_flops_per_token"]),
     "inference FLOPs / token": _num(s["inference_flops_per_token"]),
     f"params ({c.model.param_dtype})": _bytes(s["param_bytes"]),

@@ -22,6 +22,7 @@ from sparse_lm.convert.describe import Family
 from sparse_lm.convert.describe import Key
 from sparse_lm.convert.describe import Rule
 from sparse_lm.convert.families import family_of
+from sparse_lm.convert.mxfp4 import dequantized
 from sparse_lm.convert.safetensors_io import Tensors
 from sparse_lm.data import tokenizer as toklib
 from sparse_lm.errors import ConfigError
@@ -202,7 +203,7 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
     os.path.join(workdir, "checkpoints")
   ):
     raise ConvertError(f"--workdir={workdir} already holds a run; import into a new folder")
-  t = Tensors(hf_dir)
+  t = dequantized(Tensors(hf_dir))  # MXFP4 pairs read as float tensors (mxfp4.py)
   spec = cfglib.model_spec(c)
   fused = _layout(t)
   rules = fam.rules(spec, fused)

@@ -1,4 +1,5 @@
-"""Building blocks: norms, embeddings, RoPE, causal GQA attention, dense FFN.
+"""Building blocks: norms, embeddings, RoPE (and its scalings), causal GQA
+attention (with GPT-OSS's sinks and sliding windows), dense FFN.
 
 Modules take the resolved model spec (models/spec.py). Parameters carry
 logical axis names (resolved by the config's rules in sparse_lm/sharding.py).
@@ -7,12 +8,14 @@ Shapes are in tensor names; letters in sparse_lm/config.py.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from flax import nnx
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+import numpy as np
 
 from sparse_lm.sharding import constrain
 
@@ -47,11 +50,27 @@ def fan_in_init(
 
 
 def is_gated(activation: str) -> bool:
-  return activation in ("swiglu", "geglu")
+  return activation.split(":")[0] in ("swiglu", "geglu", "swiglu_clamped")
+
+
+def spelled(activation: str, m) -> str:
+  """The activation as the FFN kernels take it: "swiglu_clamped" carries the
+  model's model.swiglu_alpha and model.swiglu_limit ("swiglu_clamped:1.702:7.0")."""
+  if activation == "swiglu_clamped":
+    return f"swiglu_clamped:{float(m.swiglu_alpha)!r}:{float(m.swiglu_limit)!r}"
+  return activation
 
 
 def activate(h: Array, activation: str, h_gate: Array | None = None) -> Array:
-  """Applies the FFN nonlinearity; gated ones (swiglu, geglu) use `h_gate`."""
+  """Applies the FFN nonlinearity; gated ones (swiglu, geglu, swiglu_clamped)
+  use `h_gate`. swiglu_clamped (GPT-OSS; `spelled`): the gate clamped above
+  and the up projection on both sides at the limit, then (up + 1) * gate *
+  sigmoid(alpha * gate)."""
+  if activation.startswith("swiglu_clamped"):
+    _, alpha, limit = activation.split(":")
+    g = jnp.minimum(h_gate, float(limit))
+    up = jnp.clip(h, -float(limit), float(limit))
+    return (up + 1) * (g * jax.nn.sigmoid(g * float(alpha)))
   if activation == "gelu":
     return jax.nn.gelu(h)
   if activation == "relu":
@@ -85,15 +104,93 @@ class Norm(nnx.Module):
     return x.astype(dtype)
 
 
-def rope(x_BxLxHxZ: Array, positions_BxL: Array, theta: float, layout: str = "half") -> Array:
+def _yarn(inv_freq: np.ndarray, d: int, theta: float, s: dict) -> tuple[np.ndarray, float]:
+  """YaRN (Peng et al. 2023): frequencies interpolated by `factor` below the
+  correction range, kept above it, a linear ramp between (section 3.2, "NTK-by-parts",
+  in dimensions found by eq. 17 from beta_fast / beta_slow rotations over
+  original_max_position_embeddings); the attention factor 0.1 ln(factor) + 1
+  (eq. 21-22; mscale / mscale_all_dim as DeepSeek's: their ratio)."""
+  factor = s.get("factor") or s["max_position_embeddings"] / s["original_max_position_embeddings"]
+  mscale = lambda scale, m=1.0: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+  att = s.get("attention_factor")
+  if att is None:
+    if s.get("mscale") and s.get("mscale_all_dim"):
+      att = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+    else:
+      att = mscale(factor)
+  beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+  n = s["original_max_position_embeddings"]
+  dim_of = lambda rot: d * math.log(n / (rot * 2 * math.pi)) / (2 * math.log(theta))
+  low, high = dim_of(beta_fast), dim_of(beta_slow)
+  if s.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, d - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  extrapolate = 1 - ramp
+  f = np.float32
+  pos_freqs = f(theta) ** (np.arange(0, d, 2).astype(f) / f(d))
+  interp = f(1.0) / (f(factor) * pos_freqs)
+  return interp * (1 - extrapolate) + inv_freq * extrapolate, float(att)
+
+
+def _llama3(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+  """Llama 3.1's: wavelengths above original / low_freq_factor slowed by
+  `factor`, below original / high_freq_factor kept, a smooth blend between."""
+  factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  n = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > n / lo, inv_freq / factor, inv_freq)
+  smooth = (n / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < n / hi) & ~(wavelen > n / lo)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_frequencies(d: int, theta: float, scaling: tuple = ()) -> tuple[np.ndarray, float]:
+  """(inverse frequencies [d / 2] float32, attention factor) of RoPE over d
+  features with base theta, under model.rope_scaling (`scaling`: its items;
+  () unscaled), as transformers' modeling_rope_utils computes them: "linear"
+  (frequencies / factor), "dynamic" (NTK at max_position_embeddings: the
+  unscaled frequencies, which config.py checks stay static), "yarn", "llama3".
+  The attention factor multiplies cos and sin (so q . k by its square)."""
+  s = dict(scaling)
+  kind = s.get("rope_type", "default")
+  f = np.float32
+  inv_freq = f(1.0) / (f(theta) ** (np.arange(0, d, 2).astype(f) / f(d)))
+  if kind in ("default", "dynamic"):
+    return inv_freq, 1.0
+  if kind == "linear":
+    return (inv_freq / f(s["factor"])).astype(f), 1.0
+  if kind == "llama3":
+    return _llama3(inv_freq, s), 1.0
+  if kind == "yarn":
+    freq, att = _yarn(inv_freq, d, theta, s)
+    return freq.astype(f), att
+  raise ValueError(f"model.rope_scaling.rope_type={kind!r} is not supported")
+
+
+def rope(
+  x_BxLxHxZ: Array, positions_BxL: Array, theta: float, layout: str = "half", scaling: tuple = ()
+) -> Array:
   """Rotary position embedding (Su et al. 2021, eq. 34): feature pair j of a
   head turns by position * theta^(-2j / Z). model.rope_layout says which
   features pair up: "half" (j, j + Z/2) (GPT-NeoX, Llama, Hugging Face's
-  rotate_half), "interleaved" (2j, 2j + 1) (the paper's and RoFormer's)."""
+  rotate_half), "interleaved" (2j, 2j + 1) (the paper's and RoFormer's).
+  `scaling` (model.rope_scaling's items) changes the frequencies and scales
+  the result (rope_frequencies)."""
   d = x_BxLxHxZ.shape[-1]
-  freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  att = 1.0
+  if scaling:
+    freq_np, att = rope_frequencies(d, theta, scaling)
+    freq = jnp.asarray(freq_np)
+  else:
+    freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   ang_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq[None, None]
   sin, cos = jnp.sin(ang_BxLxK)[:, :, None], jnp.cos(ang_BxLxK)[:, :, None]
+  if att != 1.0:
+    sin, cos = sin * att, cos * att
   x = x_BxLxHxZ.astype(jnp.float32)
   if layout == "interleaved":
     x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -105,7 +202,9 @@ def rope(x_BxLxHxZ: Array, positions_BxL: Array, theta: float, layout: str = "ha
 
 
 class KVCache(NamedTuple):
-  """One layer's decoding cache: keys and values [B, S, J, Z] (kv heads only)."""
+  """One layer's decoding cache: keys and values [B, S, J, Z] (kv heads only).
+  A sliding-window layer's holds min(S, window) slots, a ring: slot s of the
+  sequence lives at s % window (Attention)."""
 
   k: Array
   v: Array
@@ -119,6 +218,29 @@ class AttentionOut(NamedTuple):
   cache: KVCache | None
 
 
+def attend(q_BxLxHxZ, k_BxSxJxZ, v_BxSxJxZ, mask_BxLxS, sinks_H=None) -> Array:
+  """softmax(q . k / sqrt(Z)) v over the keys `mask` shows, grouped-query (head
+  h reads kv head h // (H / J)), in float32. sinks_H (GPT-OSS's attention
+  sinks; Xiao et al. 2023, section 3.3, learned): one logit per head added to
+  the softmax's denominator only, so a query may put weight on no key."""
+  B, L, H, Z = q_BxLxHxZ.shape
+  J = k_BxSxJxZ.shape[2]
+  q_BxLxJxGxZ = q_BxLxHxZ.reshape(B, L, J, H // J, Z)
+  logits = jnp.einsum(
+    "bljgz,bsjz->bjgls", q_BxLxJxGxZ, k_BxSxJxZ, preferred_element_type=jnp.float32
+  ) * (Z**-0.5)
+  logits = jnp.where(mask_BxLxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  if sinks_H is None:
+    probs = jax.nn.softmax(logits, -1)
+  else:
+    sink = jnp.broadcast_to(
+      sinks_H.astype(jnp.float32).reshape(1, J, H // J, 1, 1), logits.shape[:-1] + (1,)
+    )
+    probs = jax.nn.softmax(jnp.concatenate([logits, sink], -1), -1)[..., :-1]
+  out = jnp.einsum("bjgls,bsjz->bljgz", probs.astype(v_BxSxJxZ.dtype), v_BxSxJxZ)
+  return out.reshape(B, L, H, Z)
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with grouped-query heads and optional RoPE.
 
@@ -127,11 +249,19 @@ class Attention(nnx.Module):
   index + i sees slot s if s <= index + i and s is valid (a real token of its
   row; padding is never visible) or s is its own slot (so a padding query
   stays finite; its output is never read).
+
+  GPT-OSS's parts (each off by default): model.attn_sinks (`attend`), a bias
+  on the output projection (model.attn_out_bias), and a sliding window on the
+  layers model.layer_types names "sliding_attention" (model.sliding_window =
+  W: a query sees itself and the W - 1 slots before it, as transformers'
+  sliding_window_overlay). Decoding, such a layer's cache is a ring of W
+  slots, so its bytes stay bounded however long the text grows.
   """
 
-  def __init__(self, m, *, rngs: nnx.Rngs):
+  def __init__(self, m, layer: int = 0, *, rngs: nnx.Rngs):
     D, H, J, Z = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
     self.m = m
+    self.window = m.window(layer)
     # Heads count into the fan-in of q, k, v (std sqrt(s / (D * H))): the smaller
     # init trained faster than fan-in D here (dense tiny, 1500 steps: 0.08 nats
     # lower eval loss; experiments/switch_vs_dense/README.md, "Sizing").
@@ -147,6 +277,10 @@ class Attention(nnx.Module):
       self.bq = param(rngs, zeros, (H, Z), ("heads", "head_dim"))
       self.bk = param(rngs, zeros, (J, Z), ("kv_heads", "head_dim"))
       self.bv = param(rngs, zeros, (J, Z), ("kv_heads", "head_dim"))
+    if m.attn_out_bias:
+      self.bo = param(rngs, nnx.initializers.zeros, (D,), ("embed",))
+    if m.attn_sinks:
+      self.sinks = param(rngs, nnx.initializers.zeros, (H,), ("heads",))
     if m.qk_norm == "head":
       self.q_norm = Norm(Z, "rms", m.norm_eps, names=("head_dim",))
       self.k_norm = Norm(Z, "rms", m.norm_eps, names=("head_dim",))
@@ -173,8 +307,8 @@ class Attention(nnx.Module):
     if m.clip_qkv:
       q, k, v = (jnp.clip(a, -m.clip_qkv, m.clip_qkv) for a in (q, k, v))
     if m.position == "rope":
-      q = rope(q, positions_BxL, m.rope_theta, m.rope_layout)
-      k = rope(k, positions_BxL, m.rope_theta, m.rope_layout)
+      q = rope(q, positions_BxL, m.rope_theta, m.rope_layout, m.rope_scaling)
+      k = rope(k, positions_BxL, m.rope_theta, m.rope_layout, m.rope_scaling)
     return q, k, v
 
   def __call__(
@@ -196,6 +330,9 @@ class Attention(nnx.Module):
     q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ = (checkpoint_name(a, "attn_qkv") for a in qkv)
     q_BxLxHxZ = constrain(q_BxLxHxZ, "batch", "length", "heads", "head_dim")
     wo = self.wo[...].astype(dt)
+    if self.window or self.m.attn_sinks or self.m.attn_out_bias:
+      qkv = (q_BxLxHxZ, k_BxLxJxZ, v_BxLxJxZ)
+      return self._attend(*qkv, wo, cache, index, valid_BxS, segments_BxL)
     if cache is None:
       # jax.nn.dot_product_attention handles GQA (H a multiple of J) and uses
       # the backend's fused kernel where there is one (cuDNN flash on GPU).
@@ -228,6 +365,60 @@ class Attention(nnx.Module):
       q_BxLxHxZ, cache.k.astype(dt), cache.v.astype(dt), mask=see_BxLxS[:, None]
     )
     return AttentionOut(jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo), cache)
+
+  def _attend(self, q, k, v, wo, cache, index, valid_BxS, segments_BxL) -> AttentionOut:
+    """Attention through `attend` (sinks, windows), with or without a cache."""
+    L, dt, W = q.shape[1], q.dtype, self.window
+    sinks = self.sinks[...] if self.m.attn_sinks else None
+    new_L = jnp.arange(L) if cache is None else index + jnp.arange(L)
+    if cache is None:
+      slots, keys, values, see_BxLxS = new_L, k, v, None
+      if segments_BxL is not None:
+        see_BxLxS = segments_BxL[:, :, None] == segments_BxL[:, None, :]
+    elif not W:  # a full cache: write, then read it all
+      put = lambda buf, new: constrain(
+        jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1),
+        "batch",
+        None,
+        "kv_heads",
+        "head_dim",
+      )
+      cache = KVCache(put(cache.k, k), put(cache.v, v))
+      slots, keys, values = jnp.arange(cache.k.shape[1]), cache.k.astype(dt), cache.v.astype(dt)
+      see_BxLxS = valid_BxS[:, None, :]
+    else:
+      # A ring of R slots: before this block, position p holds the latest slot
+      # s < index with s % R == p (none while s < 0). The block reads the ring
+      # and its own keys, then writes its last min(L, R) keys into the ring.
+      R = cache.k.shape[1]
+      held_R = index - 1 - jnp.mod(index - 1 - jnp.arange(R), R)
+      slots = jnp.concatenate([held_R, new_L])
+      keys = jnp.concatenate([cache.k.astype(dt), k], 1)
+      values = jnp.concatenate([cache.v.astype(dt), v], 1)
+      valid = jnp.take(valid_BxS, jnp.maximum(slots, 0), axis=1) & (slots >= 0)[None]
+      see_BxLxS = valid[:, None, :]
+      n = min(L, R)
+      ring_n = jnp.mod(index + L - n + jnp.arange(n), R)
+      put = lambda buf, new: constrain(
+        buf.at[:, ring_n].set(new[:, L - n :].astype(buf.dtype)),
+        "batch",
+        None,
+        "kv_heads",
+        "head_dim",
+      )
+      cache = KVCache(put(cache.k, k), put(cache.v, v))
+    rel_LxS = new_L[:, None] - slots[None, :]
+    causal_LxS = rel_LxS >= 0
+    if W:
+      causal_LxS = causal_LxS & (rel_LxS < W)
+    mask_BxLxS = causal_LxS[None] if see_BxLxS is None else see_BxLxS & causal_LxS[None]
+    if cache is not None:
+      mask_BxLxS = mask_BxLxS | (rel_LxS == 0)[None]  # a padding query sees itself
+    out_BxLxHxZ = checkpoint_name(attend(q, keys, values, mask_BxLxS, sinks), "attn_context")
+    out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo)
+    if self.m.attn_out_bias:
+      out_BxLxD = out_BxLxD + self.bo[...].astype(dt)[None, None]
+    return AttentionOut(checkpoint_name(out_BxLxD, "attn_out"), cache)
 
 
 class Mlp(nnx.Module):

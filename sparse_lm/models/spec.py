@@ -62,6 +62,10 @@ class MoeSpec:
   balance_scope: str
   z_loss_weight: float
   importance_weight: float
+  # GPT-OSS (README, "Hugging Face checkpoints"): a trained bias on the router
+  # logits [E], and biases on the experts' projections (up, gate [E, F], out [E, D]).
+  router_logit_bias: bool = False
+  expert_bias: bool = False
 
   @property
   def router_facts(self) -> routing.Router:
@@ -102,6 +106,22 @@ class ModelSpec:
   scan_layers: bool = False
   param_dtype: str = "float32"
   remat: str = "none"
+  # RoPE scaling (model.rope_scaling's items, sorted; () unscaled) and
+  # GPT-OSS's attention and FFN parts (config.py documents the keys).
+  rope_scaling: tuple = ()
+  attn_sinks: bool = False
+  attn_out_bias: bool = False
+  sliding_window: int = 0
+  layer_types: tuple = ()
+  swiglu_alpha: float = 1.702
+  swiglu_limit: float = 7.0
+
+  def window(self, i: int) -> int:
+    """Layer i's attention window (model.sliding_window on the layers that
+    model.layer_types names "sliding_attention"); 0 = the whole causal past."""
+    if self.sliding_window and self.layer_types[i] == "sliding_attention":
+      return self.sliding_window
+    return 0
 
   @property
   def is_moe(self) -> bool:

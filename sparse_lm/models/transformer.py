@@ -107,12 +107,13 @@ class Block(nnx.Module):
     self.m, self.layer = m, layer
     self.is_moe = m.moe_layer(layer)
     self.attn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
-    self.attn = layers.Attention(m, rngs=rngs)
+    self.attn = layers.Attention(m, layer, rngs=rngs)
     self.ffn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
     if self.is_moe:
       self.ffn = MoeFfn(m, rngs=rngs)
     else:
-      self.ffn = layers.Mlp(m.d_model, m.d_ff, m.activation, rngs=rngs, init_scale=m.init_scale)
+      act = layers.spelled(m.activation, m)
+      self.ffn = layers.Mlp(m.d_model, m.d_ff, act, rngs=rngs, init_scale=m.init_scale)
 
   def __call__(
     self,

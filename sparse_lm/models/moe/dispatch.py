@@ -159,12 +159,17 @@ class Experts(NamedTuple):
   mask: Array | None
 
   def batched(self, sh: Shard, x_ExCxD, mask=None):
-    return sh.hidden_sum(experts_lib.batched(self.w, x_ExCxD, self.activation, mask))
+    y = sh.hidden_sum(experts_lib.batched(self.w, x_ExCxD, self.activation, mask))
+    return y if self.w.bo is None else y + self.w.bo[:, None].astype(y.dtype)
 
   def grouped(self, sh: Shard, x_NxD, sizes_E, mask=None):
-    return sh.hidden_sum(
+    y = sh.hidden_sum(
       experts_lib.grouped(self.w, x_NxD, sizes_E, self.activation, mask, self.kernel)
     )
+    if self.w.bo is None:
+      return y
+    e_N = experts_lib.row_experts(sizes_E, y.shape[0])
+    return y + jnp.take(self.w.bo, e_N, axis=0).astype(y.dtype)
 
 
 def _slot_mask(ex: Experts, slot_of_row: Array) -> Array | None:
@@ -403,6 +408,11 @@ def gather_dispatch(x_TxD: Array, r: routing_lib.Routing, w: experts_lib.Weights
   x_AxD = jnp.repeat(x_TxD, K, axis=0)
   h_AxF = jnp.einsum("ad,adf->af", x_AxD, take(w.wi))
   g_AxF = None if w.wg is None else jnp.einsum("ad,adf->af", x_AxD, take(w.wg))
+  if w.bi is not None:
+    h_AxF = h_AxF + take(w.bi)
+    g_AxF = None if g_AxF is None else g_AxF + take(w.bg)
   y_AxD = jnp.einsum("af,afd->ad", layers_lib.activate(h_AxF, activation, g_AxF), take(w.wo))
+  if w.bo is not None:
+    y_AxD = y_AxD + take(w.bo)
   y_TxD = _combine(y_AxD.reshape(T, K, -1), jnp.where(r.valid_TxK, r.gate_TxK, 0.0))
   return y_TxD, {"dropped_fraction": jnp.zeros((), jnp.float32)}

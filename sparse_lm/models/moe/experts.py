@@ -29,11 +29,17 @@ Array = jax.Array
 
 
 class Weights(NamedTuple):
-  """wi, wg [E, D, F] (wg None unless the activation is gated), wo [E, F, D]."""
+  """wi, wg [E, D, F] (wg None unless the activation is gated), wo [E, F, D];
+  with model.moe.expert_bias (GPT-OSS) the biases bi, bg [E, F] and bo [E, D]
+  (else None). bo is added by the caller after the hidden dim's sum
+  (dispatch.Experts), so that a hidden dim split over devices adds it once."""
 
   wi: Array
   wg: Array | None
   wo: Array
+  bi: Array | None = None
+  bg: Array | None = None
+  bo: Array | None = None
 
   def astype(self, dt) -> Weights:
     return Weights(*(None if w is None else w.astype(dt) for w in self))
@@ -62,6 +68,9 @@ def batched(
   x_ExCxD = constrain(x_ExCxD, "expert", None, "act_embed")
   h_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, w.wi)
   g_ExCxF = None if w.wg is None else jnp.einsum("ecd,edf->ecf", x_ExCxD, w.wg)
+  if w.bi is not None:
+    h_ExCxF = h_ExCxF + w.bi[:, None]
+    g_ExCxF = None if g_ExCxF is None else g_ExCxF + w.bg[:, None]
   a_ExCxF = layers.activate(h_ExCxF, activation, g_ExCxF)
   if mask_ExCxF is not None:
     a_ExCxF = a_ExCxF * mask_ExCxF
@@ -80,4 +89,11 @@ def grouped(
   """Experts on rows sorted by expert (grouped.py's kernels; impl "ragged":
   jax.lax.ragged_dot, "blocks": the CPU block loops; policy.py picks): [N, D] -> [N, D]."""
   kernel = {"ragged": grouped_lib.ffn_ragged, "blocks": grouped_lib.ffn_blocks}[impl]
-  return kernel(x_NxD, sizes_E, w.wi, w.wg, w.wo, activation, mask_NxF)
+  biases = {} if w.bi is None else {"bi": w.bi, "bg": w.bg}
+  return kernel(x_NxD, sizes_E, w.wi, w.wg, w.wo, activation, mask_NxF, **biases)
+
+
+def row_experts(sizes_E: Array, n: int) -> Array:
+  """The expert of each of n rows sorted by expert (rows past the groups: the last)."""
+  E = sizes_E.shape[0]
+  return jnp.repeat(jnp.arange(E, dtype=jnp.int32), sizes_E, total_repeat_length=n)

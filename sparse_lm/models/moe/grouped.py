@@ -11,7 +11,8 @@ start = exclusive cumsum of group_sizes_E; rows past sum(n) are ignored.
               Custom VJP with the same loops; the backward recomputes each block's hidden
               activations instead of storing [N, F] (cheaper on CPU, where a
               large fresh buffer costs page faults and cache misses).
-Both compute y = act(x @ wi[e], x @ wg[e]) * hidden_mask @ wo[e] per row.
+Both compute y = act(x @ wi[e] (+ bi[e]), x @ wg[e] (+ bg[e])) * hidden_mask @ wo[e]
+per row.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ Array = jax.Array
 BLOCK_SIZES = (128, 32)
 
 
-def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None) -> Array:
-  """Grouped FFN with jax.lax.ragged_dot (fast on GPU / TPU)."""
+def ffn_ragged(
+  x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None, bi=None, bg=None
+) -> Array:
+  """Grouped FFN with jax.lax.ragged_dot (fast on GPU / TPU); bi, bg [E, F]:
+  the hidden biases (model.moe.expert_bias), each row its expert's."""
   h_NxF = jax.lax.ragged_dot(x_NxD, wi, group_sizes_E)
   g_NxF = jax.lax.ragged_dot(x_NxD, wg, group_sizes_E) if is_gated(activation) else None
+  if bi is not None:
+    E, N = group_sizes_E.shape[0], x_NxD.shape[0]
+    e_N = jnp.repeat(jnp.arange(E, dtype=jnp.int32), group_sizes_E, total_repeat_length=N)
+    h_NxF = h_NxF + jnp.take(bi, e_N, axis=0)
+    g_NxF = None if g_NxF is None else g_NxF + jnp.take(bg, e_N, axis=0)
   a_NxF = activate(h_NxF, activation, g_NxF)
   if hidden_mask_NxF is not None:
     a_NxF = a_NxF * hidden_mask_NxF
@@ -39,13 +48,28 @@ def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=Non
 
 
 def ffn_blocks(
-  x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None, block_sizes=None
+  x_NxD,
+  group_sizes_E,
+  wi,
+  wg,
+  wo,
+  activation,
+  hidden_mask_NxF=None,
+  block_sizes=None,
+  bi=None,
+  bg=None,
 ):
-  """Grouped FFN as per-expert loops over row blocks (the CPU path)."""
+  """Grouped FFN as per-expert loops over row blocks (the CPU path); bi, bg
+  [E, F]: the hidden biases (model.moe.expert_bias)."""
   if not is_gated(activation):
-    wg = None
+    wg = bg = None
   return _ffn_blocks(
-    x_NxD, group_sizes_E, wi, wg, wo, hidden_mask_NxF, activation, tuple(block_sizes or BLOCK_SIZES)
+    x_NxD,
+    group_sizes_E,
+    (wi, wg, wo, bi, bg),
+    hidden_mask_NxF,
+    activation,
+    tuple(block_sizes or BLOCK_SIZES),
   )
 
 
@@ -106,22 +130,30 @@ def _pad(a, n):
   return None if a is None else jnp.pad(a, ((0, n), (0, 0)))
 
 
-def _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_sizes):
-  N, D = x_NxD.shape
+def _hidden(xb, w1, w3, b1, b3):
+  """A block's pre-activation hidden rows (and gate rows), biases added."""
+  hb = xb @ w1 if b1 is None else xb @ w1 + b1[None]
+  gb = None if w3 is None else (xb @ w3 if b3 is None else xb @ w3 + b3[None])
+  return hb, gb
+
+
+def _fwd_loops(x_NxD, group_sizes_E, w, mask_NxF, activation, block_sizes):
+  N = x_NxD.shape[0]
+  D = w[2].shape[-1]
   pad = max(block_sizes)
   xp, mp = _pad(x_NxD, pad), _pad(mask_NxF, pad)
 
   def body(w, row, bs, end, y, local):
-    w1, w3, w2 = w
+    w1, w3, w2, b1, b3 = w
     xb = _slice(xp, row, bs)
-    gb = xb @ w3 if w3 is not None else None
-    yb = _act(xb @ w1, gb, _slice(mp, row, bs), activation) @ w2
+    hb, gb = _hidden(xb, w1, w3, b1, b3)
+    yb = _act(hb, gb, _slice(mp, row, bs), activation) @ w2
     # A block may run past the group's end into the next expert's rows; those
     # are overwritten when the next expert (processed later) writes them.
     return jax.lax.dynamic_update_slice_in_dim(y, yb, row, 0), local
 
   y, _ = _for_each_block(
-    group_sizes_E, block_sizes, body, jnp.zeros((N + pad, D), x_NxD.dtype), (wi, wg, wo), ()
+    group_sizes_E, block_sizes, body, jnp.zeros((N + pad, D), x_NxD.dtype), w, ()
   )
   return y[:N]
 
@@ -129,51 +161,49 @@ def _fwd_loops(x_NxD, group_sizes_E, wi, wg, wo, mask_NxF, activation, block_siz
 # The hidden activations are recomputed block by block in the backward pass
 # instead of stored: on CPU a [N, F] buffer costs more (memory traffic, page
 # faults) than the extra x @ wi of a cache-resident block.
-_ffn_blocks = jax.custom_vjp(_fwd_loops, nondiff_argnums=(6, 7))
+_ffn_blocks = jax.custom_vjp(_fwd_loops, nondiff_argnums=(4, 5))
 
 
 def _ffn_blocks_fwd(*args):
-  """y, and as residuals the differentiable arguments (x, sizes, wi, wg, wo, mask)."""
-  return _fwd_loops(*args), args[:6]
+  """y, and as residuals the differentiable arguments (x, sizes, weights, mask)."""
+  return _fwd_loops(*args), args[:4]
 
 
 def _ffn_blocks_bwd(activation, block_sizes, res, dy_NxD):
-  x_NxD, group_sizes_E, wi, wg, wo, mask_NxF = res
+  x_NxD, group_sizes_E, w, mask_NxF = res
   N = x_NxD.shape[0]
   pad = max(block_sizes)
   xp, mp, dyp = _pad(x_NxD, pad), _pad(mask_NxF, pad), _pad(dy_NxD, pad)
   f32 = jnp.float32
 
   def body(w, row, bs, end, dx, local):
-    w1, w3, w2 = w
-    g1, g3, g2 = local
+    w1, w3, w2, b1, b3 = w
+    g1, g3, g2, gb1, gb3 = local
     in_group = (row + jnp.arange(bs)) < end
     xb, mb = _slice(xp, row, bs), _slice(mp, row, bs)
     dyb = jnp.where(in_group[:, None], _slice(dyp, row, bs), 0)
-    hb = xb @ w1
-    gb = xb @ w3 if w3 is not None else None
+    hb, gb = _hidden(xb, w1, w3, b1, b3)
     ab, act_vjp = jax.vjp(lambda hh, gg: _act(hh, gg, mb, activation), hb, gb)
     g2 = g2 + jnp.dot(ab.T, dyb, preferred_element_type=f32)
-    dh, dg = act_vjp(dyb @ w2.T)
+    dh, dg = act_vjp(dyb @ w2.T)  # zero on rows past the group (dyb is)
     g1 = g1 + jnp.dot(xb.T, dh, preferred_element_type=f32)
     dxb = dh @ w1.T
+    if b1 is not None:
+      gb1 = gb1 + jnp.sum(dh, 0, dtype=f32)
     if w3 is not None:
       g3 = g3 + jnp.dot(xb.T, dg, preferred_element_type=f32)
       dxb = dxb + dg @ w3.T
+      if b3 is not None:
+        gb3 = gb3 + jnp.sum(dg, 0, dtype=f32)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), row, 0)
-    return dx, (g1, g3, g2)
+    return dx, (g1, g3, g2, gb1, gb3)
 
   zeros1 = lambda w: None if w is None else jnp.zeros(w.shape[1:], f32)
-  dx, (dwi, dwg, dwo) = _for_each_block(
-    group_sizes_E,
-    block_sizes,
-    body,
-    jnp.zeros_like(xp),
-    (wi, wg, wo),
-    (zeros1(wi), zeros1(wg), zeros1(wo)),
+  dx, grads = _for_each_block(
+    group_sizes_E, block_sizes, body, jnp.zeros_like(xp), w, tuple(zeros1(a) for a in w)
   )
-  cast = lambda d, w: None if w is None else d.astype(w.dtype)
-  return (dx[:N], None, cast(dwi, wi), cast(dwg, wg), cast(dwo, wo), None)
+  cast = lambda d, a: None if a is None else d.astype(a.dtype)
+  return (dx[:N], None, tuple(cast(d, a) for d, a in zip(grads, w)), None)
 
 
 _ffn_blocks.defvjp(_ffn_blocks_fwd, _ffn_blocks_bwd)

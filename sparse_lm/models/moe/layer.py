@@ -49,7 +49,7 @@ class MoeFfn(nnx.Module):
     moe = m.moe
     self.m = m
     E, D, F, s = moe.num_experts, m.d_model, moe.d_ff, moe.init_scale
-    self.activation = moe.activation
+    self.activation = layers.spelled(moe.activation, m)
     router_params = routing_lib.params(moe, D)
     self.router_params = tuple(router_params)
     self.state_names = tuple(n for n, p in router_params.items() if p.state)
@@ -64,6 +64,14 @@ class MoeFfn(nnx.Module):
     if layers.is_gated(self.activation):
       self.wg = layers.param(rngs, init, (E, D, F), ("expert", "embed", "expert_mlp"))
     self.wo = layers.param(rngs, init, (E, F, D), ("expert", "expert_mlp", "embed"))
+    zeros = nnx.initializers.zeros
+    if moe.expert_bias:  # GPT-OSS
+      self.bi = layers.param(rngs, zeros, (E, F), ("expert", "expert_mlp"))
+      if layers.is_gated(self.activation):
+        self.bg = layers.param(rngs, zeros, (E, F), ("expert", "expert_mlp"))
+      self.bo = layers.param(rngs, zeros, (E, D), ("expert", "embed"))
+    if moe.router_logit_bias:  # GPT-OSS: a trained bias on the router logits
+      self.router_logit_bias = layers.param(rngs, zeros, (E,), (None,))
     if moe.num_shared_experts:
       # S shared experts of hidden F == one dense FFN of hidden S * F.
       SF = moe.num_shared_experts * F
@@ -79,6 +87,8 @@ class MoeFfn(nnx.Module):
     """The experts' weights, cast to dt (None: as stored)."""
     wg = self.wg[...] if layers.is_gated(self.activation) else None
     w = experts_lib.Weights(self.wi[...], wg, self.wo[...])
+    if self.m.moe.expert_bias:
+      w = w._replace(bi=self.bi[...], bg=self.bg[...] if wg is not None else None, bo=self.bo[...])
     return w if dt is None else w.astype(dt)
 
   def apply_state_updates(self, aux: dict) -> None:
@@ -128,6 +138,8 @@ class MoeFfn(nnx.Module):
         if isinstance(v, RouterState)
         else jnp.dot(xr_TxD, v[...].astype(rdt), precision=jax.lax.Precision.HIGHEST)
       ).astype(jnp.float32)
+    if moe.router_logit_bias:
+      inputs["router"] = inputs["router"] + self.router_logit_bias[...].astype(jnp.float32)[None]
     r = routing_lib.route(moe, mask_T=mask_T, train=train, rng=stream(_NOISE), rows=B, **inputs)
     # The decision (experts or tokens, gates, validity): what train.remat="moe"
     # keeps of the routing (models/transformer.py, REMAT_POLICIES).

@@ -160,6 +160,9 @@ class ExpertParallel:
     w_specs = experts_lib.Weights(
       P(ex, None, mlp), None if w.wg is None else P(ex, None, mlp), P(ex, mlp, None)
     )
+    if w.bi is not None:  # model.moe.expert_bias
+      bg = None if w.bg is None else P(ex, mlp)
+      w_specs = w_specs._replace(bi=P(ex, mlp), bg=bg, bo=P(ex, None))
     mask_spec = P(None, mlp) if row_mask else P(ex, None, mlp)
     array_specs = (P() if replicated else P(self.tok),) * len(arrays)
 
