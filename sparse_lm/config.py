@@ -289,7 +289,14 @@ def base_config() -> mlc.ConfigDict:
   # Upcycling: "expected" scales each copied expert's output projection by
   # 1 / (the chosen gates' sum at uniform routing) for routers whose gates do
   # not sum to 1 (switch: E; unnormalised top-k: E / k); "none" leaves them.
+  # Exact at step 0 only with a zero router (init_router="zero"): with a fresh
+  # one Switch's chosen gate is above 1/E, so the output starts too large.
   c.train.init_gate_scale = "none"
+  # The new routers' gating matrices of a run started by init_from: "fresh"
+  # (the model's init) or "zero" (every logit equal at step 0: with
+  # init_gate_scale="expected" a top-1 upcycled MoE starts exactly at the
+  # dense model; the gradient moves it from the first step).
+  c.train.init_router = "fresh"
   # The data position of a run started by init_from: "fresh" (its stream from
   # the start: SFT, another dataset) or "continue" (the source checkpoint's
   # next batch: continued pretraining and upcycling on unseen data; the
@@ -783,13 +790,15 @@ def _validate_finetuning(c):
       re.compile(rx)
     except re.error as e:
       _fail("train.init_rules", rx, f"is not a regex ({e})")
-  if (rules or t.init_gate_scale != "none" or t.init_reinit_fraction) and not t.init_from:
+  upcycling = t.init_gate_scale != "none" or t.init_reinit_fraction or t.init_router != "fresh"
+  if (rules or upcycling) and not t.init_from:
     _fail(
       "train.init_from",
       t.init_from,
-      "is empty, but init_rules / init_gate_scale / init_reinit_fraction are set",
+      "is empty, but init_rules / init_gate_scale / init_reinit_fraction / init_router are set",
     )
   _choice(c, "train.init_gate_scale", GATE_SCALES)
+  _choice(c, "train.init_router", ("fresh", "zero"))
   _choice(c, "train.init_data", ("fresh", "continue"))
   if t.init_data == "continue" and not t.init_from:
     _fail("train.init_data", t.init_data, "needs train.init_from (the run whose data it continues)")

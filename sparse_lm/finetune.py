@@ -5,15 +5,17 @@ Three parts, each used by the trainer (train.py); their config keys are
 validated with the rest of the config (config.py):
 
 * **Init rules and upcycling** (train.init_from, init_rules, init_gate_scale,
-  init_reinit_fraction). `plan_init` decides, by name rules over parameter
+  init_router, init_reinit_fraction). `plan_init` decides, by name rules over parameter
   paths (sparse_lm/params.py's spelling, T5X's assignment map), which source
   parameter initialises each new one and how: copied, copied into every
   expert (sparse upcycling, Komatsuzaki et al. 2022), tiled over more
   experts, or fresh. `init_from` reads only those parameters from the source
   checkpoint (checkpoint.read_params: any mesh saved them, any mesh reads
   them) and transforms them: upcycling's copies divided by the router's gate
-  mass at uniform routing (the router table's `gate_mass`), and
-  Drop-Upcycling's partial re-initialisation (Nakamura et al. 2025).
+  mass at uniform routing (the router table's `gate_mass`), the new router
+  at zero (init_router="zero": uniform routing, so the copies' output is
+  exactly the dense MLP's), and Drop-Upcycling's partial re-initialisation
+  (Nakamura et al. 2025).
 * **Freezing** (train.frozen): a regex over parameter paths or a preset
   (FROZEN_PRESETS, ST-MoE's fine-tuning variants); frozen parameters get no
   gradient and no optimizer state (`trainable`).
@@ -300,8 +302,8 @@ def data_position(plan: Plan, train_input) -> dict:
 def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
   """The new run's initial state with its model variables taken from
   train.init_from's checkpoint by train.init_rules (`plan`), transformed
-  (copy / into every expert / tiled; upcycling's gate scale and Drop-Upcycling
-  re-init), placed with the new state's shardings. The optimizer and step
+  (copy / into every expert / tiled; upcycling's gate scale, the zero router
+  and Drop-Upcycling re-init), placed with the new state's shardings. The optimizer and step
   stay fresh."""
   t, spec = c.train, cfglib.model_spec(c)
   source, step, sources, assign = plan(c, abs_state)
@@ -324,9 +326,16 @@ def init_from(c, state, abs_state) -> tuple[Any, InitReport]:
     reads[a.source] = jax.ShapeDtypeStruct(sources[a.source][0], sources[a.source][1], sharding=shd)
   values = ckptlib.read_params(source, step, reads)
   scale = 1.0 / gate_mass(spec.moe) if t.init_gate_scale == "expected" else 1.0
+  gating = set(routing.ROUTERS[spec.moe.router].gating) if spec.is_moe else set()
   new, how = {}, {}
   for path, a in assign.items():
     if a.source is None:
+      if t.init_router == "zero" and path.rsplit("/", 1)[-1] in gating:
+        x, r = leaves[path]
+        shape, dtype = x.shape if r is None else x.shape[1:], x.dtype
+        new[path] = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings[path])()
+        how[path] = "zero"  # every logit equal: the gates at uniform routing
+        continue
       how[path] = "fresh"
       continue
     fresh, r = leaves[path]

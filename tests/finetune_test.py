@@ -34,6 +34,7 @@ from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm import train
 from sparse_lm.errors import ConfigError
+from sparse_lm.models.moe import routing
 
 V = 64
 
@@ -162,25 +163,44 @@ def test_upcycled_moe_equals_the_dense_model_at_step_0(dense_run, dense_ref, rou
   np.testing.assert_array_equal(wi[0], wi[-1])
 
 
-@pytest.mark.parametrize(
-  "router,kw", [("switch", {"top_k": 1}), ("topk", {"normalize_gates": False})]
-)
-def test_gates_that_do_not_sum_to_one_need_the_gate_scale(dense_run, dense_ref, router, kw):
+def test_gates_that_do_not_sum_to_one_need_the_gate_scale(dense_run, dense_ref):
   # Switch's gate is p (eq. 2) and unnormalised top-k's the chosen probabilities:
   # the copies' output is scaled down. init_gate_scale="expected" multiplies each
   # copy's output projection by 1 / (the gates' sum at uniform routing), which is
-  # exact when the router is zero (every logit equal) and holds in expectation
-  # otherwise (README, "Fine-tuning").
+  # exact only when the router is zero (every logit equal, init_router="zero");
+  # with a fresh router the chosen gates differ from token to token
+  # (test_upcycle_recipes_start_at_the_dense_model measures the gap; it covers
+  # Switch, this test unnormalised top-k).
+  router, kw = "topk", {"normalize_gates": False}
   want = dense_ref[0]
   c = moe_config(router, **kw)
   got, model, _ = upcycled(c, dense_run[0])
   assert np.abs(got - want).max() > 1e-2  # without the scale: not the dense model
   c = moe_config(router, **kw)
-  c.train.init_gate_scale = "expected"
-  c.train.init_rules = ((r".*/ffn/router", None),)
-  c.model.moe.init_scale = 1e-30  # a (numerically) zero router: every logit equal
-  got, _, _ = upcycled(c, dense_run[0])
+  c.train.init_gate_scale, c.train.init_router = "expected", "zero"
+  got, model, report = upcycled(c, dense_run[0])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert report.how["blocks/1/ffn/router"] == "zero"
+  assert not np.any(np.asarray(model.blocks[1].ffn.router[...]))
+
+
+def test_upcycle_recipes_start_at_the_dense_model(dense_run, dense_ref):
+  """Each recipe of configs/finetune/upcycle.py, applied to the small mixed
+  stack: its step-0 logits against the dense model's (max abs difference).
+  The recipe is function-preserving exactly when the router table says its
+  gates sum to gate_mass for any logits, or the router starts at zero; the
+  fresh-router Switch recipe is not (its chosen gate is above 1/E)."""
+  upcycle = cfglib.load_module("configs/finetune/upcycle.py")
+  want, gaps = dense_ref[0], {}
+  for name in ("mixtral", "switch", "switch_fresh"):
+    c = upcycle.apply_recipe(moe_config("mixtral"), name)
+    router = routing.ROUTERS[c.model.moe.router]
+    exact = router.fixed_gate_sum(c.model.moe) or c.train.init_router == "zero"
+    got, _, _ = upcycled(c, dense_run[0])
+    gaps[name] = float(np.abs(got - want).max())
+    assert (gaps[name] < 1e-5) == exact, (name, gaps)
+  assert gaps["switch_fresh"] > 1e-2, gaps
+  print("step-0 max |logits - dense logits|:", gaps)
 
 
 @pytest.mark.parametrize("router", ["mixtral", "switch"])
@@ -190,9 +210,7 @@ def test_upcycling_onto_an_expert_parallel_mesh(dense_run, dense_ref, router):
   # name the sharded branch overwrote (the study's upcycle run failed on it).
   c = moe_config(router, **({"top_k": 1} if router == "switch" else {}))
   if router == "switch":
-    c.train.init_gate_scale = "expected"
-    c.train.init_rules = ((r".*/ffn/router", None),)
-    c.model.moe.init_scale = 1e-30
+    c.train.init_gate_scale, c.train.init_router = "expected", "zero"
   c.mesh = (("data", 2), ("fsdp", 2), ("expert", 2), ("tensor", 1))
   mesh = sharding.make_mesh(c, jax.devices()[:8])
   got, _, _ = upcycled(c, dense_run[0], mesh)

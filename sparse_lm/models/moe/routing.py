@@ -450,6 +450,12 @@ class Router(NamedTuple):
   # router): what sparse upcycling divides its expert copies by
   # (train.init_gate_scale="expected"); None where a token has no fixed gate sum.
   gate_mass: Callable[[Any], float] | None = lambda moe: 1.0
+  # Whether the chosen gates sum to gate_mass for any logits (normalised
+  # gates: an upcycled MoE is the dense model at step 0 with a fresh router),
+  # or only when the logits are equal (Switch's gate is the chosen
+  # probability, at least 1/E and about 2.9/E for logits of std 1 at E=8:
+  # exact only with train.init_router="zero").
+  fixed_gate_sum: Callable[[Any], bool] = lambda moe: True
   # A per-token distribution over experts that fine-tuning's routing drift compares.
   drifts: bool = True
 
@@ -509,7 +515,13 @@ def _sigmoid_gate_mass(moe) -> float:
   return 1.0 if moe.normalize_gates else moe.top_k * 0.5  # sigmoid(0) per chosen expert
 
 
-_SIGMOID = dict(bias=True, update=_bias_update, normalizes=True, gate_mass=_sigmoid_gate_mass)
+_SIGMOID = dict(
+  bias=True,
+  update=_bias_update,
+  normalizes=True,
+  gate_mass=_sigmoid_gate_mass,
+  fixed_gate_sum=lambda moe: moe.normalize_gates,
+)
 ROUTERS: dict[str, Router] = {
   "switch": Router(
     switch,
@@ -517,12 +529,14 @@ ROUTERS: dict[str, Router] = {
       ("model.moe.top_k", "must be 1 for router 'switch' (use 'topk')") if moe.top_k != 1 else None
     ),
     gate_mass=lambda moe: 1.0 / moe.num_experts,  # the chosen softmax probability
+    fixed_gate_sum=lambda moe: False,
   ),
   "topk": Router(
     topk,
     randomness=_random_policy,
     normalizes=True,
     gate_mass=lambda moe: 1.0 if moe.normalize_gates else moe.top_k / moe.num_experts,
+    fixed_gate_sum=lambda moe: moe.normalize_gates,
   ),
   "mixtral": Router(mixtral),
   "sigmoid_bias": Router(sigmoid_bias, **_SIGMOID),
@@ -542,6 +556,7 @@ ROUTERS: dict[str, Router] = {
     decodes=False,  # an expert's choice of tokens depends on the later tokens
     check=_check_expert_choice,
     gate_mass=None,  # a token is taken by any number of experts
+    fixed_gate_sum=lambda moe: False,
     drifts=False,
   ),
 }
