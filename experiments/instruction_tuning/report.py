@@ -8,6 +8,7 @@ interrupted ones (configs/sweeps/instruction_tuning.py):
   :base      dense and Switch E=8 pretrained without the held-out modules
   :finetune  single- vs multi-task instruction tuning of each base, 3 seeds
   :upcycle   the dense base at step 1,200 upcycled to E=8 for the 1,200 steps left
+             (superseded by --part upcycling; kept so the old tables rebuild)
   :freeze    the MoE's multi-task tuning with experts / router / non-experts frozen
   :rate      the MoE's multi-task tuning at 3x the rate, 2 seeds
 then evaluates every fine-tuned run on each held-out task (masked response loss,
@@ -22,6 +23,13 @@ Without --run the report is made from what the sweep folders hold.
 
 the calibration grid (:calib) and its table instead (README.md, "Calibration").
 Evaluations and generations are cached in each run's folder.
+
+  python experiments/instruction_tuning/report.py --part upcycling [--run]
+
+one part of the study on its own (PARTS; the default, "legacy", is the grids
+above): "upcycling" is sparse upcycling as the paper compares it
+(experiments/instruction_tuning/upcycling.py, configs/sweeps/upcycling.py),
+which supersedes the :upcycle grid here.
 """
 
 from __future__ import annotations
@@ -614,24 +622,48 @@ def calibration(out_dir: str):
   print("\n".join(lines))
 
 
+def _legacy(a) -> None:
+  """The study before issue 29's parts: FLAN-MoE, the superseded upcycling
+  grid (:upcycle; see the "upcycling" part), freezing, the rate check."""
+  grids = ("base", "calib") if a.calib else GRIDS
+  if a.run:
+    failed = []
+    for g in grids:
+      failed += sweeplib.run_all(sweep_of(g), workdir_of(g), a.parallel)
+    if failed:
+      sys.exit(f"report.py: {len(failed)} point(s) failed ({', '.join(failed)}); rerun")
+  calibration(a.out) if a.calib else report(a.out)
+
+
+def _upcycling(a) -> None:
+  """Sparse upcycling as the paper compares it (experiments/instruction_tuning/upcycling.py)."""
+  from experiments.instruction_tuning import upcycling  # pylint: disable=g-import-not-at-top
+
+  if a.run:
+    failed = upcycling.run(a.parallel)
+    if failed:
+      sys.exit(f"report.py: {len(failed)} point(s) failed ({', '.join(failed)}); rerun")
+  print("\n".join(upcycling.report(a.out)))
+
+
+# --part NAME: each part runs (--run) and reports on its own, and writes its
+# own files into --out; a part finishes inside one working session.
+PARTS = {"legacy": _legacy, "upcycling": _upcycling}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--run", action="store_true", help="run (or resume) the sweeps first")
-  ap.add_argument("--calib", action="store_true", help="the calibration grid instead")
+  ap.add_argument("--calib", action="store_true", help="the calibration grid instead (legacy)")
+  ap.add_argument("--part", default="legacy", choices=list(PARTS), help="which part of the study")
   ap.add_argument("--parallel", type=int, default=2, help="points at a time (--run)")
   ap.add_argument("--out", default=HERE, help="where the report goes (default: this folder)")
   a = ap.parse_args()
   os.chdir(ROOT)
   try:
-    datalib.prepare(DATA)
-    grids = ("base", "calib") if a.calib else GRIDS
-    if a.run:
-      failed = []
-      for g in grids:
-        failed += sweeplib.run_all(sweep_of(g), workdir_of(g), a.parallel)
-      if failed:
-        sys.exit(f"report.py: {len(failed)} point(s) failed ({', '.join(failed)}); rerun")
-    calibration(a.out) if a.calib else report(a.out)
+    if a.part == "legacy":
+      datalib.prepare(DATA)
+    PARTS[a.part](a)
   except ConfigError as e:
     sys.exit(f"report.py: {e}")
 
