@@ -339,6 +339,13 @@ def generate(
       f"config.model.max_len={m.max_len} is too small: the longest prompt ({Lp} tokens) "
       f"plus max_new_tokens={max_new_tokens} need {Lp + max_new_tokens} learned positions"
     )
+  rs = dict(m.rope_scaling)
+  if rs.get("rope_type") == "dynamic" and Lp + max_new_tokens > rs["max_position_embeddings"]:
+    raise ConfigError(
+      f"config.model.rope_scaling.rope_type='dynamic' changes its frequencies past "
+      f"max_position_embeddings={rs['max_position_embeddings']}: the longest prompt plus "
+      f"max_new_tokens need {Lp + max_new_tokens} positions (only the static case is supported)"
+    )
   tokens, mask, positions = left_pad(prompts, pad_id, bucket(Lp))
   B, N = len(prompts), max_new_tokens
   S = cache_length(Lp, N)

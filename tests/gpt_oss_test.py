@@ -7,8 +7,10 @@ too (logits within 1e-4 of transformers' with both window types, sinks and
 yarn; the same 16 greedy tokens; export -> import bit-exact with the hub's
 names); this file adds the MXFP4 copy of that fixture (gpt_oss/mxfp4)."""
 
+import functools
 import json
 import pathlib
+import types
 
 from flax import nnx
 import jax
@@ -66,6 +68,10 @@ def test_rope_scaling_matches_transformers():
   )
   with pytest.raises(ConfigError, match=r"^config.model.rope_scaling.rope_type='dynamic'.*static"):
     cfglib.validate(c)
+  c.model.rope_scaling.max_position_embeddings = 256  # static up to data.seq_len=128
+  cfglib.validate(c)
+  with pytest.raises(ConfigError, match=r"rope_type='dynamic' changes its frequencies past"):
+    decode.generate(types.SimpleNamespace(m=cfglib.model_spec(c)), [[1] * 250], max_new_tokens=9)
   c.model.rope_scaling = mlc.ConfigDict({"rope_type": "yarn", "factor": 2.0})
   with pytest.raises(ConfigError, match="original_max_position_embeddings=None is invalid"):
     cfglib.validate(c)
@@ -102,6 +108,14 @@ def test_mxfp4_dequantisation_and_import_match_transformers(tmp_path):
   source = json.loads((FIX / "gpt_oss" / "mxfp4" / "config.json").read_text())
   out = convert.hf_config(fam, cfg, source, "bfloat16")
   assert "quantization_config" not in out and out["rope_parameters"]["rope_type"] == "yarn"
+  assert out["rope_scaling"]["factor"] == 4.0 and out["rope_theta"] == 150000.0  # 4.x readers
+  # The released configs spell RoPE as transformers 4.x: top-level rope_theta + rope_scaling.
+  released = {k: v for k, v in source.items() if k != "rope_parameters"}
+  rope = dict(source["rope_parameters"])
+  released["rope_theta"] = rope.pop("rope_theta")
+  released["rope_scaling"] = rope
+  ours = convert.config_of(fam, released).model
+  assert ours.to_dict() == convert.config_of(fam, source).model.to_dict()
   names = {n for r in fam.rules(cfglib.model_spec(cfg), False) for n in r.hf}
   assert "model.layers.0.mlp.experts.gate_up_proj" in names
   assert not any(n.endswith(("_blocks", "_scales")) for n in names)
@@ -145,13 +159,20 @@ def _randomised(c, seed=0):
   return model
 
 
+@functools.cache
+def _tiny_model():
+  """(config, model) shared by the tests below (drawing a model op by op is
+  most of a small test's time on CPU); a test that changes it clones it."""
+  c = _tiny()
+  return c, _randomised(c)
+
+
 def test_sliding_window_cache_stays_bounded_and_decodes_as_the_full_forward():
   """Decoding 24 tokens past a window of 4: the sliding layers' caches hold 4
   slots at every step (the full layers' S), the cached logits equal the full
   forward's (window mask, sinks, yarn) and so do the greedy tokens; with a
   prefill longer than the window too, and left-padded rows."""
-  c = _tiny()
-  model = decode.for_inference(_randomised(c))
+  model = decode.for_inference(_tiny_model()[1])
   m = model.m
   assert [m.window(i) for i in range(2)] == [4, 0]
   graphdef, state = nnx.split(model)
@@ -200,22 +221,19 @@ def test_expert_biases_and_clamped_swiglu_in_every_kernel():
   x = 2 * jax.random.normal(ks[6], (T, D))
   expert = jax.random.randint(ks[7], (T, K), 0, E)
 
-  @jax.jit
   def naive(w, x):
-    out = []
-    for t in range(T):
-      for k in range(K):
-        e = expert[t, k]
-        h, g = x[t] @ w.wi[e] + w.bi[e], x[t] @ w.wg[e] + w.bg[e]
-        gg = jnp.minimum(g, 1.0)
-        a = (jnp.clip(h, -1.0, 1.0) + 1) * gg * jax.nn.sigmoid(1.702 * gg)
-        out.append(a @ w.wo[e] + w.bo[e])
-    return jnp.stack(out)  # [T * K, D], assignment order
+    """[T * K, D] in assignment order: each choice's expert written out."""
+    e_A, x_AxD = expert.reshape(-1), jnp.repeat(x, K, axis=0)
+    h = jnp.einsum("ad,adf->af", x_AxD, w.wi[e_A]) + w.bi[e_A]
+    g = jnp.minimum(jnp.einsum("ad,adf->af", x_AxD, w.wg[e_A]) + w.bg[e_A], 1.0)
+    a = (jnp.clip(h, -1.0, 1.0) + 1) * g * jax.nn.sigmoid(1.702 * g)
+    return jnp.einsum("af,afd->ad", a, w.wo[e_A]) + w.bo[e_A]
 
   order = jnp.argsort(expert.reshape(-1), stable=True)
   sizes = jnp.bincount(expert.reshape(-1), length=E)
   x_rows = x[order // K]
 
+  @functools.partial(jax.jit, static_argnums=0)
   def sorted_rows(kernel, w, x_rows):
     ex = dispatch_lib.Experts(w, act, "batched", kernel, None)
     return ex.grouped(dispatch_lib.SHARD1, x_rows, sizes)
@@ -240,13 +258,14 @@ def test_expert_biases_and_clamped_swiglu_in_every_kernel():
   slot = jnp.arange(T * K) - starts[expert.reshape(-1)[order]]
   buf = buf.at[expert.reshape(-1)[order], slot].set(x_rows)
   ex = dispatch_lib.Experts(w, act, "batched", "blocks", None)
-  y = ex.batched(dispatch_lib.SHARD1, buf)[expert.reshape(-1)[order], slot]
+  y = jax.jit(lambda w, buf: ex._replace(w=w).batched(dispatch_lib.SHARD1, buf))(w, buf)
+  y = y[expert.reshape(-1)[order], slot]
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   # The decode gather, gates 1 and 0: the first choice's output.
   r = type("R", (), {})()
   r.expert_TxK, r.valid_TxK = expert, jnp.ones((T, K), bool)
   r.gate_TxK = jnp.broadcast_to(jnp.array([1.0, 0.0]), (T, K))
-  y, _ = dispatch_lib.gather_dispatch(x, r, w, act)
+  y, _ = jax.jit(lambda w, x: dispatch_lib.gather_dispatch(x, r, w, act))(w, x)
   np.testing.assert_allclose(y, naive(w, x).reshape(T, K, D)[:, 0], rtol=1e-5, atol=1e-5)
 
 
@@ -262,8 +281,7 @@ def test_configs_match_the_model_cards_and_tiny_trains_and_decodes():
     got = s["active_params"] - s["input_embedding_params"]
     assert abs(got / active - 1) < 5e-3, (variant, got)
 
-  c = _tiny(window=8)
-  model = _randomised(c)
+  model = nnx.clone(_tiny_model()[1])
   opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
   toks = jax.random.randint(jax.random.key(5), (4, 33), 3, 512)
 

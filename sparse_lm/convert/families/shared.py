@@ -36,6 +36,14 @@ EVERY_FAMILY = [
   # choices, over every real token of the batch.
   preset("model.moe.load_balance_choices", "all"),
   preset("model.moe.balance_scope", "global"),
+  # GPT-OSS's parts (families/gpt_oss.py): the others cannot hold them, so
+  # export refuses a run that has them rather than dropping them.
+  fixed("model.attn_sinks", False, "{family} has no attention sinks", on_import=False),
+  fixed("model.attn_out_bias", False, "{family} has no o_proj bias", on_import=False),
+  fixed("model.sliding_window", 0, "{family}: sliding windows are not supported", on_import=False),
+  fixed("model.rope_scaling", (), "{family}: only unscaled RoPE is supported", on_import=False),
+  fixed("model.moe.router_logit_bias", False, "{family}'s router has no bias", on_import=False),
+  fixed("model.moe.expert_bias", False, "{family}'s experts have no biases", on_import=False),
 ]
 
 # Our router (and its normalize_gates) for the checkpoints' one softmax
