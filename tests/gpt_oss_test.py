@@ -21,11 +21,13 @@ import optax
 import pytest
 from safetensors.numpy import load_file
 
+from sparse_lm import checkpoint as ckptlib
 from sparse_lm import config as cfglib
 from sparse_lm import convert
 from sparse_lm import decode
 from sparse_lm import inspect as inspectlib
 from sparse_lm import params as paramslib
+from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.convert import mxfp4
 from sparse_lm.errors import ConfigError
@@ -36,6 +38,7 @@ from sparse_lm.models.moe import experts as experts_lib
 from sparse_lm.models.transformer import Transformer
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "hf"
+EP_TP_MESH = (("data", 1), ("fsdp", 1), ("expert", 4), ("tensor", 2))
 
 
 def test_rope_scaling_matches_transformers():
@@ -81,8 +84,8 @@ def test_mxfp4_dequantisation_and_import_match_transformers(tmp_path):
   """Our MXFP4 decoding of the fixture's blocks / scales (written by the
   fixture script in the published layout) equals transformers' own
   (convert_moe_packed_tensors) bit for bit; importing the MXFP4 copy gives
-  transformers' logits and greedy tokens, its experts transformers'
-  dequantised ones de-interleaved (gate, up); its export drops
+  transformers' logits (on an expert x tensor mesh), its experts
+  transformers' dequantised ones de-interleaved (gate, up); its export drops
   quantization_config and writes the unquantised names."""
   golden = load_file(FIX / "gpt_oss" / "mxfp4_golden.safetensors")
   q = load_file(FIX / "gpt_oss" / "mxfp4" / "model.safetensors")
@@ -93,11 +96,19 @@ def test_mxfp4_dequantisation_and_import_match_transformers(tmp_path):
   table = mxfp4.dequantize(codes, np.full((1, 1, 16), 127, np.uint8))[0, :, 0].reshape(16, 16, 2)
   np.testing.assert_array_equal(table[:, :, 0], np.tile(mxfp4.FP4_VALUES, (16, 1)).reshape(16, 16))
 
+  # Onto 4 expert x 2 tensor devices: the experts split, their hidden dim
+  # (and bi, bg) split and psum'd, bo added once after the sum.
   quant = tmp_path / "quant"
-  convert.import_checkpoint(str(FIX / "gpt_oss" / "mxfp4"), str(quant), say=lambda *a: None)
-  model, _, _ = statelib.load_model(str(quant), inference=True)
+  convert.import_checkpoint(
+    str(FIX / "gpt_oss" / "mxfp4"), str(quant), EP_TP_MESH, say=lambda *a: None
+  )
+  c = ckptlib.read_config(str(quant))
+  mesh = sharding.make_mesh(c)
+  model, c, _ = statelib.load_model(str(quant), inference=True, mesh=mesh)
+  assert model.blocks[0].ffn.bi[...].sharding.shard_shape((4, 32)) == (1, 16)
   g = load_file(FIX / "gpt_oss" / "golden.safetensors")
-  logits = nnx.jit(lambda model, ids: model(ids).logits)(model, jnp.asarray(g["input_ids"]))
+  with sharding.use(mesh, c):
+    logits = nnx.jit(lambda model, ids: model(ids).logits)(model, jnp.asarray(g["input_ids"]))
   assert np.abs(np.asarray(logits) - g["logits"]).max() < 1e-4
   p = _params(quant)
   gate_up = golden["model.layers.0.mlp.experts.gate_up_proj"]  # [E, D, 2F], gate at even columns
