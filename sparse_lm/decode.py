@@ -10,7 +10,9 @@ Prompts of different lengths are left-padded; each row's positions count from
 its own first real token (per-row positions), and padding is never visible to
 a real token (layers.Attention), so a row decodes exactly as it would alone.
 The cache holds the kv heads only ([B, S, J, Z] per layer, GQA), sharded by
-the logical names batch / kv_heads / head_dim like everything else.
+the logical names batch / kv_heads / head_dim like everything else; a
+sliding-window layer's (model.sliding_window, GPT-OSS) holds a ring of
+min(window, S) slots (cache_slots), so its bytes stay bounded.
 
 MoE at inference: a decode step routes B tokens, so the training capacity rule
 would drop (or not) depending on the batch. model.moe.decode_dispatch

@@ -9,8 +9,10 @@ element in the low nibble), all times 2^(scale - 127) (the scale an E8M0
 exponent). `dequantized(tensors)` is a view of a checkpoint's tensors where
 each such pair reads as `X` (float32, exact: every FP4 value times a power of
 two is a float32), one tensor at a time; the importer then converts it to the
-chosen dtype like any other tensor. Export writes the float tensors (in the
-source's dtype, bfloat16 for the released configs), never MXFP4.
+chosen dtype like any other tensor; the host holds that float32 tensor (2.1
+GB for gpt-oss-20b's gate_up_proj [32, 2880, 5760]) and one expert's
+temporaries. Export writes the float tensors (in the source's dtype,
+bfloat16 for the released configs), never MXFP4.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
       f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not match "
       "([..., rows, groups, 16] and [..., rows, groups])"
     )
-  vals = np.empty(blocks.shape[:-1] + (32,), np.float32)
-  vals[..., 0::2] = FP4_VALUES[blocks & 0x0F]
-  vals[..., 1::2] = FP4_VALUES[blocks >> 4]
-  vals = np.ldexp(vals, scales.astype(np.int32)[..., None] - 127)
-  out = vals.reshape(*scales.shape[:-1], -1)  # [..., R, G * 32]
-  return np.ascontiguousarray(np.swapaxes(out, -1, -2))
+  *lead, R, G, _ = blocks.shape
+  out = np.empty((*lead, G * 32, R), np.float32)
+  # One leading index (an expert) at a time: the host holds the output and
+  # one expert's temporaries, not three copies of the whole tensor.
+  for i in np.ndindex(*lead):
+    b, s = blocks[i], scales[i]
+    vals = np.empty((R, G, 32), np.float32)
+    vals[..., 0::2] = FP4_VALUES[b & 0x0F]
+    vals[..., 1::2] = FP4_VALUES[b >> 4]
+    vals = np.ldexp(vals, s.astype(np.int32)[..., None] - 127)
+    out[i] = vals.reshape(R, G * 32).T
+  return out
 
 
 class Dequantized:
