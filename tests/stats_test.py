@@ -61,3 +61,55 @@ def test_verdict_only_when_the_interval_excludes_zero():
   assert iv(-0.3, -0.1).text() == "-0.2000 [-0.3000, -0.1000]"
   with pytest.raises(ValueError, match="claim"):
     stats.verdict(iv(0.1, 0.3), "lower")
+
+
+def test_flan_report_difference_in_differences():
+  """experiments/instruction_tuning/flan.py's statistic on made-up scores:
+  (MoE - dense) after instruction tuning minus without, per metric, with the
+  flagged functions in and out, recovers the effect put in."""
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments.instruction_tuning import flan
+
+  rng = np.random.default_rng(0)
+  N, mods = 120, [f"m{i % 12}.py" for i in range(120)]
+  flagged = np.arange(N) % 5 == 0
+  body = [
+    {"module": m, "function": f"f{i}", "flagged": bool(g)}
+    for i, (m, g) in enumerate(zip(mods, flagged))
+  ]
+  items = [{**b, "task": t} for t in ("name", "body") for b in body]
+  sets = {"test": {"body": body, "items": items}}
+  tokens = rng.integers(5, 50, N)
+  scores = {}
+  for arm in flan.ARMS:
+    for e in (1, 8):
+      for s in (0, 1, 2):
+        loss = 2.0 + rng.normal(0, 0.01, N)
+        if e == 8 and arm == "body_after_it":
+          loss = loss - 0.1 * ~flagged  # the MoE gains 0.1 more from tuning, unflagged only
+        correct = rng.random(2 * N) < (0.9 if e == 8 and arm == "it" else 0.5)
+        scores[(arm, e, s)] = {
+          "test": {
+            "body_logprob": list(-loss * tokens),
+            "body_tokens": list(tokens),
+            "choice_correct": list(correct.astype(int)),
+            "choice_truncated": [0] * (2 * N),
+          }
+        }
+  res = flan.analyse(scores, sets, n_boot=2000)
+  ft = res["body_loss/unflagged"]["did"]["finetuned"]
+  assert ft["mean"] == pytest.approx(-0.1, abs=0.003) and ft["verdict"] == "holds"
+  assert res["body_loss/unflagged"]["n"] == (~flagged).sum()
+  w = tokens * ~flagged
+  assert res["body_loss/all"]["did"]["finetuned"]["mean"] == pytest.approx(
+    -0.1 * w.sum() / tokens.sum(), abs=0.003
+  )
+  zs = res["body_loss/all"]["did"]["zero_shot"]
+  assert abs(zs["mean"]) < 0.005 and zs["verdict"] == "inconclusive"
+  # Accuracy: the instruction-tuned MoE (a) picks right 90% against 50%.
+  assert res["mc_name/all"]["did"]["zero_shot"]["mean"] == pytest.approx(0.4, abs=0.06)
+  assert res["mc_body/all"]["did"]["zero_shot"]["verdict"] == "holds"
+  assert res["mc_name/all"]["moe_minus_dense"]["it"]["lo"] > 0.2

@@ -34,7 +34,21 @@ Arg (after ':'):
             the dense base's multi-task tuning at four rates, its single-task
             tuning and the MoE's, 800 steps each.
 Sizes, horizon and rates: experiments/instruction_tuning/README.md ("Calibration").
+
+FLAN-MoE as a held-out-task comparison (experiments/instruction_tuning/flan.py
+runs these three in order and reports; README.md, "FLAN-MoE (redesigned)"):
+  flan_base  dense and Switch E=8 pretrained as :base but FLAN_BASE_STEPS
+             steps, 3 seeds each (the pretraining-seed variance is measured).
+  flan_it    from each: instruction tuning on the docstring, name and
+             signature tasks (train_it: the body task held out).
+  flan_body  body fine-tuning (train_body) from each base (c: alone) and from
+             each instruction-tuned model (b: after instruction tuning).
+The training-time evaluation reads the dev modules' body task only
+(eval_body_dev); the test modules are scored by flan.py. SPARSE_LM_FLAN_SMOKE=1
+(flan.py --smoke) shrinks every step count and uses another folder.
 """
+
+import os
 
 from sparse_lm import config as cfglib
 from sparse_lm.data import stdlib_tasks
@@ -47,13 +61,46 @@ FT_LEARNING_RATE = 3e-4  # the calibration's best for the dense model (README.md
 BASE_STEPS, UPCYCLE_AT, COOLDOWN = 2400, 1200, 200
 FT_STEPS = 400  # 1.6M tokens; README.md, "Calibration"
 SEEDS = (0, 1, 2)
-ARGS = ("base", "finetune", "upcycle", "freeze", "rate", "calib")
+ARGS = (
+  "base",
+  "finetune",
+  "upcycle",
+  "freeze",
+  "rate",
+  "calib",
+  "flan_base",
+  "flan_it",
+  "flan_body",
+)
+SMOKE = os.environ.get("SPARSE_LM_FLAN_SMOKE", "") not in ("", "0")
+FLAN_ROOT = f"{ROOT}/flan_smoke" if SMOKE else f"{ROOT}/flan"
+# Sized to fit 2.5 hours on the 2-core machine (README.md, "FLAN-MoE (redesigned)").
+FLAN_BASE_STEPS, FLAN_IT_STEPS, FLAN_BODY_STEPS = (40, 12, 12) if SMOKE else (1200, 400, 200)
+FLAN_STARTS = ("base", "it")  # body fine-tuning from the base (c) or the tuned model (b)
 CALIB_STEPS = 800
 TEMPLATE = "{prompt}{response}"
 
 
 def base_dir(experts: int) -> str:
   return f"{BASE}/num_experts={experts}"
+
+
+def flan_point(grid: str, experts: int, seed: int, start: str = "base") -> dict:
+  """The overrides of one point of a FLAN grid (its folder: sweep.point_name)."""
+  p = {"model.moe.num_experts": experts, "train.seed": seed}
+  if grid == "flan_it":
+    p |= {"train.init_from": flan_dir("flan_base", experts, seed), "data.train_split": "train_it"}
+  elif grid == "flan_body":
+    src = flan_dir("flan_base" if start == "base" else "flan_it", experts, seed)
+    p |= {"train.init_from": src, "data.train_split": "train_body"}
+  return p
+
+
+def flan_dir(grid: str, experts: int, seed: int, start: str = "base") -> str:
+  from sparse_lm import sweep  # pylint: disable=g-import-not-at-top
+
+  name = sweep.point_name(flan_point(grid, experts, seed, start))
+  return f"{FLAN_ROOT}/{grid.removeprefix('flan_')}/{name}"
 
 
 def _base(c):
@@ -73,6 +120,13 @@ def get_config(arg: str = "base"):
     raise cfglib.ConfigError(f"instruction_tuning arg {arg!r} is unknown: one of {ARGS}")
   c = _base(cfglib.load_config("configs/switch.py:tiny"))
   t = c.train
+  if arg == "flan_base":
+    c.data.exclude = tuple(stdlib_tasks.heldout_modules(split="train"))
+    t.learning_rate, t.schedule = LEARNING_RATE, "rsqrt"
+    t.num_steps = t.checkpoint_every = FLAN_BASE_STEPS
+    t.warmup_steps, t.cooldown_steps = (5, 5) if SMOKE else (100, COOLDOWN)
+    t.eval_every, t.eval_batches, t.log_every, t.keep_checkpoints = 100, 8, 25, 1
+    return c
   if arg in ("base", "upcycle"):
     # Pretraining: the held-out modules' source is never seen.
     c.data.exclude = tuple(stdlib_tasks.heldout_modules(split="train"))
@@ -100,6 +154,14 @@ def get_config(arg: str = "base"):
   t.checkpoint_every, t.keep_checkpoints = FT_STEPS, 1
   if arg == "calib":
     t.num_steps = t.checkpoint_every = CALIB_STEPS
+  if arg in ("flan_it", "flan_body"):
+    c.data.eval_split = "eval_body_dev"  # the test modules are never looked at while tuning
+    t.num_steps = t.checkpoint_every = FLAN_IT_STEPS if arg == "flan_it" else FLAN_BODY_STEPS
+    t.eval_batches = 4  # the dev body set (179 examples) about once
+    t.cooldown_steps = min(t.cooldown_steps, t.num_steps // 4)
+    t.warmup_steps = min(t.warmup_steps, t.num_steps // 4)
+    if SMOKE:
+      t.eval_every = t.log_every = 4
   return c
 
 
@@ -110,6 +172,11 @@ def sweep(add, arg: str = "base"):
       add(**{"model.moe.num_experts": e})
   elif arg == "upcycle":
     add(**{"model.moe.num_experts": 8})
+  elif arg in ("flan_base", "flan_it", "flan_body"):
+    for seed in SEEDS:
+      for e in (1, 8):
+        for start in FLAN_STARTS if arg == "flan_body" else ("base",):
+          add(**flan_point(arg, e, seed, start))
   elif arg == "finetune":
     for seed in SEEDS:
       for e in (1, 8):
