@@ -141,6 +141,9 @@ def scores(d: str, sets: dict, tag: str) -> dict:
 def per_example(sc: dict, part: str, sets: dict, metric: str, subset: str):
   """(values [N], weights [N], module labels) of one model's metric."""
   s = sets[part]
+  of = [[e["module"], e["function"]] for e in s["body"]]
+  if sc[part].get("body_of", of) != of or len(sc[part]["choice_correct"]) != len(s["items"]):
+    raise ConfigError(f"cached scores ({part}) are of other examples: delete flan_scores_*.json")
   if metric == "body_loss":
     lp = np.array([np.nan if x is None else x for x in sc[part]["body_logprob"]], float)
     n = np.asarray(sc[part]["body_tokens"], float)
