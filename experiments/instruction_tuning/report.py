@@ -29,7 +29,9 @@ Evaluations and generations are cached in each run's folder.
 one part of the study on its own (PARTS; the default, "legacy", is the grids
 above): "upcycling" is sparse upcycling as the paper compares it
 (experiments/instruction_tuning/upcycling.py, configs/sweeps/upcycling.py),
-which supersedes the :upcycle grid here.
+which supersedes the :upcycle grid here; "flan" is FLAN-MoE with the body
+task held out (experiments/instruction_tuning/flan.py; README.md, "FLAN-MoE
+(redesigned, not yet run)"), which supersedes the :finetune grid's FLAN tables.
 """
 
 from __future__ import annotations
@@ -646,9 +648,21 @@ def _upcycling(a) -> None:
   print("\n".join(upcycling.report(a.out)))
 
 
+def _flan(a) -> None:
+  """FLAN-MoE as a held-out-task comparison (experiments/instruction_tuning/flan.py)."""
+  from experiments.instruction_tuning import flan  # pylint: disable=g-import-not-at-top
+
+  datalib.prepare(DATA)
+  if a.run:
+    failed = flan.run(a.parallel)
+    if failed:
+      sys.exit(f"report.py: {len(failed)} point(s) failed ({', '.join(failed)}); rerun")
+  flan.report(a.out, None, False)
+
+
 # --part NAME: each part runs (--run) and reports on its own, and writes its
 # own files into --out; a part finishes inside one working session.
-PARTS = {"legacy": _legacy, "upcycling": _upcycling}
+PARTS = {"legacy": _legacy, "upcycling": _upcycling, "flan": _flan}
 
 
 def main():
