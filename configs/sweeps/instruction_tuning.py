@@ -123,7 +123,8 @@ def get_config(arg: str = "base"):
   if arg == "flan_base":
     c.data.exclude = tuple(stdlib_tasks.heldout_modules(split="train"))
     t.learning_rate, t.schedule = LEARNING_RATE, "rsqrt"
-    t.num_steps = t.checkpoint_every = FLAN_BASE_STEPS
+    t.num_steps = FLAN_BASE_STEPS
+    t.checkpoint_every = FLAN_BASE_STEPS // 3  # a killed base resumes (keep_checkpoints 1)
     t.warmup_steps, t.cooldown_steps = (5, 5) if SMOKE else (100, COOLDOWN)
     t.eval_every, t.eval_batches, t.log_every, t.keep_checkpoints = 100, 8, 25, 1
     return c
