@@ -668,6 +668,7 @@ ROPE_SCALINGS = {  # rope_type: (required keys, optional keys)
   ),
 }
 LAYER_TYPES = ("full_attention", "sliding_attention")
+GATED = ("swiglu", "geglu", "swiglu_clamped")  # layers.is_gated
 
 
 def _validate_gpt_oss(c):
@@ -719,6 +720,8 @@ def _validate_gpt_oss(c):
     _fail("model.scan_layers", True, "the layers differ in their attention window")
   if m.moe.expert_bias and routing.ROUTERS[m.moe.router].by_expert:
     _fail("model.moe.expert_bias", True, f"router {m.moe.router!r} is not supported with it")
+  if m.moe.expert_bias and (m.moe.activation or m.activation) not in GATED:
+    _fail("model.moe.expert_bias", True, "needs gated experts (swiglu, geglu, swiglu_clamped)")
   clamped = "swiglu_clamped" in (m.activation, m.moe.activation)
   for key in ("model.swiglu_alpha", "model.swiglu_limit"):
     _positive(c, key)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from sparse_lm.models import layers as layers_lib
 from sparse_lm.models.moe import experts as experts_lib
+from sparse_lm.models.moe import grouped as grouped_lib
 from sparse_lm.models.moe import routing as routing_lib
 
 Array = jax.Array
@@ -166,10 +167,8 @@ class Experts(NamedTuple):
     y = sh.hidden_sum(
       experts_lib.grouped(self.w, x_NxD, sizes_E, self.activation, mask, self.kernel)
     )
-    if self.w.bo is None:
-      return y
-    e_N = experts_lib.row_experts(sizes_E, y.shape[0])
-    return y + jnp.take(self.w.bo, e_N, axis=0).astype(y.dtype)
+    bo = None if self.w.bo is None else self.w.bo[grouped_lib.row_experts(sizes_E, y.shape[0])]
+    return y if bo is None else y + bo.astype(y.dtype)
 
 
 def _slot_mask(ex: Experts, slot_of_row: Array) -> Array | None:

@@ -89,11 +89,4 @@ def grouped(
   """Experts on rows sorted by expert (grouped.py's kernels; impl "ragged":
   jax.lax.ragged_dot, "blocks": the CPU block loops; policy.py picks): [N, D] -> [N, D]."""
   kernel = {"ragged": grouped_lib.ffn_ragged, "blocks": grouped_lib.ffn_blocks}[impl]
-  biases = {} if w.bi is None else {"bi": w.bi, "bg": w.bg}
-  return kernel(x_NxD, sizes_E, w.wi, w.wg, w.wo, activation, mask_NxF, **biases)
-
-
-def row_experts(sizes_E: Array, n: int) -> Array:
-  """The expert of each of n rows sorted by expert (rows past the groups: the last)."""
-  E = sizes_E.shape[0]
-  return jnp.repeat(jnp.arange(E, dtype=jnp.int32), sizes_E, total_repeat_length=n)
+  return kernel(x_NxD, sizes_E, w.wi, w.wg, w.wo, activation, mask_NxF, bi=w.bi, bg=w.bg)

@@ -29,48 +29,32 @@ Array = jax.Array
 BLOCK_SIZES = (128, 32)
 
 
-def ffn_ragged(
-  x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None, bi=None, bg=None
-) -> Array:
-  """Grouped FFN with jax.lax.ragged_dot (fast on GPU / TPU); bi, bg [E, F]:
-  the hidden biases (model.moe.expert_bias), each row its expert's."""
+def row_experts(group_sizes_E, n: int) -> Array:
+  """The expert of each of n rows sorted by expert (rows past the groups: the last)."""
+  E = group_sizes_E.shape[0]
+  return jnp.repeat(jnp.arange(E, dtype=jnp.int32), group_sizes_E, total_repeat_length=n)
+
+
+def ffn_ragged(x_NxD, group_sizes_E, wi, wg, wo, activation, hidden_mask_NxF=None, **b) -> Array:
+  """Grouped FFN with jax.lax.ragged_dot (fast on GPU / TPU); b: the hidden
+  biases bi, bg [E, F] (model.moe.expert_bias, else None), each row its expert's."""
   h_NxF = jax.lax.ragged_dot(x_NxD, wi, group_sizes_E)
   g_NxF = jax.lax.ragged_dot(x_NxD, wg, group_sizes_E) if is_gated(activation) else None
-  if bi is not None:
-    E, N = group_sizes_E.shape[0], x_NxD.shape[0]
-    e_N = jnp.repeat(jnp.arange(E, dtype=jnp.int32), group_sizes_E, total_repeat_length=N)
-    h_NxF = h_NxF + jnp.take(bi, e_N, axis=0)
-    g_NxF = None if g_NxF is None else g_NxF + jnp.take(bg, e_N, axis=0)
+  if b.get("bi") is not None:
+    e_N = row_experts(group_sizes_E, x_NxD.shape[0])
+    h_NxF, g_NxF = h_NxF + b["bi"][e_N], None if g_NxF is None else g_NxF + b["bg"][e_N]
   a_NxF = activate(h_NxF, activation, g_NxF)
   if hidden_mask_NxF is not None:
     a_NxF = a_NxF * hidden_mask_NxF
   return jax.lax.ragged_dot(a_NxF, wo, group_sizes_E)
 
 
-def ffn_blocks(
-  x_NxD,
-  group_sizes_E,
-  wi,
-  wg,
-  wo,
-  activation,
-  hidden_mask_NxF=None,
-  block_sizes=None,
-  bi=None,
-  bg=None,
-):
-  """Grouped FFN as per-expert loops over row blocks (the CPU path); bi, bg
-  [E, F]: the hidden biases (model.moe.expert_bias)."""
-  if not is_gated(activation):
-    wg = bg = None
-  return _ffn_blocks(
-    x_NxD,
-    group_sizes_E,
-    (wi, wg, wo, bi, bg),
-    hidden_mask_NxF,
-    activation,
-    tuple(block_sizes or BLOCK_SIZES),
-  )
+def ffn_blocks(x_NxD, group_sizes_E, wi, wg, wo, activation, mask_NxF=None, block_sizes=None, **b):
+  """Grouped FFN as per-expert loops over row blocks (the CPU path); b: the
+  hidden biases bi, bg [E, F] (model.moe.expert_bias, else None)."""
+  gated, bs = is_gated(activation), tuple(block_sizes or BLOCK_SIZES)
+  w = (wi, wg if gated else None, wo, b.get("bi"), b.get("bg") if gated else None)
+  return _ffn_blocks(x_NxD, group_sizes_E, w, mask_NxF, activation, bs)
 
 
 def _for_each_block(group_sizes_E, block_sizes, body, carry, expert_in, expert_out):
@@ -138,8 +122,7 @@ def _hidden(xb, w1, w3, b1, b3):
 
 
 def _fwd_loops(x_NxD, group_sizes_E, w, mask_NxF, activation, block_sizes):
-  N = x_NxD.shape[0]
-  D = w[2].shape[-1]
+  N, D = x_NxD.shape[0], w[2].shape[-1]
   pad = max(block_sizes)
   xp, mp = _pad(x_NxD, pad), _pad(mask_NxF, pad)
 
@@ -188,13 +171,11 @@ def _ffn_blocks_bwd(activation, block_sizes, res, dy_NxD):
     dh, dg = act_vjp(dyb @ w2.T)  # zero on rows past the group (dyb is)
     g1 = g1 + jnp.dot(xb.T, dh, preferred_element_type=f32)
     dxb = dh @ w1.T
-    if b1 is not None:
-      gb1 = gb1 + jnp.sum(dh, 0, dtype=f32)
+    gb1 = gb1 if b1 is None else gb1 + jnp.sum(dh, 0, dtype=f32)
+    gb3 = gb3 if b3 is None else gb3 + jnp.sum(dg, 0, dtype=f32)
     if w3 is not None:
       g3 = g3 + jnp.dot(xb.T, dg, preferred_element_type=f32)
       dxb = dxb + dg @ w3.T
-      if b3 is not None:
-        gb3 = gb3 + jnp.sum(dg, 0, dtype=f32)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), row, 0)
     return dx, (g1, g3, g2, gb1, gb3)
 

@@ -65,16 +65,15 @@ class MoeFfn(nnx.Module):
       self.wg = layers.param(rngs, init, (E, D, F), ("expert", "embed", "expert_mlp"))
     self.wo = layers.param(rngs, init, (E, F, D), ("expert", "expert_mlp", "embed"))
     zeros = nnx.initializers.zeros
-    if moe.expert_bias:  # GPT-OSS
-      self.bi = layers.param(rngs, zeros, (E, F), ("expert", "expert_mlp"))
-      if layers.is_gated(self.activation):
-        self.bg = layers.param(rngs, zeros, (E, F), ("expert", "expert_mlp"))
-      self.bo = layers.param(rngs, zeros, (E, D), ("expert", "embed"))
+    if moe.expert_bias:  # GPT-OSS (gated experts: config.py)
+      for name, n, ax in (("bi", F, "expert_mlp"), ("bg", F, "expert_mlp"), ("bo", D, "embed")):
+        setattr(self, name, layers.param(rngs, zeros, (E, n), ("expert", ax)))
     if moe.router_logit_bias:  # GPT-OSS: a trained bias on the router logits
       self.router_logit_bias = layers.param(rngs, zeros, (E,), (None,))
     if moe.num_shared_experts:
-      # S shared experts of hidden F == one dense FFN of hidden S * F.
-      SF = moe.num_shared_experts * F
+      # S shared experts of hidden F == one dense FFN of hidden S * F
+      # (moe.shared_d_ff: that width, or any other).
+      SF = moe.shared_d_ff
       dense_init = layers.fan_in_init(scale=s)
       self.shared_wi = layers.param(rngs, dense_init, (D, SF), ("embed", "mlp"))
       if layers.is_gated(self.activation):
@@ -88,7 +87,7 @@ class MoeFfn(nnx.Module):
     wg = self.wg[...] if layers.is_gated(self.activation) else None
     w = experts_lib.Weights(self.wi[...], wg, self.wo[...])
     if self.m.moe.expert_bias:
-      w = w._replace(bi=self.bi[...], bg=self.bg[...] if wg is not None else None, bo=self.bo[...])
+      w = w._replace(bi=self.bi[...], bg=self.bg[...], bo=self.bo[...])
     return w if dt is None else w.astype(dt)
 
   def apply_state_updates(self, aux: dict) -> None:
