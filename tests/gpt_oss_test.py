@@ -280,17 +280,41 @@ def test_expert_biases_and_clamped_swiglu_in_every_kernel():
   np.testing.assert_allclose(y, naive(w, x).reshape(T, K, D)[:, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_configs_match_the_model_cards_and_tiny_trains_and_decodes():
-  """inspect's totals of configs/gpt_oss.py:20b and :120b within 0.5% of the
-  model card's (20.91B / 3.61B active; 116.83B / 5.13B; active without the
-  input embedding, as the card counts); :tiny's (narrowed) loss falls on CPU
-  in a few AdamW steps through the router and expert biases, sinks and windows."""
+# What configs/gpt_oss.py must equal in the imported released config.json.
+ARCHITECTURE = (
+  "d_model num_layers num_heads num_kv_heads head_dim d_ff activation swiglu_alpha swiglu_limit "
+  "norm norm_eps rope_theta rope_scaling qkv_bias attn_out_bias attn_sinks sliding_window "
+  "layer_types tie_embeddings moe.num_experts moe.top_k moe.router moe.router_logit_bias "
+  "moe.expert_bias moe.every moe.dispatch"
+).split()
+
+
+def test_released_configs_match_the_model_cards_and_configs_and_tiny_trains():
+  """The released config.json of gpt-oss-20b / -120b (tests/fixtures/released:
+  MXFP4, yarn as top-level rope_scaling) import at full size to inspect's
+  totals within 0.5% of the model cards' (20.91B / 3.61B active; 116.83B /
+  5.13B; active without the input embedding, as the cards count), equal
+  configs/gpt_oss.py's variants in every architecture key, and export back
+  the published rope_theta / rope_scaling without quantization_config;
+  :tiny's (narrowed) loss falls on CPU in a few AdamW steps through the
+  router and expert biases, sinks and windows."""
   cards = {"20b": (20.91e9, 3.61e9), "120b": (116.83e9, 5.13e9)}
   for variant, (total, active) in cards.items():
-    s = inspectlib.summarize(cfglib.load_config(f"configs/gpt_oss.py:{variant}"))
+    hf = json.loads((FIX.parent / "released" / f"gpt-oss-{variant}" / "config.json").read_text())
+    fam = convert.family_of(hf, "config.json")
+    c = cfglib.validate(convert.config_of(fam, hf))
+    s = inspectlib.summarize(c, c.data.vocab_size)
     assert abs(s["total_params"] / total - 1) < 5e-3, (variant, s["total_params"])
     got = s["active_params"] - s["input_embedding_params"]
     assert abs(got / active - 1) < 5e-3, (variant, got)
+    ours = cfglib.load_config(f"configs/gpt_oss.py:{variant}")
+    for key in ARCHITECTURE:
+      a, b = (functools.reduce(getattr, key.split("."), x.model) for x in (c, ours))
+      a, b = (tuple(v) if isinstance(v, list) else v for v in (a, b))
+      assert a == b or (key == "rope_scaling" and a.to_dict() == b.to_dict()), (variant, key)
+    back = convert.hf_config(fam, c, hf, "bfloat16")
+    assert back["rope_scaling"] == hf["rope_scaling"] and back["rope_theta"] == hf["rope_theta"]
+    assert "quantization_config" not in back and back["layer_types"] == hf["layer_types"]
 
   model = nnx.clone(_tiny_model()[1])
   opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
