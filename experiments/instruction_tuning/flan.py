@@ -222,13 +222,15 @@ def _iv(d: dict | None, spec="+.4f") -> str:
   return f"{d['mean']:{spec}} [{d['lo']:{spec}}, {d['hi']:{spec}}]"
 
 
-def results_md(res: dict, summary: dict, timing: dict, smoke: bool) -> list[str]:
+def results_md(
+  res: dict, summary: dict, timing: dict, smoke: bool, part: str = "test"
+) -> list[str]:
   c = summary["contamination"]
-  t = summary["parts"]["test"]
+  t = summary["parts"][part]
   out = [
     "# FLAN-MoE (held-out body task): results" + (" (SMOKE: tiny step counts)" if smoke else ""),
     "",
-    "Made by `python experiments/instruction_tuning/flan.py`; test modules "
+    f"Made by `python experiments/instruction_tuning/flan.py`; {part} modules "
     f"({t['modules']} modules, {t['examples']['body']} bodies, {t['choices']['name']} name and "
     f"{t['choices']['body']} body items). 95% intervals from a bootstrap over modules and base "
     "seeds (sparse_lm/stats.py). Negative loss / positive accuracy differences favour the MoE.",
@@ -286,10 +288,12 @@ def results_md(res: dict, summary: dict, timing: dict, smoke: bool) -> list[str]
   return out
 
 
-def report(out_dir: str, limit: int | None, smoke: bool) -> dict:
+def report(out_dir: str, limit: int | None, smoke: bool, part: str = "test") -> dict:
+  """Scores every finished model (cached) on the held-out `part` and writes
+  flan_results.md / .json (flan_results_dev.* for the dev part)."""
   summary = datalib.prepare_flan(DATA)
-  sets = eval_sets(limit)
-  tag = f"v1_{limit or 'all'}"
+  sets = eval_sets(limit, (part,))
+  tag = f"v1_{part}_{limit or 'all'}"
   all_scores, eval_s = {}, 0.0
   for arm in ARMS:
     for e in (1, 8):
@@ -301,17 +305,18 @@ def report(out_dir: str, limit: int | None, smoke: bool) -> dict:
           eval_s += sc["seconds"]
   if not all_scores:
     raise ConfigError(f"no finished FLAN run in {sweep_cfg().FLAN_ROOT}; use --run")
-  res = analyse(all_scores, sets)
+  res = analyse(all_scores, sets, part)
   timing = {}
   for g in GRIDS:
     walls = [sweeplib.summarize_point(d)["wall_time_s"] for _, d in runs_of(g)]
     timing[g + " (sum of runs)"] = sum(w for w in walls if w)
   timing["scoring (sum)"] = eval_s
-  lines = results_md(res, summary, timing, smoke)
+  lines = results_md(res, summary, timing, smoke, part)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "flan_results.md"), "w") as f:
+  name = "flan_results" if part == "test" else f"flan_results_{part}"
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  with open(os.path.join(out_dir, "flan_results.json"), "w") as f:
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
     json.dump({"data": summary, "results": res, "timing": timing}, f, indent=1)
   print("\n".join(lines))
   return res
@@ -340,6 +345,9 @@ def main(argv=None):
   ap.add_argument("--parallel", type=int, default=2, help="points at a time (--run)")
   ap.add_argument("--smoke", action="store_true", help="tiny step counts, a separate folder")
   ap.add_argument("--limit", type=int, default=None, help="score the first N per set only")
+  ap.add_argument(
+    "--heldout", default="test", choices=datalib.PARTS, help="dev: for choosing, test: reported"
+  )
   ap.add_argument("--out", default=None, help="report folder (default: this one; smoke: runs)")
   a = ap.parse_args(argv)
   if a.smoke:
@@ -352,7 +360,7 @@ def main(argv=None):
       failed = run(a.parallel)
       if failed:
         sys.exit(f"flan.py: {len(failed)} point(s) failed ({', '.join(failed)}); rerun")
-    report(out, a.limit, a.smoke)
+    report(out, a.limit, a.smoke, a.heldout)
   except ConfigError as e:
     sys.exit(f"flan.py: {e}")
 
