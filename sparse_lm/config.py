@@ -199,6 +199,10 @@ def base_config() -> mlc.ConfigDict:
   # s for the MoE layer's router, experts and shared experts; 0 = model.init_scale.
   c.model.moe.init_scale = 0.0
   c.model.moe.num_shared_experts = 0  # DeepSeekMoE shared experts
+  # Their hidden width in all (one dense FFN); 0 = num_shared_experts x
+  # moe.d_ff. Qwen2-MoE's shared_expert_intermediate_size need not be a
+  # multiple of the routed experts' width.
+  c.model.moe.shared_d_ff = 0
   # The shared experts' output times sigmoid(x @ w), w [D, 1] (Qwen2-MoE).
   c.model.moe.shared_expert_gate = False
   # The router's logits: "float32" (input and weights in float32, this code
@@ -432,6 +436,7 @@ def model_spec(c) -> spec_lib.ModelSpec:
       moe,
       impl=spec_lib.Impl(**moe.impl),
       d_ff=moe.d_ff or m.d_ff,
+      shared_d_ff=moe.shared_d_ff or moe.num_shared_experts * (moe.d_ff or m.d_ff),
       activation=moe.activation or m.activation,
       init_scale=moe.init_scale or m.init_scale,
     ),
@@ -471,6 +476,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     "model.moe.z_loss_weight",
     "model.moe.importance_weight",
     "model.moe.num_shared_experts",
+    "model.moe.shared_d_ff",
     "model.moe.num_groups",
     "model.dropout",
     "model.moe.first_dense_layers",
@@ -557,6 +563,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
 
   _choice(c, "model.moe.shared_expert_gate", (False, True))
   _unread(c, "model.moe.shared_expert_gate", not moe.num_shared_experts, "no shared experts")
+  _unread(c, "model.moe.shared_d_ff", not moe.num_shared_experts, "no shared experts")
   _choice(c, "model.moe.router", tuple(routing.ROUTERS))
   _choice(c, "model.moe.dispatch", DISPATCHES)
   _choice(c, "model.moe.decode_dispatch", DECODE_DISPATCHES)

@@ -66,6 +66,8 @@ class MoeSpec:
   # logits [E], and biases on the experts' projections (up, gate [E, F], out [E, D]).
   router_logit_bias: bool = False
   expert_bias: bool = False
+  # The shared experts' hidden width in all (config.model_spec resolves 0).
+  shared_d_ff: int = 0
 
   @property
   def router_facts(self) -> routing.Router:
