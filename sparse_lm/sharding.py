@@ -99,6 +99,11 @@ def mesh_sizes(c, num_devices: int) -> dict[str, int]:
       c.mesh,
       f"axis sizes multiply to {math.prod(sizes.values())}, not the device count {num_devices}",
     )
+  for name, _ in c.sharding_rules:
+    absent = [a for a in axes_of(c.sharding_rules, name) if a not in sizes]
+    if absent:
+      why = f"has no axis {absent[0]!r}, which sharding_rules maps {name!r} to (give it size 1)"
+      _fail("mesh", c.mesh, why)
   size_of = lambda axes: math.prod(sizes.get(a, 1) for a in axes)
   batch_axes, expert_axes = axes_of(c.sharding_rules, "batch"), axes_of(c.sharding_rules, "expert")
   moe, n_ep = c.model.moe, size_of(expert_axes)

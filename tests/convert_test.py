@@ -183,12 +183,19 @@ def _params(workdir) -> dict:
   return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def test_export_in_bfloat16_writes_bfloat16_tensors(imported, tmp_path):
-  out = tmp_path / "bf16"
-  convert.export_checkpoint(str(imported("olmoe")), str(out), dtype="bfloat16")
-  t = load_file(out / "model.safetensors")
+def test_export_in_bfloat16_on_every_mesh_writes_the_same_bytes(imported, tmp_path):
+  # Read whole into host memory (the default), or onto this process's 8
+  # simulated devices sharded by the run's rules (--mesh=fsdp, or a mesh that
+  # puts one expert on each) and gathered, or onto one device: the same file.
+  files = {}
+  for mesh in (None, "fsdp", str(EP_MESH), "one"):
+    out = tmp_path / f"bf16_{mesh}"
+    convert.export_checkpoint(str(imported("olmoe")), str(out), dtype="bfloat16", mesh=mesh)
+    files[mesh] = (out / "model.safetensors").read_bytes()
+  t = load_file(tmp_path / "bf16_None" / "model.safetensors")
   assert {str(v.dtype) for v in t.values()} == {"bfloat16"}
-  assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+  assert json.loads((tmp_path / "bf16_None" / "config.json").read_text())["dtype"] == "bfloat16"
+  assert len(set(files.values())) == 1, [len(v) for v in files.values()]
 
 
 def test_export_of_a_run_trained_here(tmp_path):

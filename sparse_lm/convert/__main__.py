@@ -31,7 +31,9 @@ flags.DEFINE_string(
   "mesh",
   None,
   "import: the run's config.mesh (config.mesh syntax); the parameters are written from host "
-  "memory whatever it is.",
+  "memory whatever it is. export: where each parameter is read before it is gathered to the "
+  "host: fsdp (all devices), one (the first device) or a config.mesh tuple; default: read "
+  "whole into host memory, no accelerator used.",
 )
 
 cli.define_distributed_flags()  # import / export on several processes
@@ -53,7 +55,9 @@ def main(argv):
       f"{out['bytes'] / 2**20:.1f} MiB of {out['dtype']}) from {F.hf_dir} into {F.workdir}"
     )
   else:
-    out = export_checkpoint(F.workdir, F.hf_dir, F.step, F.family, F.dtype, F.shard_mb)
+    out = export_checkpoint(
+      F.workdir, F.hf_dir, F.step, F.family, F.dtype, F.shard_mb, mesh=F.mesh or None
+    )
     if "tensors" in out:  # process 0's (the one that wrote the files)
       print(
         f"exported {out['tensors']} tensors ({out['bytes'] / 2**20:.1f} MiB, {out['shards']} "

@@ -26,40 +26,53 @@ class Rule:
 
   `to_ours(*hf arrays) -> tuple of our arrays`, `to_hf(*our arrays) -> tuple
   of hf arrays`. With `per_expert`, the hf names hold "{j}" and both functions
-  map one expert j; our arrays are stacked over experts on axis 0."""
+  map one expert j; our arrays are stacked over experts on axis 0.
+
+  `rows`: how the import may read the one hf tensor a block of its rows at a
+  time instead of whole: "same" (ours is the tensor reshaped) or "t" (ours
+  is its transpose, reshaped); "" when only `to_ours` knows."""
 
   ours: tuple[str, ...]
   hf: tuple[str, ...]
   to_ours: Callable[..., tuple]
   to_hf: Callable[..., tuple]
   per_expert: bool = False
+  rows: str = ""
 
 
 def same(ours: str, hf: str) -> Rule:
-  return Rule((ours,), (hf,), lambda w: (w,), lambda a: (a,))
+  return Rule((ours,), (hf,), lambda w: (w,), lambda a: (a,), rows="same")
 
 
 def linear(ours: str, hf: str, per_expert: bool = False) -> Rule:
   """torch Linear [out, in] -> ours [in, out] (expert j's with `per_expert`)."""
-  return Rule((ours,), (hf,), lambda w: (w.T,), lambda a: (a.T,), per_expert)
+  return Rule((ours,), (hf,), lambda w: (w.T,), lambda a: (a.T,), per_expert, rows="t")
 
 
 def heads_in(ours: str, hf: str, n: int, z: int) -> Rule:
   """q / k / v projection [n * Z, D] -> ours [D, n, Z]."""
   return Rule(
-    (ours,), (hf,), lambda w: (w.T.reshape(-1, n, z),), lambda a: (a.reshape(a.shape[0], -1).T,)
+    (ours,),
+    (hf,),
+    lambda w: (w.T.reshape(-1, n, z),),
+    lambda a: (a.reshape(a.shape[0], -1).T,),
+    rows="t",
   )
 
 
 def heads_out(ours: str, hf: str, h: int, z: int) -> Rule:
   """Output projection [D, H * Z] -> ours [H, Z, D]."""
   return Rule(
-    (ours,), (hf,), lambda w: (w.T.reshape(h, z, -1),), lambda a: (a.reshape(h * z, -1).T,)
+    (ours,),
+    (hf,),
+    lambda w: (w.T.reshape(h, z, -1),),
+    lambda a: (a.reshape(h * z, -1).T,),
+    rows="t",
   )
 
 
 def bias(ours: str, hf: str, n: int, z: int) -> Rule:
-  return Rule((ours,), (hf,), lambda b: (b.reshape(n, z),), lambda a: (a.reshape(-1),))
+  return Rule((ours,), (hf,), lambda b: (b.reshape(n, z),), lambda a: (a.reshape(-1),), rows="same")
 
 
 def swap12(a: np.ndarray) -> np.ndarray:

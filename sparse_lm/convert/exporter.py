@@ -9,6 +9,7 @@ import os
 import shutil
 import types
 
+from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -17,6 +18,7 @@ from sparse_lm import checkpoint as ckptlib
 from sparse_lm import config as cfglib
 from sparse_lm import finetune
 from sparse_lm import params as paramslib
+from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.convert import describe
 from sparse_lm.convert.describe import Family
@@ -30,6 +32,7 @@ from sparse_lm.convert.safetensors_io import write_shards
 from sparse_lm.data import tokenizer as toklib
 from sparse_lm.errors import ConvertError
 from sparse_lm.errors import RunError
+from sparse_lm.models.transformer import Transformer
 
 DEFAULT_FAMILY = "mixtral"  # for a run trained here (no source config.json)
 
@@ -129,11 +132,22 @@ def token_ids(c) -> dict:
 
 
 def export_checkpoint(
-  workdir: str, hf_dir: str, step=None, family=None, dtype=None, shard_mb=2000, say=print
+  workdir: str,
+  hf_dir: str,
+  step=None,
+  family=None,
+  dtype=None,
+  shard_mb=2000,
+  say=print,
+  mesh: str | None = None,
 ) -> dict:
   """Writes `hf_dir` (config.json, safetensors shards and their index, the
   run's tokenizer files) from a run's checkpoint, in `dtype` (default: the
-  source's for a run imported or fine-tuned from an import, else float32)."""
+  source's for a run imported or fine-tuned from an import, else float32).
+  mesh: None (the default) reads each parameter whole into host memory, no
+  accelerator used; "fsdp", "one" or a config.mesh tuple (the --mesh of
+  evaluate, state.mesh_for_use) reads it onto that mesh's devices, sharded
+  by the run's rules, and gathers it to the host (across processes)."""
   workdir, hf_dir = (
     os.path.abspath(os.path.expanduser(workdir)),
     os.path.abspath(os.path.expanduser(hf_dir)),
@@ -173,15 +187,18 @@ def export_checkpoint(
   out_dtype = np_dtype(dtype)
   E = cfglib.model_spec(c).moe.num_experts
 
-  host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  where = _placement(c, mesh)
 
   def read(path: str) -> np.ndarray:
-    """One parameter, read from the checkpoint into host memory (every
-    process reads it whole, whatever mesh saved it; nothing goes to an
-    accelerator)."""
+    """One parameter, read from the checkpoint into host memory, whatever
+    mesh saved it: whole (every process reads it; nothing goes to an
+    accelerator), or onto `mesh`'s shards, then gathered."""
     shape, dt = saved[path]
-    target = {path: jax.ShapeDtypeStruct(shape, dt, sharding=host)}
-    return np.asarray(ckptlib.read_params(workdir, step, target)[path])
+    target = {path: jax.ShapeDtypeStruct(shape, dt, sharding=where(path))}
+    x = ckptlib.read_params(workdir, step, target)[path]
+    if not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
   def pairs(read):
     """(hf name, array) in the rules' order, one parameter read at a time."""
@@ -192,13 +209,14 @@ def export_checkpoint(
           yield from zip((n.format(j=j) for n in r.hf), r.to_hf(*(a[j] for a in ours)))
       else:
         yield from zip(r.hf, r.to_hf(*ours))
+      del ours  # before the next rule's read, not after it
 
   # The shards' headers are planned from the shapes alone (zeros that are
   # never written are never resident), then the tensors stream into them: the
-  # host holds about one parameter and its tensors (write_shards).
+  # host holds one parameter and a block of rows being cast (write_shards).
   zeros = lambda path: np.zeros(saved[path][0], np.float32)
   plan = [(n, v.shape, out_dtype) for n, v in pairs(zeros)]
-  tensors = ((n, np.ascontiguousarray(v).astype(out_dtype)) for n, v in pairs(read))
+  tensors = pairs(read)  # views of the parameter read: write_shards casts them by blocks
 
   # One staging folder, named the same by every process: process 0 writes
   # the files and renames it; every process reads the parameters (a restore
@@ -240,6 +258,27 @@ def export_checkpoint(
       shutil.rmtree(staging, ignore_errors=True)
     raise
   return {"family": fam.name, **out}
+
+
+def _placement(c, mesh: str | None):
+  """path -> the sharding a parameter is read onto: the host CPU's one device
+  for mesh None, else the run's rules on state.mesh_for_use(c, mesh)."""
+  if mesh is None:
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    return lambda path: host
+  c, m = statelib.mesh_for_use(c, mesh)
+  if m is None:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return lambda path: one
+  c = c.copy_and_resolve_references()
+  c.model.scan_layers = False  # the export reads per-layer names, whatever the layout
+  V, spec = statelib.vocab_size_of(c), cfglib.model_spec(c)
+  with sharding.use(m, c):  # as state.load_model places a model
+    abstract = nnx.eval_shape(lambda: Transformer(spec, V, rngs=nnx.Rngs(0)))
+    shardings = nnx.get_named_sharding(nnx.state(abstract), m)
+  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+  by_path = {paramslib.path_str(kp): s for kp, s in flat}
+  return lambda path: by_path[path]
 
 
 def hf_folder_of(workdir: str) -> str:

@@ -24,6 +24,8 @@ from sparse_lm.convert.describe import Rule
 from sparse_lm.convert.families import family_of
 from sparse_lm.convert.mxfp4 import dequantized
 from sparse_lm.convert.safetensors_io import Tensors
+from sparse_lm.convert.safetensors_io import aligned_empty
+from sparse_lm.convert.safetensors_io import read_rows
 from sparse_lm.data import tokenizer as toklib
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import ConvertError
@@ -158,21 +160,19 @@ def param_source(rules: list[Rule]) -> dict[str, tuple[Rule, int]]:
   return {o: (r, k) for r in rules for k, o in enumerate(r.ours)}
 
 
-def _read(t: Tensors, rule: Rule, k: int, index, E: int, dtype=np.float32) -> np.ndarray:
-  """Our parameter rule.ours[k] (the part `index`, a tuple of slices, of it)
-  as `dtype`; a routed expert array is filled one expert at a time, so the
-  host holds the array and one expert's tensors."""
+def _read(t: Tensors, rule: Rule, k: int, shape, dtype=np.float32) -> np.ndarray:
+  """Our parameter rule.ours[k] (of `shape`) as `dtype`, in one aligned array
+  (safetensors_io.aligned_empty), made so that the host holds little else: a
+  rule that says how its rows map (Rule.rows) is read a block of rows at a
+  time, a routed expert array one expert at a time, anything else whole."""
+  if rule.rows and not rule.per_expert and len(rule.hf) == 1:
+    return read_rows(t, rule.hf[0], rule.rows, shape, dtype)
+  out = aligned_empty(shape, dtype)
   if not rule.per_expert:
-    full = rule.to_ours(*(t.get(n) for n in rule.hf))[k]
-    return np.ascontiguousarray(full[index], dtype)
-  experts = range(E)[index[0]] if index else range(E)
-  rest = index[1:] if index else ()
-  out = None
-  for i, j in enumerate(experts):
-    part = rule.to_ours(*(t.get(n.format(j=j)) for n in rule.hf))[k][rest]
-    if out is None:
-      out = np.empty((len(experts), *part.shape), dtype)
-    out[i] = part
+    out[...] = rule.to_ours(*(t.get(n) for n in rule.hf))[k]
+    return out
+  for j in range(shape[0]):
+    out[j] = rule.to_ours(*(t.get(n.format(j=j)) for n in rule.hf))[k]
   return out
 
 
@@ -218,7 +218,6 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
   missing = sorted(set(shapes) - set(src))
   if missing:
     raise ConvertError(f"no mapping makes our parameter {missing[0]!r} ({len(missing)} in all)")
-  E = spec.moe.num_experts
 
   def leaves():
     """(path, array) of every model variable, one made at a time from the
@@ -227,7 +226,7 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
     for path, v in variables.items():
       if path in shapes:
         rule, k = src[path]
-        yield path, _read(t, rule, k, (), E, out_dtype)
+        yield path, _read(t, rule, k, shapes[path], out_dtype)
       else:
         yield path, np.zeros(v.get_value().shape, v.get_value().dtype)
 

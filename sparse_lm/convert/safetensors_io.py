@@ -76,17 +76,61 @@ class Tensors:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._where[name][1]["shape"])
 
-  def get(self, name: str) -> np.ndarray:
+  def _info(self, name: str):
     if name not in self._where:
       raise ConvertError(f"{self.dir}: the checkpoint has no tensor {name!r}")
     path, info, base = self._where[name]
     if info["dtype"] not in _DTYPES:
       raise ConvertError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not a float type")
-    start, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if end == start:
-      return np.zeros(shape, _DTYPES[info["dtype"]])
-    return np.memmap(path, _DTYPES[info["dtype"]], "r", base + start, shape)
+    return path, _DTYPES[info["dtype"]], base + info["data_offsets"][0], tuple(info["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    path, dtype, start, shape = self._info(name)
+    if not np.prod(shape, dtype=np.int64):
+      return np.zeros(shape, dtype)
+    return np.memmap(path, dtype, "r", start, shape)
+
+  def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop (the first axis) of a tensor, as a memory map of those
+    rows only: its pages leave the process's memory when it is dropped."""
+    path, dtype, offset, shape = self._info(name)
+    shape = (stop - start, *shape[1:])
+    row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    if not row * shape[0]:
+      return np.zeros(shape, dtype)
+    return np.memmap(path, dtype, "r", offset + start * row, shape)
+
+
+CHUNK_BYTES = 16 * 2**20  # the block of rows read or written at a time
+
+
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+  """np.empty whose data starts on an `align`-byte boundary: XLA's CPU client
+  then takes it without a copy (jax.device_put(a, may_alias=True))."""
+  n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+  buf = np.empty(n + align, np.uint8)
+  skip = -buf.ctypes.data % align
+  return buf[skip : skip + n].view(dtype).reshape(shape)
+
+
+def read_rows(t: Tensors, name: str, how: str, shape, dtype) -> np.ndarray:
+  """Tensor `name` as our array of `shape` and `dtype`, read a block of rows
+  at a time into one aligned array: `how` "same" (ours is the tensor
+  reshaped) or "t" (ours is its transpose [cols, rows], reshaped). The host
+  holds the result and one block (about CHUNK_BYTES) of the file's pages."""
+  src = t.shape(name)
+  rows, cols = (src[0], int(np.prod(src[1:], dtype=np.int64))) if src else (1, 1)
+  out = aligned_empty(shape, dtype)
+  flat = out.reshape(cols, rows) if how == "t" else out.reshape(rows, cols)
+  step = max(1, CHUNK_BYTES // max(1, cols * np.dtype(dtype).itemsize))
+  for r in range(0, rows, step):
+    block = (t.rows(name, r, min(rows, r + step)) if src else t.get(name)).reshape(-1, cols)
+    if how == "t":
+      flat[:, r : r + len(block)] = block.T
+    else:
+      flat[r : r + len(block)] = block
+    del block
+  return out
 
 
 def _code(dtype) -> str:
@@ -95,6 +139,17 @@ def _code(dtype) -> str:
     if np.dtype(dt) == np.dtype(dtype):
       return code
   raise ConvertError(f"dtype {np.dtype(dtype)} has no safetensors code")
+
+
+def _write_rows(f, array: np.ndarray, dtype):
+  """Writes `array` C-ordered as `dtype`, a block of rows at a time."""
+  if array.ndim == 0 or array.size == 0:
+    f.write(np.ascontiguousarray(array, dtype).tobytes())
+    return
+  row = max(1, array[0].size * np.dtype(dtype).itemsize)
+  step = max(1, CHUNK_BYTES // row)
+  for r in range(0, array.shape[0], step):
+    f.write(np.ascontiguousarray(array[r : r + step], dtype).view(np.uint8).data)
 
 
 def write_shards(
@@ -108,8 +163,10 @@ def write_shards(
   larger tensor alone): model.safetensors, or model-0000i-of-0000n.safetensors
   and the index. Each shard's header is written from the plan first, then
   each tensor's bytes as it comes, so the writer holds one tensor at a time
-  (safetensors.numpy.save_file would hold the whole shard). A tensor that is
-  not the plan's next is an error. Shards get their final names at the end.
+  (safetensors.numpy.save_file would hold the whole shard); a tensor may be
+  a view (a transpose) in another dtype: it is made contiguous and cast a
+  block of rows at a time. A tensor that is not the plan's next is an
+  error. Shards get their final names at the end.
   Returns {"tensors", "shards", "bytes"}."""
   shards: list[list[tuple[str, tuple, np.dtype, int]]] = [[]]
   size = total = 0
@@ -140,12 +197,12 @@ def write_shards(
       f.write(text)
       for name, shape, dtype, _ in shard:
         got_name, array = next(it)
-        if got_name != name or array.shape != shape or array.dtype != dtype:
+        if got_name != name or array.shape != shape:
           raise ConvertError(
             f"export: tensor {got_name!r} {array.shape} {array.dtype} is not the planned "
             f"{name!r} {shape} {dtype}"
           )
-        f.write(np.ascontiguousarray(array).view(np.uint8).data)
+        _write_rows(f, array, dtype)
         del array
     written.append((path, [name for name, *_ in shard]))
   n, weight_map = len(written), {}
