@@ -123,10 +123,14 @@ def code_lines(path: str) -> int:
   return len(lines)
 
 
-def test_the_moe_core_stays_under_1000_code_lines():
-  # Issue 26: 1,075 code lines; the goal is 900, while doing more than MaxText's.
+def test_the_moe_core_stays_under_1050_code_lines():
+  # Issue 26: 1,075 code lines, cut to under 1,000; the goal is 900, while
+  # doing more than MaxText's. Issues 29 and 31 added the routers' gate sums
+  # (10 lines) and GPT-OSS's expert biases in every kernel, expert
+  # parallelism included (30): 1,030 on 2026-12-07. The bound moves only
+  # with a reason written here.
   core = [p for m, p in modules().items() if m.startswith("sparse_lm.models.moe")]
-  assert sum(code_lines(p) for p in core) < 1000
+  assert sum(code_lines(p) for p in core) < 1050
 
 
 def test_frozen_presets_named_in_the_config_are_the_ones_finetune_defines():
