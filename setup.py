@@ -29,6 +29,8 @@ setup(
     # Chat templates (sparse_lm/data/chat.py); 3.1.6 closes the sandbox escapes
     # that transformers also refuses older versions for.
     "jinja2>=3.1.6,<4",
+    # chrF and BLEU of translations (sparse_lm/data/translation.py).
+    "sacrebleu>=2.4,<3",
   ],
   extras_require={
     "test": [
@@ -38,7 +40,11 @@ setup(
       "nbclient>=0.10,<0.12",
       "nbformat>=5.10,<6",
       "ipykernel>=6.29,<8",
+      "Django>=5.1,<6",  # = the translation extra: the tests prepare a slice of it
     ],
+    # The translation task's message catalogues (sparse_lm/data/translation.py):
+    # Django's wheel carries them; nothing else of Django is imported.
+    "translation": ["Django>=5.1,<6"],
     # Only to regenerate tests/fixtures/hf (make_fixtures.py); CI never needs it.
     "hf_fixtures": [
       "torch>=2.4",

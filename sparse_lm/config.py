@@ -94,6 +94,16 @@ def base_config() -> mlc.ConfigDict:
   # of every batch, and each process reads only its streams. So the batches do
   # not depend on the process count (any count dividing num_streams).
   c.data.num_streams = 8
+  # Encoder-decoder data (sparse_lm/data/seq2seq.py; issue 30): "lm" (the
+  # decoder-only stream above), "span_corruption" (T5's, over any text
+  # dataset: data.seq_len is the encoder length, the decoder's is T5's
+  # random_spans_helper's) or "seq2seq" (data.dataset "seq2seq:<file.jsonl>"
+  # or "seq2seq:translation", Django's catalogues: data/translation.py).
+  c.data.objective = "lm"
+  c.data.noise_density = 0.15
+  c.data.mean_noise_span_length = 3.0
+  c.data.targets_len = 0  # seq2seq decoder length; 0 = data.seq_len
+  c.data.languages = ()  # seq2seq:translation's languages; () = all of Django's
 
   c.model = mlc.ConfigDict()
   c.model.d_model = 128
@@ -508,13 +518,14 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   ds = d.dataset
   if not isinstance(ds, str) or not ds:
     _fail("data.dataset", ds, "must be 'stdlib', 'files:<glob>' or a TFDS dataset name")
+  _validate_objective(c)
   if ds.startswith("files:") and len(ds) == len("files:"):
     _fail("data.dataset", ds, "'files:' needs a glob, e.g. 'files:~/text/*.txt'")
   if ds.startswith("chat:"):
     _validate_chat(c)
   elif ds.startswith("sft:"):
     _validate_sft(c)
-  elif not (ds == "stdlib" or ds.startswith("files:")):
+  elif not (ds == "stdlib" or ds.startswith(("files:", "seq2seq:"))):
     _check_tfds_name(ds)
   if not isinstance(d.exclude, (tuple, list)) or not all(isinstance(e, str) for e in d.exclude):
     _fail("data.exclude", d.exclude, "must be a tuple of relative paths or globs")
@@ -744,6 +755,31 @@ def profile_window(t) -> tuple[int, int] | None:
   if not (sep and a.isdigit() and b.isdigit() and 1 <= int(a) <= int(b)):
     _fail("train.profile_steps", spec, "must be 'A:B' with 1 <= A <= B (steps, inclusive)")
   return int(a), int(b)
+
+
+def _validate_objective(c):
+  """data.objective and its keys (sparse_lm/data/seq2seq.py)."""
+  d = c.data
+  _choice(c, "data.objective", ("lm", "span_corruption", "seq2seq"))
+  pairs = d.dataset.startswith("seq2seq:")
+  if pairs != (d.objective == "seq2seq"):
+    _fail(
+      "data.objective",
+      d.objective,
+      "'seq2seq' goes with a data.dataset 'seq2seq:<file.jsonl>' or 'seq2seq:translation', "
+      f"and only with one (data.dataset={d.dataset!r})",
+    )
+  if d.objective == "span_corruption" and d.dataset.startswith(("sft:", "chat:")):
+    _fail("data.objective", d.objective, "needs a text dataset ('stdlib', 'files:', TFDS)")
+  if not 0 < d.noise_density < 1:
+    _fail("data.noise_density", d.noise_density, "must be in (0, 1)")
+  _positive(c, "data.mean_noise_span_length")
+  if not isinstance(d.targets_len, int) or d.targets_len < 0:
+    _fail("data.targets_len", d.targets_len, "must be an integer >= 0 (0 = data.seq_len)")
+  for key in ("data.noise_density", "data.mean_noise_span_length"):
+    _unread(c, key, d.objective != "span_corruption", "span_corruption only")
+  _unread(c, "data.targets_len", d.objective != "seq2seq", "seq2seq only")
+  _unread(c, "data.languages", d.dataset != "seq2seq:translation", "seq2seq:translation only")
 
 
 def _validate_sft(c):

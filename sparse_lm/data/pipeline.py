@@ -56,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sparse_lm.data import seq2seq
 from sparse_lm.data import sft
 from sparse_lm.data import stdlib_corpus
 from sparse_lm.data import stdlib_tasks
@@ -363,6 +364,8 @@ def make_tokenizer(data_cfg) -> Tokenizer:
     path = os.path.expanduser(data_cfg.tokenizer_file)
     return tokenizer_lib.HuggingFaceTokenizer(path, data_cfg.vocab_size)
   d = _tokenizer_data(data_cfg)
+  if d.dataset.startswith("seq2seq:"):  # its sources and targets (issue 30)
+    return _tokenizer_for(d, seq2seq.PairsSource(d))
   return _tokenizer_for(d, _open_source(d))
 
 
@@ -550,6 +553,18 @@ def make_input(
 ) -> Input:
   """The training stream of this process (split defaults to data.train_split)."""
   pi, pc = _process(process_index, process_count)
+  objective = data_cfg.get("objective", "lm")  # encoder-decoder data (issue 30): seq2seq.py
+  if objective == "span_corruption":
+    inner = make_input(
+      seq2seq.raw_cfg(data_cfg), seed=seed, split=split, process_index=pi, process_count=pc
+    )
+    return seq2seq.SpanCorruptionInput(
+      inner, data_cfg, seed=seed, process_index=pi, process_count=pc
+    )
+  if objective == "seq2seq":
+    d = data_cfg if split in (None, data_cfg.train_split) else seq2seq.with_split(data_cfg, split)
+    tok = make_tokenizer(d)
+    return seq2seq.Seq2SeqInput(d, tok, seed=seed, process_index=pi, process_count=pc)
   if data_cfg.dataset.startswith(INSTRUCTION_PREFIXES):
     tok = make_tokenizer(data_cfg)
     path = sft_path(data_cfg)
@@ -575,6 +590,15 @@ def eval_batches(
   """The first num_batches batches of data.eval_split: no shuffle, repeated if short.
   tokenizer: tokenize with this one (a run's own, on other data) instead of data_cfg's."""
   pi, pc = _process(process_index, process_count)
+  objective = data_cfg.get("objective", "lm")  # encoder-decoder data (issue 30): seq2seq.py
+  if objective == "span_corruption":
+    raw = seq2seq.raw_cfg(data_cfg)
+    tok = tokenizer or make_tokenizer(raw)
+    batches = eval_batches(raw, num_batches, process_index=pi, process_count=pc, tokenizer=tok)
+    return seq2seq.corrupt_eval(batches, data_cfg, tok, pi * data_cfg.batch_size // pc)
+  if objective == "seq2seq":
+    tok = tokenizer or make_tokenizer(data_cfg)
+    return seq2seq.eval_batches(data_cfg, tok, num_batches, process_index=pi, process_count=pc)
   if data_cfg.dataset.startswith(INSTRUCTION_PREFIXES):
     tok, path = tokenizer or make_tokenizer(data_cfg), sft_path(data_cfg)
     return sft.eval_batches(data_cfg, tok, path, num_batches, process_index=pi, process_count=pc)
