@@ -56,6 +56,12 @@ ROOT = "runs/upcycling"
 ARMS = ("dense", "scratch", "top1", "top2")  # the order they run in (dense first: the parents)
 PARENT_STEPS = 1200  # README.md, "Upcycling (redesigned)": calibration and the knee
 EXTRA = (0.25, 0.5)  # extra compute over the parent's, as a fraction of it
+# The branches each arm runs. The session that ran this had the CPU for these
+# only (README.md, "Calibration"): top-1 and from-scratch at +25 % alone, no
+# cooled-down parent at +0 %. FULL = True runs every arm at every EXTRA (and
+# the parent's own cooldown), resuming what is done.
+FULL = False
+EXTRA_OF = {"dense": EXTRA, "top2": EXTRA, "top1": EXTRA[:1], "scratch": EXTRA[:1]}
 COOLDOWN = 100  # steps of each branch's linear decay to 0
 ROUND = 10  # steps are rounded to this (the compute each branch got is reported)
 SEEDS = (0, 1)
@@ -112,13 +118,15 @@ def plan(arm: str) -> dict:
   """{"end": the arm's long run's last step, "branches": {extra: the branch's
   end step}, "save_every": the long run's checkpoint interval} in the arm's own
   steps (an upcycled run's step 0 is the parent's PARENT_STEPS)."""
+  extra = EXTRA if FULL else EXTRA_OF[arm]
   if arm == "dense":
-    ends = {x: PARENT_STEPS + steps("dense", x * PARENT_STEPS) for x in EXTRA}
-    ends = {0.0: PARENT_STEPS, **ends}  # 0: the parent's own cooldown (a reference)
+    ends = {x: PARENT_STEPS + steps("dense", x * PARENT_STEPS) for x in extra}
+    if FULL:
+      ends = {0.0: PARENT_STEPS, **ends}  # 0: the parent's own cooldown (a reference)
   elif arm == "scratch":
-    ends = {x: steps(arm, (1 + x) * PARENT_STEPS) for x in EXTRA}
+    ends = {x: steps(arm, (1 + x) * PARENT_STEPS) for x in extra}
   else:
-    ends = {x: steps(arm, x * PARENT_STEPS) for x in EXTRA}
+    ends = {x: steps(arm, x * PARENT_STEPS) for x in extra}
   starts = [e - COOLDOWN for e in ends.values()] + ([PARENT_STEPS] if arm == "dense" else [])
   return {"end": max(ends.values()), "branches": ends, "save_every": math.gcd(*starts)}
 
