@@ -209,7 +209,7 @@ def config_name(languages=()) -> str:
   return base + ("_" + "-".join(sorted(languages)) if languages else "")
 
 
-class PoTranslation(tfds.core.GeneratorBasedBuilder):
+class PoTranslation(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Django's message catalogues as translation pairs (module docstring).
 
   The config is named after the Django version (and the languages, when not
@@ -364,4 +364,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  # Through the package: TFDS locates a builder by its class's module, not __main__.
+  from sparse_lm.data import translation as _translation  # pylint: disable=g-import-self
+
+  _translation.main()
