@@ -119,7 +119,9 @@ def test_seq2seq_jsonl_nllb_tokens_and_streams(tmp_path):
   inp = pipeline.make_input(cfg, seed=3, process_index=0, process_count=1)
   tok = inp.tokenizer
   ids = seq2seq.language_ids(tok, ["de", "en", "fr", "sw"])
-  assert ids == {"de": 258, "en": 257, "fr": 256, "sw": 255} and tok.vocab_size == 259
+  # reserved above the byte tokenizer's 259 ids; the model's vocabulary grows by them
+  assert ids == {"de": 259, "en": 260, "fr": 261, "sw": 262} and tok.vocab_size == 259
+  assert inp.vocab_size == 263
   b = next(inp)
   assert b["encoder_input_tokens"].shape == (4, 48) and b["decoder_target_tokens"].shape == (4, 40)
   # Every example: NLLB's layout with languages, T5's without.
@@ -131,9 +133,9 @@ def test_seq2seq_jsonl_nllb_tokens_and_streams(tmp_path):
       dec = b["decoder_segment_ids"][r] == sid
       d_in, d_out = b["decoder_input_tokens"][r][dec], b["decoder_target_tokens"][r][dec]
       w = b["decoder_loss_weights"][r][dec]
-      line = lines[tok.decode([t for t in e if t < 255])]  # (255-258: the language ids)
+      line = lines[tok.decode([t for t in e if t < 259])]  # (259-262: the language ids)
       assert e[-1] == d_out[-1] == tok.eos_id
-      assert tok.decode(d_out[d_out < 255]) == line["target"]
+      assert tok.decode(d_out[d_out < 259]) == line["target"]
       kinds.add("src_lang" in line)
       if "src_lang" in line:
         assert e[0] == ids["en"] and d_out[0] == ids[line["tgt_lang"]] and d_in[0] == tok.eos_id
@@ -191,6 +193,7 @@ def test_span_corruption_input_over_a_text_dataset(tmp_path):
   inp = pipeline.make_input(cfg, seed=1, process_index=0, process_count=1)
   raw = pipeline.make_input(seq2seq.raw_cfg(cfg), seed=1, process_index=0, process_count=1)
   V = inp.vocab_size
+  assert V == inp.tokenizer.vocab_size + 100  # T5's 100 extra ids, sentinels V - 1 down
   first = None
   for _ in range(2):
     b, r = next(inp), seq2seq._raw(next(raw))
@@ -205,6 +208,8 @@ def test_span_corruption_input_over_a_text_dataset(tmp_path):
       dec = b["decoder_target_tokens"][row][b["decoder_segment_ids"][row] > 0]
       assert len(enc) == 64 and len(dec) == 14  # T5's lengths: no padding
       np.testing.assert_array_equal(sc.uncorrupt(enc, dec, V), r[row])
+      spans = (dec >= V - 100).sum()
+      np.testing.assert_array_equal(enc[enc >= 259], V - 1 - np.arange(spans))
       assert b["decoder_input_tokens"][row, 0] == 0  # T5's decoder start: the pad id
   parts = [pipeline.make_input(cfg, seed=1, process_index=p, process_count=2) for p in (0, 1)]
   got = [next(p) for p in parts]
@@ -285,7 +290,7 @@ def test_translation_task_from_djangos_catalogues(tmp_path):
   cfg = data_cfg(tmp_path, dataset="seq2seq:translation", objective="seq2seq", languages=langs)
   cfglib.validate(_full(cfg))
   batch = next(pipeline.make_input(cfg, seed=0, process_index=0, process_count=1))
-  assert set(np.unique(batch["encoder_input_tokens"][:, 0])) <= {255, 256, 257, 258}
+  assert set(np.unique(batch["encoder_input_tokens"][:, 0])) <= {259, 260, 261, 262}
 
 
 def test_chrf_and_bleu_are_sacrebleus():

@@ -36,8 +36,12 @@ target is [tgt_lang], then target </s>. Deviation: the [tgt_lang] target has
 loss weight 0 (decoding forces it, as NLLB's forced_bos_token_id does, so
 the loss measures the translation only). A language's id is the tokenizer's
 token of that name when it has one (a Hugging Face tokenizer.json with
-NLLB's codes); otherwise the languages of the dataset, sorted, take the last
-ids of the vocabulary (vocab_size - 1, - 2, ...: T5's sentinel convention).
+NLLB's codes); otherwise the languages of the dataset, sorted, take ids
+reserved above the tokenizer's (tok.vocab_size + i), and the input's
+vocab_size (the model's vocabulary) grows by them. Span corruption's
+sentinels likewise: T5's <extra_id_k> tokens when the tokenizer has them,
+else 100 ids reserved above the tokenizer's, the last of the model's
+vocabulary (T5's 32,000 + 100 layout; `sentinel_top`).
 Pairs without languages get T5's layout: source </s>, decoder start = the
 pad id 0.
 
@@ -62,6 +66,7 @@ from sparse_lm.errors import ConfigError
 OBJECTIVES = ("lm", "span_corruption", "seq2seq")
 PREFIX = "seq2seq:"
 VALIDATION_PERCENT = 5
+EXTRA_IDS = 100  # T5's sentinels
 ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")
 DECODER_FEATURES = (
   "decoder_input_tokens",
@@ -148,17 +153,32 @@ def attention_masks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------ seq2seq pairs
 
 
+def _own_ids(tok, names) -> list[int] | None:
+  """The ids of a Hugging Face tokenizer's own tokens of these names, if it has all."""
+  inner = getattr(tok, "_tok", None)  # a tokenizers.Tokenizer
+  ids = [inner.token_to_id(n) for n in names] if inner is not None and names else None
+  return ids if ids is not None and None not in ids else None
+
+
 def language_ids(tok, languages) -> dict[str, int]:
-  """{language: token id}: the tokenizer's own token of that name, else the
-  last ids of the vocabulary for the sorted languages (module docstring)."""
-  inner = getattr(tok, "_tok", None)  # a Hugging Face tokenizers.Tokenizer
+  """{language: token id}: the tokenizer's own tokens of those names, else
+  ids reserved above the tokenizer's, tok.vocab_size + i for the i-th of the
+  sorted languages (module docstring)."""
   langs = sorted(languages)
-  own = {g: inner.token_to_id(g) for g in langs} if inner is not None else {}
-  if langs and all(v is not None for v in own.values()) and own:
-    return own
-  if len(langs) >= tok.vocab_size // 2:
-    raise ConfigError(f"{len(langs)} languages do not fit a vocabulary of {tok.vocab_size}")
-  return {g: tok.vocab_size - 1 - i for i, g in enumerate(langs)}
+  own = _own_ids(tok, langs)
+  return dict(zip(langs, own or range(tok.vocab_size, tok.vocab_size + len(langs))))
+
+
+def sentinel_top(tok) -> tuple[int, int]:
+  """(top, model vocab): sentinel k is id top - 1 - k. T5's layout: a
+  tokenizer with T5's <extra_id_k> tokens uses them (<extra_id_0> = top - 1);
+  otherwise EXTRA_IDS ids are reserved above the tokenizer's (T5: 32,000
+  pieces + 100 extra ids, sentinels 32,099 down), the model's vocabulary
+  grows by them, and sentinels are its last ids, as in T5."""
+  own = _own_ids(tok, [f"<extra_id_{k}>" for k in range(EXTRA_IDS)])
+  if own and own == list(range(own[0], own[0] - EXTRA_IDS, -1)):
+    return own[0] + 1, tok.vocab_size
+  return tok.vocab_size + EXTRA_IDS, tok.vocab_size + EXTRA_IDS
 
 
 def read_jsonl(path: str, split: str) -> list[dict]:
@@ -280,12 +300,13 @@ def encode_split(data_cfg, tok, split: str) -> tuple[list[Example], dict]:
   enc_len, dec_len = lengths(data_cfg)
   pairs = read_pairs(data_cfg, split)
   ids = language_ids(tok, _languages(data_cfg))
+  vocab = max([tok.vocab_size, *(i + 1 for i in ids.values())])
   out, cut = [], 0
   for p in pairs:
     ex, c = encode_pair(p, tok, ids, enc_len, dec_len)
     out.append(ex)
     cut += c
-  counts = {"examples": len(out), "truncated": cut, "languages": ids}
+  counts = {"examples": len(out), "truncated": cut, "languages": ids, "vocab_size": vocab}
   return out, counts
 
 
@@ -295,8 +316,9 @@ class Seq2SeqInput:
   drawn from (seed, epoch); process p takes rows [p B/P, (p+1) B/P)."""
 
   def __init__(self, data_cfg, tok, *, seed: int, process_index: int, process_count: int):
-    self.tokenizer, self.vocab_size = tok, tok.vocab_size
+    self.tokenizer = tok
     self._examples, counts = encode_split(data_cfg, tok, data_cfg.train_split)
+    self.vocab_size = counts["vocab_size"]  # the model's: the tokenizer's + the languages'
     self.fingerprint = {"dataset": data_cfg.dataset, "split": data_cfg.train_split, **counts}
     self.fingerprint["tokenizer"] = tok.fingerprint
     B = data_cfg.batch_size
@@ -359,17 +381,22 @@ def raw_cfg(data_cfg):
   tokens_length, _ = span_corruption.random_spans_helper(
     data_cfg.seq_len, data_cfg.noise_density, data_cfg.mean_noise_span_length
   )
+  spans = span_corruption.noise_counts(
+    tokens_length, data_cfg.noise_density, data_cfg.mean_noise_span_length
+  )[1]
+  if spans > EXTRA_IDS:
+    _fail("data.seq_len", data_cfg.seq_len, f"needs {spans} sentinels, more than T5's {EXTRA_IDS}")
   d.objective, d.seq_len = "lm", tokens_length - 1  # rows of seq_len + 1 tokens
   return d
 
 
-def corrupt_rows(rows, data_cfg, vocab_size: int, eos_id: int, seeds) -> dict[str, np.ndarray]:
+def corrupt_rows(rows, data_cfg, top: int, eos_id: int, seeds) -> dict[str, np.ndarray]:
   """T5 span corruption of raw rows [R, tokens_length], row r seeded by
-  seeds[r]; packed one example per row (each fills its row)."""
+  seeds[r], sentinels top - 1 down; packed one example per row (each fills it)."""
   exs = []
   for row, s in zip(rows, seeds):
     i, t = span_corruption.corrupt(
-      row, s, vocab_size, eos_id, data_cfg.noise_density, data_cfg.mean_noise_span_length
+      row, s, top, eos_id, data_cfg.noise_density, data_cfg.mean_noise_span_length
     )
     exs.append(Example(i, t, np.ones(len(t), np.float32), 0))  # T5: decoder start = pad (0)
   return pack(exs, range(len(exs)), *lengths(data_cfg))
@@ -388,7 +415,8 @@ class SpanCorruptionInput:
 
   def __init__(self, inner, data_cfg, *, seed: int, process_index: int, process_count: int):
     self._inner, self._cfg, self._seed = inner, data_cfg, seed
-    self.tokenizer, self.vocab_size = inner.tokenizer, inner.vocab_size
+    self.tokenizer = inner.tokenizer
+    self._top, self.vocab_size = sentinel_top(inner.tokenizer)  # the model's vocabulary
     self.fingerprint = {**inner.fingerprint, "objective": "span_corruption"}
     self._row0 = process_index * data_cfg.batch_size // process_count
 
@@ -399,8 +427,7 @@ class SpanCorruptionInput:
     n = self._inner.get_state()["batches"]
     raw = _raw(next(self._inner))
     seeds = [(self._seed, n, self._row0 + r) for r in range(len(raw))]
-    tok = self.tokenizer
-    return corrupt_rows(raw, self._cfg, tok.vocab_size, tok.eos_id, seeds)
+    return corrupt_rows(raw, self._cfg, self._top, self.tokenizer.eos_id, seeds)
 
   def close(self):
     self._inner.close()
@@ -422,7 +449,7 @@ def corrupt_eval(raw_batches, data_cfg, tok, row0: int) -> list[dict[str, np.nda
     corrupt_rows(
       _raw(b),
       data_cfg,
-      tok.vocab_size,
+      sentinel_top(tok)[0],
       tok.eos_id,
       [(0, n, row0 + r) for r in range(len(b["inputs"]))],
     )

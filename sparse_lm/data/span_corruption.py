@@ -18,10 +18,10 @@ sentinel followed by the noise span it stands for
   targets  <S0>  these truths  <S1>  self evident  </s>      (ends with noise: no final sentinel)
 
 Sentinels are T5's: the last ids of the vocabulary, in decreasing order
-(<S0> = vocab_size - 1, <S1> = vocab_size - 2, ...), i.e. the top ids of the
-tokenizer are appropriated, as T5 does with its 32,100-id vocabulary (the
-text pieces at those ids become ambiguous; a tokenizer with reserved ids
-there, such as T5's own, avoids that).
+(<S0> = vocab_size - 1, <S1> = vocab_size - 2, ...). T5's vocabulary is
+32,000 SentencePiece pieces + 100 extra ids, so its sentinels are reserved
+ids; seq2seq.py does the same, passing here the tokenizer's size + 100 (or
+the top of a tokenizer's own <extra_id_k> tokens).
 
 `random_spans_helper` is T5's: for a desired encoder length it gives the raw
 tokens length to read and the decoder (targets) length, EOS included, with
