@@ -779,7 +779,10 @@ def _validate_objective(c):
   for key in ("data.noise_density", "data.mean_noise_span_length"):
     _unread(c, key, d.objective != "span_corruption", "span_corruption only")
   _unread(c, "data.targets_len", d.objective != "seq2seq", "seq2seq only")
-  _unread(c, "data.languages", d.dataset != "seq2seq:translation", "seq2seq:translation only")
+  if not isinstance(d.languages, (tuple, list)) or not all(isinstance(g, str) for g in d.languages):
+    _fail("data.languages", d.languages, "must be a tuple of locale names, e.g. ('de', 'ja')")
+  if d.languages and d.dataset != "seq2seq:translation":  # (a saved run's () reads back as [])
+    _fail("data.languages", d.languages, "has no effect: seq2seq:translation only")
 
 
 def _validate_sft(c):

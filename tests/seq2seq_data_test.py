@@ -178,12 +178,16 @@ def test_config_keys_and_default_unchanged(tmp_path):
     ({"objective": "span"}, "data.objective"),
     ({"objective": "span_corruption", "noise_density": 1.5}, "data.noise_density"),
     ({"targets_len": 9}, "data.targets_len"),
+    ({"languages": ("de",)}, "data.languages"),
   ]:
     c = cfglib.base_config()
     for k, v in kw.items():
       c.data[k] = v
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
       cfglib.validate(c)
+  c = cfglib.base_config()
+  c.data.languages = []  # as a saved run's config.json reads back
+  cfglib.validate(c)
 
 
 def test_span_corruption_input_over_a_text_dataset(tmp_path):
