@@ -49,6 +49,12 @@ def test_span_corruption_is_t5s():
     sc.random_spans_noise_mask(568, 7), sc.random_spans_noise_mask(568, 7)
   )
   assert (sc.random_spans_noise_mask(568, 7) != sc.random_spans_noise_mask(568, 8)).any()
+  # seq_len=172: T5's helper rounds 190 * 0.15 = 28.5 noise tokens to 28
+  # (float64), its mask to 29 (float32); the example is cut to the rows, as seqio trims.
+  assert sc.random_spans_helper(172) == (190, 38) and sc.noise_counts(190, 0.15, 3.0)[0] == 29
+  d = data_cfg("", objective="span_corruption", seq_len=172)
+  rows = seq2seq.corrupt_rows(np.full((1, 190), 7), d, 400, 1, [0])
+  assert rows["decoder_target_tokens"].shape == (1, 38) and (rows["decoder_segment_ids"] > 0).all()
   # All masks equally likely: span starts spread over the sequence.
   starts = sum(sc.random_spans_noise_mask(40, s).astype(float) for s in range(400))
   assert starts[1:].min() > 0 and starts[0] == 0
