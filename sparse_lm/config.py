@@ -159,6 +159,19 @@ def base_config() -> mlc.ConfigDict:
   # (up + 1) * gate * sigmoid(alpha * gate).
   c.model.swiglu_alpha = 1.702
   c.model.swiglu_limit = 7.0
+  # Attention: "mha" (multi-head, grouped-query with model.num_kv_heads) or
+  # "mla" (multi-head latent attention, DeepSeek-V2 section 2.1 / V3 section
+  # 2.1.1: queries through a q_lora_rank bottleneck (0 = none), keys and
+  # values from one kv_lora_rank latent, each with an RMSNorm, plus one RoPE
+  # key of qk_rope_head_dim shared by the heads; the KV cache holds only the
+  # latent and that key). model.head_dim and num_kv_heads are unread by "mla".
+  c.model.attention = "mha"
+  c.model.mla = mlc.ConfigDict()
+  c.model.mla.q_lora_rank = 1536
+  c.model.mla.kv_lora_rank = 512
+  c.model.mla.qk_nope_head_dim = 128
+  c.model.mla.qk_rope_head_dim = 64
+  c.model.mla.v_head_dim = 128
   # The layers as one jax.lax.scan over a super-block of model.moe.every layers
   # (1 when dense; first_dense_layers run before it): one traced body whose
   # parameters (and optimizer state) are stored stacked, so the step compiles
@@ -226,6 +239,9 @@ def base_config() -> mlc.ConfigDict:
   c.model.moe.num_groups = 0
   c.model.moe.top_k_groups = 1
   c.model.moe.bias_update_rate = 1e-3  # aux-loss-free balancing (sigmoid_bias, group_limited)
+  # The routed experts' gates times this (DeepSeek-V3's routed_scaling_factor,
+  # 2.5; after normalize_gates). Read by sigmoid_bias and group_limited only.
+  c.model.moe.routed_scaling_factor = 1.0
   c.model.moe.expert_dropout = 0.0
   c.model.moe.eom_rate = 0.0  # NLLB Expert Output Masking
   c.model.moe.load_balance_weight = 1e-2
@@ -441,6 +457,7 @@ def model_spec(c) -> spec_lib.ModelSpec:
     remat=c.train.remat if "train" in c else "none",
     rope_scaling=tuple(sorted(dict(m.rope_scaling).items())) if m.rope_scaling else (),
     layer_types=tuple(m.layer_types),
+    mla=spec_lib.MlaSpec(**m.mla) if "mla" in m else spec_lib.MlaSpec(),
     moe=fields(
       spec_lib.MoeSpec,
       moe,
@@ -571,6 +588,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _unread(c, "model.norm_bias", m.norm != "layer", "only model.norm='layer' has a bias")
 
   _validate_gpt_oss(c)
+  _validate_mla(c)
 
   _choice(c, "model.moe.shared_expert_gate", (False, True))
   _unread(c, "model.moe.shared_expert_gate", not moe.num_shared_experts, "no shared experts")
@@ -599,6 +617,13 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       f"router {moe.router!r} does not read it (only "
       + ", ".join(repr(n) for n, r in routing.ROUTERS.items() if r.normalizes)
       + " renormalise their gates)",
+    )
+    _positive(c, "model.moe.routed_scaling_factor")
+    _unread(
+      c,
+      "model.moe.routed_scaling_factor",
+      moe.router not in ("sigmoid_bias", "group_limited"),
+      "only routers 'sigmoid_bias' and 'group_limited' scale their gates",
     )
     if not isinstance(moe.every, int) or moe.every < 1:
       _fail("model.moe.every", moe.every, "must be an integer >= 1")
@@ -744,6 +769,31 @@ def _validate_gpt_oss(c):
   for key in ("model.swiglu_alpha", "model.swiglu_limit"):
     _positive(c, key)
     _unread(c, key, not clamped, "no FFN's activation is 'swiglu_clamped'")
+
+
+def _validate_mla(c):
+  """model.attention and model.mla (layers.MLAttention)."""
+  m = c.model
+  _choice(c, "model.attention", ("mha", "mla"))
+  if m.attention != "mla":
+    return
+  for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+    _positive(c, f"model.mla.{k}")
+  _positive(c, "model.mla.q_lora_rank", allow_zero=True)
+  if m.mla.qk_rope_head_dim % 2:
+    _fail("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim, "must be even (RoPE pairs)")
+  if m.position != "rope":
+    _fail("model.position", m.position, "model.attention='mla' needs 'rope' (its decoupled key)")
+  for key, off in (
+    ("model.attn_sinks", False),
+    ("model.attn_out_bias", False),
+    ("model.sliding_window", 0),
+    ("model.qkv_bias", False),
+    ("model.qk_norm", "none"),
+    ("model.clip_qkv", 0.0),
+  ):
+    if _get(c, key) != off:
+      _fail(key, _get(c, key), f"is not supported with model.attention='mla' (use {off!r})")
 
 
 def profile_window(t) -> tuple[int, int] | None:

@@ -99,8 +99,15 @@ def init_cache(m, batch: int, max_len: int) -> Cache:
   """An empty cache for `batch` rows of up to `max_len` tokens (in model.dtype)."""
   J, Z, dt = m.num_kv_heads, m.head_dim, layers.dtype_of(m)
   kv = lambda i: jnp.zeros((batch, cache_slots(m, i, max_len), J, Z), dt)
+  if m.attention == "mla":  # the latent [B, S, C] and the RoPE key [B, S, R]
+    mla = lambda i: layers.KVCache(
+      jnp.zeros((batch, max_len, m.mla.kv_lora_rank), dt),
+      jnp.zeros((batch, max_len, m.mla.qk_rope_head_dim), dt),
+    )
+  else:
+    mla = lambda i: layers.KVCache(kv(i), kv(i))
   return Cache(
-    tuple(layers.KVCache(kv(i), kv(i)) for i in range(m.num_layers)),
+    tuple(mla(i) for i in range(m.num_layers)),
     jnp.zeros((batch, max_len), bool),
     jnp.zeros((), jnp.int32),
   )
@@ -108,10 +115,14 @@ def init_cache(m, batch: int, max_len: int) -> Cache:
 
 def cache_bytes(m, batch: int, max_len: int) -> int:
   """Bytes of the KV cache: 2 (k, v) x B x kv heads x head dim x dtype x the
-  layers' slots (S each, a sliding-window layer's min(window, S))."""
+  layers' slots (S each, a sliding-window layer's min(window, S)); MLA's:
+  (kv_lora_rank + qk_rope_head_dim) values per slot."""
   J, Z = m.num_kv_heads, m.head_dim
   slots = sum(cache_slots(m, i, max_len) for i in range(m.num_layers))
-  return 2 * slots * batch * J * Z * jnp.dtype(layers.dtype_of(m)).itemsize
+  per_slot = 2 * J * Z  # MLA (model.attention="mla"): the latent and the RoPE key
+  if m.attention == "mla":
+    per_slot = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
+  return slots * batch * per_slot * jnp.dtype(layers.dtype_of(m)).itemsize
 
 
 # ------------------------------------------------------------------ sampling

@@ -171,7 +171,11 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   k_frac = experts_per_token(m) / m.moe.num_experts if m.is_moe else 1.0
   active = total - routed + routed * k_frac
   matmul = active - lookup - unembed - vectors + V * m.d_model
-  attn_width = m.num_heads * m.head_dim
+  attn_width = m.num_heads * m.head_dim  # per query and key: H Z for q . k, H Z for p v
+  if m.attention == "mla":
+    attn_width = (
+      m.num_heads * (m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim + m.mla.v_head_dim) / 2
+    )
   fwd = 2 * matmul + 4 * m.num_layers * c.data.seq_len * attn_width
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   param_bytes = sum(math.prod(p.shape) * p.dtype.itemsize for p in leaves)  # model.param_dtype
@@ -332,6 +336,13 @@ def decode_program(c, mesh, batch: int, cache_len: int, vocab_size: int | None =
       4: ("batch", None, "kv_heads", "head_dim"),
       5: (None, "batch", None, "kv_heads", "head_dim"),
     }
+    if m.attention == "mla":  # [B, S, C] latents and [B, S, R] RoPE keys (stacked: [layers, ...])
+      cache_names = {
+        0: (),
+        2: ("batch", None),
+        3: ("batch", None, None),
+        4: (None, "batch", None, None),
+      }
     place = lambda a, names: jax.ShapeDtypeStruct(
       a.shape, a.dtype, sharding=sharding.named(mesh, *names)
     )
@@ -499,6 +510,23 @@ def _bytes(b: float) -> str:
   return f"{b / 2**10:,.2f} KiB"
 
 
+def gqa_twin(m):
+  """The standard-attention twin of an MLA model's spec (model.attention="mla"):
+  the same heads, model.num_kv_heads of them for keys and values, each of
+  qk_nope_head_dim (DeepSeek-V2 Table 1's d_h), to compare cache bytes with."""
+  return m.replace(attention="mha", head_dim=m.mla.qk_nope_head_dim)
+
+
+def kv_cache_row(m) -> str:
+  """The decoding cache's bytes per token (all layers, model.dtype); an MLA
+  model's beside its GQA twin's (`gqa_twin`), the paper's reduction."""
+  kv = decode.cache_bytes(m, 1, 1)
+  if m.attention != "mla":
+    return _bytes(kv)
+  twin = decode.cache_bytes(gqa_twin(m), 1, 1)
+  return f"{_bytes(kv)} (GQA twin {_bytes(twin)}: {kv / twin:.2%})"
+
+
 def fewest_devices(c) -> int:
   """The fewest devices config.mesh allows (its -1 axis resolved to 1)."""
   return math.prod(v for _, v in c.mesh if v != -1)
@@ -568,6 +596,7 @@ def column(
     "active less input embedding": _num(s["active_params"] - s["input_embedding_params"]),
     "train FLOPs / token": _num(s["train_flops_per_token"]),
     "inference FLOPs / token": _num(s["inference_flops_per_token"]),
+    "KV cache / token": kv_cache_row(m),
     f"params ({c.model.param_dtype})": _bytes(s["param_bytes"]),
     "optimizer state": f"{_bytes(s['optimizer_bytes'])} ({c.train.optimizer})",
     "mesh": mesh,

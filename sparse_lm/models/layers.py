@@ -218,17 +218,18 @@ class AttentionOut(NamedTuple):
   cache: KVCache | None
 
 
-def attend(q_BxLxHxZ, k_BxSxJxZ, v_BxSxJxZ, mask_BxLxS, sinks_H=None) -> Array:
+def attend(q_BxLxHxZ, k_BxSxJxZ, v_BxSxJxZ, mask_BxLxS, sinks_H=None, scale=None) -> Array:
   """softmax(q . k / sqrt(Z)) v over the keys `mask` shows, grouped-query (head
   h reads kv head h // (H / J)), in float32. sinks_H (GPT-OSS's attention
   sinks; Xiao et al. 2023, section 3.3, learned): one logit per head added to
-  the softmax's denominator only, so a query may put weight on no key."""
+  the softmax's denominator only, so a query may put weight on no key.
+  `scale` replaces 1 / sqrt(Z) (MLA's); v's head width may differ from q's."""
   B, L, H, Z = q_BxLxHxZ.shape
   J = k_BxSxJxZ.shape[2]
   q_BxLxJxGxZ = q_BxLxHxZ.reshape(B, L, J, H // J, Z)
   logits = jnp.einsum(
     "bljgz,bsjz->bjgls", q_BxLxJxGxZ, k_BxSxJxZ, preferred_element_type=jnp.float32
-  ) * (Z**-0.5)
+  ) * (Z**-0.5 if scale is None else scale)
   logits = jnp.where(mask_BxLxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
   if sinks_H is None:
     probs = jax.nn.softmax(logits, -1)
@@ -238,7 +239,7 @@ def attend(q_BxLxHxZ, k_BxSxJxZ, v_BxSxJxZ, mask_BxLxS, sinks_H=None) -> Array:
     )
     probs = jax.nn.softmax(jnp.concatenate([logits, sink], -1), -1)[..., :-1]
   out = jnp.einsum("bjgls,bsjz->bljgz", probs.astype(v_BxSxJxZ.dtype), v_BxSxJxZ)
-  return out.reshape(B, L, H, Z)
+  return out.reshape(B, L, H, v_BxSxJxZ.shape[-1])
 
 
 class Attention(nnx.Module):
@@ -419,6 +420,132 @@ class Attention(nnx.Module):
     if self.m.attn_out_bias:
       out_BxLxD = out_BxLxD + self.bo[...].astype(dt)[None, None]
     return AttentionOut(checkpoint_name(out_BxLxD, "attn_out"), cache)
+
+
+def mla_scale(m) -> float:
+  """MLA's softmax scale: 1 / sqrt(qk_nope + qk_rope), times yarn's
+  mscale(factor, mscale_all_dim)^2 when model.rope_scaling has mscale_all_dim
+  (DeepSeek-V3's released code; transformers' yarn_apply_mscale)."""
+  a, s = m.mla, dict(m.rope_scaling)
+  scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
+  factor, all_dim = s.get("factor") or 0.0, s.get("mscale_all_dim") or 0.0
+  if s.get("rope_type", "default") != "default" and all_dim and factor > 1:
+    ms = 0.1 * all_dim * math.log(factor) + 1.0
+    scale = scale * ms * ms
+  return scale
+
+
+class MLAttention(nnx.Module):
+  """Multi-head latent attention (DeepSeek-V2, Liu et al. 2024, section 2.1;
+  DeepSeek-V3 section 2.1.1), model.attention="mla" with model.mla's widths:
+  C = kv_lora_rank, Q = q_lora_rank, N = qk_nope_head_dim, R =
+  qk_rope_head_dim, Zv = v_head_dim.
+
+  Queries: q = RMSNorm(x W_DQ) W_UQ (eq. 12-13; x W_Q when Q = 0), split per
+  head into N features without position and R with RoPE (eq. 14). Keys and
+  values: one latent c = RMSNorm(x W_DKV) [C] per token (eq. 9) expanded per
+  head to k_nope [N] and v [Zv] by W_UKV (eq. 10-11), plus one RoPE key
+  k_rope = RoPE(x W_KR) [R] shared by every head (eq. 15-16); a head's key is
+  [k_nope, k_rope]. softmax scale: `mla_scale`. The two RMSNorms use eps 1e-6
+  (transformers' DeepseekV3RMSNorm default, not model.norm_eps).
+
+  Decoding, the cache holds only c and k_rope: KVCache(k=[B, S, C],
+  v=[B, S, R]) ((C + R) values per token and layer against 2 J Z for
+  `Attention`). The cached step uses the paper's absorbed form (section 2.1.2,
+  "we can absorb W_UK into W_UQ, and W_UV into W_O"): q_nope W_UK^T scores the
+  latents directly, and the attention-weighted latent goes through W_UV once,
+  so no per-head key or value is ever expanded from the cache.
+  """
+
+  def __init__(self, m, layer: int = 0, *, rngs: nnx.Rngs):
+    del layer  # every MLA layer is the same (no windows)
+    a, D, H = m.mla, m.d_model, m.num_heads
+    C, N, R, Zv, Q = (
+      a.kv_lora_rank,
+      a.qk_nope_head_dim,
+      a.qk_rope_head_dim,
+      a.v_head_dim,
+      a.q_lora_rank,
+    )
+    self.m = m
+    init = fan_in_init((0,), m.init_scale)
+    if Q:
+      self.wq_a = param(rngs, init, (D, Q), ("embed", None))
+      self.q_norm = Norm(Q, "rms", 1e-6, names=(None,))
+      self.wq_b = param(rngs, init, (Q, H, N + R), (None, "heads", "head_dim"))
+    else:
+      self.wq = param(rngs, init, (D, H, N + R), ("embed", "heads", "head_dim"))
+    self.wkv_a = param(rngs, init, (D, C + R), ("embed", None))
+    self.kv_norm = Norm(C, "rms", 1e-6, names=(None,))
+    self.wkv_b = param(rngs, init, (C, H, N + Zv), (None, "heads", "head_dim"))
+    self.wo = param(
+      rngs, fan_in_init((0, 1), m.init_scale), (H, Zv, D), ("heads", "head_dim", "embed")
+    )
+
+  def _project(self, x_BxLxD, positions_BxL):
+    """(q_nope [B, L, H, N], q_rope [B, L, H, R], latent c [B, L, C], k_rope [B, L, R])."""
+    m, a, dt = self.m, self.m.mla, x_BxLxD.dtype
+    N, C = a.qk_nope_head_dim, a.kv_lora_rank
+    if a.q_lora_rank:
+      cq = self.q_norm(jnp.einsum("bld,dq->blq", x_BxLxD, self.wq_a[...].astype(dt)))
+      q = jnp.einsum("blq,qhz->blhz", cq, self.wq_b[...].astype(dt))
+    else:
+      q = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
+    ckv = jnp.einsum("bld,dc->blc", x_BxLxD, self.wkv_a[...].astype(dt))
+    c_BxLxC = self.kv_norm(ckv[..., :C])
+    rot = lambda t: rope(t, positions_BxL, m.rope_theta, m.rope_layout, m.rope_scaling)
+    return q[..., :N], rot(q[..., N:]), c_BxLxC, rot(ckv[:, :, None, C:])[:, :, 0]
+
+  def __call__(
+    self,
+    x_BxLxD,
+    positions_BxL,
+    cache: KVCache | None = None,
+    index=None,
+    valid_BxS=None,
+    segments_BxL=None,
+  ) -> AttentionOut:
+    """As Attention.__call__; the cache is KVCache(latent [B, S, C], k_rope [B, S, R])."""
+    a, dt = self.m.mla, x_BxLxD.dtype
+    N, H, L = a.qk_nope_head_dim, self.m.num_heads, x_BxLxD.shape[1]
+    q_nope, q_rope, c_BxLxC, kr_BxLxR = self._project(x_BxLxD, positions_BxL)
+    wkv_b, wo = self.wkv_b[...].astype(dt), self.wo[...].astype(dt)
+    scale = mla_scale(self.m)
+    if cache is None:
+      kv_BxLxHxZ = jnp.einsum("blc,chz->blhz", c_BxLxC, wkv_b)
+      kr_BxLxHxR = jnp.broadcast_to(
+        kr_BxLxR[:, :, None], kr_BxLxR.shape[:2] + (H,) + kr_BxLxR.shape[-1:]
+      )
+      k = jnp.concatenate([kv_BxLxHxZ[..., :N], kr_BxLxHxR], -1)
+      q = jnp.concatenate([q_nope, q_rope], -1)
+      q, k, v = (checkpoint_name(t, "attn_qkv") for t in (q, k, kv_BxLxHxZ[..., N:]))
+      mask_BxLxS = jnp.tril(jnp.ones((L, L), bool))[None]
+      if segments_BxL is not None:
+        mask_BxLxS = mask_BxLxS & (segments_BxL[:, :, None] == segments_BxL[:, None, :])
+      out_BxLxHxZ = checkpoint_name(attend(q, k, v, mask_BxLxS, scale=scale), "attn_context")
+      out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo)
+      return AttentionOut(checkpoint_name(out_BxLxD, "attn_out"), None)
+    put = lambda buf, new: constrain(
+      jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1),
+      "batch",
+      None,
+      None,
+    )
+    cache = KVCache(put(cache.k, c_BxLxC), put(cache.v, kr_BxLxR))
+    S = cache.k.shape[1]
+    slot_LxS, query_L1 = jnp.arange(S)[None, :], (index + jnp.arange(L))[:, None]
+    see_BxLxS = (valid_BxS[:, None, :] & (slot_LxS <= query_L1)[None]) | (slot_LxS == query_L1)[
+      None
+    ]
+    f32 = jnp.float32
+    q_lat = jnp.einsum("blhn,chn->blhc", q_nope, wkv_b[..., :N], preferred_element_type=f32)
+    logits = jnp.einsum("blhc,bsc->bhls", q_lat, cache.k.astype(f32))
+    logits += jnp.einsum("blhr,bsr->bhls", q_rope, cache.v.astype(dt), preferred_element_type=f32)
+    logits = jnp.where(see_BxLxS[:, None], logits * scale, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(logits, -1)
+    ctx_BxLxHxC = jnp.einsum("bhls,bsc->blhc", probs, cache.k.astype(f32))
+    out_BxLxHxZ = jnp.einsum("blhc,chz->blhz", ctx_BxLxHxC.astype(dt), wkv_b[..., N:])
+    return AttentionOut(jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo), cache)
 
 
 class Mlp(nnx.Module):

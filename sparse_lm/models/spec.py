@@ -68,12 +68,26 @@ class MoeSpec:
   expert_bias: bool = False
   # The shared experts' hidden width in all (config.model_spec resolves 0).
   shared_d_ff: int = 0
+  # DeepSeek-V3's routed_scaling_factor: the routed gates times it.
+  routed_scaling_factor: float = 1.0
 
   @property
   def router_facts(self) -> routing.Router:
     """The router's entry of routing.ROUTERS: the facts that hold for it
     (decodes, group_placement, assignments_per_token, ...)."""
     return routing.ROUTERS[self.router]
+
+
+@dataclasses.dataclass(frozen=True)
+class MlaSpec:
+  """model.mla.*: multi-head latent attention's widths (DeepSeek-V2 section
+  2.1; model.attention="mla"). q_lora_rank 0 = the query projected in full."""
+
+  q_lora_rank: int = 1536
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +131,10 @@ class ModelSpec:
   layer_types: tuple = ()
   swiglu_alpha: float = 1.702
   swiglu_limit: float = 7.0
+  # "mha" (Attention: multi-head / grouped-query) or "mla" (MLAttention:
+  # DeepSeek-V2/V3's multi-head latent attention, with model.mla's widths).
+  attention: str = "mha"
+  mla: MlaSpec = MlaSpec()
 
   def window(self, i: int) -> int:
     """Layer i's attention window (model.sliding_window on the layers that

@@ -107,7 +107,8 @@ class Block(nnx.Module):
     self.m, self.layer = m, layer
     self.is_moe = m.moe_layer(layer)
     self.attn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
-    self.attn = layers.Attention(m, layer, rngs=rngs)
+    attention = layers.MLAttention if m.attention == "mla" else layers.Attention
+    self.attn = attention(m, layer, rngs=rngs)
     self.ffn_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
     if self.is_moe:
       self.ffn = MoeFfn(m, rngs=rngs)

@@ -44,6 +44,11 @@ EVERY_FAMILY = [
   fixed("model.rope_scaling", (), "{family}: only unscaled RoPE is supported", on_import=False),
   fixed("model.moe.router_logit_bias", False, "{family}'s router has no bias", on_import=False),
   fixed("model.moe.expert_bias", False, "{family}'s experts have no biases", on_import=False),
+  # DeepSeek-V3's (families/deepseek_v3.py): likewise refused on export.
+  fixed("model.attention", "mha", "{family} has no latent attention (MLA)", on_import=False),
+  fixed(
+    "model.moe.routed_scaling_factor", 1.0, "{family} has no routed_scaling_factor", on_import=False
+  ),
 ]
 
 # Our router (and its normalize_gates) for the checkpoints' one softmax

@@ -286,6 +286,8 @@ def _sigmoid_choice(logits_TxE, allowed_TxE, bias_E, moe) -> Decision:
   gate_TxK = _take(scores_TxE, expert_TxK)
   if moe.normalize_gates:
     gate_TxK = gate_TxK / (jnp.sum(gate_TxK, -1, keepdims=True) + _EPS)
+  if moe.routed_scaling_factor != 1.0:  # DeepSeek-V3's routed_scaling_factor (2.5)
+    gate_TxK = gate_TxK * moe.routed_scaling_factor
   return Decision(expert_TxK, gate_TxK, scores_TxE / jnp.sum(scores_TxE, -1, keepdims=True))
 
 
