@@ -104,7 +104,8 @@ def test_released_qwen1_5_shared_expert_is_four_routed_widths():
 def test_config_json_reads_alike_in_transformers_4_and_5(family):
   """From a transformers 5 config.json (rope_parameters, dtype: the fixtures)
   and a source whose torch_dtype says bfloat16, the export writes both
-  spellings with the exported dtype; either reader finds the same theta."""
+  spellings with the exported dtype; either reader finds the same theta and
+  scaling."""
   fam = convert.FAMILIES[family]
   src = json.loads((FIX / "hf" / family / "config.json").read_text())
   c = convert.config_of(fam, src)
@@ -112,8 +113,13 @@ def test_config_json_reads_alike_in_transformers_4_and_5(family):
   out = convert.hf_config(fam, c, {**src, "torch_dtype": "bfloat16"}, "float32")
   old = read_as_transformers_4(out)
   assert old["rope_theta"] == theta and old["torch_dtype"] == out["dtype"] == "float32"
-  assert old["rope_scaling"] is None and old["architectures"] == [fam.architecture]
-  assert out["rope_parameters"] == {"rope_theta": theta, "rope_type": "default"}
+  # Unscaled RoPE: rope_scaling null; a scaled one (the gpt_oss fixture's
+  # yarn) is 4.x's rope_scaling, rope_parameters less the theta.
+  params = describe.lookup(src, "rope_parameters")
+  scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+  assert old["rope_scaling"] == (None if params["rope_type"] == "default" else scaling)
+  assert old["architectures"] == [fam.architecture]
+  assert out["rope_parameters"] == params
   # Import reads either spelling: transformers 5's alone, or 4.x's alone.
   legacy = {k: v for k, v in out.items() if k not in ("rope_parameters", "dtype")}
   for cfg in (out, legacy):
