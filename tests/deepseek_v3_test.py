@@ -3,6 +3,7 @@ decodes as the full forward), routed_scaling_factor, configs/deepseek_v3.py's
 sizes and its tiny variant training."""
 
 import functools
+import pathlib
 
 from flax import nnx
 import jax
@@ -107,3 +108,39 @@ def test_configs_sizes_cache_and_tiny_trains():
 
   losses = [float(step(model, opt)) for _ in range(12)]
   assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_fp8_copy_dequantises_as_transformers_and_imports(tmp_path):
+  """tests/fixtures/hf/deepseek_v3/fp8 (make_fixtures.py --deepseek_only: the
+  release's format, F8_E4M3 weights with float32 weight_scale_inv per 16 x 16
+  block here, partial blocks included): every FP8 weight dequantises
+  bit-equal to transformers' _dequantize_fp8_weight (fp8_golden: layer 1's)
+  and to the float32 fixture's tensor (the fixture's weights are FP8-rounded);
+  the FP8 copy imports (fp8.py through the importer) to transformers'
+  logits within 1e-4. tests/convert_test.py runs the float32 fixture through
+  every family's tests (logits, the same 16 greedy tokens, export -> import
+  bit-exact with the hub's names)."""
+  from safetensors.numpy import load_file
+
+  from sparse_lm import convert
+  from sparse_lm import state as statelib
+  from sparse_lm.convert import fp8
+  from sparse_lm.convert.safetensors_io import Tensors
+
+  fix = pathlib.Path(__file__).parent / "fixtures" / "hf" / "deepseek_v3"
+  view = fp8.dequantized(Tensors(str(fix / "fp8")))
+  assert view.block == (16, 16) and len(view.pairs) == 3 * 5 + 2 * (8 + 1) * 3 + 3
+  golden, full = load_file(fix / "fp8_golden.safetensors"), load_file(fix / "model.safetensors")
+  assert golden and set(golden) <= view.pairs
+  for name in view.names():
+    w = view.get(name)
+    assert w.dtype == full[name].dtype and np.array_equal(w, full[name]), name
+    if name in golden:
+      assert np.array_equal(w, golden[name]), name
+  assert any(view.t.shape(p + fp8.SUFFIX)[0] * 16 > view.shape(p)[0] for p in view.pairs)
+
+  convert.import_checkpoint(str(fix / "fp8"), str(tmp_path / "run"), say=lambda *a: None)
+  model, _, _ = statelib.load_model(str(tmp_path / "run"))
+  g = load_file(fix / "golden.safetensors")
+  logits = np.asarray(model(jnp.asarray(g["input_ids"])).logits)
+  np.testing.assert_allclose(logits, g["logits"], atol=1e-4)

@@ -18,6 +18,7 @@ from sparse_lm import config as cfglib
 from sparse_lm import params as paramslib
 from sparse_lm import state as statelib
 from sparse_lm.convert import describe
+from sparse_lm.convert import fp8
 from sparse_lm.convert.describe import Family
 from sparse_lm.convert.describe import Key
 from sparse_lm.convert.describe import Rule
@@ -29,6 +30,7 @@ from sparse_lm.convert.safetensors_io import read_rows
 from sparse_lm.data import tokenizer as toklib
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import ConvertError
+from sparse_lm.models.moe.layer import RouterState
 
 # ------------------------------------------------------------------ config
 
@@ -203,7 +205,7 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
     os.path.join(workdir, "checkpoints")
   ):
     raise ConvertError(f"--workdir={workdir} already holds a run; import into a new folder")
-  t = dequantized(Tensors(hf_dir))  # MXFP4 pairs read as float tensors (mxfp4.py)
+  t = fp8.dequantized(dequantized(Tensors(hf_dir)))  # MXFP4 / FP8 read as floats (mxfp4.py, fp8.py)
   spec = cfglib.model_spec(c)
   fused = _layout(t)
   rules = fam.rules(spec, fused)
@@ -212,7 +214,8 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
   out_dtype = np_dtype(dtype or source_dtype(read_hf_config(hf_dir)))
   model = statelib.abstract_model(c, V)
   variables = {paramslib.path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
-  shapes = {p: tuple(v.get_value().shape) for p, v in variables.items() if isinstance(v, nnx.Param)}
+  read_in = (nnx.Param, RouterState)  # DeepSeek-V3's e_score_correction_bias is routing state
+  shapes = {p: tuple(v.get_value().shape) for p, v in variables.items() if isinstance(v, read_in)}
   check_tensors(rules, t, spec, shapes)
   src = param_source(rules)
   missing = sorted(set(shapes) - set(src))
