@@ -189,32 +189,48 @@ def export_checkpoint(
 
   where = _placement(c, mesh)
 
-  def read(path: str) -> np.ndarray:
-    """One parameter, read from the checkpoint into host memory, whatever
-    mesh saved it: whole (every process reads it; nothing goes to an
+  def read(paths: list[str]) -> dict[str, np.ndarray]:
+    """Parameters read from the checkpoint into host memory, whatever mesh
+    saved them: whole (every process reads them; nothing goes to an
     accelerator), or onto `mesh`'s shards, then gathered."""
-    shape, dt = saved[path]
-    target = {path: jax.ShapeDtypeStruct(shape, dt, sharding=where(path))}
-    x = ckptlib.read_params(workdir, step, target)[path]
-    if not x.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    targets = {p: jax.ShapeDtypeStruct(*saved[p], sharding=where(p)) for p in paths}
+    out = ckptlib.read_params(workdir, step, targets)
+    for p, x in out.items():
+      gathered = x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+      out[p] = np.asarray(gathered)
+    return out
+
+  # Rules are read in groups of at most the largest parameter's bytes: one
+  # read (one metadata and TensorStore round) per group, not per parameter,
+  # and the host still holds about one parameter's worth.
+  nbytes = lambda p: int(np.prod(saved[p][0])) * np.dtype(saved[p][1]).itemsize
+  budget = max(nbytes(o) for r in rules for o in r.ours)
+  groups, size = [[]], 0
+  for r in rules:
+    n = sum(nbytes(o) for o in r.ours)
+    if groups[-1] and size + n > budget:
+      groups.append([])
+      size = 0
+    groups[-1].append(r)
+    size += n
 
   def pairs(read):
-    """(hf name, array) in the rules' order, one parameter read at a time."""
-    for r in rules:
-      ours = [read(o) for o in r.ours]
-      if r.per_expert:
-        for j in range(E):
-          yield from zip((n.format(j=j) for n in r.hf), r.to_hf(*(a[j] for a in ours)))
-      else:
-        yield from zip(r.hf, r.to_hf(*ours))
-      del ours  # before the next rule's read, not after it
+    """(hf name, array) in the rules' order, a group of parameters read at a time."""
+    for group in groups:
+      got = read([o for r in group for o in r.ours])
+      for r in group:
+        ours = [got[o] for o in r.ours]
+        if r.per_expert:
+          for j in range(E):
+            yield from zip((n.format(j=j) for n in r.hf), r.to_hf(*(a[j] for a in ours)))
+        else:
+          yield from zip(r.hf, r.to_hf(*ours))
+      del got, ours  # before the next group's read, not after it
 
   # The shards' headers are planned from the shapes alone (zeros that are
   # never written are never resident), then the tensors stream into them: the
   # host holds one parameter and a block of rows being cast (write_shards).
-  zeros = lambda path: np.zeros(saved[path][0], np.float32)
+  zeros = lambda paths: {p: np.zeros(saved[p][0], np.float32) for p in paths}
   plan = [(n, v.shape, out_dtype) for n, v in pairs(zeros)]
   tensors = pairs(read)  # views of the parameter read: write_shards casts them by blocks
 
