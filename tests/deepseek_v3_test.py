@@ -1,6 +1,7 @@
-"""DeepSeek-V3 (issue 31): multi-head latent attention (its compressed cache
-decodes as the full forward), routed_scaling_factor, configs/deepseek_v3.py's
-sizes and its tiny variant training."""
+"""DeepSeek-V3 (issue 31): configs/deepseek_v3.py's sizes and MLA's cache
+bytes; the FP8 fixture's dequantisation and import, its multi-head latent
+attention cache decoding as the full forward, and its training. Two tests,
+in process: tests/convert_test.py runs the float32 fixture too."""
 
 import functools
 import pathlib
@@ -14,74 +15,13 @@ import optax
 from sparse_lm import config as cfglib
 from sparse_lm import decode
 from sparse_lm import inspect as inspectlib
-from sparse_lm.models.transformer import Transformer
 
 
-def _tiny(**model):
-  """configs/deepseek_v3.py:tiny, narrowed: 2 layers (dense, MoE), vocab 512."""
-  c = cfglib.load_config("configs/deepseek_v3.py:tiny")
-  c.model.num_layers, c.data.vocab_size = 2, 512
-  for k, v in model.items():
-    setattr(c.model, k, v)
-  return cfglib.validate(c)
-
-
-@functools.cache
-def _tiny_model():
-  """(config, model) with norm scales and router bias not at their init."""
-  c = _tiny()
-  with nnx.use_eager_sharding(False):
-    model = Transformer(cfglib.model_spec(c), c.data.vocab_size, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  noise = lambda x, k: x + 0.3 * jax.random.normal(k, x.shape) if x.ndim == 1 else x
-  nnx.update(model, jax.tree.unflatten(treedef, [noise(x, k) for x, k in zip(leaves, keys)]))
-  return c, model
-
-
-def test_mla_cache_holds_the_latent_and_decodes_as_the_full_forward():
-  """The MLA cache is [B, S, kv_lora_rank] + [B, S, qk_rope_head_dim] per
-  layer; decoding token by token through it (the absorbed form) gives the full
-  forward's logits (yarn with mscale, interleaved RoPE) after a prefill of 6
-  tokens, and greedy generation of left-padded prompts gives the
-  full forward's argmax tokens."""
-  c, model = _tiny_model()
-  model = decode.for_inference(model)
-  m = model.m
-  graphdef, state = nnx.split(model)
-  S, B, T = 24, 2, 20
-  toks = jax.random.randint(jax.random.key(3), (B, S), 3, 512)
-  forward = jax.jit(lambda t: nnx.merge(graphdef, state)(t).logits)
-  full = np.asarray(forward(toks))[:, :T]
-  step = jax.jit(functools.partial(decode.forward, graphdef))
-  for prefill in (6,):
-    cache = decode.init_cache(m, B, S)
-    assert [(lc.k.shape, lc.v.shape) for lc in cache.layers] == [((B, S, 32), (B, S, 8))] * 2
-    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    ones = jnp.ones((B, T), jnp.float32)
-    lg, cache, _ = step(state, toks[:, :prefill], ones[:, :prefill], pos[:, :prefill], cache)
-    got = [lg]
-    for t in range(prefill, T):
-      lg, cache, _ = step(state, toks[:, t : t + 1], ones[:, t : t + 1], pos[:, t : t + 1], cache)
-      got.append(lg)
-    np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-4)
-  assert decode.cache_bytes(m, B, S) == 2 * B * S * (32 + 8) * 4
-  prompts = [toks[0, :4].tolist(), toks[1, :7].tolist()]
-  out = decode.generate(model, prompts, max_new_tokens=12)
-  seqs = jnp.asarray([p + g + [0] * (S - len(p) - len(g)) for p, g in zip(prompts, out.tokens)])
-  logits = np.asarray(forward(seqs))
-  for row, (p, gen) in enumerate(zip(prompts, out.tokens)):
-    assert gen == logits[row, len(p) - 1 : len(p) + 11].argmax(-1).tolist()
-
-
-def test_configs_sizes_cache_and_tiny_trains():
+def test_configs_sizes_and_cache():
   """configs/deepseek_v3.py:671b: 671B total within 0.5% (inspect: 671.03B),
   37.55B active counting both embedding tables (the paper's "37B"); its cache
   per token is (512 + 64) x 61 layers x 2 bytes, 1.76% of the MHA twin's (128
-  kv heads of 128: DeepSeek-V2 Table 1's 2 n_h d_h); :tiny's (narrowed) loss
-  falls on CPU in a few AdamW steps through MLA, the group-limited sigmoid
-  router with routed_scaling_factor 2.5 and the shared expert."""
+  kv heads of 128: DeepSeek-V2 Table 1's 2 n_h d_h); :tiny validates."""
   c = cfglib.load_config("configs/deepseek_v3.py:671b")
   s = inspectlib.summarize(c, c.data.vocab_size)
   assert abs(s["total_params"] / 671e9 - 1) < 5e-3, s["total_params"]
@@ -90,36 +30,23 @@ def test_configs_sizes_cache_and_tiny_trains():
   assert decode.cache_bytes(m, 1, 1) == 576 * 61 * 2
   assert decode.cache_bytes(inspectlib.gqa_twin(m), 1, 1) == 2 * 128 * 128 * 61 * 2
   assert "GQA twin" in inspectlib.kv_cache_row(m)
-
-  model = nnx.clone(_tiny_model()[1])
-  opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
-  toks = jax.random.randint(jax.random.key(5), (4, 33), 3, 512)
-
-  @nnx.jit
-  def step(model, opt):
-    def loss_fn(model):
-      out = model(toks[:, :-1], train=True, rng=jax.random.key(0))
-      ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, toks[:, 1:]).mean()
-      return ce + sum(a["router_loss"].sum() for a in out.moe_aux)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
-
-  losses = [float(step(model, opt)) for _ in range(12)]
-  assert losses[-1] < losses[0] - 0.5, losses
+  assert cfglib.model_spec(cfglib.load_config("configs/deepseek_v3.py:tiny")).attention == "mla"
 
 
-def test_fp8_copy_dequantises_as_transformers_and_imports(tmp_path):
+def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path):
   """tests/fixtures/hf/deepseek_v3/fp8 (make_fixtures.py --deepseek_only: the
   release's format, F8_E4M3 weights with float32 weight_scale_inv per 16 x 16
   block here, partial blocks included): every FP8 weight dequantises
   bit-equal to transformers' _dequantize_fp8_weight (fp8_golden: layer 1's)
-  and to the float32 fixture's tensor (the fixture's weights are FP8-rounded);
-  the FP8 copy imports (fp8.py through the importer) to transformers'
-  logits within 1e-4. tests/convert_test.py runs the float32 fixture through
-  every family's tests (logits, the same 16 greedy tokens, export -> import
-  bit-exact with the hub's names)."""
+  and to the float32 fixture's tensor (its weights are FP8-rounded); the FP8
+  copy imports (fp8.py through the importer) to transformers' logits within
+  1e-4. On that model (yarn with mscale != mscale_all_dim, interleaved RoPE,
+  group-limited routing x 2.5): the MLA cache is [B, S, kv_lora_rank] +
+  [B, S, qk_rope_head_dim] per layer, decoding through it token by token
+  (the absorbed form) after a 6-token prefill gives the full forward's
+  logits, and generate gives transformers' 16 greedy tokens.
+  tests/convert_test.py runs the float32 fixture through every family's
+  tests (logits, greedy tokens, export -> import bit-exact with hub names)."""
   from safetensors.numpy import load_file
 
   from sparse_lm import convert
@@ -141,6 +68,46 @@ def test_fp8_copy_dequantises_as_transformers_and_imports(tmp_path):
 
   convert.import_checkpoint(str(fix / "fp8"), str(tmp_path / "run"), say=lambda *a: None)
   model, _, _ = statelib.load_model(str(tmp_path / "run"))
+  trained, model = model, decode.for_inference(model)
+  m = model.m
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda t: nnx.merge(graphdef, state)(t).logits)
   g = load_file(fix / "golden.safetensors")
-  logits = np.asarray(model(jnp.asarray(g["input_ids"])).logits)
-  np.testing.assert_allclose(logits, g["logits"], atol=1e-4)
+  np.testing.assert_allclose(np.asarray(forward(g["input_ids"])), g["logits"], atol=1e-4)
+
+  S, B, T, P = 24, 2, 20, 6
+  toks = jax.random.randint(jax.random.key(3), (B, S), 3, 320)
+  full = np.asarray(forward(toks))[:, :T]
+  cache = decode.init_cache(m, B, S)
+  assert [(lc.k.shape, lc.v.shape) for lc in cache.layers] == [((B, S, 32), (B, S, 8))] * 3
+  assert decode.cache_bytes(m, B, S) == 3 * B * S * (32 + 8) * 4
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  ones = jnp.ones((B, T), jnp.float32)
+  step = jax.jit(functools.partial(decode.forward, graphdef))
+  lg, cache, _ = step(state, toks[:, :P], ones[:, :P], pos[:, :P], cache)
+  got = [lg]
+  for t in range(P, T):
+    lg, cache, _ = step(state, toks[:, t : t + 1], ones[:, t : t + 1], pos[:, t : t + 1], cache)
+    got.append(lg)
+  np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-4)
+  out = decode.generate(model, g["prompt"].tolist(), max_new_tokens=16)
+  assert out.tokens == g["generated"].tolist()
+  # The same model trains: its loss falls in a few AdamW steps through MLA, the
+  # group-limited sigmoid router with routed_scaling_factor and the shared expert.
+  model = nnx.clone(trained)
+  opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+  toks = jax.random.randint(jax.random.key(5), (4, 33), 3, 320)
+
+  @nnx.jit
+  def step(model, opt):
+    def loss_fn(model):
+      out = model(toks[:, :-1], train=True, rng=jax.random.key(0))
+      ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, toks[:, 1:]).mean()
+      return ce + sum(a["router_loss"].sum() for a in out.moe_aux)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(8)]
+  assert losses[-1] < losses[0] - 0.5, losses
