@@ -59,6 +59,23 @@ KEYS = (
   Key("model.moe.first_dense_layers", "first_k_dense_replace"),
   Key("model.moe.normalize_gates", "norm_topk_prob", to_ours=bool, to_hf=bool),
   fixed("model.moe.router", "group_limited", "{family}'s router is 'group_limited'"),
+  # The released configs' (remote code) router spellings: only V3's is read.
+  Key(
+    hf="scoring_func",
+    default="sigmoid",
+    refuse=lambda f: f != "sigmoid",
+    why="only sigmoid scores (DeepSeek-V3's router)",
+    to_ours=None,
+    to_hf=None,
+  ),
+  Key(
+    hf="topk_method",
+    default="noaux_tc",
+    refuse=lambda f: f != "noaux_tc",
+    why="only 'noaux_tc' (group-limited top-k of the bias-corrected scores)",
+    to_ours=None,
+    to_hf=None,
+  ),
   Key(
     "model.activation",
     "hidden_act",
