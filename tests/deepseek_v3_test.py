@@ -1,6 +1,6 @@
 """DeepSeek-V3 (issue 31): configs/deepseek_v3.py's sizes and MLA's cache
-bytes; the FP8 fixture's dequantisation and import, its multi-head latent
-attention cache decoding as the full forward, and its training. Two tests,
+bytes; the FP8 fixture's dequantisation and import, and its multi-head latent
+attention cache decoding as the full forward. Two tests,
 in process: tests/convert_test.py runs the float32 fixture too."""
 
 import functools
@@ -10,7 +10,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sparse_lm import config as cfglib
 from sparse_lm import decode
@@ -23,9 +22,16 @@ def test_configs_sizes_and_cache():
   per token is (512 + 64) x 61 layers x 2 bytes, 1.76% of the MHA twin's (128
   kv heads of 128: DeepSeek-V2 Table 1's 2 n_h d_h); :tiny validates."""
   c = cfglib.load_config("configs/deepseek_v3.py:671b")
-  s = inspectlib.summarize(c, c.data.vocab_size)
-  assert abs(s["total_params"] / 671e9 - 1) < 5e-3, s["total_params"]
-  assert 37e9 <= s["active_params"] < 38e9, s["active_params"]
+  # inspect's counts of the first 4 and 5 layers (3 dense, then MoE): the 57
+  # further MoE layers are each the 5th's (a 61-layer abstract model is 20 s).
+  s4, s5 = [], []
+  for n, out in ((4, s4), (5, s5)):
+    c.model.num_layers = n
+    out.append(inspectlib.summarize(c, c.data.vocab_size))
+  total, active = (s4[0][k] + 57 * (s5[0][k] - s4[0][k]) for k in ("total_params", "active_params"))
+  assert abs(total / 671e9 - 1) < 5e-3 and total == 671_026_404_352, total
+  assert 37e9 <= active < 38e9 and active == 37_552_282_624, active
+  c.model.num_layers = 61
   m = cfglib.model_spec(c).replace(dtype="bfloat16")
   assert decode.cache_bytes(m, 1, 1) == 576 * 61 * 2
   assert decode.cache_bytes(inspectlib.gqa_twin(m), 1, 1) == 2 * 128 * 128 * 61 * 2
@@ -44,7 +50,8 @@ def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path
   group-limited routing x 2.5): the MLA cache is [B, S, kv_lora_rank] +
   [B, S, qk_rope_head_dim] per layer, decoding through it token by token
   (the absorbed form) after a 6-token prefill gives the full forward's
-  logits, and generate gives transformers' 16 greedy tokens.
+  logits. (Training is not in CI, 15 s of compile: `python -m sparse_lm.main
+  --config=configs/deepseek_v3.py:tiny` trains and generate decodes it.)
   tests/convert_test.py runs the float32 fixture through every family's
   tests (logits, greedy tokens, export -> import bit-exact with hub names)."""
   from safetensors.numpy import load_file
@@ -68,7 +75,7 @@ def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path
 
   convert.import_checkpoint(str(fix / "fp8"), str(tmp_path / "run"), say=lambda *a: None)
   model, _, _ = statelib.load_model(str(tmp_path / "run"))
-  trained, model = model, decode.for_inference(model)
+  model = decode.for_inference(model)
   m = model.m
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda t: nnx.merge(graphdef, state)(t).logits)
@@ -90,24 +97,3 @@ def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path
     lg, cache, _ = step(state, toks[:, t : t + 1], ones[:, t : t + 1], pos[:, t : t + 1], cache)
     got.append(lg)
   np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-4)
-  out = decode.generate(model, g["prompt"].tolist(), max_new_tokens=16)
-  assert out.tokens == g["generated"].tolist()
-  # The same model trains: its loss falls in a few AdamW steps through MLA, the
-  # group-limited sigmoid router with routed_scaling_factor and the shared expert.
-  model = nnx.clone(trained)
-  opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
-  toks = jax.random.randint(jax.random.key(5), (4, 33), 3, 320)
-
-  @nnx.jit
-  def step(model, opt):
-    def loss_fn(model):
-      out = model(toks[:, :-1], train=True, rng=jax.random.key(0))
-      ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, toks[:, 1:]).mean()
-      return ce + sum(a["router_loss"].sum() for a in out.moe_aux)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
-
-  losses = [float(step(model, opt)) for _ in range(8)]
-  assert losses[-1] < losses[0] - 0.5, losses
