@@ -1,5 +1,6 @@
 """Building blocks: norms, embeddings, RoPE (and its scalings), causal GQA
-attention (with GPT-OSS's sinks and sliding windows), dense FFN.
+attention (with GPT-OSS's sinks and sliding windows), multi-head latent
+attention (DeepSeek-V2/V3's MLA: MLAttention), dense FFN.
 
 Modules take the resolved model spec (models/spec.py). Parameters carry
 logical axis names (resolved by the config's rules in sparse_lm/sharding.py).
