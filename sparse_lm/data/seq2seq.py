@@ -55,17 +55,16 @@ import dataclasses
 import hashlib
 import json
 import os
-import zlib
 
 import ml_collections
 import numpy as np
 
+from sparse_lm.data import sft
 from sparse_lm.data import span_corruption
 from sparse_lm.errors import ConfigError
 
 OBJECTIVES = ("lm", "span_corruption", "seq2seq")
 PREFIX = "seq2seq:"
-VALIDATION_PERCENT = 5
 EXTRA_IDS = 100  # T5's sentinels
 ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")
 DECODER_FEATURES = (
@@ -181,38 +180,19 @@ def sentinel_top(tok) -> tuple[int, int]:
   return tok.vocab_size + EXTRA_IDS, tok.vocab_size + EXTRA_IDS
 
 
+def _check_pair(ex) -> str | None:
+  why = sft.string_fields(ex, ("source", "target"))
+  if not why and ("src_lang" in ex) != ("tgt_lang" in ex):
+    why = "src_lang and tgt_lang go together"
+  return why
+
+
 def read_jsonl(path: str, split: str) -> list[dict]:
   """The pairs of `split` ("train", "validation", or a .jsonl path) of a
-  seq2seq JSONL file or directory; bad lines are one-line errors (file:line)."""
-  if split.endswith(".jsonl"):
-    path, split = os.path.expanduser(split), "all"
-  elif os.path.isdir(path):
-    path, split = os.path.join(path, f"{split}.jsonl"), "all"
-  elif split not in ("train", "validation"):
-    _fail("data.eval_split", split, "a seq2seq: file has splits 'train', 'validation' or a .jsonl")
-  if not os.path.isfile(path):
-    raise ConfigError(f"seq2seq data {path}: no such file")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      held = zlib.crc32(line.strip().encode()) % 100 < VALIDATION_PERCENT
-      if split != "all" and held != (split == "validation"):
-        continue
-      try:
-        ex = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"seq2seq data {path}:{n}: not JSON ({e.msg})") from None
-      for field in ("source", "target"):
-        if not isinstance(ex, dict) or not isinstance(ex.get(field), str):
-          raise ConfigError(f"seq2seq data {path}:{n}: no string field {field!r}")
-      if ("src_lang" in ex) != ("tgt_lang" in ex):
-        raise ConfigError(f"seq2seq data {path}:{n}: src_lang and tgt_lang go together")
-      out.append(ex)
-  if not out:
-    raise ConfigError(f"seq2seq data {path}: no examples in split {split!r}")
-  return out
+  seq2seq JSONL file or directory (sft.read_split: the same held-out rule and
+  file:line errors)."""
+  rows = sft.read_split(path, split, "seq2seq data", "a seq2seq: file", _check_pair)
+  return [ex for _, ex in rows]
 
 
 def encode_pair(ex: dict, tok, lang_ids: dict, enc_len: int, dec_len: int) -> tuple[Example, bool]:

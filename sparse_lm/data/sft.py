@@ -67,19 +67,18 @@ def _label(kind: str) -> str:
   return "data.dataset chat:" if kind == "chat" else "sft data"
 
 
-def read_examples(path: str, split: str, kind: str = "sft") -> list[tuple[int, dict]]:
+def read_split(path: str, split: str, label: str, what: str, check) -> list[tuple[int, dict]]:
   """(line number, example) of `split` ("train", "validation", or a .jsonl
-  path) of the JSONL file or directory; bad lines are one-line errors naming
-  file:line. kind "chat": examples hold a "messages" list."""
-  label = _label(kind)
+  path) of a JSONL file or directory: a line is held out for validation by the
+  CRC32 of its text (VALIDATION_PERCENT). `check(example)` returns why a line
+  is bad or None; bad lines are one-line errors naming file:line. `label`
+  names the data in errors, `what` the dataset kind in data.eval_split's."""
   if split.endswith(".jsonl"):
     path, split = os.path.expanduser(split), "all"
   elif os.path.isdir(path):
     path, split = os.path.join(path, f"{split}.jsonl"), "all"
   elif split not in ("train", "validation"):
-    _fail(
-      "data.eval_split", split, f"an {kind}: dataset has splits 'train', 'validation' or a .jsonl"
-    )
+    _fail("data.eval_split", split, f"{what} has splits 'train', 'validation' or a .jsonl")
   if not os.path.isfile(path):
     raise ConfigError(f"{label} {path}: no such file")
   out = []
@@ -94,21 +93,35 @@ def read_examples(path: str, split: str, kind: str = "sft") -> list[tuple[int, d
         ex = json.loads(line)
       except json.JSONDecodeError as e:
         raise ConfigError(f"{label} {path}:{n}: not JSON ({e.msg})") from None
-      if kind == "chat":
-        why = chat.check_messages(ex)
-        if why:
-          raise ConfigError(f"{label} {path}:{n}: {why}")
-        out.append((n, ex))
-        continue
-      for field in ("prompt", "response"):
-        if not isinstance(ex, dict) or not isinstance(ex.get(field), str):
-          raise ConfigError(f"sft data {path}:{n}: no string field {field!r}")
-      if not ex["response"].strip():
-        raise ConfigError(f"sft data {path}:{n}: the response is empty")
+      why = check(ex)
+      if why:
+        raise ConfigError(f"{label} {path}:{n}: {why}")
       out.append((n, ex))
   if not out:
     raise ConfigError(f"{label} {path}: no examples in split {split!r}")
   return out
+
+
+def string_fields(ex, fields) -> str | None:
+  """Why `ex` is not an object with these string fields, or None."""
+  for field in fields:
+    if not isinstance(ex, dict) or not isinstance(ex.get(field), str):
+      return f"no string field {field!r}"
+  return None
+
+
+def _check_sft(ex) -> str | None:
+  why = string_fields(ex, ("prompt", "response"))
+  if not why and not ex["response"].strip():
+    why = "the response is empty"
+  return why
+
+
+def read_examples(path: str, split: str, kind: str = "sft") -> list[tuple[int, dict]]:
+  """(line number, example) of `split` of the JSONL file or directory
+  (read_split); kind "chat": examples hold a "messages" list."""
+  check = chat.check_messages if kind == "chat" else _check_sft
+  return read_split(path, split, _label(kind), f"an {kind}: dataset", check)
 
 
 def check_template(template: str):
