@@ -243,6 +243,23 @@ def attend(q_BxLxHxZ, k_BxSxJxZ, v_BxSxJxZ, mask_BxLxS, sinks_H=None, scale=None
   return out.reshape(B, L, H, v_BxSxJxZ.shape[-1])
 
 
+def cache_write(buf, new, index, *names) -> Array:
+  """`buf` [B, S, ...] with `new` [B, L, ...] written at slot `index`, sharded
+  as ("batch", None, *names)."""
+  new = new.astype(buf.dtype)
+  return constrain(
+    jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1), "batch", None, *names
+  )
+
+
+def decode_mask(valid_BxS, index, L: int) -> Array:
+  """[B, L, S]: query index + i sees the valid slots up to its own, and always
+  its own (a padding query must attend to something)."""
+  slot_LxS = jnp.arange(valid_BxS.shape[1])[None, :]
+  query_L1 = (index + jnp.arange(L))[:, None]
+  return (valid_BxS[:, None, :] & (slot_LxS <= query_L1)[None]) | (slot_LxS == query_L1)[None]
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with grouped-query heads and optional RoPE.
 
@@ -349,20 +366,11 @@ class Attention(nnx.Module):
       out_BxLxHxZ = checkpoint_name(out_BxLxHxZ, "attn_context")
       out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo)
       return AttentionOut(checkpoint_name(out_BxLxD, "attn_out"), None)
-    L, S = x_BxLxD.shape[1], cache.k.shape[1]
-    put = lambda buf, new: constrain(
-      jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1),
-      "batch",
-      None,
-      "kv_heads",
-      "head_dim",
+    names = ("kv_heads", "head_dim")
+    cache = KVCache(
+      *(cache_write(c, n, index, *names) for c, n in zip(cache, (k_BxLxJxZ, v_BxLxJxZ)))
     )
-    cache = KVCache(put(cache.k, k_BxLxJxZ), put(cache.v, v_BxLxJxZ))
-    slot_LxS = jnp.arange(S)[None, :]
-    query_L1 = (index + jnp.arange(L))[:, None]
-    see_BxLxS = (valid_BxS[:, None, :] & (slot_LxS <= query_L1)[None]) | (slot_LxS == query_L1)[
-      None
-    ]
+    see_BxLxS = decode_mask(valid_BxS, index, x_BxLxD.shape[1])
     out_BxLxHxZ = jax.nn.dot_product_attention(
       q_BxLxHxZ, cache.k.astype(dt), cache.v.astype(dt), mask=see_BxLxS[:, None]
     )
@@ -378,14 +386,10 @@ class Attention(nnx.Module):
       if segments_BxL is not None:
         see_BxLxS = segments_BxL[:, :, None] == segments_BxL[:, None, :]
     elif not W:  # a full cache: write, then read it all
-      put = lambda buf, new: constrain(
-        jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1),
-        "batch",
-        None,
-        "kv_heads",
-        "head_dim",
+      names = ("kv_heads", "head_dim")
+      cache = KVCache(
+        cache_write(cache.k, k, index, *names), cache_write(cache.v, v, index, *names)
       )
-      cache = KVCache(put(cache.k, k), put(cache.v, v))
       slots, keys, values = jnp.arange(cache.k.shape[1]), cache.k.astype(dt), cache.v.astype(dt)
       see_BxLxS = valid_BxS[:, None, :]
     else:
@@ -526,18 +530,10 @@ class MLAttention(nnx.Module):
       out_BxLxHxZ = checkpoint_name(attend(q, k, v, mask_BxLxS, scale=scale), "attn_context")
       out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, wo)
       return AttentionOut(checkpoint_name(out_BxLxD, "attn_out"), None)
-    put = lambda buf, new: constrain(
-      jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1),
-      "batch",
-      None,
-      None,
+    cache = KVCache(
+      cache_write(cache.k, c_BxLxC, index, None), cache_write(cache.v, kr_BxLxR, index, None)
     )
-    cache = KVCache(put(cache.k, c_BxLxC), put(cache.v, kr_BxLxR))
-    S = cache.k.shape[1]
-    slot_LxS, query_L1 = jnp.arange(S)[None, :], (index + jnp.arange(L))[:, None]
-    see_BxLxS = (valid_BxS[:, None, :] & (slot_LxS <= query_L1)[None]) | (slot_LxS == query_L1)[
-      None
-    ]
+    see_BxLxS = decode_mask(valid_BxS, index, L)
     f32 = jnp.float32
     q_lat = jnp.einsum("blhn,chn->blhc", q_nope, wkv_b[..., :N], preferred_element_type=f32)
     logits = jnp.einsum("blhc,bsc->bhls", q_lat, cache.k.astype(f32))
