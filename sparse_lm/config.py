@@ -42,7 +42,8 @@ LOAD_BALANCE_CHOICES = ("all", "first")
 BALANCE_SCOPES = ("global", "micro", "sequence")
 ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu", "swiglu_clamped")
 NORMS = ("rms", "layer")
-POSITIONS = ("rope", "learned")
+POSITIONS = ("rope", "learned", "relative")  # relative: T5's buckets (encoder_decoder only)
+ARCHS = ("decoder", "encoder_decoder")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
@@ -106,6 +107,12 @@ def base_config() -> mlc.ConfigDict:
   c.data.languages = ()  # seq2seq:translation's languages; () = all of Django's
 
   c.model = mlc.ConfigDict()
+  # "decoder" (decoder-only LM) or "encoder_decoder" (T5.1.1 with MoE in both
+  # stacks, the Switch Transformer's and NLLB-200's shape;
+  # models/encoder_decoder.py): model.num_layers layers in each stack,
+  # model.position "relative" (T5's bucketed biases), data.objective
+  # "span_corruption" or "seq2seq".
+  c.model.arch = "decoder"
   c.model.d_model = 128
   c.model.num_layers = 2
   c.model.num_heads = 4
@@ -536,6 +543,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   if not isinstance(ds, str) or not ds:
     _fail("data.dataset", ds, "must be 'stdlib', 'files:<glob>' or a TFDS dataset name")
   _validate_objective(c)
+  _validate_arch(c)
   if ds.startswith("files:") and len(ds) == len("files:"):
     _fail("data.dataset", ds, "'files:' needs a glob, e.g. 'files:~/text/*.txt'")
   if ds.startswith("chat:"):
@@ -833,6 +841,45 @@ def _validate_objective(c):
     _fail("data.languages", d.languages, "must be a tuple of locale names, e.g. ('de', 'ja')")
   if d.languages and d.dataset != "seq2seq:translation":  # (a saved run's () reads back as [])
     _fail("data.languages", d.languages, "has no effect: seq2seq:translation only")
+
+
+def _validate_arch(c):
+  """model.arch against data.objective, model.position and what the
+  encoder-decoder does not support yet (models/encoder_decoder.py)."""
+  m, d = c.model, c.data
+  arch = m.get("arch", "decoder")  # configs saved before the key: decoder-only
+  if arch not in ARCHS:
+    _fail("model.arch", arch, f"must be one of {', '.join(map(repr, ARCHS))}")
+  encdec = arch == "encoder_decoder"
+  if encdec and d.objective == "lm":
+    _fail("model.arch", arch, "needs data.objective 'span_corruption' or 'seq2seq' (not 'lm')")
+  if not encdec and d.objective != "lm":
+    _fail("data.objective", d.objective, "needs model.arch='encoder_decoder'")
+  if encdec != (m.position == "relative"):
+    _fail(
+      "model.position",
+      m.position,
+      "'relative' (T5's position buckets) goes with model.arch='encoder_decoder', and only "
+      f"with it (model.arch={arch!r})",
+    )
+  if not encdec:
+    return
+  for key, off in (
+    ("model.attention", "mha"),
+    ("model.scan_layers", False),
+    ("model.mtp_depth", 0),
+    ("model.attn_sinks", False),
+    ("model.attn_out_bias", False),
+    ("model.sliding_window", 0),
+    ("model.qkv_bias", False),
+    ("model.qk_norm", "none"),
+    ("model.clip_qkv", 0.0),
+    ("train.remat", "none"),
+    ("train.microbatches", 1),
+  ):
+    block, _, name = key.rpartition(".")
+    if name in _get(c, block) and _get(c, key) != off:
+      _fail(key, _get(c, key), f"is not supported with model.arch='encoder_decoder' (use {off!r})")
 
 
 def _validate_sft(c):

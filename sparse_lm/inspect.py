@@ -88,7 +88,7 @@ from sparse_lm.models.transformer import Transformer
 from sparse_lm.params import is_routed
 from sparse_lm.params import param_list
 
-LOOKUP_TABLES = ("embedding", "pos_embed")  # gathered, not multiplied
+LOOKUP_TABLES = ("embedding", "pos_embed", "rel_bias")  # gathered, not multiplied
 
 
 def _define_flags():
@@ -177,6 +177,8 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
       m.num_heads * (m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim + m.mla.v_head_dim) / 2
     )
   fwd = 2 * matmul + 4 * m.num_layers * c.data.seq_len * attn_width
+  if c.model.get("arch") == "encoder_decoder":  # per encoder token (encoder_decoder_flops)
+    fwd = encoder_decoder_flops(c, params, k_frac, V) / c.data.seq_len
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   param_bytes = sum(math.prod(p.shape) * p.dtype.itemsize for p in leaves)  # model.param_dtype
   return {
@@ -190,6 +192,33 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
     "param_bytes": int(param_bytes),
     "optimizer_bytes": int(sum(optimizer_bytes(c.train, params, c.model.param_dtype).values())),
   }
+
+
+def encoder_decoder_flops(c, params, k_frac: float, vocab_size: int) -> float:
+  """Forward FLOPs of one encoder-decoder example (model.arch="encoder_decoder"):
+  data.seq_len encoder tokens and the objective's decoder length Ld
+  (seq2seq.lengths). 2 x active matmul parameters x the tokens they apply to
+  (the encoder's and the cross-attention's key and value projections: the
+  encoder tokens; the rest of the decoder and the D x V logits: the decoder
+  tokens) + 4 x layers x attention width x (Le^2 + Ld^2 + Ld Le) (encoder,
+  decoder and cross-attention scores and mixing, full context as for the
+  decoder-only count). summarize divides it by data.seq_len: FLOPs per token
+  of the batch the trainer counts (batch_size x seq_len)."""
+  from sparse_lm.data import seq2seq  # pylint: disable=g-import-not-at-top
+
+  m = cfglib.model_spec(c)
+  Le, Ld = seq2seq.lengths(c.data)
+  enc = dec = 0.0
+  for path, shape, names in params:
+    if len(shape) < 2 or path.split("/")[-1] in LOOKUP_TABLES:
+      continue
+    n = math.prod(shape) * (k_frac if is_routed(path, names) else 1.0)
+    keys = path.split("/")
+    on_encoder = keys[0] == "encoder" or ("cross_attn" in keys and keys[-1] in ("wk", "wv"))
+    enc, dec = (enc + n, dec) if on_encoder else (enc, dec + n)
+  dec += vocab_size * m.d_model  # the logits, tied or not
+  width = m.num_heads * m.head_dim
+  return 2 * (enc * Le + dec * Ld) + 4 * m.num_layers * width * (Le * Le + Ld * Ld + Ld * Le)
 
 
 def _split(names: tuple, shape: tuple, rules, sizes: dict) -> int:
@@ -588,7 +617,9 @@ def column(
   mesh = " ".join(f"{a}={n}" for a, n in d["mesh"].items() if n > 1) or "1 device"
   grads = d["param_bytes"]  # in the parameters' dtype, sharded like them
   return {
-    "layers (MoE)": f"{m.num_layers} ({n_moe})",
+    "layers (MoE)": f"{m.num_layers} ({n_moe})"
+    if c.model.get("arch") != "encoder_decoder"
+    else f"{m.num_layers} + {m.num_layers} ({n_moe} + {n_moe})",
     "experts per token": routing,
     "total params": _num(s["total_params"]),
     "active params": _num(s["active_params"]),

@@ -27,9 +27,10 @@ from sparse_lm.data.tokenizer import ByteTokenizer
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import RunError
 from sparse_lm.errors import UserError
+from sparse_lm.models.encoder_decoder import EncoderDecoder
+from sparse_lm.models.encoder_decoder import apply_state_updates
 from sparse_lm.models.moe import routing
 from sparse_lm.models.transformer import Transformer
-from sparse_lm.models.transformer import apply_state_updates
 
 
 def vocab_size_of(c) -> int:
@@ -37,9 +38,15 @@ def vocab_size_of(c) -> int:
   return ByteTokenizer.vocab_size if c.data.tokenizer == "byte" else c.data.vocab_size
 
 
+def model_class(c):
+  """The model of config `c`: the decoder-only Transformer, or the
+  EncoderDecoder for model.arch="encoder_decoder" (issue 30)."""
+  return EncoderDecoder if c.model.get("arch", "decoder") == "encoder_decoder" else Transformer
+
+
 def create(c, vocab_size: int):
   """(model, optimizer) of config `c`, initialised from train.seed."""
-  model = Transformer(cfglib.model_spec(c), vocab_size, rngs=nnx.Rngs(params=c.train.seed))
+  model = model_class(c)(cfglib.model_spec(c), vocab_size, rngs=nnx.Rngs(params=c.train.seed))
   return model, nnx.Optimizer(
     model, optlib.make_optimizer(c.train), wrt=finetune.trainable(c.train)
   )
@@ -66,7 +73,7 @@ def abstract_model(c, vocab_size: int | None = None):
   V = vocab_size or vocab_size_of(c)
   spec = cfglib.model_spec(c)
   with nnx.use_eager_sharding(False):  # shapes only: no mesh needed
-    return nnx.eval_shape(lambda: Transformer(spec, V, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: model_class(c)(spec, V, rngs=nnx.Rngs(0)))
 
 
 def abstract_state(c, vocab_size: int, mesh=None):
@@ -101,7 +108,11 @@ def forward(model, batch, *, train: bool, rng):
 
   batch["weights"] weights the loss; batch["mask"] (default: the weights) marks
   the real tokens, which routing statistics and the balance losses count;
-  packed examples (sft: data) bring "segment_ids" and their "positions"."""
+  packed examples (sft: data) bring "segment_ids" and their "positions".
+  An encoder-decoder's batch (sparse_lm/data/seq2seq.py's T5X features) is
+  scored on decoder_target_tokens weighted by decoder_loss_weights."""
+  if "decoder_target_tokens" in batch:
+    return _encoder_decoder_forward(model, batch, train=train, rng=rng)
   w_BxL = batch["weights"]
   logits_BxLxV, moe_aux, _ = model(
     batch["inputs"],
@@ -112,6 +123,22 @@ def forward(model, batch, *, train: bool, rng):
     rng=rng,
   )
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+  return jnp.sum(ce_BxL * w_BxL), jnp.sum(w_BxL), moe_aux
+
+
+def _encoder_decoder_forward(model, batch, *, train: bool, rng):
+  """forward() of an EncoderDecoder: its MoE aux dicts are the encoder's, then the decoder's."""
+  w_BxL = batch["decoder_loss_weights"]
+  logits_BxLxV, moe_aux, _ = model(
+    batch["encoder_input_tokens"],
+    batch["decoder_input_tokens"],
+    encoder_segments_BxS=batch["encoder_segment_ids"],
+    decoder_segments_BxL=batch["decoder_segment_ids"],
+    train=train,
+    rng=rng,
+  )
+  targets_BxL = batch["decoder_target_tokens"]
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   return jnp.sum(ce_BxL * w_BxL), jnp.sum(w_BxL), moe_aux
 
 

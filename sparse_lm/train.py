@@ -40,6 +40,7 @@ from sparse_lm import params as paramslib
 from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.errors import RunError
+from sparse_lm.models import encoder_decoder
 
 # --------------------------------------------------------------------- Input
 
@@ -259,6 +260,8 @@ def _train(c, workdir: str) -> dict:
         source_position = finetune.data_position(plan, train_input)
     stats = inspectlib.summarize(c, V, model=abs_model)
     moe_ids = list(cfglib.model_spec(c).moe_layers)
+    if c.model.get("arch") == "encoder_decoder":  # both stacks': decoder layer j is num_layers + j
+      moe_ids = encoder_decoder.moe_layer_ids(cfglib.model_spec(c))
     if t.microbatches > 1 and moe_ids and c.model.moe.dispatch == "capacity":
       say(
         f"train.microbatches={t.microbatches}: capacity dispatch drops tokens per micro-batch "

@@ -1,0 +1,303 @@
+"""Encoder-decoder Transformer, T5.1.1 style (model.arch="encoder_decoder"; issue 30).
+
+The Switch Transformer (Fedus et al. 2021) is T5 with the FFN of every other
+layer an MoE, in the encoder and in the decoder; NLLB-200's MoE (NLLB Team
+2022) is an encoder-decoder with MoE in every 4th layer of both stacks. This
+is that model, built from layers.py's pieces and the MoE layer unchanged:
+
+- T5.1.1 (Raffel et al. 2020, section 2.1; the "1.1" changes: GeGLU, no
+  dropout in pre-training, no biases): pre-norm blocks with RMSNorm (model.norm)
+  and no bias anywhere; encoder self-attention, decoder causal self-attention
+  then cross-attention to the encoder's output, then the FFN; a final norm per
+  stack. Dense FFNs are layers.Mlp (model.activation: "geglu" for T5.1.1,
+  "relu" for T5 1.0 and the released Switch checkpoints).
+- Relative position biases (T5 section 2.1, "a scalar added to the
+  corresponding logit"): NUM_BUCKETS (32) buckets of the key's offset from
+  the query, exact up to half of them and logarithmic up to MAX_DISTANCE
+  (128), beyond it the last bucket (T5's and Switch's values)
+  (`relative_position_bucket`); bidirectional in the encoder, causal in the
+  decoder, none in cross-attention. One [buckets, heads] table per stack,
+  computed once and added in every layer of the stack (T5 keeps it in the
+  first layer and shares it; here it belongs to the stack: "encoder/rel_bias").
+- T5's attention has no 1 / sqrt(Z) scaling: it is folded into the query
+  projection's init (Mesh TensorFlow's; std sqrt(s / (D Z))), so the
+  function is the same as at init of the scaled form and released weights
+  read as they are.
+- One token embedding for both stacks (T5's shared input embedding); with
+  model.tie_embeddings it is also the output layer, and the decoder's output
+  is scaled by d_model ** -0.5 first (T5's tied-logits rescaling), else a
+  separate "unembed" [D, V] (T5.1.1). The embedding is drawn with std 1 (T5's).
+- MoE: model.moe.every / offset pick the MoE layers of each stack (Switch:
+  every 2, offset 1: layers 1, 3, 5, ...; as transformers'
+  SwitchTransformers' sparse_step). The encoder's and the decoder's tokens
+  route separately: each MoE layer sees its own stack's tokens (padding
+  routed nowhere: its mask is segment id > 0). Output.moe_aux holds the
+  encoder's MoE layers' aux, then the decoder's (`moe_layer_ids` numbers them
+  as one stack: decoder layer j is num_layers + j), and the router losses of
+  both are summed by the loss like the decoder-only model's.
+- Packing (sparse_lm/data/seq2seq.py): encoder tokens attend within their
+  segment, decoder tokens within theirs (and causally), and cross-attention
+  joins a decoder token to the encoder tokens of its own segment only. The
+  relative position of two tokens of one segment is the same whether measured
+  from the row or from the segment's start, so the biases are computed once
+  for the row (as T5X does).
+
+Not yet: decoding with a cache, train.remat, model.scan_layers,
+train.microbatches (config.py refuses them with arch="encoder_decoder").
+"""
+
+from __future__ import annotations
+
+import math
+
+from flax import nnx
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+
+from sparse_lm.models import layers
+from sparse_lm.models import transformer
+from sparse_lm.models.moe.layer import MoeFfn
+from sparse_lm.models.spec import ModelSpec
+from sparse_lm.models.transformer import Output
+from sparse_lm.sharding import constrain
+
+# T5's (and T5.1.1's, Switch's, mT5's): transformers' relative_attention_num_buckets
+# and relative_attention_max_distance.
+NUM_BUCKETS = 32
+MAX_DISTANCE = 128
+
+
+def relative_position_bucket(
+  rel, bidirectional: bool, num_buckets: int = NUM_BUCKETS, max_distance: int = MAX_DISTANCE
+):
+  """T5's bucket of each relative position rel = key position - query position
+  (int array): Mesh TensorFlow's _relative_position_bucket, as transformers'
+  T5Attention._relative_position_bucket. Bidirectional: half the buckets for
+  keys after the query (rel > 0), half for the others; causal: only rel <= 0
+  is distinguished (rel > 0 is bucket 0, never seen under the causal mask).
+  Of each half, the first half of the buckets are the offsets 0 .. n/2 - 1
+  exactly, the rest logarithmic up to max_distance, beyond it the last."""
+  ret = jnp.zeros_like(rel)
+  n = -rel
+  if bidirectional:
+    num_buckets //= 2
+    ret = ret + (n < 0).astype(rel.dtype) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / math.log(
+    max_distance / max_exact
+  )
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(rel.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, large)
+
+
+class T5Embed(layers.Embed):
+  """layers.Embed drawn with T5's std 1 (the decoder-only Embed: 1 / sqrt(D))."""
+
+  def __init__(self, vocab: int, d_model: int, *, rngs: nnx.Rngs):
+    self.embedding = layers.param(
+      rngs, nnx.initializers.normal(1.0), (vocab, d_model), ("vocab", "embed")
+    )
+
+
+class T5Attention(nnx.Module):
+  """Multi-head attention without biases or 1 / sqrt(Z) (module docstring):
+  self-attention (x_kv is x_q) or cross-attention (x_kv the encoder's output),
+  with an additive bias [1, H, L, S] (relative positions) and a mask [B, L, S]."""
+
+  def __init__(self, m: ModelSpec, *, rngs: nnx.Rngs):
+    D, H, J, Z = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
+    init = layers.fan_in_init((0,), m.init_scale)
+    q_init = layers.fan_in_init((0,), m.init_scale / Z)  # T5: 1 / sqrt(Z) folded in
+    self.wq = layers.param(rngs, q_init, (D, H, Z), ("embed", "heads", "head_dim"))
+    self.wk = layers.param(rngs, init, (D, J, Z), ("embed", "kv_heads", "head_dim"))
+    self.wv = layers.param(rngs, init, (D, J, Z), ("embed", "kv_heads", "head_dim"))
+    self.wo = layers.param(
+      rngs, layers.fan_in_init((0, 1), m.init_scale), (H, Z, D), ("heads", "head_dim", "embed")
+    )
+
+  def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, bias_1xHxLxS=None):
+    dt = x_BxLxD.dtype
+    q = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
+    k = jnp.einsum("bsd,djz->bsjz", kv_BxSxD, self.wk[...].astype(dt))
+    v = jnp.einsum("bsd,djz->bsjz", kv_BxSxD, self.wv[...].astype(dt))
+    q, k, v = (checkpoint_name(a, "attn_qkv") for a in (q, k, v))
+    q = constrain(q, "batch", "length", "heads", "head_dim")
+    bias = None if bias_1xHxLxS is None else bias_1xHxLxS.astype(dt)
+    out_BxLxHxZ = jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask_BxLxS[:, None], scale=1.0
+    )
+    out_BxLxHxZ = checkpoint_name(out_BxLxHxZ, "attn_context")
+    out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, self.wo[...].astype(dt))
+    return checkpoint_name(out_BxLxD, "attn_out")
+
+
+class EncDecBlock(nnx.Module):
+  """One pre-norm layer: x + attn(norm(x)) [+ x + cross(norm(x), enc)] + x +
+  ffn(norm(x)); the FFN dense or MoE by model.moe.every / offset."""
+
+  def __init__(self, m: ModelSpec, layer: int, cross: bool, *, rngs: nnx.Rngs):
+    self.m, self.layer, self.is_moe = m, layer, m.moe_layer(layer)
+    norm = lambda: layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
+    self.attn_norm = norm()
+    self.attn = T5Attention(m, rngs=rngs)
+    if cross:
+      self.cross_norm = norm()
+      self.cross_attn = T5Attention(m, rngs=rngs)
+    self.ffn_norm = norm()
+    if self.is_moe:
+      self.ffn = MoeFfn(m, rngs=rngs)
+    else:
+      act = layers.spelled(m.activation, m)
+      self.ffn = layers.Mlp(m.d_model, m.d_ff, act, rngs=rngs, init_scale=m.init_scale)
+
+  def __call__(self, x_BxLxD, mask_BxLxL, bias, tokens_BxL, *, train, rng, enc=None):
+    """enc: (the encoder's output [B, S, D], the cross mask [B, L, S]) in the decoder.
+    -> (x, the MoE layer's aux dict or {})."""
+    h = self.attn_norm(x_BxLxD)
+    h = self.attn(h, h, mask_BxLxL, bias)
+    x_BxLxD = x_BxLxD + self._dropout(h, train, rng, 0)
+    if enc is not None:
+      enc_BxSxD, cross_BxLxS = enc
+      h = self.cross_attn(self.cross_norm(x_BxLxD), enc_BxSxD, cross_BxLxS)
+      x_BxLxD = x_BxLxD + self._dropout(h, train, rng, 3)
+    h = self.ffn_norm(x_BxLxD)
+    aux = {}
+    if self.is_moe:
+      sub = None if rng is None else jax.random.fold_in(rng, 1)
+      h, aux = self.ffn(h, mask_BxL=tokens_BxL, train=train, rng=sub)
+    else:
+      h = self.ffn(h)
+    x_BxLxD = x_BxLxD + self._dropout(h, train, rng, 2)
+    return constrain(x_BxLxD, "batch", "length", "act_embed"), aux
+
+  def _dropout(self, x, train, rng, salt):
+    p = self.m.dropout
+    if not train or p == 0.0 or rng is None:
+      return x
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, salt), 1.0 - p, x.shape)
+    return jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
+
+
+class Stack(nnx.Module):
+  """The encoder (bidirectional) or the decoder (causal, with cross-attention):
+  its relative position bias table [buckets, H], its layers, its final norm."""
+
+  def __init__(self, m: ModelSpec, decoder: bool, *, rngs: nnx.Rngs):
+    self.m, self.decoder = m, decoder
+    self.rel_bias = layers.param(
+      rngs, nnx.initializers.normal(m.d_model**-0.5), (NUM_BUCKETS, m.num_heads), (None, "heads")
+    )
+    self.blocks = nnx.List([EncDecBlock(m, i, decoder, rngs=rngs) for i in range(m.num_layers)])
+    self.final_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
+
+  def position_bias(self, L: int):
+    """[1, H, L, L] float32: the table's value at each (query, key) pair's bucket."""
+    pos = jnp.arange(L, dtype=jnp.int32)
+    bucket_LxL = relative_position_bucket(pos[None, :] - pos[:, None], not self.decoder)
+    bias_LxLxH = jnp.take(self.rel_bias[...].astype(jnp.float32), bucket_LxL, axis=0)
+    return jnp.transpose(bias_LxLxH, (2, 0, 1))[None]
+
+  def __call__(self, x_BxLxD, segments_BxL, *, train, rng, enc=None):
+    """-> (x after the final norm, the MoE layers' aux dicts in layer order)."""
+    L = x_BxLxD.shape[1]
+    mask_BxLxL = segments_BxL[:, :, None] == segments_BxL[:, None, :]
+    if self.decoder:
+      mask_BxLxL = mask_BxLxL & jnp.tril(jnp.ones((L, L), bool))[None]
+    bias = self.position_bias(L)
+    tokens_BxL = (segments_BxL > 0).astype(jnp.float32)
+    aux = []
+    for i, block in enumerate(self.blocks):
+      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+      x_BxLxD, a = block(x_BxLxD, mask_BxLxL, bias, tokens_BxL, train=train, rng=layer_rng, enc=enc)
+      if block.is_moe:
+        aux.append(a)
+    return self.final_norm(x_BxLxD), aux
+
+
+class EncoderDecoder(nnx.Module):
+  """(encoder tokens [B, S], decoder input tokens [B, L]) -> Output(logits
+  [B, L, V] float32, the MoE layers' aux dicts (encoder's, then decoder's),
+  None). Segment ids (packed examples; 0 = padding) default to one example
+  per row, all real."""
+
+  def __init__(self, m: ModelSpec, vocab_size: int, *, rngs: nnx.Rngs):
+    if not isinstance(m, ModelSpec):
+      raise TypeError(f"EncoderDecoder takes a ModelSpec (config.model_spec(c)), not {type(m)}")
+    self.m, self.vocab_size = m, vocab_size
+    self.embed = T5Embed(vocab_size, m.d_model, rngs=rngs)
+    self.encoder = Stack(m, False, rngs=rngs)
+    self.decoder = Stack(m, True, rngs=rngs)
+    if not m.tie_embeddings:
+      self.unembed = layers.param(
+        rngs, layers.fan_in_init(scale=m.init_scale), (m.d_model, vocab_size), ("embed", "vocab")
+      )
+    if m.param_dtype != "float32":  # drawn in float32, then rounded (as the Transformer)
+      for _, v in nnx.iter_graph(self):
+        if isinstance(v, nnx.Param):
+          v.set_value(v.get_value().astype(m.param_dtype))
+
+  def encode(self, tokens_BxS, segments_BxS=None, *, train: bool = False, rng=None):
+    """-> (the encoder's output [B, S, D] after its final norm, its MoE aux dicts)."""
+    if segments_BxS is None:
+      segments_BxS = jnp.ones(tokens_BxS.shape, jnp.int32)
+    x = constrain(self.embed(tokens_BxS, layers.dtype_of(self.m)), "batch", "length", "act_embed")
+    return self.encoder(x, segments_BxS, train=train, rng=rng)
+
+  def __call__(
+    self,
+    encoder_tokens_BxS,
+    decoder_tokens_BxL,
+    *,
+    encoder_segments_BxS=None,
+    decoder_segments_BxL=None,
+    train: bool = False,
+    rng=None,
+  ) -> Output:
+    if encoder_segments_BxS is None:
+      encoder_segments_BxS = jnp.ones(encoder_tokens_BxS.shape, jnp.int32)
+    if decoder_segments_BxL is None:
+      decoder_segments_BxL = jnp.ones(decoder_tokens_BxL.shape, jnp.int32)
+    enc_rng, dec_rng = (None, None) if rng is None else jax.random.split(rng)
+    enc_BxSxD, enc_aux = self.encode(
+      encoder_tokens_BxS, encoder_segments_BxS, train=train, rng=enc_rng
+    )
+    cross_BxLxS = decoder_segments_BxL[:, :, None] == encoder_segments_BxS[:, None, :]
+    dt = layers.dtype_of(self.m)
+    x = constrain(self.embed(decoder_tokens_BxL, dt), "batch", "length", "act_embed")
+    x, dec_aux = self.decoder(
+      x, decoder_segments_BxL, train=train, rng=dec_rng, enc=(enc_BxSxD, cross_BxLxS)
+    )
+    if self.m.tie_embeddings:
+      logits = self.embed.attend(x * jnp.asarray(self.m.d_model**-0.5, dt))  # T5's rescaling
+    else:
+      logits = x @ self.unembed[...].astype(dt)
+    logits = constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
+    return Output(logits, [*enc_aux, *dec_aux], None)
+
+  def apply_state_updates(self, moe_aux) -> None:
+    """Writes the routing state a training forward returned (DeepSeek-V3's
+    bias), per MoE layer in Output.moe_aux's order."""
+    moe = [b for s in (self.encoder, self.decoder) for b in s.blocks if b.is_moe]
+    for block, a in zip(moe, moe_aux):
+      block.ffn.apply_state_updates(a)
+
+
+def apply_state_updates(model, moe_aux, *rest) -> None:
+  """The routing state updates of a train step (state.train_step), for either
+  model: transformer.apply_state_updates for a Transformer."""
+  if isinstance(model, EncoderDecoder):
+    model.apply_state_updates(moe_aux)
+  else:
+    transformer.apply_state_updates(model, moe_aux, *rest)
+
+
+def moe_layer_ids(m: ModelSpec) -> list[int]:
+  """The MoE layers of both stacks numbered as one: encoder layer i is i,
+  decoder layer j is num_layers + j (the metrics' moe/layer{id}/...)."""
+  return [*m.moe_layers, *(m.num_layers + i for i in m.moe_layers)]
