@@ -12,8 +12,11 @@ sigmoid routing with the aux-loss-free bias, restricted to 4 of 8 expert
 groups (router "group_limited"), gates renormalised then times 2.5
 (model.moe.routed_scaling_factor), yarn RoPE 40x from 4096 with DeepSeek's
 mscale on the softmax scale, interleaved RoPE pairs as the released weights.
-Multi-token prediction (section 2.2) is not built: the 671B counts the main
-model only (the paper's 671B / 37B leave out the 14B MTP module).
+Multi-token prediction (section 2.2): model.mtp_depth=1 MTP module (its own
+MoE block, as the release's layer 61) trained with weight
+model.mtp_loss_weight=0.3 (the paper's first 10T tokens; 0.1 after);
+inspect counts it apart (mtp_params): the 671B / 37B are the main model's,
+as the paper's leave out the MTP module.
 
 Variants (the string after ':'):
   tiny   CPU, embedded corpus: d_model 64, 4 layers (the first dense), 4
@@ -56,6 +59,7 @@ def get_config(arg: str = "tiny"):
     )
   )
   m.tie_embeddings = False
+  m.mtp_depth, m.mtp_loss_weight = 1, 0.3  # section 2.2 / 4.2: D = 1, lambda 0.3 then 0.1
   c.data.vocab_size = v
   c.data.batch_size, c.data.seq_len = (16, 128) if arg == "tiny" else (512, 4096)
 

@@ -179,6 +179,16 @@ def base_config() -> mlc.ConfigDict:
   c.model.mla.qk_nope_head_dim = 128
   c.model.mla.qk_rope_head_dim = 64
   c.model.mla.v_head_dim = 128
+  # Multi-token prediction (DeepSeek-V3 section 2.2): mtp_depth D sequential
+  # MTP modules after the main model (each: RMSNorms of the previous depth's
+  # hidden state and of the next token's embedding, a 2d -> d projection, one
+  # Transformer block of the last layer's kind, its own final norm; the
+  # embedding and output head shared). Training adds mtp_loss_weight / D x
+  # their cross-entropies (lambda; the paper's 0.3 for its first 10T tokens,
+  # then 0.1). Evaluation and decoding use the main model (generate
+  # --speculative drafts with the modules). 0 = none.
+  c.model.mtp_depth = 0
+  c.model.mtp_loss_weight = 0.3
   # The layers as one jax.lax.scan over a super-block of model.moe.every layers
   # (1 when dense; first_dense_layers run before it): one traced body whose
   # parameters (and optimizer state) are stored stacked, so the step compiles
@@ -465,6 +475,8 @@ def model_spec(c) -> spec_lib.ModelSpec:
     rope_scaling=tuple(sorted(dict(m.rope_scaling).items())) if m.rope_scaling else (),
     layer_types=tuple(m.layer_types),
     mla=spec_lib.MlaSpec(**m.mla) if "mla" in m else spec_lib.MlaSpec(),
+    mtp_depth=m.get("mtp_depth", 0),  # configs saved before the key: none
+    mtp_loss_weight=m.get("mtp_loss_weight", 0.3),
     moe=fields(
       spec_lib.MoeSpec,
       moe,
@@ -597,6 +609,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
 
   _validate_gpt_oss(c)
   _validate_mla(c)
+  _validate_mtp(c)
 
   _choice(c, "model.moe.shared_expert_gate", (False, True))
   _unread(c, "model.moe.shared_expert_gate", not moe.num_shared_experts, "no shared experts")
@@ -802,6 +815,26 @@ def _validate_mla(c):
   ):
     if _get(c, key) != off:
       _fail(key, _get(c, key), f"is not supported with model.attention='mla' (use {off!r})")
+
+
+def _validate_mtp(c):
+  """model.mtp_depth and model.mtp_loss_weight (transformer.MtpModule)."""
+  m = c.model
+  if "mtp_depth" not in m:
+    return
+  d = m.mtp_depth
+  if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+    _fail("model.mtp_depth", d, "must be an integer >= 0 (0 = no multi-token prediction)")
+  w = m.mtp_loss_weight
+  if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w < float("inf"):
+    _fail("model.mtp_loss_weight", w, "must be a number >= 0")
+  if d and c.train.microbatches > 1:
+    _fail(
+      "model.mtp_depth",
+      d,
+      f"with train.microbatches={c.train.microbatches} is not supported (the MTP loss is "
+      "computed over whole batches only)",
+    )
 
 
 def profile_window(t) -> tuple[int, int] | None:

@@ -63,18 +63,26 @@ def check_decodable(m: ModelSpec):
     )
 
 
-def inference_spec(m: ModelSpec) -> ModelSpec:
-  """The spec for decoding: model.moe.dispatch := model.moe.decode_dispatch."""
+def inference_spec(m: ModelSpec, keep_mtp: bool = False) -> ModelSpec:
+  """The spec for decoding: model.moe.dispatch := model.moe.decode_dispatch;
+  model.mtp_depth := 0 unless keep_mtp (the main model only)."""
   check_decodable(m)
+  if m.mtp_depth and not keep_mtp:
+    m = m.replace(mtp_depth=0)
   return m.replace(moe={"dispatch": m.moe.decode_dispatch}) if m.is_moe else m
 
 
-def for_inference(model: Transformer) -> Transformer:
+def for_inference(model: Transformer, keep_mtp: bool = False) -> Transformer:
   """The model built from inference_spec, its weight matrices cast to
   model.dtype once (they are float32 for training; every step would cast them
-  again). Routers stay float32 (their math is float32), and so do vectors."""
-  spec = inference_spec(model.m)
+  again). Routers stay float32 (their math is float32), and so do vectors.
+  The MTP modules (model.mtp_depth, DeepSeek-V3 section 2.2) are dropped, as
+  the paper does at inference, unless keep_mtp (speculative decoding): the
+  main model is then the same program and parameters as mtp_depth=0's."""
+  spec = inference_spec(model.m, keep_mtp)
   graphdef, state = nnx.split(model)
+  if "mtp" in state and not spec.mtp_depth:
+    state = nnx.State({k: v for k, v in state.items() if k != "mtp"})
   if spec != model.m:
     with nnx.use_eager_sharding(False):
       abstract = nnx.eval_shape(lambda: Transformer(spec, model.vocab_size, rngs=nnx.Rngs(0)))
@@ -95,19 +103,32 @@ def cache_slots(m, i: int, max_len: int) -> int:
   return min(w, max_len) if w else max_len
 
 
-def init_cache(m, batch: int, max_len: int) -> Cache:
-  """An empty cache for `batch` rows of up to `max_len` tokens (in model.dtype)."""
-  J, Z, dt = m.num_kv_heads, m.head_dim, layers.dtype_of(m)
-  kv = lambda i: jnp.zeros((batch, cache_slots(m, i, max_len), J, Z), dt)
+def _layer_cache(m, i: int, batch: int, max_len: int) -> layers.KVCache:
+  """Layer i's empty KVCache (in model.dtype)."""
+  dt = layers.dtype_of(m)
   if m.attention == "mla":  # the latent [B, S, C] and the RoPE key [B, S, R]
-    mla = lambda i: layers.KVCache(
+    return layers.KVCache(
       jnp.zeros((batch, max_len, m.mla.kv_lora_rank), dt),
       jnp.zeros((batch, max_len, m.mla.qk_rope_head_dim), dt),
     )
-  else:
-    mla = lambda i: layers.KVCache(kv(i), kv(i))
+  kv = lambda: jnp.zeros((batch, cache_slots(m, i, max_len), m.num_kv_heads, m.head_dim), dt)
+  return layers.KVCache(kv(), kv())
+
+
+def init_cache(m, batch: int, max_len: int) -> Cache:
+  """An empty cache for `batch` rows of up to `max_len` tokens (in model.dtype)."""
   return Cache(
-    tuple(mla(i) for i in range(m.num_layers)),
+    tuple(_layer_cache(m, i, batch, max_len) for i in range(m.num_layers)),
+    jnp.zeros((batch, max_len), bool),
+    jnp.zeros((), jnp.int32),
+  )
+
+
+def init_mtp_cache(m, batch: int, max_len: int) -> Cache:
+  """An empty one-layer cache for MTP module 1's block (the last layer's
+  kind; transformer.MtpModule), speculative decoding's."""
+  return Cache(
+    (_layer_cache(m, m.num_layers - 1, batch, max_len),),
     jnp.zeros((batch, max_len), bool),
     jnp.zeros((), jnp.int32),
   )
@@ -223,11 +244,16 @@ class Generation(NamedTuple):
   first_step_s: float  # the first decode step, compilation included
   decode_s: float  # the decode steps after the first (compiled: no compile in them)
   steps: int  # decode steps after the first
+  # Speculative decoding: (drafts accepted, drafts verified) over all rows and
+  # steps; a row's step gives 1 + its accepted drafts tokens. None otherwise.
+  drafts: tuple[int, int] | None = None
 
   def tokens_per_s(self) -> float:
     """Decode speed, batch rows x steps after the first / their seconds
-    (the first step compiles the decode step; the later ones run it)."""
-    return len(self.tokens) * self.steps / max(self.decode_s, 1e-9)
+    (the first step compiles the decode step; the later ones run it); with
+    speculative decoding, x the tokens a row's step gives on average."""
+    per_step = 1.0 + (self.drafts[0] / max(self.drafts[1], 1) if self.drafts else 0.0)
+    return len(self.tokens) * self.steps * per_step / max(self.decode_s, 1e-9)
 
 
 class _Carry(NamedTuple):
@@ -327,11 +353,14 @@ def generate(
   config=None,
   return_experts: bool = False,
   check_every: int = 16,
+  speculative: bool = False,
 ) -> Generation:
   """Samples up to max_new_tokens after each prompt (a batch).
 
   return_experts: Generation.experts holds the experts each generated token
   was routed to, per MoE layer (generate.py's --expert_choices).
+  speculative: self-speculative greedy decoding with the MTP modules
+  (speculative_generate; the model loaded with keep_mtp=True).
 
   `model` is an inference model (state.load_model(..., inference=True)); with
   `mesh` and `config`, it runs under that mesh and the config's rules (the
@@ -358,6 +387,19 @@ def generate(
       f"config.model.rope_scaling.rope_type='dynamic' changes its frequencies past "
       f"max_position_embeddings={rs['max_position_embeddings']}: the longest prompt plus "
       f"max_new_tokens need {Lp + max_new_tokens} positions (only the static case is supported)"
+    )
+  if speculative:
+    return speculative_generate(
+      model,
+      prompts,
+      max_new_tokens,
+      sampling,
+      stop_ids,
+      pad_id,
+      mesh,
+      config,
+      return_experts,
+      check_every,
     )
   tokens, mask, positions = left_pad(prompts, pad_id, bucket(Lp))
   B, N = len(prompts), max_new_tokens
@@ -405,6 +447,194 @@ def generate(
     exp = [[[e[b, i].tolist() for e in experts] for i in range(len(gen[b]))] for b in range(B)]
   timed = (done_at or steps) - 1  # decode steps after the first
   return Generation(gen, exp, t1 - t0, t_first - t1, t2 - t_first, max(timed, 0))
+
+
+# ------------------------------------------------------- speculative decoding
+
+
+class _SpecCarry(NamedTuple):
+  """Speculative decoding's state, all on the device."""
+
+  cache: Cache  # the main model's
+  mtp_cache: Cache  # MTP module 1's block's
+  next_B: Array  # int32: the newest verified token, not yet fed to the main model
+  draft_B: Array  # int32: module 1's draft of the token after it
+  pos_B: Array  # int32: next_B's position in its row
+  done_B: Array  # bool: the row has stopped (a stop id, or N tokens)
+  out_BxN: Array  # int32 [B, N + 1]: generated tokens (column N: scratch)
+  count_B: Array  # int32: tokens recorded per row
+  accepted: Array  # int32: drafts accepted, all rows and steps
+  drafted: Array  # int32: drafts verified, all rows and steps
+
+
+def _append(out, count, done, tok_B, ok_B, stop_ids, N: int):
+  """Token tok_B recorded where ok_B and the row is not done; a stop id ends
+  the row unrecorded (as generate's rows end), and so does its N-th token."""
+  ok_B = ok_B & ~done
+  stop_B = ok_B & jnp.isin(tok_B, jnp.asarray(stop_ids or (-1,), jnp.int32))
+  write_B = ok_B & ~stop_B
+  rows, col = jnp.arange(out.shape[0]), jnp.minimum(count, N)
+  out = out.at[rows, col].set(jnp.where(write_B, tok_B, out[rows, col]))
+  count = count + write_B.astype(jnp.int32)
+  return out, count, done | stop_B | (count >= N)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "stop_ids", "N"), donate_argnames=("cache", "mtp_cache")
+)
+def _spec_prefill(
+  graphdef, state, tokens_BxL, mask_BxL, positions_BxL, cache, mtp_cache, stop_ids, N
+):
+  """The prompts through the main model, then through MTP module 1 (position
+  i reads h^0_i and token i + 1: the prompt's next token, the first sampled
+  one at the last position) -> the first carry: token 0 and its draft."""
+  model = nnx.merge(graphdef, state)
+  out, h_BxLxD = model.decode_hidden(
+    tokens_BxL, mask_BxL=mask_BxL, positions_BxL=positions_BxL, cache=cache
+  )
+  first_B = jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32)
+  next_BxL = jnp.concatenate([tokens_BxL[:, 1:], first_B[:, None]], 1)
+  logits, mtp_cache = model.mtp_decode(
+    h_BxLxD, next_BxL, mask_BxL=mask_BxL, positions_BxL=positions_BxL, cache=mtp_cache
+  )
+  B = tokens_BxL.shape[0]
+  zeros = jnp.zeros((B,), jnp.int32)
+  o, count, done = _append(
+    jnp.full((B, N + 1), -1, jnp.int32), zeros, zeros > 0, first_B, zeros == 0, stop_ids, N
+  )
+  return _SpecCarry(
+    out.cache,
+    mtp_cache,
+    first_B,
+    jnp.argmax(logits[:, -1], -1).astype(jnp.int32),
+    positions_BxL[:, -1] + 1,
+    done,
+    o,
+    count,
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((), jnp.int32),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "stop_ids", "N"), donate_argnums=(2,))
+def _spec_step(graphdef, state, carry: _SpecCarry, stop_ids, N):
+  """One step: the main model verifies [next, draft] in one cached forward
+  (positions n, n + 1); the draft is accepted where it is the main model's
+  greedy token g0 at n, and then g1 (at n + 1) comes with it; a rejected
+  draft's cache slot is marked empty (every later step writes new slots: the
+  shared cache index moves by 2 a step, and rows skip the slots they
+  rejected). MTP module 1 then reads the verified positions (n, and n + 1
+  where accepted) and drafts the token after the newest one."""
+  model = nnx.merge(graphdef, state)
+  active_B = ~carry.done_B
+  toks_Bx2 = jnp.stack([carry.next_B, carry.draft_B], 1)
+  mask_Bx2 = jnp.broadcast_to(active_B[:, None], toks_Bx2.shape).astype(jnp.float32)
+  pos_Bx2 = carry.pos_B[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
+  out, h_Bx2xD = model.decode_hidden(
+    toks_Bx2, mask_BxL=mask_Bx2, positions_BxL=pos_Bx2, cache=carry.cache
+  )
+  g_Bx2 = jnp.argmax(out.logits, -1).astype(jnp.int32)
+  acc_B = active_B & (carry.draft_B == g_Bx2[:, 0])
+  cache, slot = out.cache, out.cache.index - 1  # the draft's slot
+  kept = jax.lax.dynamic_slice_in_dim(cache.valid_BxS, slot, 1, 1) & acc_B[:, None]
+  cache = cache._replace(
+    valid_BxS=jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, kept, slot, 1)
+  )
+  o, count, done = _append(
+    carry.out_BxN, carry.count_B, carry.done_B, g_Bx2[:, 0], active_B, stop_ids, N
+  )
+  o, count, done = _append(o, count, done, g_Bx2[:, 1], acc_B, stop_ids, N)
+  mtp_mask = jnp.stack([active_B, acc_B], 1).astype(jnp.float32)
+  logits, mtp_cache = model.mtp_decode(
+    h_Bx2xD, g_Bx2, mask_BxL=mtp_mask, positions_BxL=pos_Bx2, cache=carry.mtp_cache
+  )
+  draft_B = jnp.argmax(jnp.where(acc_B[:, None], logits[:, 1], logits[:, 0]), -1)
+  return _SpecCarry(
+    cache,
+    mtp_cache,
+    jnp.where(acc_B, g_Bx2[:, 1], g_Bx2[:, 0]),
+    draft_B.astype(jnp.int32),
+    carry.pos_B + 1 + acc_B.astype(jnp.int32),
+    done,
+    o,
+    count,
+    carry.accepted + jnp.sum(acc_B, dtype=jnp.int32),
+    carry.drafted + jnp.sum(active_B, dtype=jnp.int32),
+  )
+
+
+def speculative_generate(
+  model,
+  prompts,
+  max_new_tokens,
+  sampling,
+  stop_ids,
+  pad_id,
+  mesh,
+  config,
+  return_experts,
+  check_every,
+) -> Generation:
+  """Self-speculative greedy decoding (DeepSeek-V3 section 2.2's MTP modules
+  reused for drafting, as its section 5.4.3 evaluates: 85-90% of the second
+  tokens accepted). Each step, MTP module 1 has drafted the token after the
+  newest verified one; the main model reads both in one cached forward and
+  keeps the draft where it equals its own greedy token, so a step gives 1 or
+  2 tokens per row and the tokens are exactly greedy decoding's (up to
+  float ties: the verifying forward reads 2 tokens at once). The main model's
+  cache and the module's hold 2 slots a step (a rejected draft's left
+  empty): cache_length(prompt, 2 x max_new_tokens). Generation.drafts counts
+  the accepted and verified drafts. Drafts come from module 1 only (a chain
+  of D modules drafting D tokens is not built); greedy only."""
+  m = model.m
+  if not getattr(model, "mtp", None):
+    raise ConfigError(
+      f"speculative decoding needs the MTP modules: config.model.mtp_depth={m.mtp_depth} "
+      "(a run trained with mtp_depth >= 1, loaded with keep_mtp=True)"
+    )
+  if sampling.temperature != 0.0:
+    raise ConfigError(
+      f"speculative decoding is greedy only: temperature={sampling.temperature} (use 0)"
+    )
+  if return_experts or any(m.window(i) for i in range(m.num_layers)):
+    what = "the experts' record" if return_experts else "config.model.sliding_window's ring cache"
+    raise ConfigError(f"speculative decoding does not support {what}")
+  Lp = max(len(p) for p in prompts)
+  B, N = len(prompts), max_new_tokens
+  tokens, mask, positions = left_pad(prompts, pad_id, bucket(Lp))
+  S = cache_length(Lp, 2 * N)
+  graphdef, state = nnx.split(model)
+  ctx = sharding.use(mesh, config) if mesh is not None else contextlib.nullcontext()
+  stop_ids = tuple(int(i) for i in stop_ids)
+  with ctx:
+    t0 = time.perf_counter()
+    carry = _spec_prefill(
+      graphdef,
+      state,
+      jnp.asarray(tokens),
+      jnp.asarray(mask),
+      jnp.asarray(positions),
+      init_cache(m, B, S),
+      init_mtp_cache(m, B, S),
+      stop_ids,
+      N,
+    )
+    jax.block_until_ready(carry.next_B)
+    t1 = t_first = time.perf_counter()
+    steps = 0
+    for n in range(N - 1):  # each step gives every unfinished row >= 1 token
+      carry = _spec_step(graphdef, state, carry, stop_ids, N)
+      steps += 1
+      if n == 0:
+        jax.block_until_ready(carry.next_B)
+        t_first = time.perf_counter()
+      if (n + 1) % check_every == 0 and bool(jax.device_get(carry.done_B).all()):
+        break
+    carry = jax.device_get(carry._replace(cache=None, mtp_cache=None))
+  t2 = time.perf_counter()
+  gen = [list(map(int, row[:c])) for row, c in zip(carry.out_BxN, carry.count_B)]
+  drafts = (int(carry.accepted), int(carry.drafted))
+  return Generation(gen, None, t1 - t0, t_first - t1, t2 - t_first, max(steps - 1, 0), drafts)
 
 
 def param_bytes(model) -> int:

@@ -19,6 +19,10 @@ Uses the run's own config and tokenizer; MoE layers decode without dropping
 (model.moe.decode_dispatch). Prints each completion and the tokens/s; with
 --output, one JSON line per prompt (prompt, completion, tokens, and with
 --expert_choices the experts each generated token was routed to, per MoE layer).
+--speculative (a run trained with model.mtp_depth >= 1, DeepSeek-V3's
+multi-token prediction): each step the first MTP module drafts the next
+token and the main model verifies it in the same cached forward, so a step
+gives 1 or 2 tokens, exactly greedy decoding's; prints the drafts accepted.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ _CHAT = flags.DEFINE_bool(
   "chat", False, "Each prompt is a user message in the tokenizer's chat template."
 )
 _EXPERTS = flags.DEFINE_bool("expert_choices", False, "Record each token's experts in --output.")
+_SPECULATIVE = flags.DEFINE_bool(
+  "speculative",
+  False,
+  "Self-speculative greedy decoding: a run trained with model.mtp_depth >= 1 drafts "
+  "with its first MTP module, the main model verifies (the same tokens as greedy).",
+)
 _MESH = flags.DEFINE_string(
   "mesh",
   "fsdp",
@@ -118,9 +128,15 @@ def main(argv):
 
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   config, mesh = statelib.mesh_for_use(checkpoint.read_config(workdir), _MESH.value)
+  if _SPECULATIVE.value and (_TEMPERATURE.value or _EXPERTS.value):
+    raise UserError("--speculative is greedy only: without --temperature and --expert_choices")
   model, c, tok = statelib.load_model(
-    workdir, _STEP.value, inference=True, mesh=mesh, config=config
+    workdir, _STEP.value, inference=True, mesh=mesh, config=config, keep_mtp=_SPECULATIVE.value
   )
+  if _SPECULATIVE.value and not c.model.get("mtp_depth"):
+    raise UserError(
+      f"--speculative needs a run trained with config.model.mtp_depth >= 1 ({workdir}'s is 0)"
+    )
   ids = chat_prompts(tok, prompts) if _CHAT.value else [tok.encode(p) for p in prompts]
   empty = [i for i, p in enumerate(ids) if not p]
   if empty:
@@ -137,6 +153,7 @@ def main(argv):
     mesh=mesh,
     config=c,
     return_experts=_EXPERTS.value,
+    speculative=_SPECULATIVE.value,
   )
   rows = []
   for i, (prompt, toks) in enumerate(zip(prompts, g.tokens)):
@@ -152,6 +169,12 @@ def main(argv):
     f"({g.steps} steps of {len(prompts)} row(s) after the first in {g.decode_s:.2f} s, "
     "no compile in them)"
   )
+  if g.drafts:
+    accepted, verified = g.drafts
+    print(
+      f"speculative: {accepted} of {verified} drafts accepted "
+      f"({1 + accepted / max(verified, 1):.2f} tokens per row and step)"
+    )
   if _OUTPUT.value:
     try:
       with open(_OUTPUT.value, "w", encoding="utf-8") as f:

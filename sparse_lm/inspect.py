@@ -153,23 +153,35 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   """Total / active params, FLOPs per token and memory (bytes) of config `c`.
 
   Keys: total_params, active_params, routed_expert_params, embedding_params,
-  train_flops_per_token, inference_flops_per_token, param_bytes, optimizer_bytes.
+  train_flops_per_token, inference_flops_per_token, param_bytes, optimizer_bytes,
+  mtp_params, mtp_active_params. The multi-token prediction modules
+  (model.mtp_depth) are left out of total / active, as DeepSeek-V3's 671B /
+  37B leave out its 14B MTP module, and counted in mtp_params (their embedding
+  and head are the main model's); their FLOPs are in the training FLOPs only
+  (decoding drops them); param_bytes and optimizer_bytes hold them.
   `model`: an abstract (or real) Transformer of `c`, to skip building one.
   """
   m = cfglib.model_spec(c)
   V = vocab_size or statelib.vocab_size_of(c)
   model = model if model is not None else statelib.abstract_model(c, V)
   params = param_list(model)
+  k_frac = experts_per_token(m) / m.moe.num_experts if m.is_moe else 1.0
   total = routed = lookup = unembed = vectors = 0
+  mtp_total = mtp_routed = mtp_vectors = 0
   for path, shape, names in params:
     n = math.prod(shape)
+    if path.startswith("mtp/"):  # the MTP modules (model.mtp_depth): counted apart
+      mtp_total += n
+      mtp_routed += n if is_routed(path, names) else 0
+      mtp_vectors += n if len(shape) < 2 else 0
+      continue
     total += n
     routed += n if is_routed(path, names) else 0
     lookup += n if path.split("/")[-1] in LOOKUP_TABLES else 0
     unembed += n if path.split("/")[-1] == "unembed" else 0
     vectors += n if len(shape) < 2 else 0  # norm scales and biases: no matmul
-  k_frac = experts_per_token(m) / m.moe.num_experts if m.is_moe else 1.0
   active = total - routed + routed * k_frac
+  mtp_active = mtp_total - mtp_routed + mtp_routed * k_frac
   matmul = active - lookup - unembed - vectors + V * m.d_model
   attn_width = m.num_heads * m.head_dim  # per query and key: H Z for q . k, H Z for p v
   if m.attention == "mla":
@@ -179,6 +191,10 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
   fwd = 2 * matmul + 4 * m.num_layers * c.data.seq_len * attn_width
   if c.model.get("arch") == "encoder_decoder":  # per encoder token (encoder_decoder_flops)
     fwd = encoder_decoder_flops(c, params, k_frac, V) / c.data.seq_len
+  # Each MTP module: its matmuls, its block's attention and the shared head's
+  # D x V logits; trained, never run at inference (DeepSeek-V3 section 2.2).
+  mtp_fwd = m.mtp_depth * (4 * c.data.seq_len * attn_width + 2 * V * m.d_model)
+  mtp_fwd += 2 * (mtp_active - mtp_vectors)
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   param_bytes = sum(math.prod(p.shape) * p.dtype.itemsize for p in leaves)  # model.param_dtype
   return {
@@ -187,7 +203,9 @@ def summarize(c, vocab_size: int | None = None, model=None) -> dict:
     "routed_expert_params": int(routed),
     "embedding_params": int(lookup + unembed),
     "input_embedding_params": int(lookup),
-    "train_flops_per_token": float(3 * fwd),
+    "mtp_params": int(mtp_total),
+    "mtp_active_params": int(round(mtp_active)),
+    "train_flops_per_token": float(3 * (fwd + mtp_fwd)),
     "inference_flops_per_token": float(fwd),
     "param_bytes": int(param_bytes),
     "optimizer_bytes": int(sum(optimizer_bytes(c.train, params, c.model.param_dtype).values())),
@@ -625,6 +643,11 @@ def column(
     "active params": _num(s["active_params"]),
     # GPT-OSS's model card counts active parameters without the lookup table.
     "active less input embedding": _num(s["active_params"] - s["input_embedding_params"]),
+    **(
+      {"MTP params (apart)": f"{_num(s['mtp_params'])} ({m.mtp_depth} module(s))"}
+      if m.mtp_depth
+      else {}
+    ),
     "train FLOPs / token": _num(s["train_flops_per_token"]),
     "inference FLOPs / token": _num(s["inference_flops_per_token"]),
     "KV cache / token": kv_cache_row(m),
@@ -641,8 +664,10 @@ def column(
 
 
 def table(columns: dict[str, dict[str, str]]) -> str:
-  """Rows of the first column's keys, one column per config name."""
-  keys = list(next(iter(columns.values())))
+  """Rows of every column's keys (in first-seen order; "-" where a column has
+  none: the MTP row of a config without MTP), one column per config name."""
+  keys = list(dict.fromkeys(k for col in columns.values() for k in col))
+  columns = {name: {k: col.get(k, "-") for k in keys} for name, col in columns.items()}
   w = max(map(len, keys)) + 2
   widths = [max(len(name), *(len(col[k]) for k in keys)) + 3 for name, col in columns.items()]
   lines = ["".ljust(w) + "".join(n.rjust(cw) for n, cw in zip(columns, widths))]

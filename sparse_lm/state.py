@@ -31,6 +31,8 @@ from sparse_lm.models.encoder_decoder import EncoderDecoder
 from sparse_lm.models.encoder_decoder import apply_state_updates
 from sparse_lm.models.moe import routing
 from sparse_lm.models.transformer import Transformer
+from sparse_lm.models.transformer import mtp_reach
+from sparse_lm.models.transformer import mtp_shift
 
 
 def vocab_size_of(c) -> int:
@@ -144,11 +146,53 @@ def _encoder_decoder_forward(model, batch, *, train: bool, rng):
 
 def loss_fn(model, batch, *, train: bool, rng):
   """Token-weighted cross-entropy (the mean over the weighted tokens of the
-  whole batch) + the MoE layers' weighted router losses."""
+  whole batch) + the MoE layers' weighted router losses; in training, with
+  model.mtp_depth > 0, + the multi-token prediction loss (mtp_loss_fn)."""
+  if train and model.m.mtp_depth:
+    return mtp_loss_fn(model, batch, rng=rng)
   ce_sum, w_sum, moe_aux = forward(model, batch, train=train, rng=rng)
   ce = ce_sum / jnp.maximum(w_sum, 1.0)
   router_loss = sum((a["router_loss"] for a in moe_aux), jnp.float32(0.0))
   return ce + router_loss, {"ce": ce, "router_loss": router_loss, "moe": moe_aux}
+
+
+def mtp_loss_fn(model, batch, *, rng):
+  """loss_fn's training loss with multi-token prediction (DeepSeek-V3 section
+  2.2, eq. 24-25): CE + router losses + lambda / D x sum_k CE_k, lambda =
+  model.mtp_loss_weight, D = model.mtp_depth. CE_k is MTP module k's
+  cross-entropy for token i + k + 1 at position i (batch["targets"][:, i + k]),
+  weighted by batch["weights"][:, i + k] where i + k is in the sequence and
+  in position i's packed example (transformer.mtp_reach), averaged over its
+  weighted tokens as CE is (the paper divides by T). The router losses of the
+  modules' MoE blocks are added to router_loss. Measurements: "mtp_ce"
+  (1/D sum_k CE_k, logged as mtp_loss) and "mtp_moe" (the blocks' aux)."""
+  w_BxL = batch["weights"]
+  segments_BxL = batch.get("segment_ids")
+  out, mtp = model.with_mtp(
+    batch["inputs"],
+    mask_BxL=batch.get("mask", w_BxL),
+    positions_BxL=batch.get("positions"),
+    segments_BxL=segments_BxL,
+    train=True,
+    rng=rng,
+  )
+  mean_ce = lambda logits, targets, w: (
+    jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * w)
+    / jnp.maximum(jnp.sum(w), 1.0)
+  )
+  ce = mean_ce(out.logits, batch["targets"], w_BxL)
+  B, L = w_BxL.shape
+  ces = []
+  for k, o in enumerate(mtp, 1):
+    w_k = mtp_shift(w_BxL, k) * mtp_reach(B, L, k, segments_BxL)
+    ces.append(mean_ce(o.logits, mtp_shift(batch["targets"], k), w_k))
+  mtp_ce = sum(ces) / len(ces)
+  router_loss = sum(
+    (a["router_loss"] for a in [*out.moe_aux, *(o.aux for o in mtp)] if a), jnp.float32(0.0)
+  )
+  loss = ce + router_loss + model.m.mtp_loss_weight * mtp_ce
+  aux = {"ce": ce, "router_loss": router_loss, "moe": out.moe_aux}
+  return loss, {**aux, "mtp_ce": mtp_ce, "mtp_moe": [o.aux for o in mtp]}
 
 
 def _micro_batches(batch, n: int):
@@ -258,7 +302,8 @@ def train_step(c, graphdef):
       grad_fn = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
       (loss, aux), grads = grad_fn(model)
     opt.update(model, grads)
-    apply_state_updates(model, aux["moe"])  # routing state (DeepSeek-V3's bias)
+    # routing state (DeepSeek-V3's bias), the MTP modules' MoE blocks' too
+    apply_state_updates(model, aux["moe"], aux.get("mtp_moe", ()))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = nnx.state((model, opt))
@@ -284,7 +329,13 @@ def eval_step(graphdef):
 
 
 def load_model(
-  workdir: str, step: int | None = None, *, inference: bool = False, mesh=None, config=None
+  workdir: str,
+  step: int | None = None,
+  *,
+  inference: bool = False,
+  mesh=None,
+  config=None,
+  keep_mtp: bool = False,
 ):
   """The model of a run's checkpoint (latest, or `step`): (model, config, tokenizer).
 
@@ -297,8 +348,12 @@ def load_model(
   layers dispatch by model.moe.decode_dispatch). mesh: shard by the config's
   rules onto this mesh (run the model under sharding.use(mesh, config));
   default one device. config: the run's config as the caller changed it for
-  `mesh` (mesh_for_use); default the run's own. Errors (no checkpoint, a step
-  that is not there, a tokenizer that does not fit) are one line (RunError)."""
+  `mesh` (mesh_for_use); default the run's own. keep_mtp: also read the
+  multi-token prediction modules (model.mtp_depth; generate --speculative);
+  by default they are not read and the model is the main one, mtp_depth=0's
+  (DeepSeek-V3 section 2.2 drops them at inference). Errors (no checkpoint, a
+  step that is not there, a tokenizer that does not fit) are one line
+  (RunError)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   c = config if config is not None else ckptlib.read_config(workdir)
   tok = datalib.make_tokenizer(c.data)
@@ -308,13 +363,17 @@ def load_model(
     step = ckpt.resolve(step)
   finally:
     ckpt.close()
+  built = c
+  if c.model.get("mtp_depth") and not keep_mtp:  # the main model: its parameters only
+    built = c.copy_and_resolve_references()
+    built.model.mtp_depth = 0
   if mesh is None:
-    graphdef, abs_vars = nnx.split(abstract_model(c, tok.vocab_size))
+    graphdef, abs_vars = nnx.split(abstract_model(built, tok.vocab_size))
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shd = jax.tree.map(lambda a: dev, abs_vars)
   else:
     with sharding.use(mesh, c):
-      spec = cfglib.model_spec(c)
+      spec = cfglib.model_spec(built)
       model = nnx.eval_shape(lambda: Transformer(spec, tok.vocab_size, rngs=nnx.Rngs(0)))
       graphdef, abs_vars = nnx.split(model)
       shd = nnx.get_named_sharding(abs_vars, mesh)
@@ -330,7 +389,7 @@ def load_model(
   state = jax.tree_util.tree_map_with_path(lambda kp, _: values[paramslib.path_str(kp)], abs_vars)
   model = nnx.merge(graphdef, state)
   if inference:
-    model = decode.for_inference(model)
+    model = decode.for_inference(model, keep_mtp)
   return model, c, tok
 
 

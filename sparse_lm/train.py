@@ -193,6 +193,8 @@ class Monitor:
       (s0, t0), t1 = self.since, self.drained[1]
       row["tokens_per_s"] = self.tokens_per_step * (step - s0) / max(t1 - t0, 1e-9)
       self.since = self.drained
+    if "mtp_ce" in meas:  # model.mtp_depth: the MTP modules' mean cross-entropy
+      row["mtp_loss"] = float(meas["mtp_ce"])
     if self.t.skip_nonfinite_steps:
       row["skipped_steps"] = self.skipped
     if self.moe_ids:

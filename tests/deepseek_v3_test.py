@@ -20,7 +20,10 @@ def test_configs_sizes_and_cache():
   """configs/deepseek_v3.py:671b: 671B total within 0.5% (inspect: 671.03B),
   37.55B active counting both embedding tables (the paper's "37B"); its cache
   per token is (512 + 64) x 61 layers x 2 bytes, 1.76% of the MHA twin's (128
-  kv heads of 128: DeepSeek-V2 Table 1's 2 n_h d_h); :tiny validates."""
+  kv heads of 128: DeepSeek-V2 Table 1's 2 n_h d_h); its MTP module
+  (model.mtp_depth=1, section 2.2) is counted apart: 11.61B (the release's
+  README_WEIGHTS: 11.5B unique, besides the shared 0.9B embedding and 0.9B
+  head), 0.69B of it active; :tiny validates, with one MTP module too."""
   c = cfglib.load_config("configs/deepseek_v3.py:671b")
   # inspect's counts of the first 4 and 5 layers (3 dense, then MoE): the 57
   # further MoE layers are each the 5th's (a 61-layer abstract model is 20 s).
@@ -31,12 +34,15 @@ def test_configs_sizes_and_cache():
   total, active = (s4[0][k] + 57 * (s5[0][k] - s4[0][k]) for k in ("total_params", "active_params"))
   assert abs(total / 671e9 - 1) < 5e-3 and total == 671_026_404_352, total
   assert 37e9 <= active < 38e9 and active == 37_552_282_624, active
+  assert s4[0]["mtp_params"] == s5[0]["mtp_params"] == 11_610_067_968
+  assert s4[0]["mtp_active_params"] == 688_100_352
   c.model.num_layers = 61
   m = cfglib.model_spec(c).replace(dtype="bfloat16")
   assert decode.cache_bytes(m, 1, 1) == 576 * 61 * 2
   assert decode.cache_bytes(inspectlib.gqa_twin(m), 1, 1) == 2 * 128 * 128 * 61 * 2
   assert "GQA twin" in inspectlib.kv_cache_row(m)
-  assert cfglib.model_spec(cfglib.load_config("configs/deepseek_v3.py:tiny")).attention == "mla"
+  tiny = cfglib.model_spec(cfglib.load_config("configs/deepseek_v3.py:tiny"))
+  assert tiny.attention == "mla" and tiny.mtp_depth == 1
 
 
 def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path):

@@ -135,6 +135,10 @@ class ModelSpec:
   # DeepSeek-V2/V3's multi-head latent attention, with model.mla's widths).
   attention: str = "mha"
   mla: MlaSpec = MlaSpec()
+  # DeepSeek-V3's multi-token prediction (section 2.2): model.mtp_depth
+  # sequential MTP modules (transformer.MtpModule), their loss weight lambda.
+  mtp_depth: int = 0
+  mtp_loss_weight: float = 0.3
 
   def window(self, i: int) -> int:
     """Layer i's attention window (model.sliding_window on the layers that

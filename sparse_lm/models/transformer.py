@@ -158,6 +158,63 @@ class Block(nnx.Module):
     return jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
 
 
+def mtp_shift(a_BxL, k: int, fill=0):
+  """a[:, i + k] at position i, `fill` where i + k is past the sequence: MTP
+  module k's inputs and targets (DeepSeek-V3 section 2.2: module k at
+  position i reads token t_{i+k} and predicts t_{i+k+1})."""
+  B, L = a_BxL.shape
+  pad = jnp.full((B, min(k, L)), fill, a_BxL.dtype)
+  return jnp.concatenate([a_BxL[:, k:], pad], 1)
+
+
+def mtp_reach(B: int, L: int, k: int, segments_BxL=None):
+  """[B, L] float32: 1 where position i + k is in the sequence and, for packed
+  examples (segments_BxL), in position i's own segment: where MTP module k
+  has an input and a target for position i."""
+  ok_BxL = jnp.broadcast_to(jnp.arange(L) + k < L, (B, L))
+  if segments_BxL is not None:
+    ok_BxL = ok_BxL & (mtp_shift(segments_BxL, k, -1) == segments_BxL)
+  return ok_BxL.astype(jnp.float32)
+
+
+class MtpModule(nnx.Module):
+  """Multi-token prediction module k (DeepSeek-V3 section 2.2, eq. 21-23):
+  h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], then one Transformer
+  block, h^k = TRM_k(h'), whose final norm feeds the output head shared with
+  the main model (as is the embedding). h^0 is the main model's final hidden
+  state (after its final norm, as vLLM's and Megatron-Core's MTP read it).
+
+  As the released checkpoint's layer 61 (num_nextn_predict_layers; vLLM's
+  deepseek_mtp.py): enorm, hnorm, eh_proj [2d, d] over the embedding's norm
+  *first* (the paper's eq. 21 writes h first: a permutation of M_k's rows),
+  shared_head.norm (here head_norm). The block is the last layer's kind
+  (Block(m, num_layers - 1)): an MoE layer in DeepSeek-V3, as its layer 61."""
+
+  def __init__(self, m: ModelSpec, *, rngs: nnx.Rngs):
+    self.enorm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
+    self.hnorm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
+    self.eh_proj = layers.param(
+      rngs, layers.fan_in_init(scale=m.init_scale), (2 * m.d_model, m.d_model), (None, "embed")
+    )
+    self.block = Block(m, m.num_layers - 1, rngs=rngs)
+    self.head_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
+
+  def project(self, h_BxLxD, e_BxLxD):
+    """M_k [RMSNorm(emb); RMSNorm(h)] -> the block's input [B, L, D]."""
+    x_BxLx2D = jnp.concatenate([self.enorm(e_BxLxD), self.hnorm(h_BxLxD)], -1)
+    x_BxLxD = x_BxLx2D @ self.eh_proj[...].astype(x_BxLx2D.dtype)
+    return constrain(x_BxLxD, "batch", "length", "act_embed")
+
+
+class MtpOut(NamedTuple):
+  """One MTP module's outputs (Transformer.with_mtp)."""
+
+  logits: jax.Array  # [B, L, V] float32: position i predicts t_{i+k+1}
+  aux: dict  # its block's MoE aux dict ({} if dense)
+  hidden: jax.Array  # h^k [B, L, D], the next module's input
+  cache: layers.KVCache | None  # its block's updated KVCache when decoding
+
+
 class Cache(NamedTuple):
   """The decoding state (sparse_lm/decode.py): every layer's KVCache, which
   cache slots hold real tokens, and the next slot to write (shared by all rows)."""
@@ -277,6 +334,8 @@ class Transformer(nnx.Module):
       self.unembed = layers.param(
         rngs, layers.fan_in_init(scale=m.init_scale), (m.d_model, vocab_size), ("embed", "vocab")
       )
+    if m.mtp_depth:  # drawn after the main model: its values are mtp_depth=0's
+      self.mtp = nnx.List([MtpModule(m, rngs=rngs) for _ in range(m.mtp_depth)])
     if m.param_dtype != "float32":
       # Drawn in float32 (the same draws as a float32 model), then rounded. Only
       # Params: routing state (DeepSeek-V3's bias) accumulates small steps.
@@ -296,6 +355,16 @@ class Transformer(nnx.Module):
     return_experts: bool = False,
     segments_BxL=None,
   ) -> Output:
+    x_BxLxD, moe_aux, new_cache, _ = self._trunk(
+      tokens_BxL, mask_BxL, train, rng, positions_BxL, cache, return_experts, segments_BxL
+    )
+    return Output(self._head(x_BxLxD), moe_aux, new_cache)
+
+  def _trunk(
+    self, tokens_BxL, mask_BxL, train, rng, positions_BxL, cache, return_experts, segments_BxL
+  ):
+    """The main model up to its final norm -> (x [B, L, D], moe_aux, the
+    updated Cache or None, the blocks' keyword arguments)."""
     B, L = tokens_BxL.shape
     dt = layers.dtype_of(self.m)
     if mask_BxL is None:
@@ -322,13 +391,97 @@ class Transformer(nnx.Module):
     x_BxLxD, aux, kv = self._layers(x_BxLxD, rng, cache, kw)
     moe_aux = LayerAux.of([a for i, a in enumerate(aux) if self.m.moe_layer(i)])
     x_BxLxD = self.final_norm(x_BxLxD)
+    new_cache = None if cache is None else Cache(tuple(kv), valid_BxS, index + L)
+    return x_BxLxD, moe_aux, new_cache, kw
+
+  def _head(self, x_BxLxD):
+    """The output head (shared by the MTP modules): logits [B, L, V] float32."""
+    dt = layers.dtype_of(self.m)
     if self.m.tie_embeddings:
       logits_BxLxV = self.embed.attend(x_BxLxD)
     else:
       logits_BxLxV = x_BxLxD @ self.unembed[...].astype(dt)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "vocab")
-    new_cache = None if cache is None else Cache(tuple(kv), valid_BxS, index + L)
-    return Output(logits_BxLxV.astype(jnp.float32), moe_aux, new_cache)
+    return logits_BxLxV.astype(jnp.float32)
+
+  def with_mtp(
+    self,
+    tokens_BxL,
+    *,
+    mask_BxL=None,
+    train: bool = False,
+    rng=None,
+    positions_BxL=None,
+    segments_BxL=None,
+  ) -> tuple[Output, list[MtpOut]]:
+    """The main model's Output and the model.mtp_depth MTP modules' outputs
+    (DeepSeek-V3 section 2.2), in order: module k (1-based) at position i
+    reads h^{k-1}_i and the embedding of token i + k (tokens_BxL[:, i + k],
+    mtp_shift) and predicts token i + k + 1; where i + k is past the sequence
+    or (segments_BxL) in another packed example, its input is a filler that
+    the causal mask keeps from every real position and the loss skips
+    (mtp_reach). The MoE routing of module k's block counts those positions
+    out (its mask is mask_BxL x mask_BxL[:, i + k] x reach)."""
+    x_BxLxD, moe_aux, _, kw = self._trunk(
+      tokens_BxL, mask_BxL, train, rng, positions_BxL, None, False, segments_BxL
+    )
+    out = Output(self._head(x_BxLxD), moe_aux, None)
+    B, L = tokens_BxL.shape
+    mask_BxL = kw["mask_BxL"]
+    mtp = []
+    for k in range(1, self.m.mtp_depth + 1):
+      reach_BxL = mtp_reach(B, L, k, segments_BxL)
+      kw_k = dict(kw, mask_BxL=mask_BxL * mtp_shift(mask_BxL, k) * reach_BxL)
+      mtp.append(self._mtp_step(k, x_BxLxD, mtp_shift(tokens_BxL, k), rng, None, kw_k))
+      x_BxLxD = mtp[-1].hidden
+    return out, mtp
+
+  def decode_hidden(self, tokens_BxL, *, mask_BxL, positions_BxL, cache: Cache):
+    """A cached forward (decoding) -> (Output, the final hidden state x [B, L,
+    D] after the final norm: the MTP modules' h^0; speculative decoding)."""
+    x_BxLxD, moe_aux, new_cache, _ = self._trunk(
+      tokens_BxL, mask_BxL, False, None, positions_BxL, cache, False, None
+    )
+    return Output(self._head(x_BxLxD), moe_aux, new_cache), x_BxLxD
+
+  def mtp_decode(self, h_BxLxD, next_tokens_BxL, *, mask_BxL, positions_BxL, cache: Cache):
+    """MTP module 1 over its own one-layer Cache (decode.init_mtp_cache), as
+    with_mtp computes it: position i reads h^0_i and token i + 1
+    (next_tokens_BxL[:, i]) -> (its logits [B, L, V], the updated Cache)."""
+    index, L = cache.index, next_tokens_BxL.shape[1]
+    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxL > 0, index, 1)
+    kw = dict(
+      positions_BxL=positions_BxL,
+      mask_BxL=mask_BxL,
+      train=False,
+      index=index,
+      valid_BxS=valid_BxS,
+      return_experts=False,
+      segments_BxL=None,
+    )
+    o = self._mtp_step(1, h_BxLxD, next_tokens_BxL, None, cache.layers[0], kw)
+    return o.logits, Cache((o.cache,), valid_BxS, index + L)
+
+  def _mtp_step(self, k: int, h_BxLxD, next_tokens_BxL, rng, layer_cache, kw) -> MtpOut:
+    """MTP module k (1-based) on h^{k-1} and the tokens it reads."""
+    module = self.mtp[k - 1]
+    e_BxLxD = self.embed(next_tokens_BxL, layers.dtype_of(self.m))
+    x_BxLxD = module.project(h_BxLxD, e_BxLxD)
+    remat = self.m.remat if layer_cache is None else "none"
+    x_BxLxD, aux, kv = self._run_block(
+      module.block, x_BxLxD, rng, self.m.num_layers + k - 1, layer_cache, kw, remat
+    )
+    return MtpOut(self._head(module.head_norm(x_BxLxD)), aux, x_BxLxD, kv)
+
+  def _run_block(self, block, x_BxLxD, rng, i: int, layer_cache, kw: dict, remat: str):
+    """One unscanned block (its dropout RNG folded with i), rematerialised by `remat`."""
+    if remat == "none":
+      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+      return block(x_BxLxD, rng=layer_rng, cache=layer_cache, **kw)
+    graphdef, state = nnx.split(block)
+    leaves, treedef = jax.tree.flatten(state)
+    fn = _block_fn(graphdef, treedef, remat, False, rng, kw)
+    return fn(leaves, x_BxLxD, i)
 
   def _layers(self, x_BxLxD, rng, cache: Cache | None, kw: dict):
     """All blocks -> (x, every layer's aux dict, every layer's KVCache or None).
@@ -351,14 +504,7 @@ class Transformer(nnx.Module):
         row = jax.tree.map(lambda a, r=(i - start) // period: a[r], state)
         block = nnx.merge(graphdef, row)
       layer_cache = None if cache is None else cache.layers[i]
-      if remat == "none":
-        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-        x_BxLxD, a, layer_kv = block(x_BxLxD, rng=layer_rng, cache=layer_cache, **kw)
-      else:
-        graphdef, state = nnx.split(block)
-        leaves, treedef = jax.tree.flatten(state)
-        fn = _block_fn(graphdef, treedef, remat, False, rng, kw)
-        x_BxLxD, a, layer_kv = fn(leaves, x_BxLxD, i)
+      x_BxLxD, a, layer_kv = self._run_block(block, x_BxLxD, rng, i, layer_cache, kw, remat)
       aux.append(a)
       kv.append(layer_kv)
     return x_BxLxD, aux, kv
@@ -407,10 +553,14 @@ def _stack(blocks: list[Block]) -> Block:
   return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=is_var))
 
 
-def apply_state_updates(model: Transformer, moe_aux: list[dict]) -> None:
+def apply_state_updates(model: Transformer, moe_aux: list[dict], mtp_aux=()) -> None:
   """Writes the routing state the MoE layers of a training forward returned
-  (a stacked position's: its layers' updates stacked in row order)."""
+  (a stacked position's: its layers' updates stacked in row order), and the
+  MTP modules' MoE blocks' (mtp_aux: one aux dict per module)."""
   m = model.m
+  for module, a in zip(getattr(model, "mtp", ()), mtp_aux):
+    if module.block.is_moe:
+      module.block.ffn.apply_state_updates(a)
   by_layer = dict(zip(m.moe_layers, moe_aux))
   start, period, repeats = scan_plan(m) if hasattr(model, "scan") else (0, 1, 0)
   for i, block in enumerate(model.blocks):

@@ -1,0 +1,108 @@
+"""Multi-token prediction (DeepSeek-V3 section 2.2; issue 31): model.mtp_depth
+MTP modules (transformer.MtpModule), their loss (state.mtp_loss_fn), the main
+model at inference (decode.for_inference drops them), and self-speculative
+greedy decoding (decode.generate(speculative=True)). One test, in process, on
+configs/deepseek_v3.py:tiny shrunk to 1 MoE layer (its MTP block MoE too)."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_lm import config as cfglib
+from sparse_lm import decode
+from sparse_lm import state as statelib
+from sparse_lm.errors import ConfigError
+
+V = 128
+
+
+def tiny(depth: int):
+  c = cfglib.load_config("configs/deepseek_v3.py:tiny")
+  c.model.num_layers, c.model.moe.first_dense_layers, c.model.mtp_depth = 1, 0, depth
+  c.data.batch_size, c.data.seq_len, c.data.num_streams = 4, 32, 4
+  c.train.learning_rate, c.train.warmup_steps = 3e-3, 0
+  return cfglib.validate(c)
+
+
+def test_mtp_trains_with_the_main_model_and_is_dropped_at_inference():
+  """(1) model.mtp_depth / mtp_loss_weight refused in one line naming the key.
+  (2) mtp_depth=1 (the released config's): 12 train steps (state.train_step)
+  on a repeating batch lower both the main cross-entropy and the MTP one, and
+  the MTP block's router bias (DeepSeek-V3's routing state) is updated.
+  (3) The trained model's parameters are mtp_depth=0's plus "mtp/0/...": its
+  main logits equal, byte for byte, those of the mtp_depth=0 model given the
+  same parameters without the "mtp" subtree, and decode.for_inference drops
+  the module. The module's logits at position i read tokens up to i + 1 and
+  no later (a change to token i + 2 leaves them, one to token i + 1 moves them).
+  (4) Self-speculative greedy decoding (module 1 drafts, the main model
+  verifies) gives greedy decoding's 12 tokens for 2 prompts of different
+  lengths, the trained pattern's (its drafts accepted) and a random one's."""
+  for key, value in (("mtp_depth", -1), ("mtp_loss_weight", -0.1)):
+    c = tiny(1)
+    c.model[key] = value
+    with pytest.raises(ConfigError, match=f"config.model.{key}="):
+      cfglib.validate(c)
+  c = tiny(1)
+  c.data.batch_size, c.train.microbatches = 8, 2
+  with pytest.raises(ConfigError, match="config.model.mtp_depth=1 .*train.microbatches=2"):
+    cfglib.validate(c)
+
+  # (2) trained together.
+  c = tiny(1)
+  graphdef, _, _ = statelib.abstract_state(c, V)
+  with nnx.use_eager_sharding(False):  # one compiled init, not one per parameter
+    state = jax.jit(lambda: nnx.state(statelib.create(c, V)))()
+  rows = np.random.default_rng(1).integers(3, V, (4, 8))
+  seq = np.tile(rows, (1, 5))[:, :33]
+  batch = {
+    "inputs": jnp.asarray(seq[:, :32], jnp.int32),
+    "targets": jnp.asarray(seq[:, 1:], jnp.int32),
+    "weights": jnp.ones((4, 32), jnp.float32),
+  }
+  bias0 = np.asarray(state[0]["mtp"][0]["block"]["ffn"]["router_bias"][...])
+  step = jax.jit(statelib.train_step(c, graphdef))
+  ce, mtp_ce = [], []
+  for n in range(12):
+    state, meas = step(state, batch, jnp.int32(n))
+    ce.append(float(meas["ce"]))
+    mtp_ce.append(float(meas["mtp_ce"]))
+  assert ce[-1] < 0.5 * ce[0] and mtp_ce[-1] < 0.5 * mtp_ce[0], (ce, mtp_ce)
+  assert not np.array_equal(state[0]["mtp"][0]["block"]["ffn"]["router_bias"][...], bias0)
+
+  # (3) the main model is mtp_depth=0's.
+  model = nnx.merge(graphdef, state)[0]
+  gd1, params = nnx.split(model)
+  main = nnx.State({k: v for k, v in params.items() if k != "mtp"})
+  with nnx.use_eager_sharding(False):
+    gd0 = nnx.graphdef(nnx.eval_shape(lambda: statelib.create(tiny(0), V)[0]))
+  assert sorted(params) == sorted([*nnx.to_pure_dict(main), "mtp"])
+  toks = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 16)), jnp.int32)
+  fwd = jax.jit(lambda gd, s, t: nnx.merge(gd, s)(t).logits, static_argnums=0)
+  assert np.array_equal(fwd(gd1, params, toks), fwd(gd0, main, toks))
+  inf = decode.for_inference(model)
+  assert not hasattr(inf, "mtp") and inf.m.mtp_depth == 0
+  with_mtp = jax.jit(lambda s, t: nnx.merge(gd1, s).with_mtp(t)[1][0].logits[:, 5])
+  at5 = with_mtp(params, toks)
+  moved = lambda t: np.abs(with_mtp(params, t) - at5).max()
+  assert moved(toks.at[:, 7].add(1)) < 1e-5 and moved(toks.at[:, 6].add(1)) > 1e-2
+
+  # (4) self-speculative greedy decoding gives greedy decoding's tokens.
+  prompts = [seq[0, :11].tolist(), np.random.default_rng(5).integers(3, V, 5).tolist()]
+  greedy = decode.generate(inf, prompts, max_new_tokens=12)
+  fast = decode.generate(
+    decode.for_inference(model, keep_mtp=True),
+    prompts,
+    max_new_tokens=12,
+    speculative=True,
+    check_every=1,
+  )
+  assert fast.tokens == greedy.tokens and all(len(t) == 12 for t in fast.tokens)
+  assert fast.drafts[0] >= 0.75 * fast.drafts[1], fast.drafts  # (accepted, verified)
+  # A module that drafts badly (its projection negated): the same tokens.
+  proj = params["mtp"][0]["eh_proj"]
+  proj.set_value(-proj.get_value())
+  bad = decode.for_inference(nnx.merge(gd1, params), keep_mtp=True)
+  slow = decode.generate(bad, prompts, max_new_tokens=12, speculative=True, check_every=1)
+  assert slow.tokens == greedy.tokens and slow.drafts[0] < 0.75 * slow.drafts[1], slow.drafts
