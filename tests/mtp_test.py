@@ -14,6 +14,8 @@ from sparse_lm import config as cfglib
 from sparse_lm import decode
 from sparse_lm import state as statelib
 from sparse_lm.errors import ConfigError
+from sparse_lm.models.transformer import mtp_reach
+from sparse_lm.models.transformer import mtp_shift
 
 V = 128
 
@@ -27,15 +29,18 @@ def tiny(depth: int):
 
 
 def test_mtp_trains_with_the_main_model_and_is_dropped_at_inference():
-  """(1) model.mtp_depth / mtp_loss_weight refused in one line naming the key.
+  """(1) model.mtp_depth / mtp_loss_weight refused in one line naming the key;
+  what module k reads and is scored on over packed examples (mtp_reach).
   (2) mtp_depth=1 (the released config's): 12 train steps (state.train_step)
   on a repeating batch lower both the main cross-entropy and the MTP one, and
   the MTP block's router bias (DeepSeek-V3's routing state) is updated.
   (3) The trained model's parameters are mtp_depth=0's plus "mtp/0/...": its
-  main logits equal, byte for byte, those of the mtp_depth=0 model given the
-  same parameters without the "mtp" subtree, and decode.for_inference drops
-  the module. The module's logits at position i read tokens up to i + 1 and
-  no later (a change to token i + 2 leaves them, one to token i + 1 moves them).
+  forward lowers to the same StableHLO text as the mtp_depth=0 model's given
+  the same parameters without the "mtp" subtree, decode.for_inference drops
+  the module (the graph of mtp_depth=0's inference model, and its
+  parameters: the same program on the same values). The module's logits at position i
+  read tokens up to i + 1 and no later (a change to token i + 2 leaves them,
+  one to token i + 1 moves them).
   (4) Self-speculative greedy decoding (module 1 drafts, the main model
   verifies) gives greedy decoding's 12 tokens for 2 prompts of different
   lengths, the trained pattern's (its drafts accepted) and a random one's."""
@@ -44,6 +49,11 @@ def test_mtp_trains_with_the_main_model_and_is_dropped_at_inference():
     c.model[key] = value
     with pytest.raises(ConfigError, match=f"config.model.{key}="):
       cfglib.validate(c)
+  # Module k's reach over packed examples: i + k in the sequence and i's segment.
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 0]], jnp.int32)
+  assert mtp_reach(1, 6, 1, seg).tolist() == [[1, 1, 0, 1, 0, 0]]
+  assert mtp_reach(1, 6, 2, seg).tolist() == [[1, 0, 0, 0, 0, 0]]
+  assert mtp_shift(seg, 2).tolist() == [[1, 2, 2, 0, 0, 0]]
   c = tiny(1)
   c.data.batch_size, c.train.microbatches = 8, 2
   with pytest.raises(ConfigError, match="config.model.mtp_depth=1 .*train.microbatches=2"):
@@ -79,10 +89,14 @@ def test_mtp_trains_with_the_main_model_and_is_dropped_at_inference():
     gd0 = nnx.graphdef(nnx.eval_shape(lambda: statelib.create(tiny(0), V)[0]))
   assert sorted(params) == sorted([*nnx.to_pure_dict(main), "mtp"])
   toks = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 16)), jnp.int32)
+  # The same program: the unused "mtp" arguments pruned, the StableHLO text is equal.
   fwd = jax.jit(lambda gd, s, t: nnx.merge(gd, s)(t).logits, static_argnums=0)
-  assert np.array_equal(fwd(gd1, params, toks), fwd(gd0, main, toks))
+  assert fwd.lower(gd1, params, toks).as_text() == fwd.lower(gd0, main, toks).as_text()
   inf = decode.for_inference(model)
-  assert not hasattr(inf, "mtp") and inf.m.mtp_depth == 0
+  inf0 = decode.for_inference(nnx.merge(gd0, main))
+  assert not hasattr(inf, "mtp") and nnx.graphdef(inf) == nnx.graphdef(inf0)
+  leaves = lambda mdl: [np.asarray(a).tobytes() for a in jax.tree.leaves(nnx.state(mdl))]
+  assert leaves(inf) == leaves(inf0)
   with_mtp = jax.jit(lambda s, t: nnx.merge(gd1, s).with_mtp(t)[1][0].logits[:, 5])
   at5 = with_mtp(params, toks)
   moved = lambda t: np.abs(with_mtp(params, t) - at5).max()
