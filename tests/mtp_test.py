@@ -5,6 +5,7 @@ greedy decoding (decode.generate(speculative=True)). One test, in process, on
 configs/deepseek_v3.py:tiny shrunk to 1 MoE layer (its MTP block MoE too)."""
 
 from flax import nnx
+from helpers import FAST_COMPILE
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +64,7 @@ def test_mtp_trains_with_the_main_model_and_is_dropped_at_inference():
   c = tiny(1)
   graphdef, _, _ = statelib.abstract_state(c, V)
   with nnx.use_eager_sharding(False):  # one compiled init, not one per parameter
-    state = jax.jit(lambda: nnx.state(statelib.create(c, V)))()
+    state = jax.jit(lambda: nnx.state(statelib.create(c, V)), compiler_options=FAST_COMPILE)()
   rows = np.random.default_rng(1).integers(3, V, (4, 8))
   seq = np.tile(rows, (1, 5))[:, :33]
   batch = {
@@ -72,7 +73,7 @@ def test_mtp_trains_with_the_main_model_and_is_dropped_at_inference():
     "weights": jnp.ones((4, 32), jnp.float32),
   }
   bias0 = np.asarray(state[0]["mtp"][0]["block"]["ffn"]["router_bias"][...])
-  step = jax.jit(statelib.train_step(c, graphdef))
+  step = jax.jit(statelib.train_step(c, graphdef), compiler_options=FAST_COMPILE)
   ce, mtp_ce = [], []
   for n in range(12):
     state, meas = step(state, batch, jnp.int32(n))
@@ -97,7 +98,9 @@ def test_mtp_trains_with_the_main_model_and_is_dropped_at_inference():
   assert not hasattr(inf, "mtp") and nnx.graphdef(inf) == nnx.graphdef(inf0)
   leaves = lambda mdl: [np.asarray(a).tobytes() for a in jax.tree.leaves(nnx.state(mdl))]
   assert leaves(inf) == leaves(inf0)
-  with_mtp = jax.jit(lambda s, t: nnx.merge(gd1, s).with_mtp(t)[1][0].logits[:, 5])
+  with_mtp = jax.jit(
+    lambda s, t: nnx.merge(gd1, s).with_mtp(t)[1][0].logits[:, 5], compiler_options=FAST_COMPILE
+  )
   at5 = with_mtp(params, toks)
   moved = lambda t: np.abs(with_mtp(params, t) - at5).max()
   assert moved(toks.at[:, 7].add(1)) < 1e-5 and moved(toks.at[:, 6].add(1)) > 1e-2
