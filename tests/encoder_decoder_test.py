@@ -2,7 +2,8 @@
 
 T5's relative position buckets against a per-pair reference written from
 Mesh TensorFlow's definition, and the stack's bias table read through them;
-packed seq2seq examples give each example's logits alone; MoE in both stacks
+packed seq2seq examples give each example's logits alone; cached decoding
+gives the full forward's logits; MoE in both stacks
 on an 8-way expert-parallel mesh gives the one-device loss and gradients;
 configs/switch_t5.py:tiny trains (its input and the train step); the config errors.
 """
@@ -153,6 +154,42 @@ def test_packed_examples_give_each_examples_logits():
   n = len(exs[0].targets)
   with jax.default_matmul_precision("highest"):
     np.testing.assert_allclose(np.asarray(fwd(longer))[0, :n], want[0, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_equals_the_full_forward():
+  """The encoder once, then the decoder over its self-attention cache and the
+  cross-attention's keys and values: a 3-token prefill and single steps give
+  the full forward's logits at every position (sources of 12, 7 and 3 real
+  tokens, padding hidden; dropless MoE in both stacks), and greedy decoding
+  picks the full forward's argmax at each step."""
+  V, N = 50, 6
+  graphdef, state = nnx.split(tiny_model(V, dispatch="dropless"))
+  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  for stack in (model.encoder, model.decoder):  # biases of a trained model's size (std 1.8)
+    stack.rel_bias[...] = stack.rel_bias[...] * 10
+  rng = np.random.default_rng(4)
+  valid = np.arange(12)[None] < np.array([[12], [7], [3]])
+  src = np.where(valid, rng.integers(2, V, (3, 12)), 0).astype(np.int32)
+  dec_in = rng.integers(2, V, (3, N)).astype(np.int32)  # teacher forcing: any tokens
+  full = jax.jit(
+    lambda s, d, seg: model(s, d, encoder_segments_BxS=seg).logits, compiler_options=FAST_COMPILE
+  )
+  decode = jax.jit(model.decode, compiler_options=FAST_COMPILE)
+  greedy = jax.jit(model.greedy, static_argnums=2, compiler_options=FAST_COMPILE)
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(full(src, dec_in, valid.astype(np.int32)))
+    state = jax.jit(model.start_decoding, static_argnums=2)(src, valid, N)
+    got, state = decode(dec_in[:, :3], state)
+    steps = [np.asarray(got)]
+    for i in range(3, N):
+      got, state = decode(dec_in[:, i : i + 1], state)
+      steps.append(np.asarray(got))
+    toks = np.asarray(greedy(src, valid, N))
+    started = np.concatenate([np.zeros((3, 1), np.int32), toks[:, :-1]], 1)  # T5's start: 0
+    again = np.asarray(full(src, started, valid.astype(np.int32)))
+  np.testing.assert_allclose(np.concatenate(steps, 1), want, rtol=1e-5, atol=1e-5)
+  assert int(state.index) == N
+  np.testing.assert_array_equal(again.argmax(-1), toks)
 
 
 def test_expert_parallel_mesh_gives_one_devices_loss_and_gradients(monkeypatch):

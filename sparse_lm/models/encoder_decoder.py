@@ -42,13 +42,17 @@ is that model, built from layers.py's pieces and the MoE layer unchanged:
   from the row or from the segment's start, so the biases are computed once
   for the row (as T5X does).
 
-Not yet: decoding with a cache, train.remat, model.scan_layers,
-train.microbatches (config.py refuses them with arch="encoder_decoder").
+Decoding (start_decoding, decode, greedy): the encoder runs once; each
+decoder layer keeps its cross-attention keys and values of the encoder's
+output, computed once, and a self-attention KV cache written a step at a
+time. Not yet: generate / evaluate of an encoder-decoder run, train.remat,
+model.scan_layers, train.microbatches (config.py refuses the last three).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from flax import nnx
 import jax
@@ -96,6 +100,15 @@ def relative_position_bucket(
   return ret + jnp.where(is_small, n, large)
 
 
+class DecodeState(NamedTuple):
+  """EncoderDecoder's decoding state (start_decoding, decode)."""
+
+  caches: tuple[layers.KVCache, ...]  # each decoder layer's self-attention [B, S, J, Z]
+  cross: tuple[layers.KVCache, ...]  # each decoder layer's keys / values of the encoder's output
+  encoder_valid_BxS: jax.Array  # bool: the real source tokens (cross-attention sees only them)
+  index: jax.Array  # int32: the next slot to write, shared by the rows
+
+
 class T5Embed(layers.Embed):
   """layers.Embed drawn with T5's std 1 (the decoder-only Embed: 1 / sqrt(D))."""
 
@@ -121,16 +134,25 @@ class T5Attention(nnx.Module):
       rngs, layers.fan_in_init((0, 1), m.init_scale), (H, Z, D), ("heads", "head_dim", "embed")
     )
 
-  def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, bias_1xHxLxS=None):
-    dt = x_BxLxD.dtype
-    q = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
+  def kv(self, kv_BxSxD):
+    """(keys, values) [B, S, J, Z] of the sequence attended to."""
+    dt = kv_BxSxD.dtype
     k = jnp.einsum("bsd,djz->bsjz", kv_BxSxD, self.wk[...].astype(dt))
     v = jnp.einsum("bsd,djz->bsjz", kv_BxSxD, self.wv[...].astype(dt))
-    q, k, v = (checkpoint_name(a, "attn_qkv") for a in (q, k, v))
+    return k, v
+
+  def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, bias_1xHxLxS=None):
+    return self.attend(x_BxLxD, *self.kv(kv_BxSxD), mask_BxLxS, bias_1xHxLxS)
+
+  def attend(self, x_BxLxD, k_BxSxJxZ, v_BxSxJxZ, mask_BxLxS, bias_1xHxLxS=None):
+    """The queries of x over given keys and values (a cache's, when decoding)."""
+    dt = x_BxLxD.dtype
+    q = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
+    q, k, v = (checkpoint_name(a, "attn_qkv") for a in (q, k_BxSxJxZ, v_BxSxJxZ))
     q = constrain(q, "batch", "length", "heads", "head_dim")
     bias = None if bias_1xHxLxS is None else bias_1xHxLxS.astype(dt)
     out_BxLxHxZ = jax.nn.dot_product_attention(
-      q, k, v, bias=bias, mask=mask_BxLxS[:, None], scale=1.0
+      q, k.astype(dt), v.astype(dt), bias=bias, mask=mask_BxLxS[:, None], scale=1.0
     )
     out_BxLxHxZ = checkpoint_name(out_BxLxHxZ, "attn_context")
     out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, self.wo[...].astype(dt))
@@ -176,6 +198,27 @@ class EncDecBlock(nnx.Module):
     x_BxLxD = x_BxLxD + self._dropout(h, train, rng, 2)
     return constrain(x_BxLxD, "batch", "length", "act_embed"), aux
 
+  def step(self, x_BxLxD, cache: layers.KVCache, cross: layers.KVCache, index, see, bias):
+    """The decoder block on L new tokens at slots [index, index + L) with its
+    self-attention cache and the cross-attention's keys and values (computed
+    once from the encoder). see: (self mask [B, L, S], cross mask [B, L, Se]).
+    -> (x, the updated cache)."""
+    h = self.attn_norm(x_BxLxD)
+    k, v = self.attn.kv(h)
+    names = ("kv_heads", "head_dim")
+    cache = layers.KVCache(
+      layers.cache_write(cache.k, k, index, *names), layers.cache_write(cache.v, v, index, *names)
+    )
+    x_BxLxD = x_BxLxD + self.attn.attend(h, cache.k, cache.v, see[0], bias)
+    h = self.cross_attn.attend(self.cross_norm(x_BxLxD), cross.k, cross.v, see[1])
+    x_BxLxD = x_BxLxD + h
+    h = self.ffn_norm(x_BxLxD)
+    if self.is_moe:
+      h, _ = self.ffn(h, train=False)
+    else:
+      h = self.ffn(h)
+    return x_BxLxD + h, cache
+
   def _dropout(self, x, train, rng, salt):
     p = self.m.dropout
     if not train or p == 0.0 or rng is None:
@@ -196,12 +239,15 @@ class Stack(nnx.Module):
     self.blocks = nnx.List([EncDecBlock(m, i, decoder, rngs=rngs) for i in range(m.num_layers)])
     self.final_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
 
-  def position_bias(self, L: int):
-    """[1, H, L, L] float32: the table's value at each (query, key) pair's bucket."""
-    pos = jnp.arange(L, dtype=jnp.int32)
-    bucket_LxL = relative_position_bucket(pos[None, :] - pos[:, None], not self.decoder)
-    bias_LxLxH = jnp.take(self.rel_bias[...].astype(jnp.float32), bucket_LxL, axis=0)
-    return jnp.transpose(bias_LxLxH, (2, 0, 1))[None]
+  def position_bias(self, L: int, S: int | None = None, index=0):
+    """[1, H, L, S] float32 (S = L by default): the table's value at the
+    bucket of each (query, key) pair, the queries at slots [index, index + L)
+    (a decoding step's), the keys at slots [0, S)."""
+    q_L = index + jnp.arange(L, dtype=jnp.int32)
+    rel_LxS = jnp.arange(L if S is None else S, dtype=jnp.int32)[None, :] - q_L[:, None]
+    bucket_LxS = relative_position_bucket(rel_LxS, not self.decoder)
+    bias_LxSxH = jnp.take(self.rel_bias[...].astype(jnp.float32), bucket_LxS, axis=0)
+    return jnp.transpose(bias_LxSxH, (2, 0, 1))[None]
 
   def __call__(self, x_BxLxD, segments_BxL, *, train, rng, enc=None):
     """-> (x after the final norm, the MoE layers' aux dicts in layer order)."""
@@ -273,12 +319,68 @@ class EncoderDecoder(nnx.Module):
     x, dec_aux = self.decoder(
       x, decoder_segments_BxL, train=train, rng=dec_rng, enc=(enc_BxSxD, cross_BxLxS)
     )
+    return Output(self._logits(x), [*enc_aux, *dec_aux], None)
+
+  def _logits(self, x):
+    dt = layers.dtype_of(self.m)
     if self.m.tie_embeddings:
       logits = self.embed.attend(x * jnp.asarray(self.m.d_model**-0.5, dt))  # T5's rescaling
     else:
       logits = x @ self.unembed[...].astype(dt)
-    logits = constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
-    return Output(logits, [*enc_aux, *dec_aux], None)
+    return constrain(logits, "batch", "length", "vocab").astype(jnp.float32)
+
+  def start_decoding(self, encoder_tokens_BxS, encoder_valid_BxS, max_len: int) -> DecodeState:
+    """Runs the encoder once (encoder_valid_BxS: the real source tokens) and
+    returns the decoding state: each decoder layer's cross-attention keys and
+    values of the encoder's output, and an empty self-attention cache of
+    max_len slots (model.dtype)."""
+    seg_BxS = encoder_valid_BxS.astype(jnp.int32)
+    enc_BxSxD, _ = self.encode(encoder_tokens_BxS, seg_BxS)
+    B, dt, m = enc_BxSxD.shape[0], layers.dtype_of(self.m), self.m
+    cross = tuple(layers.KVCache(*b.cross_attn.kv(enc_BxSxD)) for b in self.decoder.blocks)
+    empty = jnp.zeros((B, max_len, m.num_kv_heads, m.head_dim), dt)
+    caches = tuple(layers.KVCache(empty, empty) for _ in self.decoder.blocks)
+    return DecodeState(caches, cross, encoder_valid_BxS.astype(bool), jnp.int32(0))
+
+  def decode(self, tokens_BxL, state: DecodeState) -> tuple[jax.Array, DecodeState]:
+    """The decoder on L new tokens per row (slots [state.index, state.index +
+    L); every row at the same slot) -> (logits [B, L, V] float32, the new
+    state). Equal to the full forward's logits at those positions
+    (tests/encoder_decoder_test.py) where routing does not depend on the
+    batch (dropless dispatch)."""
+    L, S = tokens_BxL.shape[1], state.caches[0].k.shape[1]
+    index = state.index
+    x = constrain(self.embed(tokens_BxL, layers.dtype_of(self.m)), "batch", "length", "act_embed")
+    bias = self.decoder.position_bias(L, S, index)
+    self_LxS = jnp.arange(S)[None, :] <= (index + jnp.arange(L))[:, None]
+    valid_BxS = state.encoder_valid_BxS
+    B = tokens_BxL.shape[0]
+    see = (
+      jnp.broadcast_to(self_LxS[None], (B, L, S)),
+      jnp.broadcast_to(valid_BxS[:, None, :], (B, L, valid_BxS.shape[1])),
+    )
+    caches = []
+    for block, cache, cross in zip(self.decoder.blocks, state.caches, state.cross):
+      x, cache = block.step(x, cache, cross, index, see, bias)
+      caches.append(cache)
+    logits = self._logits(self.decoder.final_norm(x))
+    return logits, state._replace(caches=tuple(caches), index=index + L)
+
+  def greedy(self, encoder_tokens_BxS, encoder_valid_BxS, steps: int, start_id: int = 0):
+    """Greedy decoding of `steps` tokens per row from the decoder start token
+    (T5's: 0; NLLB's: </s>) -> tokens [B, steps] (no early stop)."""
+    state = self.start_decoding(encoder_tokens_BxS, encoder_valid_BxS, steps)
+    B = encoder_tokens_BxS.shape[0]
+
+    def body(i, carry):
+      tok_B, state, out_BxN = carry
+      logits, state = self.decode(tok_B[:, None], state)
+      nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+      return nxt, state, out_BxN.at[:, i].set(nxt)
+
+    start = jnp.full((B,), start_id, jnp.int32)
+    out = jnp.zeros((B, steps), jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (start, state, out))[2]
 
   def apply_state_updates(self, moe_aux) -> None:
     """Writes the routing state a training forward returned (DeepSeek-V3's
