@@ -356,6 +356,11 @@ def load_model(
   (RunError)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   c = config if config is not None else ckptlib.read_config(workdir)
+  if c.model.get("arch") == "encoder_decoder":
+    raise RunError(
+      f"{workdir} is an encoder-decoder run (model.arch='encoder_decoder'): evaluate and "
+      "generate do not read one yet (issue 30; EncoderDecoder.greedy decodes in Python)"
+    )
   tok = datalib.make_tokenizer(c.data)
   datalib.check_tokenizer(tok, workdir)
   ckpt = ckptlib.Checkpointer(workdir, read_only=True)

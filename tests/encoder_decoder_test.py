@@ -18,12 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_lm import checkpoint as ckptlib
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
 from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.data import seq2seq
 from sparse_lm.errors import ConfigError
+from sparse_lm.errors import RunError
 from sparse_lm.models import encoder_decoder as ed
 from sparse_lm.models.moe import parallel
 
@@ -275,7 +277,7 @@ def test_switch_t5_tiny_trains(tfds_dir):
     ({"model.arch": "t5"}, "model.arch"),
   ],
 )
-def test_config_errors(changes, key):
+def test_config_errors(changes, key, tmp_path):
   c = cfglib.load_config("configs/switch_t5.py:tiny")
   for k, v in changes.items():
     block, _, name = k.rpartition(".")
@@ -283,3 +285,9 @@ def test_config_errors(changes, key):
   with pytest.raises(ConfigError, match=f"^config.{key}=") as e:
     cfglib.validate(c)
   assert "\n" not in str(e.value)
+  if changes.get("model.arch") == "t5":  # and the programs that read a run
+    good = cfglib.validate(cfglib.load_config("configs/switch_t5.py:tiny"))
+    ckptlib.save_config(good, str(tmp_path), {})
+    with pytest.raises(RunError, match="is an encoder-decoder run") as e:
+      statelib.load_model(str(tmp_path))
+    assert "\n" not in str(e.value)
