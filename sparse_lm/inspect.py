@@ -74,6 +74,7 @@ import time
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparse_lm import config as cfglib
 from sparse_lm import decode
@@ -331,12 +332,21 @@ def cpu_mesh(c, num_devices: int) -> jax.sharding.Mesh:
 
 def abstract_batch(c, batch_shd, like: dict | None = None) -> dict:
   """A global training batch [B, L] as ShapeDtypeStructs with `batch_shd`:
-  the keys and dtypes of `like` (a batch of the run's input), else the
-  pretraining input's (inputs, targets int32; weights float32)."""
+  the keys, dtypes and lengths of `like` (a batch of the run's input: an
+  encoder-decoder's decoder features are shorter than data.seq_len), else the
+  pretraining input's (inputs, targets int32; weights float32; an
+  encoder-decoder's: seq2seq's T5X features, [B, Le] and [B, Ld])."""
+  if like is None and c.model.get("arch") == "encoder_decoder":
+    from sparse_lm.data import seq2seq  # pylint: disable=g-import-not-at-top
+
+    Le, Ld = seq2seq.lengths(c.data)
+    like = {k: np.zeros((1, Le), np.int32) for k in seq2seq.ENCODER_FEATURES}
+    like |= {k: np.zeros((1, Ld), np.int32) for k in seq2seq.DECODER_FEATURES}
+    like["decoder_loss_weights"] = np.zeros((1, Ld), np.float32)
   like = like or {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
-  shape = (c.data.batch_size, c.data.seq_len)
+  shape = lambda v: (c.data.batch_size, *getattr(v, "shape", (0, c.data.seq_len))[1:])
   return {
-    k: jax.ShapeDtypeStruct(shape, jnp.dtype(getattr(v, "dtype", v)), sharding=batch_shd)
+    k: jax.ShapeDtypeStruct(shape(v), jnp.dtype(getattr(v, "dtype", v)), sharding=batch_shd)
     for k, v in like.items()
   }
 
@@ -456,7 +466,8 @@ def compile_rows(
     out["train"] = compiled_stats(*train_program(c, mesh))
     out["train"]["analytic_flops"] = s["train_flops_per_token"] * B * L / num_devices
     m = cfglib.model_spec(c)
-    if decode_step and (not m.is_moe or m.moe.router_facts.decodes):
+    encdec = c.model.get("arch") == "encoder_decoder"  # its decode step: not yet
+    if decode_step and not encdec and (not m.is_moe or m.moe.router_facts.decodes):
       say(f"compiling the decode step (batch {B}, cache {L})")
       out["decode"] = compiled_stats(*decode_program(c, mesh, B, L))
       out["decode"]["analytic_flops"] = s["inference_flops_per_token"] * B / num_devices
@@ -598,8 +609,11 @@ def compiled_column(c, compiled: dict[str, dict]) -> dict[str, str]:
   for step in ("train", "decode"):
     stats = compiled.get(step)
     if step == "decode":
+      why = "encoder-decoder: not yet" if c.model.get("arch") == "encoder_decoder" else None
       rows["decode step: batch x cache"] = (
-        f"{c.data.batch_size} x {c.data.seq_len}" if stats else "n/a (router cannot decode)"
+        f"{c.data.batch_size} x {c.data.seq_len}"
+        if stats
+        else f"n/a ({why or 'router cannot decode'})"
       )
     for name, key in COMPILED_ROWS:
       if not stats:

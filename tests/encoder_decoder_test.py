@@ -21,6 +21,7 @@ import pytest
 from sparse_lm import checkpoint as ckptlib
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
+from sparse_lm import inspect as inspectlib
 from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.data import seq2seq
@@ -258,8 +259,14 @@ def test_switch_t5_tiny_trains(tfds_dir):
   step = jax.jit(statelib.train_step(c, graphdef), donate_argnums=0, compiler_options=FAST_COMPILE)
   losses = []
   for i in range(c.train.num_steps):
-    state, meas = step(state, next(inp), jnp.int32(i))
+    batch = next(inp)
+    state, meas = step(state, batch, jnp.int32(i))
     losses.append(float(meas["ce"]))
+  # What inspect --compile and train.py's fit check compile: the input's features and lengths.
+  shd = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = lambda b: {k: (tuple(v.shape), str(v.dtype)) for k, v in b.items()}
+  assert shapes(inspectlib.abstract_batch(c, shd)) == shapes(batch)
+  assert shapes(inspectlib.abstract_batch(c, shd, batch)) == shapes(batch)
   assert bool(meas["finite"]) and len(meas["moe"]) == 2  # the encoder's and the decoder's
   assert ed.moe_layer_ids(cfglib.model_spec(c)) == [1, 3]
   assert np.mean(losses[-3:]) < losses[0] - 1.0, losses
