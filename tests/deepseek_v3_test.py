@@ -1,7 +1,8 @@
 """DeepSeek-V3 (issue 31): configs/deepseek_v3.py's sizes and MLA's cache
 bytes; the FP8 fixture's dequantisation and import, and its multi-head latent
-attention cache decoding as the full forward. Two tests,
-in process: tests/convert_test.py runs the float32 fixture too."""
+attention cache decoding as the full forward; the multi-token prediction
+layer (the release's layer 61) imported, exported and skipped where absent.
+Three tests, in process: tests/convert_test.py runs the float32 fixture too."""
 
 import functools
 import pathlib
@@ -10,10 +11,12 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sparse_lm import config as cfglib
 from sparse_lm import decode
 from sparse_lm import inspect as inspectlib
+from sparse_lm.errors import ConvertError
 
 
 def test_configs_sizes_and_cache():
@@ -103,3 +106,130 @@ def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path
     lg, cache, _ = step(state, toks[:, t : t + 1], ones[:, t : t + 1], pos[:, t : t + 1], cache)
     got.append(lg)
   np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-4)
+
+
+def _raw_safetensors(path) -> dict:
+  """{name: (dtype code, shape, bytes)} of a safetensors file, any dtype (FP8 too)."""
+  import json
+
+  data = pathlib.Path(path).read_bytes()
+  n = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8 : 8 + n])
+  header.pop("__metadata__", None)
+  body = data[8 + n :]
+  return {k: (v["dtype"], v["shape"], body[slice(*v["data_offsets"])]) for k, v in header.items()}
+
+
+def _write_raw_safetensors(path, tensors: dict):
+  import json
+
+  header, off = {}, 0
+  for k, (dt, shape, b) in tensors.items():
+    header[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + len(b)]}
+    off += len(b)
+  text = json.dumps(header).encode()
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little") + text + b"".join(b for _, _, b in tensors.values()))
+
+
+def test_mtp_layer_imports_exports_bit_exact_and_is_skipped_where_absent(tmp_path):
+  """The release's MTP layer (README_WEIGHTS.md; vLLM's deepseek_mtp.py):
+  layer num_hidden_layers + k as model.mtp_depth's module k. The FP8
+  fixture plus a layer 3 in the release's format (layer 1's FP8 MoE decoder
+  layer with its weight_scale_inv, float32 enorm, hnorm, eh_proj [d, 2d] and
+  shared_head.norm of its own, and the copies embed_tokens /
+  shared_head.head) imports with mtp_depth 1, its block dequantised as
+  layer 1; eh_proj's orientation and concat order are vLLM's
+  (eh_proj(cat[enorm(emb), hnorm(h)]) equals MtpModule.project); export
+  writes the dequantised tensors bit for bit under the hub's names (copies
+  included) and num_nextn_predict_layers 1, and imports back to the same
+  parameters, mtp/0/* included. The fixture itself (config.json says 1
+  layer, transformers saved none) imports without MTP (mtp_depth 0) and says
+  so in one line; a run without MTP exports num_nextn_predict_layers 0, and
+  a family without MTP layers (Mixtral) refuses a run with them."""
+  import json
+  import shutil
+
+  from safetensors.numpy import load_file
+
+  from sparse_lm import convert
+  from sparse_lm import params as paramslib
+  from sparse_lm import state as statelib
+  from sparse_lm.convert import fp8
+  from sparse_lm.convert import importer
+  from sparse_lm.convert.safetensors_io import Tensors
+
+  fix = pathlib.Path(__file__).parent / "fixtures" / "hf" / "deepseek_v3"
+  params = lambda wd: {
+    paramslib.path_str(k): np.asarray(v.get_value())
+    for k, v in nnx.to_flat_state(nnx.state(statelib.load_model(str(wd), keep_mtp=True)[0]))
+  }
+  quiet = lambda *a: None
+
+  # The fixture: config.json says num_nextn_predict_layers 1, no layer 3
+  # (its whole import is tests/convert_test.py's and the FP8 test's above).
+  fam, c = importer.hf_to_config(str(fix))
+  rules = fam.rules(cfglib.model_spec(c), False)
+  notes = []
+  assert c.model.mtp_depth == 1 and any(r.hf[0].startswith("model.layers.3.") for r in rules)
+  assert importer.without_mtp(fam, c, rules, Tensors(str(fix)), 8, say=notes.append)
+  assert c.model.mtp_depth == 0 and len(notes) == 1, notes
+  assert "num_nextn_predict_layers=1" in notes[0] and "model.mtp_depth=0" in notes[0], notes
+  assert convert.hf_config(fam, c, {"num_nextn_predict_layers": 1})["num_nextn_predict_layers"] == 0
+  mixtral = convert.FAMILIES["mixtral"]
+  c = convert.config_of(mixtral, json.loads((fix.parent / "mixtral" / "config.json").read_text()))
+  c.model.mtp_depth = 1
+  with pytest.raises(ConvertError, match=r"mtp_depth=1 cannot be exported as Mixtral.*no mul"):
+    convert.check_exportable(c, mixtral)
+
+  # With an MTP layer, FP8 as the release's: layer 1's tensors as layer 3's.
+  src, L, d = tmp_path / "src", 3, 64
+  shutil.copytree(fix / "fp8", src)
+  raw = _raw_safetensors(src / "model.safetensors")
+  for name, v in list(raw.items()):
+    if name.startswith("model.layers.1."):
+      raw[name.replace("model.layers.1.", f"model.layers.{L}.")] = v
+  p = f"model.layers.{L}."
+  raw[p + "embed_tokens.weight"] = raw["model.embed_tokens.weight"]
+  raw[p + "shared_head.head.weight"] = raw["lm_head.weight"]
+  rng = np.random.default_rng(0)
+  ours = {n: (1 + 0.1 * rng.standard_normal(d)) for n in ("enorm", "hnorm", "shared_head.norm")}
+  ours["eh_proj"] = 0.1 * rng.standard_normal((d, 2 * d))
+  for n, w in ours.items():
+    ours[n] = w = w.astype(np.float32)
+    raw[f"{p}{n}.weight"] = ("F32", w.shape, w.tobytes())
+  assert raw[p + "mlp.experts.0.gate_proj.weight"][0] == "F8_E4M3"
+  assert p + "mlp.experts.0.gate_proj.weight_scale_inv" in raw
+  _write_raw_safetensors(src / "model.safetensors", raw)
+  notes = []
+  info = convert.import_checkpoint(str(src), str(tmp_path / "mtp"), say=notes.append)
+  assert info["mtp_depth"] == 1 and not any("note" in n for n in notes), notes
+  a = params(tmp_path / "mtp")
+  block = [k for k in a if k.startswith("mtp/0/block/")]
+  assert len(block) == len([k for k in a if k.startswith("blocks/1/")]) == 17
+  for k in block:
+    assert np.array_equal(a[k], a[k.replace("mtp/0/block/", "blocks/1/")]), k
+  assert not np.array_equal(a["mtp/0/block/ffn/wg"], a["blocks/2/ffn/wg"])
+  assert np.array_equal(a["mtp/0/eh_proj"], ours["eh_proj"].T)
+
+  # vLLM's DeepSeekMultiTokenPredictorLayer: eh_proj(cat([enorm(emb), hnorm(h)])).
+  model = statelib.load_model(str(tmp_path / "mtp"), keep_mtp=True)[0]
+  h, e = rng.standard_normal((2, 1, 5, d)).astype(np.float32)
+  rms = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * w
+  want = np.concatenate([rms(e, ours["enorm"]), rms(h, ours["hnorm"])], -1) @ ours["eh_proj"].T
+  np.testing.assert_allclose(np.asarray(model.mtp[0].project(h, e)), want, atol=1e-5)
+
+  convert.export_checkpoint(str(tmp_path / "mtp"), str(tmp_path / "out"), say=quiet)
+  got = load_file(tmp_path / "out" / "model.safetensors")
+  hub = fp8.dequantized(Tensors(str(src)))  # the hub's float tensors
+  assert sorted(got) == hub.names() and p + "eh_proj.weight" in got
+  for name in hub.names():
+    want = hub.get(name)
+    assert got[name].dtype == want.dtype and np.array_equal(got[name], want), name
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+  convert.import_checkpoint(str(tmp_path / "out"), str(tmp_path / "again"), say=quiet)
+  b = params(tmp_path / "again")
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert np.array_equal(a[k], b[k]), k

@@ -30,7 +30,14 @@ class Rule:
 
   `rows`: how the import may read the one hf tensor a block of its rows at a
   time instead of whole: "same" (ours is the tensor reshaped) or "t" (ours
-  is its transpose, reshaped); "" when only `to_ours` knows."""
+  is its transpose, reshaped); "" when only `to_ours` knows.
+
+  `copy_of`: the checkpoint tensor that this rule's one hf tensor repeats
+  (DeepSeek-V3's MTP layer holds the embedding and the output head again,
+  README_WEIGHTS.md: "shares parameters"). Import checks that it is there
+  with the shape `ours` implies and compares it with `copy_of` (a note where
+  they differ), but reads `ours` from `copy_of`'s rule; export writes it from
+  the same parameter, so the written folder holds both, as the hub's."""
 
   ours: tuple[str, ...]
   hf: tuple[str, ...]
@@ -38,6 +45,7 @@ class Rule:
   to_hf: Callable[..., tuple]
   per_expert: bool = False
   rows: str = ""
+  copy_of: str = ""
 
 
 def same(ours: str, hf: str) -> Rule:
@@ -47,6 +55,11 @@ def same(ours: str, hf: str) -> Rule:
 def linear(ours: str, hf: str, per_expert: bool = False) -> Rule:
   """torch Linear [out, in] -> ours [in, out] (expert j's with `per_expert`)."""
   return Rule((ours,), (hf,), lambda w: (w.T,), lambda a: (a.T,), per_expert, rows="t")
+
+
+def copy(rule: Rule, of: str) -> Rule:
+  """`rule` as a copy of the checkpoint tensor `of` (Rule.copy_of)."""
+  return dataclasses.replace(rule, copy_of=of)
 
 
 def heads_in(ours: str, hf: str, n: int, z: int) -> Rule:

@@ -68,6 +68,9 @@ def check_exportable(c, fam: Family):
   view = _resolved(c)
   dense = ("model.moe.num_experts", "a dense model has no MoE family")
   found = None if view.model.is_moe else dense
+  # Multi-token prediction (model.mtp_depth): only a family with the key has its layers.
+  if view.model.mtp_depth and not any("model.mtp_depth" in key.ours for key in fam.keys):
+    found = found or ("model.mtp_depth", "{family} has no multi-token prediction layers")
   found = found or next(filter(None, (_refusal(key, view) for key in fam.keys)), None)
   if found:
     key, why = found

@@ -24,6 +24,7 @@ from sparse_lm.convert.describe import Key
 from sparse_lm.convert.describe import Rule
 from sparse_lm.convert.families import family_of
 from sparse_lm.convert.mxfp4 import dequantized
+from sparse_lm.convert.safetensors_io import CHUNK_BYTES
 from sparse_lm.convert.safetensors_io import Tensors
 from sparse_lm.convert.safetensors_io import aligned_empty
 from sparse_lm.convert.safetensors_io import read_rows
@@ -158,8 +159,55 @@ def check_tensors(rules: list[Rule], t: Tensors, spec, shapes: dict[str, tuple])
 
 
 def param_source(rules: list[Rule]) -> dict[str, tuple[Rule, int]]:
-  """{our parameter path ("blocks/0/attn/wq"): (its rule, its index in rule.ours)}."""
-  return {o: (r, k) for r in rules for k, o in enumerate(r.ours)}
+  """{our parameter path ("blocks/0/attn/wq"): (its rule, its index in
+  rule.ours)}: the rule that reads it, never a copy (Rule.copy_of)."""
+  return {o: (r, k) for r in rules if not r.copy_of for k, o in enumerate(r.ours)}
+
+
+def check_copies(rules: list[Rule], t: Tensors, say=print):
+  """Each copy tensor (Rule.copy_of, its shape checked by check_tensors)
+  compared with the tensor it repeats, a block of rows of each at a time
+  (the host holds two blocks): a note where they differ, since the import
+  reads the original (our parameters share what the copy repeats)."""
+  for r in rules:
+    if not r.copy_of:
+      continue
+    name, of = r.hf[0], r.copy_of
+    if of not in t:
+      raise ConvertError(f"{t.dir}: tensor {of!r} is missing from the checkpoint")
+    if t.shape(of) != t.shape(name):
+      raise ConvertError(
+        f"{t.dir}: tensor {name!r} has shape {list(t.shape(name))}; it repeats {of!r}, "
+        f"of shape {list(t.shape(of))}"
+      )
+    rows, width = t.shape(of)[0], int(np.prod(t.shape(of)[1:], dtype=np.int64))
+    step, diff = max(1, CHUNK_BYTES // max(1, 4 * width)), 0.0
+    for i in range(0, rows, step):
+      a, b = (np.asarray(t.rows(n, i, min(rows, i + step)), np.float32) for n in (name, of))
+      diff = max(diff, float(np.max(np.abs(a - b), initial=0.0)))
+      del a, b
+    if diff:
+      say(
+        f"note: {name} differs from {of} (max |difference| {diff:.3g}); imported as {of} "
+        "(our model shares it)"
+      )
+
+
+def without_mtp(fam: Family, c, rules: list[Rule], t: Tensors, E: int, say=print) -> bool:
+  """Sets c.model.mtp_depth to 0 where config.json names MTP layers
+  (model.mtp_depth > 0) but the checkpoint holds none of their tensors (a
+  checkpoint transformers saved: it does not build them); says so in one
+  line. True where it did."""
+  mtp = [n for r in rules if any(o.startswith("mtp/") for o in r.ours) for n in hf_names(r, E)]
+  if not mtp or any(n in t for n in mtp):
+    return False
+  key = next((k.hf[0] for k in fam.keys if "model.mtp_depth" in k.ours), "model.mtp_depth")
+  say(
+    f"note: config.json {key}={c.model.mtp_depth} but {t.dir} holds no tensor of those "
+    f"layers (e.g. {mtp[0]!r}): imported without multi-token prediction (model.mtp_depth=0)"
+  )
+  c.model.mtp_depth = 0
+  return True
 
 
 def _read(t: Tensors, rule: Rule, k: int, shape, dtype=np.float32) -> np.ndarray:
@@ -209,6 +257,9 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
   spec = cfglib.model_spec(c)
   fused = _layout(t)
   rules = fam.rules(spec, fused)
+  if without_mtp(fam, c, rules, t, spec.moe.num_experts, say):
+    spec = cfglib.model_spec(c)
+    rules = fam.rules(spec, fused)
   V = c.data.vocab_size
 
   out_dtype = np_dtype(dtype or source_dtype(read_hf_config(hf_dir)))
@@ -217,6 +268,7 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
   read_in = (nnx.Param, RouterState)  # DeepSeek-V3's e_score_correction_bias is routing state
   shapes = {p: tuple(v.get_value().shape) for p, v in variables.items() if isinstance(v, read_in)}
   check_tensors(rules, t, spec, shapes)
+  check_copies(rules, t, say)
   src = param_source(rules)
   missing = sorted(set(shapes) - set(src))
   if missing:
@@ -278,6 +330,7 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
     raise
   n = sum(int(np.prod(s)) for s in shapes.values())
   out = {"family": fam.name, "layout": "fused" if fused else "per_expert", "params": n}
+  out["mtp_depth"] = c.model.mtp_depth
   return {**out, "bytes": written, "dtype": out_dtype.name}
 
 

@@ -10,13 +10,26 @@ The released checkpoints hold the Linears in FP8 with 128 x 128 block scales
 (`weight_scale_inv`, quantization_config quant_method "fp8"): import
 dequantises them tensor by tensor (sparse_lm/convert/fp8.py) to the chosen
 dtype. Export writes the unquantised layout in bfloat16 or the run's dtype
-and drops quantization_config: it never writes FP8. The multi-token
-prediction layer (num_nextn_predict_layers; the release's layer 61) is not
-built here."""
+and drops quantization_config: it never writes FP8.
+
+Multi-token prediction (section 2.2; README_WEIGHTS.md): config.json's
+num_nextn_predict_layers is model.mtp_depth, and MTP module k is the hub's
+layer num_hidden_layers + k (the release's layer 61: enorm, hnorm, eh_proj,
+shared_head.norm, one MoE decoder layer named as the others, FP8 as they
+are, and copies of the embedding and lm_head, embed_tokens and
+shared_head.head, which import checks and compares but reads from the main
+ones: ours share them). A checkpoint whose config.json names MTP layers but
+that holds none of their tensors (what transformers saves: its DeepseekV3
+ignores model.layers.61 on load, _keys_to_ignore_on_load_unexpected, and
+does not build it) imports without MTP, mtp_depth 0, with a note. Export
+writes a run's MTP modules as those layers, copies included (export ->
+import is bit-exact with the hub's names), and num_nextn_predict_layers =
+its mtp_depth: 0 for a run without MTP, whatever its source said."""
 
 from sparse_lm.convert.describe import Family
 from sparse_lm.convert.describe import Key
 from sparse_lm.convert.describe import Rule
+from sparse_lm.convert.describe import copy
 from sparse_lm.convert.describe import fixed
 from sparse_lm.convert.describe import heads_out
 from sparse_lm.convert.describe import linear
@@ -121,9 +134,10 @@ KEYS = (
     to_ours=None,
     to_hf=None,
   ),
-  # The MTP module (section 2.2) is not built here: import does not read its
-  # layer (transformers does not either), export keeps the source's value.
-  Key(hf="num_nextn_predict_layers", default=0, to_ours=None, to_hf=None),
+  # The MTP modules (section 2.2): layers num_hidden_layers + k. Import
+  # reads none where the checkpoint holds none (importer.py: transformers
+  # drops them on save); export writes the run's depth, 0 without MTP.
+  Key("model.mtp_depth", "num_nextn_predict_layers", default=0, to_ours=int, to_hf=int),
   fixed("model.position", "rope"),
   fixed("model.moe.every", 1, "must be 1 (every layer past the dense ones MoE)"),
   preset("model.moe.offset", 0),
@@ -139,49 +153,80 @@ KEYS = (
 
 def rules(m, fused: bool) -> list[Rule]:
   del fused  # the hub's per-expert layout (transformers 5 saves it too)
+  out = shared.ends(m, "model.embed_tokens.weight", "model.norm.weight")
+  for i in range(m.num_layers):
+    out += _layer(m, f"model.layers.{i}", f"blocks/{i}", m.moe_layer(i))
+  for k in range(m.mtp_depth):
+    out += _mtp(m, k)
+  return out
+
+
+def _layer(m, pre: str, ours: str, moe: bool) -> list[Rule]:
+  """One decoder layer: the hub's `pre` ("model.layers.3") <-> our block
+  `ours` ("blocks/3", or an MTP module's "mtp/0/block"), MoE or dense."""
   a, H = m.mla, m.num_heads
   N, R, Zv = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
-  heads = lambda ours, hf, z: Rule(  # [H * z, in] -> ours [in, H, z]
-    (ours,),
+  heads = lambda o, hf, z: Rule(  # [H * z, in] -> ours [in, H, z]
+    (o,),
     (hf,),
     lambda w: (w.T.reshape(w.shape[1], H, z),),
     lambda x: (x.reshape(x.shape[0], -1).T,),
     rows="t",
   )
-  out = shared.ends(m, "model.embed_tokens.weight", "model.norm.weight")
-  for i in range(m.num_layers):
-    pre, at, f = f"model.layers.{i}", f"blocks/{i}/attn", f"blocks/{i}/ffn"
-    s = f"{pre}.self_attn"
+  at, f, s = f"{ours}/attn", f"{ours}/ffn", f"{pre}.self_attn"
+  out = [
+    same(f"{ours}/attn_norm/scale", f"{pre}.input_layernorm.weight"),
+    same(f"{ours}/ffn_norm/scale", f"{pre}.post_attention_layernorm.weight"),
+    linear(f"{at}/wkv_a", f"{s}.kv_a_proj_with_mqa.weight"),
+    same(f"{at}/kv_norm/scale", f"{s}.kv_a_layernorm.weight"),
+    heads(f"{at}/wkv_b", f"{s}.kv_b_proj.weight", N + Zv),
+    heads_out(f"{at}/wo", f"{s}.o_proj.weight", H, Zv),
+  ]
+  if a.q_lora_rank:
     out += [
-      same(f"blocks/{i}/attn_norm/scale", f"{pre}.input_layernorm.weight"),
-      same(f"blocks/{i}/ffn_norm/scale", f"{pre}.post_attention_layernorm.weight"),
-      linear(f"{at}/wkv_a", f"{s}.kv_a_proj_with_mqa.weight"),
-      same(f"{at}/kv_norm/scale", f"{s}.kv_a_layernorm.weight"),
-      heads(f"{at}/wkv_b", f"{s}.kv_b_proj.weight", N + Zv),
-      heads_out(f"{at}/wo", f"{s}.o_proj.weight", H, Zv),
+      linear(f"{at}/wq_a", f"{s}.q_a_proj.weight"),
+      same(f"{at}/q_norm/scale", f"{s}.q_a_layernorm.weight"),
+      heads(f"{at}/wq_b", f"{s}.q_b_proj.weight", N + R),
     ]
-    if a.q_lora_rank:
-      out += [
-        linear(f"{at}/wq_a", f"{s}.q_a_proj.weight"),
-        same(f"{at}/q_norm/scale", f"{s}.q_a_layernorm.weight"),
-        heads(f"{at}/wq_b", f"{s}.q_b_proj.weight", N + R),
-      ]
-    else:
-      out.append(heads(f"{at}/wq", f"{s}.q_proj.weight", N + R))
-    if not m.moe_layer(i):
-      out += shared._swiglu(f, f"{pre}.mlp")  # pylint: disable=protected-access
-      continue
-    out += [
-      linear(f"{f}/router", f"{pre}.mlp.gate.weight"),
-      same(f"{f}/router_bias", f"{pre}.mlp.gate.e_score_correction_bias"),
-      *(
-        linear(f"{f}/{o}", f"{pre}.mlp.experts.{{j}}.{h}.weight", per_expert=True)
-        for o, h in (("wg", "gate_proj"), ("wi", "up_proj"), ("wo", "down_proj"))
-      ),
-    ]
-    if m.moe.num_shared_experts:
-      out += shared._swiglu(f, f"{pre}.mlp.shared_experts", "shared_")  # pylint: disable=protected-access
+  else:
+    out.append(heads(f"{at}/wq", f"{s}.q_proj.weight", N + R))
+  if not moe:
+    return out + shared._swiglu(f, f"{pre}.mlp")  # pylint: disable=protected-access
+  out += [
+    linear(f"{f}/router", f"{pre}.mlp.gate.weight"),
+    same(f"{f}/router_bias", f"{pre}.mlp.gate.e_score_correction_bias"),
+    *(
+      linear(f"{f}/{o}", f"{pre}.mlp.experts.{{j}}.{h}.weight", per_expert=True)
+      for o, h in (("wg", "gate_proj"), ("wi", "up_proj"), ("wo", "down_proj"))
+    ),
+  ]
+  if m.moe.num_shared_experts:
+    out += shared._swiglu(f, f"{pre}.mlp.shared_experts", "shared_")  # pylint: disable=protected-access
   return out
+
+
+def _mtp(m, k: int) -> list[Rule]:
+  """MTP module k (transformer.MtpModule) <-> the hub's layer
+  num_hidden_layers + k (README_WEIGHTS.md; vLLM's deepseek_mtp.py): enorm,
+  hnorm, eh_proj (torch Linear [d, 2d] over concat[enorm(emb), hnorm(h)],
+  ours [2d, d]), a decoder layer of the last layer's kind (its
+  self_attn / mlp / layernorms named as any layer's), shared_head.norm, and
+  the copies embed_tokens and shared_head.head of the main model's embedding
+  and output head (Rule.copy_of: read from the main ones, written from them)."""
+  pre, p, emb = f"model.layers.{m.num_layers + k}", f"mtp/{k}", "model.embed_tokens.weight"
+  if m.tie_embeddings:
+    head = copy(same("embed/embedding", f"{pre}.shared_head.head.weight"), emb)
+  else:
+    head = copy(linear("unembed", f"{pre}.shared_head.head.weight"), "lm_head.weight")
+  return [
+    copy(same("embed/embedding", f"{pre}.embed_tokens.weight"), emb),
+    same(f"{p}/enorm/scale", f"{pre}.enorm.weight"),
+    same(f"{p}/hnorm/scale", f"{pre}.hnorm.weight"),
+    linear(f"{p}/eh_proj", f"{pre}.eh_proj.weight"),
+    *_layer(m, pre, f"{p}/block", m.moe_layer(m.num_layers - 1)),
+    same(f"{p}/head_norm/scale", f"{pre}.shared_head.norm.weight"),
+    head,
+  ]
 
 
 FAMILY = Family(name="deepseek_v3", architecture="DeepseekV3ForCausalLM", keys=KEYS, rules=rules)
