@@ -161,10 +161,11 @@ def test_mtp_layer_imports_exports_bit_exact_and_is_skipped_where_absent(tmp_pat
   from sparse_lm.convert.safetensors_io import Tensors
 
   fix = pathlib.Path(__file__).parent / "fixtures" / "hf" / "deepseek_v3"
-  params = lambda wd: {
-    paramslib.path_str(k): np.asarray(v.get_value())
-    for k, v in nnx.to_flat_state(nnx.state(statelib.load_model(str(wd), keep_mtp=True)[0]))
+  load = lambda wd: statelib.load_model(str(wd), keep_mtp=True)[0]
+  flat = lambda model: {
+    paramslib.path_str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))
   }
+  params = lambda wd: flat(load(wd))
   quiet = lambda *a: None
 
   # The fixture: config.json says num_nextn_predict_layers 1, no layer 3
@@ -177,6 +178,19 @@ def test_mtp_layer_imports_exports_bit_exact_and_is_skipped_where_absent(tmp_pat
   assert c.model.mtp_depth == 0 and len(notes) == 1, notes
   assert "num_nextn_predict_layers=1" in notes[0] and "model.mtp_depth=0" in notes[0], notes
   assert convert.hf_config(fam, c, {"num_nextn_predict_layers": 1})["num_nextn_predict_layers"] == 0
+  # A copy (Rule.copy_of) that differs from what it repeats: a note, not a failure.
+  from safetensors.numpy import save_file
+
+  from sparse_lm.convert import describe
+
+  x = np.arange(12, dtype=np.float32).reshape(4, 3)
+  for y, noted in ((x.copy(), False), (x + np.eye(4, 3, dtype=np.float32), True)):
+    (tmp_path / "copies").mkdir(exist_ok=True)
+    save_file({"x": x, "y": y}, tmp_path / "copies" / "model.safetensors")
+    notes = []
+    rule = describe.copy(describe.same("embed/embedding", "y"), "x")
+    importer.check_copies([rule], Tensors(str(tmp_path / "copies")), say=notes.append)
+    assert bool(notes and "y differs from x (max |difference| 1)" in notes[0]) == noted, notes
   mixtral = convert.FAMILIES["mixtral"]
   c = convert.config_of(mixtral, json.loads((fix.parent / "mixtral" / "config.json").read_text()))
   c.model.mtp_depth = 1
@@ -205,7 +219,8 @@ def test_mtp_layer_imports_exports_bit_exact_and_is_skipped_where_absent(tmp_pat
   notes = []
   info = convert.import_checkpoint(str(src), str(tmp_path / "mtp"), say=notes.append)
   assert info["mtp_depth"] == 1 and not any("note" in n for n in notes), notes
-  a = params(tmp_path / "mtp")
+  model = load(tmp_path / "mtp")
+  a = flat(model)
   block = [k for k in a if k.startswith("mtp/0/block/")]
   assert len(block) == len([k for k in a if k.startswith("blocks/1/")]) == 17
   for k in block:
@@ -214,7 +229,6 @@ def test_mtp_layer_imports_exports_bit_exact_and_is_skipped_where_absent(tmp_pat
   assert np.array_equal(a["mtp/0/eh_proj"], ours["eh_proj"].T)
 
   # vLLM's DeepSeekMultiTokenPredictorLayer: eh_proj(cat([enorm(emb), hnorm(h)])).
-  model = statelib.load_model(str(tmp_path / "mtp"), keep_mtp=True)[0]
   h, e = rng.standard_normal((2, 1, 5, d)).astype(np.float32)
   rms = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * w
   want = np.concatenate([rms(e, ours["enorm"]), rms(h, ours["hnorm"])], -1) @ ours["eh_proj"].T

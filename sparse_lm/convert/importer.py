@@ -183,8 +183,9 @@ def check_copies(rules: list[Rule], t: Tensors, say=print):
     rows, width = t.shape(of)[0], int(np.prod(t.shape(of)[1:], dtype=np.int64))
     step, diff = max(1, CHUNK_BYTES // max(1, 4 * width)), 0.0
     for i in range(0, rows, step):
-      a, b = (np.asarray(t.rows(n, i, min(rows, i + step)), np.float32) for n in (name, of))
-      diff = max(diff, float(np.max(np.abs(a - b), initial=0.0)))
+      a, b = (t.rows(n, i, min(rows, i + step)) for n in (name, of))
+      if not np.array_equal(a, b):
+        diff = max(diff, float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32)))))
       del a, b
     if diff:
       say(
