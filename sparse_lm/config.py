@@ -907,7 +907,6 @@ def _validate_arch(c):
     ("model.qkv_bias", False),
     ("model.qk_norm", "none"),
     ("model.clip_qkv", 0.0),
-    ("train.remat", "none"),
     ("train.microbatches", 1),
   ):
     block, _, name = key.rpartition(".")

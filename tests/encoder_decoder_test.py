@@ -10,6 +10,7 @@ configs/switch_t5.py:tiny trains (its input and the train step); the config erro
 
 import functools
 import math
+import re
 
 from flax import nnx
 from helpers import FAST_COMPILE
@@ -75,7 +76,7 @@ def test_relative_position_buckets_are_t5s():
     np.testing.assert_allclose(np.asarray(stack.position_bias(L)), want, rtol=0, atol=0)
 
 
-def tiny_config(mesh=None, **moe):
+def tiny_config(mesh=None, remat="none", **moe):
   """configs/switch_t5.py:tiny at test size: MoE in layer 1 of each stack's 2."""
   c = cfglib.load_config("configs/switch_t5.py:tiny")
   m = c.model
@@ -85,6 +86,7 @@ def tiny_config(mesh=None, **moe):
     m.moe[k] = v
   if mesh:
     c.mesh = mesh
+  c.train.remat = remat
   return cfglib.validate(c)
 
 
@@ -98,9 +100,9 @@ def _tiny_state(V: int, seed: int):
     return jax.jit(lambda: nnx.state(build()), compiler_options=FAST_COMPILE)()
 
 
-def tiny_model(V: int, seed: int = 1, **moe):
-  """tiny_config(**moe)'s EncoderDecoder."""
-  spec = cfglib.model_spec(tiny_config(**moe))
+def tiny_model(V: int, seed: int = 1, remat: str = "none", **moe):
+  """tiny_config(remat, **moe)'s EncoderDecoder."""
+  spec = cfglib.model_spec(tiny_config(remat=remat, **moe))
   with nnx.use_eager_sharding(False):
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: ed.EncoderDecoder(spec, V, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, _tiny_state(V, seed))
@@ -198,31 +200,32 @@ def test_cached_decoding_equals_the_full_forward():
 def test_expert_parallel_mesh_gives_one_devices_loss_and_gradients(monkeypatch):
   """MoE in both stacks, 8 experts: the training loss (cross-entropy + router
   losses, with jitter, capacity drops and packed rows) and the gradient of
-  every parameter on a mesh expert=8 equal those on one device."""
+  every parameter on a mesh expert=8 equal those on one device (which
+  recomputes its blocks in the backward pass: train.remat="full")."""
   V, B = 64, 8
   c8 = tiny_config([("data", 1), ("fsdp", 1), ("expert", 8), ("tensor", 1)], capacity_factor=1.0)
   rows = seq2seq.pack(examples(3, V, 40), range(40), 16, 10)
   batch = {k: v[:B] for k, v in rows.items()}
   assert len(rows["encoder_input_tokens"]) >= B and (batch["encoder_segment_ids"] == 0).any()
   graphdef, state = nnx.split(tiny_model(V, seed=0, capacity_factor=1.0))
+  graphdef_remat = nnx.graphdef(tiny_model(V, seed=0, remat="full", capacity_factor=1.0))
   calls = []
   real = parallel.placement
   monkeypatch.setattr(
     parallel, "placement", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1]
   )
 
-  def loss_and_grads(state, batch):
-    def f(state):
+  def loss_and_grads(graphdef):
+    def f(state, batch):
       loss, aux = statelib.loss_fn(
         nnx.merge(graphdef, state), batch, train=True, rng=jax.random.key(5)
       )
       return loss, [a["dropped_fraction"] for a in aux["moe"]]
 
-    return jax.value_and_grad(f, has_aux=True)(state)
+    return jax.jit(jax.value_and_grad(f, has_aux=True), compiler_options=FAST_COMPILE)
 
-  step = jax.jit(loss_and_grads, compiler_options=FAST_COMPILE)
   with jax.default_matmul_precision("highest"):
-    (loss1, dropped1), g1 = step(state, batch)
+    (loss1, dropped1), g1 = loss_and_grads(graphdef_remat)(state, batch)
     mesh = sharding.make_mesh(c8, jax.devices()[:8])
     with sharding.use(mesh, c8):
       st = jax.device_put(state, nnx.get_named_sharding(state, mesh))
@@ -230,7 +233,7 @@ def test_expert_parallel_mesh_gives_one_devices_loss_and_gradients(monkeypatch):
       wi = nnx.merge(graphdef, st).decoder.blocks[1].ffn.wi[...]
       assert wi.addressable_shards[0].data.shape[0] == 1  # 8 experts / 8 devices
       del calls[:]
-      (loss8, dropped8), g8 = jax.jit(loss_and_grads, compiler_options=FAST_COMPILE)(st, b8)
+      (loss8, dropped8), g8 = loss_and_grads(graphdef)(st, b8)
   assert len(calls) == 2 and all(isinstance(p, parallel.ExpertParallel) for p in calls)
   assert len(dropped1) == 2 and min(map(float, dropped1)) > 0  # both stacks route; tokens drop
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
@@ -241,6 +244,21 @@ def test_expert_parallel_mesh_gives_one_devices_loss_and_gradients(monkeypatch):
   for k in flat1:
     a, b = np.asarray(flat1[k][...]), np.asarray(flat8[k][...])
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6, err_msg="/".join(map(str, k)))
+
+
+def test_remat_wraps_every_block():
+  """train.remat="full": each block of both stacks under jax.checkpoint (its
+  loss and gradients equal "none"'s: the expert-parallel test's one-device
+  reference runs with it)."""
+  V = 64
+  batch = {k: v[:8] for k, v in seq2seq.pack(examples(3, V, 40), range(40), 16, 10).items()}
+  for remat, n in (("none", 0), ("full", 4)):  # 2 + 2 blocks
+    graphdef, state = nnx.split(tiny_model(V, remat=remat))
+    f = lambda st: statelib.loss_fn(
+      nnx.merge(graphdef, st), batch, train=True, rng=jax.random.key(2)
+    )
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda st: f(st)[0]))(state))
+    assert len(re.findall(r"= remat\w*\[", jaxpr)) == n, remat  # jax.checkpoint's primitive
 
 
 def test_switch_t5_tiny_trains(tfds_dir):
@@ -279,7 +297,7 @@ def test_switch_t5_tiny_trains(tfds_dir):
     ({"data.objective": "lm"}, "model.arch"),
     ({"model.arch": "decoder", "data.objective": "lm"}, "model.position"),
     ({"model.position": "rope"}, "model.position"),
-    ({"train.remat": "full"}, "train.remat"),
+    ({"train.microbatches": 2}, "train.microbatches"),
     ({"model.scan_layers": True}, "model.scan_layers"),
     ({"model.arch": "t5"}, "model.arch"),
   ],

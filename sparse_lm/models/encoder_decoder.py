@@ -45,8 +45,9 @@ is that model, built from layers.py's pieces and the MoE layer unchanged:
 Decoding (start_decoding, decode, greedy): the encoder runs once; each
 decoder layer keeps its cross-attention keys and values of the encoder's
 output, computed once, and a self-attention KV cache written a step at a
-time. Not yet: generate / evaluate of an encoder-decoder run, train.remat,
-model.scan_layers, train.microbatches (config.py refuses the last three).
+time. train.remat applies to each block of both stacks. Not yet: generate /
+evaluate of an encoder-decoder run, model.scan_layers, train.microbatches
+(config.py refuses the last two).
 """
 
 from __future__ import annotations
@@ -260,10 +261,26 @@ class Stack(nnx.Module):
     aux = []
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BxLxD, a = block(x_BxLxD, mask_BxLxL, bias, tokens_BxL, train=train, rng=layer_rng, enc=enc)
+      args = (mask_BxLxL, bias, tokens_BxL, layer_rng, enc)
+      x_BxLxD, a = _remat(block, self.m.remat, train)(nnx.state(block), x_BxLxD, *args)
       if block.is_moe:
         aux.append(a)
     return self.final_norm(x_BxLxD), aux
+
+
+def _remat(block: EncDecBlock, remat: str, train: bool):
+  """fn(block's state, x, mask, bias, tokens, rng, enc) -> the block's (x,
+  aux), its backward pass rematerialised by train.remat
+  (transformer.REMAT_POLICIES: what it keeps, the rest recomputed)."""
+  graphdef = nnx.graphdef(block)
+
+  def fn(state, x_BxLxD, mask_BxLxL, bias, tokens_BxL, rng, enc):
+    b = nnx.merge(graphdef, state)
+    return b(x_BxLxD, mask_BxLxL, bias, tokens_BxL, train=train, rng=rng, enc=enc)
+
+  if remat == "none":
+    return fn
+  return jax.checkpoint(fn, policy=transformer.REMAT_POLICIES[remat])
 
 
 class EncoderDecoder(nnx.Module):
