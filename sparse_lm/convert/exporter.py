@@ -23,6 +23,7 @@ from sparse_lm import state as statelib
 from sparse_lm.convert import describe
 from sparse_lm.convert.describe import Family
 from sparse_lm.convert.describe import Key
+from sparse_lm.convert.describe import Rule
 from sparse_lm.convert.families import FAMILIES
 from sparse_lm.convert.families import FAMILIES_BY_ARCH
 from sparse_lm.convert.importer import np_dtype
@@ -174,7 +175,7 @@ def export_checkpoint(
   check_exportable(c, fam)
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConvertError(f"--hf_dir={hf_dir} is not empty; export into a new folder")
-  rules = fam.rules(cfglib.model_spec(c), False)
+  rules = _write_order(fam.rules(cfglib.model_spec(c), False))
   ckpt = ckptlib.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.resolve(step)
@@ -210,8 +211,8 @@ def export_checkpoint(
   budget = max(nbytes(o) for r in rules for o in r.ours)
   groups, size = [[]], 0
   for r in rules:
-    n = sum(nbytes(o) for o in r.ours)
-    if groups[-1] and size + n > budget:
+    n = 0 if r.copy_of else sum(nbytes(o) for o in r.ours)  # a copy: its original's read
+    if groups[-1] and n and size + n > budget:
       groups.append([])
       size = 0
     groups[-1].append(r)
@@ -277,6 +278,21 @@ def export_checkpoint(
       shutil.rmtree(staging, ignore_errors=True)
     raise
   return {"family": fam.name, **out}
+
+
+def _write_order(rules: list[Rule]) -> list[Rule]:
+  """The rules in the order their tensors are written: each copy
+  (Rule.copy_of) right after the rule that reads the same parameters, so
+  that both are written from one read (one group of `export_checkpoint`)."""
+  copies: dict[tuple, list[Rule]] = {}
+  for r in rules:
+    if r.copy_of:
+      copies.setdefault(r.ours, []).append(r)
+  out = []
+  for r in rules:
+    if not r.copy_of:
+      out += [r, *copies.pop(r.ours, [])]
+  return out + [r for rs in copies.values() for r in rs]
 
 
 def _placement(c, mesh: str | None):
