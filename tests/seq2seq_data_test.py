@@ -168,6 +168,7 @@ def test_seq2seq_jsonl_nllb_tokens_and_streams(tmp_path):
 def _full(data):
   c = cfglib.base_config()
   c.data = data
+  c.model.arch, c.model.position = "encoder_decoder", "relative"  # seq2seq data needs it
   return c
 
 
