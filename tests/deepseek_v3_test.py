@@ -1,10 +1,11 @@
-"""DeepSeek-V3 (issue 31): configs/deepseek_v3.py's sizes and MLA's cache
-bytes; the FP8 fixture's dequantisation and import, and its multi-head latent
+"""DeepSeek-V3 (issue 31): the released config.json mapped at full size,
+configs/deepseek_v3.py's sizes and MLA's cache bytes; the FP8 fixture's dequantisation and import, and its multi-head latent
 attention cache decoding as the full forward; the multi-token prediction
 layer (the release's layer 61) imported, exported and skipped where absent.
 Three tests, in process: tests/convert_test.py runs the float32 fixture too."""
 
 import functools
+import json
 import pathlib
 
 from flax import nnx
@@ -14,20 +15,50 @@ import numpy as np
 import pytest
 
 from sparse_lm import config as cfglib
+from sparse_lm import convert
 from sparse_lm import decode
 from sparse_lm import inspect as inspectlib
 from sparse_lm.errors import ConvertError
 
+RELEASED = pathlib.Path(__file__).parent / "fixtures" / "released"
 
-def test_configs_sizes_and_cache():
-  """configs/deepseek_v3.py:671b: 671B total within 0.5% (inspect: 671.03B),
-  37.55B active counting both embedding tables (the paper's "37B"); its cache
-  per token is (512 + 64) x 61 layers x 2 bytes, 1.76% of the MHA twin's (128
-  kv heads of 128: DeepSeek-V2 Table 1's 2 n_h d_h); its MTP module
-  (model.mtp_depth=1, section 2.2) is counted apart: 11.61B (the release's
-  README_WEIGHTS: 11.5B unique, besides the shared 0.9B embedding and 0.9B
-  head), 0.69B of it active; :tiny validates, with one MTP module too."""
-  c = cfglib.load_config("configs/deepseek_v3.py:671b")
+# What configs/deepseek_v3.py:671b must equal in the imported released config.json.
+ARCHITECTURE = (
+  "d_model num_layers num_heads d_ff attention mla activation norm norm_eps position rope_theta "
+  "rope_scaling rope_layout tie_embeddings mtp_depth moe.num_experts moe.top_k moe.d_ff "
+  "moe.router moe.num_groups moe.top_k_groups moe.routed_scaling_factor moe.normalize_gates "
+  "moe.num_shared_experts moe.first_dense_layers moe.every"
+).split()
+
+
+def test_released_config_and_configs_sizes_and_cache():
+  """The released config.json (tests/fixtures/released/DeepSeek-V3: FP8,
+  yarn as top-level rope_scaling, one MTP layer) maps at full size with
+  abstract shapes to configs/deepseek_v3.py:671b in every architecture key
+  and exports back its rope_theta / rope_scaling without
+  quantization_config. inspect's totals: 671B within 0.5% (671.03B), 37.55B
+  active counting both embedding tables (the paper's "37B"), 36.63B without
+  the input embedding (README_WEIGHTS.md: 36.6B "including 0.9B for the
+  output Head"); its MTP module (model.mtp_depth=1, section 2.2) is counted
+  apart: 11.61B (README_WEIGHTS: 11.5B unique, besides the shared 0.9B
+  embedding and 0.9B head), 0.69B of it active, and with its copies of the
+  embedding and head the hub's 685B within 0.5%. Its cache per token is
+  (512 + 64) x 61 layers x 2 bytes, 1.76% of the MHA twin's (128 kv heads
+  of 128: DeepSeek-V2 Table 1's 2 n_h d_h); :tiny validates, with one MTP
+  module too."""
+  hf = json.loads((RELEASED / "DeepSeek-V3" / "config.json").read_text())
+  fam = convert.family_of(hf, "config.json")
+  c = cfglib.validate(convert.config_of(fam, hf))
+  ours = cfglib.load_config("configs/deepseek_v3.py:671b")
+  for key in ARCHITECTURE:
+    a, b = (functools.reduce(getattr, key.split("."), x.model) for x in (c, ours))
+    a, b = (v.to_dict() if hasattr(v, "to_dict") else v for v in (a, b))
+    assert a == b, key
+  back = convert.hf_config(fam, c, hf, "bfloat16")
+  scaling = {("rope_type" if k == "type" else k): v for k, v in hf["rope_scaling"].items()}
+  assert back["rope_scaling"] == scaling and back["rope_theta"] == hf["rope_theta"]
+  assert "quantization_config" not in back and back["num_nextn_predict_layers"] == 1
+
   # inspect's counts of the first 4 and 5 layers (3 dense, then MoE): the 57
   # further MoE layers are each the 5th's (a 61-layer abstract model is 20 s).
   s4, s5 = [], []
@@ -37,8 +68,11 @@ def test_configs_sizes_and_cache():
   total, active = (s4[0][k] + 57 * (s5[0][k] - s4[0][k]) for k in ("total_params", "active_params"))
   assert abs(total / 671e9 - 1) < 5e-3 and total == 671_026_404_352, total
   assert 37e9 <= active < 38e9 and active == 37_552_282_624, active
+  emb = s4[0]["input_embedding_params"]
+  assert emb == 129_280 * 7168 and abs((active - emb) / 36.6e9 - 1) < 5e-3
   assert s4[0]["mtp_params"] == s5[0]["mtp_params"] == 11_610_067_968
   assert s4[0]["mtp_active_params"] == 688_100_352
+  assert abs((total + s4[0]["mtp_params"] + 2 * emb) / 685e9 - 1) < 5e-3
   c.model.num_layers = 61
   m = cfglib.model_spec(c).replace(dtype="bfloat16")
   assert decode.cache_bytes(m, 1, 1) == 576 * 61 * 2
@@ -65,7 +99,6 @@ def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path
   tests (logits, greedy tokens, export -> import bit-exact with hub names)."""
   from safetensors.numpy import load_file
 
-  from sparse_lm import convert
   from sparse_lm import state as statelib
   from sparse_lm.convert import fp8
   from sparse_lm.convert.safetensors_io import Tensors
@@ -110,8 +143,6 @@ def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path
 
 def _raw_safetensors(path) -> dict:
   """{name: (dtype code, shape, bytes)} of a safetensors file, any dtype (FP8 too)."""
-  import json
-
   data = pathlib.Path(path).read_bytes()
   n = int.from_bytes(data[:8], "little")
   header = json.loads(data[8 : 8 + n])
@@ -121,8 +152,6 @@ def _raw_safetensors(path) -> dict:
 
 
 def _write_raw_safetensors(path, tensors: dict):
-  import json
-
   header, off = {}, 0
   for k, (dt, shape, b) in tensors.items():
     header[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + len(b)]}
@@ -148,12 +177,10 @@ def test_mtp_layer_imports_exports_bit_exact_and_is_skipped_where_absent(tmp_pat
   layer, transformers saved none) imports without MTP (mtp_depth 0) and says
   so in one line; a run without MTP exports num_nextn_predict_layers 0, and
   a family without MTP layers (Mixtral) refuses a run with them."""
-  import json
   import shutil
 
   from safetensors.numpy import load_file
 
-  from sparse_lm import convert
   from sparse_lm import params as paramslib
   from sparse_lm import state as statelib
   from sparse_lm.convert import fp8
