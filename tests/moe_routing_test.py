@@ -398,33 +398,68 @@ def test_capacity_formula():
   assert routing.capacity(moe, 8, train=True) == 8  # never more than T
 
 
-@pytest.mark.parametrize("E,G,Kg,k", [(16, 4, 2, 4), (8, 4, 1, 2), (12, 3, 2, 3)])
-def test_group_limited_matches_per_token_reference(E, G, Kg, k):
-  # DeepSeek-V3 node-limited routing by a loop over tokens: score each group by
-  # the sum of its k // Kg best biased scores, keep the top Kg groups, take the
-  # top-k biased scores among their experts, gate = sigmoid scores renormalised.
+@pytest.mark.parametrize(
+  "E,G,Kg,k,scale,shift",
+  [
+    (16, 4, 2, 4, 1.0, 0.0),
+    (8, 4, 1, 2, 1.0, 0.0),
+    (12, 3, 2, 3, 1.0, 0.0),
+    # The released DeepSeek-V3 / R1 (config.json: n_routed_experts 256, n_group
+    # 8, topk_group 4, num_experts_per_tok 8, routed_scaling_factor 2.5), its
+    # biases shifted by -2.5 so every biased score is negative: the choice must
+    # not change (a constant on the bias shifts every group and expert score
+    # alike), which holds only where the experts of dropped groups are -inf,
+    # as DeepSeek's model.py since "fix scores mask" and transformers 5; the
+    # earlier model.py zeroed them (scores * mask) and would pick them here.
+    (256, 8, 4, 8, 2.5, -2.5),
+  ],
+)
+def test_group_limited_matches_per_token_reference(E, G, Kg, k, scale, shift):
+  # DeepSeek-V3 node-limited routing by a loop over tokens, as the Gate of
+  # DeepSeek's inference/model.py (deepseek-ai/DeepSeek-V3 at 9b4e978) and
+  # transformers 5's DeepseekV3TopkRouter: sigmoid scores s, biased b = s +
+  # bias; score each group by the sum of its `per` best biased scores (their
+  # code's fixed topk(2), which is k // Kg for the release's 8 / 4: ours
+  # generalises it), keep the top Kg groups, take the top-k biased scores
+  # among their experts, gate = the chosen s renormalised, times scale.
   T = 24
   k1, k2 = jax.random.split(jax.random.key(11))
   logits = jax.random.normal(k1, (T, E)) * 2
-  bias = jax.random.normal(k2, (E,)) * 0.3
-  moe = moe_cfg(router="group_limited", num_experts=E, num_groups=G, top_k_groups=Kg, top_k=k)
+  bias = jax.random.normal(k2, (E,)) * 0.3 + shift
+  moe = moe_cfg(
+    router="group_limited",
+    num_experts=E,
+    num_groups=G,
+    top_k_groups=Kg,
+    top_k=k,
+    routed_scaling_factor=scale,
+  )
   cfglib.validate(_with_moe(moe))
   r = route(logits, moe, mask_T=jnp.ones(T), train=False, bias_E=bias)
   s = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
   b = s + np.asarray(bias, np.float64)
   per = max(k // Kg, 1)
+  assert per == 2 or E != 256  # the released code's constant
+  Eg = E // G
+  zeroed = 0  # tokens the earlier model.py (dropped groups' experts at 0) routes elsewhere
   for t in range(T):
-    group_score = [
-      np.sort(b[t, g * (E // G) : (g + 1) * (E // G)])[::-1][:per].sum() for g in range(G)
-    ]
-    groups = set(np.argsort(group_score)[::-1][:Kg])
-    allowed = [e for e in range(E) if e // (E // G) in groups]
-    want = sorted(allowed, key=lambda e: -b[t, e])[:k]
+    group_score = b[t].reshape(G, Eg)
+    group_score = np.sort(group_score, -1)[:, ::-1][:, :per].sum(-1)
+    groups = np.argsort(-group_score, kind="stable")[:Kg]
+    masked = np.full(E, -np.inf)
+    for g in groups:
+      masked[g * Eg : (g + 1) * Eg] = b[t, g * Eg : (g + 1) * Eg]
+    want = list(np.argsort(-masked, kind="stable")[:k])
+    zeroed += want != list(np.argsort(-np.where(np.isinf(masked), 0, masked), kind="stable")[:k])
     got = [int(e) for e in np.asarray(r.expert_TxK[t])]
     assert got == want, (t, got, want)
-    assert len({e // (E // G) for e in got}) <= Kg  # the point: at most Kg groups per token
-    gate = s[t, want] / s[t, want].sum()
+    assert len({e // Eg for e in got}) <= Kg  # the point: at most Kg groups per token
+    gate = s[t, want] / s[t, want].sum() * scale
     np.testing.assert_allclose(np.asarray(r.gate_TxK[t]), gate, rtol=1e-5)
+  if shift:
+    assert b.max() < 0 and zeroed == T
+    r0 = route(logits, moe, mask_T=jnp.ones(T), train=False, bias_E=bias - shift)
+    np.testing.assert_array_equal(r0.expert_TxK, r.expert_TxK)
   p = s / s.sum(-1, keepdims=True)
   counts = np.bincount(np.asarray(r.expert_TxK).reshape(-1), minlength=E)
   np.testing.assert_allclose(
