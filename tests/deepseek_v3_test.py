@@ -1,8 +1,9 @@
 """DeepSeek-V3 (issue 31): the released config.json mapped at full size,
-configs/deepseek_v3.py's sizes and MLA's cache bytes; the FP8 fixture's dequantisation and import, and its multi-head latent
-attention cache decoding as the full forward; the multi-token prediction
-layer (the release's layer 61) imported, exported and skipped where absent.
-Three tests, in process: tests/convert_test.py runs the float32 fixture too."""
+configs/deepseek_v3.py's sizes and MLA's cache bytes; the FP8 fixture's
+dequantisation and import, and its multi-head latent attention cache
+decoding as the full forward; the multi-token prediction layer (the
+release's layer 61) imported, exported and skipped where absent. Three
+tests, in process: tests/convert_test.py runs the float32 fixture too."""
 
 import functools
 import json
@@ -45,7 +46,8 @@ def test_released_config_and_configs_sizes_and_cache():
   embedding and head the hub's 685B within 0.5%. Its cache per token is
   (512 + 64) x 61 layers x 2 bytes, 1.76% of the MHA twin's (128 kv heads
   of 128: DeepSeek-V2 Table 1's 2 n_h d_h); :tiny validates, with one MTP
-  module too."""
+  module too; :1b (Moonlight-16B-A3B at half width) builds abstractly at
+  4.18B total / 0.92B active."""
   hf = json.loads((RELEASED / "DeepSeek-V3" / "config.json").read_text())
   fam = convert.family_of(hf, "config.json")
   c = cfglib.validate(convert.config_of(fam, hf))
@@ -80,6 +82,9 @@ def test_released_config_and_configs_sizes_and_cache():
   assert "GQA twin" in inspectlib.kv_cache_row(m)
   tiny = cfglib.model_spec(cfglib.load_config("configs/deepseek_v3.py:tiny"))
   assert tiny.attention == "mla" and tiny.mtp_depth == 1
+  one_b = cfglib.load_config("configs/deepseek_v3.py:1b")
+  s = inspectlib.summarize(one_b, one_b.data.vocab_size)
+  assert (s["total_params"], s["active_params"]) == (4_180_808_192, 919_474_688)
 
 
 def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path):
