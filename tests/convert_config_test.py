@@ -8,6 +8,8 @@ import json
 import pathlib
 import shutil
 
+from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from safetensors.numpy import load_file
 
 from sparse_lm import config as cfglib
 from sparse_lm import convert
+from sparse_lm import decode
 from sparse_lm import inspect as inspectlib
 from sparse_lm import state as statelib
 from sparse_lm.convert import describe
@@ -95,6 +98,45 @@ def test_released_qwen1_5_shared_expert_is_four_routed_widths():
   _, hf, c = _full_size("Qwen1.5-MoE-A2.7B")
   assert c.model.moe.num_shared_experts * c.model.moe.d_ff == hf["shared_expert_intermediate_size"]
   assert c.model.moe.shared_expert_gate and c.model.qkv_bias
+
+
+def test_qwen3_yarn_long_context_imports_as_transformers(tmp_path):
+  """Qwen3's long context (the model cards' rope_scaling: yarn, factor 4 from
+  32,768 positions): tests/fixtures/hf/qwen3_moe/yarn (make_fixtures.py
+  --only=qwen3_moe_yarn) is the qwen3_moe fixture's weights under that
+  scaling in transformers 5's rope_parameters; imported, model.rope_scaling
+  says it and the forward gives transformers' logits within 1e-4 (they are
+  7.5 away from the unscaled model's) and its 16 greedy tokens, and export
+  writes the source's rope_parameters back. The released Qwen3-30B-A3B
+  config.json with the cards' top-level rope_scaling reads the same scaling
+  (theta 1e6) and exports it in both spellings."""
+  fix = FIX / "hf" / "qwen3_moe"
+  src = tmp_path / "src"
+  shutil.copytree(fix, src, ignore=shutil.ignore_patterns("yarn"))
+  shutil.copy(fix / "yarn" / "config.json", src / "config.json")
+  convert.import_checkpoint(str(src), str(tmp_path / "run"), say=lambda *a: None)
+  model, c, _ = statelib.load_model(str(tmp_path / "run"), inference=True)
+  yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+  assert c.model.rope_scaling.to_dict() == yarn
+  g = load_file(fix / "yarn" / "golden.safetensors")
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)[0])  # eager: 20 s
+  logits = np.asarray(forward(state, jnp.asarray(g["input_ids"])))
+  assert np.abs(logits - g["logits"]).max() < 1e-4
+  out = decode.generate(model, [g["prompt"][0].tolist()], max_new_tokens=16)
+  assert out.tokens[0] == g["generated"][0].tolist()
+  hf_cfg = json.loads((src / "config.json").read_text())
+  fam = convert.FAMILIES["qwen3_moe"]
+  out_cfg = convert.hf_config(fam, c, hf_cfg, "float32")
+  assert out_cfg["rope_parameters"] == hf_cfg["rope_parameters"]
+
+  hf = {**_released("Qwen3-30B-A3B"), "rope_scaling": yarn}
+  cfg = convert.config_of(convert.family_of(hf, "config.json"), hf)
+  cfglib.validate(cfg)
+  assert cfg.model.rope_scaling.to_dict() == yarn and cfg.model.rope_theta == 1e6
+  back = convert.hf_config(fam, cfg, hf, "bfloat16")
+  assert read_as_transformers_4(back)["rope_scaling"] == yarn
+  assert back["rope_parameters"] == {**yarn, "rope_theta": 1e6}
 
 
 # ---------------------------------------------------------------- config.json
