@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import time
 from typing import NamedTuple
 
@@ -45,8 +46,10 @@ import numpy as np
 
 from sparse_lm import params as paramslib
 from sparse_lm import sharding
+from sparse_lm.data import seq2seq
 from sparse_lm.errors import ConfigError
 from sparse_lm.models import layers
+from sparse_lm.models.encoder_decoder import DecodeState
 from sparse_lm.models.spec import ModelSpec
 from sparse_lm.models.transformer import Cache
 from sparse_lm.models.transformer import Transformer
@@ -83,9 +86,9 @@ def for_inference(model: Transformer, keep_mtp: bool = False) -> Transformer:
   graphdef, state = nnx.split(model)
   if "mtp" in state and not spec.mtp_depth:
     state = nnx.State({k: v for k, v in state.items() if k != "mtp"})
-  if spec != model.m:
+  if spec != model.m:  # the same class: a Transformer or an EncoderDecoder
     with nnx.use_eager_sharding(False):
-      abstract = nnx.eval_shape(lambda: Transformer(spec, model.vocab_size, rngs=nnx.Rngs(0)))
+      abstract = nnx.eval_shape(lambda: type(model)(spec, model.vocab_size, rngs=nnx.Rngs(0)))
     graphdef = nnx.split(abstract)[0]
   dt = layers.dtype_of(spec)
   cast = lambda path, x: (
@@ -635,6 +638,198 @@ def speculative_generate(
   gen = [list(map(int, row[:c])) for row, c in zip(carry.out_BxN, carry.count_B)]
   drafts = (int(carry.accepted), int(carry.drafted))
   return Generation(gen, None, t1 - t0, t_first - t1, t2 - t_first, max(steps - 1, 0), drafts)
+
+
+# ------------------------------------------------------- encoder-decoder
+
+
+SENTINEL = re.compile(r"<extra_id_(\d+)>")  # T5's name of span corruption's sentinel k
+
+
+def seq2seq_example(c, tok, text: str, lang_ids: dict, src_lang=None, tgt_lang=None):
+  """(data/seq2seq.py's Example of `text` as a source, whether it was cut to
+  data.seq_len): seq2seq.encode_pair's layout, the one the run trained on
+  ([src_lang] source </s>, the decoder start, the forced [tgt_lang] with
+  languages; T5's source </s> and start 0 without). A span corruption run's
+  text may hold T5's sentinels, <extra_id_k>, which become its sentinel ids
+  (seq2seq.sentinel_top), the text between them tokenized piece by piece."""
+  enc_len, dec_len = seq2seq.lengths(c.data)
+  pair = {"source": text, "target": ""}
+  if src_lang is not None:
+    pair.update(src_lang=src_lang, tgt_lang=tgt_lang)
+  if c.data.get("objective") != "span_corruption" or not SENTINEL.search(text):
+    return seq2seq.encode_pair(pair, tok, lang_ids, enc_len, dec_len)
+  top, ids = seq2seq.sentinel_top(tok)[0], []
+  for i, piece in enumerate(SENTINEL.split(text)):  # text, k, text, k, ..., text
+    ids += [top - 1 - int(piece)] if i % 2 else tok.encode(piece, False) if piece else []
+  eos = np.asarray([tok.eos_id], np.int32)
+  enc = np.concatenate([np.asarray(ids[: enc_len - 1], np.int32), eos])
+  return seq2seq.Example(enc, eos, np.ones(1, np.float32), 0), len(ids) > enc_len - 1
+
+
+def seq2seq_prompt(ex) -> tuple[list[int], list[int]]:
+  """(encoder ids, decoder prefix) of a seq2seq.Example: the prefix is its
+  decoder start token and the targets of weight 0 before its first weighted
+  one (NLLB's [tgt_lang], which decoding forces as forced_bos_token_id does)."""
+  forced = []
+  for t, w in zip(ex.targets, ex.weights):
+    if w > 0:
+      break
+    forced.append(int(t))
+  return [int(i) for i in ex.encoder], [int(ex.decoder_start), *forced]
+
+
+def reserved_names(c, tok, lang_ids: dict) -> dict[int, str]:
+  """{id: text} of a seq2seq run's own tokens (seq2seq.py; ids reserved
+  above the tokenizer's, or its own tokens of those names): span
+  corruption's sentinels as <extra_id_k>, languages as <lang>."""
+  names = {i: f"<{g}>" for g, i in lang_ids.items()}
+  if c.data.get("objective") == "span_corruption":
+    top = seq2seq.sentinel_top(tok)[0]
+    names.update({top - 1 - k: f"<extra_id_{k}>" for k in range(seq2seq.EXTRA_IDS)})
+  return names
+
+
+def seq2seq_text(tok, ids: list[int], names: dict[int, str]) -> str:
+  """Target ids as text: runs of the tokenizer's ids decoded by it, the
+  reserved ids by reserved_names (any other id past the tokenizer: <id N>)."""
+  out, run = [], []
+  for i in ids:
+    if i < tok.vocab_size and i not in names:
+      run.append(i)
+      continue
+    if run:
+      out.append(tok.decode(run))
+      run = []
+    out.append(names.get(i, f"<id {i}>"))
+  if run:
+    out.append(tok.decode(run))
+  return "".join(out)
+
+
+class _Seq2SeqCarry(NamedTuple):
+  """An encoder-decoder's decode loop state, all on the device (_record reads
+  next_B, done_B and out_BxN as in _Carry)."""
+
+  state: DecodeState  # EncoderDecoder's: self-attention caches, cross keys / values
+  next_B: Array  # int32: the token sampled last, fed next
+  done_B: Array  # bool: the row has stopped (before next_B)
+  out_BxN: Array  # int32: generated tokens, -1 after a row stopped
+
+
+def _seq2seq_placed(carry: _Seq2SeqCarry) -> _Seq2SeqCarry:
+  """The carry's shardings fixed by logical names, the same out of the start
+  as out of a step (_placed's reason: the step compiles once)."""
+  c = sharding.constrain
+  kv = lambda x: layers.KVCache(*(c(a, "batch", None, "kv_heads", "head_dim") for a in x))
+  st = carry.state
+  state = st._replace(
+    caches=tuple(map(kv, st.caches)),
+    cross=tuple(map(kv, st.cross)),
+    encoder_valid_BxS=c(st.encoder_valid_BxS, "batch", None),
+  )
+  return _Seq2SeqCarry(
+    state, c(carry.next_B, "batch"), c(carry.done_B, "batch"), c(carry.out_BxN, "batch", None)
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "S", "N"))
+def _seq2seq_start(graphdef, state, src_BxS, valid_BxS, prefix_BxP, key, sampling, S, N):
+  """The encoder once, the decoder over the forced prefixes (one cached
+  forward), token 0 sampled -> the first carry."""
+  model = nnx.merge(graphdef, state)
+  st = model.start_decoding(src_BxS, valid_BxS, S)
+  logits, st = model.decode(prefix_BxP, st)
+  first_B = sample(logits[:, -1], jax.random.fold_in(key, 0), sampling)
+  B = src_BxS.shape[0]
+  return _seq2seq_placed(
+    _Seq2SeqCarry(st, first_B, jnp.zeros((B,), bool), jnp.full((B, N), -1, jnp.int32))
+  )
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "sampling", "stop_ids"), donate_argnums=(2,)
+)
+def _seq2seq_step(graphdef, state, carry: _Seq2SeqCarry, n, key, sampling, stop_ids):
+  """Decode step n: records token n (-1 once a row stopped), feeds it and
+  samples token n + 1 (as _step)."""
+  stopped, out = _record(carry, n, stop_ids)
+  model = nnx.merge(graphdef, state)
+  logits, st = model.decode(carry.next_B[:, None], carry.state)
+  nxt = sample(logits[:, -1], jax.random.fold_in(key, n + 1), sampling)
+  return _seq2seq_placed(_Seq2SeqCarry(st, nxt, stopped, out))
+
+
+def seq2seq_generate(
+  model,
+  sources: list[list[int]],
+  prefixes: list[list[int]],
+  *,
+  max_new_tokens: int,
+  sampling: Sampling | None = None,
+  seed: int = 0,
+  stop_ids: tuple[int, ...] = (),
+  mesh=None,
+  config=None,
+  check_every: int = 16,
+) -> Generation:
+  """Decoding of an encoder-decoder (models/encoder_decoder.py; an inference
+  model: state.load_model(..., inference=True)): each row's source ids
+  through the encoder once, the decoder prefilled with the row's forced
+  prefix in one cached forward (its decoder start token, then NLLB's
+  target-language token where the run has languages: what
+  data/seq2seq.py's encode_pair gives, so decoding starts as training did),
+  then one cached step per token (start_decoding / decode), sampled as
+  `generate` samples. Rows stop at their first stop id; Generation.tokens
+  holds the tokens after the prefix, without the stop. Every prefix has one
+  length (a decode step writes one slot for all rows). Sources are
+  right-padded to a `bucket` length (the padding hidden from every
+  attention and routed nowhere) and the self-attention cache holds
+  bucket(prefix + max_new_tokens) slots, so new lengths rarely compile anew.
+  The host waits for the device every `check_every` steps (to stop early)."""
+  if not sources or any(len(s) == 0 for s in sources) or len(prefixes) != len(sources):
+    raise ConfigError("every source must have at least one token, and a decoder prefix")
+  if max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+  P = len(prefixes[0])
+  if P == 0 or any(len(p) != P for p in prefixes):
+    lengths = sorted({len(p) for p in prefixes})
+    raise ConfigError(f"the decoder prefixes must have one length >= 1, not {lengths}")
+  sampling = sampling or Sampling()
+  B, N = len(sources), max_new_tokens
+  Ls = bucket(max(len(s) for s in sources))
+  src = np.zeros((B, Ls), np.int32)
+  valid = np.zeros((B, Ls), bool)
+  for b, s in enumerate(sources):
+    src[b, : len(s)], valid[b, : len(s)] = s, True
+  graphdef, state = nnx.split(model)
+  ctx = sharding.use(mesh, config) if mesh is not None else contextlib.nullcontext()
+  key = jax.random.key(seed)
+  stop_ids = tuple(int(i) for i in stop_ids)
+  with ctx:
+    t0 = time.perf_counter()
+    args = (jnp.asarray(src), jnp.asarray(valid), jnp.asarray(prefixes, jnp.int32))
+    carry = _seq2seq_start(graphdef, state, *args, key, sampling, bucket(P + N), N)
+    jax.block_until_ready(carry.next_B)
+    t1 = t_first = time.perf_counter()
+    run = functools.partial(
+      _seq2seq_step, graphdef, state, key=key, sampling=sampling, stop_ids=stop_ids
+    )
+    done_at = None
+    for n in range(N - 1):  # the last token is recorded, never fed
+      carry = run(carry, jnp.int32(n))
+      if n == 0:
+        jax.block_until_ready(carry.next_B)
+        t_first = time.perf_counter()
+      if (n + 1) % check_every == 0 and bool(jax.device_get(carry.done_B).all()):
+        done_at = n + 1
+        break
+    carry = jax.device_get(carry._replace(state=None))
+    out = carry.out_BxN if done_at is not None else _record(carry, N - 1, stop_ids, np)[1]
+  t2 = time.perf_counter()
+  gen = [list(map(int, row[: (row < 0).argmax() if (row < 0).any() else N])) for row in out]
+  timed = (done_at or N - 1) - 1  # decode steps after the first
+  return Generation(gen, None, t1 - t0, t_first - t1, t2 - t_first, max(timed, 0))
 
 
 def param_bytes(model) -> int:

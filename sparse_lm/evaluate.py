@@ -18,6 +18,22 @@ MoE layer the KL divergence of the router distributions and the fraction of
 tokens whose top-1 expert changed, on prompt and response tokens apart for
 instruction data.
 
+An encoder-decoder run (model.arch="encoder_decoder"; issue 30):
+
+  python -m sparse_lm.evaluate --workdir=runs/translate --examples=200
+
+the loss is its decoder's cross-entropy on the targets (decoder_loss_weights:
+NLLB's forced [tgt_lang] not counted), "loss" the mean of the batches' own
+means as train.py's eval_loss (its value for the same checkpoint and
+batches), "token_loss" the mean over all their tokens; MoE layers are
+numbered as in the run's metrics (decoder layer j is num_layers + j). On
+seq2seq data, --examples pairs of the split (the first; -1 all, 0 none) are
+also translated greedily (decode.seq2seq_generate, the encoder once and
+cached decoder steps, up to the decoder's length data.targets_len) and
+scored against their targets with sacrebleu (data/translation.py's score:
+corpus chrF, chrF++, BLEU), over all of them and per language pair where the
+pairs have languages; --output keeps every source, reference and hypothesis.
+
 For studies (not a flag): `score_responses` gives each (prompt, response)
 example's summed log-likelihood of its response given its prompt (per-example
 losses), and `multiple_choice` scores items whose choices are responses to one
@@ -41,12 +57,16 @@ from sparse_lm import checkpoint as ckptlib
 from sparse_lm import cli
 from sparse_lm import config as cfglib
 from sparse_lm import data as datalib
+from sparse_lm import decode
 from sparse_lm import finetune
 from sparse_lm import sharding
 from sparse_lm import state as statelib
+from sparse_lm.data import seq2seq
 from sparse_lm.data import sft
+from sparse_lm.data import translation
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import UserError
+from sparse_lm.models import encoder_decoder
 
 
 def _define_flags():
@@ -69,6 +89,12 @@ def _define_flags():
     "A base run's workdir[:step]: report how far this run's routing moved from it (per MoE "
     "layer: KL of the router distributions, top-1 changes; prompt / response tokens apart).",
   )
+  flags.DEFINE_integer(
+    "examples",
+    256,
+    "Encoder-decoder runs on seq2seq data: translate this many pairs of the split greedily "
+    "and score chrF / BLEU (-1: all, 0: none).",
+  )
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -84,10 +110,18 @@ def evaluate(
   batches=None,
   compare_routing=None,
   mesh="fsdp",
+  examples=256,
 ) -> dict:
   """The numbers `main` prints, as a dict. mesh: where the model goes (the
-  --mesh flag: state.mesh_for_use)."""
-  c, mesh = statelib.mesh_for_use(ckptlib.read_config(os.path.abspath(workdir)), mesh)
+  --mesh flag: state.mesh_for_use). examples: an encoder-decoder run's
+  translations on seq2seq data (the --examples flag)."""
+  workdir = os.path.abspath(workdir)
+  c, mesh = statelib.mesh_for_use(ckptlib.read_config(workdir), mesh)
+  encdec = c.model.get("arch") == "encoder_decoder"
+  if encdec and compare_routing:
+    raise ConfigError(
+      f"--compare_routing: decoder-only runs only ({workdir} is an encoder-decoder)"
+    )
   model, c, tok = statelib.load_model(workdir, step, mesh=mesh, config=c)
   d = c.data
   if dataset:
@@ -97,13 +131,22 @@ def evaluate(
   n = batches or c.train.eval_batches
   if n < 1:
     raise ConfigError(f"--batches={n}: must be >= 1")
+  seq2seq_pairs = encdec and d.objective == "seq2seq"
+  if seq2seq_pairs and dataset:  # other pairs: their language ids must be the run's
+    got = seq2seq.encode_split(d, tok, d.eval_split)[1]["languages"]
+    want = statelib.seq2seq_languages(c, tok, workdir)
+    if got != {g: want.get(g) for g in got}:
+      raise ConfigError(
+        f"--dataset={dataset}: its languages take other token ids ({got}) than the run's {want}"
+      )
   eval_data = datalib.eval_batches(d, n, tokenizer=tok)
   graphdef, state = nnx.split(model)
+  weight_key = "decoder_loss_weights" if encdec else "weights"
 
   @jax.jit
   def step_fn(state, batch):
     _, aux = statelib.loss_fn(nnx.merge(graphdef, state), batch, train=False, rng=None)
-    return aux["ce"], jax.numpy.sum(batch["weights"]), aux["moe"]
+    return aux["ce"], jax.numpy.sum(batch[weight_key]), aux["moe"]
 
   ces, weights, moes = [], [], []
   with sharding.use(mesh, c) if mesh is not None else contextlib.nullcontext():
@@ -112,9 +155,10 @@ def evaluate(
       ces.append(float(ce))
       weights.append(float(w))
       moes.append(moe)
-  loss = float(np.average(ces, weights=weights))
+  token_loss = float(np.average(ces, weights=weights))
+  loss = float(np.mean(ces)) if encdec else token_loss  # encdec: train.py's eval_loss
   out = {
-    "workdir": os.path.abspath(workdir),
+    "workdir": workdir,
     "step": step if step is not None else train_step_of(workdir),
     "dataset": d.dataset,
     "split": d.eval_split,
@@ -124,14 +168,72 @@ def evaluate(
     "perplexity": math.exp(min(loss, 50.0)),
     "moe_layers": {},
   }
+  if encdec:
+    out["token_loss"] = token_loss
   if compare_routing:
     out["routing_drift"] = drift_from(compare_routing, model, c, tok, eval_data, mesh)
-  for i, layer in enumerate(cfglib.model_spec(c).moe_layers):
+  if seq2seq_pairs and examples:
+    out["translation"] = translate(model, c, tok, workdir, d, examples, mesh)
+  spec = cfglib.model_spec(c)
+  layer_ids = encoder_decoder.moe_layer_ids(spec) if encdec else spec.moe_layers
+  for i, layer in enumerate(layer_ids):
     out["moe_layers"][str(layer)] = {
       k: np.mean([np.asarray(m[i][k]) for m in moes], axis=0).tolist()
       for k in STATS
       if k in moes[0][i]
     }
+  return out
+
+
+def translate(model, c, tok, workdir: str, d, examples: int, mesh=None) -> dict:
+  """Greedy translations of the first `examples` pairs (-1: all) of data
+  config d's eval split by an encoder-decoder run's model, scored with
+  sacrebleu (translation.score) over all of them ("all") and per language
+  pair ("pairs"; "src-tgt" -> its count and scores), and the pairs with
+  their hypotheses ("translations"). Each source is laid out as training
+  laid it out (seq2seq.encode_pair with the run's language ids), the
+  decoder started with its forced prefix (decode.seq2seq_prompt), then up
+  to the decoder length's targets decoded, data.batch_size rows at a time."""
+  pairs = seq2seq.read_pairs(d, d.eval_split)
+  pairs = pairs if examples < 0 else pairs[:examples]
+  langs = statelib.seq2seq_languages(c, tok, workdir)
+  enc_len, dec_len = seq2seq.lengths(d)
+  prompts = [
+    decode.seq2seq_prompt(seq2seq.encode_pair(p, tok, langs, enc_len, dec_len)[0]) for p in pairs
+  ]
+  model, names = decode.for_inference(model), decode.reserved_names(c, tok, langs)
+  B, hyps = d.batch_size, [None] * len(pairs)
+  by_prefix = {}  # rows decode together when their prefixes have one length
+  for i, (_, prefix) in enumerate(prompts):
+    by_prefix.setdefault(len(prefix), []).append(i)
+  for P, idx in sorted(by_prefix.items()):
+    for at in range(0, len(idx), B):
+      rows = idx[at : at + B]
+      full = rows + rows[:1] * (B - len(rows))  # one batch shape: one program
+      g = decode.seq2seq_generate(
+        model,
+        [prompts[i][0] for i in full],
+        [prompts[i][1] for i in full],
+        max_new_tokens=dec_len - (P - 1),  # the targets after the forced ones, </s> included
+        stop_ids=tok.stop_ids,
+        mesh=mesh,
+        config=c,
+      )
+      for i, toks in zip(rows, g.tokens):
+        hyps[i] = decode.seq2seq_text(tok, toks, names)
+  refs = [p["target"] for p in pairs]
+  out = {"examples": len(pairs), "all": translation.score(hyps, refs), "pairs": {}}
+  groups = {}
+  for i, p in enumerate(pairs):
+    if "src_lang" in p:
+      groups.setdefault((p["src_lang"], p["tgt_lang"]), []).append(i)
+  for (src, tgt), idx in sorted(groups.items()):
+    s = translation.score([hyps[i] for i in idx], [refs[i] for i in idx], tgt)
+    out["pairs"][f"{src}-{tgt}"] = {"examples": len(idx), **s}
+  keep = ("source", "target", "src_lang", "tgt_lang")
+  out["translations"] = [
+    {**{k: p[k] for k in keep if k in p}, "hypothesis": h} for p, h in zip(pairs, hyps)
+  ]
   return out
 
 
@@ -287,6 +389,21 @@ def table(r: dict) -> str:
         f"{k.removeprefix('drift/mean/')} {v:.4f}" for k, v in drift.items() if "/mean/" in k
       )
     )
+  if "token_loss" in r:
+    lines[-1] += f"   (the mean over all tokens: {r['token_loss']:.4f})"
+  t = r.get("translation")
+  if t:
+    a = t["all"]
+    lines.append(
+      f"  translations of {t['examples']} pairs (greedy): chrF {a['chrf']:.2f}   "
+      f"chrF++ {a['chrf++']:.2f}   BLEU {a['bleu']:.2f}"
+    )
+    if t["pairs"]:
+      lines.append(f"  {'pair':>12} {'examples':>8} {'chrF':>7} {'chrF++':>7} {'BLEU':>7}")
+      for k, v in t["pairs"].items():
+        lines.append(
+          f"  {k:>12} {v['examples']:>8} {v['chrf']:>7.2f} {v['chrf++']:>7.2f} {v['bleu']:>7.2f}"
+        )
   if r["moe_layers"]:
     lines.append(
       f"  {'layer':>5} {'dropped':>8} {'entropy':>8} {'balance':>8} {'gate':>6}  expert load"
@@ -304,7 +421,9 @@ def table(r: dict) -> str:
 def main(argv):
   del argv
   f = flags.FLAGS
-  r = evaluate(f.workdir, f.step, f.split, f.dataset, f.batches, f.compare_routing, f.mesh)
+  r = evaluate(
+    f.workdir, f.step, f.split, f.dataset, f.batches, f.compare_routing, f.mesh, f.examples
+  )
   print(table(r))
   if f.output:
     try:

@@ -23,6 +23,23 @@ Uses the run's own config and tokenizer; MoE layers decode without dropping
 multi-token prediction): each step the first MTP module drafts the next
 token and the main model verifies it in the same cached forward, so a step
 gives 1 or 2 tokens, exactly greedy decoding's; prints the drafts accepted.
+
+An encoder-decoder run (model.arch="encoder_decoder"; issue 30):
+
+  python -m sparse_lm.generate --workdir=runs/translate --prompt="Save and add another" \
+      --src_lang=en --tgt_lang=de
+  python -m sparse_lm.generate --workdir=runs/switch_t5 --prompt="def <extra_id_0>(n):"
+
+each prompt is a source, laid out as the run's data lays out its sources
+(data/seq2seq.py's encode_pair): with the run's NLLB language tokens (a
+seq2seq run whose pairs have languages: --src_lang and --tgt_lang, required
+there) [src_lang] source </s>, the decoder started at </s> with [tgt_lang]
+forced; T5's source </s> and start 0 otherwise (a span corruption run's
+prompt may hold T5's sentinels <extra_id_k>). The encoder runs once, the
+decoder decodes with its caches (decode.seq2seq_generate), greedy or
+sampled as above, and each row stops at end-of-text or --max_new_tokens;
+prints each source and its target text. --chat, --expert_choices and
+--speculative are decoder-only.
 """
 
 from __future__ import annotations
@@ -56,6 +73,12 @@ _SPECULATIVE = flags.DEFINE_bool(
   False,
   "Self-speculative greedy decoding: a run trained with model.mtp_depth >= 1 drafts "
   "with its first MTP module, the main model verifies (the same tokens as greedy).",
+)
+_SRC_LANG = flags.DEFINE_string(
+  "src_lang", None, "Encoder-decoder runs with languages: the prompts' language."
+)
+_TGT_LANG = flags.DEFINE_string(
+  "tgt_lang", None, "Encoder-decoder runs with languages: the language to translate into."
 )
 _MESH = flags.DEFINE_string(
   "mesh",
@@ -116,6 +139,40 @@ def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
   return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def seq2seq_sources(c, tok, workdir: str, prompts: list[str]):
+  """(encoder ids, decoder prefixes, reserved-id names) of the prompts as
+  sources of an encoder-decoder run (module docstring); a note on stderr
+  for a source cut to data.seq_len."""
+  from sparse_lm import decode  # pylint: disable=g-import-not-at-top
+  from sparse_lm import state as statelib  # pylint: disable=g-import-not-at-top
+
+  src, tgt = _SRC_LANG.value, _TGT_LANG.value
+  langs = statelib.seq2seq_languages(c, tok, workdir) if c.data.objective == "seq2seq" else {}
+  if langs:
+    for flag, v in (("src_lang", src), ("tgt_lang", tgt)):
+      if v not in langs:
+        what = ": give one of" if v is None else f"={v} is not one of"
+        raise UserError(
+          f"--{flag}{what} the languages of {workdir}'s run ({', '.join(sorted(langs))})"
+        )
+  elif src is not None or tgt is not None:
+    raise UserError(
+      f"--src_lang / --tgt_lang: {workdir}'s run has no languages (data.dataset="
+      f"{c.data.dataset!r}, data.objective={c.data.objective!r})"
+    )
+  sources, prefixes = [], []
+  for i, p in enumerate(prompts, 1):
+    if not p:
+      raise UserError(f"prompt {i} is empty")
+    ex, cut = decode.seq2seq_example(c, tok, p, langs, src, tgt)
+    if cut:
+      print(f"prompt {i}: cut to data.seq_len={c.data.seq_len} tokens", file=sys.stderr)
+    ids, prefix = decode.seq2seq_prompt(ex)
+    sources.append(ids)
+    prefixes.append(prefix)
+  return sources, prefixes, decode.reserved_names(c, tok, langs)
+
+
 def main(argv):
   del argv
   check_sampling()
@@ -128,6 +185,15 @@ def main(argv):
 
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   config, mesh = statelib.mesh_for_use(checkpoint.read_config(workdir), _MESH.value)
+  seq2seq = config.model.get("arch") == "encoder_decoder"
+  if seq2seq:
+    for flag in (_CHAT, _EXPERTS, _SPECULATIVE):
+      if flag.value:
+        raise UserError(f"--{flag.name}: decoder-only runs only ({workdir} is an encoder-decoder)")
+  elif _SRC_LANG.value is not None or _TGT_LANG.value is not None:
+    raise UserError(
+      f"--src_lang / --tgt_lang: encoder-decoder runs only ({workdir} is decoder-only)"
+    )
   if _SPECULATIVE.value and (_TEMPERATURE.value or _EXPERTS.value):
     raise UserError("--speculative is greedy only: without --temperature and --expert_choices")
   model, c, tok = statelib.load_model(
@@ -137,34 +203,54 @@ def main(argv):
     raise UserError(
       f"--speculative needs a run trained with config.model.mtp_depth >= 1 ({workdir}'s is 0)"
     )
-  ids = chat_prompts(tok, prompts) if _CHAT.value else [tok.encode(p) for p in prompts]
-  empty = [i for i, p in enumerate(ids) if not p]
-  if empty:
-    raise UserError(f"prompt {empty[0] + 1} is empty")
   sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  g = decode.generate(
-    model,
-    ids,
-    max_new_tokens=_MAX_NEW.value,
-    sampling=sampling,
-    seed=_SEED.value,
-    stop_ids=tok.stop_ids,
-    pad_id=tok.eos_id if tok.pad_id is None else tok.pad_id,
-    mesh=mesh,
-    config=c,
-    return_experts=_EXPERTS.value,
-    speculative=_SPECULATIVE.value,
-  )
+  if seq2seq:
+    sources, prefixes, names = seq2seq_sources(c, tok, workdir, prompts)
+    g = decode.seq2seq_generate(
+      model,
+      sources,
+      prefixes,
+      max_new_tokens=_MAX_NEW.value,
+      sampling=sampling,
+      seed=_SEED.value,
+      stop_ids=tok.stop_ids,
+      mesh=mesh,
+      config=c,
+    )
+    texts = [decode.seq2seq_text(tok, t, names) for t in g.tokens]
+  else:
+    ids = chat_prompts(tok, prompts) if _CHAT.value else [tok.encode(p) for p in prompts]
+    empty = [i for i, p in enumerate(ids) if not p]
+    if empty:
+      raise UserError(f"prompt {empty[0] + 1} is empty")
+    g = decode.generate(
+      model,
+      ids,
+      max_new_tokens=_MAX_NEW.value,
+      sampling=sampling,
+      seed=_SEED.value,
+      stop_ids=tok.stop_ids,
+      pad_id=tok.eos_id if tok.pad_id is None else tok.pad_id,
+      mesh=mesh,
+      config=c,
+      return_experts=_EXPERTS.value,
+      speculative=_SPECULATIVE.value,
+    )
+    texts = [tok.decode(t) for t in g.tokens]
   rows = []
-  for i, (prompt, toks) in enumerate(zip(prompts, g.tokens)):
-    text, stopped = truncate_at_stop(tok.decode(toks), _STOP.value)
+  for i, (prompt, toks, full) in enumerate(zip(prompts, g.tokens, texts)):
+    text, stopped = truncate_at_stop(full, _STOP.value)
     rows.append({"prompt": prompt, "completion": text, "tokens": toks, "stopped_at_text": stopped})
+    if seq2seq and _SRC_LANG.value is not None:
+      rows[-1].update(src_lang=_SRC_LANG.value, tgt_lang=_TGT_LANG.value)
     if g.experts is not None:
       rows[-1]["experts"] = g.experts[i]
-    print(f"--- {i + 1}/{len(prompts)} ({len(toks)} tokens)\n{prompt}{text}")
+    shown = f"{prompt}\n=> {text}" if seq2seq else f"{prompt}{text}"
+    print(f"--- {i + 1}/{len(prompts)} ({len(toks)} tokens)\n{shown}")
   n = sum(len(t) for t in g.tokens)
+  first = "encoder, prefill" if seq2seq else "prefill"
   print(
-    f"\n{n} tokens for {len(prompts)} prompt(s): prefill {g.prefill_s:.2f} s and first step "
+    f"\n{n} tokens for {len(prompts)} prompt(s): {first} {g.prefill_s:.2f} s and first step "
     f"{g.first_step_s:.2f} s (both compile), then {g.tokens_per_s():,.1f} tokens/s "
     f"({g.steps} steps of {len(prompts)} row(s) after the first in {g.decode_s:.2f} s, "
     "no compile in them)"

@@ -8,6 +8,7 @@ never the trainer. A train state is `nnx.state((model, optimizer))`
 from __future__ import annotations
 
 import ast
+import json
 import os
 
 from flax import nnx
@@ -23,6 +24,7 @@ from sparse_lm import finetune
 from sparse_lm import optimizer as optlib
 from sparse_lm import params as paramslib
 from sparse_lm import sharding
+from sparse_lm.data import seq2seq
 from sparse_lm.data.tokenizer import ByteTokenizer
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import RunError
@@ -328,6 +330,33 @@ def eval_step(graphdef):
   return step_fn
 
 
+def seq2seq_languages(c, tok, workdir: str | None = None) -> dict[str, int]:
+  """{language: token id} of a seq2seq run (data.objective="seq2seq";
+  sparse_lm/data/seq2seq.py's NLLB language tokens): the ids its data.json
+  recorded when it trained, else those its dataset gives now; {} for a
+  dataset without languages."""
+  recorded = os.path.join(workdir, "data.json") if workdir else ""
+  if recorded and os.path.exists(recorded):
+    with open(recorded) as f:
+      langs = json.load(f).get("languages")
+    if langs is not None:
+      return {k: int(v) for k, v in langs.items()}
+  return seq2seq.encode_split(c.data, tok, c.data.eval_split)[1]["languages"]
+
+
+def model_vocab_size(c, tok, workdir: str | None = None) -> int:
+  """The model's vocabulary of config `c` with tokenizer `tok`: what the
+  training input gave it (train.py's train_input.vocab_size): the
+  tokenizer's, grown by span corruption's sentinels or seq2seq's reserved
+  language ids (sparse_lm/data/seq2seq.py)."""
+  objective = c.data.get("objective", "lm")
+  if objective == "span_corruption":
+    return seq2seq.sentinel_top(tok)[1]
+  if objective == "seq2seq":
+    return max([tok.vocab_size, *(i + 1 for i in seq2seq_languages(c, tok, workdir).values())])
+  return tok.vocab_size
+
+
 def load_model(
   workdir: str,
   step: int | None = None,
@@ -351,18 +380,16 @@ def load_model(
   `mesh` (mesh_for_use); default the run's own. keep_mtp: also read the
   multi-token prediction modules (model.mtp_depth; generate --speculative);
   by default they are not read and the model is the main one, mtp_depth=0's
-  (DeepSeek-V3 section 2.2 drops them at inference). Errors (no checkpoint, a
+  (DeepSeek-V3 section 2.2 drops them at inference). An encoder-decoder run
+  (model.arch="encoder_decoder") loads as its EncoderDecoder, with the
+  vocabulary its input gave it (model_vocab_size). Errors (no checkpoint, a
   step that is not there, a tokenizer that does not fit) are one line
   (RunError)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   c = config if config is not None else ckptlib.read_config(workdir)
-  if c.model.get("arch") == "encoder_decoder":
-    raise RunError(
-      f"{workdir} is an encoder-decoder run (model.arch='encoder_decoder'): evaluate and "
-      "generate do not read one yet (issue 30; EncoderDecoder.greedy decodes in Python)"
-    )
   tok = datalib.make_tokenizer(c.data)
   datalib.check_tokenizer(tok, workdir)
+  V = model_vocab_size(c, tok, workdir)
   ckpt = ckptlib.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.resolve(step)
@@ -373,13 +400,13 @@ def load_model(
     built = c.copy_and_resolve_references()
     built.model.mtp_depth = 0
   if mesh is None:
-    graphdef, abs_vars = nnx.split(abstract_model(built, tok.vocab_size))
+    graphdef, abs_vars = nnx.split(abstract_model(built, V))
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shd = jax.tree.map(lambda a: dev, abs_vars)
   else:
     with sharding.use(mesh, c):
       spec = cfglib.model_spec(built)
-      model = nnx.eval_shape(lambda: Transformer(spec, tok.vocab_size, rngs=nnx.Rngs(0)))
+      model = nnx.eval_shape(lambda: model_class(c)(spec, V, rngs=nnx.Rngs(0)))
       graphdef, abs_vars = nnx.split(model)
       shd = nnx.get_named_sharding(abs_vars, mesh)
   flat = jax.tree_util.tree_flatten_with_path(ckptlib.target(abs_vars, shd))[0]

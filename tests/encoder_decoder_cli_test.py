@@ -1,0 +1,182 @@
+"""sparse_lm.generate and sparse_lm.evaluate on an encoder-decoder run (issue 30).
+
+One tiny configs/switch_t5.py:tiny run on the translation task (Django's
+English <-> German catalogue pairs, bytes, NLLB's language tokens) trained by
+the real main; then, in this process (helpers.in_process), generate's tokens
+against an uncached full-forward loop written here from the data layout's
+rules (greedy and sampled), evaluate's loss against the run's logged eval
+loss and its chrF / BLEU against sacrebleu's on the hypotheses it wrote.
+"""
+
+import json
+import os
+import sys
+
+from helpers import FAST_COMPILE
+from helpers import cli
+from helpers import in_process
+from helpers import rows
+from helpers import run
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sacrebleu
+
+from sparse_lm import decode
+from sparse_lm import state as statelib
+from sparse_lm.data import seq2seq
+
+EN, DE, EOS = 260, 259, 1  # the run's languages take the ids above bytes' 259, sorted
+LEN = 64  # data.seq_len = data.targets_len
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tfds_dir):
+  wd = str(tmp_path_factory.mktemp("encdec") / "translate")
+  p = run(
+    cli(
+      wd,
+      tfds_dir,
+      "--config.data.objective=seq2seq",
+      "--config.data.dataset=seq2seq:translation",
+      "--config.data.languages=('de',)",
+      "--config.data.tokenizer=byte",
+      f"--config.data.targets_len={LEN}",
+      "--config.train.num_steps=4",
+      "--config.train.eval_every=4",
+      config="configs/switch_t5.py:tiny",
+    )
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  return wd
+
+
+def program(name, wd, *args, monkeypatch):
+  cmd = [sys.executable, "-m", f"sparse_lm.{name}", f"--workdir={wd}", *args]
+  return in_process(cmd, monkeypatch=monkeypatch)
+
+
+def full_forward_decode(model, sources, N, temperature=0.0, seed=0):
+  """Tokens after [</s>, <de>] of each English source, one uncached forward
+  of the whole sequence per token: the source is [<en>] bytes </s> (NLLB's
+  layout, README), token i is the argmax at the last position, or sampled
+  from softmax(logits / temperature) with key fold_in(key(seed), i) as
+  generate documents its --seed; a row ends at </s>."""
+  src = [[EN, *(b + 3 for b in s.encode()), EOS] for s in sources]
+  S, B, P = max(map(len, src)), len(src), 2
+  src_BxS = np.zeros((B, S), np.int32)
+  seg_BxS = np.zeros((B, S), np.int32)
+  for b, s in enumerate(src):
+    src_BxS[b, : len(s)], seg_BxS[b, : len(s)] = s, 1
+  dec_BxL = np.zeros((B, P + N), np.int32)  # later positions do not reach earlier ones
+  dec_BxL[:, :P] = [EOS, DE]
+  fwd = jax.jit(
+    lambda d: model(src_BxS, d, encoder_segments_BxS=seg_BxS).logits, compiler_options=FAST_COMPILE
+  )
+  key = jax.random.key(seed)
+  for i in range(N):
+    logits_BxV = fwd(dec_BxL)[:, P - 1 + i]
+    if temperature:
+      nxt = jax.random.categorical(jax.random.fold_in(key, i), logits_BxV / temperature, -1)
+    else:
+      nxt = jnp.argmax(logits_BxV, -1)
+    dec_BxL[:, P + i] = np.asarray(nxt)
+  out = []
+  for row in dec_BxL[:, P:].tolist():
+    out.append(row[: row.index(EOS)] if EOS in row else row)
+  return out
+
+
+def test_generate_and_evaluate_a_translation_run(trained, tmp_path, monkeypatch):
+  assert json.load(open(os.path.join(trained, "data.json")))["languages"] == {"de": DE, "en": EN}
+  model, c, tok = statelib.load_model(trained, inference=True)  # one device, dropless MoE
+  assert model.vocab_size == 261 and c.model.arch == "encoder_decoder"
+  first = next(
+    p for p in seq2seq.read_pairs(c.data, "validation") if p["src_lang"] == "en"
+  )  # a pair evaluate translates too
+  prompts = [first["source"], "Save and add another"]
+
+  # generate, greedy and sampled: the full forward's tokens.
+  outs = {}
+  for name, extra in (("greedy", []), ("sampled", ["--temperature=1.0", "--seed=3"])):
+    out = tmp_path / f"{name}.jsonl"
+    p = program(
+      "generate",
+      trained,
+      *(f"--prompt={s}" for s in prompts),
+      "--src_lang=en",
+      "--tgt_lang=de",
+      f"--max_new_tokens={LEN - 1}",
+      f"--output={out}",
+      *extra,
+      monkeypatch=monkeypatch,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    outs[name] = [json.loads(l) for l in open(out)]
+    assert "=> " in p.stdout and "no compile in them" in p.stdout
+  with jax.default_matmul_precision("highest"):
+    want = {
+      "greedy": full_forward_decode(model, prompts, LEN - 1),
+      "sampled": full_forward_decode(model, prompts, LEN - 1, temperature=1.0, seed=3),
+    }
+  for name in outs:
+    assert [r["tokens"] for r in outs[name]] == want[name], name
+    assert outs[name][0]["src_lang"] == "en" and outs[name][0]["tgt_lang"] == "de"
+  sampled = outs["sampled"][1]["tokens"]
+  assert len(set(sampled)) > 5, sampled  # sampling makes the comparison a real one
+
+  # A row stops at its first stop id (here: a token sampled above), unrecorded.
+  stop = sampled[len(sampled) // 2]
+  src = [[EN, *tok.encode(s), EOS] for s in prompts]
+  g = decode.seq2seq_generate(
+    model,
+    src,
+    [[EOS, DE]] * 2,
+    max_new_tokens=LEN - 1,
+    sampling=decode.Sampling(1.0),
+    seed=3,
+    stop_ids=(stop,),
+  )
+  assert g.tokens[1] == sampled[: sampled.index(stop)]
+
+  # evaluate: the run's eval loss; chrF / BLEU are sacrebleu's on its hypotheses.
+  out = tmp_path / "eval.json"
+  p = program(
+    "evaluate", trained, "--batches=2", "--examples=12", f"--output={out}", monkeypatch=monkeypatch
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.load(open(out))
+  logged = [x["eval_loss"] for x in rows(trained) if "eval_loss" in x][-1]
+  assert abs(r["loss"] - logged) < 1e-4, (r["loss"], logged)
+  assert r["step"] == 4 and r["split"] == "validation" and sorted(r["moe_layers"]) == ["1", "3"]
+  t = r["translation"]
+  hyps = [x["hypothesis"] for x in t["translations"]]
+  refs = [x["target"] for x in t["translations"]]
+  assert t["examples"] == len(hyps) == 12
+  assert t["all"]["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+  assert t["all"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+  assert sorted(t["pairs"]) == ["de-en", "en-de"]
+  for pair, s in t["pairs"].items():
+    idx = [i for i, x in enumerate(t["translations"]) if f"{x['src_lang']}-{x['tgt_lang']}" == pair]
+    h, ref = [hyps[i] for i in idx], [refs[i] for i in idx]
+    assert s["examples"] == len(idx)
+    assert s["chrf"] == pytest.approx(sacrebleu.corpus_chrf(h, [ref]).score)
+    assert s["bleu"] == pytest.approx(sacrebleu.corpus_bleu(h, [ref]).score)
+  i = next(i for i, x in enumerate(t["translations"]) if x["source"] == first["source"])
+  assert hyps[i] == outs["greedy"][0]["completion"]  # evaluate decodes as generate does
+  assert "chrF" in p.stdout and "en-de" in p.stdout
+
+
+@pytest.mark.parametrize(
+  "args,needle",
+  [
+    (["--prompt=x"], "--src_lang: give one of the languages of"),
+    (["--prompt=x", "--src_lang=en", "--tgt_lang=xx"], "--tgt_lang=xx is not one of"),
+    (["--prompt=x", "--chat"], "--chat: decoder-only runs only"),
+  ],
+)
+def test_generate_errors_are_one_line(trained, args, needle, monkeypatch):
+  p = program("generate", trained, *args, monkeypatch=monkeypatch)
+  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  assert needle in p.stderr.strip().splitlines()[-1]
