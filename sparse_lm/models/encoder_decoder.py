@@ -45,9 +45,9 @@ is that model, built from layers.py's pieces and the MoE layer unchanged:
 Decoding (start_decoding, decode, greedy): the encoder runs once; each
 decoder layer keeps its cross-attention keys and values of the encoder's
 output, computed once, and a self-attention KV cache written a step at a
-time. train.remat applies to each block of both stacks. Not yet: generate /
-evaluate of an encoder-decoder run, model.scan_layers, train.microbatches
-(config.py refuses the last two).
+time (decode.seq2seq_generate drives them for the generate and evaluate
+CLIs). train.remat applies to each block of both stacks. Not yet:
+model.scan_layers, train.microbatches (config.py refuses them).
 """
 
 from __future__ import annotations
