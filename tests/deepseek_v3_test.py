@@ -60,6 +60,15 @@ def test_released_config_and_configs_sizes_and_cache():
   scaling = {("rope_type" if k == "type" else k): v for k, v in hf["rope_scaling"].items()}
   assert back["rope_scaling"] == scaling and back["rope_theta"] == hf["rope_theta"]
   assert "quantization_config" not in back and back["num_nextn_predict_layers"] == 1
+  # n_group 1 (Moonlight-16B-A3B, Kimi-K2): no group limit, router
+  # sigmoid_bias (moe_routing_test's reference with G = 1), written back as 1 / 1.
+  one = cfglib.validate(convert.config_of(fam, {**hf, "n_group": 1, "topk_group": 1}))
+  assert (one.model.moe.router, one.model.moe.num_groups) == ("sigmoid_bias", 0)
+  one_back = convert.hf_config(fam, one, hf, "bfloat16")
+  assert (one_back["n_group"], one_back["topk_group"]) == (1, 1)
+  one.model.moe.router = "topk"
+  with pytest.raises(ConvertError, match=r"model\.moe\.router='topk'.*'sigmoid_bias'"):
+    convert.check_exportable(one, fam)
 
   # inspect's counts of the first 4 and 5 layers (3 dense, then MoE): the 57
   # further MoE layers are each the 5th's (a 61-layer abstract model is 20 s).

@@ -412,6 +412,9 @@ def test_capacity_formula():
     # as DeepSeek's model.py since "fix scores mask" and transformers 5; the
     # earlier model.py zeroed them (scores * mask) and would pick them here.
     (256, 8, 4, 8, 2.5, -2.5),
+    # n_group 1 (Moonlight-16B-A3B: 64 experts, top-6, scale 2.446; Kimi-K2):
+    # one group limits nothing, and import maps it to router "sigmoid_bias".
+    (64, 1, 1, 6, 2.446, 0.0),
   ],
 )
 def test_group_limited_matches_per_token_reference(E, G, Kg, k, scale, shift):
@@ -427,9 +430,9 @@ def test_group_limited_matches_per_token_reference(E, G, Kg, k, scale, shift):
   logits = jax.random.normal(k1, (T, E)) * 2
   bias = jax.random.normal(k2, (E,)) * 0.3 + shift
   moe = moe_cfg(
-    router="group_limited",
+    router="group_limited" if G > 1 else "sigmoid_bias",
     num_experts=E,
-    num_groups=G,
+    num_groups=G if G > 1 else 0,
     top_k_groups=Kg,
     top_k=k,
     routed_scaling_factor=scale,
@@ -439,7 +442,7 @@ def test_group_limited_matches_per_token_reference(E, G, Kg, k, scale, shift):
   s = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
   b = s + np.asarray(bias, np.float64)
   per = max(k // Kg, 1)
-  assert per == 2 or E != 256  # the released code's constant
+  assert per == 2 or E != 256 or G == 1  # the released code's constant
   Eg = E // G
   zeroed = 0  # tokens the earlier model.py (dropped groups' experts at 0) routes elsewhere
   for t in range(T):

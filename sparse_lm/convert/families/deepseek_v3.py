@@ -66,12 +66,29 @@ KEYS = (
     to_hf=lambda r: r or None,
   ),
   *(Key(f"model.mla.{k}", k) for k in _MLA[1:]),
-  Key("model.moe.num_groups", "n_group"),
-  Key("model.moe.top_k_groups", "topk_group"),
+  # n_group 1 (Moonlight-16B-A3B, Kimi-K2: one group, no limit) is router
+  # "sigmoid_bias" (the same choice: tests/moe_routing_test.py's reference
+  # with G = 1); export writes it back as n_group 1, topk_group 1.
+  Key(
+    ("model.moe.num_groups", "model.moe.router"),
+    "n_group",
+    to_ours=lambda n: (0, "sigmoid_bias") if n == 1 else (n, "group_limited"),
+    to_hf=lambda g, router: 1 if router == "sigmoid_bias" else g,
+  ),
+  Key(
+    "model.moe.top_k_groups",
+    "topk_group",
+    write=lambda c: 1 if c.model.moe.router == "sigmoid_bias" else c.model.moe.top_k_groups,
+  ),
   Key("model.moe.top_k", "num_experts_per_tok"),
   Key("model.moe.first_dense_layers", "first_k_dense_replace"),
   Key("model.moe.normalize_gates", "norm_topk_prob", to_ours=bool, to_hf=bool),
-  fixed("model.moe.router", "group_limited", "{family}'s router is 'group_limited'"),
+  Key(
+    "model.moe.router",
+    values={"group_limited": "group_limited", "sigmoid_bias": "sigmoid_bias"},
+    to_ours=None,
+    why="{family}'s router is 'group_limited' (or 'sigmoid_bias': n_group 1)",
+  ),
   # The released configs' (remote code) router spellings: only V3's is read.
   Key(
     hf="scoring_func",
