@@ -1,4 +1,5 @@
-r"""Hugging Face MoE checkpoints in and out: Mixtral, DBRX, Qwen2-MoE, Qwen3-MoE, OLMoE.
+r"""Hugging Face MoE checkpoints in and out: Mixtral, DBRX, Qwen2-MoE, Qwen3-MoE, OLMoE,
+GPT-OSS, DeepSeek-V3, and the encoder-decoder SwitchTransformers (model.arch="encoder_decoder").
 
   python -m sparse_lm.convert import --hf_dir=~/hf/Mixtral-8x7B-v0.1 --workdir=runs/mixtral
   python -m sparse_lm.generate --workdir=runs/mixtral --prompt="def fib(n):"

@@ -17,7 +17,8 @@ flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the la
 flags.DEFINE_string(
   "family",
   None,
-  "export: " + " | ".join(FAMILIES) + " (default: the imported one, else mixtral).",
+  "export: " + " | ".join(FAMILIES) + " (default: the imported one, else mixtral; "
+  "switch_transformers for an encoder-decoder run).",
 )
 flags.DEFINE_enum(
   "dtype",

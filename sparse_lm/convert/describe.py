@@ -155,6 +155,9 @@ class Key:
   write    our config -> the config.json value (export; replaces `to_hf`).
   optional export writes it only where the source has it or its value is not
            the default (head_dim: older configs of the family lack it).
+  keep     export keeps the source's value where it has one and writes
+           `to_hf` / `write` only where it has none (a fact our config does
+           not hold, e.g. SwitchTransformers' expert_capacity).
 
   On export the config's values are resolved (config.model_spec): "0 =
   inherit" keys read as what they inherit."""
@@ -172,6 +175,7 @@ class Key:
   read: Callable[[dict], Any] | None = None
   write: Callable[[Any], Any] | None = None
   optional: bool = False
+  keep: bool = False
 
   def __post_init__(self):
     for name in ("ours", "hf"):

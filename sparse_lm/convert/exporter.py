@@ -33,17 +33,28 @@ from sparse_lm.convert.safetensors_io import write_shards
 from sparse_lm.data import tokenizer as toklib
 from sparse_lm.errors import ConvertError
 from sparse_lm.errors import RunError
-from sparse_lm.models.transformer import Transformer
 
 DEFAULT_FAMILY = "mixtral"  # for a run trained here (no source config.json)
+DEFAULT_ENCODER_DECODER = "switch_transformers"  # the same, model.arch="encoder_decoder"
 
 # ------------------------------------------------------------------ config
 
 
+class _Model:
+  """model.* as export reads them: the spec's value, else the config's (a key
+  the spec does not carry, e.g. model.arch)."""
+
+  def __init__(self, spec, model):
+    self._spec, self._model = spec, model
+
+  def __getattr__(self, name):
+    return getattr(self._spec, name) if hasattr(self._spec, name) else self._model[name]
+
+
 def _resolved(c):
   """The config's values as export reads them: model.* from the spec ("0 =
-  inherit" keys resolved), data.* as they are."""
-  return types.SimpleNamespace(model=cfglib.model_spec(c), data=c.data)
+  inherit" keys resolved), else the config's; data.* as they are."""
+  return types.SimpleNamespace(model=_Model(cfglib.model_spec(c), c.model), data=c.data)
 
 
 def _refusal(key: Key, view) -> tuple[str, str] | None:
@@ -103,6 +114,8 @@ def hf_config(fam: Family, c, base: dict, dtype: str = "float32") -> dict:
       else:
         v = key.to_hf(*got)
     name = next((n for n in key.hf if describe.lookup(base, n) is not describe.MISSING), key.hf[0])
+    if key.keep and describe.lookup(base, name) is not describe.MISSING:
+      continue
     if key.optional and describe.lookup(base, name) in (describe.MISSING, None):
       if v == (key.default(hf) if callable(key.default) else key.default):
         continue
@@ -164,7 +177,9 @@ def export_checkpoint(
       base = json.load(f)
   arch = (base.get("architectures") or [""])[0]
   if family is None:
-    family = FAMILIES_BY_ARCH[arch].name if arch in FAMILIES_BY_ARCH else DEFAULT_FAMILY
+    encdec = c.model.get("arch", "decoder") == "encoder_decoder"
+    default = DEFAULT_ENCODER_DECODER if encdec else DEFAULT_FAMILY
+    family = FAMILIES_BY_ARCH[arch].name if arch in FAMILIES_BY_ARCH else default
   if family not in FAMILIES:
     raise ConvertError(f"--family={family!r}: one of {', '.join(FAMILIES)}")
   fam = FAMILIES[family]
@@ -309,7 +324,7 @@ def _placement(c, mesh: str | None):
   c.model.scan_layers = False  # the export reads per-layer names, whatever the layout
   V, spec = statelib.vocab_size_of(c), cfglib.model_spec(c)
   with sharding.use(m, c):  # as state.load_model places a model
-    abstract = nnx.eval_shape(lambda: Transformer(spec, V, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: statelib.model_class(c)(spec, V, rngs=nnx.Rngs(0)))
     shardings = nnx.get_named_sharding(nnx.state(abstract), m)
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
   by_path = {paramslib.path_str(kp): s for kp, s in flat}
