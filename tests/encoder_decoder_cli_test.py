@@ -6,7 +6,12 @@ the real main; then, in this process (helpers.in_process), generate's tokens
 against an uncached full-forward loop written here from the data layout's
 rules (greedy; and sampled, with stop ids), evaluate's loss against the
 run's logged eval loss and its chrF / BLEU against sacrebleu's on the
-hypotheses it wrote. ~65 s of CPU in all (the training process ~30 s).
+hypotheses it wrote. The encoder's and the decoder's inputs are checked as
+generate hands them to decode.seq2seq_generate too: a model trained a few
+steps hardly reads its source (a 30-step one's next-token logits moved by
+1e-4 between two sources, on a range of 8), so equal tokens alone
+would not show a wrong source (encoder_decoder_test.py checks the cached
+logits with a source that matters). ~65 s of CPU in all (training ~30 s).
 """
 
 import functools
@@ -93,7 +98,7 @@ def _forward(graphdef, state, src_BxS, seg_BxS, dec_BxL):
 
 def test_generate_and_evaluate_a_translation_run(trained, tmp_path, monkeypatch):
   assert json.load(open(os.path.join(trained, "data.json")))["languages"] == {"de": DE, "en": EN}
-  model, c, tok = statelib.load_model(trained, inference=True)  # one device, dropless MoE
+  model, c, _ = statelib.load_model(trained, inference=True)  # one device, dropless MoE
   assert model.vocab_size == 261 and c.model.arch == "encoder_decoder"
   first = next(p for p in seq2seq.read_pairs(c.data, "validation") if p["src_lang"] == "en")
   prompts = [first["source"], "Save and add another"]  # the first: evaluate translates it too
@@ -101,6 +106,10 @@ def test_generate_and_evaluate_a_translation_run(trained, tmp_path, monkeypatch)
   # generate (greedy; the default mesh: the parameters over the 8 devices):
   # the full forward's tokens.
   out = tmp_path / "greedy.jsonl"
+  calls, real = [], decode.seq2seq_generate
+  monkeypatch.setattr(
+    decode, "seq2seq_generate", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k)
+  )
   p = program(
     "generate",
     trained,
@@ -114,6 +123,10 @@ def test_generate_and_evaluate_a_translation_run(trained, tmp_path, monkeypatch)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "=> " in p.stdout and "no compile in them" in p.stdout
   greedy = [json.loads(l) for l in open(out)]
+  # The layout (README): [<en>] source </s> into the encoder; the decoder from </s>, <de> forced.
+  src = [[EN, *(b + 3 for b in s.encode()), EOS] for s in prompts]
+  assert calls == [(src, [[EOS, DE]] * 2)]
+  monkeypatch.setattr(decode, "seq2seq_generate", real)
   assert greedy[0]["src_lang"] == "en" and greedy[0]["tgt_lang"] == "de"
   with jax.default_matmul_precision("highest"):
     want = full_forward_decode(model, prompts, LEN - 1)
@@ -126,7 +139,7 @@ def test_generate_and_evaluate_a_translation_run(trained, tmp_path, monkeypatch)
   stop = sampled[1][len(sampled[1]) // 2]
   g = decode.seq2seq_generate(
     model,
-    [[EN, *tok.encode(s), EOS] for s in prompts],
+    src,
     [[EOS, DE]] * 2,
     max_new_tokens=LEN - 1,
     sampling=decode.Sampling(1.0),
