@@ -12,6 +12,7 @@ what is refused, both ways."""
 import functools
 import json
 import pathlib
+import shutil
 
 from flax import nnx
 from helpers import FAST_COMPILE
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from safetensors.numpy import save_file
 
 from sparse_lm import config as cfglib
 from sparse_lm import convert
@@ -82,6 +84,28 @@ def test_import_matches_transformers(imported):
   for w in (ffn.wi, ffn.wo):
     w[...] = w[...][jnp.array([1, 0, 2, 3])]
   assert _run(model, g)[0] > 1e-2
+
+
+def test_tied_copies_an_older_checkpoint_holds(imported, tmp_path):
+  """encoder / decoder.embed_tokens.weight and lm_head.weight beside
+  shared.weight (what transformers 4.x may have written tied): compared with
+  it (a note where one differs), the parameters read from shared.weight."""
+  src = tmp_path / "src"
+  shutil.copytree(FIX, src)
+  t = load_file(src / "model.safetensors")
+  for s in ("encoder", "decoder"):
+    t[f"{s}.embed_tokens.weight"] = t["shared.weight"]
+  t["lm_head.weight"] = t["shared.weight"] + 1.0
+  save_file(t, src / "model.safetensors")
+  notes = []
+  convert.import_checkpoint(str(src), str(tmp_path / "run"), say=notes.append)
+  assert [n for n in notes if n.startswith("note:")] == [
+    "note: lm_head.weight differs from shared.weight (max |difference| 1); imported as "
+    "shared.weight (our model shares it)"
+  ]
+  params = lambda wd: nnx.to_flat_state(nnx.state(statelib.load_model(str(wd))[0], nnx.Param))
+  for (path, a), (_, b) in zip(params(imported), params(tmp_path / "run")):
+    assert np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value())), path
 
 
 def test_config_json_both_ways():

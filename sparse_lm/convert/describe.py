@@ -37,7 +37,12 @@ class Rule:
   README_WEIGHTS.md: "shares parameters"). Import checks that it is there
   with the shape `ours` implies and compares it with `copy_of` (a note where
   they differ), but reads `ours` from `copy_of`'s rule; export writes it from
-  the same parameter, so the written folder holds both, as the hub's."""
+  the same parameter, so the written folder holds both, as the hub's.
+
+  `optional` (a copy only): the checkpoint may hold it or not (T5's tied
+  embed_tokens / lm_head: transformers 4.x checkpoints may hold them, 5.x
+  saves shared.weight alone); import checks and compares it where present,
+  export does not write it."""
 
   ours: tuple[str, ...]
   hf: tuple[str, ...]
@@ -46,6 +51,7 @@ class Rule:
   per_expert: bool = False
   rows: str = ""
   copy_of: str = ""
+  optional: bool = False
 
 
 def same(ours: str, hf: str) -> Rule:
@@ -57,9 +63,9 @@ def linear(ours: str, hf: str, per_expert: bool = False) -> Rule:
   return Rule((ours,), (hf,), lambda w: (w.T,), lambda a: (a.T,), per_expert, rows="t")
 
 
-def copy(rule: Rule, of: str) -> Rule:
-  """`rule` as a copy of the checkpoint tensor `of` (Rule.copy_of)."""
-  return dataclasses.replace(rule, copy_of=of)
+def copy(rule: Rule, of: str, optional: bool = False) -> Rule:
+  """`rule` as a copy of the checkpoint tensor `of` (Rule.copy_of, Rule.optional)."""
+  return dataclasses.replace(rule, copy_of=of, optional=optional)
 
 
 def heads_in(ours: str, hf: str, n: int, z: int) -> Rule:

@@ -190,7 +190,7 @@ def export_checkpoint(
   check_exportable(c, fam)
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConvertError(f"--hf_dir={hf_dir} is not empty; export into a new folder")
-  rules = _write_order(fam.rules(cfglib.model_spec(c), False))
+  rules = _write_order([r for r in fam.rules(cfglib.model_spec(c), False) if not r.optional])
   ckpt = ckptlib.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.resolve(step)

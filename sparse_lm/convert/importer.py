@@ -136,6 +136,8 @@ def check_tensors(rules: list[Rule], t: Tensors, spec, shapes: dict[str, tuple])
   wanted: set[str] = set()
   for r in rules:
     names = hf_names(r, E)
+    if r.optional and not all(n in t for n in names):
+      continue  # a copy the checkpoint lacks (Rule.optional)
     for n in names:
       if n not in t:
         what = "an expert's weight" if r.per_expert else "a tensor"
@@ -170,7 +172,7 @@ def check_copies(rules: list[Rule], t: Tensors, say=print):
   (the host holds two blocks): a note where they differ, since the import
   reads the original (our parameters share what the copy repeats)."""
   for r in rules:
-    if not r.copy_of:
+    if not r.copy_of or (r.optional and r.hf[0] not in t):
       continue
     name, of = r.hf[0], r.copy_of
     if of not in t:

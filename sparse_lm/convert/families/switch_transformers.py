@@ -59,7 +59,10 @@ the FFN layer (encoder 1, decoder 2): layer_norm.weight and mlp.wi / mlp.wo,
 or mlp.router.classifier.weight and mlp.experts.expert_{j}.wi / wo;
 {encoder,decoder}.final_layer_norm.weight. Untied, transformers 5.25 saves
 lm_head.weight and the stacks' own embed_tokens (copies of shared here:
-Rule.copy_of)."""
+Rule.copy_of); tied, it saves shared.weight alone, and the copies
+encoder / decoder.embed_tokens.weight and lm_head.weight an older
+checkpoint may hold are compared with it where present (Rule.optional) and
+not written."""
 
 from __future__ import annotations
 
@@ -336,12 +339,17 @@ def _stack(m, stack: str) -> list[Rule]:
 def rules(m, fused: bool) -> list[Rule]:
   del fused  # one layout: experts.expert_{j}
   out = [same("embed/embedding", "shared.weight")]
-  if not m.tie_embeddings:  # transformers 5.25 then saves the stacks' embed_tokens too
+  # The stacks' embed_tokens (and, tied, lm_head) repeat shared.weight: 5.25
+  # saves them untied only; an older checkpoint may hold them tied as well.
+  tied = m.tie_embeddings
+  out += [
+    copy(same("embed/embedding", f"{s}.embed_tokens.weight"), "shared.weight", optional=tied)
+    for s in ("encoder", "decoder")
+  ]
+  if tied:
+    out.append(copy(same("embed/embedding", "lm_head.weight"), "shared.weight", optional=True))
+  else:
     out.append(linear("unembed", "lm_head.weight"))
-    out += [
-      copy(same("embed/embedding", f"{s}.embed_tokens.weight"), "shared.weight")
-      for s in ("encoder", "decoder")
-    ]
   return out + _stack(m, "encoder") + _stack(m, "decoder")
 
 
