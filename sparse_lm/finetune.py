@@ -384,8 +384,12 @@ def _transform(x, fresh, how: str, path: str, scale: float, reinit: float, seed:
 
 def drifts(c) -> bool:
   """Whether a run logs routing drift: a fine-tuning run (train.init_from) of
-  an MoE whose router gives each token a distribution over experts."""
+  an MoE whose router gives each token a distribution over experts; not yet
+  for an encoder-decoder (router_probs runs the decoder-only model on its
+  batch)."""
   spec = cfglib.model_spec(c)
+  if c.model.get("arch", "decoder") == "encoder_decoder":
+    return False
   return bool(c.train.init_from) and spec.is_moe and routing.ROUTERS[spec.moe.router].drifts
 
 

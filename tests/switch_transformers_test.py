@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from sparse_lm import config as cfglib
 from sparse_lm import convert
+from sparse_lm import finetune
 from sparse_lm import state as statelib
 from sparse_lm.errors import ConvertError
 
@@ -143,6 +144,10 @@ def test_export_of_a_run_trained_here_and_its_refusals():
   c.model.num_kv_heads = 2
   with pytest.raises(ConvertError, match="no grouped-query attention"):
     convert.check_exportable(c, FAM)
+  # Fine-tuning it (or an import: train.init_from) logs no routing drift yet:
+  # finetune.router_probs runs the decoder-only model on its batch.
+  c.train.init_from = "runs/imported"
+  assert not finetune.drifts(c)
 
 
 BAD = [
