@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 from sparse_lm import config as cfglib
 from sparse_lm import convert
 from sparse_lm import finetune
+from sparse_lm import inspect as inspectlib
 from sparse_lm import state as statelib
 from sparse_lm.errors import ConvertError
 
@@ -148,6 +149,27 @@ def test_export_of_a_run_trained_here_and_its_refusals():
   # finetune.router_probs runs the decoder-only model on its batch.
   c.train.init_from = "runs/imported"
   assert not finetune.drifts(c)
+
+
+def test_switch_base_8_shape_both_ways():
+  """configs/switch_t5.py:switch_base_8 (google/switch-base-8's shape) as
+  config.json and back: the same model (inspect: 619,339,008 parameters, the
+  README's count), d_kv / d_ff / sparse steps as transformers names them."""
+  c = cfglib.load_config("configs/switch_t5.py:switch_base_8")
+  hf = convert.hf_config(FAM, c, {})
+  assert (hf["d_model"], hf["d_kv"], hf["d_ff"], hf["num_heads"]) == (768, 64, 3072, 12)
+  assert (hf["num_layers"], hf["num_sparse_encoder_layers"], hf["encoder_sparse_step"]) == (
+    12,
+    6,
+    2,
+  )
+  assert (hf["num_experts"], hf["vocab_size"], hf["dense_act_fn"]) == (8, 32128, "relu")
+  back = convert.config_of(FAM, hf)
+  cfglib.validate(back)
+  assert (
+    cfglib.model_spec(back).moe_layers == cfglib.model_spec(c).moe_layers == (1, 3, 5, 7, 9, 11)
+  )
+  assert inspectlib.summarize(back, back.data.vocab_size)["total_params"] == 619_339_008
 
 
 BAD = [
