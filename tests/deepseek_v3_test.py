@@ -37,7 +37,9 @@ def test_released_config_and_configs_sizes_and_cache():
   yarn as top-level rope_scaling, one MTP layer) maps at full size with
   abstract shapes to configs/deepseek_v3.py:671b in every architecture key
   and exports back its rope_theta / rope_scaling without
-  quantization_config. inspect's totals: 671B within 0.5% (671.03B), 37.55B
+  quantization_config; a group-limited shape whose num_experts_per_tok //
+  topk_group is not 2 (DeepSeek's group score: its top 2 experts) is refused
+  on import and export. inspect's totals: 671B within 0.5% (671.03B), 37.55B
   active counting both embedding tables (the paper's "37B"), 36.63B without
   the input embedding (README_WEIGHTS.md: 36.6B "including 0.9B for the
   output Head"); its MTP module (model.mtp_depth=1, section 2.2) is counted
@@ -69,6 +71,14 @@ def test_released_config_and_configs_sizes_and_cache():
   one.model.moe.router = "topk"
   with pytest.raises(ConvertError, match=r"model\.moe\.router='topk'.*'sigmoid_bias'"):
     convert.check_exportable(one, fam)
+  # DeepSeek scores a group by its top 2 experts, group_limited by its top
+  # top_k // top_k_groups: any other ratio is refused both ways.
+  with pytest.raises(ConvertError, match=r"num_experts_per_tok / topk_group=4: .*top 2"):
+    convert.config_of(fam, {**hf, "topk_group": 2})
+  c.model.moe.top_k_groups = 2
+  with pytest.raises(ConvertError, match=r"model\.moe\.top_k=8 .*top_k // top_k_groups"):
+    convert.check_exportable(c, fam)
+  c.model.moe.top_k_groups = 4
 
   # inspect's counts of the first 4 and 5 layers (3 dense, then MoE): the 57
   # further MoE layers are each the 5th's (a 61-layer abstract model is 20 s).

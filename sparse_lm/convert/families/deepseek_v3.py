@@ -34,6 +34,7 @@ from sparse_lm.convert.describe import fixed
 from sparse_lm.convert.describe import heads_out
 from sparse_lm.convert.describe import linear
 from sparse_lm.convert.describe import preset
+from sparse_lm.convert.describe import refuse
 from sparse_lm.convert.describe import same
 from sparse_lm.convert.families import gpt_oss
 from sparse_lm.convert.families import shared
@@ -81,6 +82,23 @@ KEYS = (
     write=lambda c: 1 if c.model.moe.router == "sigmoid_bias" else c.model.moe.top_k_groups,
   ),
   Key("model.moe.top_k", "num_experts_per_tok"),
+  # DeepSeek scores a group by the sum of its top 2 biased scores (inference/
+  # model.py's Gate, transformers' DeepseekV3 MoE: topk(2)); group_limited
+  # by its top top_k // top_k_groups (routing.py): the same only where that is 2.
+  refuse(
+    "num_experts_per_tok / topk_group",
+    lambda r: r not in (None, 2),
+    "DeepSeek-V3 scores an expert group by its top 2 experts, router 'group_limited' by "
+    "its top num_experts_per_tok // topk_group: must be 2 (or n_group 1)",
+    read=lambda hf: None if hf["n_group"] == 1 else hf["num_experts_per_tok"] // hf["topk_group"],
+  ),
+  fixed(
+    "model.moe.top_k",
+    lambda c: _top_k_scoring_groups_by_2(c.model.moe),
+    "{family} scores an expert group by its top 2 experts, router 'group_limited' by its "
+    "top top_k // top_k_groups: must be 2",
+    on_import=False,
+  ),
   Key("model.moe.first_dense_layers", "first_k_dense_replace"),
   Key("model.moe.normalize_gates", "norm_topk_prob", to_ours=bool, to_hf=bool),
   Key(
@@ -166,6 +184,14 @@ KEYS = (
   shared.qk_norm("none"),
   shared.NO_CLIP_QKV,
 )
+
+
+def _top_k_scoring_groups_by_2(moe) -> int:
+  """top_k where router group_limited scores a group as DeepSeek-V3 does
+  (top_k // top_k_groups == 2) or another router is used, else 2 * top_k_groups."""
+  if moe.router != "group_limited" or moe.top_k // moe.top_k_groups == 2:
+    return moe.top_k
+  return 2 * moe.top_k_groups
 
 
 def rules(m, fused: bool) -> list[Rule]:

@@ -301,8 +301,12 @@ def group_limited(lg: dict[str, Logits], moe: Any, *, bias_E: Array, **_) -> Dec
   """DeepSeek-V3 node-limited routing (Liu et al. 2024, section 2.1.2): the
   sigmoid_bias router, restricted to the experts of each token's top
   `top_k_groups` (the paper's M) of `num_groups` (G) contiguous expert groups,
-  a group scored by the sum of its highest k / top_k_groups biased scores (the
-  released code's fixed 2 is this for V3's k=8, M=4).
+  a group scored by the sum of its highest k // top_k_groups biased scores.
+  This generalises DeepSeek: its released code (inference/model.py's Gate,
+  transformers' DeepseekV3 MoE) always sums the top 2 (`topk(2)`), the same
+  only where k // top_k_groups == 2 (V3's k=8, M=4); the DeepseekV3 import
+  refuses the other shapes, and export refuses such a run
+  (sparse_lm/convert/families/deepseek_v3.py).
 
   What it does here: the routing decision of the paper (a token's experts lie
   in at most top_k_groups groups). What it does not do here: exchange fewer
