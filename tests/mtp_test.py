@@ -1,14 +1,16 @@
 """Multi-token prediction (DeepSeek-V3 section 2.2; issue 31): model.mtp_depth
 MTP modules (transformer.MtpModule), their loss (state.mtp_loss_fn), the main
 model at inference (decode.for_inference drops them), and self-speculative
-greedy decoding (decode.generate(speculative=True)). One test, in process, on
-configs/deepseek_v3.py:tiny shrunk to 1 MoE layer (its MTP block MoE too)."""
+greedy decoding (decode.generate(speculative=True)); the loss formula at
+depth 2. Two tests, in process, on configs/deepseek_v3.py:tiny shrunk to 1
+MoE layer (its MTP blocks MoE too)."""
 
 from flax import nnx
 from helpers import FAST_COMPILE
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sparse_lm import config as cfglib
@@ -123,3 +125,38 @@ def test_mtp_trains_with_the_main_model_and_is_dropped_at_inference():
   bad = decode.for_inference(nnx.merge(gd1, params), keep_mtp=True)
   slow = decode.generate(bad, prompts, max_new_tokens=12, speculative=True, check_every=1)
   assert slow.tokens == greedy.tokens and slow.drafts[0] < 0.75 * slow.drafts[1], slow.drafts
+
+
+def test_mtp_loss_is_deepseek_v3_eq_24_25_at_depth_2():
+  """The training loss with mtp_depth=2 (D > 1) is DeepSeek-V3's eq. 24-25,
+  recomputed here from the model's with-MTP logits by slicing (not through
+  state.mtp_loss_fn's mtp_shift / mtp_reach): the main CE + the router
+  losses (the main layers' and both modules' blocks') + (mtp_loss_weight /
+  D) x sum_k CE_k, CE_k module k's CE at position i for token i + k + 1,
+  weighted by that token's weight (row 0's last 5 weights are 0 here)."""
+  c = tiny(2)
+  graphdef, _, _ = statelib.abstract_state(c, V)
+  with nnx.use_eager_sharding(False):
+    state = jax.jit(lambda: nnx.state(statelib.create(c, V)), compiler_options=FAST_COMPILE)()
+  tokens = jnp.asarray(np.random.default_rng(2).integers(3, V, (4, 33)), jnp.int32)
+  w_BxL = jnp.ones((4, 32), jnp.float32).at[0, -5:].set(0.0)
+  batch = {"inputs": tokens[:, :32], "targets": tokens[:, 1:], "weights": w_BxL}
+
+  def both(s, rng):
+    model = nnx.merge(graphdef, s)[0]
+    loss, _ = statelib.loss_fn(model, batch, train=True, rng=rng)
+    out, mtp = model.with_mtp(batch["inputs"], mask_BxL=w_BxL, train=True, rng=rng)
+    router = [a["router_loss"] for a in [*out.moe_aux, *(o.aux for o in mtp)] if a]
+    return loss, out.logits, [o.logits for o in mtp], sum(router)
+
+  loss, logits, mtp_logits, router_loss = jax.jit(both, compiler_options=FAST_COMPILE)(
+    state, jax.random.key(0)
+  )
+  assert len(mtp_logits) == 2 and float(router_loss) > 0
+  ce = lambda lg, t, w: (
+    jnp.sum(optax.softmax_cross_entropy_with_integer_labels(lg, t) * w) / jnp.sum(w)
+  )
+  targets = batch["targets"]
+  ces = [ce(lg[:, : 32 - k], targets[:, k:], w_BxL[:, k:]) for k, lg in enumerate(mtp_logits, 1)]
+  want = ce(logits, targets, w_BxL) + router_loss + c.model.mtp_loss_weight / 2 * sum(ces)
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
