@@ -117,7 +117,10 @@ def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path
   group-limited routing x 2.5): the MLA cache is [B, S, kv_lora_rank] +
   [B, S, qk_rope_head_dim] per layer, decoding through it token by token
   (the absorbed form) after a 6-token prefill gives the full forward's
-  logits. (Training is not in CI, 15 s of compile: `python -m sparse_lm.main
+  logits, and decode.generate's greedy tokens for two prompts of 3 and 7
+  tokens (left-padded) its argmax (the closest top-2 gap 0.008; with the
+  short row's 4 pad slots attended 3 of its 4 tokens differ). (Training
+  is not in CI, 15 s of compile: `python -m sparse_lm.main
   --config=configs/deepseek_v3.py:tiny` trains and generate decodes it.)
   tests/convert_test.py runs the float32 fixture through every family's
   tests (logits, greedy tokens, export -> import bit-exact with hub names)."""
@@ -163,6 +166,15 @@ def test_fp8_copy_imports_and_its_mla_cache_decodes_as_the_full_forward(tmp_path
     lg, cache, _ = step(state, toks[:, t : t + 1], ones[:, t : t + 1], pos[:, t : t + 1], cache)
     got.append(lg)
   np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-4)
+  # Greedy decoding of two prompts of different lengths (left-padded: the
+  # latent cache and the RoPE key of padded slots masked) = the argmax of the
+  # full forward over each prompt and its tokens so far.
+  prompts = [toks[0, :3].tolist(), toks[1, :7].tolist()]
+  out = decode.generate(model, prompts, max_new_tokens=4)
+  seqs = jnp.asarray([p + g + [0] * (S - len(p) - len(g)) for p, g in zip(prompts, out.tokens)])
+  logits = np.asarray(forward(seqs))  # causal: the padding after a row changes nothing before it
+  for row, (p, gen) in enumerate(zip(prompts, out.tokens)):
+    assert gen == logits[row, len(p) - 1 : len(p) + 3].argmax(-1).tolist(), row
 
 
 def _raw_safetensors(path) -> dict:
