@@ -33,7 +33,7 @@ Variants (the string after ':'):
          "sigmoid_bias") and positions; the training recipe (MTP, balance)
          as the others. inspect: 4.18B total, 0.92B active (0.75B without the
          input embedding; MTP apart, 0.15B); Moonlight itself at full width
-         is 15.96B / 2.92B there (its card: 16B / 3B).
+         is 15.96B / 2.91B there (its card: 16B / 3B).
   671b   DeepSeek-V3 / R1: 61 layers, d_model 7168: 671B total / 37B active.
 """
 

@@ -577,12 +577,15 @@ def gqa_twin(m):
 
 def kv_cache_row(m) -> str:
   """The decoding cache's bytes per token (all layers, model.dtype); an MLA
-  model's beside its GQA twin's (`gqa_twin`), the paper's reduction."""
+  model's beside its standard-attention twin's (`gqa_twin`: "MHA twin" where
+  it has a kv head per head, as V3's 128), the paper's reduction."""
   kv = decode.cache_bytes(m, 1, 1)
   if m.attention != "mla":
     return _bytes(kv)
-  twin = decode.cache_bytes(gqa_twin(m), 1, 1)
-  return f"{_bytes(kv)} (GQA twin {_bytes(twin)}: {kv / twin:.2%})"
+  twin_m = gqa_twin(m)
+  twin, J = decode.cache_bytes(twin_m, 1, 1), twin_m.num_kv_heads
+  name = "MHA twin" if J == m.num_heads else f"GQA twin ({J} kv heads)"
+  return f"{_bytes(kv)} ({name} {_bytes(twin)}: {kv / twin:.2%})"
 
 
 def fewest_devices(c) -> int:

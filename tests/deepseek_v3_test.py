@@ -98,7 +98,8 @@ def test_released_config_and_configs_sizes_and_cache():
   m = cfglib.model_spec(c).replace(dtype="bfloat16")
   assert decode.cache_bytes(m, 1, 1) == 576 * 61 * 2
   assert decode.cache_bytes(inspectlib.gqa_twin(m), 1, 1) == 2 * 128 * 128 * 61 * 2
-  assert "GQA twin" in inspectlib.kv_cache_row(m)
+  assert "(MHA twin 3.81 MiB: 1.76%)" in inspectlib.kv_cache_row(m)
+  assert "(GQA twin (8 kv heads) " in inspectlib.kv_cache_row(m.replace(num_kv_heads=8))
   tiny = cfglib.model_spec(cfglib.load_config("configs/deepseek_v3.py:tiny"))
   assert tiny.attention == "mla" and tiny.mtp_depth == 1
   one_b = cfglib.load_config("configs/deepseek_v3.py:1b")
