@@ -42,8 +42,11 @@ LOAD_BALANCE_CHOICES = ("all", "first")
 BALANCE_SCOPES = ("global", "micro", "sequence")
 ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu", "swiglu_clamped")
 NORMS = ("rms", "layer")
-POSITIONS = ("rope", "learned", "relative")  # relative: T5's buckets (encoder_decoder only)
+# relative: T5's buckets; sinusoidal: fairseq's (NLLB-200's, with the padding
+# offset); both encoder_decoder only.
+POSITIONS = ("rope", "learned", "relative", "sinusoidal")
 ARCHS = ("decoder", "encoder_decoder")
+ENCDEC_POSITIONS = ("relative", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
@@ -110,8 +113,9 @@ def base_config() -> mlc.ConfigDict:
   # "decoder" (decoder-only LM) or "encoder_decoder" (T5.1.1 with MoE in both
   # stacks, the Switch Transformer's and NLLB-200's shape;
   # models/encoder_decoder.py): model.num_layers layers in each stack,
-  # model.position "relative" (T5's bucketed biases), data.objective
-  # "span_corruption" or "seq2seq".
+  # model.position "relative" (T5's bucketed biases and unscaled attention) or
+  # "sinusoidal" (fairseq's table, NLLB-200's; attention scaled by
+  # 1 / sqrt(head_dim)), data.objective "span_corruption" or "seq2seq".
   c.model.arch = "decoder"
   c.model.d_model = 128
   c.model.num_layers = 2
@@ -147,6 +151,13 @@ def base_config() -> mlc.ConfigDict:
   c.model.qkv_bias = False  # biases on the q, k and v projections (Qwen2-MoE)
   c.model.clip_qkv = 0.0  # > 0: q, k, v clamped to [-clip, clip] (DBRX, OLMoE)
   c.model.norm_bias = True  # model.norm="layer" only; False: no bias (DBRX)
+  # Encoder-decoder only (NLLB-200 / fairseq; models/encoder_decoder.py):
+  # scale_embedding multiplies the token embedding by sqrt(d_model) on input
+  # and leaves the tied output layer unscaled (False: T5's, the tied logits
+  # times d_model ** -0.5); mlp_bias puts biases on the dense FFN's two
+  # projections (model.moe.expert_bias: on the experts').
+  c.model.scale_embedding = False
+  c.model.mlp_bias = False
   # RoPE scaling as transformers' modeling_rope_utils defines it (None = off):
   # a ConfigDict with rope_type "yarn" (factor, original_max_position_embeddings,
   # beta_fast, beta_slow, truncate, attention_factor, mscale, mscale_all_dim),
@@ -278,7 +289,8 @@ def base_config() -> mlc.ConfigDict:
   # router (load: the smooth noisy-top-k estimator when noisy gating is on in
   # training, else CV^2 of counts). The hierarchical configs use 0.1.
   c.model.moe.importance_weight = 0.0
-  # GPT-OSS: a trained bias on the router logits, and biases on the experts.
+  # GPT-OSS: a trained bias on the router logits, and biases on the experts
+  # (expert_bias: up, gate and out; NLLB-200's ReLU experts: up and out).
   c.model.moe.router_logit_bias = False
   c.model.moe.expert_bias = False
 
@@ -477,6 +489,8 @@ def model_spec(c) -> spec_lib.ModelSpec:
     mla=spec_lib.MlaSpec(**m.mla) if "mla" in m else spec_lib.MlaSpec(),
     mtp_depth=m.get("mtp_depth", 0),  # configs saved before the key: none
     mtp_loss_weight=m.get("mtp_loss_weight", 0.3),
+    scale_embedding=m.get("scale_embedding", False),  # configs saved before the keys
+    mlp_bias=m.get("mlp_bias", False),
     moe=fields(
       spec_lib.MoeSpec,
       moe,
@@ -732,7 +746,6 @@ ROPE_SCALINGS = {  # rope_type: (required keys, optional keys)
   ),
 }
 LAYER_TYPES = ("full_attention", "sliding_attention")
-GATED = ("swiglu", "geglu", "swiglu_clamped")  # layers.is_gated
 
 
 def _validate_gpt_oss(c):
@@ -784,8 +797,6 @@ def _validate_gpt_oss(c):
     _fail("model.scan_layers", True, "the layers differ in their attention window")
   if m.moe.expert_bias and routing.ROUTERS[m.moe.router].by_expert:
     _fail("model.moe.expert_bias", True, f"router {m.moe.router!r} is not supported with it")
-  if m.moe.expert_bias and (m.moe.activation or m.activation) not in GATED:
-    _fail("model.moe.expert_bias", True, "needs gated experts (swiglu, geglu, swiglu_clamped)")
   clamped = "swiglu_clamped" in (m.activation, m.moe.activation)
   for key in ("model.swiglu_alpha", "model.swiglu_limit"):
     _positive(c, key)
@@ -888,13 +899,17 @@ def _validate_arch(c):
     _fail("model.arch", arch, "needs data.objective 'span_corruption' or 'seq2seq' (not 'lm')")
   if not encdec and d.objective != "lm":
     _fail("data.objective", d.objective, "needs model.arch='encoder_decoder'")
-  if encdec != (m.position == "relative"):
+  if encdec != (m.position in ENCDEC_POSITIONS):
     _fail(
       "model.position",
       m.position,
-      "'relative' (T5's position buckets) goes with model.arch='encoder_decoder', and only "
-      f"with it (model.arch={arch!r})",
+      "'relative' (T5's position buckets) and 'sinusoidal' (fairseq's) go with "
+      f"model.arch='encoder_decoder', and only with it (model.arch={arch!r})",
     )
+  for key in ("model.scale_embedding", "model.mlp_bias"):
+    if key.rpartition(".")[2] in m:
+      _choice(c, key, (False, True))
+      _unread(c, key, not encdec, "only model.arch='encoder_decoder' reads it")
   if not encdec:
     return
   for key, off in (
@@ -902,9 +917,7 @@ def _validate_arch(c):
     ("model.scan_layers", False),
     ("model.mtp_depth", 0),
     ("model.attn_sinks", False),
-    ("model.attn_out_bias", False),
     ("model.sliding_window", 0),
-    ("model.qkv_bias", False),
     ("model.qk_norm", "none"),
     ("model.clip_qkv", 0.0),
     ("train.microbatches", 1),

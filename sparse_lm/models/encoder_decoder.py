@@ -42,6 +42,28 @@ is that model, built from layers.py's pieces and the MoE layer unchanged:
   from the row or from the segment's start, so the biases are computed once
   for the row (as T5X does).
 
+NLLB-200's MoE (NLLB Team 2022; fairseq's transformer with its MoE layer, as
+transformers' modeling_nllb_moe.py) is the same stack with these config keys
+set (configs/nllb_moe.py); each is off by default, and off, the T5 program
+above is unchanged:
+
+- model.position="sinusoidal": fairseq's sinusoidal table added to the token
+  embedding of each stack (`sinusoidal_positions`: sin of the first half of
+  the features, cos of the second, frequencies 10000 ** (-i / (D/2 - 1))),
+  read at position + SINUSOID_OFFSET (fairseq numbers a sequence's tokens from
+  padding_idx + 1 = 2); positions restart at each packed segment. No relative
+  biases, and the attention is Vaswani et al.'s, scaled by 1 / sqrt(Z).
+- model.scale_embedding: the token embedding times sqrt(D) on input; the tied
+  output layer is the embedding itself (no d_model ** -0.5), drawn with std
+  1 / sqrt(D) (fairseq's).
+- model.qkv_bias, model.attn_out_bias: biases on q, k, v and the output
+  projection of every attention; model.mlp_bias: on the dense FFN's two
+  projections; model.moe.expert_bias: on the experts' (ReLU: up and out).
+- model.norm="layer" (LayerNorm with its bias, eps model.norm_eps: torch's 1e-5).
+- Routing: top-2 with the two gates renormalised, MoE every 4th layer
+  (model.moe.every=4, offset=3: fairseq's moe_freq, transformers'
+  sparse_step), Expert Output Masking (model.moe.eom_rate; MoeFfn).
+
 Decoding (start_decoding, decode, greedy): the encoder runs once; each
 decoder layer keeps its cross-attention keys and values of the encoder's
 output, computed once, and a self-attention KV cache written a step at a
@@ -71,6 +93,33 @@ from sparse_lm.sharding import constrain
 # and relative_attention_max_distance.
 NUM_BUCKETS = 32
 MAX_DISTANCE = 128
+# fairseq's make_positions numbers a sequence's tokens from padding_idx + 1
+# (NLLB's pad id is 1): the first token reads row 2 of the sinusoidal table.
+SINUSOID_OFFSET = 2
+
+
+def sinusoidal_positions(positions_BxL, d_model: int):
+  """fairseq's SinusoidalPositionalEmbedding.get_embedding (transformers'
+  NllbMoeSinusoidalPositionalEmbedding) at rows positions + SINUSOID_OFFSET:
+  [sin(p w_i) for i < D/2] ++ [cos(p w_i)], w_i = 10000 ** (-i / (D/2 - 1));
+  [B, L, D] float32 (a zero feature last when D is odd)."""
+  half = d_model // 2
+  inv_freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+  p = (positions_BxL + SINUSOID_OFFSET).astype(jnp.float32)[..., None] * inv_freq
+  out = jnp.concatenate([jnp.sin(p), jnp.cos(p)], -1)
+  if d_model % 2:
+    out = jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, 1)])
+  return out
+
+
+def segment_positions(segments_BxL):
+  """Each token's position within its packed segment (0 at a segment's first
+  token): [B, L] int32."""
+  L = segments_BxL.shape[1]
+  i_L = jnp.arange(L, dtype=jnp.int32)
+  prev = jnp.pad(segments_BxL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  start = jax.lax.cummax(jnp.where(segments_BxL != prev, i_L[None], 0), axis=1)
+  return i_L[None] - start
 
 
 def relative_position_bucket(
@@ -120,26 +169,40 @@ class T5Embed(layers.Embed):
 
 
 class T5Attention(nnx.Module):
-  """Multi-head attention without biases or 1 / sqrt(Z) (module docstring):
-  self-attention (x_kv is x_q) or cross-attention (x_kv the encoder's output),
-  with an additive bias [1, H, L, S] (relative positions) and a mask [B, L, S]."""
+  """Multi-head attention: self-attention (x_kv is x_q) or cross-attention
+  (x_kv the encoder's output), with an additive bias [1, H, L, S] (relative
+  positions) and a mask [B, L, S]. T5's (model.position="relative"): no biases,
+  no 1 / sqrt(Z) (module docstring); else scaled by 1 / sqrt(Z), with
+  model.qkv_bias / attn_out_bias's biases (fairseq's MultiheadAttention)."""
 
   def __init__(self, m: ModelSpec, *, rngs: nnx.Rngs):
     D, H, J, Z = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
+    self.scale = 1.0 if m.position == "relative" else Z**-0.5
+    self.qkv_bias, self.out_bias = m.qkv_bias, m.attn_out_bias
     init = layers.fan_in_init((0,), m.init_scale)
-    q_init = layers.fan_in_init((0,), m.init_scale / Z)  # T5: 1 / sqrt(Z) folded in
+    t5 = m.position == "relative"
+    q_init = layers.fan_in_init((0,), m.init_scale / Z if t5 else m.init_scale)  # T5: folded in
     self.wq = layers.param(rngs, q_init, (D, H, Z), ("embed", "heads", "head_dim"))
     self.wk = layers.param(rngs, init, (D, J, Z), ("embed", "kv_heads", "head_dim"))
     self.wv = layers.param(rngs, init, (D, J, Z), ("embed", "kv_heads", "head_dim"))
     self.wo = layers.param(
       rngs, layers.fan_in_init((0, 1), m.init_scale), (H, Z, D), ("heads", "head_dim", "embed")
     )
+    zeros = nnx.initializers.zeros
+    if m.qkv_bias:
+      self.bq = layers.param(rngs, zeros, (H, Z), ("heads", "head_dim"))
+      self.bk = layers.param(rngs, zeros, (J, Z), ("kv_heads", "head_dim"))
+      self.bv = layers.param(rngs, zeros, (J, Z), ("kv_heads", "head_dim"))
+    if m.attn_out_bias:
+      self.bo = layers.param(rngs, zeros, (D,), ("embed",))
 
   def kv(self, kv_BxSxD):
     """(keys, values) [B, S, J, Z] of the sequence attended to."""
     dt = kv_BxSxD.dtype
     k = jnp.einsum("bsd,djz->bsjz", kv_BxSxD, self.wk[...].astype(dt))
     v = jnp.einsum("bsd,djz->bsjz", kv_BxSxD, self.wv[...].astype(dt))
+    if self.qkv_bias:
+      k, v = k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     return k, v
 
   def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, bias_1xHxLxS=None):
@@ -149,15 +212,44 @@ class T5Attention(nnx.Module):
     """The queries of x over given keys and values (a cache's, when decoding)."""
     dt = x_BxLxD.dtype
     q = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
+    if self.qkv_bias:
+      q = q + self.bq[...].astype(dt)
     q, k, v = (checkpoint_name(a, "attn_qkv") for a in (q, k_BxSxJxZ, v_BxSxJxZ))
     q = constrain(q, "batch", "length", "heads", "head_dim")
     bias = None if bias_1xHxLxS is None else bias_1xHxLxS.astype(dt)
     out_BxLxHxZ = jax.nn.dot_product_attention(
-      q, k.astype(dt), v.astype(dt), bias=bias, mask=mask_BxLxS[:, None], scale=1.0
+      q, k.astype(dt), v.astype(dt), bias=bias, mask=mask_BxLxS[:, None], scale=self.scale
     )
     out_BxLxHxZ = checkpoint_name(out_BxLxHxZ, "attn_context")
     out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, self.wo[...].astype(dt))
+    if self.out_bias:
+      out_BxLxD = out_BxLxD + self.bo[...].astype(dt)
     return checkpoint_name(out_BxLxD, "attn_out")
+
+
+class BiasedMlp(layers.Mlp):
+  """layers.Mlp with biases on both projections (model.mlp_bias; fairseq's
+  FeedForwardNetwork fc1 / fc2: D -> F -> D)."""
+
+  def __init__(self, d_model: int, d_ff: int, activation: str, *, rngs, init_scale: float):
+    super().__init__(d_model, d_ff, activation, rngs=rngs, init_scale=init_scale)
+    zeros = nnx.initializers.zeros
+    self.bi = layers.param(rngs, zeros, (d_ff,), ("mlp",))
+    if layers.is_gated(activation):
+      self.bg = layers.param(rngs, zeros, (d_ff,), ("mlp",))
+    self.bo = layers.param(rngs, zeros, (d_model,), ("embed",))
+
+  def __call__(self, x_BxLxD):
+    dt = x_BxLxD.dtype
+    x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+    h_TxF = checkpoint_name(x_TxD @ self.wi[...].astype(dt) + self.bi[...].astype(dt), "mlp_hidden")
+    g_TxF = None
+    if layers.is_gated(self.activation):
+      g_TxF = x_TxD @ self.wg[...].astype(dt) + self.bg[...].astype(dt)
+      g_TxF = checkpoint_name(g_TxF, "mlp_hidden")
+    h_TxF = constrain(layers.activate(h_TxF, self.activation, g_TxF), "batch", "mlp")
+    y_TxD = h_TxF @ self.wo[...].astype(dt) + self.bo[...].astype(dt)
+    return checkpoint_name(y_TxD, "mlp_out").reshape(x_BxLxD.shape)
 
 
 class EncDecBlock(nnx.Module):
@@ -177,7 +269,8 @@ class EncDecBlock(nnx.Module):
       self.ffn = MoeFfn(m, rngs=rngs)
     else:
       act = layers.spelled(m.activation, m)
-      self.ffn = layers.Mlp(m.d_model, m.d_ff, act, rngs=rngs, init_scale=m.init_scale)
+      mlp = BiasedMlp if m.mlp_bias else layers.Mlp
+      self.ffn = mlp(m.d_model, m.d_ff, act, rngs=rngs, init_scale=m.init_scale)
 
   def __call__(self, x_BxLxD, mask_BxLxL, bias, tokens_BxL, *, train, rng, enc=None):
     """enc: (the encoder's output [B, S, D], the cross mask [B, L, S]) in the decoder.
@@ -230,20 +323,25 @@ class EncDecBlock(nnx.Module):
 
 class Stack(nnx.Module):
   """The encoder (bidirectional) or the decoder (causal, with cross-attention):
-  its relative position bias table [buckets, H], its layers, its final norm."""
+  its relative position bias table [buckets, H] (model.position="relative"),
+  its layers, its final norm."""
 
   def __init__(self, m: ModelSpec, decoder: bool, *, rngs: nnx.Rngs):
     self.m, self.decoder = m, decoder
-    self.rel_bias = layers.param(
-      rngs, nnx.initializers.normal(m.d_model**-0.5), (NUM_BUCKETS, m.num_heads), (None, "heads")
-    )
+    if m.position == "relative":
+      self.rel_bias = layers.param(
+        rngs, nnx.initializers.normal(m.d_model**-0.5), (NUM_BUCKETS, m.num_heads), (None, "heads")
+      )
     self.blocks = nnx.List([EncDecBlock(m, i, decoder, rngs=rngs) for i in range(m.num_layers)])
     self.final_norm = layers.Norm(m.d_model, m.norm, m.norm_eps, m.norm_bias)
 
   def position_bias(self, L: int, S: int | None = None, index=0):
     """[1, H, L, S] float32 (S = L by default): the table's value at the
     bucket of each (query, key) pair, the queries at slots [index, index + L)
-    (a decoding step's), the keys at slots [0, S)."""
+    (a decoding step's), the keys at slots [0, S). None without relative
+    positions."""
+    if self.m.position != "relative":
+      return None
     q_L = index + jnp.arange(L, dtype=jnp.int32)
     rel_LxS = jnp.arange(L if S is None else S, dtype=jnp.int32)[None, :] - q_L[:, None]
     bucket_LxS = relative_position_bucket(rel_LxS, not self.decoder)
@@ -293,7 +391,8 @@ class EncoderDecoder(nnx.Module):
     if not isinstance(m, ModelSpec):
       raise TypeError(f"EncoderDecoder takes a ModelSpec (config.model_spec(c)), not {type(m)}")
     self.m, self.vocab_size = m, vocab_size
-    self.embed = T5Embed(vocab_size, m.d_model, rngs=rngs)
+    embed = layers.Embed if m.scale_embedding else T5Embed  # std 1 / sqrt(D) scaled up: 1
+    self.embed = embed(vocab_size, m.d_model, rngs=rngs)
     self.encoder = Stack(m, False, rngs=rngs)
     self.decoder = Stack(m, True, rngs=rngs)
     if not m.tie_embeddings:
@@ -305,11 +404,23 @@ class EncoderDecoder(nnx.Module):
         if isinstance(v, nnx.Param):
           v.set_value(v.get_value().astype(m.param_dtype))
 
+  def _embed(self, tokens_BxL, positions_BxL):
+    """The stacks' input: the token embedding (times sqrt(D) with
+    model.scale_embedding) plus, with sinusoidal positions, fairseq's table at
+    positions_BxL (a callable, so that T5's program never builds them)."""
+    m, dt = self.m, layers.dtype_of(self.m)
+    x = self.embed(tokens_BxL, dt)
+    if m.scale_embedding:
+      x = x * jnp.asarray(math.sqrt(m.d_model), dt)
+    if m.position == "sinusoidal":
+      x = x + sinusoidal_positions(positions_BxL(), m.d_model).astype(dt)
+    return constrain(x, "batch", "length", "act_embed")
+
   def encode(self, tokens_BxS, segments_BxS=None, *, train: bool = False, rng=None):
     """-> (the encoder's output [B, S, D] after its final norm, its MoE aux dicts)."""
     if segments_BxS is None:
       segments_BxS = jnp.ones(tokens_BxS.shape, jnp.int32)
-    x = constrain(self.embed(tokens_BxS, layers.dtype_of(self.m)), "batch", "length", "act_embed")
+    x = self._embed(tokens_BxS, lambda: segment_positions(segments_BxS))
     return self.encoder(x, segments_BxS, train=train, rng=rng)
 
   def __call__(
@@ -331,8 +442,7 @@ class EncoderDecoder(nnx.Module):
       encoder_tokens_BxS, encoder_segments_BxS, train=train, rng=enc_rng
     )
     cross_BxLxS = decoder_segments_BxL[:, :, None] == encoder_segments_BxS[:, None, :]
-    dt = layers.dtype_of(self.m)
-    x = constrain(self.embed(decoder_tokens_BxL, dt), "batch", "length", "act_embed")
+    x = self._embed(decoder_tokens_BxL, lambda: segment_positions(decoder_segments_BxL))
     x, dec_aux = self.decoder(
       x, decoder_segments_BxL, train=train, rng=dec_rng, enc=(enc_BxSxD, cross_BxLxS)
     )
@@ -340,7 +450,9 @@ class EncoderDecoder(nnx.Module):
 
   def _logits(self, x):
     dt = layers.dtype_of(self.m)
-    if self.m.tie_embeddings:
+    if self.m.tie_embeddings and self.m.scale_embedding:  # fairseq's: the embedding as it is
+      logits = self.embed.attend(x)
+    elif self.m.tie_embeddings:
       logits = self.embed.attend(x * jnp.asarray(self.m.d_model**-0.5, dt))  # T5's rescaling
     else:
       logits = x @ self.unembed[...].astype(dt)
@@ -367,11 +479,13 @@ class EncoderDecoder(nnx.Module):
     batch (dropless dispatch)."""
     L, S = tokens_BxL.shape[1], state.caches[0].k.shape[1]
     index = state.index
-    x = constrain(self.embed(tokens_BxL, layers.dtype_of(self.m)), "batch", "length", "act_embed")
+    B = tokens_BxL.shape[0]
+    x = self._embed(
+      tokens_BxL, lambda: jnp.broadcast_to(index + jnp.arange(L, dtype=jnp.int32), (B, L))
+    )
     bias = self.decoder.position_bias(L, S, index)
     self_LxS = jnp.arange(S)[None, :] <= (index + jnp.arange(L))[:, None]
     valid_BxS = state.encoder_valid_BxS
-    B = tokens_BxL.shape[0]
     see = (
       jnp.broadcast_to(self_LxS[None], (B, L, S)),
       jnp.broadcast_to(valid_BxS[:, None, :], (B, L, valid_BxS.shape[1])),

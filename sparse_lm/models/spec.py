@@ -139,6 +139,11 @@ class ModelSpec:
   # sequential MTP modules (transformer.MtpModule), their loss weight lambda.
   mtp_depth: int = 0
   mtp_loss_weight: float = 0.3
+  # The encoder-decoder's fairseq / NLLB-200 parts (config.py documents them):
+  # the input embedding times sqrt(d_model) (the tied logits then unscaled),
+  # and biases on the dense FFN.
+  scale_embedding: bool = False
+  mlp_bias: bool = False
 
   def window(self, i: int) -> int:
     """Layer i's attention window (model.sliding_window on the layers that

@@ -65,9 +65,10 @@ class MoeFfn(nnx.Module):
       self.wg = layers.param(rngs, init, (E, D, F), ("expert", "embed", "expert_mlp"))
     self.wo = layers.param(rngs, init, (E, F, D), ("expert", "expert_mlp", "embed"))
     zeros = nnx.initializers.zeros
-    if moe.expert_bias:  # GPT-OSS (gated experts: config.py)
+    if moe.expert_bias:  # GPT-OSS's (gated), NLLB-200's (ReLU: no bg)
       for name, n, ax in (("bi", F, "expert_mlp"), ("bg", F, "expert_mlp"), ("bo", D, "embed")):
-        setattr(self, name, layers.param(rngs, zeros, (E, n), ("expert", ax)))
+        if name != "bg" or layers.is_gated(self.activation):
+          setattr(self, name, layers.param(rngs, zeros, (E, n), ("expert", ax)))
     if moe.router_logit_bias:  # GPT-OSS: a trained bias on the router logits
       self.router_logit_bias = layers.param(rngs, zeros, (E,), (None,))
     if moe.num_shared_experts:
@@ -87,7 +88,8 @@ class MoeFfn(nnx.Module):
     wg = self.wg[...] if layers.is_gated(self.activation) else None
     w = experts_lib.Weights(self.wi[...], wg, self.wo[...])
     if self.m.moe.expert_bias:
-      w = w._replace(bi=self.bi[...], bg=self.bg[...], bo=self.bo[...])
+      bg = self.bg[...] if layers.is_gated(self.activation) else None
+      w = w._replace(bi=self.bi[...], bg=bg, bo=self.bo[...])
     return w if dt is None else w.astype(dt)
 
   def apply_state_updates(self, aux: dict) -> None:
@@ -159,10 +161,15 @@ class MoeFfn(nnx.Module):
 
     if train and moe.eom_rate > 0:
       # NLLB-200 Expert Output Masking: drop the whole routed output of a
-      # fraction of tokens. Kept tokens are not rescaled by 1 / (1 - rate), so
-      # evaluation needs no correction (the residual carries the masked ones).
+      # fraction of tokens. Kept tokens are not rescaled by 1 / (1 - rate)...
       keep_T = jax.random.bernoulli(stream(_EOM), 1.0 - moe.eom_rate, (T,))
       y_TxD = y_TxD * keep_T[:, None]
+    elif moe.eom_rate > 0:
+      # ...so evaluation scales the routed output by 1 - rate, its mean in
+      # training: fairseq's MOELayer (moe_tok_dropout, the NLLB-200 MoE's
+      # 0.2) and transformers' NllbMoeExperts, so a released checkpoint
+      # computes its own function.
+      y_TxD = y_TxD * (1.0 - moe.eom_rate)
     y_TxD = y_TxD.astype(dt)
     if moe.num_shared_experts:
       y_TxD = y_TxD + self._shared(x_TxD)
