@@ -105,7 +105,7 @@ def sinusoidal_positions(positions_BxL, d_model: int):
   [B, L, D] float32 (a zero feature last when D is odd)."""
   half = d_model // 2
   inv_freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
-  p = (positions_BxL + SINUSOID_OFFSET).astype(jnp.float32)[..., None] * inv_freq
+  p = (positions_BxL + SINUSOID_OFFSET).astype(jnp.float32)[..., None] * inv_freq[None, None]
   out = jnp.concatenate([jnp.sin(p), jnp.cos(p)], -1)
   if d_model % 2:
     out = jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, 1)])
@@ -202,7 +202,7 @@ class T5Attention(nnx.Module):
     k = jnp.einsum("bsd,djz->bsjz", kv_BxSxD, self.wk[...].astype(dt))
     v = jnp.einsum("bsd,djz->bsjz", kv_BxSxD, self.wv[...].astype(dt))
     if self.qkv_bias:
-      k, v = k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+      k, v = k + self.bk[...].astype(dt)[None, None], v + self.bv[...].astype(dt)[None, None]
     return k, v
 
   def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, bias_1xHxLxS=None):
@@ -213,7 +213,7 @@ class T5Attention(nnx.Module):
     dt = x_BxLxD.dtype
     q = jnp.einsum("bld,dhz->blhz", x_BxLxD, self.wq[...].astype(dt))
     if self.qkv_bias:
-      q = q + self.bq[...].astype(dt)
+      q = q + self.bq[...].astype(dt)[None, None]
     q, k, v = (checkpoint_name(a, "attn_qkv") for a in (q, k_BxSxJxZ, v_BxSxJxZ))
     q = constrain(q, "batch", "length", "heads", "head_dim")
     bias = None if bias_1xHxLxS is None else bias_1xHxLxS.astype(dt)
@@ -223,7 +223,7 @@ class T5Attention(nnx.Module):
     out_BxLxHxZ = checkpoint_name(out_BxLxHxZ, "attn_context")
     out_BxLxD = jnp.einsum("blhz,hzd->bld", out_BxLxHxZ, self.wo[...].astype(dt))
     if self.out_bias:
-      out_BxLxD = out_BxLxD + self.bo[...].astype(dt)
+      out_BxLxD = out_BxLxD + self.bo[...].astype(dt)[None, None]
     return checkpoint_name(out_BxLxD, "attn_out")
 
 
@@ -242,13 +242,15 @@ class BiasedMlp(layers.Mlp):
   def __call__(self, x_BxLxD):
     dt = x_BxLxD.dtype
     x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    h_TxF = checkpoint_name(x_TxD @ self.wi[...].astype(dt) + self.bi[...].astype(dt), "mlp_hidden")
+    h_TxF = checkpoint_name(
+      x_TxD @ self.wi[...].astype(dt) + self.bi[...].astype(dt)[None], "mlp_hidden"
+    )
     g_TxF = None
     if layers.is_gated(self.activation):
-      g_TxF = x_TxD @ self.wg[...].astype(dt) + self.bg[...].astype(dt)
+      g_TxF = x_TxD @ self.wg[...].astype(dt) + self.bg[...].astype(dt)[None]
       g_TxF = checkpoint_name(g_TxF, "mlp_hidden")
     h_TxF = constrain(layers.activate(h_TxF, self.activation, g_TxF), "batch", "mlp")
-    y_TxD = h_TxF @ self.wo[...].astype(dt) + self.bo[...].astype(dt)
+    y_TxD = h_TxF @ self.wo[...].astype(dt) + self.bo[...].astype(dt)[None]
     return checkpoint_name(y_TxD, "mlp_out").reshape(x_BxLxD.shape)
 
 
