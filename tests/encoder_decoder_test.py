@@ -300,6 +300,19 @@ def test_switch_t5_tiny_trains(tfds_dir):
     ({"train.microbatches": 2}, "train.microbatches"),
     ({"model.scan_layers": True}, "model.scan_layers"),
     ({"model.arch": "t5"}, "model.arch"),
+    (
+      {"model.arch": "decoder", "data.objective": "lm", "model.position": "sinusoidal"},
+      "model.position",
+    ),
+    (
+      {
+        "model.arch": "decoder",
+        "data.objective": "lm",
+        "model.position": "rope",
+        "model.mlp_bias": True,
+      },
+      "model.mlp_bias",
+    ),
   ],
 )
 def test_config_errors(changes, key, tmp_path):
@@ -317,3 +330,150 @@ def test_config_errors(changes, key, tmp_path):
     with pytest.raises(RunError, match="holds no checkpoint$") as e:
       statelib.load_model(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def nllb_reference(P, src, tgt, *, heads, eom_rate, eps=1e-5):
+  """NLLB-200's MoE forward (transformers' modeling_nllb_moe.py, fairseq's
+  transformer in the NLLB branch) in float64 numpy, one example: decoder
+  logits [len(tgt), V] for source tokens src and decoder input tokens tgt.
+  P: parameter path -> array (our layout: w [in, out], heads split)."""
+  E = P["embed/embedding"].astype(np.float64)
+  D = E.shape[1]
+  half = D // 2
+
+  def sinusoids(n):  # fairseq's get_embedding at rows padding_idx + 1 + i = 2 + i
+    w = np.exp(np.arange(half) * -(math.log(10000) / (half - 1)))
+    a = (np.arange(n) + 2)[:, None] * w[None]
+    return np.concatenate([np.sin(a), np.cos(a)], 1)
+
+  def ln(x, pre):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * P[f"{pre}/scale"] + P[f"{pre}/bias"]
+
+  def attention(pre, xq, xkv, causal):
+    lin = lambda x, w, b: x @ P[f"{pre}/{w}"].reshape(D, -1) + P[f"{pre}/{b}"].reshape(-1)
+    q, k, v = lin(xq, "wq", "bq"), lin(xkv, "wk", "bk"), lin(xkv, "wv", "bv")
+    Z = q.shape[1] // heads
+    out = []
+    for h in range(heads):
+      s = slice(h * Z, (h + 1) * Z)
+      logits = (q[:, s] * Z**-0.5) @ k[:, s].T
+      if causal:
+        logits = np.where(np.tril(np.ones(logits.shape, bool)), logits, -np.inf)
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      out.append((p / p.sum(-1, keepdims=True)) @ v[:, s])
+    return np.concatenate(out, 1) @ P[f"{pre}/wo"].reshape(-1, D) + P[f"{pre}/bo"]
+
+  def ffn(pre, x):
+    relu = lambda h: np.maximum(h, 0)
+    if f"{pre}/router" not in P:  # NllbMoeDenseActDense: fc2(relu(fc1(x)))
+      return relu(x @ P[f"{pre}/wi"] + P[f"{pre}/bi"]) @ P[f"{pre}/wo"] + P[f"{pre}/bo"]
+    y = np.zeros_like(x)
+    for t in range(len(x)):  # NllbMoeTop2Router, per token: top-2, gates renormalised
+      logits = x[t] @ P[f"{pre}/router"]
+      p = np.exp(logits - logits.max())
+      p /= p.sum()
+      e1 = int(np.argmax(p))
+      e2 = int(np.argmax(np.where(np.arange(len(p)) == e1, -np.inf, logits)))
+      for e, g in ((e1, p[e1] / (p[e1] + p[e2])), (e2, p[e2] / (p[e1] + p[e2]))):
+        h = relu(x[t] @ P[f"{pre}/wi"][e] + P[f"{pre}/bi"][e])
+        y[t] += g * (h @ P[f"{pre}/wo"][e] + P[f"{pre}/bo"][e])
+    return y * (1 - eom_rate)  # NllbMoeExperts in evaluation (fairseq's moe_tok_dropout)
+
+  n_layers = 1 + max(int(k.split("/")[2]) for k in P if k.startswith("encoder/blocks/"))
+  x = E[src] * math.sqrt(D) + sinusoids(len(src))
+  for i in range(n_layers):
+    pre = f"encoder/blocks/{i}"
+    x = x + attention(f"{pre}/attn", ln(x, f"{pre}/attn_norm"), ln(x, f"{pre}/attn_norm"), False)
+    x = x + ffn(f"{pre}/ffn", ln(x, f"{pre}/ffn_norm"))
+  enc = ln(x, "encoder/final_norm")
+  x = E[tgt] * math.sqrt(D) + sinusoids(len(tgt))
+  for i in range(n_layers):
+    pre = f"decoder/blocks/{i}"
+    h = ln(x, f"{pre}/attn_norm")
+    x = x + attention(f"{pre}/attn", h, h, True)
+    x = x + attention(f"{pre}/cross_attn", ln(x, f"{pre}/cross_norm"), enc, False)
+    x = x + ffn(f"{pre}/ffn", ln(x, f"{pre}/ffn_norm"))
+  return ln(x, "decoder/final_norm") @ E.T  # tied, unscaled (lm_head = shared)
+
+
+def test_nllb_moe_forward_and_decoding_equal_a_reference():
+  """configs/nllb_moe.py:tiny at test size (4 + 4 layers, top-2 of 8 experts
+  in layer 3 of each stack; biases and norms drawn away from their init):
+  two packed examples give, token for token, the logits of a float64 numpy
+  forward written from transformers' NllbMoe definitions (sinusoids at
+  position + 2 restarting per example, sqrt(D) embedding scale, biased q / k /
+  v / o scaled by 1 / sqrt(Z), LayerNorm, ReLU FFNs and experts with biases,
+  top-2 renormalised, EOM's 0.8 in evaluation, tied output without
+  rescaling); cached decoding gives the same logits step by step."""
+  V = 50
+  c = cfglib.load_config("configs/nllb_moe.py:tiny")
+  c.model.d_model, c.model.d_ff, c.model.moe.dispatch = 32, 64, "dropless"
+  spec = cfglib.model_spec(cfglib.validate(c))
+  assert spec.moe_layers == (3,) and spec.moe.top_k == 2 and spec.moe.eom_rate == 0.2
+  with nnx.use_eager_sharding(False):
+    model = ed.EncoderDecoder(spec, V, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  params = nnx.state(model, nnx.Param)
+  for path, v in nnx.to_flat_state(params):
+    name = path[-1]
+    if name in ("bias", "scale") or (name.startswith("b") and name != "blocks"):
+      v.set_value(v.get_value() * 1.0 + rng.normal(0, 0.3, v.get_value().shape))
+  nnx.update(model, params)
+  P = {"/".join(map(str, k)): np.asarray(v[...], np.float64) for k, v in nnx.to_flat_state(params)}
+
+  exs = examples(5, V, 2)
+  packed = seq2seq.pack(exs, range(2), 20, 12)
+  assert packed["encoder_input_tokens"].shape[0] == 1  # both in one row
+  fwd = jax.jit(
+    lambda b: (
+      model(
+        b["encoder_input_tokens"],
+        b["decoder_input_tokens"],
+        encoder_segments_BxS=b["encoder_segment_ids"],
+        decoder_segments_BxL=b["decoder_segment_ids"],
+      ).logits
+    ),
+    compiler_options=FAST_COMPILE,
+  )
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(fwd(packed))[0]
+  at_src = at_tgt = 0
+  wants = []
+  for e in exs:
+    ns, nt = len(e.encoder), len(e.targets)
+    row = packed["encoder_input_tokens"][0]
+    src, tgt = row[at_src : at_src + ns], packed["decoder_input_tokens"][0, at_tgt : at_tgt + nt]
+    want = nllb_reference(P, src, tgt, heads=spec.num_heads, eom_rate=0.2)
+    np.testing.assert_allclose(got[at_tgt : at_tgt + nt], want, rtol=1e-4, atol=1e-4)
+    wants.append((src, tgt, want))
+    at_src, at_tgt = at_src + ns, at_tgt + nt
+  # Cached decoding of the first example (its source padded to 9): the same logits.
+  src, tgt, want = wants[0]
+  src_BxS = np.zeros((1, 9), np.int32)
+  src_BxS[0, : len(src)] = src
+  decode = jax.jit(model.decode, compiler_options=FAST_COMPILE)
+  with jax.default_matmul_precision("highest"):
+    state = model.start_decoding(src_BxS, src_BxS > 0, len(tgt))
+    steps = []
+    for i in range(len(tgt)):
+      logits, state = decode(np.asarray(tgt[i : i + 1], np.int32)[None], state)
+      steps.append(np.asarray(logits)[0])
+  np.testing.assert_allclose(np.concatenate(steps), want, rtol=1e-4, atol=1e-4)
+
+
+def test_nllb_moe_54b_is_the_papers_size():
+  """configs/nllb_moe.py:54b: inspect's count equals the NLLB-200 MoE's
+  parameters written out from its dims (d_model 2048, 24 + 24 layers, FFN
+  8192, 128 experts in every 4th layer, vocabulary 256,206, biases and
+  LayerNorms as fairseq's, tied embedding): 54,500,569,088, the paper's 54.5B."""
+  c = cfglib.validate(cfglib.load_config("configs/nllb_moe.py:54b"))
+  s = inspectlib.summarize(c)
+  D, F, V, E = 2048, 8192, 256_206, 128
+  attn, ln, ffn = 4 * D * D + 4 * D, 2 * D, 2 * D * F + F + D
+  moe = D * E + E * ffn  # router (no bias) + experts
+  enc = 18 * (attn + 2 * ln + ffn) + 6 * (attn + 2 * ln + moe) + ln
+  dec = 18 * (2 * attn + 3 * ln + ffn) + 6 * (2 * attn + 3 * ln + moe) + ln
+  assert s["total_params"] == enc + dec + V * D == 54_500_569_088
+  assert round(s["total_params"] / 1e9, 1) == 54.5
+  assert s["routed_expert_params"] == 12 * E * ffn

@@ -24,7 +24,7 @@ from sparse_lm.models import layers
 from sparse_lm.models.transformer import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOE_TINY = ["switch", "glam", "hierarchical", "nllb_moe", "mixtral", "dbrx", "deepseek_moe"]
+MOE_TINY = ["switch", "glam", "hierarchical", "nllb_moe:lm_tiny", "mixtral", "dbrx", "deepseek_moe"]
 
 
 def load(spec: str):
@@ -100,7 +100,8 @@ def test_dense_counts_by_hand():
 @pytest.mark.parametrize("family", MOE_TINY)
 def test_moe_active_fraction_from_the_expert_count(family):
   """Routed expert weights count k/E; everything else, shared experts too, counts fully."""
-  c = load(f"configs/{family}.py:tiny")
+  family, _, variant = family.partition(":")  # nllb_moe's tiny is an encoder-decoder
+  c = load(f"configs/{family}.py:{variant or 'tiny'}")
   m = cfglib.model_spec(c)
   moe = m.moe
   routed = (
