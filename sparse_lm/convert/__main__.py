@@ -18,7 +18,8 @@ flags.DEFINE_string(
   "family",
   None,
   "export: " + " | ".join(FAMILIES) + " (default: the imported one, else mixtral; "
-  "switch_transformers for an encoder-decoder run).",
+  "switch_transformers for an encoder-decoder run, nllb_moe for one with sinusoidal "
+  "positions).",
 )
 flags.DEFINE_enum(
   "dtype",

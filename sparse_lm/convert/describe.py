@@ -215,7 +215,7 @@ def refuse(hf: str, when: Callable[[Any], bool], why: str, read=None) -> Key:
 class Family:
   """One Hugging Face architecture.
 
-  name          ours (--family) and config.json's model_type.
+  name          ours (--family) and config.json's model_type (unless model_type).
   architecture  config.json's "architectures" entry.
   keys          config.json <-> our config, in config.json's order (export
                 writes new keys in this order; refusals are checked in it).
@@ -226,6 +226,7 @@ class Family:
   architecture: str
   keys: tuple[Key, ...]
   rules: Callable[..., list[Rule]]
+  model_type: str = ""  # config.json's, where it is not `name` (NLLB-MoE's "nllb-moe")
 
 
 # --------------------------------------------- dotted keys of configs and dicts

@@ -36,6 +36,7 @@ from sparse_lm.errors import RunError
 
 DEFAULT_FAMILY = "mixtral"  # for a run trained here (no source config.json)
 DEFAULT_ENCODER_DECODER = "switch_transformers"  # the same, model.arch="encoder_decoder"
+DEFAULT_SINUSOIDAL = "nllb_moe"  # the same, model.position="sinusoidal" (fairseq's)
 
 # ------------------------------------------------------------------ config
 
@@ -120,7 +121,7 @@ def hf_config(fam: Family, c, base: dict, dtype: str = "float32") -> dict:
       if v == (key.default(hf) if callable(key.default) else key.default):
         continue
     describe.assign(hf, name, v)
-  hf["architectures"], hf["model_type"] = [fam.architecture], fam.name
+  hf["architectures"], hf["model_type"] = [fam.architecture], fam.model_type or fam.name
   hf["dtype"] = hf["torch_dtype"] = dtype
   return hf
 
@@ -179,12 +180,14 @@ def export_checkpoint(
   if family is None:
     encdec = c.model.get("arch", "decoder") == "encoder_decoder"
     default = DEFAULT_ENCODER_DECODER if encdec else DEFAULT_FAMILY
+    if encdec and c.model.position == "sinusoidal":
+      default = DEFAULT_SINUSOIDAL
     family = FAMILIES_BY_ARCH[arch].name if arch in FAMILIES_BY_ARCH else default
   if family not in FAMILIES:
     raise ConvertError(f"--family={family!r}: one of {', '.join(FAMILIES)}")
   fam = FAMILIES[family]
   if arch != fam.architecture:
-    base = {"architectures": [fam.architecture], "model_type": fam.name}
+    base = {"architectures": [fam.architecture], "model_type": fam.model_type or fam.name}
   if not src_hf:
     base = {**token_ids(c), **base}
   check_exportable(c, fam)

@@ -309,7 +309,10 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
     tok_fp = dict(tok.fingerprint, path=c.data.tokenizer_file)
     say(f"writing {len(variables)} arrays ({out_dtype.name}) into {staging}")
     written = ckptlib.write_params(staging, 0, leaves(), {"batches": 0}, say=say)
-    ckptlib.save_config(c, staging, {"tokenizer": tok_fp, "imported_from": hf_dir})
+    fp = {"tokenizer": tok_fp, "imported_from": hf_dir}
+    if c.data.get("objective") == "seq2seq":  # NLLB-MoE: no language ids reserved above
+      fp["languages"] = {}  # the checkpoint's vocabulary (state.model_vocab_size)
+    ckptlib.save_config(c, staging, fp)
     if lead:
       with open(os.path.join(staging, "hf", "import.json"), "w") as f:
         json.dump(
