@@ -30,6 +30,7 @@ from sparse_lm.errors import ConfigError
 from sparse_lm.errors import RunError
 from sparse_lm.models import encoder_decoder as ed
 from sparse_lm.models.moe import parallel
+from sparse_lm.models.moe import routing
 
 
 def t5_bucket(rel: int, bidirectional: bool, num_buckets=32, max_distance=128) -> int:
@@ -195,6 +196,51 @@ def test_cached_decoding_equals_the_full_forward():
   np.testing.assert_allclose(np.concatenate(steps, 1), want, rtol=1e-5, atol=1e-5)
   assert int(state.index) == N
   np.testing.assert_array_equal(again.argmax(-1), toks)
+
+
+# Every router that can decode (routing.Router.decodes), at settings it accepts.
+DECODING_ROUTERS = {
+  "topk": {"top_k": 2},
+  "mixtral": {"top_k": 2},
+  "sigmoid_bias": {"top_k": 2},
+  "group_limited": {"top_k": 2, "num_groups": 2, "top_k_groups": 1},
+  "hierarchical": {"top_k": 1, "num_groups": 2, "top_k_groups": 2},
+}
+
+
+def test_cached_decoding_equals_the_full_forward_for_every_router():
+  """The other routers that can decode (switch: the test above; expert
+  choice cannot): single cached steps give the full forward's logits,
+  dropless MoE in both stacks, DeepSeek's bias drawn away from 0."""
+  assert set(DECODING_ROUTERS) | {"switch"} == {
+    n for n, r in routing.ROUTERS.items() if r.decodes
+  }  # a new router that can decode joins this list
+  V, N = 50, 4
+  rng = np.random.default_rng(5)
+  valid = np.arange(8)[None] < np.array([[8], [5]])
+  src = np.where(valid, rng.integers(2, V, (2, 8)), 0).astype(np.int32)
+  dec_in = rng.integers(2, V, (2, N)).astype(np.int32)
+  for router, kw in DECODING_ROUTERS.items():
+    spec = cfglib.model_spec(tiny_config(router=router, num_experts=4, dispatch="dropless", **kw))
+    with nnx.use_eager_sharding(False):
+      model = nnx.merge(*nnx.split(jax.jit(lambda: ed.EncoderDecoder(spec, V, rngs=nnx.Rngs(2)))()))
+    for path, v in nnx.to_flat_state(nnx.state(model)):
+      if path[-1] == "router_bias":
+        v.set_value(jnp.asarray(rng.normal(size=v.get_value().shape) * 0.3, jnp.float32))
+    with jax.default_matmul_precision("highest"):
+      want = np.asarray(
+        jax.jit(model, compiler_options=FAST_COMPILE)(
+          src, dec_in, encoder_segments_BxS=valid.astype(np.int32)
+        ).logits
+      )
+      start = jax.jit(model.start_decoding, static_argnums=2, compiler_options=FAST_COMPILE)
+      state = start(src, valid, N)
+      decode = jax.jit(model.decode, compiler_options=FAST_COMPILE)
+      steps = []
+      for i in range(N):  # one program per router: single steps (the test above: prefill)
+        got, state = decode(dec_in[:, i : i + 1], state)
+        steps.append(np.asarray(got))
+    np.testing.assert_allclose(np.concatenate(steps, 1), want, rtol=1e-5, atol=1e-5, err_msg=router)
 
 
 def test_expert_parallel_mesh_gives_one_devices_loss_and_gradients(monkeypatch):
