@@ -1,0 +1,73 @@
+"""experiments/switch_t5/report.py's statistics on made-up run folders (no training)."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments.switch_t5 import report  # noqa: E402
+from sparse_lm import sweep as sweeplib  # noqa: E402
+
+STEPS = (2, 4, 6, 8, 10, 12)  # the :cpu_smoke horizon: 12 steps, cooldown from step 8
+
+
+def fake_run(d, losses, params=1000):
+  """A finished run folder: metrics.jsonl with one eval per step of STEPS."""
+  os.makedirs(d, exist_ok=True)
+  rows = [{"step": 0, "total_params": params, "active_params": 100, "train_flops_per_token": 1e6}]
+  for s, l in zip(STEPS, losses):
+    rows += [{"step": s, "tokens": 64 * s, "tokens_per_s": 500.0, "train_loss": l}]
+    rows += [{"step": s, "eval_loss": l}]
+  with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  open(os.path.join(d, "DONE"), "w").close()
+
+
+def test_paired_difference_and_step_ratios(tmp_path, monkeypatch):
+  """Dense seed s ends at 1.0 + 0.1 s, E=32 0.2 - 0.01 s below it, E=8 on
+  dense's curve: the paired mean, its t interval and both step ratios are the
+  values worked out by hand here; the rate of the lowest loss is chosen."""
+  monkeypatch.chdir(ROOT)
+  lr_sweep, grid = report.grids(smoke=True)
+  lr_dir = tmp_path / "lr"
+  for p, end in zip(sweeplib.points(lr_sweep), (1.2, 1.0, 1.1)):
+    fake_run(lr_dir / sweeplib.point_name(p), [5, 4, 3, 2, 1.5, end])
+  rate, lr_rows = report.chosen_rate(lr_sweep, str(lr_dir))
+  assert rate == 0.012 and [r["learning_rate"] for r in lr_rows] == [0.006, 0.012, 0.024]
+  core = f"{grid}@{rate:g}"
+  for p in sweeplib.points(core):
+    s, e = p["train.seed"], p["model.moe.num_experts"]
+    dense = [5, 4, 3, 2, 1.5, 1.0 + 0.1 * s]
+    curve = [5, 3.5, 2.5, 1.8, 1.2, 0.8 + 0.11 * s] if e == 32 else dense
+    fake_run(tmp_path / core.partition(":")[2] / sweeplib.point_name(p), curve, 1000 * e)
+  rows, ref = report.arm_rows(core, str(tmp_path))
+  by_e = {r["experts"]: r for r in rows}
+  assert ref["final"] == pytest.approx(1.1) and ref["final_step"] == 12 and ref["stop"] == 8
+  e32 = by_e[32]
+  assert e32["paired_minus_dense"] == pytest.approx([-0.2, -0.19, -0.18])
+  assert e32["minus_dense"] == pytest.approx(-0.19)
+  assert e32["minus_dense_ci95"] == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+  # Mean curve ..., 1.2 at step 10, 0.91 at 12 reaches dense's 1.1 at 10 + 2 * 0.1 / 0.29.
+  assert e32["step_ratio"] == pytest.approx((10 + 2 * 0.1 / 0.29) / 12)
+  assert e32["per_seed_step_ratio"][0] == pytest.approx(11 / 12)  # 1.2 -> 0.8 reaches 1.0
+  # Trailing means of 3 to step 8: dense 3.0; E=32 3.667 at 6, 2.6 at 8.
+  assert e32["stable_step_ratio"] == pytest.approx((6 + 2 * (11 / 3 - 3) / (11 / 3 - 2.6)) / 8)
+  assert by_e[8]["minus_dense"] == pytest.approx(0) and by_e[8]["step_ratio"] == pytest.approx(1)
+  assert by_e[1]["stable_step_ratio"] == 1
+  out = tmp_path / "out"
+  out.mkdir()
+  report.write(str(out), core, rows, ref, lr_rows)
+  assert sorted(os.listdir(out)) == [
+    "loss_minus_dense.png",
+    "loss_vs_step.png",
+    "results.csv",
+    "results.json",
+    "results.md",
+  ]
+  md = (out / "results.md").read_text()
+  assert "| Switch E=32 | 3 |" in md and "-0.1900 +- 0.0248" in md
