@@ -1,0 +1,486 @@
+r"""NLLB's dense-vs-MoE and EOM ablation (NLLB Team 2022) at CPU scale, in one command.
+
+  python experiments/multilingual_moe/report.py --run      # train, translate, report
+  python experiments/multilingual_moe/report.py --run --smoke --out=/tmp/mm_smoke
+
+--run runs the grid of configs/sweeps/multilingual_moe.py (dense, MoE with
+Expert Output Masking, MoE without it, 3 seeds each; two runs at a time:
+sparse_lm.sweep.run_all, which skips finished runs and resumes interrupted
+ones), then translates the test split with every finished run (python -m
+sparse_lm.evaluate --split=test --examples=-1, two at a time; a run's
+test_translations.json is kept, so a rerun only translates what is missing).
+Without --run the report is made from whatever the folder holds. --smoke
+uses the grid's :smoke variant (1 seed, 12 steps) in runs/multilingual_moe_smoke.
+
+Writes into --out (default: this folder) results.md, results.csv, results.json
+and chrf.png: per arm the chrF of the test split's translations per language
+group (high / low resource: the sweep file's HIGH and LOW), and the
+differences MoE - dense and EOM on - EOM off per group with a 95% bootstrap
+interval that resamples seeds and, within them, the English messages
+(sparse_lm.stats.bootstrap, resample_rows: the pairs of one message, en->X
+and X->en in every language, move together, so a message is one cluster).
+The statistic is the mean sentence-level chrF (sacrebleu's sentence_chrf:
+the bootstrap needs a number per sentence); corpus chrF, the metric
+sparse_lm.evaluate prints, is tabled beside it. Each difference is paired:
+seed s of one arm against seed s of the other (the same init seed and data
+order), on the same sentences.
+
+The claim checked (NLLB, section 6.2.2 and its ablation of EOM): MoE helps
+low-resource pairs only with a regulariser such as EOM; MoE without it
+overfits them. The verdict of a row is "holds" when its interval excludes 0
+on the claimed side, "does not hold" on the other, "inconclusive" when it
+contains 0 (sparse_lm.stats.verdict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from sparse_lm import config as cfglib  # noqa: E402
+from sparse_lm import metrics as metricslib  # noqa: E402
+from sparse_lm import stats  # noqa: E402
+from sparse_lm import sweep as sweeplib  # noqa: E402
+from sparse_lm.data import translation  # noqa: E402
+from sparse_lm.errors import ConfigError  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SWEEP = "configs/sweeps/multilingual_moe.py"
+TRANSLATIONS = "test_translations.json"  # in each run's folder
+ARM_LABELS = {"dense": "dense", "moe_eom": "MoE + EOM", "moe": "MoE, no EOM"}
+GROUPS = ("high", "low")
+# (a, b, group, claimed sign of a - b or None): NLLB's finding, row by row.
+DIFFERENCES = (
+  ("moe_eom", "dense", "low", "positive"),  # MoE helps low-resource pairs with EOM ...
+  ("moe", "dense", "low", "negative"),  # ... and without it overfits them
+  ("moe_eom", "moe", "low", "positive"),  # EOM is what makes the difference
+  ("moe_eom", "dense", "high", "positive"),  # MoE helps high-resource pairs either way
+  ("moe", "dense", "high", "positive"),
+  ("moe_eom", "moe", "high", None),  # no claim: context
+)
+
+
+def sweep_module():
+  return cfglib.load_module(os.path.join(ROOT, SWEEP))
+
+
+# ------------------------------------------------------------------ running
+
+
+def runs_by_arm(grid: str, workdir: str) -> dict[str, list[tuple[int, str]]]:
+  """{arm: [(seed, run folder)]} in grid order, the arm named by the sweep file's ARMS."""
+  arms = sweep_module().ARMS
+  out: dict[str, list] = {a: [] for a in arms}
+  for p in sweeplib.points(grid):
+    arm = next(a for a, o in arms.items() if all(p.get(k) == v for k, v in o.items()))
+    out[arm].append((p.get(sweeplib.SEED_KEY, 0), os.path.join(workdir, sweeplib.point_name(p))))
+  return out
+
+
+def translate_all(dirs: list[str], parallel: int = 2, log=print) -> list[str]:
+  """Test-split translations of every finished run without them (two at a time):
+  sparse_lm.evaluate's JSON into the run's TRANSLATIONS; returns the failures."""
+  todo = [
+    d
+    for d in dirs
+    if os.path.exists(os.path.join(d, "DONE")) and not os.path.exists(os.path.join(d, TRANSLATIONS))
+  ]
+  running, failed = {}, []
+  while todo or running:
+    while todo and len(running) < parallel:
+      d = todo.pop(0)
+      tmp = os.path.join(d, TRANSLATIONS + ".tmp")
+      cmd = [sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={d}", "--split=test"]
+      cmd += ["--examples=-1", f"--output={tmp}"]
+      logf = open(os.path.join(d, "translate_log.txt"), "w")
+      log(f"translate {d}: start")
+      running[d] = (
+        subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT),
+        logf,
+        time.time(),
+      )
+    for d, (proc, logf, t0) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      logf.close()
+      del running[d]
+      if proc.returncode == 0:
+        r = json.load(open(os.path.join(d, TRANSLATIONS + ".tmp")))
+        r["seconds"] = time.time() - t0
+        with open(os.path.join(d, TRANSLATIONS), "w") as f:
+          json.dump(r, f, indent=1)
+        os.remove(os.path.join(d, TRANSLATIONS + ".tmp"))
+        log(
+          f"translate {d}: done in {r['seconds']:.0f}s, chrF {r['translation']['all']['chrf']:.2f}"
+        )
+      else:
+        failed.append(d)
+        log(f"translate {d}: FAILED (exit {proc.returncode}); log: {d}/translate_log.txt")
+    time.sleep(0.5)
+  return failed
+
+
+# ------------------------------------------------------------------ reading
+
+
+def language_of(t: dict) -> str:
+  return t["tgt_lang"] if t["src_lang"] == translation.ENGLISH else t["src_lang"]
+
+
+def message_of(t: dict) -> str:
+  """The English side: the msgid every pair of one message shares (the cluster)."""
+  return t["source"] if t["src_lang"] == translation.ENGLISH else t["target"]
+
+
+def sentence_chrf(translations: list[dict]) -> np.ndarray:
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+
+  return np.array(
+    [sacrebleu.sentence_chrf(t["hypothesis"], [t["target"]]).score for t in translations]
+  )
+
+
+def read_run(d: str) -> dict:
+  """One run's test translations, per-sentence chrF, losses and times."""
+  r = json.load(open(os.path.join(d, TRANSLATIONS)))
+  ts = r["translation"]["translations"]
+  rows = metricslib.read_jsonl(os.path.join(d, "metrics.jsonl"))
+  evals = [x for x in rows if "eval_loss" in x]
+  wall = os.path.join(d, "wall_time.json")
+  return {
+    "dir": d,
+    "translations": ts,
+    "chrf": sentence_chrf(ts),
+    "pairs": r["translation"]["pairs"],
+    "test_loss": r["loss"],
+    "eval_loss": evals[-1]["eval_loss"] if evals else None,
+    "train_seconds": json.load(open(wall))["seconds"] if os.path.exists(wall) else None,
+    "translate_seconds": r.get("seconds"),
+  }
+
+
+def check_aligned(runs: dict[str, list[dict]]):
+  """Every run translated the same sentences in the same order (the paired bootstrap needs it)."""
+  ref = [
+    (t["source"], t["src_lang"], t["tgt_lang"])
+    for t in next(iter(runs.values()))[0]["translations"]
+  ]
+  for rs in runs.values():
+    for r in rs:
+      got = [(t["source"], t["src_lang"], t["tgt_lang"]) for t in r["translations"]]
+      if got != ref:
+        raise ConfigError(f"{r['dir']}: its test translations are not the other runs' sentences")
+
+
+def corpus_chrf(run: dict, idx: np.ndarray) -> float:
+  ts = [run["translations"][i] for i in idx]
+  return translation.score([t["hypothesis"] for t in ts], [t["target"] for t in ts])["chrf"]
+
+
+def mean_std(xs) -> tuple[float | None, float | None]:
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return None, None
+  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def tables(runs: dict[str, list[dict]], n_boot: int = 10_000) -> dict:
+  """Arm rows (per group), difference rows, per-language rows."""
+  mod = sweep_module()
+  group_of = {**{g: "high" for g in mod.HIGH}, **{g: "low" for g in mod.LOW}}
+  ts = next(iter(runs.values()))[0]["translations"]
+  langs = np.array([language_of(t) for t in ts])
+  clusters = [message_of(t) for t in ts]
+  grp = np.array([group_of.get(g, "other") for g in langs])
+  chrf = {arm: np.stack([r["chrf"] for r in rs]) for arm, rs in runs.items()}  # [S, N]
+  arm_rows = []
+  for arm, rs in runs.items():
+    for g in GROUPS:
+      idx = np.flatnonzero(grp == g)
+      ci = stats.bootstrap(
+        chrf[arm][:, idx], [clusters[i] for i in idx], n_boot=n_boot, resample_rows=True
+      )
+      c_mean, c_std = mean_std([corpus_chrf(r, idx) for r in rs])
+      arm_rows.append(
+        {
+          "arm": arm,
+          "group": g,
+          "seeds": len(rs),
+          "sentences": len(idx),
+          "languages": len(set(langs[idx])),
+          "sentence_chrf": ci.mean,
+          "lo": ci.lo,
+          "hi": ci.hi,
+          "corpus_chrf": c_mean,
+          "corpus_chrf_std": c_std,
+        }
+      )
+  diff_rows = []
+  for a, b, g, claim in DIFFERENCES:
+    if a not in runs or b not in runs:
+      continue
+    idx = np.flatnonzero(grp == g)
+    S = min(len(runs[a]), len(runs[b]))
+    ci = stats.paired(
+      chrf[a][:S, idx],
+      chrf[b][:S, idx],
+      [clusters[i] for i in idx],
+      n_boot=n_boot,
+      resample_rows=True,
+    )
+    c_diff = [corpus_chrf(ra, idx) - corpus_chrf(rb, idx) for ra, rb in zip(runs[a], runs[b])]
+    diff_rows.append(
+      {
+        "difference": f"{a} - {b}",
+        "group": g,
+        "seeds": S,
+        "sentences": len(idx),
+        "clusters": ci.clusters,
+        "mean": ci.mean,
+        "lo": ci.lo,
+        "hi": ci.hi,
+        "corpus_chrf_diff": float(np.mean(c_diff)),
+        "claim": claim or "",
+        "verdict": stats.verdict(ci, claim) if claim else "(no claim)",
+      }
+    )
+  lang_rows, pairs_of = [], {**mod.HIGH, **mod.LOW}
+  for g in sorted(set(langs), key=lambda g: (group_of.get(g, "other"), -pairs_of.get(g, 0))):
+    idx = np.flatnonzero(langs == g)
+    row = {
+      "language": g,
+      "group": group_of.get(g, "other"),
+      "train_pairs": pairs_of.get(g),
+      "test_sentences": len(idx),
+    }
+    for arm, rs in runs.items():
+      row[arm] = mean_std([corpus_chrf(r, idx) for r in rs])[0]
+    lang_rows.append(row)
+  run_rows = [
+    {
+      "arm": arm,
+      "run": os.path.basename(r["dir"]),
+      "eval_loss": r["eval_loss"],
+      "test_loss": r["test_loss"],
+      "corpus_chrf": corpus_chrf(r, np.arange(len(ts))),
+      "train_seconds": r["train_seconds"],
+      "translate_seconds": r["translate_seconds"],
+    }
+    for arm, rs in runs.items()
+    for r in rs
+  ]
+  return {"arms": arm_rows, "differences": diff_rows, "languages": lang_rows, "runs": run_rows}
+
+
+# ------------------------------------------------------------------ writing
+
+
+def fmt(x, spec=".2f"):
+  return "-" if x is None else f"{x:{spec}}"
+
+
+def md_table(head: list[str], body: list[list]) -> list[str]:
+  return [
+    "| " + " | ".join(head) + " |",
+    "|" + "|".join("---" for _ in head) + "|",
+    *("| " + " | ".join(str(c) for c in row) + " |" for row in body),
+  ]
+
+
+def results_md(t: dict, grid: str) -> list[str]:
+  mod = sweep_module()
+  lines = [
+    f"# Multilingual MoE: dense vs top-2 MoE, EOM on and off ({grid})",
+    "",
+    "chrF of greedy translations of the test split (sacrebleu); groups: "
+    f"high = {', '.join(mod.HIGH)}; low = {', '.join(mod.LOW)} (en->X and X->en). "
+    "Sentence chrF: the mean of sentence-level chrF with a 95% bootstrap interval "
+    "over seeds and English messages; corpus chrF: mean +- std over seeds.",
+    "",
+    "## Per arm",
+    "",
+  ]
+  lines += md_table(
+    ["arm", "group", "seeds", "sentences", "sentence chrF [95%]", "corpus chrF"],
+    [
+      [
+        ARM_LABELS[r["arm"]],
+        r["group"],
+        r["seeds"],
+        r["sentences"],
+        f"{r['sentence_chrf']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]",
+        f"{fmt(r['corpus_chrf'])} +- {fmt(r['corpus_chrf_std'])}",
+      ]
+      for r in t["arms"]
+    ],
+  )
+  lines += [
+    "",
+    "## Differences against NLLB's finding",
+    "",
+    "MoE helps low-resource pairs only with EOM (NLLB Team 2022, section 6.2.2). "
+    "Paired by seed, on the same sentences; verdict: the interval against the claimed sign.",
+    "",
+  ]
+  lines += md_table(
+    [
+      "difference",
+      "group",
+      "seeds",
+      "sentence chrF diff [95%]",
+      "corpus chrF diff",
+      "claim",
+      "verdict",
+    ],
+    [
+      [
+        r["difference"].replace("moe_eom", "MoE+EOM").replace("moe", "MoE"),
+        r["group"],
+        r["seeds"],
+        f"{r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}]",
+        f"{r['corpus_chrf_diff']:+.2f}",
+        {"positive": "> 0", "negative": "< 0", "": "-"}[r["claim"]],
+        r["verdict"],
+      ]
+      for r in t["differences"]
+    ],
+  )
+  lines += ["", "## Per language (corpus chrF, mean over seeds)", ""]
+  arms = [a for a in ARM_LABELS if any(r["arm"] == a for r in t["arms"])]
+  lines += md_table(
+    ["language", "group", "en->X train pairs", "test sentences"] + [ARM_LABELS[a] for a in arms],
+    [
+      [r["language"], r["group"], r["train_pairs"], r["test_sentences"]] + [fmt(r[a]) for a in arms]
+      for r in t["languages"]
+    ],
+  )
+  lines += ["", "## Runs", ""]
+  lines += md_table(
+    ["arm", "run", "eval loss (validation)", "test loss", "corpus chrF", "train s", "translate s"],
+    [
+      [
+        ARM_LABELS[r["arm"]],
+        r["run"],
+        fmt(r["eval_loss"], ".4f"),
+        fmt(r["test_loss"], ".4f"),
+        fmt(r["corpus_chrf"]),
+        fmt(r["train_seconds"], ".0f"),
+        fmt(r["translate_seconds"], ".0f"),
+      ]
+      for r in t["runs"]
+    ],
+  )
+  return lines
+
+
+def write_plot(t: dict, out: str) -> str:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  arms = list(dict.fromkeys(r["arm"] for r in t["arms"]))
+  w = 0.8 / len(arms)
+  for i, arm in enumerate(arms):
+    rs = [next(r for r in t["arms"] if r["arm"] == arm and r["group"] == g) for g in GROUPS]
+    x = np.arange(len(GROUPS)) + (i - (len(arms) - 1) / 2) * w
+    m = np.array([r["sentence_chrf"] for r in rs])
+    err = np.array(
+      [[r["sentence_chrf"] - r["lo"] for r in rs], [r["hi"] - r["sentence_chrf"] for r in rs]]
+    )
+    ax1.bar(x, m, w, yerr=err, capsize=3, label=ARM_LABELS[arm])
+  ax1.set_xticks(np.arange(len(GROUPS)), [f"{g}-resource" for g in GROUPS])
+  ax1.set_ylabel("sentence chrF (test), 95% interval")
+  ax1.legend()
+  ax1.set_title("chrF per arm and language group")
+  ds = t["differences"]
+  y = np.arange(len(ds))
+  ax2.errorbar(
+    [r["mean"] for r in ds],
+    y,
+    xerr=[[r["mean"] - r["lo"] for r in ds], [r["hi"] - r["mean"] for r in ds]],
+    fmt="o",
+    capsize=3,
+  )
+  ax2.axvline(0, color="gray", lw=0.8)
+  ax2.set_yticks(y, [f"{r['difference']} ({r['group']})" for r in ds])
+  ax2.invert_yaxis()
+  ax2.set_xlabel("chrF difference, 95% interval (seeds x messages)")
+  ax2.set_title("differences")
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+def write_results(out_dir: str, t: dict, lines: list[str]):
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  rows = [{"kind": "arm", **r} for r in t["arms"]] + [
+    {"kind": "difference", **r} for r in t["differences"]
+  ]
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(t, f, indent=1)
+  write_plot(t, os.path.join(out_dir, "chrf.png"))
+
+
+# --------------------------------------------------------------------- main
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--run", action="store_true", help="run (or resume) the grid, then translate")
+  ap.add_argument("--smoke", action="store_true", help="the :smoke grid (seconds of training)")
+  ap.add_argument(
+    "--workdir", default=None, help="sweep folder (default runs/multilingual_moe[_smoke])"
+  )
+  ap.add_argument("--parallel", type=int, default=2, help="runs at a time (--run)")
+  ap.add_argument("--out", default=None, help="where the report goes (default: this folder)")
+  ap.add_argument("--n_boot", type=int, default=10_000, help="bootstrap replicates")
+  a = ap.parse_args()
+  grid = SWEEP + (":smoke" if a.smoke else "")
+  workdir = a.workdir or ("runs/multilingual_moe_smoke" if a.smoke else "runs/multilingual_moe")
+  out = a.out or HERE
+  try:
+    by_arm = runs_by_arm(grid, workdir)
+    if a.run:
+      failed = sweeplib.run_all(grid, workdir, a.parallel)
+      failed += translate_all([d for rs in by_arm.values() for _, d in rs], a.parallel)
+      if failed:
+        sys.exit(f"report.py: {len(failed)} run(s) failed ({', '.join(failed)}); rerun to retry")
+    runs = {
+      arm: [read_run(d) for _, d in rs if os.path.exists(os.path.join(d, TRANSLATIONS))]
+      for arm, rs in by_arm.items()
+    }
+    runs = {arm: rs for arm, rs in runs.items() if rs}
+    if not runs:
+      sys.exit(f"report.py: no translated runs in {workdir}; run with --run")
+    check_aligned(runs)
+    t = tables(runs, a.n_boot)
+    lines = results_md(t, grid)
+    write_results(out, t, lines)
+    print("\n".join(lines))
+    print(f"wrote results.md, results.csv, results.json and chrf.png to {out}")
+  except ConfigError as e:
+    sys.exit(f"report.py: {e}")
+
+
+if __name__ == "__main__":
+  main()
