@@ -71,3 +71,22 @@ def test_paired_difference_and_step_ratios(tmp_path, monkeypatch):
   ]
   md = (out / "results.md").read_text()
   assert "| Switch E=32 | 3 |" in md and "-0.1900 +- 0.0248" in md
+
+
+def test_every_grid_expands_to_valid_distinct_points(monkeypatch):
+  """configs/sweeps/switch_t5.py's grids name real config keys with valid
+  values (points() validates each point's config) and distinct folders; the
+  grid has 3 seeds at dense and E=32, and one rate per :lr point."""
+  monkeypatch.chdir(ROOT)
+  mod = report.cfglib.load_module(report.SWEEP)
+  for g in mod.GRIDS:
+    names = [sweeplib.point_name(p) for p in sweeplib.points(f"{report.SWEEP}:{g}")]
+    assert names and len(set(names)) == len(names), g
+  grid = sweeplib.points(f"{report.SWEEP}:cpu@0.006")
+  for e in (1, 32):
+    assert sorted(p["train.seed"] for p in grid if p["model.moe.num_experts"] == e) == [0, 1, 2]
+  rates = [p["train.learning_rate"] for p in sweeplib.points(f"{report.SWEEP}:lr")]
+  assert rates == list(mod.LR_GRID)
+  c = report.cfglib.load_config(f"{report.SWEEP}:cpu@0.006")
+  assert c.train.learning_rate == 0.006 and c.model.arch == "encoder_decoder"
+  assert (c.model.moe.every, c.model.moe.offset, c.model.moe.capacity_factor) == (2, 1, 1.25)

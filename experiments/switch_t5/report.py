@@ -145,7 +145,7 @@ def arm_rows(core: str, workdir: str) -> tuple[list[dict], dict]:
     "final_step": int(d_steps[-1]),
     "stop": stop,
     # None where fewer than STABLE_EVALS evals precede the cooldown (--smoke).
-    "stable": float(d_st[1][-1]) if len(d_st[1]) else None,
+    "stable": float(d_st[1][-1]) if (d_steps <= stop).sum() >= svd.STABLE_EVALS else None,
     "learning_rate": train.learning_rate,
     "dirs": dense,
   }
