@@ -660,6 +660,13 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       moe.router not in ("sigmoid_bias", "group_limited"),
       "only routers 'sigmoid_bias' and 'group_limited' scale their gates",
     )
+    for key in ("model.moe.num_groups", "model.moe.top_k_groups"):
+      _unread(
+        c,
+        key,
+        moe.router not in ("hierarchical", "group_limited"),
+        "only routers 'hierarchical' and 'group_limited' group the experts",
+      )
     if not isinstance(moe.every, int) or moe.every < 1:
       _fail("model.moe.every", moe.every, "must be an integer >= 1")
     if not spec.moe_layers:

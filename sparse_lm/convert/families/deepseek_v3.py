@@ -74,12 +74,12 @@ KEYS = (
     ("model.moe.num_groups", "model.moe.router"),
     "n_group",
     to_ours=lambda n: (0, "sigmoid_bias") if n == 1 else (n, "group_limited"),
-    to_hf=lambda g, router: 1 if router == "sigmoid_bias" else g,
+    to_hf=lambda g, _router: g or 1,  # sigmoid_bias: num_groups 0 (config.py refuses others)
   ),
   Key(
     "model.moe.top_k_groups",
     "topk_group",
-    write=lambda c: 1 if c.model.moe.router == "sigmoid_bias" else c.model.moe.top_k_groups,
+    write=lambda c: c.model.moe.top_k_groups if c.model.moe.num_groups else 1,
   ),
   Key("model.moe.top_k", "num_experts_per_tok"),
   # DeepSeek scores a group by the sum of its top 2 biased scores (inference/
@@ -189,7 +189,7 @@ KEYS = (
 def _top_k_scoring_groups_by_2(moe) -> int:
   """top_k where router group_limited scores a group as DeepSeek-V3 does
   (top_k // top_k_groups == 2) or another router is used, else 2 * top_k_groups."""
-  if moe.router != "group_limited" or moe.top_k // moe.top_k_groups == 2:
+  if not moe.num_groups or moe.top_k // moe.top_k_groups == 2:  # groups: group_limited
     return moe.top_k
   return 2 * moe.top_k_groups
 
