@@ -150,7 +150,7 @@ def sentence_chrf(translations: list[dict]) -> np.ndarray:
   )
 
 
-def read_run(d: str) -> dict:
+def read_run(d: str, seed: int = 0) -> dict:
   """One run's test translations, per-sentence chrF, losses and times."""
   r = json.load(open(os.path.join(d, TRANSLATIONS)))
   ts = r["translation"]["translations"]
@@ -159,6 +159,7 @@ def read_run(d: str) -> dict:
   wall = os.path.join(d, "wall_time.json")
   return {
     "dir": d,
+    "seed": seed,
     "translations": ts,
     "chrf": sentence_chrf(ts),
     "pairs": r["translation"]["pairs"],
@@ -230,15 +231,20 @@ def tables(runs: dict[str, list[dict]], n_boot: int = 10_000) -> dict:
     if a not in runs or b not in runs:
       continue
     idx = np.flatnonzero(grp == g)
-    S = min(len(runs[a]), len(runs[b]))
+    seeds = sorted({r["seed"] for r in runs[a]} & {r["seed"] for r in runs[b]})
+    S = len(seeds)
+    if not S:
+      continue
+    ra_S = [next(r for r in runs[a] if r["seed"] == s) for s in seeds]
+    rb_S = [next(r for r in runs[b] if r["seed"] == s) for s in seeds]
     ci = stats.paired(
-      chrf[a][:S, idx],
-      chrf[b][:S, idx],
+      np.stack([r["chrf"][idx] for r in ra_S]),
+      np.stack([r["chrf"][idx] for r in rb_S]),
       [clusters[i] for i in idx],
       n_boot=n_boot,
       resample_rows=True,
     )
-    c_diff = [corpus_chrf(ra, idx) - corpus_chrf(rb, idx) for ra, rb in zip(runs[a], runs[b])]
+    c_diff = [corpus_chrf(ra, idx) - corpus_chrf(rb, idx) for ra, rb in zip(ra_S, rb_S)]
     diff_rows.append(
       {
         "difference": f"{a} - {b}",
@@ -466,7 +472,7 @@ def main():
       if failed:
         sys.exit(f"report.py: {len(failed)} run(s) failed ({', '.join(failed)}); rerun to retry")
     runs = {
-      arm: [read_run(d) for _, d in rs if os.path.exists(os.path.join(d, TRANSLATIONS))]
+      arm: [read_run(d, seed) for seed, d in rs if os.path.exists(os.path.join(d, TRANSLATIONS))]
       for arm, rs in by_arm.items()
     }
     runs = {arm: rs for arm, rs in runs.items() if rs}
