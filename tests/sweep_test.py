@@ -40,7 +40,7 @@ def test_points_names_and_validation(tmp_path):
 
 def _shipped_sweeps():
   out = ["configs/sweeps/dense_lr.py", "configs/sweeps/switch_vs_dense_calibration.py"]
-  for study in ("switch_vs_dense", "instruction_tuning", "upcycling"):
+  for study in ("switch_vs_dense", "instruction_tuning", "upcycling", "multilingual_moe"):
     args = cfglib.load_module(f"configs/sweeps/{study}.py").ARGS
     out += [f"configs/sweeps/{study}.py:{arg}" for arg in args]
   return out
