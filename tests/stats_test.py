@@ -113,3 +113,51 @@ def test_flan_report_difference_in_differences():
   assert res["mc_name/all"]["did"]["zero_shot"]["mean"] == pytest.approx(0.4, abs=0.06)
   assert res["mc_body/all"]["did"]["zero_shot"]["verdict"] == "holds"
   assert res["mc_name/all"]["moe_minus_dense"]["it"]["lo"] > 0.2
+
+
+def test_instruction_tuning_claims_table_reads_the_committed_parts(tmp_path):
+  """report.py --part claims: one row per claim from the parts' result files;
+  the freezing rows' 95 % t-intervals recomputed here from results.csv; a
+  part whose results are missing is a 'not yet run' row."""
+  import argparse
+  import csv
+  import json
+  import os
+  import shutil
+  import sys
+
+  from scipy import stats as sps
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, root)
+  from experiments.instruction_tuning import report
+
+  here = os.path.join(root, "experiments", "instruction_tuning")
+  for name in ("upcycling_results.json", "flan_results.json", "results.csv"):
+    shutil.copy(os.path.join(here, name), tmp_path / name)
+  report.claims_part(argparse.Namespace(out=str(tmp_path)))
+  rows = json.load(open(tmp_path / "claims.json"))
+  flan = json.load(open(tmp_path / "flan_results.json"))["results"]["body_loss/all"]["did"]
+  ft = [r for r in rows if r["claim"].startswith("FLAN") and "(b - c)" in r["ours"]]
+  assert (
+    ft[0]["mean"] == flan["finetuned"]["mean"] and ft[0]["verdict"] == flan["finetuned"]["verdict"]
+  )
+  with open(tmp_path / "results.csv") as f:
+    runs = [r for r in csv.DictReader(f) if r["experts"] == "8" and r["mix"] == "all"]
+  # all weights tuned at the grid's rate (the :rate grid's rows have a learning_rate)
+  ref = {r["seed"]: float(r["loss_body"]) for r in runs if not r["frozen"] + r["learning_rate"]}
+  for frozen, verdict in ((":experts", "does not hold"), (":non_experts", "holds")):
+    by_seed = {r["seed"]: float(r["loss_body"]) for r in runs if r["frozen"] == frozen}
+    d = np.array([by_seed[s] - base for s, base in sorted(ref.items()) if s in by_seed])
+    half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    row = next(r for r in rows if f"{frozen[1:]} frozen" in r["ours"])
+    assert row["mean"] == pytest.approx(d.mean()) and row["lo"] == pytest.approx(d.mean() - half)
+    assert row["verdict"] == verdict
+  assert (
+    "| claim | paper's setting | ours | mean | 95 % interval |"
+    in open(tmp_path / "claims.md").read()
+  )
+  os.remove(tmp_path / "flan_results.json")
+  report.claims_part(argparse.Namespace(out=str(tmp_path)))
+  rows = json.load(open(tmp_path / "claims.json"))
+  assert [r["ours"] for r in rows if r["claim"].startswith("FLAN")] == ["not yet run (--part flan)"]

@@ -5,7 +5,7 @@ r"""FLAN-MoE as a held-out-task comparison: run, score and report (issue 29).
   python experiments/instruction_tuning/flan.py --run --smoke   # tiny step counts, own folder
 
 The design (configs/sweeps/instruction_tuning.py, args flan_base, flan_it,
-flan_body; README.md, "FLAN-MoE (redesigned, not yet run)"): dense and Switch
+flan_body; README.md, "FLAN-MoE (redesigned)"): dense and Switch
 E=8 bases, 3 pretraining seeds each; each instruction-tuned on the docstring,
 name and signature tasks (the body task held out); then
   (a) the body task zero-shot after instruction tuning (against the base's),
@@ -69,6 +69,13 @@ METRICS = {  # name -> (what it is, the claim's sign for "MoE gains more": lower
   "mc_body": ("multiple choice: body among 3 (accuracy)", "positive"),
 }
 SUBSETS = ("all", "unflagged")
+PAPER = (  # the claim's setting (Shen et al. 2023, arXiv 2305.14705)
+  "Shen et al. 2023: the FLAN collection (1.8k tasks), held-out benchmarks, up to FLAN-MoE-32B"
+)
+DID_LABELS = {  # the two difference-in-differences (analyse's "did")
+  "finetuned": "body fine-tuning after vs without instruction tuning (b - c)",
+  "zero_shot": "body zero-shot after instruction tuning vs the base (a)",
+}
 
 
 def sweep_cfg():
@@ -275,16 +282,18 @@ def results_md(
   for metric, subset, name, d in claims:
     if subset != "all":
       continue
-    ours = {
-      "finetuned": "body fine-tuning after vs without instruction tuning (b - c)",
-      "zero_shot": "body zero-shot after instruction tuning vs the base (a)",
-    }[name]
+    ours = DID_LABELS[name]
     out.append(
-      "| MoE gains more from instruction tuning than dense | FLAN-MoE: 1.8k tasks, held-out "
-      f"benchmarks, billions of parameters | {ours}, {METRICS[metric][0]}, 0.66M active "
+      f"| MoE gains more from instruction tuning than dense | {PAPER} "
+      f"| {ours}, {METRICS[metric][0]}, 0.66M active "
       f"| {_iv(d)} | {d['verdict']} |"
     )
-  out += ["", "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timing.items()), ""]
+  out += [
+    "",
+    "Wall time (each run's wall_time.json: every attempt of a resumed run, at the load it had): "
+    + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timing.items()),
+    "",
+  ]
   return out
 
 

@@ -31,7 +31,9 @@ above): "upcycling" is sparse upcycling as the paper compares it
 (experiments/instruction_tuning/upcycling.py, configs/sweeps/upcycling.py),
 which supersedes the :upcycle grid here; "flan" is FLAN-MoE with the body
 task held out (experiments/instruction_tuning/flan.py; README.md, "FLAN-MoE
-(redesigned, not yet run)"), which supersedes the :finetune grid's FLAN tables.
+(redesigned)"), which supersedes the :finetune grid's FLAN tables;
+"claims" runs nothing and writes claims.md, one table of every claim from the
+committed parts' results.
 """
 
 from __future__ import annotations
@@ -660,9 +662,156 @@ def _flan(a) -> None:
   flan.report(a.out, None, False)
 
 
+# ST-MoE's fine-tuning claims (Zoph et al. 2022, section 4.2) on the legacy
+# :freeze grid: (frozen, claim, paper's setting, the sign the claim expects
+# of frozen - all weights: 0 = no difference claimed).
+FREEZE_CLAIMS = (
+  (
+    ":experts",
+    "ST-MoE: tuning only the non-expert weights is about as good as tuning all",
+    "ST-MoE (Zoph et al. 2022, section 4): about as good as all weights",
+    0,
+  ),
+  (
+    ":non_experts",
+    "ST-MoE: tuning only the experts (non-experts frozen) is worse than tuning all",
+    "ST-MoE (section 4): freezing the non-expert weights hurts",
+    1,
+  ),
+  (":router", "(ours) freezing the router costs nothing", "-", 0),
+)
+
+
+def freeze_claims(out_dir: str) -> list[dict]:
+  """The :freeze grid's claims: frozen - all weights on the held-out body
+  loss, paired by fine-tuning seed (results.csv; one base model, so the
+  interval carries fine-tuning-seed variance only)."""
+  from experiments.instruction_tuning import upcycling  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(out_dir, "results.csv")) as f:
+    rows = [r for r in csv.DictReader(f) if r["experts"] == "8" and r["mix"] == "all"]
+  ref = {
+    r["seed"]: float(r["loss_body"]) for r in rows if not r["frozen"] and not r["learning_rate"]
+  }
+  out = []
+  for frozen, claim, paper, direction in FREEZE_CLAIMS:
+    xs = [float(r["loss_body"]) - ref[r["seed"]] for r in rows if r["frozen"] == frozen]
+    iv = upcycling.interval(xs)
+    v = upcycling.verdict(iv, direction)
+    if direction == 0:  # a claim of no difference: refuted only by an interval off zero
+      v = "does not hold" if v == "difference" else "inconclusive (no difference seen)"
+    ours = f"MoE multi-task tuning, {frozen[1:]} frozen - all weights, body loss, {len(xs)} seeds"
+    out.append(
+      {"claim": claim, "paper": paper, "ours": ours, "mean": iv["mean"], "lo": iv["lo"]}
+      | {"hi": iv["hi"], "verdict": v, "interval": "t, fine-tuning seeds (one base)"}
+    )
+  return out
+
+
+def claims_part(a) -> None:
+  """One table of the study's claims against the papers, from the committed
+  parts' results (no run): upcycling_results.json, flan_results.json and
+  the legacy grid's results.csv (freezing); writes claims.md."""
+  out_dir, rows = a.out, []
+  path = os.path.join(out_dir, "upcycling_results.json")
+  if os.path.exists(path):
+    from experiments.instruction_tuning import upcycling  # pylint: disable=g-import-not-at-top
+
+    with open(path) as f:
+      up = json.load(f)
+    steps = up["design"]["parent_steps"]
+    for r in up["claims"]:
+      if r["a"] == "top1" and r["b"] == "top2":
+        continue
+      rows.append(
+        {
+          "claim": "Sparse upcycling: " + r["claim"],
+          "paper": upcycling.PAPER[(r["a"], r["b"])],
+          "ours": f"+{r['extra']:.0%} extra compute, {steps}-step parent, {r['n']} seeds",
+          "interval": "t, parent seeds",
+        }
+        | {k: r[k] for k in ("mean", "lo", "hi", "verdict")}
+      )
+  path = os.path.join(out_dir, "flan_results.json")
+  if os.path.exists(path):
+    from experiments.instruction_tuning import flan  # pylint: disable=g-import-not-at-top
+
+    with open(path) as f:
+      res = json.load(f)["results"]
+    same = all(
+      d["verdict"] == res[key.replace("/all", "/unflagged")]["did"][name]["verdict"]
+      for key in res
+      if key.endswith("/all")
+      for name, d in res[key]["did"].items()
+    )
+    flan_note = (
+      "FLAN-MoE rows: every held-out test function; without the functions flagged as "
+      "possibly contaminated every verdict is "
+      + ("the same" if same else "not the same (flan_results.md)")
+      + "."
+    )
+    for key, r in res.items():
+      metric, subset = key.split("/")
+      if subset != "all":
+        continue
+      for name, d in r["did"].items():
+        rows.append(
+          {
+            "claim": "FLAN-MoE: the MoE gains more from instruction tuning than dense",
+            "paper": flan.PAPER,
+            "ours": f"{flan.DID_LABELS[name]}; {flan.METRICS[metric][0]}; {r['n']} held-out "
+            f"test functions of {r['modules']} modules; 3 base seeds",
+            "interval": "bootstrap, modules x base seeds",
+          }
+          | {k: d[k] for k in ("mean", "lo", "hi", "verdict")}
+        )
+  else:
+    flan_note = ""
+    rows.append(
+      {"claim": "FLAN-MoE: the MoE gains more from instruction tuning than dense"}
+      | {"paper": "-", "ours": "not yet run (--part flan)", "interval": "-", "verdict": "-"}
+      | {"mean": None, "lo": None, "hi": None}
+    )
+  rows += freeze_claims(out_dir)
+  f4 = lambda x: "-" if x is None else f"{x:+.4f}"
+  lines = [
+    "# Instruction tuning and upcycling: the claims against the papers",
+    "",
+    "Made by `python experiments/instruction_tuning/report.py --part claims` from the",
+    "committed parts (upcycling_results.json, flan_results.json, results.csv). Each",
+    "row's difference is the one its 'ours' column names, with its 95 % interval; the",
+    "verdict reads the sign the claim predicts (a lower loss, a higher accuracy). A",
+    "claim holds or does not only when its interval excludes zero; otherwise it is",
+    "inconclusive (a claim of no difference: refuted only by an interval off zero).",
+    "",
+  ]
+  lines += table(
+    ["claim", "paper's setting", "ours", "mean", "95 % interval", "interval over", "verdict"],
+    [
+      [
+        r["claim"],
+        r["paper"],
+        r["ours"],
+        f4(r["mean"]),
+        "-" if r["lo"] is None else f"[{f4(r['lo'])}, {f4(r['hi'])}]",
+        r["interval"],
+        r["verdict"],
+      ]
+      for r in rows
+    ],
+  )
+  lines += ["", flan_note] if flan_note else []
+  with open(os.path.join(out_dir, "claims.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(out_dir, "claims.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  print("\n".join(lines))
+
+
 # --part NAME: each part runs (--run) and reports on its own, and writes its
-# own files into --out; a part finishes inside one working session.
-PARTS = {"legacy": _legacy, "upcycling": _upcycling, "flan": _flan}
+# own files into --out; a part finishes inside one working session. "claims"
+# runs nothing: it combines the committed parts' results into one table.
+PARTS = {"legacy": _legacy, "upcycling": _upcycling, "flan": _flan, "claims": claims_part}
 
 
 def main():
