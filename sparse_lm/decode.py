@@ -343,6 +343,27 @@ def _step(graphdef, state, carry: _Carry, n, key, sampling, stop_ids):
   return _placed(_Carry(cache, nxt, carry.pos_B + 1, stopped, out, experts))
 
 
+def _run_steps(run, carry, steps: int, check_every: int, t_first: float):
+  """The host side of a decode loop: `run(carry, n)` for n < steps, timing
+  the first (compiling) step, stopping early once every row is done (checked
+  every `check_every` steps, the only time the host waits for the device).
+  -> (carry, the first step's end time, the step count where all stopped or None)."""
+  for n in range(steps):
+    carry = run(carry, jnp.int32(n))
+    if n == 0:
+      jax.block_until_ready(carry.next_B)
+      t_first = time.perf_counter()
+    if (n + 1) % check_every == 0 and bool(jax.device_get(carry.done_B).all()):
+      return carry, t_first, n + 1
+  return carry, t_first, None
+
+
+def _rows(out_BxN) -> list[list[int]]:
+  """Each row's generated ids, up to its first -1 (the row stopped there)."""
+  N = out_BxN.shape[1]
+  return [list(map(int, row[: (row < 0).argmax() if (row < 0).any() else N])) for row in out_BxN]
+
+
 def generate(
   model,
   prompts: list[list[int]],
@@ -429,22 +450,14 @@ def generate(
     t1 = t_first = time.perf_counter()
     steps = N if return_experts else N - 1  # the last token is fed only to record its experts
     run = functools.partial(_step, graphdef, state, key=key, sampling=sampling, stop_ids=stop_ids)
-    done_at = None
-    for n in range(steps):
-      carry = run(carry, jnp.int32(n))
-      if n == 0:
-        jax.block_until_ready(carry.next_B)
-        t_first = time.perf_counter()
-      if (n + 1) % check_every == 0 and bool(jax.device_get(carry.done_B).all()):
-        done_at = n + 1
-        break
+    carry, t_first, done_at = _run_steps(run, carry, steps, check_every, t_first)
     carry = jax.device_get(carry._replace(cache=None))
     out = carry.out_BxN
     if done_at is None and not return_experts:  # the last token: recorded, never fed
       out = _record(carry, N - 1, stop_ids, np)[1]
     experts = carry.experts
   t2 = time.perf_counter()
-  gen = [list(map(int, row[: (row < 0).argmax() if (row < 0).any() else N])) for row in out]
+  gen = _rows(out)
   exp = None
   if return_experts:
     exp = [[[e[b, i].tolist() for e in experts] for i in range(len(gen[b]))] for b in range(B)]
@@ -624,15 +637,10 @@ def speculative_generate(
     )
     jax.block_until_ready(carry.next_B)
     t1 = t_first = time.perf_counter()
-    steps = 0
-    for n in range(N - 1):  # each step gives every unfinished row >= 1 token
-      carry = _spec_step(graphdef, state, carry, stop_ids, N)
-      steps += 1
-      if n == 0:
-        jax.block_until_ready(carry.next_B)
-        t_first = time.perf_counter()
-      if (n + 1) % check_every == 0 and bool(jax.device_get(carry.done_B).all()):
-        break
+    run = lambda c, n: _spec_step(graphdef, state, c, stop_ids, N)  # noqa: E731 (n unused)
+    # each step gives every unfinished row >= 1 token
+    carry, t_first, done_at = _run_steps(run, carry, N - 1, check_every, t_first)
+    steps = done_at or N - 1
     carry = jax.device_get(carry._replace(cache=None, mtp_cache=None))
   t2 = time.perf_counter()
   gen = [list(map(int, row[:c])) for row, c in zip(carry.out_BxN, carry.count_B)]
@@ -815,19 +823,12 @@ def seq2seq_generate(
     run = functools.partial(
       _seq2seq_step, graphdef, state, key=key, sampling=sampling, stop_ids=stop_ids
     )
-    done_at = None
-    for n in range(N - 1):  # the last token is recorded, never fed
-      carry = run(carry, jnp.int32(n))
-      if n == 0:
-        jax.block_until_ready(carry.next_B)
-        t_first = time.perf_counter()
-      if (n + 1) % check_every == 0 and bool(jax.device_get(carry.done_B).all()):
-        done_at = n + 1
-        break
+    # the last token is recorded, never fed
+    carry, t_first, done_at = _run_steps(run, carry, N - 1, check_every, t_first)
     carry = jax.device_get(carry._replace(state=None))
     out = carry.out_BxN if done_at is not None else _record(carry, N - 1, stop_ids, np)[1]
   t2 = time.perf_counter()
-  gen = [list(map(int, row[: (row < 0).argmax() if (row < 0).any() else N])) for row in out]
+  gen = _rows(out)
   timed = (done_at or N - 1) - 1  # decode steps after the first
   return Generation(gen, None, t1 - t0, t_first - t1, t2 - t_first, max(timed, 0))
 
