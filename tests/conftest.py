@@ -3,6 +3,7 @@ in helpers.py: `from helpers import ...`).
 
 8 simulated CPU devices (set before jax is imported), strict rank promotion.
   tfds_dir       one TFDS dir per test process (corpus and tokenizers prepared once)
+  fast compile   XLA:CPU's cheap compilation for every program (FAST_XLA_FLAGS)
   compile cache  every training process the tests start shares one JAX
                  persistent compilation cache: a run whose programs an earlier
                  run compiled skips XLA compilation (the children's ENV)
@@ -10,8 +11,20 @@ in helpers.py: `from helpers import ...`).
 
 import os
 
+# XLA:CPU's cheap compilation (no LLVM optimisation, no expensive passes, the
+# classic fusion emitters: tests/helpers.py's FAST_COMPILE as flags) for every
+# program of the suite, in the test processes and the processes they start
+# (helpers.ENV, multihost, notebooks): the tests' programs are tiny, so
+# compiling them is most of their cost. Every comparison in the suite is
+# between programs built the same way. SPARSE_LM_TEST_FAST_XLA=0 turns it off.
+FAST_XLA_FLAGS = (
+  "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+  "--xla_cpu_use_fusion_emitters=false"
+)
+_fast = FAST_XLA_FLAGS if os.environ.get("SPARSE_LM_TEST_FAST_XLA", "1") == "1" else ""
+os.environ["SPARSE_LM_TEST_XLA_FLAGS"] = _fast  # the children's (helpers.ENV)
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 " + _fast
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

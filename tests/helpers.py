@@ -42,9 +42,11 @@ from sparse_lm.models.moe.layer import MoeFfn
 # ------------------------------------------------------------------ CLI runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The children's environment: one device. conftest.py adds a compilation cache
-# that every child of the session shares (JAX_COMPILATION_CACHE_DIR).
-ENV = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+# The children's environment: one device, the suite's XLA:CPU compile flags
+# (conftest.py's FAST_XLA_FLAGS). conftest.py adds a compilation cache that
+# every child of the session shares (JAX_COMPILATION_CACHE_DIR).
+XLA_FLAGS = os.environ.get("SPARSE_LM_TEST_XLA_FLAGS", "")
+ENV = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 # cli()'s settings of a tiny run, as config keys (tiny_config() applies them in-process).
 TINY = {

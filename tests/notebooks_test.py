@@ -2,6 +2,7 @@
 
 import os
 
+import helpers
 from nbclient import NotebookClient
 import nbformat
 import pytest
@@ -16,7 +17,10 @@ def test_notebook_executes(name, tmp_path, monkeypatch, tfds_dir):
   monkeypatch.setenv("NOTEBOOK_SWEEP_DIR", str(tmp_path / "no_sweep_here"))
   # The session's TFDS dir: the corpus and the notebooks' tokenizer are prepared once.
   monkeypatch.setenv("NOTEBOOK_DATA_DIR", tfds_dir)
-  monkeypatch.setenv("XLA_FLAGS", "")  # one device, like a laptop
+  monkeypatch.setenv("XLA_FLAGS", helpers.XLA_FLAGS)  # one device, like a laptop
+  # The kernel and the sweep points it starts: the suite's compilation cache.
+  for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    monkeypatch.setenv(k, helpers.ENV[k])
   nb = nbformat.read(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), as_version=4)
   NotebookClient(
     nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}
