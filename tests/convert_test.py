@@ -30,6 +30,7 @@ from sparse_lm import decode
 from sparse_lm import sharding
 from sparse_lm import state as statelib
 from sparse_lm.convert import describe
+from sparse_lm.convert import importer
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import ConvertError
 
@@ -147,9 +148,8 @@ def test_import_onto_an_expert_parallel_mesh(tmp_path):
   wi = model.blocks[0].ffn.wi[...]
   assert wi.sharding.shard_shape(wi.shape)[0] == 2
   assert max_diff(model, "dbrx", mesh, c) < TOL
-  assert (
-    greedy(model, "dbrx", rows=8, mesh=mesh, config=c) == golden("dbrx")["generated"][0].tolist()
-  )
+  # (Decoding on an expert-parallel mesh gives the one-device tokens:
+  # tests/inference_cli_test.py's every-mesh test.)
 
 
 def test_a_wrong_mapping_fails_the_logits_test(imported, tmp_path):
@@ -195,12 +195,24 @@ def test_export_is_the_hub_layout_and_round_trips_bit_exact(family, imported, tm
       v = 0  # imported without it, exported as 0 (tests/deepseek_v3_test.py)
     if k not in ("transformers_version",):
       assert out_cfg.get(k) == v, (k, out_cfg.get(k), v)
-  again = tmp_path / "again"
-  convert.import_checkpoint(str(out), str(again), say=lambda *a: None)
-  a, b = _params(imported(family)), _params(again)
-  assert sorted(a) == sorted(b)
-  for k in a:
-    assert np.array_equal(a[k], b[k]), k
+  # export -> import is the identity: the importer reads the tensors (equal to
+  # the hub's above, bit for bit), config.json through the family's keys and
+  # the tokenizer files, so import(export) = import(hub) when the keys give
+  # the same config and the files are the same. (A full re-import of an
+  # export: tests/deepseek_v3_test.py's MTP case.)
+  hub = FIX / family.removesuffix("_fused")
+  (fa, ca), (fb, cb) = importer.hf_to_config(str(hub)), importer.hf_to_config(str(out))
+  ca.data.tokenizer_file = cb.data.tokenizer_file = ""
+  if "num_nextn_predict_layers" in hf_cfg:  # the import drops the MTP layer it lacks (above)
+    ca.model.mtp_depth = 0
+  assert fa.name == fb.name and ca.to_dict() == cb.to_dict()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    assert (out / name).read_bytes() == (hub / name).read_bytes(), name
+  if family.endswith("_fused"):  # and import(hub) = import(fused): the same parameters
+    a, b = _params(imported(family)), _params(imported(str(hub.name)))
+    assert sorted(a) == sorted(b)
+    for k in a:
+      assert np.array_equal(a[k], b[k]), k
 
 
 def _params(workdir) -> dict:

@@ -397,7 +397,9 @@ def sft_args(data, base, *more):
   ]
 
 
-def test_finetuning_resumes_exactly_after_kill_and_logs_routing_drift(tmp_path, tfds_dir, base_run):
+def test_finetuning_resumes_exactly_after_kill_and_logs_routing_drift(
+  tmp_path, tfds_dir, base_run, monkeypatch
+):
   data = instruction_file(tmp_path / "sft.jsonl")
   ref = str(tmp_path / "ref")
   p = run(cli(ref, tfds_dir, *sft_args(data, base_run), config="configs/switch.py:tiny"))
@@ -428,7 +430,7 @@ def test_finetuning_resumes_exactly_after_kill_and_logs_routing_drift(tmp_path, 
   # evaluate --compare_routing reports the drift from the base on the eval split.
   out = str(tmp_path / "eval.json")
   cmd = [sys.executable, "-m", "sparse_lm.evaluate", f"--workdir={ref}", f"--output={out}"]
-  p = run(cmd + [f"--compare_routing={base_run}", "--batches=2"])
+  p = in_process(cmd + [f"--compare_routing={base_run}", "--batches=2"], monkeypatch=monkeypatch)
   assert p.returncode == 0, p.stderr[-3000:]
   drift = json.load(open(out))["routing_drift"]
   assert drift["drift/mean/kl"] > 0 and 0 <= drift["drift/layer1/top1_changed_response"] <= 1

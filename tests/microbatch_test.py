@@ -7,13 +7,13 @@ router losses, the routing-state (bias) update and the parameters after the
 update are those of n = 1, whatever n, on one device and on 8; under
 balance_scope "micro" the balance loss differs (the knob does something).
 Expert choice routes each micro-batch on its own (tested for what it does).
+A run with microbatches logs the losses of one without: tests/scale_model_test.py.
 """
 
 import functools
 
 from flax import nnx
 from helpers import FAST_COMPILE
-from helpers import tiny_config
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +23,6 @@ from sparse_lm import config as cfglib
 from sparse_lm import params as paramslib
 from sparse_lm import sharding
 from sparse_lm import state as statelib
-from sparse_lm import train
 from sparse_lm.errors import ConfigError
 
 V, B, L = 64, 8, 16
@@ -214,25 +213,3 @@ def test_expert_choice_routes_each_microbatch_on_its_own():
     parts.append((float(meas["ce"]), float(rows["weights"].sum())))
   expected = sum(ce * w for ce, w in parts) / sum(w for _, w in parts)
   np.testing.assert_allclose(ce2, expected, rtol=1e-5)
-
-
-def test_a_run_with_microbatches_logs_the_same_losses(tmp_path, tfds_dir):
-  # Issue 27: main --config=configs/mixtral.py:tiny --config.train.microbatches=4,
-  # then =1, same seed: the same losses for 5 steps (in-process, as main runs it).
-  def losses(n):
-    c = tiny_config(
-      tfds_dir,
-      "train.num_steps=5",
-      "train.log_every=1",
-      "train.eval_batches=1",
-      f"train.microbatches={n}",
-      config="configs/mixtral.py:tiny",
-    )
-    train.train_and_evaluate(c, str(tmp_path / f"n{n}"))
-    from helpers import rows
-
-    return [r["train_loss"] for r in rows(str(tmp_path / f"n{n}")) if "train_loss" in r]
-
-  a, b = losses(4), losses(1)
-  assert len(a) == 5
-  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

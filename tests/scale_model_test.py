@@ -339,32 +339,51 @@ def test_export_and_init_from_of_a_scanned_run_equal_the_unscanned_runs(tmp_path
       np.testing.assert_array_equal(got[p], want[p], err_msg=p)
 
 
-def test_a_run_switches_scan_layers_when_it_resumes(tmp_path, tfds_dir, capsys):
+def _mixtral_run(tfds_dir, workdir, steps, *overrides) -> dict[int, float]:
+  """The trainer end to end, in this process: configs/mixtral.py:tiny at
+  TINY's sizes, logging every step; its train losses by step."""
+  c = tiny_config(
+    tfds_dir,
+    f"train.num_steps={steps}",
+    "train.log_every=1",
+    "train.eval_batches=1",
+    *overrides,
+    config="configs/mixtral.py:tiny",
+  )
+  train.train_and_evaluate(c, str(workdir))
+  return losses(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def plain_mixtral(tmp_path_factory, tfds_dir):
+  """The reference of the two tests below: 4 steps, unscanned, one microbatch."""
+  return _mixtral_run(tfds_dir, tmp_path_factory.mktemp("plain"), 4)
+
+
+def test_a_run_switches_scan_layers_when_it_resumes(tmp_path, tfds_dir, capsys, plain_mixtral):
   """The trainer end to end (in-process, configs/mixtral.py:tiny): 2 steps
   scanned, then resumed unscanned to step 4 (the checkpoint, stacked on disk,
   restores per layer; check_resume names the key and goes on): the losses are
   those of a run that was never scanned."""
-
-  def run(workdir, steps, scan):
-    c = tiny_config(
-      tfds_dir,
-      f"train.num_steps={steps}",
-      "train.log_every=1",
-      "train.eval_batches=1",
-      f"model.scan_layers={scan}",
-      config="configs/mixtral.py:tiny",
-    )
-    train.train_and_evaluate(c, str(workdir))
-    return losses(str(workdir))
-
-  run(tmp_path / "switched", 2, True)
-  switched = run(tmp_path / "switched", 4, False)
+  _mixtral_run(tfds_dir, tmp_path / "switched", 2, "model.scan_layers=True")
+  switched = _mixtral_run(tfds_dir, tmp_path / "switched", 4, "model.scan_layers=False")
   assert (
     "resuming with a changed config: model.scan_layers: True -> False" in capsys.readouterr().out
   )
-  plain = run(tmp_path / "plain", 4, False)
+  plain = plain_mixtral
   assert sorted(switched) == sorted(plain) == [1, 2, 3, 4]
   np.testing.assert_allclose([switched[k] for k in plain], list(plain.values()), rtol=1e-5)
+
+
+def test_a_run_with_microbatches_logs_the_same_losses(tmp_path, tfds_dir, plain_mixtral):
+  # Issue 27: main --config=configs/mixtral.py:tiny --config.train.microbatches=4,
+  # then =1, same seed: the same losses (in-process, as main runs it). (Here
+  # beside the scan test: they share the microbatches=1 run.)
+  a = _mixtral_run(tfds_dir, tmp_path / "mb4", 4, "train.microbatches=4")
+  assert sorted(a) == sorted(plain_mixtral) == [1, 2, 3, 4]
+  np.testing.assert_allclose(
+    [a[k] for k in plain_mixtral], list(plain_mixtral.values()), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_decoding_a_scanned_model_equals_its_full_forward():
