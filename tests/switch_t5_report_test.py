@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -71,6 +72,14 @@ def test_paired_difference_and_step_ratios(tmp_path, monkeypatch):
   ]
   md = (out / "results.md").read_text()
   assert "| Switch E=32 | 3 |" in md and "-0.1900 +- 0.0248" in md
+  # --part lr writes the calibration; a later --part grid, its folders gone, reads it.
+  report.write_lr(str(out), lr_sweep, rate, lr_rows)
+  assert "**0.012**" in (out / "lr_results.md").read_text()
+  shutil.rmtree(lr_dir)
+  got_rate, got_rows = report.calibration(lr_sweep, str(tmp_path), str(out))
+  assert got_rate == rate and [r["end_loss"] for r in got_rows] == [1.2, 1.0, 1.1]
+  with pytest.raises(report.ConfigError, match="not finished"):
+    report.calibration(lr_sweep, str(tmp_path), str(tmp_path / "nothing"))
 
 
 def test_every_grid_expands_to_valid_distinct_points(monkeypatch):

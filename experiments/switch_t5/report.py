@@ -1,6 +1,8 @@
 r"""Switch vs T5 dense on span corruption in one command: the rate check, the grid, the report.
 
   python experiments/switch_t5/report.py --run
+  python experiments/switch_t5/report.py --run --part lr     # one session: lr_results.*
+  python experiments/switch_t5/report.py --run --part grid   # another: the grid, the report
   python experiments/switch_t5/report.py --run --smoke --out=/tmp/switch_t5_smoke   # the pipeline
 
 --run runs, two points at a time, the dense learning-rate calibration
@@ -8,7 +10,11 @@ r"""Switch vs T5 dense on span corruption in one command: the rate check, the gr
 the rate with the lowest final eval loss, then the grid at that rate
 (:cpu@<rate>: dense and Switch E=8 / E=32 with seeds), skipping finished
 points and resuming interrupted ones; the calibration's run at the chosen rate
-is the grid's dense seed 0 (the same config), so it is copied, not rerun.
+is the grid's dense seed 0 (the same config), so it is copied, not rerun
+(where its folder is gone, the grid runs it). --part lr runs the calibration
+only and writes lr_results.md / .json (the chosen rate, each rate's end loss
+and speed); --part grid reads the rate from the calibration's folders, or
+from that lr_results.json when they are gone (a later session).
 Without --run the report is made from whatever the sweep folders hold (every
 point must be finished). --smoke does the same at 12 steps and batch 8 in
 runs/switch_t5_smoke (its numbers mean nothing; it proves the pipeline).
@@ -92,28 +98,78 @@ def chosen_rate(lr_sweep: str, workdir: str) -> tuple[float, list[dict]]:
   return min(rows, key=lambda r: r["end_loss"])["learning_rate"], rows
 
 
-def run(lr_sweep: str, grid: str, workdir: str, parallel: int) -> str:
-  """Runs the calibration, then the grid at its rate; returns the grid's sweep file."""
-  lr_dir = os.path.join(workdir, "lr")
-  if failed := sweeplib.run_all(lr_sweep, lr_dir, parallel):
+def run_lr(lr_sweep: str, workdir: str, parallel: int):
+  """Runs (or resumes) the rate calibration."""
+  if failed := sweeplib.run_all(lr_sweep, os.path.join(workdir, "lr"), parallel):
     sys.exit(f"report.py: {len(failed)} calibration point(s) failed ({', '.join(failed)}); rerun")
-  rate, rows = chosen_rate(lr_sweep, lr_dir)
+
+
+def calibration(lr_sweep: str, workdir: str, out: str) -> tuple[float, list[dict]]:
+  """(the chosen rate, the calibration's rows): from its run folders when
+  they are finished, else from the lr_results.json that `--part lr` wrote
+  into `out` (a later session's grid: the run folders do not survive)."""
+  try:
+    return chosen_rate(lr_sweep, os.path.join(workdir, "lr"))
+  except ConfigError:
+    path = os.path.join(out, "lr_results.json")
+    if not os.path.exists(path):
+      raise
+    with open(path) as f:
+      saved = json.load(f)
+    if saved["sweep"] != lr_sweep:
+      raise ConfigError(f"{path} is of {saved['sweep']}, not {lr_sweep}") from None
+    return saved["rate"], saved["rows"]
+
+
+def run_grid(lr_sweep: str, grid: str, workdir: str, out: str, parallel: int) -> str:
+  """Runs the grid at the calibration's rate; returns the grid's sweep file."""
+  rate, rows = calibration(lr_sweep, workdir, out)
   core = f"{grid}@{rate:g}"
   core_dir = os.path.join(workdir, core.partition(":")[2])
-  # The calibration's run at the chosen rate is the grid's dense seed 0.
+  # The calibration's run at the chosen rate is the grid's dense seed 0 (the
+  # same config): copied where its folder is here, else run with the grid.
   seed0 = os.path.join(core_dir, sweeplib.point_name({"model.moe.num_experts": 1, "train.seed": 0}))
-  if not os.path.exists(os.path.join(seed0, "DONE")):
+  src = next((r.get("dir") for r in rows if r["learning_rate"] == rate), None)
+  done_src = src and os.path.exists(os.path.join(src, "DONE"))
+  if done_src and not os.path.exists(os.path.join(seed0, "DONE")):
     shutil.rmtree(seed0, ignore_errors=True)
-    shutil.copytree(next(r["dir"] for r in rows if r["learning_rate"] == rate), seed0)
+    shutil.copytree(src, seed0)
   if failed := sweeplib.run_all(core, core_dir, parallel):
     sys.exit(f"report.py: {len(failed)} point(s) failed ({', '.join(failed)}); rerun")
   return core
 
 
-def latest_core(grid: str, workdir: str) -> str:
-  """The grid's sweep file at the calibration's chosen rate (without --run)."""
-  rate, _ = chosen_rate(grids_lr(grid), os.path.join(workdir, "lr"))
-  return f"{grid}@{rate:g}"
+def write_lr(out: str, lr_sweep: str, rate: float, rows: list[dict]):
+  """lr_results.md / .json: the calibration's table, the chosen rate and
+  each run's speed (what `--part grid` reads in a later session)."""
+  for r in rows:
+    s = sweeplib.summarize_point(r["dir"])
+    r |= {"tokens_per_s": s["tokens_per_s"], "wall_time_s": s["wall_time_s"]}
+  lines = [
+    "# Switch vs T5 dense: the dense rate calibration (`report.py --part lr`)",
+    "",
+    f"Dense (seed 0) at each rate of {lr_sweep}, the grid's horizon; the lowest final eval "
+    f"loss chooses the grid's rate: **{rate:g}**.",
+    "",
+  ]
+  lines += table(
+    ["learning rate", "end loss", "tokens/s", "wall time (min)"],
+    [
+      [
+        f"{r['learning_rate']:g}",
+        f"{r['end_loss']:.4f}",
+        f"{r['tokens_per_s']:,.0f}",
+        "-" if r["wall_time_s"] is None else f"{r['wall_time_s'] / 60:.1f}",
+      ]
+      for r in rows
+    ],
+  )
+  with open(os.path.join(out, "lr_results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  keep = [{k: v for k, v in r.items() if k != "dir"} for r in rows]
+  with open(os.path.join(out, "lr_results.json"), "w") as f:
+    json.dump({"sweep": lr_sweep, "rate": rate, "rows": keep}, f, indent=1)
+  print("\n".join(lines))
 
 
 def grids_lr(grid: str) -> str:
@@ -351,14 +407,30 @@ def main():
   ap.add_argument("--workdir", default=None, help="default runs/switch_t5 (--smoke: _smoke)")
   ap.add_argument("--parallel", type=int, default=2, help="points at a time (--run)")
   ap.add_argument("--out", default=None, help="where the report goes (default: this folder)")
+  ap.add_argument(
+    "--part",
+    default="all",
+    choices=("all", "lr", "grid"),
+    help="lr: the rate calibration and lr_results.*; grid: the grid at its rate and the "
+    "report (reads lr_results.json when the calibration's folders are gone); all: both",
+  )
   a = ap.parse_args()
   workdir = a.workdir or ("runs/switch_t5_smoke" if a.smoke else "runs/switch_t5")
   out = a.out or HERE
   os.makedirs(out, exist_ok=True)
   lr_sweep, grid = grids(a.smoke)
   try:
-    core = run(lr_sweep, grid, workdir, a.parallel) if a.run else latest_core(grid, workdir)
-    _, lr_rows = chosen_rate(lr_sweep, os.path.join(workdir, "lr"))
+    if a.run and a.part in ("all", "lr"):
+      run_lr(lr_sweep, workdir, a.parallel)
+    if a.part in ("all", "lr"):
+      write_lr(out, lr_sweep, *chosen_rate(lr_sweep, os.path.join(workdir, "lr")))
+    if a.part == "lr":
+      return
+    if a.run:
+      core = run_grid(lr_sweep, grid, workdir, out, a.parallel)
+    else:
+      core = f"{grid}@{calibration(lr_sweep, workdir, out)[0]:g}"
+    _, lr_rows = calibration(lr_sweep, workdir, out)
     rows, ref = arm_rows(core, workdir)
     write(out, core, rows, ref, [{k: v for k, v in r.items() if k != "dir"} for r in lr_rows])
   except ConfigError as e:
