@@ -58,7 +58,11 @@ def test_paired_difference_and_step_ratios(tmp_path, monkeypatch):
   assert e32["per_seed_step_ratio"][0] == pytest.approx(11 / 12)  # 1.2 -> 0.8 reaches 1.0
   # Trailing means of 3 to step 8: dense 3.0; E=32 3.667 at 6, 2.6 at 8.
   assert e32["stable_step_ratio"] == pytest.approx((6 + 2 * (11 / 3 - 3) / (11 / 3 - 2.6)) / 8)
-  assert by_e[8]["minus_dense"] == pytest.approx(0) and by_e[8]["step_ratio"] == pytest.approx(1)
+  # E=8 has one seed (E8_SEEDS): seed 0's dense curve, ending at 1.0, which
+  # crosses dense's mean final 1.1 at 10 + 2 * 0.4 / 0.5; no interval.
+  e8 = by_e[8]
+  assert e8["n"] == 1 and e8["minus_dense"] == pytest.approx(0) and e8["minus_dense_ci95"] is None
+  assert e8["step_ratio"] == pytest.approx(11.6 / 12)
   assert by_e[1]["stable_step_ratio"] == 1
   out = tmp_path / "out"
   out.mkdir()
