@@ -43,6 +43,8 @@ runs these three in order and reports; README.md, "FLAN-MoE (redesigned)"):
              signature tasks (train_it: the body task held out).
   flan_body  body fine-tuning (train_body) from each base (c: alone) and from
              each instruction-tuned model (b: after instruction tuning).
+  flan_twin  the MoE's (c) again at fine-tuning seed TWIN_SEED + s: the
+             routing drift's seed-versus-seed noise floor.
 The training-time evaluation reads the dev modules' body task only
 (eval_body_dev); the test modules are scored by flan.py. SPARSE_LM_FLAN_SMOKE=1
 (flan.py --smoke) shrinks every step count and uses another folder.
@@ -71,12 +73,17 @@ ARGS = (
   "flan_base",
   "flan_it",
   "flan_body",
+  "flan_twin",
 )
 SMOKE = os.environ.get("SPARSE_LM_FLAN_SMOKE", "") not in ("", "0")
 FLAN_ROOT = f"{ROOT}/flan_smoke" if SMOKE else f"{ROOT}/flan"
 # Sized to fit 2.5 hours on the 2-core machine (README.md, "FLAN-MoE (redesigned)").
 FLAN_BASE_STEPS, FLAN_IT_STEPS, FLAN_BODY_STEPS = (40, 12, 12) if SMOKE else (1200, 400, 200)
 FLAN_STARTS = ("base", "it")  # body fine-tuning from the base (c) or the tuned model (b)
+# flan_twin: the MoE's body fine-tuning from its base again, at fine-tuning
+# seed TWIN_SEED + s (another data order and dropout): the seed-versus-seed
+# noise floor of the routing drift (flan.py's drift table).
+TWIN_SEED = 100
 CALIB_STEPS = 800
 TEMPLATE = "{prompt}{response}"
 
@@ -155,7 +162,7 @@ def get_config(arg: str = "base"):
   t.checkpoint_every, t.keep_checkpoints = FT_STEPS, 1
   if arg == "calib":
     t.num_steps = t.checkpoint_every = CALIB_STEPS
-  if arg in ("flan_it", "flan_body"):
+  if arg in ("flan_it", "flan_body", "flan_twin"):
     c.data.eval_split = "eval_body_dev"  # the test modules are never looked at while tuning
     t.num_steps = t.checkpoint_every = FLAN_IT_STEPS if arg == "flan_it" else FLAN_BODY_STEPS
     t.eval_batches = 4  # the dev body set (179 examples) about once
@@ -173,6 +180,9 @@ def sweep(add, arg: str = "base"):
       add(**{"model.moe.num_experts": e})
   elif arg == "upcycle":
     add(**{"model.moe.num_experts": 8})
+  elif arg == "flan_twin":
+    for seed in SEEDS:
+      add(**(flan_point("flan_body", 8, seed) | {"train.seed": TWIN_SEED + seed}))
   elif arg in ("flan_base", "flan_it", "flan_body"):
     for seed in SEEDS:
       for e in (1, 8):

@@ -55,7 +55,7 @@ from sparse_lm.errors import ConfigError  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = "configs/sweeps/instruction_tuning.py"
 DATA = "runs/instruction_tuning/data"
-GRIDS = ("flan_base", "flan_it", "flan_body")
+GRIDS = ("flan_base", "flan_it", "flan_body", "flan_twin")
 # Model arms: the grid and body-fine-tuning start of each.
 ARMS = {
   "base": ("flan_base", "base"),  # pretrained only: the body task zero-shot
@@ -140,6 +140,65 @@ def scores(d: str, sets: dict, tag: str) -> dict:
     json.dump(out, f)
   os.replace(path + ".tmp", path)
   return out
+
+
+def drift() -> list[dict]:
+  """The MoE's routing drift (finetune.routing_drift: KL(from || to) of the
+  router distribution per token, and the fraction of tokens whose top-1
+  expert changed, mean over MoE layers) over all of the runs' evaluation
+  batches of the dev bodies (sparse_lm.evaluate --compare_routing), per
+  base seed: what instruction tuning and body fine-tuning move, against
+  the noise floor of two body fine-tunings of the same base that differ
+  only in their fine-tuning seed (flan_twin). Cached per run."""
+  from sparse_lm import evaluate  # pylint: disable=g-import-not-at-top
+
+  cfg = sweep_cfg()
+  out = []
+  for s in cfg.SEEDS:
+    twin = os.path.join(
+      workdir_of("flan_twin"),
+      sweeplib.point_name(cfg.flan_point("flan_body", 8, s) | {"train.seed": cfg.TWIN_SEED + s}),
+    )
+    pairs = {
+      "instruction tuning (base -> it)": (run_dir("base", 8, s), run_dir("it", 8, s)),
+      "body fine-tuning (base -> c)": (run_dir("base", 8, s), run_dir("body_alone", 8, s)),
+      "body fine-tuning after it (it -> b)": (run_dir("it", 8, s), run_dir("body_after_it", 8, s)),
+      "noise floor: fine-tuning seed (c -> c')": (run_dir("body_alone", 8, s), twin),
+    }
+    for what, (src, dst) in pairs.items():
+      if not (done(src) and done(dst)):
+        continue
+      path = os.path.join(dst, f"flan_drift_from_{os.path.basename(src)}.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          d = json.load(f)
+      else:
+        d = evaluate.evaluate(dst, compare_routing=src, mesh="one")["routing_drift"]
+        with open(path + ".tmp", "w") as f:
+          json.dump(d, f)
+        os.replace(path + ".tmp", path)
+      out.append({"pair": what, "seed": s} | d)
+  return out
+
+
+def drift_table(rows: list[dict]) -> list[str]:
+  keys = (
+    "drift/mean/kl",
+    "drift/mean/kl_prompt",
+    "drift/mean/kl_response",
+    "drift/mean/top1_changed",
+  )
+  out = [
+    "## Routing drift of the MoE (dev bodies, all evaluation batches; mean over base seeds)",
+    "",
+    "| pair | seeds | KL | KL prompt | KL response | top-1 changed |",
+    "|---|---|---|---|---|---|",
+  ]
+  for pair in dict.fromkeys(r["pair"] for r in rows):
+    sel = [r for r in rows if r["pair"] == pair]
+    vals = [f"{np.mean([r[k] for r in sel]):.4f} ± {np.std([r[k] for r in sel]):.4f}" for k in keys]
+    out.append(f"| {pair} | {len(sel)} | " + " | ".join(vals) + " |")
+  return out + ["", "(± : std over base seeds.)", ""]
 
 
 # ------------------------------------------------------------------ analysis
@@ -321,12 +380,15 @@ def report(out_dir: str, limit: int | None, smoke: bool, part: str = "test") -> 
     timing[g + " (sum of runs)"] = sum(w for w in walls if w)
   timing["scoring (sum)"] = eval_s
   lines = results_md(res, summary, timing, smoke, part)
+  drift_rows = drift()
+  if drift_rows:
+    lines += drift_table(drift_rows)
   os.makedirs(out_dir, exist_ok=True)
   name = "flan_results" if part == "test" else f"flan_results_{part}"
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-    json.dump({"data": summary, "results": res, "timing": timing}, f, indent=1)
+    json.dump({"data": summary, "results": res, "timing": timing, "drift": drift_rows}, f, indent=1)
   print("\n".join(lines))
   return res
 
