@@ -36,10 +36,11 @@ def test_paired_difference_and_step_ratios(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   lr_sweep, grid = report.grids(smoke=True)
   lr_dir = tmp_path / "lr"
-  for p, end in zip(sweeplib.points(lr_sweep), (1.3, 1.2, 1.0, 1.1), strict=True):
+  for p, end in zip(sweeplib.points(lr_sweep), (1.4, 1.3, 1.2, 1.0, 1.1), strict=True):
     fake_run(lr_dir / sweeplib.point_name(p), [5, 4, 3, 2, 1.5, end])
   rate, lr_rows = report.chosen_rate(lr_sweep, str(lr_dir))
-  assert rate == 0.012 and [r["learning_rate"] for r in lr_rows] == [0.003, 0.006, 0.012, 0.024]
+  assert rate == 0.012
+  assert [r["learning_rate"] for r in lr_rows] == [0.0015, 0.003, 0.006, 0.012, 0.024]
   core = f"{grid}@{rate:g}"
   for p in sweeplib.points(core):
     s, e = p["train.seed"], p["model.moe.num_experts"]
@@ -81,7 +82,7 @@ def test_paired_difference_and_step_ratios(tmp_path, monkeypatch):
   assert "**0.012**" in (out / "lr_results.md").read_text()
   shutil.rmtree(lr_dir)
   got_rate, got_rows = report.calibration(lr_sweep, str(tmp_path), str(out))
-  assert got_rate == rate and [r["end_loss"] for r in got_rows] == [1.3, 1.2, 1.0, 1.1]
+  assert got_rate == rate and [r["end_loss"] for r in got_rows] == [1.4, 1.3, 1.2, 1.0, 1.1]
   with pytest.raises(report.ConfigError, match="not finished"):
     report.calibration(lr_sweep, str(tmp_path), str(tmp_path / "nothing"))
 

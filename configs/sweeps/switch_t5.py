@@ -44,11 +44,11 @@ order together, so a seed's dense and MoE runs see the same batches.
 
 from sparse_lm import config as cfglib
 
-# The decoder-only study's tuned dense rate; :lr checks 0.25x to 2x of it here
+# The decoder-only study's tuned dense rate; :lr checks 0.125x to 2x of it here
 # (3e-3 added after 6e-3 came out lowest of 0.5x / 1x / 2x: end eval 3.710
-# against 3.910 at 1.2e-2).
+# against 3.910 at 1.2e-2; 1.5e-3 after 3e-3 was below 6e-3 by step 2100).
 LEARNING_RATE = 1.2e-2
-LR_GRID = (3e-3, 6e-3, 1.2e-2, 2.4e-2)
+LR_GRID = (1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2)
 EXPERTS = (8, 32)
 SEEDS = (0, 1, 2)
 # One seed at E=8: the 3 seeds are at dense and the largest E, and the
