@@ -15,6 +15,10 @@ Arg (after ':'):
           (experiments/multilingual_moe/README.md, "Calibration"). The rate is
           the dense baseline's, shared by the MoE arms (as in
           configs/sweeps/switch_vs_dense.py).
+  seed0, seed1, seed2
+          the main grid's runs of one seed (its 3 arms): the parts
+          `report.py --run --part seedN` runs, each inside one working
+          session (the same configs and run folders as main's).
   smoke   the main grid shrunk to seconds (1 seed, a few steps), for
           `report.py --run --smoke`.
 
@@ -49,7 +53,7 @@ LANGUAGES = tuple(HIGH) + tuple(LOW)
 SIZE = (96, 4, 4, 384, 8, 2048, 32, 64)
 LEARNING_RATE = 1e-2  # the :calib grid's best for the dense arm (README.md, "Calibration")
 CALIB_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
-NUM_STEPS = 3600  # about 1 h 55 min for the grid on an idle 2-core machine (README.md)
+NUM_STEPS = 3600  # 1 h 54 min idle if two runs train as fast as one (README.md); 3 parts
 CALIB_STEPS = 300
 WARMUP_STEPS = 100
 COOLDOWN_STEPS = 200  # the last steps decay linearly to 0: the end eval is not a noisy rate's
@@ -60,7 +64,7 @@ ARMS = {  # name: overrides
   "moe_eom": {"model.moe.eom_rate": EOM_RATE},
   "moe": {"model.moe.eom_rate": 0.0},
 }
-ARGS = ("main", "calib", "smoke")
+ARGS = ("main", "calib", "smoke") + tuple(f"seed{s}" for s in SEEDS)
 
 
 def get_config(arg: str = "main"):
@@ -100,6 +104,7 @@ def sweep(add, arg: str = "main"):
       add(**ARMS["dense"], **{"train.learning_rate": lr})
     return
   # Seed 0 of every arm first: a grid cut short still compares the arms.
-  for seed in SEEDS[:1] if arg == "smoke" else SEEDS:
+  seeds = {"smoke": SEEDS[:1], **{f"seed{s}": (s,) for s in SEEDS}}.get(arg, SEEDS)
+  for seed in seeds:
     for arm in ARMS:
       add(**ARMS[arm], **{"train.seed": seed})

@@ -1,6 +1,7 @@
 r"""NLLB's dense-vs-MoE and EOM ablation (NLLB Team 2022) at CPU scale, in one command.
 
   python experiments/multilingual_moe/report.py --run      # train, translate, report
+  python experiments/multilingual_moe/report.py --run --part seed0   # one seed's 3 runs
   python experiments/multilingual_moe/report.py --run --smoke --out=/tmp/mm_smoke
 
 --run runs the grid of configs/sweeps/multilingual_moe.py (dense, MoE with
@@ -9,7 +10,12 @@ sparse_lm.sweep.run_all, which skips finished runs and resumes interrupted
 ones), then translates the test split with every finished run (python -m
 sparse_lm.evaluate --split=test --examples=-1, two at a time; a run's
 test_translations.json is kept, so a rerun only translates what is missing).
-Without --run the report is made from whatever the folder holds. --smoke
+Without --run the report is made from whatever the folder holds. --part seedN
+runs only seed N's three runs (one working session each: the grid does not fit
+one, README.md "Calibration"); every translated run's results are gzipped into
+archive/ (committed), and the report reads a run from there when its folder
+(runs/, which does not outlive a session) is gone, so the parts add up across
+sessions. --smoke
 uses the grid's :smoke variant (1 seed, 12 steps) in runs/multilingual_moe_smoke.
 
 Writes into --out (default: this folder) results.md, results.csv, results.json
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import os
 import subprocess
@@ -57,6 +64,7 @@ from sparse_lm.errors import ConfigError  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = "configs/sweeps/multilingual_moe.py"
 TRANSLATIONS = "test_translations.json"  # in each run's folder
+ARCHIVE = os.path.join(HERE, "archive")  # each translated run's results, committed (archive_run)
 ARM_LABELS = {"dense": "dense", "moe_eom": "MoE + EOM", "moe": "MoE, no EOM"}
 GROUPS = ("high", "low")
 # (a, b, group, claimed sign of a - b or None): NLLB's finding, row by row.
@@ -150,13 +158,47 @@ def sentence_chrf(translations: list[dict]) -> np.ndarray:
   )
 
 
-def read_run(d: str, seed: int = 0) -> dict:
-  """One run's test translations, per-sentence chrF, losses and times."""
-  r = json.load(open(os.path.join(d, TRANSLATIONS)))
-  ts = r["translation"]["translations"]
+def archive_path(d: str, archive: str = ARCHIVE) -> str:
+  return os.path.join(archive, os.path.basename(os.path.normpath(d)) + ".json.gz")
+
+
+def archive_run(d: str, archive: str = ARCHIVE) -> str:
+  """What the report reads from a translated run, gzipped into `archive` (committed: runs/
+  does not outlive a session, and the grid's parts run in different sessions)."""
   rows = metricslib.read_jsonl(os.path.join(d, "metrics.jsonl"))
-  evals = [x for x in rows if "eval_loss" in x]
   wall = os.path.join(d, "wall_time.json")
+  rec = {
+    "run": os.path.basename(os.path.normpath(d)),
+    "translations": json.load(open(os.path.join(d, TRANSLATIONS))),
+    "evals": [x for x in rows if "eval_loss" in x],
+    "tokens_per_s": [x["tokens_per_s"] for x in rows if "tokens_per_s" in x],
+    "wall_time": json.load(open(wall)) if os.path.exists(wall) else None,
+  }
+  os.makedirs(archive, exist_ok=True)
+  path = archive_path(d, archive)
+  with gzip.open(path + ".tmp", "wt") as f:
+    json.dump(rec, f)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def has_run(d: str, archive: str = ARCHIVE) -> bool:
+  return os.path.exists(os.path.join(d, TRANSLATIONS)) or os.path.exists(archive_path(d, archive))
+
+
+def read_run(d: str, seed: int = 0, archive: str = ARCHIVE) -> dict:
+  """One run's test translations, per-sentence chrF, losses and times: from its folder
+  when it has been translated there, else from its archive (archive_run)."""
+  if os.path.exists(os.path.join(d, TRANSLATIONS)):
+    r = json.load(open(os.path.join(d, TRANSLATIONS)))
+    evals = [x for x in metricslib.read_jsonl(os.path.join(d, "metrics.jsonl")) if "eval_loss" in x]
+    wall = os.path.join(d, "wall_time.json")
+    wall = json.load(open(wall)) if os.path.exists(wall) else None
+  else:
+    with gzip.open(archive_path(d, archive), "rt") as f:
+      rec = json.load(f)
+    r, evals, wall = rec["translations"], rec["evals"], rec["wall_time"]
+  ts = r["translation"]["translations"]
   return {
     "dir": d,
     "seed": seed,
@@ -165,7 +207,7 @@ def read_run(d: str, seed: int = 0) -> dict:
     "pairs": r["translation"]["pairs"],
     "test_loss": r["loss"],
     "eval_loss": evals[-1]["eval_loss"] if evals else None,
-    "train_seconds": json.load(open(wall))["seconds"] if os.path.exists(wall) else None,
+    "train_seconds": wall["seconds"] if wall else None,
     "translate_seconds": r.get("seconds"),
   }
 
@@ -460,24 +502,43 @@ def main():
   ap.add_argument("--parallel", type=int, default=2, help="runs at a time (--run)")
   ap.add_argument("--out", default=None, help="where the report goes (default: this folder)")
   ap.add_argument("--n_boot", type=int, default=10_000, help="bootstrap replicates")
+  seeds = [f"seed{s}" for s in sweep_module().SEEDS]
+  ap.add_argument(
+    "--part",
+    default="all",
+    choices=["all"] + seeds,
+    help="with --run: the runs of one seed (its 3 arms; one working session each) or all 9",
+  )
+  ap.add_argument(
+    "--archive",
+    default=None,
+    help="where each translated run's results are kept (default: this folder's archive/; "
+    "--smoke: <workdir>/archive)",
+  )
   a = ap.parse_args()
   grid = SWEEP + (":smoke" if a.smoke else "")
   workdir = a.workdir or ("runs/multilingual_moe_smoke" if a.smoke else "runs/multilingual_moe")
+  archive = a.archive or (os.path.join(workdir, "archive") if a.smoke else ARCHIVE)
   out = a.out or HERE
   try:
     by_arm = runs_by_arm(grid, workdir)
     if a.run:
-      failed = sweeplib.run_all(grid, workdir, a.parallel)
-      failed += translate_all([d for rs in by_arm.values() for _, d in rs], a.parallel)
+      part = grid if a.smoke or a.part == "all" else f"{SWEEP}:{a.part}"
+      dirs = [d for rs in runs_by_arm(part, workdir).values() for _, d in rs]
+      failed = sweeplib.run_all(part, workdir, a.parallel)
+      failed += translate_all(dirs, a.parallel)
+      for d in dirs:
+        if os.path.exists(os.path.join(d, TRANSLATIONS)):
+          print(f"archived {d} -> {archive_run(d, archive)}")
       if failed:
         sys.exit(f"report.py: {len(failed)} run(s) failed ({', '.join(failed)}); rerun to retry")
     runs = {
-      arm: [read_run(d, seed) for seed, d in rs if os.path.exists(os.path.join(d, TRANSLATIONS))]
+      arm: [read_run(d, seed, archive) for seed, d in rs if has_run(d, archive)]
       for arm, rs in by_arm.items()
     }
     runs = {arm: rs for arm, rs in runs.items() if rs}
     if not runs:
-      sys.exit(f"report.py: no translated runs in {workdir}; run with --run")
+      sys.exit(f"report.py: no translated runs in {workdir} or {archive}; run with --run")
     check_aligned(runs)
     t = tables(runs, a.n_boot)
     lines = results_md(t, grid)

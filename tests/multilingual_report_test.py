@@ -1,0 +1,81 @@
+"""experiments/multilingual_moe/report.py across sessions: a part's runs are archived and the
+report reads them back once runs/ is gone (made-up run folders, no training)."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments.multilingual_moe import report  # noqa: E402
+from sparse_lm import sweep as sweeplib  # noqa: E402
+
+MESSAGES = ("Save", "Delete the file", "Add another", "Change password")
+LANGS = ("cs", "uz")  # one high-resource, one low-resource language (the sweep file's groups)
+
+
+def fake_run(d, good: float, seed: int):
+  """A translated run: each hypothesis is the reference with probability `good`, else a
+  word of its own, plus the metrics.jsonl / wall_time.json the report reads."""
+  rng = np.random.default_rng(seed)
+  ts = []
+  for m in MESSAGES:
+    for g in LANGS:
+      ref = f"{m} ({g})"
+      for src, tgt, source, target in (("en", g, m, ref), (g, "en", ref, m)):
+        hyp = target if rng.random() < good else "xyz"
+        ts.append(dict(source=source, target=target, hypothesis=hyp, src_lang=src, tgt_lang=tgt))
+  os.makedirs(d)
+  with open(os.path.join(d, report.TRANSLATIONS), "w") as f:
+    json.dump({"loss": 2.0, "translation": {"translations": ts, "pairs": {}}, "seconds": 5}, f)
+  rows = [{"step": 10, "train_loss": 2.5, "tokens_per_s": 1000.0}, {"step": 10, "eval_loss": 3.0}]
+  with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  with open(os.path.join(d, "wall_time.json"), "w") as f:
+    json.dump({"seconds": 60.0}, f)
+
+
+def test_parts_add_up_through_the_archive(tmp_path, monkeypatch):
+  """seed0's runs translated in one session and archived, seed1's in the next (seed0's folders
+  gone by then): the report reads both seeds, the same numbers as from the folders."""
+  monkeypatch.chdir(ROOT)
+  sweep = report.SWEEP
+  assert [sweeplib.point_name(p) for p in sweeplib.points(f"{sweep}:seed1")] == [
+    sweeplib.point_name(p) for p in sweeplib.points(sweep) if p["train.seed"] == 1
+  ]
+  work, archive = tmp_path / "runs", tmp_path / "archive"
+  good = {"dense": 0.5, "moe_eom": 0.8, "moe": 0.3}
+  by_arm = report.runs_by_arm(sweep, str(work))
+  for seed in (0, 1):
+    part = report.runs_by_arm(f"{sweep}:seed{seed}", str(work))
+    for arm, rs in part.items():
+      ((s, d),) = rs
+      fake_run(d, good[arm], 10 * seed + len(arm))
+      report.archive_run(d, str(archive))
+  from_folders = {
+    a: [report.read_run(d, s, str(archive)) for s, d in rs if report.has_run(d, str(archive))]
+    for a, rs in by_arm.items()
+  }
+  shutil.rmtree(work)  # runs/ does not outlive a session
+  runs = {
+    a: [report.read_run(d, s, str(archive)) for s, d in rs if report.has_run(d, str(archive))]
+    for a, rs in by_arm.items()
+  }
+  assert {a: [r["seed"] for r in rs] for a, rs in runs.items()} == {a: [0, 1] for a in good}
+  for a in good:
+    for x, y in zip(from_folders[a], runs[a], strict=True):
+      np.testing.assert_array_equal(x["chrf"], y["chrf"])
+      assert (y["eval_loss"], y["train_seconds"]) == (x["eval_loss"], x["train_seconds"])
+      assert (y["eval_loss"], y["train_seconds"]) == (3.0, 60.0)
+  report.check_aligned(runs)
+  t = report.tables(runs, n_boot=200)
+  diffs = {(r["difference"], r["group"]): r for r in t["differences"]}
+  assert diffs[("moe_eom - dense", "low")]["seeds"] == 2
+  assert len(t["runs"]) == 6
+  with pytest.raises(FileNotFoundError):
+    report.read_run(str(work / "missing"), 0, str(archive))
