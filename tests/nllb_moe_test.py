@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 
 from sparse_lm import config as cfglib
 from sparse_lm import convert
+from sparse_lm import decode
 from sparse_lm import state as statelib
 from sparse_lm.errors import ConvertError
 
@@ -39,7 +40,7 @@ def test_import_matches_transformers(tmp_path):
   far off (tests/encoder_decoder_test.py checks the sinusoids' offset)."""
   convert.import_checkpoint(str(FIX), str(tmp_path / "run"), say=lambda *a: None)
   g = load_file(FIX / "golden.safetensors")
-  model, c, _ = statelib.load_model(str(tmp_path / "run"), inference=True)
+  model, c, tok = statelib.load_model(str(tmp_path / "run"), inference=True)
   m = c.model
   assert (m.arch, m.position, m.norm) == ("encoder_decoder", "sinusoidal", "layer")
   assert m.norm_eps == 1e-5
@@ -59,6 +60,25 @@ def test_import_matches_transformers(tmp_path):
   logits, toks = run(state, *args)
   assert np.abs(np.asarray(logits) - g["logits"]).max() < TOL
   assert np.asarray(toks).tolist() == g["generated"].tolist()
+
+  # NLLB's language tokens (lang_golden.json): the import's languages are its
+  # tokenizer's codes; generate's layout ([src_lang] text </s>; the decoder from
+  # </s> with [tgt_lang] forced) is NllbTokenizer's, its greedy tokens transformers'.
+  lg = json.loads((FIX / "lang_golden.json").read_text())
+  run_dir = str(tmp_path / "run")
+  langs = statelib.seq2seq_languages(c, tok, run_dir)
+  assert langs == lg["languages"]
+  sources, prefixes = [], []
+  for case in lg["cases"]:
+    pair = (case["src_lang"], case["tgt_lang"])
+    ex, cut = decode.seq2seq_example(c, tok, case["source"], langs, *pair)
+    src, prefix = decode.seq2seq_prompt(ex)
+    assert not cut and src == case["input_ids"]
+    assert prefix == [start, langs[case["tgt_lang"]]]
+    sources.append(src)
+    prefixes.append(prefix)
+  gen = decode.seq2seq_generate(model, sources, prefixes, max_new_tokens=16)
+  assert gen.tokens == [case["generated"] for case in lg["cases"]]
 
   ffn = model.encoder.blocks[1].ffn
   assert model.encoder.blocks[1].is_moe and not model.encoder.blocks[0].is_moe

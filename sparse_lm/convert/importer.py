@@ -28,6 +28,7 @@ from sparse_lm.convert.safetensors_io import CHUNK_BYTES
 from sparse_lm.convert.safetensors_io import Tensors
 from sparse_lm.convert.safetensors_io import aligned_empty
 from sparse_lm.convert.safetensors_io import read_rows
+from sparse_lm.data import seq2seq
 from sparse_lm.data import tokenizer as toklib
 from sparse_lm.errors import ConfigError
 from sparse_lm.errors import ConvertError
@@ -310,8 +311,8 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh_spec=None, dtype=None, say
     say(f"writing {len(variables)} arrays ({out_dtype.name}) into {staging}")
     written = ckptlib.write_params(staging, 0, leaves(), {"batches": 0}, say=say)
     fp = {"tokenizer": tok_fp, "imported_from": hf_dir}
-    if c.data.get("objective") == "seq2seq":  # NLLB-MoE: no language ids reserved above
-      fp["languages"] = {}  # the checkpoint's vocabulary (state.model_vocab_size)
+    if c.data.get("objective") == "seq2seq":  # NLLB-MoE: its tokenizer's language tokens,
+      fp["languages"] = seq2seq.tokenizer_languages(tok)  # no ids reserved above its vocabulary
     ckptlib.save_config(c, staging, fp)
     if lead:
       with open(os.path.join(staging, "hf", "import.json"), "w") as f:

@@ -55,6 +55,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -166,6 +167,22 @@ def language_ids(tok, languages) -> dict[str, int]:
   langs = sorted(languages)
   own = _own_ids(tok, langs)
   return dict(zip(langs, own or range(tok.vocab_size, tok.vocab_size + len(langs))))
+
+
+# NLLB-200's language codes (FLORES-200: ISO 639-3 and ISO 15924 script, eng_Latn).
+LANGUAGE_CODE = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}")
+
+
+def tokenizer_languages(tok) -> dict[str, int]:
+  """{code: id} of a Hugging Face tokenizer's own NLLB language tokens: its
+  added tokens named like FLORES-200 codes (eng_Latn, ...), as NLLB's
+  released tokenizer.json adds all 202 after its pieces; {} for another
+  tokenizer. An imported NLLB-MoE's languages (convert/importer.py)."""
+  inner = getattr(tok, "_tok", None)
+  if inner is None:
+    return {}
+  added = inner.get_added_tokens_decoder()
+  return {t.content: int(i) for i, t in sorted(added.items()) if LANGUAGE_CODE.fullmatch(t.content)}
 
 
 def sentinel_top(tok) -> tuple[int, int]:
