@@ -927,7 +927,6 @@ def _validate_arch(c):
     ("model.sliding_window", 0),
     ("model.qk_norm", "none"),
     ("model.clip_qkv", 0.0),
-    ("train.microbatches", 1),
   ):
     block, _, name = key.rpartition(".")
     if name in _get(c, block) and _get(c, key) != off:

@@ -212,7 +212,8 @@ def micro_grads(c, model, batch, rng, wrt):
   """(loss, aux, grads) of one step over train.microbatches = n micro-batches
   inside one program (scans), equal to the whole batch's up to float32
   rounding whatever n (tests/microbatch_test.py), for every router whose
-  routing of a token does not depend on the batch (expert choice's does).
+  routing of a token does not depend on the batch (expert choice's does);
+  an encoder-decoder's batch (its T5X features, rows split alike) too.
 
   The cross-entropy is a sum over tokens: each micro-batch adds its own,
   divided by the whole batch's weight. The router losses are functions F of
@@ -227,7 +228,8 @@ def micro_grads(c, model, batch, rng, wrt):
   n, moe = c.train.microbatches, cfglib.model_spec(c).moe
   gd, params, rest = nnx.split(model, wrt, ...)
   mbs = _micro_batches(batch, n)
-  w_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+  w_key = "decoder_loss_weights" if "decoder_target_tokens" in batch else "weights"
+  w_total = jnp.maximum(jnp.sum(batch[w_key]), 1.0)
   idx = jnp.arange(n)
 
   def fwd(p, mb, i):

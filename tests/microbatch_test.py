@@ -7,6 +7,7 @@ router losses, the routing-state (bias) update and the parameters after the
 update are those of n = 1, whatever n, on one device and on 8; under
 balance_scope "micro" the balance loss differs (the knob does something).
 Expert choice routes each micro-batch on its own (tested for what it does).
+The encoder-decoder too (both stacks' MoE layers, packed seq2seq rows).
 A run with microbatches logs the losses of one without: tests/scale_model_test.py.
 """
 
@@ -23,6 +24,7 @@ from sparse_lm import config as cfglib
 from sparse_lm import params as paramslib
 from sparse_lm import sharding
 from sparse_lm import state as statelib
+from sparse_lm.data import seq2seq
 from sparse_lm.errors import ConfigError
 
 V, B, L = 64, 8, 16
@@ -63,15 +65,16 @@ def batch():
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
 
 
-def one_step(c, mesh=None):
+def one_step(c, mesh=None, data=None):
   """(measurements, model parameters and state after the update) of one step."""
+  data = batch() if data is None else data
   V_ = statelib.vocab_size_of(c)
   if mesh is None:
     graphdef, _, _ = statelib.abstract_state(c, V_)
     with nnx.use_eager_sharding(False):
       state = jax.jit(lambda: nnx.state(statelib.create(c, V_)))()
       step = jax.jit(statelib.train_step(c, graphdef), compiler_options=FAST_COMPILE)
-      out_state, meas = step(state, batch(), jnp.int32(0))
+      out_state, meas = step(state, data, jnp.int32(0))
   else:
     with sharding.use(mesh, c):
       graphdef, _, shd = statelib.abstract_state(c, V_, mesh)
@@ -82,7 +85,7 @@ def one_step(c, mesh=None):
         out_shardings=(shd, sharding.named(mesh)),
         compiler_options=FAST_COMPILE,
       )
-      data = jax.device_put(batch(), bshd)
+      data = jax.device_put(data, bshd)
       out_state, meas = step(state, data, jnp.int32(0))
   flat = {
     paramslib.path_str(kp): np.asarray(v)
@@ -213,3 +216,38 @@ def test_expert_choice_routes_each_microbatch_on_its_own():
     parts.append((float(meas["ce"]), float(rows["weights"].sum())))
   expected = sum(ce * w for ce, w in parts) / sum(w for _, w in parts)
   np.testing.assert_allclose(ce2, expected, rtol=1e-5)
+
+
+def encdec_batch():
+  """8 packed rows of random seq2seq examples (1-3 a row, some padding)."""
+  rng = np.random.default_rng(0)
+  exs = []
+  for _ in range(20):
+    n, m = rng.integers(3, 9), rng.integers(2, 8)
+    t = rng.integers(1, V, m).astype(np.int32)
+    exs.append(
+      seq2seq.Example(rng.integers(1, V, n).astype(np.int32), t, np.ones(m, np.float32), 0)
+    )
+  b = seq2seq.pack(exs, range(len(exs)), L, L)
+  assert len(b["encoder_input_tokens"]) >= B
+  return {k: jnp.asarray(v[:B]) for k, v in b.items()}
+
+
+def test_encoder_decoder_microbatches_do_not_change_the_update():
+  """switch_t5's encoder-decoder, a top-2 MoE in layer 1 of both stacks, every router loss."""
+
+  def cfg(n):
+    c = cfglib.load_config("configs/switch_t5.py:tiny")
+    c.data.vocab_size, c.data.batch_size, c.data.seq_len, c.data.tokenizer = V, B, L, "byte"
+    c.data.objective, c.data.dataset = "seq2seq", "seq2seq:unused.jsonl"
+    m = c.model
+    m.d_model, m.num_heads, m.head_dim, m.d_ff = 32, 2, 16, 64
+    m.moe.num_experts, m.moe.top_k, m.moe.router, m.moe.dispatch = 4, 2, "topk", "dropless"
+    m.moe.load_balance_weight, m.moe.z_loss_weight, m.moe.jitter = 0.1, 0.01, 0.0
+    c.train.microbatches, c.train.learning_rate, c.train.warmup_steps = n, 1e-2, 0
+    return cfglib.validate(c)
+
+  data = encdec_batch()
+  ref = one_step(cfg(1), data=data)
+  assert len(ref[0]["moe"]) == 2  # the encoder's MoE layer, then the decoder's
+  assert_same(one_step(cfg(4), data=data), ref)

@@ -68,8 +68,9 @@ Decoding (start_decoding, decode, greedy): the encoder runs once; each
 decoder layer keeps its cross-attention keys and values of the encoder's
 output, computed once, and a self-attention KV cache written a step at a
 time (decode.seq2seq_generate drives them for the generate and evaluate
-CLIs). train.remat applies to each block of both stacks. Not yet:
-model.scan_layers, train.microbatches (config.py refuses them).
+CLIs). train.remat applies to each block of both stacks, and
+train.microbatches splits a step's rows as for the decoder-only model
+(state.micro_grads). Not yet: model.scan_layers (config.py refuses it).
 """
 
 from __future__ import annotations
