@@ -343,7 +343,6 @@ def test_switch_t5_tiny_trains(tfds_dir):
     ({"data.objective": "lm"}, "model.arch"),
     ({"model.arch": "decoder", "data.objective": "lm"}, "model.position"),
     ({"model.position": "rope"}, "model.position"),
-    ({"train.microbatches": 2}, "train.microbatches"),
     ({"model.scan_layers": True}, "model.scan_layers"),
     ({"model.arch": "t5"}, "model.arch"),
     (
