@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("name", ["quickstart", "analysis"])
 def test_notebook_executes(name, tmp_path, monkeypatch, tfds_dir):
   monkeypatch.setenv("NOTEBOOK_STEPS", "8")
+  monkeypatch.setenv("NOTEBOOK_EXPERTS", "1,4")  # dense and one MoE: every plot, two runs
   monkeypatch.setenv("NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   monkeypatch.setenv("NOTEBOOK_SWEEP_DIR", str(tmp_path / "no_sweep_here"))
   # The session's TFDS dir: the corpus and the notebooks' tokenizer are prepared once.
