@@ -132,12 +132,15 @@ def evaluate(
   if n < 1:
     raise ConfigError(f"--batches={n}: must be >= 1")
   seq2seq_pairs = encdec and d.objective == "seq2seq"
-  if seq2seq_pairs and dataset:  # other pairs: their language ids must be the run's
+  if seq2seq_pairs:  # other pairs (or an import's preset dataset): the run's language ids
     got = seq2seq.encode_split(d, tok, d.eval_split)[1]["languages"]
     want = statelib.seq2seq_languages(c, tok, workdir)
-    if got != {g: want.get(g) for g in got}:
+    bad = {g: i for g, i in got.items() if want.get(g) != i}
+    if bad:
+      shown = ", ".join(f"{g}: {i} (run: {want.get(g, 'none')})" for g, i in list(bad.items())[:6])
       raise ConfigError(
-        f"--dataset={dataset}: its languages take other token ids ({got}) than the run's {want}"
+        f"--dataset={d.dataset}: {len(bad)} of its languages take other token ids than the "
+        f"run's ({shown})" + ("" if dataset else "; give --dataset with the run's languages")
       )
   eval_data = datalib.eval_batches(d, n, tokenizer=tok)
   graphdef, state = nnx.split(model)

@@ -121,20 +121,27 @@ def mesh_sizes(c, num_devices: int) -> dict[str, int]:
   # Expert parallelism (sparse_lm/models/moe/parallel.py).
   tok_axes = batch_axes + tuple(a for a in expert_axes if a not in batch_axes)
   n = c.train.get("microbatches", 1) if "train" in c else 1
-  tokens = c.data.batch_size // n * c.data.seq_len  # what one forward routes
-  if n > 1 and tokens % size_of(tok_axes):
-    why = (
-      f"makes micro-batches of {tokens} tokens, not divisible by the token mesh axes "
-      f"{tok_axes} (size {size_of(tok_axes)}) for expert parallelism"
-    )
-    _fail("train.microbatches", n, why)
-  if tokens % size_of(tok_axes):
-    _fail(
-      "data.batch_size",
-      c.data.batch_size,
-      f"times data.seq_len={c.data.seq_len} ({tokens} tokens) must be divisible by "
-      f"the token mesh axes {tok_axes} (size {size_of(tok_axes)}) for expert parallelism",
-    )
+  # What one forward routes: an encoder-decoder's encoder and decoder rows separately.
+  lengths = {"data.seq_len": c.data.seq_len}
+  if c.model.get("arch") == "encoder_decoder":
+    from sparse_lm.data import seq2seq  # pylint: disable=g-import-not-at-top
+
+    lengths["the decoder length"] = seq2seq.lengths(c.data)[1]
+  for what, length in lengths.items():
+    tokens = c.data.batch_size // n * length
+    if n > 1 and tokens % size_of(tok_axes):
+      why = (
+        f"makes micro-batches of {tokens} tokens ({what}={length}), not divisible by the "
+        f"token mesh axes {tok_axes} (size {size_of(tok_axes)}) for expert parallelism"
+      )
+      _fail("train.microbatches", n, why)
+    if tokens % size_of(tok_axes):
+      _fail(
+        "data.batch_size",
+        c.data.batch_size,
+        f"times {what}={length} ({tokens} tokens) must be divisible by "
+        f"the token mesh axes {tok_axes} (size {size_of(tok_axes)}) for expert parallelism",
+      )
   G = moe.num_groups
   if cfglib.model_spec(c).moe.router_facts.group_placement and n_ep % G and G % n_ep:
     _fail(

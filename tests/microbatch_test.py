@@ -7,7 +7,9 @@ router losses, the routing-state (bias) update and the parameters after the
 update are those of n = 1, whatever n, on one device and on 8; under
 balance_scope "micro" the balance loss differs (the knob does something).
 Expert choice routes each micro-batch on its own (tested for what it does).
-The encoder-decoder too (both stacks' MoE layers, packed seq2seq rows).
+The encoder-decoder too (both stacks' MoE layers, packed seq2seq rows; one
+device, no expert output masking or dropout: those draw their masks per
+micro-batch, so only their distribution is the same).
 A run with microbatches logs the losses of one without: tests/scale_model_test.py.
 """
 
@@ -233,21 +235,34 @@ def encdec_batch():
   return {k: jnp.asarray(v[:B]) for k, v in b.items()}
 
 
-def test_encoder_decoder_microbatches_do_not_change_the_update():
+def encdec_config(n, mesh=None, **data):
   """switch_t5's encoder-decoder, a top-2 MoE in layer 1 of both stacks, every router loss."""
+  c = cfglib.load_config("configs/switch_t5.py:tiny")
+  c.data.vocab_size, c.data.batch_size, c.data.seq_len, c.data.tokenizer = V, B, L, "byte"
+  c.data.objective, c.data.dataset = "seq2seq", "seq2seq:unused.jsonl"
+  for k, v in data.items():
+    c.data[k] = v
+  m = c.model
+  m.d_model, m.num_heads, m.head_dim, m.d_ff = 32, 2, 16, 64
+  m.moe.num_experts, m.moe.top_k, m.moe.router, m.moe.dispatch = 4, 2, "topk", "dropless"
+  m.moe.load_balance_weight, m.moe.z_loss_weight, m.moe.jitter = 0.1, 0.01, 0.0
+  c.train.microbatches, c.train.learning_rate, c.train.warmup_steps = n, 1e-2, 0
+  if mesh:
+    c.mesh = mesh
+  return cfglib.validate(c)
 
-  def cfg(n):
-    c = cfglib.load_config("configs/switch_t5.py:tiny")
-    c.data.vocab_size, c.data.batch_size, c.data.seq_len, c.data.tokenizer = V, B, L, "byte"
-    c.data.objective, c.data.dataset = "seq2seq", "seq2seq:unused.jsonl"
-    m = c.model
-    m.d_model, m.num_heads, m.head_dim, m.d_ff = 32, 2, 16, 64
-    m.moe.num_experts, m.moe.top_k, m.moe.router, m.moe.dispatch = 4, 2, "topk", "dropless"
-    m.moe.load_balance_weight, m.moe.z_loss_weight, m.moe.jitter = 0.1, 0.01, 0.0
-    c.train.microbatches, c.train.learning_rate, c.train.warmup_steps = n, 1e-2, 0
-    return cfglib.validate(c)
 
+def test_encoder_decoder_microbatches_do_not_change_the_update():
   data = encdec_batch()
-  ref = one_step(cfg(1), data=data)
+  ref = one_step(encdec_config(1), data=data)
   assert len(ref[0]["moe"]) == 2  # the encoder's MoE layer, then the decoder's
-  assert_same(one_step(cfg(4), data=data), ref)
+  assert_same(one_step(encdec_config(4), data=data), ref)
+
+
+def test_encoder_decoder_microbatches_too_small_for_the_decoder_are_refused():
+  # The encoder's micro-batches route 16 tokens (1 row x 16), the decoder's 6:
+  # not divisible by the 4 token shards; the whole batch's 48 are.
+  mesh = (("data", 1), ("fsdp", 1), ("expert", 4), ("tensor", 2))
+  sharding.mesh_sizes(encdec_config(1, mesh, targets_len=6), 8)
+  with pytest.raises(ConfigError, match=r"microbatches=8 is invalid: .*6 tokens \(the decoder"):
+    sharding.mesh_sizes(encdec_config(8, mesh, targets_len=6), 8)

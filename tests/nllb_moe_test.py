@@ -22,7 +22,9 @@ from safetensors.numpy import load_file
 from sparse_lm import config as cfglib
 from sparse_lm import convert
 from sparse_lm import decode
+from sparse_lm import evaluate
 from sparse_lm import state as statelib
+from sparse_lm.errors import ConfigError
 from sparse_lm.errors import ConvertError
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "hf" / "nllb_moe"
@@ -79,6 +81,12 @@ def test_import_matches_transformers(tmp_path):
     prefixes.append(prefix)
   gen = decode.seq2seq_generate(model, sources, prefixes, max_new_tokens=16)
   assert gen.tokens == [case["generated"] for case in lg["cases"]]
+  # Pairs named by Django's locales (seq2seq:translation's) are not this model's languages.
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text(json.dumps(dict(source="a", target="b", src_lang="en", tgt_lang="de")) + "\n")
+  with pytest.raises(ConfigError) as e:
+    evaluate.evaluate(run_dir, dataset=f"seq2seq:{pairs}", split="train", mesh="one")
+  assert "2 of its languages take other token ids than the run's (de: " in str(e.value)
 
   ffn = model.encoder.blocks[1].ffn
   assert model.encoder.blocks[1].is_moe and not model.encoder.blocks[0].is_moe
