@@ -140,8 +140,10 @@ def _last_line(path: str) -> str:
   return lines[-1][:300] if lines else ""
 
 
-def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list[str]:
-  """Runs every unfinished point (`parallel` at a time); returns the failed points' names."""
+def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print, done=None) -> list[str]:
+  """Runs every unfinished point (`parallel` at a time); returns the failed points' names.
+  A point is finished when its folder holds DONE, or where `done(folder)` says so (a
+  study that keeps its finished runs' results elsewhere)."""
   grid = points(sweep_file)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} is not a directory")
@@ -149,7 +151,8 @@ def run_all(sweep_file: str, workdir: str, parallel: int = 1, log=print) -> list
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise UserError(f"--workdir {workdir} cannot be created: {e.strerror or e}") from None
-  todo = [p for p in grid if not os.path.exists(os.path.join(workdir, point_name(p), "DONE"))]
+  finished = lambda d: os.path.exists(os.path.join(d, "DONE")) or (done is not None and done(d))
+  todo = [p for p in grid if not finished(os.path.join(workdir, point_name(p)))]
   log(
     f"sweep {sweep_file}: {len(grid)} points, {len(grid) - len(todo)} done, "
     f"{len(todo)} to run ({parallel} at a time) in {workdir}"

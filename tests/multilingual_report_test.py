@@ -14,12 +14,13 @@ sys.path.insert(0, ROOT)
 
 from experiments.multilingual_moe import report  # noqa: E402
 from sparse_lm import sweep as sweeplib  # noqa: E402
+from sparse_lm.errors import ConfigError  # noqa: E402
 
 MESSAGES = ("Save", "Delete the file", "Add another", "Change password")
 LANGS = ("cs", "uz")  # one high-resource, one low-resource language (the sweep file's groups)
 
 
-def fake_run(d, good: float, seed: int):
+def fake_run(d, good: float, seed: int, config: dict):
   """A translated run: each hypothesis is the reference with probability `good`, else a
   word of its own, plus the metrics.jsonl / wall_time.json the report reads."""
   rng = np.random.default_rng(seed)
@@ -38,30 +39,43 @@ def fake_run(d, good: float, seed: int):
     f.writelines(json.dumps(r) + "\n" for r in rows)
   with open(os.path.join(d, "wall_time.json"), "w") as f:
     json.dump({"seconds": 60.0}, f)
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump(config, f)
 
 
 def test_parts_add_up_through_the_archive(tmp_path, monkeypatch):
   """seed0's runs translated in one session and archived, seed1's in the next (seed0's folders
   gone by then): the report reads both seeds, the same numbers as from the folders."""
   monkeypatch.chdir(ROOT)
-  sweep = report.SWEEP
-  assert [sweeplib.point_name(p) for p in sweeplib.points(f"{sweep}:seed1")] == [
-    sweeplib.point_name(p) for p in sweeplib.points(sweep) if p["train.seed"] == 1
-  ]
+  sweep, mod = report.SWEEP, report.sweep_module()
+  for s in mod.SEEDS:  # a part's runs are the main grid's: the same folders and configs
+    assert mod.get_config(f"seed{s}").to_json() == mod.get_config("main").to_json()
+    assert [sweeplib.point_name(p) for p in sweeplib.points(f"{sweep}:seed{s}")] == [
+      sweeplib.point_name(p) for p in sweeplib.points(sweep) if p["train.seed"] == s
+    ]
+  config_of = lambda p: json.loads(sweeplib.apply_overrides(mod.get_config(), p).to_json())
   work, archive = tmp_path / "runs", tmp_path / "archive"
   good = {"dense": 0.5, "moe_eom": 0.8, "moe": 0.3}
   by_arm = report.runs_by_arm(sweep, str(work))
   for seed in (0, 1):
     part = report.runs_by_arm(f"{sweep}:seed{seed}", str(work))
-    for arm, rs in part.items():
+    points = sweeplib.points(f"{sweep}:seed{seed}")
+    for (arm, rs), p in zip(part.items(), points, strict=True):
       ((s, d),) = rs
-      fake_run(d, good[arm], 10 * seed + len(arm))
-      report.archive_run(d, str(archive))
+      fake_run(d, good[arm], 10 * seed + len(arm), config_of(p))
+      path = report.archive_run(d, str(archive))
+      again = open(path, "rb").read()
+      assert open(report.archive_run(d, str(archive)), "rb").read() == again  # reproducible
   from_folders = {
     a: [report.read_run(d, s, str(archive)) for s, d in rs if report.has_run(d, str(archive))]
     for a, rs in by_arm.items()
   }
   shutil.rmtree(work)  # runs/ does not outlive a session
+  # --run's rule for a later session: an archived run whose folder is gone is not rerun.
+  logs = []
+  archived = lambda d: report.archived_earlier(d, str(archive))
+  assert sweeplib.run_all(f"{sweep}:seed1", str(work), done=archived, log=logs.append) == []
+  assert "3 points, 3 done, 0 to run" in logs[0], logs
   runs = {
     a: [report.read_run(d, s, str(archive)) for s, d in rs if report.has_run(d, str(archive))]
     for a, rs in by_arm.items()
@@ -70,9 +84,16 @@ def test_parts_add_up_through_the_archive(tmp_path, monkeypatch):
   for a in good:
     for x, y in zip(from_folders[a], runs[a], strict=True):
       np.testing.assert_array_equal(x["chrf"], y["chrf"])
-      assert (y["eval_loss"], y["train_seconds"]) == (x["eval_loss"], x["train_seconds"])
-      assert (y["eval_loss"], y["train_seconds"]) == (3.0, 60.0)
+      keys = ("eval_loss", "train_seconds", "test_loss", "translate_seconds", "pairs", "config")
+      assert [y[k] for k in keys] == [x[k] for k in keys]
+      assert (y["eval_loss"], y["train_seconds"], y["test_loss"]) == (3.0, 60.0, 2.0)
+  report.check_same_recipe(runs)
   report.check_aligned(runs)
+  # A part run after the sweep file changed (another NUM_STEPS) is not combined.
+  runs["moe"][1]["config"]["train"]["num_steps"] += 1
+  with pytest.raises(ConfigError, match=r"differs from .* in 1 key\(s\), train.num_steps="):
+    report.check_same_recipe(runs)
+  runs["moe"][1]["config"]["train"]["num_steps"] -= 1
   t = report.tables(runs, n_boot=200)
   diffs = {(r["difference"], r["group"]): r for r in t["differences"]}
   assert diffs[("moe_eom - dense", "low")]["seeds"] == 2

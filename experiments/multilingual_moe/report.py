@@ -169,6 +169,7 @@ def archive_run(d: str, archive: str = ARCHIVE) -> str:
   wall = os.path.join(d, "wall_time.json")
   rec = {
     "run": os.path.basename(os.path.normpath(d)),
+    "config": json.load(open(os.path.join(d, "config.json"))),
     "translations": json.load(open(os.path.join(d, TRANSLATIONS))),
     "evals": [x for x in rows if "eval_loss" in x],
     "tokens_per_s": [x["tokens_per_s"] for x in rows if "tokens_per_s" in x],
@@ -176,10 +177,17 @@ def archive_run(d: str, archive: str = ARCHIVE) -> str:
   }
   os.makedirs(archive, exist_ok=True)
   path = archive_path(d, archive)
-  with gzip.open(path + ".tmp", "wt") as f:
-    json.dump(rec, f)
+  # mtime 0 and no file name in the header: the same record gives the same bytes.
+  with open(path + ".tmp", "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as f:
+    f.write(json.dumps(rec).encode())
   os.replace(path + ".tmp", path)
   return path
+
+
+def archived_earlier(d: str, archive: str = ARCHIVE) -> bool:
+  """Archived in an earlier session: its folder is gone and its archive is here (--run
+  does not rerun it)."""
+  return not os.path.exists(d) and os.path.exists(archive_path(d, archive))
 
 
 def has_run(d: str, archive: str = ARCHIVE) -> bool:
@@ -194,14 +202,16 @@ def read_run(d: str, seed: int = 0, archive: str = ARCHIVE) -> dict:
     evals = [x for x in metricslib.read_jsonl(os.path.join(d, "metrics.jsonl")) if "eval_loss" in x]
     wall = os.path.join(d, "wall_time.json")
     wall = json.load(open(wall)) if os.path.exists(wall) else None
+    config = json.load(open(os.path.join(d, "config.json")))
   else:
     with gzip.open(archive_path(d, archive), "rt") as f:
       rec = json.load(f)
-    r, evals, wall = rec["translations"], rec["evals"], rec["wall_time"]
+    r, evals, wall, config = rec["translations"], rec["evals"], rec["wall_time"], rec["config"]
   ts = r["translation"]["translations"]
   return {
     "dir": d,
     "seed": seed,
+    "config": config,
     "translations": ts,
     "chrf": sentence_chrf(ts),
     "pairs": r["translation"]["pairs"],
@@ -210,6 +220,35 @@ def read_run(d: str, seed: int = 0, archive: str = ARCHIVE) -> dict:
     "train_seconds": wall["seconds"] if wall else None,
     "translate_seconds": r.get("seconds"),
   }
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def check_same_recipe(runs: dict[str, list[dict]]):
+  """Every run's config is the others' but for its arm's overrides and its seed: runs
+  archived in different sessions come from one recipe (the sweep file's then)."""
+  arms = sweep_module().ARMS
+  own = {k for o in arms.values() for k in o} | {sweeplib.SEED_KEY}
+  recipe = lambda r: {k: v for k, v in _flat(r["config"]).items() if k not in own}
+  first = None
+  for rs in runs.values():
+    for r in rs:
+      if first is None:
+        first = r
+        continue
+      a, b = recipe(first), recipe(r)
+      diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+      if diff:
+        k = diff[0]
+        raise ConfigError(
+          f"{r['dir']}: its config differs from {first['dir']}'s in {len(diff)} key(s), "
+          f"{k}={b.get(k)!r} against {a.get(k)!r}: not one recipe (rerun one of them)"
+        )
 
 
 def check_aligned(runs: dict[str, list[dict]]):
@@ -512,20 +551,27 @@ def main():
   ap.add_argument(
     "--archive",
     default=None,
-    help="where each translated run's results are kept (default: this folder's archive/; "
-    "--smoke: <workdir>/archive)",
+    help="where each translated run's results are kept (default: this folder's archive/ for "
+    "the default --workdir, else <workdir>/archive)",
   )
   a = ap.parse_args()
+  if a.part != "all" and (a.smoke or not a.run):
+    ap.error(f"--part={a.part} runs one seed of the main grid: with --run, without --smoke")
   grid = SWEEP + (":smoke" if a.smoke else "")
-  workdir = a.workdir or ("runs/multilingual_moe_smoke" if a.smoke else "runs/multilingual_moe")
-  archive = a.archive or (os.path.join(workdir, "archive") if a.smoke else ARCHIVE)
+  default = "runs/multilingual_moe_smoke" if a.smoke else "runs/multilingual_moe"
+  workdir = a.workdir or default
+  # The committed archive is the default grid's only: a trial elsewhere keeps its own.
+  archive = a.archive or (ARCHIVE if workdir == "runs/multilingual_moe" else f"{workdir}/archive")
   out = a.out or HERE
   try:
     by_arm = runs_by_arm(grid, workdir)
     if a.run:
       part = grid if a.smoke or a.part == "all" else f"{SWEEP}:{a.part}"
       dirs = [d for rs in runs_by_arm(part, workdir).values() for _, d in rs]
-      failed = sweeplib.run_all(part, workdir, a.parallel)
+      archived = lambda d: archived_earlier(d, archive)
+      for d in filter(archived, dirs):
+        print(f"{d}: archived in an earlier session ({archive_path(d, archive)}), not rerun")
+      failed = sweeplib.run_all(part, workdir, a.parallel, done=archived)
       failed += translate_all(dirs, a.parallel)
       for d in dirs:
         if os.path.exists(os.path.join(d, TRANSLATIONS)):
@@ -539,6 +585,7 @@ def main():
     runs = {arm: rs for arm, rs in runs.items() if rs}
     if not runs:
       sys.exit(f"report.py: no translated runs in {workdir} or {archive}; run with --run")
+    check_same_recipe(runs)
     check_aligned(runs)
     t = tables(runs, a.n_boot)
     lines = results_md(t, grid)
