@@ -152,9 +152,9 @@ def seq2seq_sources(c, tok, workdir: str, prompts: list[str]):
     for flag, v in (("src_lang", src), ("tgt_lang", tgt)):
       if v not in langs:
         what = ": give one of" if v is None else f"={v} is not one of"
-        raise UserError(
-          f"--{flag}{what} the languages of {workdir}'s run ({', '.join(sorted(langs))})"
-        )
+        names = sorted(langs)
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        raise UserError(f"--{flag}{what} the languages of {workdir}'s run ({shown})")
   elif src is not None or tgt is not None:
     raise UserError(
       f"--src_lang / --tgt_lang: {workdir}'s run has no languages (data.dataset="
