@@ -352,7 +352,8 @@ def results_md(core: str, rows: list[dict], ref: dict, lr_rows: list[dict], dec:
     )
   L += titled(
     f"Dense learning-rate calibration (`{grids_lr(core.partition('@')[0])}`, dense seed 0, "
-    f"the grid's horizon); the grid runs at the lowest, {ref['learning_rate']:g}:",
+    "the grid's horizon); the grid runs at the rate of the lowest end loss, "
+    f"{ref['learning_rate']:g}:",
     table(
       ["learning rate", "end loss"],
       [[f"{r['learning_rate']:g}", f"{r['end_loss']:.4f}"] for r in lr_rows],
