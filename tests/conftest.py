@@ -6,7 +6,8 @@ in helpers.py: `from helpers import ...`).
   fast compile   XLA:CPU's cheap compilation for every program (FAST_XLA_FLAGS)
   compile cache  every training process the tests start shares one JAX
                  persistent compilation cache: a run whose programs an earlier
-                 run compiled skips XLA compilation (the children's ENV)
+                 run compiled skips XLA compilation (the children's ENV; the
+                 test processes themselves only with SPARSE_LM_TEST_INPROC_CACHE=1)
 """
 
 import os
@@ -54,10 +55,14 @@ def compile_cache(tmp_path_factory):
   cache.mkdir(exist_ok=True)
   helpers.ENV["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   helpers.ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  if os.environ.get("SPARSE_LM_TEST_INPROC_CACHE", "1") == "1":
-    # The test processes too (8 devices: their own entries): the tests build
-    # the same tiny programs many times over, each a fresh jit (microbatch_test
-    # alone: 194 -> 142 s of CPU). SPARSE_LM_TEST_INPROC_CACHE=0 turns it off.
+  if os.environ.get("SPARSE_LM_TEST_INPROC_CACHE", "0") == "1":
+    # The test processes too (8 devices: their own entries), on request only:
+    # it saves CPU (the tests build the same tiny programs many times over;
+    # microbatch_test alone: 194 -> 142 s), but writing an entry
+    # (executable.serialize() in jax 0.10.2's put_executable_and_time) once
+    # segfaulted a pytest-xdist worker in CI (stop 37), and a crashed worker
+    # under --dist loadfile hung the run until CI's limit. A child process
+    # that crashes fails its own test only, so the children keep the cache.
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   return str(cache)
