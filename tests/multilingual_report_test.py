@@ -34,7 +34,11 @@ def fake_run(d, good: float, seed: int, config: dict):
   os.makedirs(d)
   with open(os.path.join(d, report.TRANSLATIONS), "w") as f:
     json.dump({"loss": 2.0, "translation": {"translations": ts, "pairs": {}}, "seconds": 5}, f)
-  rows = [{"step": 10, "train_loss": 2.5, "tokens_per_s": 1000.0}, {"step": 10, "eval_loss": 3.0}]
+  rows = [  # metrics.jsonl's layout: an eval step's row holds its training metrics too
+    {"step": 5, "train_loss": 2.7, "tokens_per_s": 900.0, "eval_loss": 2.9},
+    {"step": 8, "train_loss": 2.6, "tokens_per_s": 950.0},
+    {"step": 10, "train_loss": 2.5, "tokens_per_s": 1100.0, "eval_loss": 3.0},
+  ]
   with open(os.path.join(d, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   with open(os.path.join(d, "wall_time.json"), "w") as f:
@@ -53,6 +57,12 @@ def test_parts_add_up_through_the_archive(tmp_path, monkeypatch):
     assert [sweeplib.point_name(p) for p in sweeplib.points(f"{sweep}:seed{s}")] == [
       sweeplib.point_name(p) for p in sweeplib.points(sweep) if p["train.seed"] == s
     ]
+  # :short is the main grid, the same points, at SHORT_STEPS steps and nothing else changed.
+  assert sweeplib.points(f"{sweep}:short") == sweeplib.points(sweep)
+  short, main = mod.get_config("short"), mod.get_config("main")
+  assert short.train.num_steps == mod.SHORT_STEPS < main.train.num_steps
+  short.train.num_steps = main.train.num_steps
+  assert short.to_json() == main.to_json()
   config_of = lambda p: json.loads(sweeplib.apply_overrides(mod.get_config(), p).to_json())
   work, archive = tmp_path / "runs", tmp_path / "archive"
   good = {"dense": 0.5, "moe_eom": 0.8, "moe": 0.3}
@@ -85,8 +95,11 @@ def test_parts_add_up_through_the_archive(tmp_path, monkeypatch):
     for x, y in zip(from_folders[a], runs[a], strict=True):
       np.testing.assert_array_equal(x["chrf"], y["chrf"])
       keys = ("eval_loss", "train_seconds", "test_loss", "translate_seconds", "pairs", "config")
+      keys += ("train_loss", "best_eval_loss", "best_eval_step", "tokens_per_s")
       assert [y[k] for k in keys] == [x[k] for k in keys]
       assert (y["eval_loss"], y["train_seconds"], y["test_loss"]) == (3.0, 60.0, 2.0)
+      assert (y["train_loss"], y["best_eval_loss"], y["best_eval_step"]) == (2.5, 2.9, 5)
+      assert y["tokens_per_s"] == 950.0  # the median of the logged steps
   report.check_same_recipe(runs)
   report.check_aligned(runs)
   # A part run after the sweep file changed (another NUM_STEPS) is not combined.

@@ -2,6 +2,7 @@ r"""NLLB's dense-vs-MoE and EOM ablation (NLLB Team 2022) at CPU scale, in one c
 
   python experiments/multilingual_moe/report.py --run      # train, translate, report
   python experiments/multilingual_moe/report.py --run --part seed0   # one seed's 3 runs
+  python experiments/multilingual_moe/report.py --run --short    # the same at 800 steps
   python experiments/multilingual_moe/report.py --run --smoke --out=/tmp/mm_smoke
 
 --run runs the grid of configs/sweeps/multilingual_moe.py (dense, MoE with
@@ -15,7 +16,10 @@ runs only seed N's three runs (one working session each: the grid does not fit
 one, README.md "Calibration"); every translated run's results are gzipped into
 archive/ (committed), and the report reads a run from there when its folder
 (runs/, which does not outlive a session) is gone, so the parts add up across
-sessions. --smoke
+sessions. --short runs
+the grid's :short variant (the same 9 runs at 800 steps, where the main runs'
+validation loss is lowest) in runs/multilingual_moe_short, archived into
+archive_short/, reported into short/. --smoke
 uses the grid's :smoke variant (1 seed, 12 steps) in runs/multilingual_moe_smoke.
 
 Writes into --out (default: this folder) results.md, results.csv, results.json
@@ -199,7 +203,9 @@ def read_run(d: str, seed: int = 0, archive: str = ARCHIVE) -> dict:
   when it has been translated there, else from its archive (archive_run)."""
   if os.path.exists(os.path.join(d, TRANSLATIONS)):
     r = json.load(open(os.path.join(d, TRANSLATIONS)))
-    evals = [x for x in metricslib.read_jsonl(os.path.join(d, "metrics.jsonl")) if "eval_loss" in x]
+    rows = metricslib.read_jsonl(os.path.join(d, "metrics.jsonl"))
+    evals = [x for x in rows if "eval_loss" in x]
+    speeds = [x["tokens_per_s"] for x in rows if "tokens_per_s" in x]
     wall = os.path.join(d, "wall_time.json")
     wall = json.load(open(wall)) if os.path.exists(wall) else None
     config = json.load(open(os.path.join(d, "config.json")))
@@ -207,7 +213,9 @@ def read_run(d: str, seed: int = 0, archive: str = ARCHIVE) -> dict:
     with gzip.open(archive_path(d, archive), "rt") as f:
       rec = json.load(f)
     r, evals, wall, config = rec["translations"], rec["evals"], rec["wall_time"], rec["config"]
+    speeds = rec["tokens_per_s"]
   ts = r["translation"]["translations"]
+  best = min(evals, key=lambda x: x["eval_loss"]) if evals else None
   return {
     "dir": d,
     "seed": seed,
@@ -217,6 +225,13 @@ def read_run(d: str, seed: int = 0, archive: str = ARCHIVE) -> dict:
     "pairs": r["translation"]["pairs"],
     "test_loss": r["loss"],
     "eval_loss": evals[-1]["eval_loss"] if evals else None,
+    # The training loss logged at the last eval step (the final step), the lowest
+    # validation loss and its step (how far the run overfits), and the median
+    # training speed (tokens/s of the logged steps; two runs train side by side).
+    "train_loss": evals[-1].get("train_loss") if evals else None,
+    "best_eval_loss": best["eval_loss"] if best else None,
+    "best_eval_step": best["step"] if best else None,
+    "tokens_per_s": float(np.median(speeds)) if speeds else None,
     "train_seconds": wall["seconds"] if wall else None,
     "translate_seconds": r.get("seconds"),
   }
@@ -357,9 +372,13 @@ def tables(runs: dict[str, list[dict]], n_boot: int = 10_000) -> dict:
     {
       "arm": arm,
       "run": os.path.basename(r["dir"]),
+      "train_loss": r["train_loss"],
       "eval_loss": r["eval_loss"],
+      "best_eval_loss": r["best_eval_loss"],
+      "best_eval_step": r["best_eval_step"],
       "test_loss": r["test_loss"],
       "corpus_chrf": corpus_chrf(r, np.arange(len(ts))),
+      "tokens_per_s": r["tokens_per_s"],
       "train_seconds": r["train_seconds"],
       "translate_seconds": r["translate_seconds"],
     }
@@ -453,14 +472,28 @@ def results_md(t: dict, grid: str) -> list[str]:
   )
   lines += ["", "## Runs", ""]
   lines += md_table(
-    ["arm", "run", "eval loss (validation)", "test loss", "corpus chrF", "train s", "translate s"],
+    [
+      "arm",
+      "run",
+      "train loss (last)",
+      "eval loss (validation, last)",
+      "lowest eval loss (step)",
+      "test loss",
+      "corpus chrF",
+      "tokens/s (median)",
+      "train s",
+      "translate s",
+    ],
     [
       [
         ARM_LABELS[r["arm"]],
         r["run"],
+        fmt(r["train_loss"], ".4f"),
         fmt(r["eval_loss"], ".4f"),
+        f"{fmt(r['best_eval_loss'], '.4f')} ({r['best_eval_step']})",
         fmt(r["test_loss"], ".4f"),
         fmt(r["corpus_chrf"]),
+        fmt(r["tokens_per_s"], ".0f"),
         fmt(r["train_seconds"], ".0f"),
         fmt(r["translate_seconds"], ".0f"),
       ]
@@ -536,6 +569,9 @@ def main():
   ap.add_argument("--run", action="store_true", help="run (or resume) the grid, then translate")
   ap.add_argument("--smoke", action="store_true", help="the :smoke grid (seconds of training)")
   ap.add_argument(
+    "--short", action="store_true", help="the :short grid (800 steps; report into short/)"
+  )
+  ap.add_argument(
     "--workdir", default=None, help="sweep folder (default runs/multilingual_moe[_smoke])"
   )
   ap.add_argument("--parallel", type=int, default=2, help="runs at a time (--run)")
@@ -555,18 +591,22 @@ def main():
     "the default --workdir, else <workdir>/archive)",
   )
   a = ap.parse_args()
-  if a.part != "all" and (a.smoke or not a.run):
-    ap.error(f"--part={a.part} runs one seed of the main grid: with --run, without --smoke")
-  grid = SWEEP + (":smoke" if a.smoke else "")
-  default = "runs/multilingual_moe_smoke" if a.smoke else "runs/multilingual_moe"
+  if a.part != "all" and (a.smoke or a.short or not a.run):
+    ap.error(f"--part={a.part} runs one seed of the main grid: with --run, not --smoke/--short")
+  if a.smoke and a.short:
+    ap.error("--smoke and --short are two different grids: one of them")
+  variant = ":smoke" if a.smoke else ":short" if a.short else ""
+  grid = SWEEP + variant
+  default = "runs/multilingual_moe" + variant.replace(":", "_")
   workdir = a.workdir or default
-  # The committed archive is the default grid's only: a trial elsewhere keeps its own.
-  archive = a.archive or (ARCHIVE if workdir == "runs/multilingual_moe" else f"{workdir}/archive")
-  out = a.out or HERE
+  # The committed archives are the default grids' only: a trial elsewhere keeps its own.
+  committed = {"runs/multilingual_moe": ARCHIVE, "runs/multilingual_moe_short": ARCHIVE + "_short"}
+  archive = a.archive or committed.get(workdir, f"{workdir}/archive")
+  out = a.out or (os.path.join(HERE, "short") if a.short else HERE)
   try:
     by_arm = runs_by_arm(grid, workdir)
     if a.run:
-      part = grid if a.smoke or a.part == "all" else f"{SWEEP}:{a.part}"
+      part = grid if a.part == "all" else f"{SWEEP}:{a.part}"
       dirs = [d for rs in runs_by_arm(part, workdir).values() for _, d in rs]
       archived = lambda d: archived_earlier(d, archive)
       for d in filter(archived, dirs):
