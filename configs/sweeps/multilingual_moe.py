@@ -16,8 +16,9 @@ Arg (after ':'):
           the dense baseline's, shared by the MoE arms (as in
           configs/sweeps/switch_vs_dense.py).
   short   the main grid (3 arms x 3 seeds) at SHORT_STEPS steps: the horizon of
-          the main runs' lowest validation loss (step 600 in every main run,
-          which then overfits: README.md, "Results") plus the cooldown, so that
+          the main runs' lowest validation loss (step 600 in seeds 0 and 1's six
+          runs, when this was chosen; seed 2's came at 600-800; every run then
+          overfits: README.md, "Results") plus the cooldown, so that
           the arms are compared where they translate best, not after ~9 epochs.
           The horizon was chosen on the validation split; chrF is the test's.
   seed0, seed1, seed2

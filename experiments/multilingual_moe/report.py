@@ -16,11 +16,11 @@ runs only seed N's three runs (one working session each: the grid does not fit
 one, README.md "Calibration"); every translated run's results are gzipped into
 archive/ (committed), and the report reads a run from there when its folder
 (runs/, which does not outlive a session) is gone, so the parts add up across
-sessions. --short runs
-the grid's :short variant (the same 9 runs at 800 steps, where the main runs'
-validation loss is lowest) in runs/multilingual_moe_short, archived into
-archive_short/, reported into short/. --smoke
-uses the grid's :smoke variant (1 seed, 12 steps) in runs/multilingual_moe_smoke.
+sessions. --short runs the grid's :short variant (the same 9 runs at 800 steps:
+the main runs' lowest validation loss came at step 600, or 800, plus the
+cooldown) in runs/multilingual_moe_short, archived into archive_short/,
+reported into short/. --smoke uses the grid's :smoke variant (1 seed, 12
+steps) in runs/multilingual_moe_smoke.
 
 Writes into --out (default: this folder) results.md, results.csv, results.json
 and chrf.png: per arm the chrF of the test split's translations per language
@@ -572,10 +572,12 @@ def main():
     "--short", action="store_true", help="the :short grid (800 steps; report into short/)"
   )
   ap.add_argument(
-    "--workdir", default=None, help="sweep folder (default runs/multilingual_moe[_smoke])"
+    "--workdir", default=None, help="sweep folder (default runs/multilingual_moe[_smoke|_short])"
   )
   ap.add_argument("--parallel", type=int, default=2, help="runs at a time (--run)")
-  ap.add_argument("--out", default=None, help="where the report goes (default: this folder)")
+  ap.add_argument(
+    "--out", default=None, help="where the report goes (default: this folder; short/ with --short)"
+  )
   ap.add_argument("--n_boot", type=int, default=10_000, help="bootstrap replicates")
   seeds = [f"seed{s}" for s in sweep_module().SEEDS]
   ap.add_argument(
@@ -588,7 +590,7 @@ def main():
     "--archive",
     default=None,
     help="where each translated run's results are kept (default: this folder's archive/ for "
-    "the default --workdir, else <workdir>/archive)",
+    "the default --workdir, archive_short/ for --short's, else <workdir>/archive)",
   )
   a = ap.parse_args()
   if a.part != "all" and (a.smoke or a.short or not a.run):
