@@ -45,7 +45,8 @@ def test_paired_difference_and_step_ratios(tmp_path, monkeypatch):
   for p in sweeplib.points(core):
     s, e = p["train.seed"], p["model.moe.num_experts"]
     dense = [5, 4, 3, 2, 1.5, 1.0 + 0.1 * s]
-    curve = [5, 3.5, 2.5, 1.8, 1.2, 0.8 + 0.11 * s] if e == 32 else dense
+    e8 = [5, 4, 3, 2, 1.5, 0.95 + 0.1 * s]  # dense's curve, 0.05 below it at the end
+    curve = [5, 3.5, 2.5, 1.8, 1.2, 0.8 + 0.11 * s] if e == 32 else e8 if e == 8 else dense
     fake_run(tmp_path / core.partition(":")[2] / sweeplib.point_name(p), curve, 1000 * e)
   rows, ref = report.arm_rows(core, str(tmp_path))
   by_e = {r["experts"]: r for r in rows}
@@ -59,11 +60,13 @@ def test_paired_difference_and_step_ratios(tmp_path, monkeypatch):
   assert e32["per_seed_step_ratio"][0] == pytest.approx(11 / 12)  # 1.2 -> 0.8 reaches 1.0
   # Trailing means of 3 to step 8: dense 3.0; E=32 3.667 at 6, 2.6 at 8.
   assert e32["stable_step_ratio"] == pytest.approx((6 + 2 * (11 / 3 - 3) / (11 / 3 - 2.6)) / 8)
-  # E=8 has one seed (E8_SEEDS): seed 0's dense curve, ending at 1.0, which
-  # crosses dense's mean final 1.1 at 10 + 2 * 0.4 / 0.5; no interval.
+  # E=8: 0.05 below dense on every seed (a zero-width interval); its mean curve
+  # ends at 1.05 and crosses dense's mean final 1.1 at 10 + 2 * 0.4 / 0.45.
   e8 = by_e[8]
-  assert e8["n"] == 1 and e8["minus_dense"] == pytest.approx(0) and e8["minus_dense_ci95"] is None
-  assert e8["step_ratio"] == pytest.approx(11.6 / 12)
+  assert e8["n"] == 3 and e8["minus_dense"] == pytest.approx(-0.05)
+  assert e8["minus_dense_ci95"] == pytest.approx(0, abs=1e-12)
+  assert e8["step_ratio"] == pytest.approx((10 + 2 * 0.4 / 0.45) / 12)
+  assert report.interval([0.3]) == (0.3, None)  # one seed: no interval
   assert by_e[1]["stable_step_ratio"] == 1
   out = tmp_path / "out"
   out.mkdir()
